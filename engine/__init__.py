@@ -1,0 +1,20 @@
+"""Kiln's pure core: node contract, registry, graph model, validation, cache, executor, events.
+
+This package imports no torch, aiohttp, ``nodes`` or ``server`` code, so it is fast to import and
+embeddable anywhere.
+"""
+from .cache import Cache, make_cache
+from .context import ProgressBar, check_interrupted, current, progress
+from .errors import (ExecutionFailed, GraphFormatError, Interrupted, KilnError, NodeDefinitionError, NodeError,
+                     ValidationFailed)
+from .events import Preview
+from .executor import Executor, GraphBuilder, RunResult
+from .folders import Folders, UnsafePath, safe_join
+from .graph import BadLink, Graph, Link, NodeEntry, Submission, parse_submission
+from .node import ExecutionBlocker, Node, NodeResult, NodeSpec
+from .registry import Registry
+from .types import (ANY, BOOLEAN, COMBO, FLOAT, INT, MAX_RESOLUTION, SEED_MAX, STRING, Boolean, Combo, Float,
+                    Hidden, InputSpec, Int, Output, OutputSpec, Socket, String)
+from .validation import ValidationResult, validate
+
+__all__ = [n for n in dir() if not n.startswith("_")]

@@ -1,0 +1,104 @@
+"""What a running node can reach: progress reporting, cancellation, folders, the prompt id.
+
+Nodes call :func:`progress` (or use :class:`ProgressBar`) and :func:`check_interrupted`; both find the
+current node through a context variable, so they work from sync nodes, async nodes and helper code.
+Every progress tick is also a cancellation point.
+"""
+from __future__ import annotations
+
+import contextvars
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from .errors import Interrupted
+from .events import Event, Preview, Progress
+
+
+@dataclass
+class RunContext:
+    prompt_id: str
+    emit: Callable[[Event], None]
+    cancel: threading.Event = field(default_factory=threading.Event)
+    extra_data: dict = field(default_factory=dict)
+    folders: Any = None
+    services: dict = field(default_factory=dict)  # shared objects nodes may look up (model manager, ...)
+
+    def check_interrupted(self) -> None:
+        if self.cancel.is_set():
+            raise Interrupted("Run was interrupted")
+
+
+@dataclass
+class NodeContext:
+    run: RunContext
+    node_id: str
+    display_id: str
+    class_type: str
+
+    @property
+    def prompt_id(self) -> str:
+        return self.run.prompt_id
+
+    @property
+    def folders(self) -> Any:
+        return self.run.folders
+
+    @property
+    def extra_data(self) -> dict:
+        return self.run.extra_data
+
+    def check_interrupted(self) -> None:
+        self.run.check_interrupted()
+
+    def progress(self, value: float, total: float, preview: Preview | None = None) -> None:
+        self.run.check_interrupted()
+        total = max(1, int(total))
+        value = min(int(value), total)
+        self.run.emit(Progress(self.run.prompt_id, node=self.display_id, value=value, max=total, preview=preview))
+
+    @property
+    def wants_previews(self) -> bool:
+        """True when some client asked for preview images, so nodes can skip the work otherwise."""
+        return bool(self.run.extra_data.get("preview_method", "none") not in ("none", None, False)
+                    or self.run.extra_data.get("_previews"))
+
+
+_current: contextvars.ContextVar[NodeContext | None] = contextvars.ContextVar("kiln_node_context", default=None)
+
+
+def current() -> NodeContext | None:
+    return _current.get()
+
+
+def progress(value: float, total: float, preview: Preview | None = None) -> None:
+    """Report progress of the running node; a no-op outside a run. Raises Interrupted if cancelled."""
+    ctx = _current.get()
+    if ctx is not None:
+        ctx.progress(value, total, preview)
+
+
+def check_interrupted() -> None:
+    ctx = _current.get()
+    if ctx is not None:
+        ctx.check_interrupted()
+
+
+class ProgressBar:
+    """ComfyUI-style progress bar: ``pbar = ProgressBar(steps); pbar.update(1)``."""
+
+    def __init__(self, total: int):
+        self.total = max(1, int(total))
+        self.current = 0
+        self._ctx = _current.get()
+
+    def update_absolute(self, value: float, total: float | None = None, preview: Preview | None = None) -> None:
+        if total is not None:
+            self.total = max(1, int(total))
+        self.current = min(int(value), self.total)
+        ctx = _current.get() or self._ctx
+        if ctx is not None:
+            ctx.progress(self.current, self.total, preview)
+
+    def update(self, n: float = 1, preview: Preview | None = None) -> None:
+        self.update_absolute(self.current + n, None, preview)

@@ -1,0 +1,756 @@
+"""The executor: runs a validated graph, demand-driven from its outputs, reusing cached results.
+
+One pass in dependency order gives every node a content-addressed key (class, version, canonical
+literals, fingerprint, upstream keys and slots): O(nodes + links). Walking upstream from the outputs
+stops at cache hits, so only changed nodes and what depends on them run. Sync nodes run in the calling
+thread; ``async def`` nodes run on a private event loop and overlap with each other and with sync work.
+"""
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures as cf
+import hashlib
+import inspect
+import itertools
+import math
+import struct
+import threading
+import time
+import traceback
+import uuid
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable
+
+from . import context as _ctx
+from .cache import Cache, CacheEntry, estimate_size, make_cache
+from .errors import ExecutionFailed, GraphFormatError, Interrupted, NodeError
+from .events import (Event, ExecutionCached, ExecutionError, ExecutionInterrupted, ExecutionStart,
+                     ExecutionSuccess, NodeOutput, NodeStarted)
+from .fingerprint import Unfingerprintable, encode
+from .graph import Graph, Link, NodeEntry, parse_input
+from .node import ExecutionBlocker, NodeResult, NodeSpec
+from .registry import Registry
+from .validation import ValidationResult, upstream_order, validate
+
+_REPR_LIMIT = 200
+
+
+@dataclass
+class RunResult:
+    prompt_id: str
+    status: str  # success | error | interrupted
+    outputs: dict = field(default_factory=dict)  # display node id -> UI dict (what history stores)
+    ran: list = field(default_factory=list)  # nodes whose function was called
+    cached: list = field(default_factory=list)  # nodes served from the cache
+    skipped: list = field(default_factory=list)  # planned nodes that never ran (after an error)
+    error: dict | None = None  # execution_error / execution_interrupted data
+    values: dict = field(default_factory=dict)  # node id -> tuple of output values, for targets
+    meta: dict = field(default_factory=dict)
+    validation: ValidationResult | None = None
+    seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "success"
+
+    def raise_for_status(self) -> "RunResult":
+        if self.status == "error":
+            raise ExecutionFailed(self.error or {})
+        if self.status == "interrupted":
+            raise Interrupted("Run was interrupted")
+        return self
+
+
+class _AsyncRunner:
+    """A private event loop in a daemon thread for async nodes."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="kiln-async-nodes", daemon=True)
+        self.thread.start()
+
+    def submit(self, coros: list, node_ctx: _ctx.NodeContext) -> cf.Future:
+        async def _all() -> list:
+            _ctx._current.set(node_ctx)
+            return list(await asyncio.gather(*coros))
+        return asyncio.run_coroutine_threadsafe(_all(), self.loop)
+
+
+def _accepts(fn: Callable) -> tuple[frozenset[str] | None, bool]:
+    """(names a callable takes or None for **kwargs, takes input_types)."""
+    sig = inspect.signature(fn)
+    if any(p.kind == p.VAR_KEYWORD for p in sig.parameters.values()):
+        return None, "input_types" in sig.parameters
+    return frozenset(sig.parameters), "input_types" in sig.parameters
+
+
+def _call_filtered(fn: Callable, kwargs: dict) -> Any:
+    names, _ = _accepts(fn)
+    return fn(**(kwargs if names is None else {k: v for k, v in kwargs.items() if k in names}))
+
+
+def _short_repr(v: Any) -> str:
+    try:
+        if hasattr(v, "shape") and hasattr(v, "dtype"):
+            return f"<{type(v).__name__} shape={tuple(v.shape)} dtype={v.dtype}>"
+        r = repr(v)
+    except Exception:
+        r = f"<{type(v).__name__}>"
+    return r if len(r) <= _REPR_LIMIT else r[:_REPR_LIMIT - 3] + "..."
+
+
+class _Run:
+    """State of one run of one graph."""
+
+    def __init__(self, ex: "Executor", graph: Graph, run_ctx: _ctx.RunContext, outputs: list[str],
+                 targets: list[str] | None):
+        self.ex = ex
+        self.registry = ex.registry
+        self.cache = ex.cache
+        self.graph = graph
+        self.nodes: dict[str, NodeEntry] = dict(graph.nodes)
+        self.ctx = run_ctx
+        self.outputs = outputs
+        self.targets = set(targets or ())
+        self.keys: dict[str, bytes | None] = {}
+        self.results: dict[str, tuple[list, dict | None]] = {}
+        self.planned: set[str] = set()
+        self.done: set[str] = set()
+        self.waiting: dict[str, int] = {}
+        self.dependents: dict[str, list[str]] = {}
+        self.consumers_left: dict[str, int] = {}
+        self.ready_sync: deque[str] = deque()
+        self.ready_async: deque[str] = deque()
+        self.inflight: dict[cf.Future, str] = {}
+        self.expansions: dict[str, list] = {}
+        self.result = RunResult(run_ctx.prompt_id, "success")
+        self.timings: dict[str, float] = {}
+        self._prompt_json: dict | None = None
+        self.current_node: str | None = None
+        self.output_set = set(outputs)
+
+    # -- keys -------------------------------------------------------------------------------------
+    def spec(self, nid: str) -> NodeSpec:
+        return self.registry[self.nodes[nid].class_type]
+
+    def compute_keys(self, order: Iterable[str]) -> None:
+        for nid in order:
+            self.keys[nid] = self._key(nid)
+
+    def _key(self, nid: str) -> bytes | None:
+        node = self.nodes[nid]
+        spec = self.registry[node.class_type]
+        if not spec.cacheable:
+            return None
+        buf = bytearray()
+        try:
+            encode(spec.name, buf)
+            encode(spec.version, buf)
+            if spec.not_idempotent:
+                encode(("id", nid), buf)
+            if spec.fingerprint is not None:
+                fp = self._fingerprint(node, spec)
+                if fp is _NAN:
+                    return None
+                encode(fp, buf)
+            for name in sorted(node.inputs):
+                v = node.inputs[name]
+                if isinstance(v, Link):
+                    up = self.keys.get(v.node_id)
+                    if up is None:
+                        return None  # upstream is uncacheable, so is this
+                    buf += b"L" + name.encode("utf-8", "surrogatepass") + b"\0" + up + struct.pack(">I", v.slot)
+                elif name in spec.inputs:
+                    encode(name, buf)
+                    encode(v, buf)
+        except Unfingerprintable:
+            return None
+        return hashlib.blake2b(bytes(buf), digest_size=16).digest()
+
+    def _fingerprint(self, node: NodeEntry, spec: NodeSpec) -> Any:
+        if "is_changed" in node.extra:
+            return node.extra["is_changed"]
+        kwargs = {n: (None if isinstance(v, Link) else v) for n, v in node.inputs.items() if n in spec.inputs}
+        try:
+            r = _call_filtered(spec.fingerprint, kwargs)
+            if inspect.iscoroutine(r):
+                r = asyncio.run(r)
+        except Exception:
+            return _NAN
+        if isinstance(r, float) and math.isnan(r):
+            return _NAN
+        return r
+
+    # -- planning ---------------------------------------------------------------------------------
+    def plan(self, roots: Iterable[str]) -> list[str]:
+        """Schedule roots and everything upstream not served by the cache. Returns nodes newly planned."""
+        new: list[str] = []
+        stack = [r for r in roots]
+        while stack:
+            nid = stack.pop()
+            if nid in self.planned or nid in self.results:
+                continue
+            key = self.keys.get(nid)
+            entry = self.cache.get(key) if key is not None else None
+            if entry is not None:
+                self.results[nid] = (entry.outputs, entry.ui)
+                self.result.cached.append(nid)
+                self.done.add(nid)
+                continue
+            self.planned.add(nid)
+            new.append(nid)
+            spec = self.spec(nid)
+            for name, v in self.nodes[nid].inputs.items():
+                if isinstance(v, Link) and not _is_lazy(spec, name):
+                    stack.append(v.node_id)
+        for nid in new:
+            self._wire(nid)
+        return new
+
+    def _wire(self, nid: str) -> None:
+        spec = self.spec(nid)
+        count = 0
+        for name, v in self.nodes[nid].inputs.items():
+            if isinstance(v, Link) and not _is_lazy(spec, name):
+                self.consumers_left[v.node_id] = self.consumers_left.get(v.node_id, 0) + 1
+                if v.node_id not in self.done:
+                    self.dependents.setdefault(v.node_id, []).append(nid)
+                    count += 1
+        self.waiting[nid] = count
+        if count == 0:
+            self._make_ready(nid)
+
+    def _make_ready(self, nid: str) -> None:
+        (self.ready_async if self.spec(nid).is_async else self.ready_sync).append(nid)
+
+    def add_dependency(self, nid: str, src: str) -> bool:
+        """Make ``nid`` wait for ``src`` (lazy inputs, expansions). False if src's result is at hand."""
+        if src in self.results:
+            return False
+        if src not in self.planned or src in self.done:  # never scheduled, or finished and released
+            self.planned.discard(src)
+            self.done.discard(src)
+            self.plan([src])
+            if src in self.results:
+                return False
+        self.dependents.setdefault(src, []).append(nid)
+        self.consumers_left[src] = self.consumers_left.get(src, 0) + 1
+        self.waiting[nid] = self.waiting.get(nid, 0) + 1
+        return True
+
+    # -- the loop ---------------------------------------------------------------------------------
+    def execute(self) -> None:
+        while True:
+            self.ctx.check_interrupted()
+            if self.inflight:
+                for fut in [f for f in self.inflight if f.done()]:
+                    self._finish_async(fut)
+            if self.ready_async:
+                self._step(self.ready_async.popleft())
+            elif self.ready_sync:
+                self._step(self.ready_sync.popleft())
+            elif self.inflight:
+                cf.wait(list(self.inflight), timeout=0.05, return_when=cf.FIRST_COMPLETED)
+            elif any(n not in self.done for n in self.planned):
+                stuck = sorted(n for n in self.planned if n not in self.done)
+                self.current_node = stuck[0]
+                raise RuntimeError(f"Dependency cycle among nodes {stuck} (created by node expansion)")
+            else:
+                return
+
+    def _step(self, nid: str) -> None:
+        self.current_node = nid
+        node = self.nodes[nid]
+        spec = self.registry[node.class_type]
+        if nid in self.expansions:
+            self._resolve_expansion(nid, spec)
+            return
+        inputs = self._gather(nid, node, spec)
+        disp = node.display_id or nid
+        self.ctx.emit(NodeStarted(self.ctx.prompt_id, node=nid, display_node=disp, class_type=node.class_type))
+        if spec.has_lazy_check:
+            if self._request_lazy(nid, node, spec, inputs):
+                return
+            inputs = self._gather(nid, node, spec)
+        obj = self._instance(nid, spec)
+        fn = getattr(obj, spec.function)
+        nctx = _ctx.NodeContext(self.ctx, nid, disp, node.class_type)
+        token = _ctx._current.set(nctx)
+        started = time.perf_counter()
+        try:
+            calls = _map_calls(spec, inputs)
+            if spec.is_async:
+                coros = []
+                for kw in calls:
+                    self.ctx.check_interrupted()
+                    coros.append(_async_call(fn, kw))
+                fut = self.ex._async().submit(coros, nctx)
+                self.inflight[fut] = nid
+                self.timings[nid] = started
+                return
+            rets = []
+            for kw in calls:
+                self.ctx.check_interrupted()
+                if kw is _BLOCKED_CALL:
+                    rets.append(_BLOCKED_CALL)
+                else:
+                    rets.append(fn(**kw))
+        finally:
+            _ctx._current.reset(token)
+        self.timings[nid] = started
+        self._complete(nid, spec, rets, calls)
+
+    def _finish_async(self, fut: cf.Future) -> None:
+        nid = self.inflight.pop(fut)
+        self.current_node = nid
+        spec = self.spec(nid)
+        rets = fut.result()  # re-raises the node's exception
+        self._complete(nid, spec, rets, None)
+
+    def _gather(self, nid: str, node: NodeEntry, spec: NodeSpec) -> dict[str, list]:
+        inputs: dict[str, list] = {}
+        for name, v in node.inputs.items():
+            if isinstance(v, Link):
+                if name in spec.inputs and spec.inputs[name].raw_link:
+                    inputs[name] = [v.to_json()]
+                    continue
+                r = self.results.get(v.node_id)
+                if r is None or v.slot >= len(r[0]):
+                    inputs[name] = [None]
+                else:
+                    inputs[name] = r[0][v.slot]
+            elif name in spec.inputs:
+                inputs[name] = [v]
+        for name, kind in spec.hidden.items():
+            inputs[name] = [self._hidden(kind, nid)]
+        return inputs
+
+    def _hidden(self, kind: str, nid: str) -> Any:
+        if kind == "PROMPT":
+            if self._prompt_json is None:
+                self._prompt_json = self.graph.to_json()
+            return self._prompt_json
+        if kind == "EXTRA_PNGINFO":
+            return self.ctx.extra_data.get("extra_pnginfo")
+        if kind == "UNIQUE_ID":
+            return nid
+        if kind == "DYNPROMPT":
+            return self
+        if kind == "AUTH_TOKEN_COMFY_ORG":
+            return self.ctx.extra_data.get("auth_token_comfy_org")
+        if kind == "API_KEY_COMFY_ORG":
+            return self.ctx.extra_data.get("api_key_comfy_org")
+        return None
+
+    def _request_lazy(self, nid: str, node: NodeEntry, spec: NodeSpec, inputs: dict[str, list]) -> bool:
+        obj = self._instance(nid, spec)
+        needed: list[str] = []
+        for kw in _map_calls(spec, inputs, for_lazy=True):
+            r = obj.check_lazy_status(**kw)
+            if inspect.iscoroutine(r):
+                r = asyncio.run_coroutine_threadsafe(r, self.ex._async().loop).result()
+            for name in r or []:
+                if name not in needed:
+                    needed.append(name)
+        waiting = False
+        for name in needed:
+            v = node.inputs.get(name)
+            if not isinstance(v, Link) or v.node_id in self.results:
+                continue
+            if self.add_dependency(nid, v.node_id):
+                waiting = True
+        return waiting
+
+    def _instance(self, nid: str, spec: NodeSpec) -> Any:
+        key = (nid, spec.name)
+        obj = self.ex.objects.get(key)
+        if obj is None or type(obj) is not spec.cls:
+            obj = spec.cls()
+            self.ex.objects[key] = obj
+        return obj
+
+    # -- results ----------------------------------------------------------------------------------
+    def _complete(self, nid: str, spec: NodeSpec, rets: list, calls: list | None) -> None:
+        n_out = len(spec.outputs)
+        slots: list[list] = [[] for _ in range(n_out)]
+        ui: dict | None = None
+        expand_subgraphs: list = []
+        expand_results: list = []
+        for ret in rets:
+            values, call_ui, expand = _normalise(spec, ret, n_out)
+            if call_ui:
+                if ui is None:
+                    ui = {k: list(v) if isinstance(v, (list, tuple)) else v for k, v in call_ui.items()}
+                else:
+                    for k, v in call_ui.items():
+                        if k in ui and isinstance(ui[k], list) and isinstance(v, (list, tuple)):
+                            ui[k].extend(v)
+                        elif k not in ui:
+                            ui[k] = v
+            if expand is not None:
+                expand_subgraphs.append(expand)
+                expand_results.append(values)
+                continue
+            for k in range(n_out):
+                v = values[k] if k < len(values) else None
+                if spec.outputs[k].is_list and isinstance(v, (list, tuple)):
+                    slots[k].extend(v)
+                else:
+                    slots[k].append(v)
+        if expand_subgraphs:
+            self._expand(nid, spec, expand_subgraphs, expand_results, ui)
+            return
+        self._store(nid, spec, slots, ui)
+
+    def _store(self, nid: str, spec: NodeSpec, slots: list[list], ui: dict | None) -> None:
+        node = self.nodes[nid]
+        seconds = time.perf_counter() - self.timings.get(nid, time.perf_counter())
+        self.results[nid] = (slots, ui)
+        key = self.keys.get(nid)
+        if key is not None and not any(isinstance(x, ExecutionBlocker) for s in slots for x in s):
+            self.cache.put(key, CacheEntry(slots, ui, seconds, estimate_size(slots)))
+        self.result.ran.append(nid)
+        if ui is not None:
+            disp = node.display_id or nid
+            self.result.outputs[disp] = ui
+            self.result.meta[disp] = {"node_id": nid, "display_node": disp, "parent_node": node.parent,
+                                      "real_node_id": self._real_id(nid)}
+            self.ctx.emit(NodeOutput(self.ctx.prompt_id, node=nid, display_node=disp, output=ui))
+        self._finish(nid)
+
+    def _finish(self, nid: str) -> None:
+        self.done.add(nid)
+        for dep in self.dependents.pop(nid, ()):
+            self.waiting[dep] -= 1
+            if self.waiting[dep] == 0 and dep not in self.done:
+                self._make_ready(dep)
+        self._release_inputs(nid)
+
+    def _release_inputs(self, nid: str) -> None:
+        node = self.nodes[nid]
+        for v in node.inputs.values():
+            if isinstance(v, Link) and v.node_id in self.consumers_left:
+                self.consumers_left[v.node_id] -= 1
+                if self.consumers_left[v.node_id] <= 0 and v.node_id not in self.targets \
+                        and v.node_id not in self.output_set:
+                    self.results.pop(v.node_id, None)  # intermediates nobody needs are released
+
+    def _real_id(self, nid: str) -> str:
+        node = self.nodes[nid]
+        while node.parent is not None:
+            node = self.nodes[node.parent]
+        return node.id
+
+    # -- expansion --------------------------------------------------------------------------------
+    def _expand(self, nid: str, spec: NodeSpec, subgraphs: list, results: list, ui: dict | None) -> None:
+        node = self.nodes[nid]
+        new_ids: list[str] = []
+        for sub in subgraphs:
+            if isinstance(sub, Graph):
+                sub = sub.to_json()
+            parsed = Graph.from_json(sub)
+            for sid, entry in parsed.nodes.items():
+                if sid in self.nodes:
+                    raise GraphFormatError(f"Node {nid} expanded into a node id {sid!r} that already exists; "
+                                           f"build the subgraph with engine.GraphBuilder for unique ids")
+                if entry.class_type not in self.registry:
+                    raise GraphFormatError(f"Node {nid} expanded into unknown node type {entry.class_type!r}")
+                entry.parent = nid
+                override = sub[sid].get("override_display_id") if isinstance(sub.get(sid), dict) else None
+                entry.display_id = override or node.display_id or nid
+                self.nodes[sid] = entry
+                new_ids.append(sid)
+        # keys for the new nodes, sources first
+        sub_graph = Graph({k: self.nodes[k] for k in new_ids})
+        self.compute_keys(upstream_order(sub_graph, new_ids))
+        resolved = []
+        for values in results:
+            resolved.append(tuple(parse_input(v)[0] if isinstance(v, list) else v for v in values))
+        self.expansions[nid] = [resolved, ui]
+        new_outputs = [s for s in new_ids if self.spec(s).output_node]
+        self.waiting[nid] = 0
+        srcs = [v.node_id for vals in resolved for v in vals if isinstance(v, Link)] + new_outputs
+        for src in srcs:
+            self.add_dependency(nid, src)
+        if self.waiting[nid] == 0:
+            self._make_ready(nid)
+
+    def _resolve_expansion(self, nid: str, spec: NodeSpec) -> None:
+        resolved, ui = self.expansions.pop(nid)
+        slots: list[list] = [[] for _ in spec.outputs]
+        for values in resolved:
+            for k in range(len(spec.outputs)):
+                v = values[k] if k < len(values) else None
+                if isinstance(v, Link):
+                    r = self.results.get(v.node_id)
+                    slots[k].extend(r[0][v.slot] if r and v.slot < len(r[0]) else [None])
+                else:
+                    slots[k].append(v)
+        self._store(nid, spec, slots, ui)
+
+
+class _Nan:
+    def __repr__(self) -> str:
+        return "NaN"
+
+
+_NAN = _Nan()
+_BLOCKED_CALL = object()
+
+
+def _is_lazy(spec: NodeSpec, name: str) -> bool:
+    s = spec.inputs.get(name)
+    return bool(s and s.lazy)
+
+
+def _map_calls(spec: NodeSpec, inputs: dict[str, list], for_lazy: bool = False) -> list:
+    """ComfyUI's list semantics: one call per element of the longest input list, shorter lists repeat
+    their last element; INPUT_IS_LIST nodes get one call with whole lists."""
+    if spec.input_is_list:
+        return [inputs]
+    n = max((len(v) for v in inputs.values()), default=1)
+    n = max(n, 1)
+    calls = []
+    for i in range(n):
+        kw = {k: (v[i] if i < len(v) else v[-1]) if v else None for k, v in inputs.items()}
+        if not for_lazy and any(isinstance(x, ExecutionBlocker) for x in kw.values()):
+            calls.append(_BLOCKED_CALL)
+            continue
+        calls.append(kw)
+    return calls
+
+
+async def _async_call(fn: Callable, kw: Any) -> Any:
+    if kw is _BLOCKED_CALL:
+        return _BLOCKED_CALL
+    r = fn(**kw)
+    if inspect.isawaitable(r):
+        r = await r
+    return r
+
+
+def _normalise(spec: NodeSpec, ret: Any, n_out: int) -> tuple[tuple, dict | None, Any]:
+    """(values, ui, expand) from whatever a node function returned."""
+    if ret is _BLOCKED_CALL:
+        return (ExecutionBlocker(None),) * n_out, None, None
+    if isinstance(ret, ExecutionBlocker):
+        return (ret,) * n_out, None, None
+    if isinstance(ret, NodeResult):
+        vals = ret.values
+        return _check_arity(spec, vals, n_out, allow_empty=ret.expand is None and bool(ret.ui)), ret.ui, ret.expand
+    if spec.kind == "classic" or (isinstance(ret, dict) and n_out == 0):
+        if isinstance(ret, dict):
+            if "expand" in ret and ret["expand"] is not None:
+                return tuple(ret.get("result", ())), ret.get("ui"), ret["expand"]
+            vals = tuple(ret["result"]) if "result" in ret else ()
+            return _check_arity(spec, vals, n_out, allow_empty="result" not in ret), ret.get("ui"), None
+        if ret is None:
+            return _check_arity(spec, (), n_out, allow_empty=True), None, None
+        if isinstance(ret, tuple) or isinstance(ret, list):
+            return _check_arity(spec, tuple(ret), n_out), None, None
+        raise TypeError(f"{spec.name}.{spec.function} returned a {type(ret).__name__}; classic nodes return "
+                        f"a tuple with one value per output or a dict with 'ui'/'result'")
+    if n_out == 0:
+        return (), None, None
+    if n_out == 1:
+        return (ret,), None, None
+    if not isinstance(ret, tuple):
+        raise TypeError(f"{spec.name}.run must return a tuple of {n_out} values "
+                        f"({', '.join(spec.output_names)}), got {type(ret).__name__}")
+    return _check_arity(spec, ret, n_out), None, None
+
+
+def _check_arity(spec: NodeSpec, vals: tuple, n_out: int, allow_empty: bool = False) -> tuple:
+    if len(vals) != n_out and not (allow_empty and not vals):
+        raise TypeError(f"{spec.name} returned {len(vals)} value(s) but declares {n_out} output(s) "
+                        f"{spec.output_names}")
+    return vals if vals else (None,) * n_out
+
+
+class Executor:
+    """Runs graphs against a registry, keeping a cache and node instances between runs.
+
+    Thread-safety: one run at a time per Executor; :meth:`interrupt` may be called from any thread.
+    The event sink is called from the executor's thread and from the async-node loop thread.
+    """
+
+    def __init__(self, registry: Registry, cache: str | Cache | None = None, folders: Any = None,
+                 services: dict | None = None):
+        self.registry = registry
+        self.cache = make_cache(cache)
+        self.folders = folders
+        self.services = services if services is not None else {}
+        self.objects: dict[tuple[str, str], Any] = {}
+        self._runner: _AsyncRunner | None = None
+        self._run_ctx: _ctx.RunContext | None = None
+        self._lock = threading.Lock()
+
+    def _async(self) -> _AsyncRunner:
+        if self._runner is None:
+            self._runner = _AsyncRunner()
+        return self._runner
+
+    def set_cache(self, policy: str | Cache) -> None:
+        self.cache = make_cache(policy)
+
+    def interrupt(self, prompt_id: str | None = None) -> bool:
+        """Cancel the running prompt (or only if it is ``prompt_id``). True if something was cancelled."""
+        rc = self._run_ctx
+        if rc is None or (prompt_id is not None and rc.prompt_id != prompt_id):
+            return False
+        rc.cancel.set()
+        return True
+
+    def run(self, graph: Graph, *, prompt_id: str | None = None, extra_data: dict | None = None,
+            targets: list[str] | None = None, partial_execution_targets: list[str] | None = None,
+            sink: Callable[[Event], None] | None = None, validation: ValidationResult | None = None,
+            cancel: threading.Event | None = None) -> RunResult:
+        """Validate (unless ``validation`` is given) and run. Raises ValidationFailed for an invalid graph;
+        node errors and interruptions come back as the result's status."""
+        if validation is None:
+            validation = validate(graph, self.registry, targets, partial_execution_targets)
+            validation.raise_for_errors()
+        with self._lock:
+            return self._run(graph, prompt_id or uuid.uuid4().hex, extra_data or {}, validation, targets,
+                             sink or (lambda e: None), cancel)
+
+    def _run(self, graph: Graph, prompt_id: str, extra: dict, validation: ValidationResult,
+             targets: list[str] | None, sink: Callable[[Event], None], cancel: threading.Event | None) -> RunResult:
+        t0 = time.perf_counter()
+        rc = _ctx.RunContext(prompt_id, sink, cancel or threading.Event(), extra, self.folders, self.services)
+        self._run_ctx = rc
+        outputs = validation.outputs
+        run = _Run(self, graph, rc, outputs, targets)
+        run.result.validation = validation
+        try:
+            sink(ExecutionStart(prompt_id))
+            order = upstream_order(graph, outputs)
+            run.compute_keys(order)
+            keys = [k for k in run.keys.values() if k is not None]
+            self.cache.begin_run(keys)
+            self._forget_objects(graph)
+            cached_nodes = [nid for nid in order if run.keys[nid] is not None and _has(self.cache, run.keys[nid])]
+            run.plan(outputs)
+            sink(ExecutionCached(prompt_id, nodes=cached_nodes))
+            for nid in outputs:
+                if nid in run.result.cached:
+                    slots, ui = run.results[nid]
+                    if ui is not None:
+                        run.result.outputs[nid] = ui
+                        sink(NodeOutput(prompt_id, node=nid, display_node=nid, output=ui, cached=True))
+            run.execute()
+            run.result.status = "success"
+            sink(ExecutionSuccess(prompt_id))
+        except Interrupted:
+            self._cancel_inflight(run)
+            nid = run.current_node
+            run.result.status = "interrupted"
+            run.result.error = {"prompt_id": prompt_id, "node_id": nid,
+                                "node_type": run.nodes[nid].class_type if nid else None,
+                                "executed": list(run.done)}
+            sink(ExecutionInterrupted(prompt_id, node_id=nid, node_type=run.result.error["node_type"],
+                                      executed=list(run.result.ran + run.result.cached)))
+        except BaseException as exc:  # a node failed: typed error, nothing finished is lost
+            self._cancel_inflight(run)
+            nid = run.current_node
+            ev = self._error_event(run, nid, exc)
+            run.result.status = "error"
+            run.result.error = ev.comfy_data()
+            sink(ev)
+            if not isinstance(exc, Exception):
+                raise
+        finally:
+            self._run_ctx = None
+            run.result.skipped = sorted(n for n in run.planned if n not in run.done)
+            for t in run.targets:
+                if t in run.results:
+                    run.result.values[t] = tuple(s[0] if len(s) == 1 else s for s in run.results[t][0])
+            run.result.seconds = time.perf_counter() - t0
+        return run.result
+
+    def _cancel_inflight(self, run: _Run) -> None:
+        for fut in list(run.inflight):
+            fut.cancel()
+        run.inflight.clear()
+
+    def _forget_objects(self, graph: Graph) -> None:
+        if len(self.objects) > 4 * max(len(graph.nodes), 64):
+            self.objects = {k: v for k, v in self.objects.items() if k[0] in graph.nodes}
+
+    def _error_event(self, run: _Run, nid: str | None, exc: BaseException) -> ExecutionError:
+        node = run.nodes.get(nid) if nid else None
+        current_inputs: dict = {}
+        if node is not None:
+            for name, v in node.inputs.items():
+                if isinstance(v, Link):
+                    r = run.results.get(v.node_id)
+                    vals = r[0][v.slot] if r and v.slot < len(r[0]) else [None]
+                else:
+                    vals = [v]
+                current_inputs[name] = [_short_repr(x) for x in vals[:4]]
+        if isinstance(exc, NodeError):
+            msg = str(exc)
+            if exc.input_name:
+                msg = f"input '{exc.input_name}': {msg}"
+            if exc.hint:
+                msg += f" ({exc.hint})"
+            tb: list = []
+        else:
+            msg = f"{exc}" or type(exc).__name__
+            tb = traceback.format_exception(type(exc), exc, exc.__traceback__)
+        return ExecutionError(run.ctx.prompt_id, node_id=(node.display_id or nid) if node else nid,
+                              node_type=node.class_type if node else None,
+                              executed=list(run.result.ran + run.result.cached), exception_message=msg,
+                              exception_type=f"{type(exc).__module__}.{type(exc).__name__}"
+                              if type(exc).__module__ not in ("builtins",) else type(exc).__name__,
+                              traceback=tb, current_inputs=current_inputs,
+                              current_outputs=sorted(run.results))
+
+
+def _has(cache: Cache, key: bytes) -> bool:
+    contains = getattr(cache, "__contains__", None)
+    return bool(contains and contains(key))
+
+
+class GraphBuilder:
+    """Builds a subgraph for node expansion with ids unique within the run.
+
+    ``b = GraphBuilder(); n = b.node("ImageInvert", image=...); return NodeResult(n.out(0), expand=b.finalize())``
+    """
+
+    _counter = itertools.count()
+
+    def __init__(self, prefix: str | None = None):
+        ctx = _ctx.current()
+        base = prefix or (f"{ctx.node_id}." if ctx else "x.")
+        self.prefix = f"{base}{next(self._counter)}."
+        self.nodes: dict[str, dict] = {}
+        self._n = 0
+
+    def node(self, class_type: str, id: str | None = None, **inputs: Any) -> "_BuiltNode":
+        nid = self.prefix + (id or str(self._n))
+        self._n += 1
+        self.nodes[nid] = {"class_type": class_type,
+                           "inputs": {k: (v.to_json() if isinstance(v, _BuiltOut) else v) for k, v in inputs.items()}}
+        return _BuiltNode(nid)
+
+    def finalize(self) -> dict:
+        return self.nodes
+
+
+@dataclass(frozen=True)
+class _BuiltOut:
+    node_id: str
+    slot: int
+
+    def to_json(self) -> list:
+        return [self.node_id, self.slot]
+
+
+@dataclass(frozen=True)
+class _BuiltNode:
+    id: str
+
+    def out(self, slot: int) -> list:
+        return [self.id, slot]

@@ -1,0 +1,491 @@
+"""Validate a graph before anything runs, collecting every problem.
+
+Errors use ComfyUI's ``type`` names and ``{error, node_errors}`` shape (COMFY_PROTOCOL.md §6.3) so its
+clients understand them. Each error also carries ``extra_info.hint``: one sentence naming the node id,
+its title, the input and what to do. Literal values are coerced in place to their declared types, and
+widget inputs left out of the JSON take their declared defaults.
+"""
+from __future__ import annotations
+
+import inspect
+import math
+import traceback
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+from .errors import ValidationFailed
+from .graph import BadLink, Graph, Link, NodeEntry
+from .node import NodeSpec
+from .registry import Registry
+from .types import BOOLEAN, COMBO, FLOAT, INT, STRING, InputSpec, types_compatible
+
+# Types whose values are objects or tensors: a JSON literal can never be one.
+OBJECT_TYPES = frozenset({"MODEL", "CLIP", "VAE", "CONDITIONING", "LATENT", "IMAGE", "MASK", "CONTROL_NET"})
+MAX_LIST_SHOWN = 20
+
+
+@dataclass
+class ValidationResult:
+    ok: bool
+    error: dict | None = None
+    node_errors: dict = field(default_factory=dict)
+    outputs: list[str] = field(default_factory=list)
+
+    def to_comfy(self) -> dict:
+        return {"error": self.error, "node_errors": self.node_errors}
+
+    def messages(self) -> list[str]:
+        """Readable lines, one per problem."""
+        lines = []
+        if self.error and not self.node_errors:
+            d = self.error.get("details")
+            lines.append(self.error["message"] + (f": {d}" if d else ""))
+        for errs in self.node_errors.values():
+            for e in errs["errors"]:
+                lines.append(e["extra_info"].get("hint") or f"{e['message']}: {e['details']}")
+        return lines
+
+    def summary(self) -> str:
+        return "\n".join(self.messages())
+
+    def raise_for_errors(self) -> None:
+        if not self.ok:
+            raise ValidationFailed(self.error or {}, self.node_errors, self.summary())
+
+
+def _err(type_: str, message: str, details: str = "", **extra: Any) -> dict:
+    return {"type": type_, "message": message, "details": details, "extra_info": extra}
+
+
+def _short(v: Any, n: int = 80) -> str:
+    r = repr(v)
+    return r if len(r) <= n else r[: n - 3] + "..."
+
+
+def _where(node: NodeEntry, input_name: str | None = None) -> str:
+    s = f"Node {node.id}"
+    if node.title and node.title != node.class_type:
+        s += f" \"{node.title}\""
+    s += f" ({node.class_type})"
+    if input_name is not None:
+        s += f", input '{input_name}'"
+    return s
+
+
+def coerce_literal(spec: InputSpec, value: Any) -> Any:
+    """Coerce a JSON literal to the declared widget type; raises ValueError/TypeError with a reason."""
+    t = spec.type
+    if t == INT:
+        if isinstance(value, bool):
+            return int(value)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError("not a finite number")
+        if isinstance(value, (int, float)):
+            return int(value)
+        if isinstance(value, str):
+            s = value.strip()
+            try:
+                return int(s)
+            except ValueError:
+                f = float(s)
+                if not math.isfinite(f):
+                    raise ValueError("not a finite number") from None
+                return int(f)
+        raise TypeError(f"expected a number, got {type(value).__name__}")
+    if t == FLOAT:
+        if isinstance(value, (int, float)) and not isinstance(value, bool) or isinstance(value, str):
+            f = float(value)
+            if not math.isfinite(f):
+                raise ValueError("not a finite number")
+            return f
+        if isinstance(value, bool):
+            return float(value)
+        raise TypeError(f"expected a number, got {type(value).__name__}")
+    if t == STRING:
+        if isinstance(value, (dict, list)):
+            raise TypeError(f"expected text, got {type(value).__name__}")
+        s = value if isinstance(value, str) else str(value)
+        try:
+            s.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise ValueError("text is not valid Unicode (lone surrogate)") from exc
+        return s
+    if t == BOOLEAN:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, (int, float)) and value in (0, 1):
+            return bool(value)
+        if isinstance(value, str) and value.strip().lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.strip().lower() in ("true", "1", "yes")
+        raise TypeError(f"expected true or false, got {_short(value)}")
+    return value
+
+
+def _combo_expected(spec: InputSpec) -> Any:
+    if spec.type == COMBO and spec.v1_combo:
+        return spec.resolve_choices() or []
+    return spec.type
+
+
+class _Validator:
+    def __init__(self, graph: Graph, registry: Registry):
+        self.graph = graph
+        self.registry = registry
+        self.node_errors: dict[str, list[dict]] = {}
+        self.valid: dict[str, bool] = {}
+        self._choices: dict[int, list] = {}
+
+    def add(self, node: NodeEntry, error: dict) -> None:
+        self.node_errors.setdefault(node.id, []).append(error)
+
+    def choices(self, spec: InputSpec) -> list:
+        key = id(spec)
+        if key not in self._choices:
+            self._choices[key] = spec.resolve_choices() or []
+        return self._choices[key]
+
+    def check_node(self, node: NodeEntry) -> None:
+        spec = self.registry[node.class_type]
+        before = len(self.node_errors.get(node.id, ()))
+        vparams = spec.validate_params if spec.validate else frozenset()
+        for name, ispec in spec.inputs.items():
+            skip_checks = spec.validate is not None and (vparams is None or name in vparams)
+            if name not in node.inputs:
+                if ispec.is_widget and ispec.has_default:
+                    node.inputs[name] = ispec.default
+                    continue
+                if not ispec.optional:
+                    hint = (f"{_where(node, name)} is required but missing: connect it to a node that outputs "
+                            f"{ispec.type}" if not ispec.is_widget else
+                            f"{_where(node, name)} is required but missing: give it a value")
+                    self.add(node, _err("required_input_missing", "Required input is missing", name,
+                                        input_name=name, hint=hint))
+                continue
+            value = node.inputs[name]
+            if isinstance(value, BadLink):
+                self.add(node, _err("bad_linked_input",
+                                    "Bad linked input, must be a length-2 list of [node_id, slot_index]", name,
+                                    input_name=name, input_config=ispec.config(), received_value=value.value,
+                                    hint=f"{_where(node, name)}: {_short(value.value)} is not a link; write "
+                                         f"[\"<node id>\", <output index>], or wrap a list value as "
+                                         f"{{\"__value__\": [...]}}"))
+                continue
+            if isinstance(value, Link):
+                self.check_link(node, name, ispec, value, spec)
+                continue
+            self.check_literal(node, name, ispec, value, skip_checks)
+        if spec.validate is not None and len(self.node_errors.get(node.id, ())) == before:
+            self.custom_validate(node, spec)
+
+    def check_link(self, node: NodeEntry, name: str, ispec: InputSpec, link: Link, spec: NodeSpec) -> None:
+        src = self.graph.nodes.get(link.node_id)
+        if src is None:
+            self.add(node, _err("exception_during_validation", "Exception when validating node",
+                                f"{name}: linked node '{link.node_id}' does not exist",
+                                input_name=name, exception_type="LinkError", traceback=[],
+                                hint=f"{_where(node, name)} links to node {link.node_id!r}, which is not in the "
+                                     f"graph; reconnect it to an existing node"))
+            return
+        src_spec = self.registry.get(src.class_type)
+        if src_spec is None:
+            return  # reported as unknown class already
+        if link.slot >= len(src_spec.outputs):
+            self.add(node, _err("exception_during_validation", "Exception when validating node",
+                                f"{name}: node '{src.id}' ({src.class_type}) has no output {link.slot}",
+                                input_name=name, exception_type="LinkError", traceback=[],
+                                hint=f"{_where(node, name)} uses output {link.slot} of node {src.id} "
+                                     f"({src.class_type}), which has only {len(src_spec.outputs)} output(s) "
+                                     f"{src_spec.output_names}; pick an index below {len(src_spec.outputs)}"))
+            return
+        received = src_spec.outputs[link.slot].type
+        expected = _combo_expected(ispec)
+        if spec.validate_wants_types:
+            return
+        if received == COMBO and ispec.type == COMBO:
+            return
+        if not types_compatible(received, expected):
+            exp_s = ispec.type if ispec.type != COMBO else "COMBO"
+            self.add(node, _err("return_type_mismatch", "Return type mismatch between linked nodes",
+                                f"{name}, received_type({received}) mismatch input_type({exp_s})",
+                                input_name=name, input_config=ispec.config(), received_type=received,
+                                linked_node=link.to_json(),
+                                hint=f"{_where(node, name)} expects {exp_s} but is linked to output "
+                                     f"{link.slot} ({received}) of node {src.id} ({src.class_type}); connect an "
+                                     f"output of type {exp_s}"))
+
+    def check_literal(self, node: NodeEntry, name: str, ispec: InputSpec, value: Any, skip_checks: bool) -> None:
+        t = ispec.type
+        if t in OBJECT_TYPES and value is not None:
+            self.add(node, _err("invalid_input_type", f"Failed to convert an input value to a {t} value",
+                                f"{name}, {_short(value)}, a {t} comes from a link, not a literal",
+                                input_name=name, input_config=ispec.config(), received_value=value,
+                                exception_message=f"{t} cannot be a literal",
+                                hint=f"{_where(node, name)} takes a {t} from another node; replace the value "
+                                     f"{_short(value)} with a link [\"<node id>\", <output index>]"))
+            return
+        if t in (INT, FLOAT, STRING, BOOLEAN):
+            try:
+                value = coerce_literal(ispec, value)
+            except (ValueError, TypeError, OverflowError) as exc:
+                self.add(node, _err("invalid_input_type", f"Failed to convert an input value to a {t} value",
+                                    f"{name}, {_short(value)}, {exc}", input_name=name,
+                                    input_config=ispec.config(), received_value=_safe_json(value),
+                                    exception_message=str(exc),
+                                    hint=f"{_where(node, name)}: {_short(value)} is not a valid {t} ({exc}); "
+                                         f"give a {t.lower()} value"))
+                return
+            node.inputs[name] = value
+        if skip_checks:
+            return
+        if t in (INT, FLOAT):
+            lo, hi = ispec.options.get("min"), ispec.options.get("max")
+            if lo is not None and value < lo:
+                self.add(node, _err("value_smaller_than_min", f"Value {value} smaller than min of {lo}", name,
+                                    input_name=name, input_config=ispec.config(), received_value=value,
+                                    hint=f"{_where(node, name)} is {value}, below its minimum {lo}; use a "
+                                         f"value between {lo} and {hi}"))
+            if hi is not None and value > hi:
+                self.add(node, _err("value_bigger_than_max", f"Value {value} bigger than max of {hi}", name,
+                                    input_name=name, input_config=ispec.config(), received_value=value,
+                                    hint=f"{_where(node, name)} is {value}, above its maximum {hi}; use a "
+                                         f"value between {lo} and {hi}"))
+        if t == COMBO:
+            choices = self.choices(ispec)
+            if not _in_choices(value, choices):
+                shown = str(choices) if len(choices) <= MAX_LIST_SHOWN else f"(list of length {len(choices)})"
+                near = _near(value, choices)
+                self.add(node, _err("value_not_in_list", "Value not in list", f"{name}: '{value}' not in {shown}",
+                                    input_name=name,
+                                    input_config=ispec.config() if len(choices) <= MAX_LIST_SHOWN else None,
+                                    received_value=_safe_json(value),
+                                    hint=f"{_where(node, name)}: {_short(value)} is not one of the choices"
+                                         + (f"; did you mean {near!r}?" if near else
+                                            f"; choose one of {shown}" if choices else
+                                            "; there are no choices available (is the model folder empty?)")))
+
+    def custom_validate(self, node: NodeEntry, spec: NodeSpec) -> None:
+        args: dict[str, Any] = {}
+        for name in spec.inputs:
+            if spec.validate_params is not None and name not in spec.validate_params:
+                continue
+            v = node.inputs.get(name)
+            args[name] = None if isinstance(v, (Link, BadLink)) else v
+        if spec.validate_wants_types:
+            types = {}
+            for name, v in node.inputs.items():
+                if isinstance(v, Link):
+                    src = self.graph.nodes.get(v.node_id)
+                    ss = self.registry.get(src.class_type) if src else None
+                    if ss and v.slot < len(ss.outputs):
+                        types[name] = ss.outputs[v.slot].type
+            args["input_types"] = types
+        try:
+            r = spec.validate(**args)
+            if inspect.iscoroutine(r):
+                import asyncio
+                r = asyncio.run(r)
+        except Exception as exc:
+            self.add(node, _err("exception_during_validation", "Exception when validating node", str(exc),
+                                exception_type=type(exc).__name__,
+                                traceback=traceback.format_exception(type(exc), exc, exc.__traceback__),
+                                hint=f"{_where(node)}: its validation raised {type(exc).__name__}: {exc}"))
+            return
+        if r is True:
+            return
+        for name in [n for n in args if n != "input_types"] or [""]:
+            details = name if r is False or r is None else f"{name} - {r}"
+            self.add(node, _err("custom_validation_failed", "Custom validation failed for node", details,
+                                input_name=name,
+                                hint=f"{_where(node, name)}: {r if isinstance(r, str) else 'rejected by the node'}"))
+
+
+def _in_choices(value: Any, choices: list) -> bool:
+    try:
+        return value in choices
+    except TypeError:
+        return False
+
+
+def _near(value: Any, choices: list) -> str | None:
+    import difflib
+    strs = [c for c in choices if isinstance(c, str)]
+    if not isinstance(value, str) or not strs:
+        return None
+    hits = difflib.get_close_matches(value, strs, n=1, cutoff=0.6)
+    return hits[0] if hits else None
+
+
+def _safe_json(v: Any) -> Any:
+    if isinstance(v, (str, int, float, bool)) or v is None:
+        if isinstance(v, str):
+            return v.encode("utf-8", "replace").decode("utf-8")
+        if isinstance(v, float) and not math.isfinite(v):
+            return str(v)
+        return v
+    return _short(v, 200)
+
+
+def find_cycle(graph: Graph, start_nodes: Iterable[str]) -> list[list[str]]:
+    """Cycles reachable upstream of the start nodes, each as the list of node ids on it (iterative DFS)."""
+    WHITE, GREY, BLACK = 0, 1, 2
+    color: dict[str, int] = {}
+    cycles: list[list[str]] = []
+    for root in start_nodes:
+        if color.get(root, WHITE) != WHITE:
+            continue
+        stack: list[tuple[str, Any]] = [(root, iter(_sources(graph, root)))]
+        path = [root]
+        color[root] = GREY
+        while stack:
+            nid, it = stack[-1]
+            nxt = next(it, None)
+            if nxt is None:
+                color[nid] = BLACK
+                stack.pop()
+                path.pop()
+                continue
+            c = color.get(nxt, WHITE)
+            if c == WHITE:
+                color[nxt] = GREY
+                stack.append((nxt, iter(_sources(graph, nxt))))
+                path.append(nxt)
+            elif c == GREY:
+                i = path.index(nxt)
+                cycles.append(list(reversed(path[i:])))
+    return cycles
+
+
+def _sources(graph: Graph, nid: str) -> list[str]:
+    n = graph.nodes.get(nid)
+    if n is None:
+        return []
+    return [v.node_id for v in n.inputs.values() if isinstance(v, Link) and v.node_id in graph.nodes]
+
+
+def upstream_order(graph: Graph, roots: Iterable[str]) -> list[str]:
+    """Nodes reachable upstream of ``roots`` in dependency order (sources first). Graph must be acyclic."""
+    order: list[str] = []
+    seen: set[str] = set()
+    for root in roots:
+        if root in seen or root not in graph.nodes:
+            continue
+        seen.add(root)
+        stack = [(root, iter(_sources(graph, root)))]
+        while stack:
+            nid, it = stack[-1]
+            nxt = next(it, None)
+            if nxt is None:
+                order.append(nid)
+                stack.pop()
+            elif nxt not in seen:
+                seen.add(nxt)
+                stack.append((nxt, iter(_sources(graph, nxt))))
+    return order
+
+
+def validate(graph: Graph, registry: Registry, targets: list[str] | None = None,
+             partial_execution_targets: list[str] | None = None) -> ValidationResult:
+    """Check the whole graph. ``targets`` names the nodes to produce (default: every output node)."""
+    v = _Validator(graph, registry)
+    # 1. every node's class exists
+    first: dict | None = None
+    for node in graph.nodes.values():
+        if not isinstance(node.class_type, str) or not node.class_type:
+            e = _err("invalid_prompt", "Cannot execute because a node is missing the class_type property.",
+                     f"Node ID '#{node.id}'", hint=f"Node {node.id} has no class_type; set it to a node type "
+                                                  f"name such as 'KSampler'")
+        elif node.class_type not in registry:
+            e = _err("invalid_prompt", f"Cannot execute because node {node.class_type} does not exist.",
+                     f"Node ID '#{node.id}'", hint=f"{_where(node)}: {registry.unknown_message(node.class_type)}"
+                                                  f" Install the pack that provides it, or run `kiln nodes` "
+                                                  f"to list the available types.")
+        else:
+            continue
+        first = first or e
+        v.node_errors.setdefault(node.id, []).append(e)
+    if first is not None:
+        return ValidationResult(False, first, _wrap(v.node_errors, graph, {}))
+    # 2. outputs
+    if targets:
+        missing = [t for t in targets if t not in graph.nodes]
+        if missing:
+            e = _err("invalid_prompt", f"Cannot execute because target node {missing[0]} does not exist.",
+                     f"Node ID '#{missing[0]}'", hint=f"Target node(s) {missing} are not in the graph")
+            return ValidationResult(False, e, {})
+        outputs = list(targets)
+    else:
+        outputs = [nid for nid, n in graph.nodes.items() if registry[n.class_type].output_node
+                   and (partial_execution_targets is None or nid in partial_execution_targets)]
+    if not outputs:
+        return ValidationResult(False, _err("prompt_no_outputs", "Prompt has no outputs", "",
+                                            hint="The graph has no output node (such as SaveImage or "
+                                                 "PreviewImage); add one so there is something to produce"), {})
+    # 3. cycles
+    cycles = find_cycle(graph, outputs)
+    in_cycle: set[str] = set()
+    for cyc in cycles:
+        desc = " -> ".join(cyc + [cyc[0]])
+        for nid in cyc:
+            if nid in in_cycle:
+                continue
+            in_cycle.add(nid)
+            node = graph.nodes[nid]
+            v.add(node, _err("dependency_cycle", "Dependency cycle", f"cycle: {desc}", cycle=cyc,
+                             hint=f"{_where(node)} is part of a dependency cycle ({desc}); remove one of the "
+                                  f"links so the graph flows one way"))
+    # 4. per-node checks, sources first
+    order = upstream_order(graph, outputs) if not cycles else _acyclic_part(graph, outputs, in_cycle)
+    for nid in order:
+        node = graph.nodes[nid]
+        v.check_node(node)
+        ok = nid not in v.node_errors
+        for _, link in node.links():
+            if not v.valid.get(link.node_id, link.node_id in graph.nodes and link.node_id not in in_cycle):
+                ok = False
+        v.valid[nid] = ok
+    for nid in in_cycle:
+        v.valid[nid] = False
+    good = [o for o in outputs if v.valid.get(o, False)]
+    dependents = _dependent_outputs(graph, outputs, v.node_errors)
+    node_errors = _wrap(v.node_errors, graph, dependents)
+    if good:
+        return ValidationResult(True, None, node_errors, good)
+    reasons = [f"{e['message']}: {e['details']}" for errs in v.node_errors.values() for e in errs]
+    return ValidationResult(False, _err("prompt_outputs_failed_validation", "Prompt outputs failed validation",
+                                        "\n".join(reasons)), node_errors)
+
+
+def _acyclic_part(graph: Graph, outputs: list[str], in_cycle: set[str]) -> list[str]:
+    pruned = graph.copy()
+    for nid in in_cycle:
+        pruned.nodes[nid].inputs = {k: v for k, v in pruned.nodes[nid].inputs.items() if not isinstance(v, Link)}
+    order = upstream_order(pruned, outputs)
+    return [n for n in order if n not in in_cycle]
+
+
+def _dependent_outputs(graph: Graph, outputs: list[str], errors: dict) -> dict[str, list[str]]:
+    if not errors:
+        return {}
+    dep: dict[str, list[str]] = {}
+    for o in outputs:
+        for nid in _reach(graph, o):
+            if nid in errors:
+                dep.setdefault(nid, []).append(o)
+    return dep
+
+
+def _reach(graph: Graph, root: str) -> set[str]:
+    seen = {root}
+    stack = [root]
+    while stack:
+        for s in _sources(graph, stack.pop()):
+            if s not in seen:
+                seen.add(s)
+                stack.append(s)
+    return seen
+
+
+def _wrap(errors: dict[str, list[dict]], graph: Graph, dependents: dict[str, list[str]]) -> dict:
+    return {nid: {"errors": errs, "dependent_outputs": dependents.get(nid, []),
+                  "class_type": graph.nodes[nid].class_type if nid in graph.nodes else None}
+            for nid, errs in errors.items()}
