@@ -23,6 +23,14 @@ class RunContext:
     extra_data: dict = field(default_factory=dict)
     folders: Any = None
     services: dict = field(default_factory=dict)  # shared objects nodes may look up (model manager, ...)
+    costs: list = field(default_factory=list)  # provider calls: {"node", "provider", "model", "usd", ...}
+
+    def record_cost(self, **entry: Any) -> None:
+        self.costs.append(entry)
+
+    @property
+    def total_cost(self) -> float:
+        return float(sum(c.get("usd", 0.0) or 0.0 for c in self.costs))
 
     def check_interrupted(self) -> None:
         if self.cancel.is_set():

@@ -49,6 +49,7 @@ class RunResult:
     meta: dict = field(default_factory=dict)
     validation: ValidationResult | None = None
     seconds: float = 0.0
+    costs: list = field(default_factory=list)  # provider calls recorded by nodes (see RunContext.record_cost)
 
     @property
     def ok(self) -> bool:
@@ -667,6 +668,7 @@ class Executor:
                 if t in run.results:
                     run.result.values[t] = tuple(s[0] if len(s) == 1 else s for s in run.results[t][0])
             run.result.seconds = time.perf_counter() - t0
+            run.result.costs = list(rc.costs)
         return run.result
 
     def _cancel_inflight(self, run: _Run) -> None:

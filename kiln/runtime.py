@@ -1,0 +1,32 @@
+"""Assembles a working Kiln: the registry (built-in packs, entry points, custom_nodes), folders, executor."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from engine import Executor, Folders, Registry
+
+
+def default_registry(custom_nodes: str | Path | None = None, entry_points: bool = True) -> Registry:
+    """Built-in nodes, installed packs (entry point group ``kiln.nodes``) and a ``custom_nodes/`` folder."""
+    import nodes
+
+    reg = Registry()
+    nodes.register_builtin(reg)
+    if entry_points:
+        reg.load_entry_points()
+    folder = custom_nodes if custom_nodes is not None else os.environ.get("KILN_CUSTOM_NODES", "custom_nodes")
+    reg.load_custom_nodes(folder)
+    return reg
+
+
+def default_folders(base_dir: str | Path | None = None, output_dir: str | Path | None = None) -> Folders:
+    base = base_dir or os.environ.get("KILN_BASE_DIR") or Path.cwd()
+    return Folders(base, output_dir=output_dir)
+
+
+def make_executor(cache: str | None = None, base_dir: str | Path | None = None,
+                  output_dir: str | Path | None = None, registry: Registry | None = None,
+                  custom_nodes: str | Path | None = None) -> Executor:
+    reg = registry or default_registry(custom_nodes)
+    return Executor(reg, cache=cache, folders=default_folders(base_dir, output_dir))
