@@ -115,6 +115,7 @@ class ModelManager:
             if entry is not None:
                 self._entries.move_to_end(key)
                 self.hits += 1
+                self._evict(keep=key)
                 return entry.value
             value = loader(Path(path), dtype, device)
             self.loads += 1

@@ -69,7 +69,7 @@ class World:
         g = json.loads((GRAPHS / name).read_text())
         for node in g.values():
             for k, v in subst.items():
-                if k in node["inputs"]:
+                if k in node["inputs"] and not isinstance(node["inputs"][k], list):
                     node["inputs"][k] = v
         return g
 
