@@ -109,8 +109,9 @@ def sched_simple(ms: ModelSampling, n: int) -> torch.Tensor:
 
 
 def sched_ddim_uniform(ms: ModelSampling, n: int) -> torch.Tensor:
+    """n timesteps evenly strided from t=1 (DDIM's "uniform" spacing)."""
     stride = max(ms.num_timesteps // n, 1)
-    idx = list(range(1, ms.num_timesteps, stride))[::-1]
+    idx = [min(1 + i * stride, ms.num_timesteps - 1) for i in range(n)][::-1]
     return _with_zero(ms.sigmas[idx])
 
 

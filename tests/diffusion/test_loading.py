@@ -44,6 +44,27 @@ def test_ldm_key_map_agrees_with_diffusers_converter(world):
     assert all(torch.equal(vae_theirs[k].reshape(v.shape), v) for k, v in vae.state_dict().items())
 
 
+def test_vae_attention_maps_to_ldm_convolutions():
+    """The tiny test VAE has no mid-block attention; check that part of the map on one that has."""
+    from diffusers import AutoencoderKL
+    from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(block_out_channels=(8, 16), layers_per_block=1, latent_channels=4, norm_num_groups=4,
+                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2)
+    sd = vae.state_dict()
+    ldm = {}
+    for k, v in L.build_map(sd, L.vae_key_to_ldm, L.VAE_PREFIX, n_blocks=2).items():
+        ldm[v] = sd[k][:, :, None, None] if L.is_vae_attn_linear(v) else sd[k]
+    assert f"{L.VAE_PREFIX}encoder.mid.attn_1.q.weight" in ldm
+    theirs = convert_ldm_vae_checkpoint(ldm, dict(vae.config))
+    assert all(torch.equal(theirs[k].reshape(v.shape), v) for k, v in sd.items())
+    from nodes.sd.checkpoint import vae_from_ldm
+
+    mine = vae_from_ldm(ldm, dict(vae.config))
+    assert all(torch.equal(mine[k], v) for k, v in sd.items())
+
+
 def test_fp16_export_loads_as_fp32(world, tmp_path):
     unet, vae, te, tok = world.comps
     p = export_ldm_checkpoint(tmp_path / "half.safetensors", unet, vae, te, tok, dtype=torch.float16)

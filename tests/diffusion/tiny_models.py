@@ -29,6 +29,7 @@ UNET_CONFIG = dict(sample_size=8, in_channels=4, out_channels=4, block_out_chann
                    up_block_types=["UpBlock2D", "CrossAttnUpBlock2D"])
 VAE_CONFIG = dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=[8, 8, 16, 16],
                   layers_per_block=1, norm_num_groups=4, sample_size=64, scaling_factor=0.18215,
+                  mid_block_add_attention=False,  # local receptive field: inpainting is checkable in pixels
                   down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4)
 SCHEDULER_CONFIG = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                         prediction_type="epsilon", clip_sample=False, set_alpha_to_one=False, steps_offset=1,
