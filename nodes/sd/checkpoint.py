@@ -138,10 +138,25 @@ def detect_family(sd: dict[str, torch.Tensor]) -> str:
 
 # -- building modules ------------------------------------------------------------------------------------
 
+def align_text_model_prefix(sd: dict[str, torch.Tensor], own_keys) -> dict[str, torch.Tensor]:
+    """CLIP text weights named ``text_model.*`` (checkpoints, transformers 4) or without it (transformers 5):
+    rename them to whatever the model at hand uses."""
+    own_keys = list(own_keys)
+    wants = any(k.startswith("text_model.") for k in own_keys)
+    has = any(k.startswith("text_model.") for k in sd)
+    if wants == has:
+        return sd
+    if has:
+        return {k[len("text_model."):] if k.startswith("text_model.") else k: v for k, v in sd.items()}
+    return {("text_model." + k if not k.startswith("text_projection") else k): v for k, v in sd.items()}
+
+
 def _materialise(model: torch.nn.Module, sd: dict[str, torch.Tensor], what: str, dtype: torch.dtype,
                  device: torch.device) -> torch.nn.Module:
     sd = {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}
     own = model.state_dict()
+    if what == "text encoder":
+        sd = align_text_model_prefix(sd, own)
     missing = [k for k in own if k not in sd]
     unexpected = [k for k in sd if k not in own and not k.endswith("position_ids")]
     if missing or unexpected:
@@ -359,9 +374,9 @@ def ldm_state_dict(unet, vae, text_encoder) -> dict[str, torch.Tensor]:
                             n_blocks=len(vae.config.block_out_channels)).items():
         t = vsd[k]
         out[v] = t[:, :, None, None] if L.is_vae_attn_linear(v) and t.ndim == 2 else t
-    for k, t in text_encoder.state_dict().items():
+    for k, t in text_encoder.state_dict().items():  # LDM files name CLIP weights text_model.*
         if not k.endswith("position_ids"):
-            out[L.CLIP_PREFIX + k] = t
+            out[L.CLIP_PREFIX + (k if k.startswith("text_model.") else "text_model." + k)] = t
     return {k: v.detach().cpu().contiguous() for k, v in out.items()}
 
 

@@ -70,10 +70,12 @@ def _clip_aliases(encoders: list, family: str) -> dict[str, str]:
         kohya = ["lora_te_", f"lora_te{i + 1}_"] if i == 0 else [f"lora_te{i + 1}_"]
         dotted = ["text_encoder.", "lora_te."] if i == 0 else [f"text_encoder_{i + 1}."]
         for name in _module_names(te):
-            for p in kohya:
-                out[p + name.replace(".", "_")] = f"{i}.{name}"
-            for p in dotted:
-                out[p + name] = f"{i}.{name}"
+            # LoRA files use transformers-4 names (text_model.encoder...); transformers 5 drops the prefix
+            for alias in {name, name if name.startswith("text_model.") else "text_model." + name}:
+                for p in kohya:
+                    out[p + alias.replace(".", "_")] = f"{i}.{name}"
+                for p in dotted:
+                    out[p + alias] = f"{i}.{name}"
     return out
 
 

@@ -30,6 +30,9 @@ def test_ldm_file_roundtrips_every_weight(world):
         assert sa.keys() == sb.keys()
         assert all(torch.equal(sa[k], sb[k]) for k in sb)
     assert c.tokenizers[0]("a red circle").input_ids == tok("a red circle").input_ids
+    sd, _ = read_state_dict(world.ckpt)  # the LDM names real SD1.5 files use
+    assert f"{L.CLIP_PREFIX}text_model.embeddings.token_embedding.weight" in sd
+    assert f"{L.CLIP_PREFIX}text_model.final_layer_norm.weight" in sd
 
 
 def test_ldm_key_map_agrees_with_diffusers_converter(world):

@@ -146,6 +146,8 @@ def lora_targets(unet, te):
                                  ("te", te, ("q_proj", "k_proj", "v_proj", "out_proj"))):
         for name, mod in model.named_modules():
             if isinstance(mod, torch.nn.Linear) and any(name.endswith(n) for n in names):
+                if prefix == "te" and not name.startswith("text_model."):
+                    name = "text_model." + name  # the names LoRA files use
                 out.append((prefix, name, mod.in_features, mod.out_features))
     return out
 
