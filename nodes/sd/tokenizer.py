@@ -45,7 +45,7 @@ def make_tokenizer(vocab: dict[str, int] | None = None, merges: list | None = No
         vocab, merges = standard_vocab()
     merges = [tuple(m.split()) if isinstance(m, str) else tuple(m) for m in merges]
     kw = {"pad_token": pad_token} if pad_token else {}
-    return CLIPTokenizer(vocab=dict(vocab), merges=list(merges), **kw)
+    return CLIPTokenizer(vocab=dict(vocab), merges=list(merges), model_max_length=77, **kw)
 
 
 def parse_merges_text(text: str) -> list[tuple[str, str]]:
