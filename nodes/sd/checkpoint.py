@@ -350,6 +350,8 @@ def load_vae_file(path: Path, dtype: torch.dtype, device: torch.device) -> tuple
                                                                        for k in sd)):
         raise CheckpointError(f"{path.name} is not a VAE (keys: {describe_keys(sd)})",
                               hint="VAELoader takes files from models/vae (e.g. vae-ft-mse-840000-ema-pruned)")
+    if cfg is None and (path.parent / "config.json").is_file():  # a file inside a diffusers vae/ folder
+        cfg = json.loads((path.parent / "config.json").read_text())
     if cfg is None:
         cfg = _shipped("sdxl" if "sdxl" in path.name.lower() else "sd15", "vae")
     if prefix is None:

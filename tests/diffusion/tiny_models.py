@@ -187,3 +187,39 @@ def write_lora_diffusers(path: Path, lora) -> Path:
         sd[f"{base}.lora_B.weight"] = (up * (alpha / down.shape[0])).contiguous()
     save_file(sd, str(path))
     return path
+
+
+def write_tiny_sdxl_folder(folder: Path, seed: int = 0) -> Path:
+    """A diffusers SDXL-architecture folder: two text encoders (the second with projection), a UNet with
+    text_time added conditioning."""
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    tok = train_tokenizer()
+    te1 = CLIPTextModel(CLIPTextConfig(**text_config(len(tok)))).eval()
+    te2 = CLIPTextModelWithProjection(CLIPTextConfig(**{**text_config(len(tok)), "hidden_act": "gelu"})).eval()
+    unet = UNet2DConditionModel(**{**UNET_CONFIG, "cross_attention_dim": 64, "addition_embed_type": "text_time",
+                                   "addition_time_embed_dim": 8, "projection_class_embeddings_input_dim": 32 + 6 * 8,
+                                   "use_linear_projection": True}).eval()
+    vae = AutoencoderKL(**VAE_CONFIG).eval()
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, obj in (("unet", unet), ("vae", vae), ("text_encoder", te1), ("text_encoder_2", te2),
+                      ("tokenizer", tok), ("tokenizer_2", tok)):
+        obj.save_pretrained(folder / name)
+    EulerDiscreteScheduler.from_config(SCHEDULER_CONFIG).save_pretrained(folder / "scheduler")
+    (folder / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionXLPipeline"}))
+    return folder
+
+
+def write_vae_file(path: Path, vae) -> Path:
+    """A standalone VAE in the bare LDM layout (``encoder.down.0...``) with its config as metadata."""
+    from safetensors.torch import save_file
+
+    sd = vae.state_dict()
+    out = {}
+    for k, v in L.build_map(sd, L.vae_key_to_ldm, "", n_blocks=len(vae.config.block_out_channels)).items():
+        out[v] = sd[k][:, :, None, None] if L.is_vae_attn_linear(v) and sd[k].ndim == 2 else sd[k]
+    cfg = {k: (list(x) if isinstance(x, tuple) else x) for k, x in dict(vae.config).items() if not k.startswith("_")}
+    save_file({k: v.contiguous() for k, v in out.items()}, str(path), metadata={"kiln.vae_config": json.dumps(cfg)})
+    return path
