@@ -72,6 +72,11 @@ def _where(node: NodeEntry, input_name: str | None = None) -> str:
     return s
 
 
+def _where_id(node: NodeEntry) -> str:
+    """Node id and title, for problems where the class itself is missing or malformed."""
+    return f"Node {node.id}" + (f" \"{node.title}\"" if node.title else "")
+
+
 def coerce_literal(spec: InputSpec, value: Any) -> Any:
     """Coerce a JSON literal to the declared widget type; raises ValueError/TypeError with a reason."""
     t = spec.type
@@ -390,10 +395,14 @@ def validate(graph: Graph, registry: Registry, targets: list[str] | None = None,
     # 1. every node's class exists
     first: dict | None = None
     for node in graph.nodes.values():
-        if not isinstance(node.class_type, str) or not node.class_type:
+        if node.class_type is None or node.class_type == "":
             e = _err("invalid_prompt", "Cannot execute because a node is missing the class_type property.",
-                     f"Node ID '#{node.id}'", hint=f"Node {node.id} has no class_type; set it to a node type "
+                     f"Node ID '#{node.id}'", hint=f"{_where_id(node)} has no class_type; set it to a node type "
                                                   f"name such as 'KSampler'")
+        elif not isinstance(node.class_type, str):
+            e = _err("invalid_prompt", f"Cannot execute because node {_short(node.class_type)} does not exist.",
+                     f"Node ID '#{node.id}'", hint=f"{_where_id(node)}: class_type must be a node type name "
+                                                  f"(a string), got {_short(node.class_type)}")
         elif node.class_type not in registry:
             e = _err("invalid_prompt", f"Cannot execute because node {node.class_type} does not exist.",
                      f"Node ID '#{node.id}'", hint=f"{_where(node)}: {registry.unknown_message(node.class_type)}"
