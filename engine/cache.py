@@ -109,6 +109,18 @@ class _DictCache(Cache):
     def _evict(self) -> None:
         pass
 
+    def begin_run(self, keys_in_use: Iterable[bytes]) -> None:
+        """A new run: every entry its graph uses belongs to the current generation (most recently used),
+        even where the run will stop walking upstream at a cached descendant and never read it."""
+        super().begin_run(keys_in_use)
+        with self._lock:
+            for k in keys_in_use:
+                e = self._d.get(k)
+                if e is not None:
+                    e.generation = self.generation
+                    self._d.move_to_end(k)
+            self._evict()
+
     def clear(self) -> None:
         with self._lock:
             self._d.clear()
@@ -127,8 +139,8 @@ class KeepCurrentCache(_DictCache):
     name = "keep-current"
 
     def begin_run(self, keys_in_use: Iterable[bytes]) -> None:
-        super().begin_run(keys_in_use)
         keep = set(keys_in_use)
+        Cache.begin_run(self, keep)
         with self._lock:
             for k in [k for k in self._d if k not in keep]:
                 del self._d[k]
