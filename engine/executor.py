@@ -121,6 +121,7 @@ class _Run:
         self.waiting: dict[str, int] = {}
         self.dependents: dict[str, list[str]] = {}
         self.consumers_left: dict[str, int] = {}
+        self.holds: dict[str, list[str]] = {}  # consumer -> sources it counted in consumers_left
         self.ready_sync: deque[str] = deque()
         self.ready_async: deque[str] = deque()
         self.inflight: dict[cf.Future, str] = {}
@@ -215,6 +216,7 @@ class _Run:
         for name, v in self.nodes[nid].inputs.items():
             if isinstance(v, Link) and not _is_lazy(spec, name):
                 self.consumers_left[v.node_id] = self.consumers_left.get(v.node_id, 0) + 1
+                self.holds.setdefault(nid, []).append(v.node_id)
                 if v.node_id not in self.done:
                     self.dependents.setdefault(v.node_id, []).append(nid)
                     count += 1
@@ -237,6 +239,7 @@ class _Run:
                 return False
         self.dependents.setdefault(src, []).append(nid)
         self.consumers_left[src] = self.consumers_left.get(src, 0) + 1
+        self.holds.setdefault(nid, []).append(src)
         self.waiting[nid] = self.waiting.get(nid, 0) + 1
         return True
 
@@ -429,13 +432,12 @@ class _Run:
         self._release_inputs(nid)
 
     def _release_inputs(self, nid: str) -> None:
-        node = self.nodes[nid]
-        for v in node.inputs.values():
-            if isinstance(v, Link) and v.node_id in self.consumers_left:
-                self.consumers_left[v.node_id] -= 1
-                if self.consumers_left[v.node_id] <= 0 and v.node_id not in self.targets \
-                        and v.node_id not in self.output_set:
-                    self.results.pop(v.node_id, None)  # intermediates nobody needs are released
+        # only the sources this node counted: a lazy input it never asked for holds nothing, and
+        # decrementing for it would free a result another consumer is still waiting for
+        for src in self.holds.pop(nid, ()):
+            self.consumers_left[src] -= 1
+            if self.consumers_left[src] <= 0 and src not in self.targets and src not in self.output_set:
+                self.results.pop(src, None)  # intermediates nobody needs are released
 
     def _real_id(self, nid: str) -> str:
         node = self.nodes[nid]
