@@ -26,7 +26,7 @@ from . import context as _ctx
 from .cache import Cache, CacheEntry, estimate_size, make_cache
 from .errors import ExecutionFailed, GraphFormatError, Interrupted, NodeError
 from .events import (Event, ExecutionCached, ExecutionError, ExecutionInterrupted, ExecutionStart,
-                     ExecutionSuccess, NodeOutput, NodeStarted)
+                     ExecutionSuccess, NodeBlocked, NodeOutput, NodeStarted)
 from .fingerprint import Unfingerprintable, encode
 from .graph import Graph, Link, NodeEntry, parse_input
 from .node import ExecutionBlocker, NodeResult, NodeSpec
@@ -284,6 +284,11 @@ class _Run:
         started = time.perf_counter()
         try:
             calls = _map_calls(spec, inputs)
+            for kw in calls:
+                if isinstance(kw, _BlockedCall) and kw.message is not None:
+                    self.ctx.emit(NodeBlocked(self.ctx.prompt_id, node_id=disp, node_type=node.class_type,
+                                              message=kw.message,
+                                              executed=list(self.result.ran + self.result.cached)))
             if spec.is_async:
                 coros = []
                 for kw in calls:
@@ -296,8 +301,8 @@ class _Run:
             rets = []
             for kw in calls:
                 self.ctx.check_interrupted()
-                if kw is _BLOCKED_CALL:
-                    rets.append(_BLOCKED_CALL)
+                if isinstance(kw, _BlockedCall):
+                    rets.append(kw)
                 else:
                     rets.append(fn(**kw))
         finally:
@@ -499,7 +504,22 @@ class _Nan:
 
 
 _NAN = _Nan()
-_BLOCKED_CALL = object()
+
+
+class _BlockedCall:
+    """A call skipped because an input was an ExecutionBlocker; its result is a silent blocker."""
+
+    __slots__ = ("message",)
+
+    def __init__(self, message: str | None):
+        self.message = message
+
+
+def _blocker_in(values: Iterable[Any]) -> ExecutionBlocker | None:
+    for x in values:
+        if isinstance(x, ExecutionBlocker):
+            return x
+    return None
 
 
 def _is_lazy(spec: NodeSpec, name: str) -> bool:
@@ -511,22 +531,24 @@ def _map_calls(spec: NodeSpec, inputs: dict[str, list], for_lazy: bool = False) 
     """ComfyUI's list semantics: one call per element of the longest input list, shorter lists repeat
     their last element; INPUT_IS_LIST nodes get one call with whole lists."""
     if spec.input_is_list:
+        if not for_lazy:  # one call with whole lists: a blocker anywhere in them blocks it
+            b = _blocker_in(x for v in inputs.values() for x in v)
+            if b is not None:
+                return [_BlockedCall(b.message)]
         return [inputs]
     n = max((len(v) for v in inputs.values()), default=1)
     n = max(n, 1)
-    calls = []
+    calls: list = []
     for i in range(n):
         kw = {k: (v[i] if i < len(v) else v[-1]) if v else None for k, v in inputs.items()}
-        if not for_lazy and any(isinstance(x, ExecutionBlocker) for x in kw.values()):
-            calls.append(_BLOCKED_CALL)
-            continue
-        calls.append(kw)
+        b = None if for_lazy else _blocker_in(kw.values())
+        calls.append(kw if b is None else _BlockedCall(b.message))
     return calls
 
 
 async def _async_call(fn: Callable, kw: Any) -> Any:
-    if kw is _BLOCKED_CALL:
-        return _BLOCKED_CALL
+    if isinstance(kw, _BlockedCall):
+        return kw
     r = fn(**kw)
     if inspect.isawaitable(r):
         r = await r
@@ -535,7 +557,7 @@ async def _async_call(fn: Callable, kw: Any) -> Any:
 
 def _normalise(spec: NodeSpec, ret: Any, n_out: int) -> tuple[tuple, dict | None, Any]:
     """(values, ui, expand) from whatever a node function returned."""
-    if ret is _BLOCKED_CALL:
+    if isinstance(ret, _BlockedCall):  # blocked: the block travels on silently (reported once, here)
         return (ExecutionBlocker(None),) * n_out, None, None
     if isinstance(ret, ExecutionBlocker):
         return (ret,) * n_out, None, None
