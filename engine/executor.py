@@ -692,7 +692,8 @@ class Executor:
                 raise
         finally:
             self._run_ctx = None
-            run.result.skipped = sorted(n for n in run.planned if n not in run.done)
+            failed = run.current_node if run.result.status == "error" else None
+            run.result.skipped = sorted(n for n in run.planned if n not in run.done and n != failed)
             for t in run.targets:
                 if t in run.results:
                     run.result.values[t] = tuple(s[0] if len(s) == 1 else s for s in run.results[t][0])
