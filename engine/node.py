@@ -285,7 +285,9 @@ def spec_from_native(cls: type, name: str | None = None) -> NodeSpec:
         name=node_name, cls=cls, function="run", inputs=inputs, hidden=hidden, outputs=outputs,
         display_name=cls.display_name or node_name, category=cls.category, description=doc,
         python_module=cls.python_module or "nodes", output_node=bool(cls.output_node),
-        cacheable=bool(cls.cacheable), not_idempotent=bool(cls.not_idempotent), version=str(cls.version),
+        cacheable=bool(cls.cacheable), version=str(cls.version),
+        # a node that reads its own id may return something different per id: key it by id (as classic)
+        not_idempotent=bool(cls.not_idempotent) or "UNIQUE_ID" in hidden.values(),
         input_is_list=bool(cls.input_is_list), is_async=is_async, kind="native",
         deprecated=bool(cls.deprecated), experimental=bool(cls.experimental), api_node=cls.api_node,
         fingerprint=fingerprint, validate=validate, validate_params=vparams, validate_wants_types=wants_types,
