@@ -77,6 +77,7 @@ class NodeSpec:
     validate_wants_types: bool = False
     has_lazy_check: bool = False
     raw_input_types: dict | None = None  # classic: INPUT_TYPES() as declared, for object_info
+    input_types_fn: Callable[[], dict] | None = None  # classic: re-read for object_info (file lists change)
     output_tooltips: list | None = None
     extra: dict = field(default_factory=dict)
 
@@ -95,6 +96,13 @@ class NodeSpec:
         """The ``/object_info/{class}`` entry, in ComfyUI's exact shape."""
         if self.raw_input_types is not None:
             input_types = self.raw_input_types
+            if self.input_types_fn is not None:
+                try:
+                    fresh = self.input_types_fn()
+                    if isinstance(fresh, dict):
+                        input_types = fresh
+                except Exception:
+                    pass
         else:
             input_types = {"required": {}}
             for n, s in self.inputs.items():
