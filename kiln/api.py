@@ -27,8 +27,10 @@ def executor(cache: str | None = None, base_dir: str | Path | None = None,
             if cache is not None and cache != _executor.cache.describe():
                 _executor.set_cache(cache)
             if base_dir is not None or output_dir is not None:
+                from engine import set_default_folders
                 from .runtime import default_folders
                 _executor.folders = default_folders(base_dir, output_dir)
+                set_default_folders(_executor.folders)
         return _executor
 
 
