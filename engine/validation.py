@@ -31,6 +31,7 @@ class ValidationResult:
     error: dict | None = None
     node_errors: dict = field(default_factory=dict)
     outputs: list[str] = field(default_factory=list)
+    order: list[str] = field(default_factory=list)  # nodes upstream of the outputs, sources first
 
     def to_comfy(self) -> dict:
         return {"error": self.error, "node_errors": self.node_errors}
@@ -473,7 +474,7 @@ def validate(graph: Graph, registry: Registry, targets: list[str] | None = None,
     dependents = _dependent_outputs(graph, outputs, v.node_errors)
     node_errors = _wrap(v.node_errors, graph, dependents)
     if good:
-        return ValidationResult(True, None, node_errors, good)
+        return ValidationResult(True, None, node_errors, good, order if good == outputs else [])
     reasons = [f"{e['message']}: {e['details']}" for errs in v.node_errors.values() for e in errs]
     return ValidationResult(False, _err("prompt_outputs_failed_validation", "Prompt outputs failed validation",
                                         "\n".join(reasons)), node_errors)
