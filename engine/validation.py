@@ -181,29 +181,19 @@ class _Validator:
                 self.check_link(node, name, ispec, value, spec)
                 continue
             self.check_literal(node, name, ispec, value, skip_checks)
+        for name, value in node.inputs.items():
+            # an undeclared link is still resolved and passed to the node (variadic nodes): it must
+            # point somewhere real, or the node would fail at run time with no useful message
+            if name not in spec.inputs and isinstance(value, Link):
+                self.check_link_target(node, name, value)
         if spec.validate is not None and len(self.node_errors.get(node.id, ())) == before:
             self.custom_validate(node, spec)
 
     def check_link(self, node: NodeEntry, name: str, ispec: InputSpec, link: Link, spec: NodeSpec) -> None:
-        src = self.graph.nodes.get(link.node_id)
-        if src is None:
-            self.add(node, _err("exception_during_validation", "Exception when validating node",
-                                f"{name}: linked node '{link.node_id}' does not exist",
-                                input_name=name, exception_type="LinkError", traceback=[],
-                                hint=f"{_where(node, name)} links to node {link.node_id!r}, which is not in the "
-                                     f"graph; reconnect it to an existing node"))
-            return
-        src_spec = self.registry.get(src.class_type)
+        src_spec = self.check_link_target(node, name, link)
         if src_spec is None:
-            return  # reported as unknown class already
-        if link.slot >= len(src_spec.outputs):
-            self.add(node, _err("exception_during_validation", "Exception when validating node",
-                                f"{name}: node '{src.id}' ({src.class_type}) has no output {link.slot}",
-                                input_name=name, exception_type="LinkError", traceback=[],
-                                hint=f"{_where(node, name)} uses output {link.slot} of node {src.id} "
-                                     f"({src.class_type}), which has only {len(src_spec.outputs)} output(s) "
-                                     f"{src_spec.output_names}; pick an index below {len(src_spec.outputs)}"))
             return
+        src = self.graph.nodes[link.node_id]
         received = src_spec.outputs[link.slot].type
         expected = _combo_expected(ispec)
         if spec.validate_wants_types:
@@ -211,14 +201,41 @@ class _Validator:
         if received == COMBO and ispec.type == COMBO:
             return
         if not types_compatible(received, expected):
-            exp_s = ispec.type if ispec.type != COMBO else "COMBO"
-            self.add(node, _err("return_type_mismatch", "Return type mismatch between linked nodes",
-                                f"{name}, received_type({received}) mismatch input_type({exp_s})",
-                                input_name=name, input_config=ispec.config(), received_type=received,
-                                linked_node=link.to_json(),
-                                hint=f"{_where(node, name)} expects {exp_s} but is linked to output "
-                                     f"{link.slot} ({received}) of node {src.id} ({src.class_type}); connect an "
-                                     f"output of type {exp_s}"))
+            self.type_mismatch(node, name, ispec, link, src, received)
+
+    def check_link_target(self, node: NodeEntry, name: str, link: Link) -> NodeSpec | None:
+        """The source's spec if the link points at an existing node and output, else None (reported)."""
+        src = self.graph.nodes.get(link.node_id)
+        if src is None:
+            self.add(node, _err("exception_during_validation", "Exception when validating node",
+                                f"{name}: linked node '{link.node_id}' does not exist",
+                                input_name=name, exception_type="LinkError", traceback=[],
+                                hint=f"{_where(node, name)} links to node {link.node_id!r}, which is not in the "
+                                     f"graph; reconnect it to an existing node"))
+            return None
+        src_spec = self.registry.get(src.class_type)
+        if src_spec is None:
+            return None  # reported as unknown class already
+        if link.slot >= len(src_spec.outputs):
+            self.add(node, _err("exception_during_validation", "Exception when validating node",
+                                f"{name}: node '{src.id}' ({src.class_type}) has no output {link.slot}",
+                                input_name=name, exception_type="LinkError", traceback=[],
+                                hint=f"{_where(node, name)} uses output {link.slot} of node {src.id} "
+                                     f"({src.class_type}), which has only {len(src_spec.outputs)} output(s) "
+                                     f"{src_spec.output_names}; pick an index below {len(src_spec.outputs)}"))
+            return None
+        return src_spec
+
+    def type_mismatch(self, node: NodeEntry, name: str, ispec: InputSpec, link: Link, src: NodeEntry,
+                      received: Any) -> None:
+        exp_s = ispec.type if ispec.type != COMBO else "COMBO"
+        self.add(node, _err("return_type_mismatch", "Return type mismatch between linked nodes",
+                            f"{name}, received_type({received}) mismatch input_type({exp_s})",
+                            input_name=name, input_config=ispec.config(), received_type=received,
+                            linked_node=link.to_json(),
+                            hint=f"{_where(node, name)} expects {exp_s} but is linked to output "
+                                 f"{link.slot} ({received}) of node {src.id} ({src.class_type}); connect an "
+                                 f"output of type {exp_s}"))
 
     def check_literal(self, node: NodeEntry, name: str, ispec: InputSpec, value: Any, skip_checks: bool) -> None:
         t = ispec.type
