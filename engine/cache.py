@@ -195,12 +195,17 @@ class RAMBudgetCache(_DictCache):
         age = max(0, self.generation - e.generation)
         return (1.5 ** age) * (e.size + 1) / (e.seconds + 1e-3)
 
+    # Once over budget, evict down to this fraction of it: ranking every entry costs a sort, and
+    # doing that at each put while the cache sits at its budget made a long run quadratic.
+    LOW_WATER = 0.9
+
     def _evict(self) -> None:
         if self._total <= self.budget:
             return
+        target = self.budget * self.LOW_WATER
         victims = sorted(self._d.items(), key=lambda kv: self._score(kv[1]), reverse=True)
         for k, e in victims:
-            if self._total <= self.budget:
+            if self._total <= target:
                 break
             del self._d[k]
             self._total -= e.size
