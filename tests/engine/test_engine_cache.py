@@ -451,3 +451,32 @@ def test_cache_holds_only_keys_not_ids(reg, run):
     ex = Executor(reg)
     run(chain_graph(2), executor=ex)
     assert all(isinstance(k, bytes) and len(k) == 16 for k in ex.cache._d)
+
+
+def _blob_chain(reg, n):
+    class Blob(engine.Node):
+        outputs = ("*",)
+
+        def run(self, x: engine.Socket("*", optional=True) = None, i: engine.Int() = 0):
+            return tn.Payload(i, 50_000)
+    reg.register(Blob, replace=True)
+    g = {"0": {"class_type": "Blob", "inputs": {"i": 0}}}
+    for i in range(1, n):
+        g[str(i)] = {"class_type": "Blob", "inputs": {"x": [str(i - 1), 0], "i": i}}
+    g["o"] = {"class_type": "Show", "inputs": {"value": [str(n - 1), 0]}}
+    return g
+
+
+def test_ram_budget_long_run_stays_linear(reg):
+    import time
+    times = {}
+    for n in (1500, 6000):
+        g = _blob_chain(reg, n)
+        cache = RAMBudgetCache(20_000_000)
+        ex = Executor(reg, cache=cache)
+        t0 = time.perf_counter()
+        r = ex.run(G(g))
+        times[n] = time.perf_counter() - t0
+        assert r.ok and cache.total_size() <= 20_000_000
+    # 4x the nodes at a full cache: well under the ~12x a sort-per-put costs
+    assert times[6000] < 7 * times[1500] + 0.1, times
