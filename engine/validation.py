@@ -479,7 +479,14 @@ def validate(graph: Graph, registry: Registry, targets: list[str] | None = None,
     order = upstream_order(graph, outputs) if not cycles else _acyclic_part(graph, outputs, in_cycle)
     for nid in order:
         node = graph.nodes[nid]
-        v.check_node(node)
+        try:
+            v.check_node(node)
+        except Exception as exc:  # e.g. a choice list read from a folder that is gone: this node's error
+            v.add(node, _err("exception_during_validation", "Exception when validating node", _clip(exc),
+                             exception_type=type(exc).__name__,
+                             traceback=traceback.format_exception(type(exc), exc, exc.__traceback__),
+                             hint=f"{_where(node)}: checking its inputs raised {type(exc).__name__}: "
+                                  f"{_clip(exc)}"))
         ok = nid not in v.node_errors
         for _, link in node.links():
             if not v.valid.get(link.node_id, link.node_id in graph.nodes and link.node_id not in in_cycle):
