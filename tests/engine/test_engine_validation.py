@@ -470,3 +470,24 @@ def test_undeclared_link_is_passed_to_variadic_node(reg, run):
          "o": {"class_type": "Show", "inputs": {"value": ["s", 0]}}}
     r = engine.Executor(reg).run(G(g))
     assert r.ok and r.outputs["o"]["value"] == ["6"]  # the undeclared literal is dropped, links resolved
+
+
+def test_exception_while_checking_a_node_is_reported_not_raised(reg):
+    def choices():
+        raise FileNotFoundError("models/checkpoints is missing")
+
+    class FromFolder(engine.Node):
+        outputs = ("STRING",)
+
+        def run(self, name: engine.Combo(choices)):
+            return name
+    reg.register(FromFolder)
+    g = good_base()
+    g["3"] = {"class_type": "FromFolder", "inputs": {"name": "x"}, "_meta": {"title": "Loader"}}
+    g["4"] = {"class_type": "Show", "inputs": {"value": ["3", 0]}}
+    res = validate(G(g), reg)
+    assert res.ok and res.outputs == ["2"]  # the other output is still good
+    e = one_error(res, "3", "exception_during_validation")
+    assert e["extra_info"]["exception_type"] == "FileNotFoundError"
+    assert "checkpoints is missing" in e["details"] and "Loader" in hint(e)
+    check_shape(res)
