@@ -472,14 +472,15 @@ def test_undeclared_link_is_passed_to_variadic_node(reg, run):
     assert r.ok and r.outputs["o"]["value"] == ["6"]  # the undeclared literal is dropped, links resolved
 
 
-def test_exception_while_checking_a_node_is_reported_not_raised(reg):
-    def choices():
-        raise FileNotFoundError("models/checkpoints is missing")
+def _missing_folder_choices():
+    raise FileNotFoundError("models/checkpoints is missing")
 
+
+def test_exception_while_checking_a_node_is_reported_not_raised(reg):
     class FromFolder(engine.Node):
         outputs = ("STRING",)
 
-        def run(self, name: engine.Combo(choices)):
+        def run(self, name: engine.Combo(_missing_folder_choices)):
             return name
     reg.register(FromFolder)
     g = good_base()
