@@ -23,6 +23,7 @@ from .types import BOOLEAN, COMBO, FLOAT, INT, STRING, InputSpec, types_compatib
 # Types whose values are objects or tensors: a JSON literal can never be one.
 OBJECT_TYPES = frozenset({"MODEL", "CLIP", "VAE", "CONDITIONING", "LATENT", "IMAGE", "MASK", "CONTROL_NET"})
 MAX_LIST_SHOWN = 20
+MAX_CYCLE_SHOWN = 20
 
 
 @dataclass
@@ -466,13 +467,18 @@ def validate(graph: Graph, registry: Registry, targets: list[str] | None = None,
     cycles = find_cycle(graph, outputs)
     in_cycle: set[str] = set()
     for cyc in cycles:
-        desc = " -> ".join(cyc + [cyc[0]])
+        # every node on the cycle gets an error naming the cycle: bounded, so a cycle of N nodes
+        # costs O(N) in the response, not N copies of an N-long list
+        shown = cyc if len(cyc) <= MAX_CYCLE_SHOWN else cyc[:MAX_CYCLE_SHOWN]
+        desc = " -> ".join(shown + [cyc[0]] if len(cyc) <= MAX_CYCLE_SHOWN else
+                           shown + [f"... ({len(cyc) - MAX_CYCLE_SHOWN} more)", cyc[0]])
         for nid in cyc:
             if nid in in_cycle:
                 continue
             in_cycle.add(nid)
             node = graph.nodes[nid]
-            v.add(node, _err("dependency_cycle", "Dependency cycle", f"cycle: {desc}", cycle=cyc,
+            v.add(node, _err("dependency_cycle", "Dependency cycle", f"cycle: {desc}", cycle=shown,
+                             cycle_length=len(cyc),
                              hint=f"{_where(node)} is part of a dependency cycle ({desc}); remove one of the "
                                   f"links so the graph flows one way"))
     # 4. per-node checks, sources first
