@@ -330,6 +330,9 @@ def test_long_cycle_no_recursion_error(reg):
     res = validate(G(g), reg)
     assert not res.ok
     assert len(res.node_errors) == n
+    e = res.node_errors["7"]["errors"][0]
+    assert e["extra_info"]["cycle_length"] == n and "more" in e["details"]
+    assert len(json.dumps(res.to_comfy())) < 2000 * n  # linear in the cycle length, not quadratic
 
 
 def test_custom_validation_failure(reg):
