@@ -284,8 +284,10 @@ class _Run:
         started = time.perf_counter()
         try:
             calls = _map_calls(spec, inputs)
+            reported: set[str] = set()
             for kw in calls:
-                if isinstance(kw, _BlockedCall) and kw.message is not None:
+                if isinstance(kw, _BlockedCall) and kw.message is not None and kw.message not in reported:
+                    reported.add(kw.message)  # once per message per node: a long list stays one event
                     self.ctx.emit(NodeBlocked(self.ctx.prompt_id, node_id=disp, node_type=node.class_type,
                                               message=kw.message,
                                               executed=list(self.result.ran + self.result.cached)))
