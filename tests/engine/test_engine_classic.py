@@ -628,3 +628,62 @@ def test_unknown_lookup_suggests():
         reg["Cnost"]
     assert "Const" in str(ei.value)
     assert reg.suggest("showimage") == ["ShowImage", "Show"][: len(reg.suggest("showimage"))]
+
+
+def test_validate_inputs_with_input_types_skips_type_check():
+    seen = {}
+
+    class Typed:
+        @classmethod
+        def INPUT_TYPES(cls):
+            return {"required": {"x": ("FLOAT", {"forceInput": True}), "scale": ("INT", {"default": 1, "max": 5})}}
+        RETURN_TYPES = ("FLOAT",)
+        FUNCTION = "f"
+
+        @classmethod
+        def VALIDATE_INPUTS(cls, input_types, x, scale):
+            seen["types"], seen["x"], seen["scale"] = input_types, x, scale
+            return True
+
+        def f(self, x, scale):
+            return (x * scale,)
+    reg = make_registry()
+    reg.register(Typed)
+    g = {"t": {"class_type": "TextIn", "inputs": {"text": "s"}},
+         "y": {"class_type": "Typed", "inputs": {"x": ["t", 0], "scale": 9}},
+         "o": {"class_type": "Show", "inputs": {"value": ["y", 0]}}}
+    res = engine.validate(G(g), reg)
+    assert res.ok, res.summary()  # STRING into FLOAT allowed: the node checks types itself; max off too
+    assert seen == {"types": {"x": "STRING"}, "x": None, "scale": 9}
+
+
+def test_classic_lazy_and_metadata():
+    class ClassicSwitch:
+        @classmethod
+        def INPUT_TYPES(cls):
+            return {"required": {"on": ("BOOLEAN", {"default": True}),
+                                 "a": ("INT", {"lazy": True, "forceInput": True}),
+                                 "b": ("INT", {"lazy": True, "forceInput": True})}}
+        RETURN_TYPES = ("INT",)
+        FUNCTION = "f"
+        DEPRECATED = True
+        EXPERIMENTAL = True
+        API_NODE = False
+        OUTPUT_TOOLTIPS = ("the chosen value",)
+
+        def check_lazy_status(self, on, a=None, b=None):
+            return ["a"] if on else ["b"]
+
+        def f(self, on, a, b):
+            return (a if on else b,)
+    reg = make_registry()
+    reg.register(ClassicSwitch)
+    g = {"1": {"class_type": "Const", "inputs": {"value": 1}},
+         "2": {"class_type": "Const", "inputs": {"value": 2}},
+         "s": {"class_type": "ClassicSwitch", "inputs": {"on": False, "a": ["1", 0], "b": ["2", 0]}},
+         "o": {"class_type": "Show", "inputs": {"value": ["s", 0]}}}
+    r = Executor(reg).run(G(g))
+    assert r.ok and r.outputs["o"]["value"] == ["2"] and "1" not in r.ran
+    info = reg.object_info(["ClassicSwitch"])["ClassicSwitch"]
+    assert info["deprecated"] is True and info["experimental"] is True and info["api_node"] is False
+    assert info["output_tooltips"] == ["the chosen value"]
