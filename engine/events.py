@@ -141,8 +141,8 @@ class NodeBlocked(Event):
     def comfy_data(self) -> dict:
         return {"prompt_id": self.prompt_id, "node_id": self.node_id, "node_type": self.node_type,
                 "executed": list(self.executed), "exception_message": f"Execution Blocked: {self.message}",
-                "exception_type": "ExecutionBlocked", "traceback": [], "current_inputs": {},
-                "current_outputs": [], "timestamp": self.timestamp}
+                "exception_type": "ExecutionBlocked", "traceback": [], "current_inputs": [],
+                "current_outputs": []}  # ComfyUI's shape for this message: no timestamp
 
 
 @dataclass

@@ -501,6 +501,9 @@ def test_execution_blocker_with_message_reports_non_fatal_error(run):
     assert d["exception_type"] == "ExecutionBlocked"
     assert "filtered by safety check" in d["exception_message"]
     assert d["node_id"] == "after"
+    assert d == {"prompt_id": r.prompt_id, "node_id": "after", "node_type": "Add", "executed": d["executed"],
+                 "exception_message": "Execution Blocked: filtered by safety check",
+                 "exception_type": "ExecutionBlocked", "traceback": [], "current_inputs": [], "current_outputs": []}
     assert isinstance(r.events[-1], ExecutionSuccess)
 
 
