@@ -662,7 +662,9 @@ class Executor:
             keys = [k for k in run.keys.values() if k is not None]
             self.cache.begin_run(keys)
             self._forget_objects(graph)
-            cached_nodes = [nid for nid in order if run.keys[nid] is not None and _has(self.cache, run.keys[nid])]
+            # in the prompt's key order, as ComfyUI lists them
+            cached_nodes = [nid for nid in graph.nodes
+                            if run.keys.get(nid) is not None and _has(self.cache, run.keys[nid])]
             run.plan(outputs)
             sink(ExecutionCached(prompt_id, nodes=cached_nodes))
             for nid in outputs:
