@@ -35,7 +35,7 @@ def test_identical_rerun_runs_nothing(run):
     started = [e for e in second.events if isinstance(e, NodeStarted)]
     assert started == []
     cached_ev = [e for e in second.events if isinstance(e, ExecutionCached)]
-    assert len(cached_ev) == 1 and set(cached_ev[0].nodes) == set(g)
+    assert len(cached_ev) == 1 and cached_ev[0].nodes == list(g)  # in the prompt's key order
     out_ev = [e for e in second.events if isinstance(e, NodeOutput)]
     assert [e.node for e in out_ev] == ["7"] and out_ev[0].output == first.outputs["7"]
 
@@ -50,7 +50,7 @@ def test_change_literal_mid_chain_reruns_it_and_downstream(run):
     assert [v[0] for c, v in CALLS] == ["4", "5", "6", "7", "8"]
     assert set(r.cached) == {"3"}  # walking upstream stopped at the first hit
     cached_ev = [e for e in r.events if isinstance(e, ExecutionCached)][0]
-    assert set(cached_ev.nodes) == {"1", "2", "3"}
+    assert cached_ev.nodes == ["1", "2", "3"]
     assert r.outputs["8"]["value"] == [repr(0 + 5 * 1 + 5)]  # six Adds: five add 1, one adds 5
 
 
@@ -480,3 +480,12 @@ def test_ram_budget_full_cache_eviction_is_cheap(reg):
         times[budget] = time.perf_counter() - t0
         assert r.ok and cache.total_size() <= budget
     assert times[150_000_000] < 3 * times[10 ** 12] + 0.2, times
+
+
+def test_execution_cached_follows_prompt_key_order(run):
+    g = {"out": {"class_type": "Show", "inputs": {"value": ["b", 0]}},
+         "b": {"class_type": "Add", "inputs": {"a": ["a", 0]}},
+         "a": {"class_type": "Const", "inputs": {"value": 1}}}
+    run(g)
+    ev = [e for e in run(g).events if isinstance(e, ExecutionCached)][0]
+    assert ev.nodes == ["out", "b", "a"]
