@@ -8,6 +8,7 @@ widget inputs left out of the JSON take their declared defaults.
 from __future__ import annotations
 
 import inspect
+import json
 import math
 import traceback
 from dataclasses import dataclass, field
@@ -22,6 +23,7 @@ from .types import BOOLEAN, COMBO, FLOAT, INT, STRING, InputSpec, types_compatib
 # Types whose values are objects or tensors: a JSON literal can never be one.
 OBJECT_TYPES = frozenset({"MODEL", "CLIP", "VAE", "CONDITIONING", "LATENT", "IMAGE", "MASK", "CONTROL_NET"})
 MAX_LIST_SHOWN = 20
+MAX_CYCLE_SHOWN = 20
 
 
 @dataclass
@@ -30,6 +32,7 @@ class ValidationResult:
     error: dict | None = None
     node_errors: dict = field(default_factory=dict)
     outputs: list[str] = field(default_factory=list)
+    order: list[str] = field(default_factory=list)  # nodes upstream of the outputs, sources first
 
     def to_comfy(self) -> dict:
         return {"error": self.error, "node_errors": self.node_errors}
@@ -70,6 +73,11 @@ def _where(node: NodeEntry, input_name: str | None = None) -> str:
     if input_name is not None:
         s += f", input '{input_name}'"
     return s
+
+
+def _where_id(node: NodeEntry) -> str:
+    """Node id and title, for problems where the class itself is missing or malformed."""
+    return f"Node {node.id}" + (f" \"{node.title}\"" if node.title else "")
 
 
 def coerce_literal(spec: InputSpec, value: Any) -> Any:
@@ -165,7 +173,7 @@ class _Validator:
             if isinstance(value, BadLink):
                 self.add(node, _err("bad_linked_input",
                                     "Bad linked input, must be a length-2 list of [node_id, slot_index]", name,
-                                    input_name=name, input_config=ispec.config(), received_value=value.value,
+                                    input_name=name, input_config=ispec.config(), received_value=_safe_json(value.value),
                                     hint=f"{_where(node, name)}: {_short(value.value)} is not a link; write "
                                          f"[\"<node id>\", <output index>], or wrap a list value as "
                                          f"{{\"__value__\": [...]}}"))
@@ -174,29 +182,19 @@ class _Validator:
                 self.check_link(node, name, ispec, value, spec)
                 continue
             self.check_literal(node, name, ispec, value, skip_checks)
+        for name, value in node.inputs.items():
+            # an undeclared link is still resolved and passed to the node (variadic nodes): it must
+            # point somewhere real, or the node would fail at run time with no useful message
+            if name not in spec.inputs and isinstance(value, Link):
+                self.check_link_target(node, name, value)
         if spec.validate is not None and len(self.node_errors.get(node.id, ())) == before:
             self.custom_validate(node, spec)
 
     def check_link(self, node: NodeEntry, name: str, ispec: InputSpec, link: Link, spec: NodeSpec) -> None:
-        src = self.graph.nodes.get(link.node_id)
-        if src is None:
-            self.add(node, _err("exception_during_validation", "Exception when validating node",
-                                f"{name}: linked node '{link.node_id}' does not exist",
-                                input_name=name, exception_type="LinkError", traceback=[],
-                                hint=f"{_where(node, name)} links to node {link.node_id!r}, which is not in the "
-                                     f"graph; reconnect it to an existing node"))
-            return
-        src_spec = self.registry.get(src.class_type)
+        src_spec = self.check_link_target(node, name, link)
         if src_spec is None:
-            return  # reported as unknown class already
-        if link.slot >= len(src_spec.outputs):
-            self.add(node, _err("exception_during_validation", "Exception when validating node",
-                                f"{name}: node '{src.id}' ({src.class_type}) has no output {link.slot}",
-                                input_name=name, exception_type="LinkError", traceback=[],
-                                hint=f"{_where(node, name)} uses output {link.slot} of node {src.id} "
-                                     f"({src.class_type}), which has only {len(src_spec.outputs)} output(s) "
-                                     f"{src_spec.output_names}; pick an index below {len(src_spec.outputs)}"))
             return
+        src = self.graph.nodes[link.node_id]
         received = src_spec.outputs[link.slot].type
         expected = _combo_expected(ispec)
         if spec.validate_wants_types:
@@ -204,14 +202,41 @@ class _Validator:
         if received == COMBO and ispec.type == COMBO:
             return
         if not types_compatible(received, expected):
-            exp_s = ispec.type if ispec.type != COMBO else "COMBO"
-            self.add(node, _err("return_type_mismatch", "Return type mismatch between linked nodes",
-                                f"{name}, received_type({received}) mismatch input_type({exp_s})",
-                                input_name=name, input_config=ispec.config(), received_type=received,
-                                linked_node=link.to_json(),
-                                hint=f"{_where(node, name)} expects {exp_s} but is linked to output "
-                                     f"{link.slot} ({received}) of node {src.id} ({src.class_type}); connect an "
-                                     f"output of type {exp_s}"))
+            self.type_mismatch(node, name, ispec, link, src, received)
+
+    def check_link_target(self, node: NodeEntry, name: str, link: Link) -> NodeSpec | None:
+        """The source's spec if the link points at an existing node and output, else None (reported)."""
+        src = self.graph.nodes.get(link.node_id)
+        if src is None:
+            self.add(node, _err("exception_during_validation", "Exception when validating node",
+                                f"{name}: linked node '{link.node_id}' does not exist",
+                                input_name=name, exception_type="LinkError", traceback=[],
+                                hint=f"{_where(node, name)} links to node {link.node_id!r}, which is not in the "
+                                     f"graph; reconnect it to an existing node"))
+            return None
+        src_spec = self.registry.get(src.class_type)
+        if src_spec is None:
+            return None  # reported as unknown class already
+        if link.slot >= len(src_spec.outputs):
+            self.add(node, _err("exception_during_validation", "Exception when validating node",
+                                f"{name}: node '{src.id}' ({src.class_type}) has no output {link.slot}",
+                                input_name=name, exception_type="LinkError", traceback=[],
+                                hint=f"{_where(node, name)} uses output {link.slot} of node {src.id} "
+                                     f"({src.class_type}), which has only {len(src_spec.outputs)} output(s) "
+                                     f"{src_spec.output_names}; pick an index below {len(src_spec.outputs)}"))
+            return None
+        return src_spec
+
+    def type_mismatch(self, node: NodeEntry, name: str, ispec: InputSpec, link: Link, src: NodeEntry,
+                      received: Any) -> None:
+        exp_s = ispec.type if ispec.type != COMBO else "COMBO"
+        self.add(node, _err("return_type_mismatch", "Return type mismatch between linked nodes",
+                            f"{name}, received_type({received}) mismatch input_type({exp_s})",
+                            input_name=name, input_config=ispec.config(), received_type=received,
+                            linked_node=link.to_json(),
+                            hint=f"{_where(node, name)} expects {exp_s} but is linked to output "
+                                 f"{link.slot} ({received}) of node {src.id} ({src.class_type}); connect an "
+                                 f"output of type {exp_s}"))
 
     def check_literal(self, node: NodeEntry, name: str, ispec: InputSpec, value: Any, skip_checks: bool) -> None:
         t = ispec.type
@@ -228,10 +253,10 @@ class _Validator:
                 value = coerce_literal(ispec, value)
             except (ValueError, TypeError, OverflowError) as exc:
                 self.add(node, _err("invalid_input_type", f"Failed to convert an input value to a {t} value",
-                                    f"{name}, {_short(value)}, {exc}", input_name=name,
+                                    f"{name}, {_short(value)}, {_clip(exc)}", input_name=name,
                                     input_config=ispec.config(), received_value=_safe_json(value),
-                                    exception_message=str(exc),
-                                    hint=f"{_where(node, name)}: {_short(value)} is not a valid {t} ({exc}); "
+                                    exception_message=_clip(exc),
+                                    hint=f"{_where(node, name)}: {_short(value)} is not a valid {t} ({_clip(exc)}); "
                                          f"give a {t.lower()} value"))
                 return
             node.inputs[name] = value
@@ -254,7 +279,7 @@ class _Validator:
             if not _in_choices(value, choices):
                 shown = str(choices) if len(choices) <= MAX_LIST_SHOWN else f"(list of length {len(choices)})"
                 near = _near(value, choices)
-                self.add(node, _err("value_not_in_list", "Value not in list", f"{name}: '{value}' not in {shown}",
+                self.add(node, _err("value_not_in_list", "Value not in list", f"{name}: '{_clip(value)}' not in {shown}",
                                     input_name=name,
                                     input_config=ispec.config() if len(choices) <= MAX_LIST_SHOWN else None,
                                     received_value=_safe_json(value),
@@ -315,10 +340,24 @@ def _near(value: Any, choices: list) -> str | None:
     return hits[0] if hits else None
 
 
+def _clip(v: Any, n: int = 200) -> str:
+    """str(v), cut to ``n`` characters: error messages stay readable whatever the graph holds."""
+    s = str(v)
+    return s if len(s) <= n else s[: n - 3] + "..."
+
+
 def _safe_json(v: Any) -> Any:
+    """A received value as it can appear in an error: JSON-safe and bounded in size."""
+    if isinstance(v, (list, dict)):
+        try:
+            if len(json.dumps(v)) <= 1000:
+                return v
+        except (TypeError, ValueError, RecursionError):
+            pass
+        return _short(v, 200)
     if isinstance(v, (str, int, float, bool)) or v is None:
         if isinstance(v, str):
-            return v.encode("utf-8", "replace").decode("utf-8")
+            return _clip(v.encode("utf-8", "replace").decode("utf-8"), 1000)
         if isinstance(v, float) and not math.isfinite(v):
             return str(v)
         return v
@@ -390,12 +429,16 @@ def validate(graph: Graph, registry: Registry, targets: list[str] | None = None,
     # 1. every node's class exists
     first: dict | None = None
     for node in graph.nodes.values():
-        if not isinstance(node.class_type, str) or not node.class_type:
+        if node.class_type is None or node.class_type == "":
             e = _err("invalid_prompt", "Cannot execute because a node is missing the class_type property.",
-                     f"Node ID '#{node.id}'", hint=f"Node {node.id} has no class_type; set it to a node type "
+                     f"Node ID '#{node.id}'", hint=f"{_where_id(node)} has no class_type; set it to a node type "
                                                   f"name such as 'KSampler'")
+        elif not isinstance(node.class_type, str):
+            e = _err("invalid_prompt", f"Cannot execute because node {_short(node.class_type)} does not exist.",
+                     f"Node ID '#{node.id}'", hint=f"{_where_id(node)}: class_type must be a node type name "
+                                                  f"(a string), got {_short(node.class_type)}")
         elif node.class_type not in registry:
-            e = _err("invalid_prompt", f"Cannot execute because node {node.class_type} does not exist.",
+            e = _err("invalid_prompt", f"Cannot execute because node {_clip(node.class_type)} does not exist.",
                      f"Node ID '#{node.id}'", hint=f"{_where(node)}: {registry.unknown_message(node.class_type)}"
                                                   f" Install the pack that provides it, or run `kiln nodes` "
                                                   f"to list the available types.")
@@ -424,20 +467,32 @@ def validate(graph: Graph, registry: Registry, targets: list[str] | None = None,
     cycles = find_cycle(graph, outputs)
     in_cycle: set[str] = set()
     for cyc in cycles:
-        desc = " -> ".join(cyc + [cyc[0]])
+        # every node on the cycle gets an error naming the cycle: bounded, so a cycle of N nodes
+        # costs O(N) in the response, not N copies of an N-long list
+        shown = cyc if len(cyc) <= MAX_CYCLE_SHOWN else cyc[:MAX_CYCLE_SHOWN]
+        desc = " -> ".join(shown + [cyc[0]] if len(cyc) <= MAX_CYCLE_SHOWN else
+                           shown + [f"... ({len(cyc) - MAX_CYCLE_SHOWN} more)", cyc[0]])
         for nid in cyc:
             if nid in in_cycle:
                 continue
             in_cycle.add(nid)
             node = graph.nodes[nid]
-            v.add(node, _err("dependency_cycle", "Dependency cycle", f"cycle: {desc}", cycle=cyc,
+            v.add(node, _err("dependency_cycle", "Dependency cycle", f"cycle: {desc}", cycle=shown,
+                             cycle_length=len(cyc),
                              hint=f"{_where(node)} is part of a dependency cycle ({desc}); remove one of the "
                                   f"links so the graph flows one way"))
     # 4. per-node checks, sources first
     order = upstream_order(graph, outputs) if not cycles else _acyclic_part(graph, outputs, in_cycle)
     for nid in order:
         node = graph.nodes[nid]
-        v.check_node(node)
+        try:
+            v.check_node(node)
+        except Exception as exc:  # e.g. a choice list read from a folder that is gone: this node's error
+            v.add(node, _err("exception_during_validation", "Exception when validating node", _clip(exc),
+                             exception_type=type(exc).__name__,
+                             traceback=traceback.format_exception(type(exc), exc, exc.__traceback__),
+                             hint=f"{_where(node)}: checking its inputs raised {type(exc).__name__}: "
+                                  f"{_clip(exc)}"))
         ok = nid not in v.node_errors
         for _, link in node.links():
             if not v.valid.get(link.node_id, link.node_id in graph.nodes and link.node_id not in in_cycle):
@@ -449,7 +504,7 @@ def validate(graph: Graph, registry: Registry, targets: list[str] | None = None,
     dependents = _dependent_outputs(graph, outputs, v.node_errors)
     node_errors = _wrap(v.node_errors, graph, dependents)
     if good:
-        return ValidationResult(True, None, node_errors, good)
+        return ValidationResult(True, None, node_errors, good, order if good == outputs else [])
     reasons = [f"{e['message']}: {e['details']}" for errs in v.node_errors.values() for e in errs]
     return ValidationResult(False, _err("prompt_outputs_failed_validation", "Prompt outputs failed validation",
                                         "\n".join(reasons)), node_errors)
