@@ -17,8 +17,11 @@ def _decoder(graph: dict) -> str:
 def test_graph_runs(world, name):
     g = world.graph(name, **SUBST)
     out = _decoder(g)
-    res = world.run(g, [out])
+    save = next(k for k, v in g.items() if v["class_type"] == "SaveImage")
+    res = world.run(g, [out, save])
     assert res.status == "success", res.error
+    files = res.outputs[save]["images"]
+    assert len(files) == 1 and (world.base / "output" / files[0]["subfolder"] / files[0]["filename"]).is_file()
     img = res.values[out][0]
     assert img.ndim == 4 and img.shape[-1] == 3
     assert img.shape[1] == 64 and img.shape[2] in (64, 96)
