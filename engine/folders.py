@@ -157,12 +157,13 @@ def set_default(folders: Folders) -> None:
 
 
 def get_folders() -> Folders:
-    """The running node's folders, else the process default, else folders under the current directory."""
-    from .context import current
+    """The running node's (or validating executor's) folders, else the process default, else folders under
+    the current directory."""
+    from .context import active_folders
 
-    ctx = current()
-    if ctx is not None and ctx.folders is not None:
-        return ctx.folders
+    f = active_folders()  # the running node's folders, or the executor's while it validates
+    if f is not None:
+        return f
     global _default
     if _default is None:
         _default = Folders(Path.cwd())
