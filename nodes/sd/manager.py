@@ -179,8 +179,5 @@ def get_manager() -> ModelManager:
 
 
 def folders() -> engine.Folders:
-    """The Folders of the running/validating executor, else ``$KILN_BASE_DIR`` (or the current directory)."""
-    f = engine.active_folders()
-    if f is not None:
-        return f
-    return engine.Folders(os.environ.get("KILN_BASE_DIR", "."))
+    """The Folders of the running/validating executor, else the process default (see engine.get_folders)."""
+    return engine.get_folders()

@@ -287,3 +287,30 @@ def write_vae_file(path: Path, vae) -> Path:
     cfg = {k: (list(x) if isinstance(x, tuple) else x) for k, x in dict(vae.config).items() if not k.startswith("_")}
     save_file({k: v.contiguous() for k, v in out.items()}, str(path), metadata={"kiln.vae_config": json.dumps(cfg)})
     return path
+
+
+# The project's own model family ("kiln-shapes"): a 4x VAE (3 blocks), a text encoder with 32 positions,
+# linear betas with trailing timesteps. Same structure as the trained model, much smaller.
+SHAPES_UNET_CONFIG = dict(sample_size=16, in_channels=4, out_channels=4, block_out_channels=[16, 32, 32],
+                          down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+                          up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+                          layers_per_block=1, attention_head_dim=4, cross_attention_dim=32, norm_num_groups=8)
+SHAPES_VAE_CONFIG = dict(in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 3,
+                         up_block_types=["UpDecoderBlock2D"] * 3, block_out_channels=[8, 8, 16], layers_per_block=1,
+                         latent_channels=4, norm_num_groups=4, sample_size=64, scaling_factor=0.7)
+SHAPES_SCHEDULER_CONFIG = dict(num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule="linear",
+                               prediction_type="epsilon", clip_sample=False, set_alpha_to_one=False, steps_offset=0,
+                               timestep_spacing="trailing")
+
+
+def write_shapes_like(path: Path, seed: int = 0) -> Path:
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    tok = train_tokenizer()
+    te = CLIPTextModel(CLIPTextConfig(**{**text_config(len(tok)), "max_position_embeddings": 32})).eval()
+    unet = UNet2DConditionModel(**SHAPES_UNET_CONFIG).eval()
+    vae = AutoencoderKL(**SHAPES_VAE_CONFIG).eval()
+    return export_ldm_checkpoint(path, unet, vae, te, tokenizer=tok, scheduler_config=SHAPES_SCHEDULER_CONFIG,
+                                 model_family="kiln-shapes", dtype=torch.float16)
