@@ -106,11 +106,12 @@ def main() -> None:
     pipe.set_progress_bar_config(disable=True)
     sigmas = calculate_sigmas(ModelSampling(SCHED), "karras", STEPS)
     noise = torch.randn((1, 4, SIZE // 8, SIZE // 8), generator=torch.Generator("cpu").manual_seed(SEED))
+    # both start from noise * sqrt(1 + sigma_max^2): Kiln at the top of a schedule, diffusers for "leading" spacing
 
     def run_diffusers() -> torch.Tensor:
         with torch.inference_mode():
             out = pipe(PROMPT, negative_prompt=NEGATIVE, height=SIZE, width=SIZE, guidance_scale=CFG,
-                       sigmas=sigmas[:-1].tolist(), latents=noise.clone(), output_type="pt")
+                       sigmas=sigmas.tolist(), latents=noise.clone(), output_type="pt")
         return out.images.permute(0, 2, 3, 1)
 
     def run_kiln(previews: bool) -> torch.Tensor:

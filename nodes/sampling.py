@@ -6,6 +6,7 @@ for previews.
 """
 from __future__ import annotations
 
+import math
 from typing import Annotated, Any
 
 import torch
@@ -67,7 +68,10 @@ def sample(model: Any, seed: int, cfg: float, sampler_name: str, sigmas: torch.T
         if mask is not None:
             mask = prepare_mask(mask, tuple(x.shape)).to(device)
             denoise = masked_denoiser(guider, x_dev, noise_dev, mask)
-        start = x_dev + noise_dev * float(sigmas[0])
+        s0 = float(sigmas[0])
+        # from pure noise (the top of the schedule), x has the variance of data plus noise: 1 + sigma^2
+        scale = math.sqrt(1 + s0 * s0) if s0 >= model.sampling.sigma_max * 0.999 else s0
+        start = x_dev + noise_dev * scale
         result = run_sampler(sampler_name, denoise, start, sigmas.to(torch.float32), seed, callback)
         if mask is not None:
             result = result * mask + x_dev * (1 - mask)
