@@ -73,7 +73,8 @@ class CLIPTextEncode(engine.Node):
             raise NodeError(str(exc), input_name="text", hint=exc.hint) from exc
 
 
-def _apply(conditioning: list, control: Control | None, make) -> list:
+def _apply(conditioning: list, make) -> list:
+    """A copy of ``conditioning`` whose entries carry ``make(previous control)``."""
     out = []
     for emb, opts in conditioning:
         o = dict(opts)
@@ -103,7 +104,7 @@ class ControlNetApply(engine.Node):
         if strength == 0:
             return conditioning
         hint = _check_hint(image)
-        return _apply(conditioning, None, lambda prev: Control(control_net, hint, float(strength), 0.0, 1.0, prev))
+        return _apply(conditioning, lambda prev: Control(control_net, hint, float(strength), 0.0, 1.0, prev))
 
 
 class ControlNetApplyAdvanced(engine.Node):
@@ -128,7 +129,7 @@ class ControlNetApplyAdvanced(engine.Node):
         hint = _check_hint(image)
         make = lambda prev: Control(control_net, hint, float(strength), float(start_percent),  # noqa: E731
                                     float(end_percent), prev)
-        return _apply(positive, None, make), _apply(negative, None, make)
+        return _apply(positive, make), _apply(negative, make)
 
 
 NODES = [CLIPTextEncode, ControlNetApply, ControlNetApplyAdvanced]

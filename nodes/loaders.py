@@ -35,7 +35,10 @@ def _find(kind: str, name: str, input_name: str) -> Path:
 
 
 def _identity(kind: str, name: str) -> str:
-    path = folders().find_model(kind, name) if name else None
+    try:
+        path = folders().find_model(kind, name) if name else None
+    except engine.UnsafePath:
+        path = None
     if path is None:
         return f"missing:{name}"
     return "|".join(str(x) for x in file_identity(path))

@@ -111,8 +111,6 @@ class Guider:
         if not any(self.controls):
             return None, None
         b = self.batch
-        down_all: list[list[torch.Tensor]] | None = None
-        mid_all: list[torch.Tensor] = []
         per_unit = []
         for u, control in enumerate(self.controls):
             sl = slice(u * b, (u + 1) * b)
