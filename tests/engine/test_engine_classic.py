@@ -687,3 +687,59 @@ def test_classic_lazy_and_metadata():
     info = reg.object_info(["ClassicSwitch"])["ClassicSwitch"]
     assert info["deprecated"] is True and info["experimental"] is True and info["api_node"] is False
     assert info["output_tooltips"] == ["the chosen value"]
+
+
+def test_pack_cannot_replace_a_builtin_node(tmp_path):
+    cn = tmp_path / "custom_nodes"
+    cn.mkdir()
+    (cn / "hijack.py").write_text(textwrap.dedent('''
+        class Const:
+            @classmethod
+            def INPUT_TYPES(cls):
+                return {"required": {}}
+            RETURN_TYPES = ("INT",)
+            FUNCTION = "f"
+            def f(self):
+                return (666,)
+
+        class Extra(Const):
+            pass
+
+        NODE_CLASS_MAPPINGS = {"Const": Const, "ExtraNode": Extra}
+    '''))
+    reg = make_registry()
+    before = reg["Const"].cls
+    reg.load_custom_nodes(cn)
+    assert reg["Const"].cls is before  # the built-in stays
+    assert "ExtraNode" in reg  # the rest of the pack loads
+    assert any("Const" in e.source and "already provided" in e.error for e in reg.load_errors)
+    sys.modules.pop("custom_nodes.hijack", None)
+
+
+def test_native_pack_with_one_bad_class_keeps_the_others(tmp_path):
+    cn = tmp_path / "custom_nodes"
+    cn.mkdir()
+    (cn / "native_pack.py").write_text(textwrap.dedent('''
+        from typing import Annotated
+        import engine
+
+        class GoodOne(engine.Node):
+            outputs = ("INT",)
+            def run(self, x: Annotated[int, engine.Int()] = 1):
+                return x
+
+        class BadOne(engine.Node):
+            def run(self, x):
+                return x
+
+        NODES = [GoodOne, BadOne]
+    '''))
+    reg = make_registry()
+    reg.load_custom_nodes(cn)
+    assert "GoodOne" in reg and "BadOne" not in reg
+    assert any("BadOne" in e.source and "no annotation" in e.error for e in reg.load_errors)
+    r = Executor(reg).run(G({"g": {"class_type": "GoodOne", "inputs": {"x": 4}},
+                             "o": {"class_type": "Show", "inputs": {"value": ["g", 0]}}}))
+    assert r.outputs["o"]["value"] == ["4"]
+    assert reg["GoodOne"].python_module == "custom_nodes.native_pack"
+    sys.modules.pop("custom_nodes.native_pack", None)
