@@ -258,7 +258,7 @@ def test_native_object_info_exact_shape():
         outputs = {"IMAGE": engine.Output("IMAGE", tooltip="the result")}
         output_node = False
 
-        def run(self, image1: engine.Socket("IMAGE"), image2: engine.Socket("IMAGE", optional=True),
+        def run(self, image1: engine.Socket("IMAGE"), image2: engine.Socket("IMAGE", optional=True) = None,
                 blend_factor: engine.Float(min=0.0, max=1.0, step=0.01) = 0.5,
                 blend_mode: engine.Combo(["normal", "multiply"]) = "normal",
                 count: engine.Int(min=1, max=10) = 1,
@@ -551,7 +551,12 @@ def _bad_classes():
         def run(self, x: bool = 1):
             return 1
 
+    class OptionalNoDefault(engine.Node):
+        def run(self, x: engine.Socket("IMAGE", optional=True)):
+            return 1
+
     return [
+        (OptionalNoDefault, "optional input 'x' needs a default"),
         (NoRun, "must define a run"),
         (NoAnnotation, "input 'x' has no annotation"),
         (NotASocket, "input 'x': annotation"),
