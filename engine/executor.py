@@ -667,8 +667,9 @@ class Executor:
                             if run.keys.get(nid) is not None and _has(self.cache, run.keys[nid])]
             run.plan(outputs)
             sink(ExecutionCached(prompt_id, nodes=cached_nodes))
+            cached_now = set(run.result.cached)
             for nid in outputs:
-                if nid in run.result.cached:
+                if nid in cached_now:
                     slots, ui = run.results[nid]
                     if ui is not None:
                         run.result.outputs[nid] = ui
