@@ -588,7 +588,7 @@ def test_chain_10000_under_a_second(reg):
 
 
 def test_many_cached_outputs_rerun_fast(reg):
-    n = 4000
+    n = 10000
     g = {"c": {"class_type": "Const", "inputs": {"value": 1}}}
     for i in range(n):
         g[f"o{i}"] = {"class_type": "Show", "inputs": {"value": ["c", 0], "tag": str(i)}}
@@ -597,7 +597,7 @@ def test_many_cached_outputs_rerun_fast(reg):
     t0 = time.perf_counter()
     r = ex.run(G(g))
     assert r.ran == [] and len(r.outputs) == n
-    assert time.perf_counter() - t0 < 1.0
+    assert time.perf_counter() - t0 < 1.2  # 0.4 s; 1.7 s when cached outputs were looked up in a list
 
 
 def test_deep_chain_no_recursion(reg):
