@@ -475,9 +475,9 @@ def test_ram_budget_full_cache_eviction_is_cheap(reg):
     for budget in (10 ** 12, 150_000_000):  # never full / full after 3000 entries
         cache = RAMBudgetCache(budget)
         ex = Executor(reg, cache=cache)
-        t0 = time.perf_counter()
+        t0 = time.process_time()
         r = ex.run(G(g))
-        times[budget] = time.perf_counter() - t0
+        times[budget] = time.process_time() - t0
         assert r.ok and cache.total_size() <= budget
     assert times[150_000_000] < 3 * times[10 ** 12] + 0.2, times
 

@@ -505,9 +505,9 @@ def test_one_bad_source_under_many_outputs_is_fast(reg):
     g["1"]["inputs"]["value"] = 99999
     for i in range(2, n + 2):
         g[f"o{i}"] = {"class_type": "Show", "inputs": {"value": [str(i), 0]}}
-    t0 = time.perf_counter()
+    t0 = time.process_time()
     res = validate(G(g), reg)
-    elapsed = time.perf_counter() - t0
+    elapsed = time.process_time() - t0
     assert not res.ok
     deps = res.node_errors["1"]["dependent_outputs"]
     assert len(deps) == n + 1 and deps[:2] == [str(n + 2), "o2"]  # every output, in prompt order
