@@ -113,7 +113,7 @@ class NodeSpec:
         info: dict[str, Any] = {
             "input": input_types,
             "input_order": order,
-            "output": self.output_types,
+            "output": self.extra.get("raw_return_types", self.output_types),
             "output_is_list": [o.is_list for o in self.outputs],
             "output_name": self.output_names,
             "name": self.name,
