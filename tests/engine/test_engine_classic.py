@@ -748,3 +748,40 @@ def test_native_pack_with_one_bad_class_keeps_the_others(tmp_path):
     assert r.outputs["o"]["value"] == ["4"]
     assert reg["GoodOne"].python_module == "custom_nodes.native_pack"
     sys.modules.pop("custom_nodes.native_pack", None)
+
+
+def test_classic_combo_output_in_object_info_and_links():
+    class Sampler:
+        @classmethod
+        def INPUT_TYPES(cls):
+            return {"required": {}}
+        RETURN_TYPES = (["euler", "ddim"], "INT")
+        RETURN_NAMES = ("sampler_name", "steps")
+        FUNCTION = "f"
+
+        def f(self):
+            return ("ddim", 20)
+
+    class UseSampler:
+        @classmethod
+        def INPUT_TYPES(cls):
+            return {"required": {"sampler_name": (["euler", "ddim"],)}}
+        RETURN_TYPES = ("STRING",)
+        FUNCTION = "f"
+
+        def f(self, sampler_name):
+            return (sampler_name,)
+    reg = make_registry()
+    reg.register(Sampler)
+    reg.register(UseSampler)
+    info = json.loads(json.dumps(reg.object_info(["Sampler"])))["Sampler"]
+    assert info["output"] == [["euler", "ddim"], "INT"]
+    assert info["output_name"] == ["sampler_name", "steps"]
+    g = {"s": {"class_type": "Sampler", "inputs": {}},
+         "u": {"class_type": "UseSampler", "inputs": {"sampler_name": ["s", 0]}},
+         "o": {"class_type": "Show", "inputs": {"value": ["u", 0]}}}
+    r = Executor(reg).run(G(g))
+    assert r.ok and r.outputs["o"]["value"] == ["'ddim'"]
+    bad = dict(g, u={"class_type": "UseSampler", "inputs": {"sampler_name": ["s", 1]}})
+    res = engine.validate(G(bad), reg)
+    assert res.node_errors["u"]["errors"][0]["type"] == "return_type_mismatch"
