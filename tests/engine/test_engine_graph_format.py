@@ -304,3 +304,13 @@ def test_find_by_id_or_title():
     assert g.find("1").id == "1" and g.find("Seed").id == "1" and g.find("zz") is None
     with pytest.raises(GraphFormatError):
         g.find("Dup")
+
+
+def test_list_and_tuple_literals_set_from_python_save_wrapped():
+    g = G({"1": {"class_type": "AnyLiteral", "inputs": {}}})
+    g.nodes["1"].inputs["value"] = ("n1", 0)  # looks like a link once it is a JSON list
+    g.nodes["1"].inputs["other"] = ["n1", 0]
+    out = json.loads(g.dumps())
+    assert out["1"]["inputs"] == {"value": {"__value__": ["n1", 0]}, "other": {"__value__": ["n1", 0]}}
+    back = Graph.from_json(out)
+    assert back.nodes["1"].inputs["value"] == ["n1", 0] and not isinstance(back.nodes["1"].inputs["value"], Link)
