@@ -31,7 +31,7 @@ def encode(value: Any, out: bytearray, depth: int = 0) -> None:
     elif value is False:
         out += b"F"
     elif isinstance(value, int):
-        s = str(value).encode()
+        s = format(value, "x").encode()  # hex: decimal str() refuses ints over 4300 digits
         out += b"i" + struct.pack(">I", len(s)) + s
     elif isinstance(value, float):
         if math.isnan(value):
