@@ -60,7 +60,10 @@ def encode(value: Any, out: bytearray, depth: int = 0) -> None:
         fp = getattr(value, "__kiln_fingerprint__", None)
         if fp is None:
             raise Unfingerprintable(f"cannot fingerprint a {type(value).__name__}")
-        b = fp()
+        try:
+            b = fp()
+        except Exception as exc:  # fail closed: the node is just not cached
+            raise Unfingerprintable(f"{type(value).__name__}.__kiln_fingerprint__ raised {exc!r}") from exc
         if not isinstance(b, (bytes, str)):
             raise Unfingerprintable(f"{type(value).__name__}.__kiln_fingerprint__ must return bytes or str")
         b = b.encode() if isinstance(b, str) else b
