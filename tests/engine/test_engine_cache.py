@@ -522,3 +522,9 @@ def test_fingerprint_of_values():
         def __kiln_fingerprint__(self):
             return "v1"
     assert fingerprint(Custom()) == fingerprint(Custom())
+
+    class Broken:
+        def __kiln_fingerprint__(self):
+            raise OSError("file gone")
+    with pytest.raises(Unfingerprintable):
+        fingerprint(Broken())
