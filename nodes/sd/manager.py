@@ -158,7 +158,4 @@ def get_manager() -> ModelManager:
 
 def folders() -> engine.Folders:
     """The Folders of the running/validating executor, else ``$KILN_BASE_DIR`` (or the current directory)."""
-    f = engine.active_folders()
-    if f is not None:
-        return f
-    return engine.Folders(os.environ.get("KILN_BASE_DIR", "."))
+    return engine.get_folders()
