@@ -659,12 +659,13 @@ class Executor:
             cancel: threading.Event | None = None) -> RunResult:
         """Validate (unless ``validation`` is given) and run. Raises ValidationFailed for an invalid graph;
         node errors and interruptions come back as the result's status."""
-        if validation is None:
-            validation = validate(graph, self.registry, targets, partial_execution_targets)
-            validation.raise_for_errors()
-        with self._lock:
-            return self._run(graph, prompt_id or uuid.uuid4().hex, extra_data or {}, validation, targets,
-                             sink or (lambda e: None), cancel)
+        with _ctx.use_folders(self.folders):
+            if validation is None:
+                validation = validate(graph, self.registry, targets, partial_execution_targets)
+                validation.raise_for_errors()
+            with self._lock:
+                return self._run(graph, prompt_id or uuid.uuid4().hex, extra_data or {}, validation, targets,
+                                 sink or (lambda e: None), cancel)
 
     def _run(self, graph: Graph, prompt_id: str, extra: dict, validation: ValidationResult,
              targets: list[str] | None, sink: Callable[[Event], None], cancel: threading.Event | None) -> RunResult:

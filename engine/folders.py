@@ -163,13 +163,14 @@ def set_default(folders: Folders) -> None:
 
 
 def get_folders() -> Folders:
-    """The running node's folders, else the process default, else folders under the current directory."""
-    from .context import current
+    """The running node's folders, else those of the executor validating now, else the process default,
+    else folders under the current directory."""
+    from .context import active_folders
 
-    ctx = current()
-    if ctx is not None and ctx.folders is not None:
-        return ctx.folders
+    f = active_folders()
+    if f is not None:
+        return f
     global _default
     if _default is None:
-        _default = Folders(Path.cwd())
+        _default = Folders(os.environ.get("KILN_BASE_DIR") or Path.cwd())
     return _default
