@@ -17,9 +17,41 @@ class NodeBuilders:
     def _build(self, class_type: str, args: dict) -> Any:
         return self.node(class_type, **{k: v for k, v in args.items() if v is not _UNSET and k != "self"})
 
+    def CLIPSetLastLayer(self, *, clip: "Output | NodeRef" = _UNSET, stop_at_clip_layer: "int | Output" = _UNSET, id: str | None = None, title: str | None = None) -> "_CLIPSetLastLayerNode":
+        """Reads the text encoding from an earlier CLIP layer (-1 = last, -2 = "clip skip 2")."""
+        return self._build('CLIPSetLastLayer', locals())
+
+    def CLIPTextEncode(self, *, text: "str | Output" = _UNSET, clip: "Output | NodeRef" = _UNSET, id: str | None = None, title: str | None = None) -> "_CLIPTextEncodeNode":
+        """Encodes a prompt with ComfyUI's syntax: (word:1.2), (word), [word], escaped brackets, prompts of any"""
+        return self._build('CLIPTextEncode', locals())
+
+    def Canny(self, *, image: "Output | NodeRef" = _UNSET, low_threshold: "float | Output" = _UNSET, high_threshold: "float | Output" = _UNSET, id: str | None = None, title: str | None = None) -> "_CannyNode":
+        """Edge map (white edges on black) of an image, for a canny ControlNet. Thresholds are fractions of"""
+        return self._build('Canny', locals())
+
+    def CheckpointLoaderSimple(self, *, ckpt_name: "str | Output" = _UNSET, id: str | None = None, title: str | None = None) -> "_CheckpointLoaderSimpleNode":
+        """Loads a Stable Diffusion checkpoint (LDM single file or diffusers folder): the diffusion model, the"""
+        return self._build('CheckpointLoaderSimple', locals())
+
+    def ControlNetApply(self, *, conditioning: "Output | NodeRef" = _UNSET, control_net: "Output | NodeRef" = _UNSET, image: "Output | NodeRef" = _UNSET, strength: "float | Output" = _UNSET, id: str | None = None, title: str | None = None) -> "_ControlNetApplyNode":
+        """Applies a ControlNet to one conditioning (the older node; ControlNetApplyAdvanced does both)."""
+        return self._build('ControlNetApply', locals())
+
+    def ControlNetApplyAdvanced(self, *, positive: "Output | NodeRef" = _UNSET, negative: "Output | NodeRef" = _UNSET, control_net: "Output | NodeRef" = _UNSET, image: "Output | NodeRef" = _UNSET, strength: "float | Output" = _UNSET, start_percent: "float | Output" = _UNSET, end_percent: "float | Output" = _UNSET, vae: "Output | NodeRef" = _UNSET, id: str | None = None, title: str | None = None) -> "_ControlNetApplyAdvancedNode":
+        """Applies a ControlNet to positive and negative conditioning between start_percent and end_percent of"""
+        return self._build('ControlNetApplyAdvanced', locals())
+
+    def ControlNetLoader(self, *, control_net_name: "str | Output" = _UNSET, id: str | None = None, title: str | None = None) -> "_ControlNetLoaderNode":
+        """Loads a ControlNet (diffusers or LDM layout) from models/controlnet."""
+        return self._build('ControlNetLoader', locals())
+
     def EmptyImage(self, *, width: "int | Output" = _UNSET, height: "int | Output" = _UNSET, batch_size: "int | Output" = _UNSET, color: "int | Output" = _UNSET, id: str | None = None, title: str | None = None) -> "_EmptyImageNode":
         """A batch of images filled with one colour (0xRRGGBB)."""
         return self._build('EmptyImage', locals())
+
+    def EmptyLatentImage(self, *, width: "int | Output" = _UNSET, height: "int | Output" = _UNSET, batch_size: "int | Output" = _UNSET, id: str | None = None, title: str | None = None) -> "_EmptyLatentImageNode":
+        """A batch of empty (zero) latents of the given pixel size."""
+        return self._build('EmptyLatentImage', locals())
 
     def ImageBlend(self, *, image1: "Output | NodeRef" = _UNSET, image2: "Output | NodeRef" = _UNSET, blend_factor: "float | Output" = _UNSET, blend_mode: "str | Output" = _UNSET, id: str | None = None, title: str | None = None) -> "_ImageBlendNode":
         """Image Blend"""
@@ -45,6 +77,10 @@ class NodeBuilders:
         """Pad an image for outpainting: new area grey, MASK 1 there, feathered into the original edge."""
         return self._build('ImagePadForOutpaint', locals())
 
+    def ImageSafetyCheck(self, *, images: "Output | NodeRef" = _UNSET, model_name: "str | Output" = _UNSET, action: "str | Output" = _UNSET, id: str | None = None, title: str | None = None) -> "_ImageSafetyCheckNode":
+        """Runs a safety classifier on each image; flagged images are blocked (black), blurred, or passed, and"""
+        return self._build('ImageSafetyCheck', locals())
+
     def ImageScale(self, *, image: "Output | NodeRef" = _UNSET, upscale_method: "str | Output" = _UNSET, width: "int | Output" = _UNSET, height: "int | Output" = _UNSET, crop: "str | Output" = _UNSET, id: str | None = None, title: str | None = None) -> "_ImageScaleNode":
         """Resize to width x height; 0 in one dimension keeps the aspect ratio, 0 in both keeps the image."""
         return self._build('ImageScale', locals())
@@ -61,9 +97,33 @@ class NodeBuilders:
         """InvertMask"""
         return self._build('InvertMask', locals())
 
+    def KSampler(self, *, model: "Output | NodeRef" = _UNSET, seed: "int | Output" = _UNSET, steps: "int | Output" = _UNSET, cfg: "float | Output" = _UNSET, sampler_name: "str | Output" = _UNSET, scheduler: "str | Output" = _UNSET, positive: "Output | NodeRef" = _UNSET, negative: "Output | NodeRef" = _UNSET, latent_image: "Output | NodeRef" = _UNSET, denoise: "float | Output" = _UNSET, id: str | None = None, title: str | None = None) -> "_KSamplerNode":
+        """Denoises a latent with the given model, prompts, sampler and scheduler."""
+        return self._build('KSampler', locals())
+
+    def KSamplerAdvanced(self, *, model: "Output | NodeRef" = _UNSET, add_noise: "str | Output" = _UNSET, noise_seed: "int | Output" = _UNSET, steps: "int | Output" = _UNSET, cfg: "float | Output" = _UNSET, sampler_name: "str | Output" = _UNSET, scheduler: "str | Output" = _UNSET, positive: "Output | NodeRef" = _UNSET, negative: "Output | NodeRef" = _UNSET, latent_image: "Output | NodeRef" = _UNSET, start_at_step: "int | Output" = _UNSET, end_at_step: "int | Output" = _UNSET, return_with_leftover_noise: "str | Output" = _UNSET, id: str | None = None, title: str | None = None) -> "_KSamplerAdvancedNode":
+        """KSampler with control over noise and the range of steps (for multi-pass workflows)."""
+        return self._build('KSamplerAdvanced', locals())
+
+    def LatentUpscale(self, *, samples: "Output | NodeRef" = _UNSET, upscale_method: "str | Output" = _UNSET, width: "int | Output" = _UNSET, height: "int | Output" = _UNSET, crop: "str | Output" = _UNSET, id: str | None = None, title: str | None = None) -> "_LatentUpscaleNode":
+        """Resizes latents to a pixel size (0 in one dimension keeps the aspect ratio)."""
+        return self._build('LatentUpscale', locals())
+
+    def LatentUpscaleBy(self, *, samples: "Output | NodeRef" = _UNSET, upscale_method: "str | Output" = _UNSET, scale_by: "float | Output" = _UNSET, id: str | None = None, title: str | None = None) -> "_LatentUpscaleByNode":
+        """Resizes latents by a factor."""
+        return self._build('LatentUpscaleBy', locals())
+
     def LoadImage(self, *, image: "str | Output" = _UNSET, id: str | None = None, title: str | None = None) -> "_LoadImageNode":
         """Load an image from the input folder. The mask is 1 - alpha (64x64 zeros without alpha)."""
         return self._build('LoadImage', locals())
+
+    def LoraLoader(self, *, model: "Output | NodeRef" = _UNSET, clip: "Output | NodeRef" = _UNSET, lora_name: "str | Output" = _UNSET, strength_model: "float | Output" = _UNSET, strength_clip: "float | Output" = _UNSET, id: str | None = None, title: str | None = None) -> "_LoraLoaderNode":
+        """Applies a LoRA to the model and the CLIP. The loaded base model is never modified: removing this"""
+        return self._build('LoraLoader', locals())
+
+    def LoraLoaderModelOnly(self, *, model: "Output | NodeRef" = _UNSET, lora_name: "str | Output" = _UNSET, strength_model: "float | Output" = _UNSET, id: str | None = None, title: str | None = None) -> "_LoraLoaderModelOnlyNode":
+        """Applies a LoRA to the diffusion model only."""
+        return self._build('LoraLoaderModelOnly', locals())
 
     def MaskToImage(self, *, mask: "Output | NodeRef" = _UNSET, id: str | None = None, title: str | None = None) -> "_MaskToImageNode":
         """Convert Mask to Image"""
@@ -105,18 +165,105 @@ class NodeBuilders:
         """Send each image to the client as a PNG binary websocket frame instead of writing a file."""
         return self._build('SaveImageWebsocket', locals())
 
+    def SetLatentNoiseMask(self, *, samples: "Output | NodeRef" = _UNSET, mask: "Output | NodeRef" = _UNSET, id: str | None = None, title: str | None = None) -> "_SetLatentNoiseMaskNode":
+        """Restricts sampling to the masked area of a latent (1 = change, 0 = keep)."""
+        return self._build('SetLatentNoiseMask', locals())
+
     def SolidMask(self, *, value: "float | Output" = _UNSET, width: "int | Output" = _UNSET, height: "int | Output" = _UNSET, id: str | None = None, title: str | None = None) -> "_SolidMaskNode":
         """SolidMask"""
         return self._build('SolidMask', locals())
 
+    def VAEDecode(self, *, samples: "Output | NodeRef" = _UNSET, vae: "Output | NodeRef" = _UNSET, id: str | None = None, title: str | None = None) -> "_VAEDecodeNode":
+        """Decodes latents into images."""
+        return self._build('VAEDecode', locals())
+
+    def VAEEncode(self, *, pixels: "Output | NodeRef" = _UNSET, vae: "Output | NodeRef" = _UNSET, id: str | None = None, title: str | None = None) -> "_VAEEncodeNode":
+        """Encodes images into latents (images are centre-cropped to a multiple of 8)."""
+        return self._build('VAEEncode', locals())
+
+    def VAEEncodeForInpaint(self, *, pixels: "Output | NodeRef" = _UNSET, vae: "Output | NodeRef" = _UNSET, mask: "Output | NodeRef" = _UNSET, grow_mask_by: "int | Output" = _UNSET, id: str | None = None, title: str | None = None) -> "_VAEEncodeForInpaintNode":
+        """Encodes an image for inpainting: the masked area (grown by grow_mask_by pixels) is greyed out before"""
+        return self._build('VAEEncodeForInpaint', locals())
+
+    def VAELoader(self, *, vae_name: "str | Output" = _UNSET, id: str | None = None, title: str | None = None) -> "_VAELoaderNode":
+        """Loads a standalone VAE (LDM or diffusers layout) from models/vae."""
+        return self._build('VAELoader', locals())
+
 
 if TYPE_CHECKING:
+    class _CLIPSetLastLayerOutputs:
+        CLIP: Output
+
+
+    class _CLIPSetLastLayerNode:
+        out: _CLIPSetLastLayerOutputs
+        id: str
+
+    class _CLIPTextEncodeOutputs:
+        CONDITIONING: Output
+
+
+    class _CLIPTextEncodeNode:
+        out: _CLIPTextEncodeOutputs
+        id: str
+
+    class _CannyOutputs:
+        IMAGE: Output
+
+
+    class _CannyNode:
+        out: _CannyOutputs
+        id: str
+
+    class _CheckpointLoaderSimpleOutputs:
+        MODEL: Output
+        CLIP: Output
+        VAE: Output
+
+
+    class _CheckpointLoaderSimpleNode:
+        out: _CheckpointLoaderSimpleOutputs
+        id: str
+
+    class _ControlNetApplyOutputs:
+        CONDITIONING: Output
+
+
+    class _ControlNetApplyNode:
+        out: _ControlNetApplyOutputs
+        id: str
+
+    class _ControlNetApplyAdvancedOutputs:
+        positive: Output
+        negative: Output
+
+
+    class _ControlNetApplyAdvancedNode:
+        out: _ControlNetApplyAdvancedOutputs
+        id: str
+
+    class _ControlNetLoaderOutputs:
+        CONTROL_NET: Output
+
+
+    class _ControlNetLoaderNode:
+        out: _ControlNetLoaderOutputs
+        id: str
+
     class _EmptyImageOutputs:
         IMAGE: Output
 
 
     class _EmptyImageNode:
         out: _EmptyImageOutputs
+        id: str
+
+    class _EmptyLatentImageOutputs:
+        LATENT: Output
+
+
+    class _EmptyLatentImageNode:
+        out: _EmptyLatentImageOutputs
         id: str
 
     class _ImageBlendOutputs:
@@ -168,6 +315,15 @@ if TYPE_CHECKING:
         out: _ImagePadForOutpaintOutputs
         id: str
 
+    class _ImageSafetyCheckOutputs:
+        images: Output
+        report: Output
+
+
+    class _ImageSafetyCheckNode:
+        out: _ImageSafetyCheckOutputs
+        id: str
+
     class _ImageScaleOutputs:
         IMAGE: Output
 
@@ -200,6 +356,38 @@ if TYPE_CHECKING:
         out: _InvertMaskOutputs
         id: str
 
+    class _KSamplerOutputs:
+        LATENT: Output
+
+
+    class _KSamplerNode:
+        out: _KSamplerOutputs
+        id: str
+
+    class _KSamplerAdvancedOutputs:
+        LATENT: Output
+
+
+    class _KSamplerAdvancedNode:
+        out: _KSamplerAdvancedOutputs
+        id: str
+
+    class _LatentUpscaleOutputs:
+        LATENT: Output
+
+
+    class _LatentUpscaleNode:
+        out: _LatentUpscaleOutputs
+        id: str
+
+    class _LatentUpscaleByOutputs:
+        LATENT: Output
+
+
+    class _LatentUpscaleByNode:
+        out: _LatentUpscaleByOutputs
+        id: str
+
     class _LoadImageOutputs:
         IMAGE: Output
         MASK: Output
@@ -207,6 +395,23 @@ if TYPE_CHECKING:
 
     class _LoadImageNode:
         out: _LoadImageOutputs
+        id: str
+
+    class _LoraLoaderOutputs:
+        MODEL: Output
+        CLIP: Output
+
+
+    class _LoraLoaderNode:
+        out: _LoraLoaderOutputs
+        id: str
+
+    class _LoraLoaderModelOnlyOutputs:
+        MODEL: Output
+
+
+    class _LoraLoaderModelOnlyNode:
+        out: _LoraLoaderModelOnlyOutputs
         id: str
 
     class _MaskToImageOutputs:
@@ -289,10 +494,50 @@ if TYPE_CHECKING:
         out: _SaveImageWebsocketOutputs
         id: str
 
+    class _SetLatentNoiseMaskOutputs:
+        LATENT: Output
+
+
+    class _SetLatentNoiseMaskNode:
+        out: _SetLatentNoiseMaskOutputs
+        id: str
+
     class _SolidMaskOutputs:
         MASK: Output
 
 
     class _SolidMaskNode:
         out: _SolidMaskOutputs
+        id: str
+
+    class _VAEDecodeOutputs:
+        IMAGE: Output
+
+
+    class _VAEDecodeNode:
+        out: _VAEDecodeOutputs
+        id: str
+
+    class _VAEEncodeOutputs:
+        LATENT: Output
+
+
+    class _VAEEncodeNode:
+        out: _VAEEncodeOutputs
+        id: str
+
+    class _VAEEncodeForInpaintOutputs:
+        LATENT: Output
+
+
+    class _VAEEncodeForInpaintNode:
+        out: _VAEEncodeForInpaintOutputs
+        id: str
+
+    class _VAELoaderOutputs:
+        VAE: Output
+
+
+    class _VAELoaderNode:
+        out: _VAELoaderOutputs
         id: str
