@@ -184,7 +184,7 @@ class PromptService:
     def queue_remaining(self) -> int:
         return len(self.pending) + (1 if self.running is not None else 0)
 
-    def submit(self, data: Any, client_id: str | None = None) -> dict:
+    def submit(self, data: Any, client_id: str | None = None, announce: bool = True) -> dict:
         """Validate and enqueue one submission (ComfyUI's envelope). Returns the 200 body or raises ApiError."""
         if not isinstance(data, dict) or "prompt" not in data:
             raise ApiError(400, "no_prompt", "No prompt provided", "No prompt provided")
@@ -221,7 +221,8 @@ class PromptService:
         self.store.add(prompt_id, float(number), cid, prompt_json, extra, validation.outputs, digest)
         job = Job(prompt_id, number, graph, validation, prompt_json, extra, sensitive, cid, list(validation.outputs))
         self._push(job)
-        self.broadcast_status()
+        if announce:
+            self.broadcast_status()
         return {"prompt_id": prompt_id, "number": _num(number), "node_errors": validation.node_errors}
 
     def _push(self, job: Job) -> None:
@@ -291,6 +292,7 @@ class PromptService:
         job.seq += 1
         final = {"node": None, "prompt_id": job.prompt_id}
         final_json = as_json(final)
+        self.store.log_event(job.prompt_id, job.seq, "executing", final_json)
         self.store.finish(job.prompt_id, status, history, job.seq)
         if self.config.history_limit:
             self.store.trim_history(self.config.history_limit)

@@ -91,11 +91,12 @@ def _submit(client: Client, svc: PromptService, data) -> None:
             raise ApiError(400, "no_prompt", "No prompt provided", "No prompt provided")
         envelope = {k: v for k, v in data.items() if k != "request_id"}
         envelope.setdefault("client_id", client.sid)
-        body = svc.submit(envelope)
+        body = svc.submit(envelope, announce=False)
     except ApiError as exc:
         client.send(Out(P.message("prompt_rejected", {**exc.body, "request_id": request_id})))
         return
     client.send(Out(P.message("prompt_queued", {**body, "request_id": request_id})))
+    svc.broadcast_status()
 
 
 def _replay(client: Client, svc: PromptService, data) -> None:
