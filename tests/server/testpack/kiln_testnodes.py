@@ -64,6 +64,16 @@ class TShow(Node):
         return NodeResult(ui={"text": [str(value)]})
 
 
+class TBigShow(Node):
+    """An output node whose UI carries ``size`` bytes of text: a heavy ``executed`` message."""
+
+    output_node = True
+    cacheable = False
+
+    def run(self, value: Annotated[int, Socket("INT")], size: Annotated[int, Int(min=0, max=1 << 26)] = 1000):
+        return NodeResult(ui={"text": ["x" * size]})
+
+
 class TFail(Node):
     outputs = ("INT",)
 
@@ -136,4 +146,4 @@ class TSecret(Node):
         return NodeResult(ui={"text": ["has key" if key else "no key"]})
 
 
-NODES = [TConst, TAdd, TSleep, TShow, TFail, TPreview, TWsOut, TWriteFile, TSecret]
+NODES = [TConst, TAdd, TBigShow, TSleep, TShow, TFail, TPreview, TWsOut, TWriteFile, TSecret]
