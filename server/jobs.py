@@ -40,6 +40,9 @@ PER_PROMPT_CID_ONLY = frozenset({"execution_start", "execution_cached", "executi
 HISTORY_MESSAGES = frozenset({"execution_start", "execution_cached", "execution_success", "execution_error",
                               "execution_interrupted"})
 MAX_PROMPT_ID = 256
+# Events of a re-run (after a crash) are numbered from attempt * SEQ_EPOCH, so they always follow anything a
+# client may have seen of the attempt that died, even events that were sent but never reached the disk.
+SEQ_EPOCH = 1_000_000
 
 
 class ApiError(Exception):
@@ -162,10 +165,11 @@ class PromptService:
                                  "the prompt no longer validates: " + validation.summary())
                 continue
             job = Job(row.prompt_id, row.number, graph, validation, row.prompt, row.extra_data, {},
-                      row.client_id, row.outputs_to_execute, seq=last)
+                      row.client_id, row.outputs_to_execute, seq=max(last, row.attempts * SEQ_EPOCH))
             self._push(job)
 
     def _fail_unrun(self, row, last_seq: int, exc_type: str, why: str) -> None:
+        last_seq = max(last_seq, row.attempts * SEQ_EPOCH)
         data = {"prompt_id": row.prompt_id, "node_id": None, "node_type": None, "executed": [],
                 "exception_message": why, "exception_type": exc_type, "traceback": [], "current_inputs": {},
                 "current_outputs": [], "timestamp": int(time.time() * 1000)}
