@@ -631,7 +631,7 @@ class Executor:
         run.result.validation = validation
         try:
             sink(ExecutionStart(prompt_id))
-            order = upstream_order(graph, outputs)
+            order = validation.order or upstream_order(graph, outputs)
             run.compute_keys(order)
             keys = [k for k in run.keys.values() if k is not None]
             self.cache.begin_run(keys)
