@@ -30,7 +30,7 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--max-upload-size", type=float, default=100, help="upload limit in MB")
     p.add_argument("--custom-nodes", default=None, help="folder of custom node packs")
     p.add_argument("--allow-origin", action="append", default=[], help="extra browser origin allowed to call")
-    p.set_defaults(func=run_serve)
+    p.set_defaults(func=run_serve, fn=run_serve)
     return p
 
 
@@ -70,7 +70,7 @@ def add_submit_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--prompt-id", default=None)
     p.add_argument("--download", default=None, metavar="DIR", help="save the output files here")
     p.add_argument("--no-wait", action="store_true", help="print the prompt id and return")
-    p.set_defaults(func=run_submit)
+    p.set_defaults(func=run_submit, fn=run_submit)
     return p
 
 
