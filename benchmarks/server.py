@@ -92,21 +92,39 @@ def chain_prompt(n: int, color: int) -> dict:
     return g
 
 
-async def bench_throughput(url: str, n: int) -> None:
+def _post_many(url: str, bodies: list[bytes]) -> list[str]:
+    """POST each body in turn over one keep-alive connection (a lean client, so the server is measured)."""
+    import http.client
+    from urllib.parse import urlsplit
+
+    u = urlsplit(url)
+    conn = http.client.HTTPConnection(u.hostname, u.port, timeout=60)
+    ids = []
+    for body in bodies:
+        conn.request("POST", "/prompt", body=body, headers={"Content-Type": "application/json"})
+        r = conn.getresponse()
+        data = r.read()
+        assert r.status == 200, data
+        ids.append(json.loads(data)["prompt_id"])
+    conn.close()
+    return ids
+
+
+async def bench_throughput(url: str, n: int, connections: int = 1) -> None:
+    stamp = (int(time.time() * 10) % 1000) * 10000 + connections * 1000
+    bodies = [json.dumps({"prompt": small_prompt((stamp + i) % 16777216)}).encode() for i in range(n)]
+    per = [bodies[k::connections] for k in range(connections)]
+    t0 = time.perf_counter()
+    ids = await asyncio.gather(*[asyncio.to_thread(_post_many, url, chunk) for chunk in per])
+    dt = time.perf_counter() - t0
+    last = ids[0][-1]
     async with aiohttp.ClientSession() as s:
-        stamp = int(time.time()) % 10000
-        t0 = time.perf_counter()
-        last = None
-        for i in range(n):
-            async with s.post(url + "/prompt", data=json.dumps({"prompt": small_prompt(stamp * 1000 + i)})) as r:
-                assert r.status == 200, await r.text()
-                last = (await r.json())["prompt_id"]
-        dt = time.perf_counter() - t0
         async with s.get(f"{url}/api/prompt/{last}", params={"wait": "true", "timeout": "600"}) as r:
             st = (await r.json())["status"]
-        total = time.perf_counter() - t0
-    print(f"1. {n} small unique prompts posted back-to-back: {n / dt:,.0f} prompts/s accepted "
-          f"({dt * 1000 / n:.2f} ms each; all {n} executed after {total:.2f} s, last: {st}). "
+    total = time.perf_counter() - t0
+    how = "back-to-back on one connection" if connections == 1 else f"from {connections} connections at once"
+    print(f"1. {n} small unique prompts posted {how}: {n / dt:,.0f} prompts/s accepted "
+          f"({dt * 1000 / n:.2f} ms each; executed after {total:.2f} s, last: {st}). "
           f"ComfyUI: 81/s, target >= 810/s")
 
 
@@ -211,6 +229,7 @@ async def main(args) -> None:
         print(f"started kiln serve at {url}")
     try:
         await bench_throughput(url, 200 if args.quick else 1000)
+        await bench_throughput(url, 200 if args.quick else 1000, connections=8)
         await bench_chain(url, 500, 3 if args.quick else 7)
         clients = 20 if args.quick else 100
         await bench_fanout(url, clients, 10, 0)

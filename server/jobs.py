@@ -98,6 +98,32 @@ def split_sensitive(extra: dict) -> tuple[dict, dict]:
     return keep, secret
 
 
+class EventPipe:
+    """Carries events from the executor's threads to the loop: one wake-up per batch, not per event."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, handler):
+        self.loop = loop
+        self.handler = handler
+        self.lock = threading.Lock()
+        self.buf: list = []
+        self.scheduled = False
+
+    def put(self, job: "Job", event: ev.Event) -> None:
+        with self.lock:
+            self.buf.append((job, event))
+            if self.scheduled:
+                return
+            self.scheduled = True
+        self.loop.call_soon_threadsafe(self.drain)
+
+    def drain(self) -> None:
+        with self.lock:
+            items, self.buf = self.buf, []
+            self.scheduled = False
+        for job, event in items:
+            self.handler(job, event)
+
+
 class PromptService:
     def __init__(self, executor, store: Store, hub: Hub, config):
         self.executor = executor
@@ -121,6 +147,7 @@ class PromptService:
     # -- lifecycle ----------------------------------------------------------------------------------
     async def start(self) -> None:
         self.loop = asyncio.get_running_loop()
+        self._pipe = EventPipe(self.loop, self._on_event)
         self._wake = asyncio.Event()
         self.counter = int(self.store.max_number()) + 1 if self.store.max_number() >= 0 else 0
         self.recover()
@@ -265,10 +292,10 @@ class PromptService:
         self.store.mark_running(job.prompt_id)
         self.broadcast_status()
         loop = self.loop
-        on_event = self._on_event
+        put = self._pipe.put
 
         def sink(event: ev.Event) -> None:
-            loop.call_soon_threadsafe(on_event, job, event)
+            put(job, event)
 
         run_extra = {**job.extra_data, **job.sensitive}
         if job.previews:
@@ -280,10 +307,11 @@ class PromptService:
             status, outputs, meta = result.status, result.outputs, result.meta
         except Exception as exc:
             log.exception("executor raised for prompt %s", job.prompt_id)
+            self._pipe.drain()
             self._on_event(job, ev.ExecutionError(job.prompt_id, exception_message=str(exc),
                                                   exception_type=type(exc).__name__))
             status, outputs, meta = "error", {}, {}
-        await asyncio.sleep(0)  # let events scheduled just before completion be dispatched
+        self._pipe.drain()  # every event of the run is dispatched before the prompt is finished
         self._finish(job, status, outputs, meta)
 
     def _finish(self, job: Job, status: str, outputs: dict, meta: dict) -> None:
