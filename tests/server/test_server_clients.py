@@ -49,10 +49,16 @@ def test_comfy_api_simplified_against_kiln_serve(serve_proc):
 
 
 def test_kiln_client_run_images_download_cancel(live, tmp_path):
+    import kiln
+
     s = live(registry=make_registry(image_nodes=True))
     c = Client(s.url)
     res = c.run(IMAGE_GRAPH)
     assert res.ok and res.files()[0]["type"] == "output"
+    g = kiln.Graph(s.executor.registry)  # an authored Graph object is submitted as is
+    g.SaveImage(images=g.ImageInvert(image=g.EmptyImage(width=4, height=4, color=0)), filename_prefix="authored")
+    [authored] = c.images(c.submit(g))
+    assert authored.size == (4, 4) and authored.convert("RGB").getpixel((0, 0)) == (255, 255, 255)
     pid = c.submit(IMAGE_GRAPH)
     [img] = c.images(pid)
     assert img.size == (16, 8)

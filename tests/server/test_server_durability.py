@@ -137,3 +137,21 @@ def test_one_client_cannot_keep_up_others_unaffected(live):
         json.loads(ws.recv(timeout=5))
         pid = s.post("/prompt", {"prompt": chain(2, value=77), "client_id": "busy"}).json()["prompt_id"]
         assert types(recv_until_done(ws, pid))[-1] == "executing"
+
+
+def test_lagging_client_loses_previews_first_and_keeps_every_event(live):
+    """Previews past a small backlog are dropped for a slow reader; every numbered event still arrives."""
+    s = live(preview_backlog=2)
+    g = {"1": {"class_type": "TConst", "inputs": {"value": 1}},
+         "p": {"class_type": "TPreview", "inputs": {"value": ["1", 0], "steps": 400}}}
+    with s.ws("slowpoke") as ws:
+        json.loads(ws.recv(timeout=5))
+        pid = s.post("/prompt", {"prompt": g, "client_id": "slowpoke",
+                                 "extra_data": {"preview_method": "auto"}}).json()["prompt_id"]
+        s.get(f"/api/prompt/{pid}", params={"wait": "1", "timeout": "30"})  # not reading meanwhile
+        msgs = recv_until_done(ws, pid)
+    frames = [m for m in msgs if isinstance(m, bytes)]
+    numbered = [m["seq"] for m in msgs if isinstance(m, dict) and "seq" in m]
+    assert numbered == list(range(1, numbered[-1] + 1))  # no event lost
+    assert sum(1 for m in msgs if isinstance(m, dict) and m["type"] == "progress") == 400
+    assert len(frames) < 400  # previews were shed
