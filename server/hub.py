@@ -42,6 +42,7 @@ class Client:
         self.queue: deque[Out] = deque()
         self.bytes = 0
         self.dropped = 0
+        self.last_status: int | None = None  # queue size last sent to this socket
         self.closed = False
         self._wake = asyncio.Event()
         self.task: asyncio.Task | None = None

@@ -43,6 +43,7 @@ MAX_PROMPT_ID = 256
 # Events of a re-run (after a crash) are numbered from attempt * SEQ_EPOCH, so they always follow anything a
 # client may have seen of the attempt that died, even events that were sent but never reached the disk.
 SEQ_EPOCH = 1_000_000
+STATUS_INTERVAL = 0.05  # seconds between queue-size updates to sockets not involved in the change
 
 
 class ApiError(Exception):
@@ -142,6 +143,7 @@ class PromptService:
         self._free = {"unload_models": False, "free_memory": False}
         self._session = None
         self._bg: set[asyncio.Task] = set()
+        self._status_timer: asyncio.TimerHandle | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
 
     # -- lifecycle ----------------------------------------------------------------------------------
@@ -154,6 +156,8 @@ class PromptService:
         self._task = self.loop.create_task(self._worker(), name="kiln-prompt-worker")
 
     async def stop(self) -> None:
+        if self._status_timer is not None:
+            self._status_timer.cancel()
         if self.running is not None:
             self.running.cancel.set()
         if self._task is not None:
@@ -253,7 +257,7 @@ class PromptService:
         job = Job(prompt_id, number, graph, validation, prompt_json, extra, sensitive, cid, list(validation.outputs))
         self._push(job)
         if announce:
-            self.broadcast_status()
+            self.broadcast_status(job)
         return {"prompt_id": prompt_id, "number": _num(number), "node_errors": validation.node_errors}
 
     def _push(self, job: Job) -> None:
@@ -290,7 +294,7 @@ class PromptService:
         job.status = "running"
         job.previews = self._wants_previews(job)
         self.store.mark_running(job.prompt_id)
-        self.broadcast_status()
+        self.broadcast_status(job)
         loop = self.loop
         put = self._pipe.put
 
@@ -331,7 +335,7 @@ class PromptService:
         job.status = status
         if self.running is job:
             self.running = None
-        self.broadcast_status()
+        self.broadcast_status(job)
         if job.client_id is not None:
             out = Out(P.message_from_json("executing", final_json, job.seq))
             for c in self.hub.to_sid(job.client_id):
@@ -435,9 +439,33 @@ class PromptService:
                 targets = self.hub.to_sid(job.client_id)
             self._progress_state(job, node, 1, 1, "finished", targets)
 
-    def broadcast_status(self) -> None:
-        if self.hub.count():
-            self.hub.broadcast(Out(P.message("status", P.status_data(self.queue_remaining))))
+    def broadcast_status(self, job: Job | None = None) -> None:
+        """Tell sockets the queue size changed.
+
+        The prompt's own client gets it at once (ComfyUI's exact sequence); every other socket gets the
+        latest value at most every ``STATUS_INTERVAL`` seconds and only if it changed for that socket, so
+        many clients and many prompts do not multiply into a storm of identical messages.
+        """
+        if not self.hub.count():
+            return
+        n = self.queue_remaining
+        if job is not None and job.client_id is not None:
+            out = Out(P.message("status", P.status_data(n)))
+            for c in self.hub.to_sid(job.client_id):
+                c.send(out)
+                c.last_status = n
+        if self._status_timer is None:
+            self._status_timer = self.loop.call_later(STATUS_INTERVAL, self._flush_status)
+
+    def _flush_status(self) -> None:
+        self._status_timer = None
+        n = self.queue_remaining
+        out = None
+        for c in self.hub.clients():
+            if c.last_status != n:
+                out = out or Out(P.message("status", P.status_data(n)))
+                c.send(out)
+                c.last_status = n
 
     # -- queries ------------------------------------------------------------------------------------
     def status(self, prompt_id: str) -> dict:

@@ -35,6 +35,7 @@ async def websocket(request: web.Request) -> web.StreamResponse:
     sid = request.query.get("clientId") or uuid.uuid4().hex
     client = Client(ws, sid, svc.hub, transport=request.transport)
     client.send(Out(P.message("status", P.status_data(svc.queue_remaining, sid))))
+    client.last_status = svc.queue_remaining
     if svc.running is not None and svc.running.client_id == sid and svc.running.last_node is not None:
         client.send(Out(P.message("executing", {"node": svc.running.last_node})))
     svc.hub.add(client)
@@ -96,7 +97,8 @@ def _submit(client: Client, svc: PromptService, data) -> None:
         client.send(Out(P.message("prompt_rejected", {**exc.body, "request_id": request_id})))
         return
     client.send(Out(P.message("prompt_queued", {**body, "request_id": request_id})))
-    svc.broadcast_status()
+    job = svc.pending.get(body["prompt_id"])
+    svc.broadcast_status(job)
 
 
 def _replay(client: Client, svc: PromptService, data) -> None:
