@@ -42,11 +42,21 @@ def api_error(exc: ApiError) -> web.Response:
 
 # -- prompts ----------------------------------------------------------------------------------------
 async def post_prompt(request: web.Request) -> web.Response:
+    """ComfyUI's POST /prompt; with ``?wait=true`` (Kiln) it answers when the prompt is done, with its result."""
+    svc = service(request)
     try:
         data = await read_json(request)
-        body = service(request).submit(data)
+        body = svc.submit(data)
     except ApiError as exc:
         return api_error(exc)
+    if request.query.get("wait", "").lower() in ("1", "true", "yes"):
+        try:
+            timeout = min(float(request.query.get("timeout", "300")), MAX_WAIT)
+        except ValueError:
+            timeout = 300.0
+        await svc.wait(body["prompt_id"], timeout)
+        st = svc.status(body["prompt_id"])
+        body = {**body, **{k: v for k, v in st.items() if k in ("status", "outputs", "error")}}
     return web.json_response(body)
 
 

@@ -85,6 +85,21 @@ def test_kiln_client_run_images_download_cancel(live, tmp_path):
     assert c.status("nope")["status"] == "unknown"
 
 
+def test_no_token_or_api_key_in_png_metadata_history_or_events(live):
+    s = live(registry=make_registry(image_nodes=True), auth_token="server-TOKEN-xyz")
+    c = Client(s.url, token="server-TOKEN-xyz")
+    pid = c.submit(IMAGE_GRAPH, extra_data={"api_key_comfy_org": "sk-LEAK-1", "auth_token_comfy_org": "LEAK-2",
+                                            "extra_pnginfo": {"workflow": {"note": "hello"}}})
+    [img] = c.images(pid)
+    assert img.text.get("workflow") == '{"note": "hello"}' and "prompt" in img.text
+    texts = json.dumps(img.text)
+    assert "LEAK" not in texts and "TOKEN" not in texts
+    headers = {"Authorization": "Bearer server-TOKEN-xyz"}
+    dump = requests.get(s.url + "/history", headers=headers).text
+    dump += requests.get(f"{s.url}/api/prompt/{pid}/events", headers=headers).text
+    assert "LEAK" not in dump and "TOKEN" not in dump
+
+
 def test_kiln_client_reconnects_and_replays_across_a_restart(serve_proc, tmp_path):
     srv = serve_proc()
     c = Client(srv.url, reconnect_tries=200)
@@ -129,3 +144,33 @@ def test_kiln_submit_subcommand(server, tmp_path):
     r = subprocess.run(kiln_cmd("submit", str(g), "--server", server.url, "--set", "nope.value=1"),
                        capture_output=True, text=True, env=env, timeout=60)
     assert r.returncode == 2 and "no node" in r.stderr
+
+
+def test_comfyui_ws_images_script_flow(live):
+    """ComfyUI's websockets_api_example_ws_images.py: no feature flags, images as type-1 frames while the
+    current node is the SaveImageWebsocket node, prompt_id read from the POST answer."""
+    from websockets.sync.client import connect
+
+    s = live(registry=make_registry(image_nodes=True))
+    graph = {"1": {"class_type": "EmptyImage", "inputs": {"width": 12, "height": 6, "batch_size": 2, "color": 255}},
+             "save_image_websocket_node": {"class_type": "SaveImageWebsocket", "inputs": {"images": ["1", 0]}}}
+    with connect(s.ws_url + "?clientId=scriptclient", open_timeout=10, max_size=None) as ws:
+        pid = requests.post(s.url + "/prompt", data=json.dumps({"prompt": graph, "client_id": "scriptclient"}),
+                            timeout=10).json()["prompt_id"]
+        current, images = "", []
+        while True:
+            out = ws.recv(timeout=20)
+            if isinstance(out, str):
+                m = json.loads(out)
+                if m["type"] == "executing":
+                    d = m["data"]
+                    if d["prompt_id"] == pid:
+                        if d["node"] is None:
+                            break
+                        current = d["node"]
+            elif current == "save_image_websocket_node":
+                images.append(out[8:])
+    assert len(images) == 2
+    for data in images:
+        img = Image.open(io.BytesIO(data))
+        assert img.format == "PNG" and img.size == (12, 6)

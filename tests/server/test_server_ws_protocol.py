@@ -255,6 +255,8 @@ def test_status_pending_running_unknown_and_wait(server):
     done = server.get(f"/api/prompt/{b}", params={"wait": "true", "timeout": "20"}).json()
     assert done["status"] == "success" and done["outputs"] == {"out": {"text": ["2"]}}
     assert server.get("/prompt").json() == {"exec_info": {"queue_remaining": 0}}
+    r = server.post("/api/prompt?wait=true", {"prompt": chain(3, value=10)}).json()  # a synchronous run
+    assert r["status"] == "success" and r["outputs"] == {"out": {"text": ["12"]}} and r["node_errors"] == {}
 
 
 def test_webhook_gets_a_post_on_completion(server):
