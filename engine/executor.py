@@ -26,7 +26,7 @@ from . import context as _ctx
 from .cache import Cache, CacheEntry, estimate_size, make_cache
 from .errors import ExecutionFailed, GraphFormatError, Interrupted, NodeError
 from .events import (Event, ExecutionCached, ExecutionError, ExecutionInterrupted, ExecutionStart,
-                     ExecutionSuccess, NodeOutput, NodeStarted)
+                     ExecutionSuccess, NodeBlocked, NodeOutput, NodeStarted)
 from .fingerprint import Unfingerprintable, encode
 from .graph import Graph, Link, NodeEntry, parse_input
 from .node import ExecutionBlocker, NodeResult, NodeSpec
@@ -121,6 +121,7 @@ class _Run:
         self.waiting: dict[str, int] = {}
         self.dependents: dict[str, list[str]] = {}
         self.consumers_left: dict[str, int] = {}
+        self.holds: dict[str, list[str]] = {}  # consumer -> sources it counted in consumers_left
         self.ready_sync: deque[str] = deque()
         self.ready_async: deque[str] = deque()
         self.inflight: dict[cf.Future, str] = {}
@@ -215,6 +216,7 @@ class _Run:
         for name, v in self.nodes[nid].inputs.items():
             if isinstance(v, Link) and not _is_lazy(spec, name):
                 self.consumers_left[v.node_id] = self.consumers_left.get(v.node_id, 0) + 1
+                self.holds.setdefault(nid, []).append(v.node_id)
                 if v.node_id not in self.done:
                     self.dependents.setdefault(v.node_id, []).append(nid)
                     count += 1
@@ -237,6 +239,7 @@ class _Run:
                 return False
         self.dependents.setdefault(src, []).append(nid)
         self.consumers_left[src] = self.consumers_left.get(src, 0) + 1
+        self.holds.setdefault(nid, []).append(src)
         self.waiting[nid] = self.waiting.get(nid, 0) + 1
         return True
 
@@ -281,6 +284,13 @@ class _Run:
         started = time.perf_counter()
         try:
             calls = _map_calls(spec, inputs)
+            reported: set[str] = set()
+            for kw in calls:
+                if isinstance(kw, _BlockedCall) and kw.message is not None and kw.message not in reported:
+                    reported.add(kw.message)  # once per message per node: a long list stays one event
+                    self.ctx.emit(NodeBlocked(self.ctx.prompt_id, node_id=disp, node_type=node.class_type,
+                                              message=kw.message,
+                                              executed=list(self.result.ran + self.result.cached)))
             if spec.is_async:
                 coros = []
                 for kw in calls:
@@ -293,8 +303,8 @@ class _Run:
             rets = []
             for kw in calls:
                 self.ctx.check_interrupted()
-                if kw is _BLOCKED_CALL:
-                    rets.append(_BLOCKED_CALL)
+                if isinstance(kw, _BlockedCall):
+                    rets.append(kw)
                 else:
                     rets.append(fn(**kw))
         finally:
@@ -429,13 +439,12 @@ class _Run:
         self._release_inputs(nid)
 
     def _release_inputs(self, nid: str) -> None:
-        node = self.nodes[nid]
-        for v in node.inputs.values():
-            if isinstance(v, Link) and v.node_id in self.consumers_left:
-                self.consumers_left[v.node_id] -= 1
-                if self.consumers_left[v.node_id] <= 0 and v.node_id not in self.targets \
-                        and v.node_id not in self.output_set:
-                    self.results.pop(v.node_id, None)  # intermediates nobody needs are released
+        # only the sources this node counted: a lazy input it never asked for holds nothing, and
+        # decrementing for it would free a result another consumer is still waiting for
+        for src in self.holds.pop(nid, ()):
+            self.consumers_left[src] -= 1
+            if self.consumers_left[src] <= 0 and src not in self.targets and src not in self.output_set:
+                self.results.pop(src, None)  # intermediates nobody needs are released
 
     def _real_id(self, nid: str) -> str:
         node = self.nodes[nid]
@@ -497,7 +506,22 @@ class _Nan:
 
 
 _NAN = _Nan()
-_BLOCKED_CALL = object()
+
+
+class _BlockedCall:
+    """A call skipped because an input was an ExecutionBlocker; its result is a silent blocker."""
+
+    __slots__ = ("message",)
+
+    def __init__(self, message: str | None):
+        self.message = message
+
+
+def _blocker_in(values: Iterable[Any]) -> ExecutionBlocker | None:
+    for x in values:
+        if isinstance(x, ExecutionBlocker):
+            return x
+    return None
 
 
 def _is_lazy(spec: NodeSpec, name: str) -> bool:
@@ -509,22 +533,24 @@ def _map_calls(spec: NodeSpec, inputs: dict[str, list], for_lazy: bool = False) 
     """ComfyUI's list semantics: one call per element of the longest input list, shorter lists repeat
     their last element; INPUT_IS_LIST nodes get one call with whole lists."""
     if spec.input_is_list:
+        if not for_lazy:  # one call with whole lists: a blocker anywhere in them blocks it
+            b = _blocker_in(x for v in inputs.values() for x in v)
+            if b is not None:
+                return [_BlockedCall(b.message)]
         return [inputs]
     n = max((len(v) for v in inputs.values()), default=1)
     n = max(n, 1)
-    calls = []
+    calls: list = []
     for i in range(n):
         kw = {k: (v[i] if i < len(v) else v[-1]) if v else None for k, v in inputs.items()}
-        if not for_lazy and any(isinstance(x, ExecutionBlocker) for x in kw.values()):
-            calls.append(_BLOCKED_CALL)
-            continue
-        calls.append(kw)
+        b = None if for_lazy else _blocker_in(kw.values())
+        calls.append(kw if b is None else _BlockedCall(b.message))
     return calls
 
 
 async def _async_call(fn: Callable, kw: Any) -> Any:
-    if kw is _BLOCKED_CALL:
-        return _BLOCKED_CALL
+    if isinstance(kw, _BlockedCall):
+        return kw
     r = fn(**kw)
     if inspect.isawaitable(r):
         r = await r
@@ -533,7 +559,7 @@ async def _async_call(fn: Callable, kw: Any) -> Any:
 
 def _normalise(spec: NodeSpec, ret: Any, n_out: int) -> tuple[tuple, dict | None, Any]:
     """(values, ui, expand) from whatever a node function returned."""
-    if ret is _BLOCKED_CALL:
+    if isinstance(ret, _BlockedCall):  # blocked: the block travels on silently (reported once, here)
         return (ExecutionBlocker(None),) * n_out, None, None
     if isinstance(ret, ExecutionBlocker):
         return (ret,) * n_out, None, None
@@ -636,7 +662,9 @@ class Executor:
             keys = [k for k in run.keys.values() if k is not None]
             self.cache.begin_run(keys)
             self._forget_objects(graph)
-            cached_nodes = [nid for nid in order if run.keys[nid] is not None and _has(self.cache, run.keys[nid])]
+            # in the prompt's key order, as ComfyUI lists them
+            cached_nodes = [nid for nid in graph.nodes
+                            if run.keys.get(nid) is not None and _has(self.cache, run.keys[nid])]
             run.plan(outputs)
             sink(ExecutionCached(prompt_id, nodes=cached_nodes))
             for nid in outputs:
@@ -668,7 +696,8 @@ class Executor:
                 raise
         finally:
             self._run_ctx = None
-            run.result.skipped = sorted(n for n in run.planned if n not in run.done)
+            failed = run.current_node if run.result.status == "error" else None
+            run.result.skipped = sorted(n for n in run.planned if n not in run.done and n != failed)
             for t in run.targets:
                 if t in run.results:
                     run.result.values[t] = tuple(s[0] if len(s) == 1 else s for s in run.results[t][0])
