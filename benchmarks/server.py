@@ -233,6 +233,8 @@ async def main(args) -> None:
     try:
         only = set(args.only.split(","))
         if "1" in only:
+            await asyncio.to_thread(_post_many, url, [json.dumps({"prompt": small_prompt(16000000 + i)}).encode()
+                                                      for i in range(50)])  # warm-up, not measured
             await bench_throughput(url, 200 if args.quick else 1000)
             await bench_throughput(url, 200 if args.quick else 1000, connections=8)
         if "2" in only:

@@ -10,7 +10,8 @@
 
 Events come over the websocket. If the connection drops, the client reconnects with the same client id
 and asks the server to replay the prompt's events after the last sequence number it saw, so no event is
-lost or repeated. Against a plain ComfyUI server (no replay), events still stream but are not replayed.
+lost or repeated. ``events`` needs a Kiln server (sequence numbers and replay); submitting, status,
+outputs and downloads also work against ComfyUI.
 """
 from __future__ import annotations
 
@@ -190,6 +191,10 @@ class Client:
                     ws.send(json.dumps({"type": "feature_flags", "data": {"previews": previews}}))
                     ws.send(json.dumps({"type": "replay", "data": {"prompt_id": prompt_id, "since": last}}))
                     failures = 0
+                    # Until replay_done, live events and replayed ones interleave; the replay covers every
+                    # event up to its last_seq, so collect them all and yield in sequence order.
+                    held: dict[int, dict] = {}
+                    replaying = True
                     while True:
                         msg = ws.recv(timeout=None)
                         if isinstance(msg, bytes):
@@ -200,23 +205,40 @@ class Client:
                         t, data = m.get("type"), m.get("data") or {}
                         if t == "error" and data.get("type") == "prompt_not_found":
                             raise ServerError(404, {"error": data})
+                        if t == "replay_done" and replaying and data.get("prompt_id") == prompt_id:
+                            replaying = False
+                            batch = [held[k] for k in sorted(held)]
+                            held.clear()
+                            for e in batch:
+                                if e["seq"] > last:
+                                    last = e["seq"]
+                                    yield e
+                                    if self._final(e):
+                                        return
+                            if data.get("status") == "unknown":
+                                return
+                            continue
                         seq = m.get("seq")
                         if seq is None or not isinstance(data, dict) or data.get("prompt_id") != prompt_id:
-                            if t == "replay_done" and data.get("prompt_id") == prompt_id \
-                                    and data.get("status") == "unknown":
-                                return
+                            continue
+                        if replaying:
+                            held[seq] = m
                             continue
                         if seq <= last:
                             continue
                         last = seq
                         yield m
-                        if t == "executing" and data.get("node") is None:
+                        if self._final(m):
                             return
             except (OSError, WebSocketException, TimeoutError):
                 failures += 1
                 if failures > self.reconnect_tries:
                     raise
                 time.sleep(min(0.1 * 2 ** failures, 2.0))
+
+    @staticmethod
+    def _final(m: dict) -> bool:
+        return m.get("type") == "executing" and (m.get("data") or {}).get("node") is None
 
     def wait(self, prompt_id: str) -> Result:
         """Follow the prompt to its end; returns its Result (does not raise on a failed run)."""
@@ -287,3 +309,36 @@ class Client:
                 return json.loads(resp.read())
         except urllib.error.HTTPError as exc:
             raise ServerError(exc.code, json.loads(exc.read() or b"{}")) from None
+
+
+class AsyncClient:
+    """The same client for asyncio code: ``await client.images(pid)``, ``async for e in client.events(pid)``.
+
+    Each call runs the blocking client in a worker thread, so the event loop never waits on the network.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        self.sync = Client(*args, **kwargs)
+
+    def __getattr__(self, name: str):
+        fn = getattr(self.sync, name)
+        if not callable(fn) or name == "events":
+            return fn
+
+        async def call(*args: Any, **kwargs: Any):
+            import asyncio
+
+            return await asyncio.to_thread(fn, *args, **kwargs)
+
+        return call
+
+    async def events(self, prompt_id: str, since: int = 0, previews: bool = False):
+        import asyncio
+
+        it = self.sync.events(prompt_id, since, previews)
+        done = object()
+        while True:
+            item = await asyncio.to_thread(next, it, done)
+            if item is done:
+                return
+            yield item

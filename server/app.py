@@ -84,7 +84,15 @@ async def _close_sockets(app: web.Application) -> None:
 
 
 def serve(executor, config: ServerConfig, folders=None, print_fn=print) -> None:
-    """Run until SIGINT/SIGTERM."""
+    """Run until SIGINT/SIGTERM.
+
+    The executor thread runs Python code most of the time; a short GIL switch interval lets the event loop
+    get the GIL back quickly after each socket or database call, which keeps request and event latency low
+    while a graph runs (measured by benchmarks/server.py).
+    """
+    import sys
+
+    sys.setswitchinterval(0.001)
     app = create_app(executor, config, folders)
 
     async def main() -> None:

@@ -115,7 +115,10 @@ class EventPipe:
             if self.scheduled:
                 return
             self.scheduled = True
-        self.loop.call_soon_threadsafe(self.drain)
+        try:
+            self.loop.call_soon_threadsafe(self.drain)
+        except RuntimeError:  # the loop is closed: the server is shutting down
+            pass
 
     def drain(self) -> None:
         with self.lock:
@@ -144,6 +147,7 @@ class PromptService:
         self._session = None
         self._bg: set[asyncio.Task] = set()
         self._status_timer: asyncio.TimerHandle | None = None
+        self._stopping = False
         self.loop: asyncio.AbstractEventLoop | None = None
 
     # -- lifecycle ----------------------------------------------------------------------------------
@@ -156,6 +160,9 @@ class PromptService:
         self._task = self.loop.create_task(self._worker(), name="kiln-prompt-worker")
 
     async def stop(self) -> None:
+        # The running prompt is cancelled so its thread ends, but it stays 'running' in the store: after a
+        # restart it is re-run (or failed) like after a crash. Its cancellation events are not recorded.
+        self._stopping = True
         if self._status_timer is not None:
             self._status_timer.cancel()
         if self.running is not None:
@@ -232,7 +239,7 @@ class PromptService:
             raise ApiError(400, "invalid_prompt", "Invalid prompt_id",
                            f"a prompt_id is 1 to {MAX_PROMPT_ID} printable characters")
         digest = body_hash(data)
-        known = self.store.status_of(prompt_id)
+        known = self.store.status_of(prompt_id) if sub.prompt_id is not None else None
         if known is not None:
             status, old_digest, number = known
             if old_digest != digest:
@@ -316,6 +323,8 @@ class PromptService:
                                                   exception_type=type(exc).__name__))
             status, outputs, meta = "error", {}, {}
         self._pipe.drain()  # every event of the run is dispatched before the prompt is finished
+        if self._stopping:
+            return
         self._finish(job, status, outputs, meta)
 
     def _finish(self, job: Job, status: str, outputs: dict, meta: dict) -> None:
@@ -359,6 +368,8 @@ class PromptService:
 
     # -- events -------------------------------------------------------------------------------------
     def _on_event(self, job: Job, event: ev.Event) -> None:
+        if self._stopping:
+            return
         t = event.comfy_type
         data = event.comfy_data()
         cid = job.client_id

@@ -174,3 +174,21 @@ def test_comfyui_ws_images_script_flow(live):
     for data in images:
         img = Image.open(io.BytesIO(data))
         assert img.format == "PNG" and img.size == (12, 6)
+
+
+def test_async_client(live):
+    import asyncio
+
+    from kiln.client import AsyncClient
+
+    s = live(registry=make_registry(image_nodes=True))
+
+    async def main():
+        c = AsyncClient(s.url)
+        pid = await c.submit(IMAGE_GRAPH)
+        kinds = [e["type"] async for e in c.events(pid)]
+        [img] = await c.images(pid)
+        return kinds, img
+
+    kinds, img = asyncio.run(main())
+    assert kinds[0] == "execution_start" and kinds[-1] == "executing" and img.size == (16, 8)
