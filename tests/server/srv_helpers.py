@@ -92,8 +92,11 @@ class LiveServer:
     def get(self, path: str, **kw):
         return requests.get(self.url + path, timeout=30, **kw)
 
-    def ws(self, client_id: str | None = None, **kw):
+    def ws(self, client_id: str | None = None, deflate: bool = False, **kw):
+        """A websocket client; without ``deflate`` the server takes its batched raw-frame path."""
         url = self.ws_url + (f"?clientId={client_id}" if client_id else "")
+        if not deflate:
+            kw.setdefault("compression", None)
         return connect(url, open_timeout=10, max_size=None, **kw)
 
 

@@ -26,10 +26,15 @@ def test_status_first_with_sid(server):
         assert m == {"type": "status", "data": {"status": {"exec_info": {"queue_remaining": 0}}, "sid": "abc"}}
     with server.ws() as ws:
         assert re.fullmatch(r"[0-9a-f]{32}", first(ws)["data"]["sid"])
+    from websockets.sync.client import connect
+
+    with connect(f"ws://127.0.0.1:{server.port}/api/ws?clientId=viaapi", open_timeout=5) as ws:
+        assert first(ws)["data"]["sid"] == "viaapi"
 
 
-def test_success_order_matches_comfyui_and_history_is_written_first(server):
-    with server.ws("c1") as ws:
+@pytest.mark.parametrize("deflate", [False, True], ids=["raw-frames", "permessage-deflate"])
+def test_success_order_matches_comfyui_and_history_is_written_first(server, deflate):
+    with server.ws("c1", deflate=deflate) as ws:
         first(ws)
         r = server.post("/prompt", {"prompt": chain(3), "client_id": "c1", "prompt_id": "p-1"})
         assert r.status_code == 200 and r.json() == {"prompt_id": "p-1", "number": 0, "node_errors": {}}
