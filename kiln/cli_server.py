@@ -53,9 +53,19 @@ def run_serve(args: argparse.Namespace) -> int:
     except (InsecureBind, ValueError) as exc:
         print(f"kiln serve: {exc}", file=sys.stderr)
         return 2
-    executor = make_executor(cache=args.cache, base_dir=base, output_dir=args.output_dir,
-                             custom_nodes=args.custom_nodes)
-    serve(executor, config)
+    try:
+        executor = make_executor(cache=args.cache, base_dir=base, output_dir=args.output_dir,
+                                 custom_nodes=args.custom_nodes)
+    except ValueError as exc:  # a bad --cache policy
+        print(f"kiln serve: {exc}", file=sys.stderr)
+        return 2
+    for err in getattr(executor.registry, "load_errors", []):
+        logging.getLogger("kiln.server").warning("node pack %s was skipped: %s", err.source, err.error)
+    try:
+        serve(executor, config)
+    except OSError as exc:  # the port is taken, say
+        print(f"kiln serve: cannot listen on {config.host}:{config.port}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -33,6 +33,9 @@ def test_non_loopback_bind_needs_a_token():
     r = subprocess.run(kiln_cmd("serve", "--host", "0.0.0.0", "--port", "1"), capture_output=True, text=True,
                        env=env, timeout=60)
     assert r.returncode == 2 and "--auth-token" in r.stderr
+    r = subprocess.run(kiln_cmd("serve", "--port", "1", "--cache", "bogus"), capture_output=True, text=True,
+                       env=env, timeout=60)
+    assert r.returncode == 2 and "cache policy" in r.stderr
 
 
 def test_token_on_http_and_websocket(live):
