@@ -14,118 +14,28 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures as cf
-import hashlib
 import heapq
 import json
 import logging
-import re
-import threading
 import time
 import uuid
-from dataclasses import dataclass, field
 from typing import Any
 
 from engine import Graph, GraphFormatError, ValidationResult, parse_submission, validate
 from engine import events as ev
 
 from . import protocol as P
-from .hub import NORMAL, PREVIEW, PROGRESS, Hub, Out
+from .hub import Hub, Out
+from .prompts import MAX_PROMPT_ID, SEQ_EPOCH, ApiError, Job, _num, body_hash, split_sensitive
+from .routing import EventPipe, EventRouter
 from .store import FINISHED, Store, as_json
+from .webhook import post_webhook
+
+__all__ = ["PromptService", "ApiError", "Job"]
 
 log = logging.getLogger("kiln.server")
 
-SECRET_KEY = re.compile(r"(api[_-]?key|token|secret|password|authorization)", re.I)
-PER_PROMPT_CID_ONLY = frozenset({"execution_start", "execution_cached", "executing", "executed",
-                                 "execution_success", "execution_error"})
-HISTORY_MESSAGES = frozenset({"execution_start", "execution_cached", "execution_success", "execution_error",
-                              "execution_interrupted"})
-MAX_PROMPT_ID = 256
-# Events of a re-run (after a crash) are numbered from attempt * SEQ_EPOCH, so they always follow anything a
-# client may have seen of the attempt that died, even events that were sent but never reached the disk.
-SEQ_EPOCH = 1_000_000
 STATUS_INTERVAL = 0.05  # seconds between queue-size updates to sockets not involved in the change
-
-
-class ApiError(Exception):
-    """A request the service refuses; ``body`` is the JSON answer."""
-
-    def __init__(self, status: int, type_: str, message: str, details: str = "", node_errors: dict | None = None,
-                 body: dict | None = None, **extra: Any):
-        super().__init__(message)
-        self.status = status
-        self.body = body if body is not None else {
-            "error": {"type": type_, "message": message, "details": details, "extra_info": extra},
-            "node_errors": node_errors or {}}
-
-
-@dataclass
-class Job:
-    prompt_id: str
-    number: float
-    graph: Graph
-    validation: ValidationResult
-    prompt_json: dict
-    extra_data: dict
-    sensitive: dict
-    client_id: str | None
-    outputs: list
-    seq: int = 0
-    status: str = "pending"
-    messages: list = field(default_factory=list)
-    cancel: threading.Event = field(default_factory=threading.Event)
-    last_node: str | None = None
-    previews: bool = False
-    state_nodes: dict = field(default_factory=dict)  # progress_state per node, for negotiated clients
-    open_node: str | None = None
-
-    @property
-    def queue_item(self) -> list:
-        n = int(self.number) if float(self.number).is_integer() else self.number
-        return [n, self.prompt_id, self.prompt_json, self.extra_data, self.outputs]
-
-
-def body_hash(data: dict) -> str:
-    """What makes two submissions of one prompt_id the same: graph, targets, extra data."""
-    key = {"prompt": data.get("prompt"), "targets": data.get("partial_execution_targets"),
-           "extra": {k: v for k, v in (data.get("extra_data") or {}).items() if not SECRET_KEY.search(str(k))}}
-    return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()
-
-
-def split_sensitive(extra: dict) -> tuple[dict, dict]:
-    """Secrets never reach the store, history or events: they live in memory for the run only."""
-    keep, secret = {}, {}
-    for k, v in extra.items():
-        (secret if SECRET_KEY.search(str(k)) else keep)[k] = v
-    return keep, secret
-
-
-class EventPipe:
-    """Carries events from the executor's threads to the loop: one wake-up per batch, not per event."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop, handler):
-        self.loop = loop
-        self.handler = handler
-        self.lock = threading.Lock()
-        self.buf: list = []
-        self.scheduled = False
-
-    def put(self, job: "Job", event: ev.Event) -> None:
-        with self.lock:
-            self.buf.append((job, event))
-            if self.scheduled:
-                return
-            self.scheduled = True
-        try:
-            self.loop.call_soon_threadsafe(self.drain)
-        except RuntimeError:  # the loop is closed: the server is shutting down
-            pass
-
-    def drain(self) -> None:
-        with self.lock:
-            items, self.buf = self.buf, []
-            self.scheduled = False
-        for job, event in items:
-            self.handler(job, event)
 
 
 class PromptService:
@@ -147,13 +57,13 @@ class PromptService:
         self._session = None
         self._bg: set[asyncio.Task] = set()
         self._status_timer: asyncio.TimerHandle | None = None
-        self._stopping = False
+        self.router = EventRouter(hub, store)
         self.loop: asyncio.AbstractEventLoop | None = None
 
     # -- lifecycle ----------------------------------------------------------------------------------
     async def start(self) -> None:
         self.loop = asyncio.get_running_loop()
-        self._pipe = EventPipe(self.loop, self._on_event)
+        self._pipe = EventPipe(self.loop, self.router.dispatch)
         self._wake = asyncio.Event()
         self.counter = int(self.store.max_number()) + 1 if self.store.max_number() >= 0 else 0
         self.recover()
@@ -162,7 +72,7 @@ class PromptService:
     async def stop(self) -> None:
         # The running prompt is cancelled so its thread ends, but it stays 'running' in the store: after a
         # restart it is re-run (or failed) like after a crash. Its cancellation events are not recorded.
-        self._stopping = True
+        self.router.stopping = True
         if self._status_timer is not None:
             self._status_timer.cancel()
         if self.running is not None:
@@ -319,16 +229,16 @@ class PromptService:
         except Exception as exc:
             log.exception("executor raised for prompt %s", job.prompt_id)
             self._pipe.drain()
-            self._on_event(job, ev.ExecutionError(job.prompt_id, exception_message=str(exc),
+            self.router.dispatch(job, ev.ExecutionError(job.prompt_id, exception_message=str(exc),
                                                   exception_type=type(exc).__name__))
             status, outputs, meta = "error", {}, {}
         self._pipe.drain()  # every event of the run is dispatched before the prompt is finished
-        if self._stopping:
+        if self.router.stopping:
             return
         self._finish(job, status, outputs, meta)
 
     def _finish(self, job: Job, status: str, outputs: dict, meta: dict) -> None:
-        self._close_open_node(job)
+        self.router.close_open_node(job)
         ok = status == "success"
         history = {"prompt": job.queue_item, "outputs": outputs,
                    "status": {"status_str": "success" if ok else "error", "completed": ok,
@@ -367,89 +277,6 @@ class PromptService:
         return False
 
     # -- events -------------------------------------------------------------------------------------
-    def _on_event(self, job: Job, event: ev.Event) -> None:
-        if self._stopping:
-            return
-        t = event.comfy_type
-        data = event.comfy_data()
-        cid = job.client_id
-        targets = self.hub.to_sid(cid) if cid is not None else None
-        if isinstance(event, ev.NodeStarted):
-            job.last_node = data["node"]
-            self._progress_state(job, data["node"], 0, 1, "running", targets)
-        elif isinstance(event, ev.Progress) and event.preview is not None:
-            self._preview(job, event, targets, before=True)
-        job.seq += 1
-        data_json = as_json(data)
-        self.store.log_event(job.prompt_id, job.seq, t, data_json)
-        if t in HISTORY_MESSAGES:
-            job.messages.append([t, data])
-        text = P.message_from_json(t, data_json, job.seq)
-        if t == "progress":
-            out = Out(text, PROGRESS)
-        else:
-            out = Out(text, NORMAL)
-        if targets is not None:
-            for c in targets:
-                c.send(out)
-        elif t not in PER_PROMPT_CID_ONLY:  # no client id: progress and interruptions go to everyone
-            self.hub.broadcast(out)
-        if isinstance(event, ev.Progress):
-            self._progress_state(job, event.node, event.value, event.max, "running", targets, update=True)
-            if event.preview is not None:
-                self._preview(job, event, targets, before=False)
-        elif isinstance(event, ev.NodeOutput):
-            self._progress_state(job, data["node"], 1, 1, "finished", targets)
-            if job.open_node == data["node"]:
-                job.open_node = None
-
-    def _preview(self, job: Job, event: ev.Progress, targets, before: bool) -> None:
-        pv = event.preview
-        is_output = pv.kind == "output"
-        if not is_output and not job.previews:
-            return
-        klass = NORMAL if is_output else PREVIEW
-        clients = targets if targets is not None else list(self.hub.clients())
-        frame1 = frame4 = None
-        for c in clients:
-            if c.metadata_previews and before:
-                if frame4 is None:
-                    node = event.node
-                    meta = {"node_id": node, "prompt_id": job.prompt_id, "display_node_id": node,
-                            "parent_node_id": None, "real_node_id": node}
-                    frame4 = Out(P.preview_frame_with_metadata(pv.format, pv.data, meta), klass)
-                c.send(frame4)
-            elif not c.metadata_previews and not before:
-                if frame1 is None:
-                    frame1 = Out(P.preview_frame(pv.format, pv.data), klass)
-                c.send(frame1)
-
-    def _progress_state(self, job: Job, node: str, value, max_, state: str, targets, update: bool = False) -> None:
-        """ComfyUI's progress_state, as a per-node delta, for clients that negotiated feature flags.
-
-        ComfyUI re-sends every node's state on each change (quadratic in the node count); Kiln sends only
-        the node that changed. Plain clients (scripts) never read it and do not get it.
-        """
-        if state == "running" and not update:
-            self._close_open_node(job, targets)
-            job.open_node = node
-        clients = targets if targets is not None else list(self.hub.clients())
-        clients = [c for c in clients if c.negotiated]
-        if not clients:
-            return
-        entry = {"value": value, "max": max_, "state": state, "node_id": node, "prompt_id": job.prompt_id,
-                 "display_node_id": node, "parent_node_id": None, "real_node_id": node}
-        out = Out(P.message("progress_state", {"prompt_id": job.prompt_id, "nodes": {node: entry}}), PROGRESS)
-        for c in clients:
-            c.send(out)
-
-    def _close_open_node(self, job: Job, targets=None) -> None:
-        node, job.open_node = job.open_node, None
-        if node is not None:
-            if targets is None and job.client_id is not None:
-                targets = self.hub.to_sid(job.client_id)
-            self._progress_state(job, node, 1, 1, "finished", targets)
-
     def broadcast_status(self, job: Job | None = None) -> None:
         """Tell sockets the queue size changed.
 
@@ -544,7 +371,7 @@ class PromptService:
             return
         job = self.pending.pop(prompt_id, None)
         if job is not None:
-            self._on_event(job, ev.ExecutionInterrupted(prompt_id))
+            self.router.dispatch(job, ev.ExecutionInterrupted(prompt_id))
             self._finish(job, "interrupted", {}, {})
             return
         self._not_pending(prompt_id, "interrupt")
@@ -618,16 +445,7 @@ class PromptService:
             self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.config.webhook_timeout))
         err = next((d for t, d in history["status"]["messages"]
                     if t in ("execution_error", "execution_interrupted")), None)
-        body = {"prompt_id": prompt_id, "status": status, "outputs": outputs, "error": err}
-        for attempt in range(3):
-            try:
-                async with self._session.post(url, json=body) as resp:
-                    if resp.status < 500:
-                        return
-            except Exception as exc:
-                log.warning("webhook %s for prompt %s failed: %s", url, prompt_id, exc)
-            await asyncio.sleep(0.5 * 2 ** attempt)
+        await post_webhook(self._session, url, {"prompt_id": prompt_id, "status": status, "outputs": outputs,
+                                                "error": err})
 
 
-def _num(n: float) -> float | int:
-    return int(n) if float(n).is_integer() else n
