@@ -1,8 +1,9 @@
 """The prompt service: accepts prompts, keeps the durable queue, runs them one at a time, streams events.
 
 Everything here runs on the event loop thread except ``Executor.run``, which runs in one worker thread.
-The executor's event sink crosses back with ``loop.call_soon_threadsafe``; because the run's completion
-crosses the same way and later, every event of a prompt is dispatched before the prompt is finished.
+The executor's events cross back through an ``EventPipe`` (one loop wake-up per burst) and are drained
+before the prompt is finished, so every event of a prompt is dispatched before its history is written.
+Queue, worker, recovery and control share the same state, which is why they are one module.
 
 Per prompt, the submitting client (its ``client_id`` is a socket's sid) receives ComfyUI's sequence:
 ``execution_start``, ``execution_cached``, (``executing`` / ``progress`` / ``executed``)*, the terminal event,

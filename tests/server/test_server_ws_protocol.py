@@ -250,7 +250,9 @@ def test_replay_over_socket_and_http(server):
 def test_status_pending_running_unknown_and_wait(server):
     a = server.post("/prompt", {"prompt": sleeper(1.0, 10)}).json()["prompt_id"]
     b = server.post("/prompt", {"prompt": chain(2)}).json()["prompt_id"]
-    time.sleep(0.2)
+    deadline = time.time() + 10
+    while server.get(f"/api/prompt/{a}").json()["status"] != "running" and time.time() < deadline:
+        time.sleep(0.02)
     assert server.get(f"/api/prompt/{a}").json()["status"] == "running"
     sb = server.get(f"/api/prompt/{b}").json()
     assert sb["status"] == "pending" and sb["queue_position"] == 1
