@@ -205,6 +205,8 @@ class PromptService:
                 raise
             except Exception:  # the service must outlive any bug in one prompt
                 log.exception("prompt %s failed inside the server", job.prompt_id)
+                if self.running is job:
+                    self.running = None
             self._apply_free()
 
     async def _run(self, job: Job) -> None:
@@ -227,11 +229,14 @@ class PromptService:
                 job.graph, prompt_id=job.prompt_id, extra_data=run_extra, sink=sink, validation=job.validation,
                 cancel=job.cancel))
             status, outputs, meta = result.status, result.outputs, result.meta
-        except Exception as exc:
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:  # even a node's SystemExit ends only its prompt
             log.exception("executor raised for prompt %s", job.prompt_id)
             self._pipe.drain()
-            self.router.dispatch(job, ev.ExecutionError(job.prompt_id, exception_message=str(exc),
-                                                  exception_type=type(exc).__name__))
+            if not job.terminal:
+                self.router.dispatch(job, ev.ExecutionError(job.prompt_id, exception_message=str(exc),
+                                                            exception_type=type(exc).__name__))
             status, outputs, meta = "error", {}, {}
         self._pipe.drain()  # every event of the run is dispatched before the prompt is finished
         if self.router.stopping:

@@ -48,6 +48,7 @@ class Job:
     previews: bool = False
     state_nodes: dict = field(default_factory=dict)  # progress_state per node, for negotiated clients
     open_node: str | None = None
+    terminal: bool = False  # a success/error/interrupted event was dispatched
 
     @property
     def queue_item(self) -> list:

@@ -76,6 +76,8 @@ class EventRouter:
         self.store.log_event(job.prompt_id, job.seq, t, data_json)
         if t in HISTORY_MESSAGES:
             job.messages.append([t, data])
+            if t not in ("execution_start", "execution_cached"):
+                job.terminal = True
         text = P.message_from_json(t, data_json, job.seq)
         if t == "progress":
             out = Out(text, PROGRESS)

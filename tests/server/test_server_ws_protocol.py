@@ -88,6 +88,20 @@ def test_runtime_error_sequence(server):
     assert server.get(f"/api/prompt/{pid}").json()["status"] == "error"
 
 
+def test_a_node_calling_sys_exit_fails_only_its_prompt(server):
+    g = chain(1)
+    g["x"] = {"class_type": "TExit", "inputs": {"value": ["1", 0]}}
+    g["out"]["inputs"]["value"] = ["x", 0]
+    with server.ws("c1") as ws:
+        first(ws)
+        pid = server.post("/prompt", {"prompt": g, "client_id": "c1"}).json()["prompt_id"]
+        msgs = recv_until_done(ws, pid)
+        assert types(msgs).count("execution_error") == 1
+        assert types(msgs)[-3:] == ["execution_error", "status", "executing"]
+        pid2 = server.post("/prompt", {"prompt": chain(2), "client_id": "c1"}).json()["prompt_id"]
+        assert "execution_success" in types(recv_until_done(ws, pid2))
+
+
 def test_interrupt_running_prompt_only(server):
     with server.ws("c1") as ws:
         first(ws)

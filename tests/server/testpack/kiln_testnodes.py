@@ -64,6 +64,17 @@ class TShow(Node):
         return NodeResult(ui={"text": [str(value)]})
 
 
+class TExit(Node):
+    """Calls sys.exit inside a run: a hostile or buggy node must not take the server down."""
+
+    outputs = ("INT",)
+
+    def run(self, value: Annotated[int, Socket("INT")]):
+        import sys
+
+        sys.exit(3)
+
+
 class TBigShow(Node):
     """An output node whose UI carries ``size`` bytes of text: a heavy ``executed`` message."""
 
@@ -146,4 +157,4 @@ class TSecret(Node):
         return NodeResult(ui={"text": ["has key" if key else "no key"]})
 
 
-NODES = [TConst, TAdd, TBigShow, TSleep, TShow, TFail, TPreview, TWsOut, TWriteFile, TSecret]
+NODES = [TConst, TAdd, TBigShow, TExit, TSleep, TShow, TFail, TPreview, TWsOut, TWriteFile, TSecret]
