@@ -50,6 +50,9 @@ def run_serve(args: argparse.Namespace) -> int:
                               max_upload_bytes=int(args.max_upload_size * 1024 * 1024),
                               allowed_origins=tuple(args.allow_origin))
         config.check_bind()
+        from engine import make_cache
+
+        make_cache(args.cache)  # a bad --cache policy fails here, before any node pack is imported
     except (InsecureBind, ValueError) as exc:
         print(f"kiln serve: {exc}", file=sys.stderr)
         return 2
