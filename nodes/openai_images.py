@@ -211,9 +211,7 @@ class OpenAIImageGenerate(engine.Node):
     api_node = True
     outputs = _OUT
 
-    @classmethod
-    def fingerprint(cls, cache_results: bool = True, **_: Any) -> Any:
-        return rerun_fingerprint(cache_results)
+    fingerprint = staticmethod(rerun_fingerprint)
 
     async def run(self, prompt: Annotated[str, String(multiline=True)],
                   model: Annotated[str, Combo(IMAGE_MODELS)] = "gpt-image-1",
@@ -260,9 +258,7 @@ class OpenAIImageEdit(engine.Node):
     api_node = True
     outputs = _OUT
 
-    @classmethod
-    def fingerprint(cls, cache_results: bool = True, **_: Any) -> Any:
-        return rerun_fingerprint(cache_results)
+    fingerprint = staticmethod(rerun_fingerprint)
 
     async def run(self, image: Annotated[torch.Tensor, Socket("IMAGE", tooltip="every image of the batch is sent")],
                   prompt: Annotated[str, String(multiline=True)],
@@ -330,9 +326,7 @@ class OpenAIImageVariation(engine.Node):
     api_node = True
     outputs = _OUT
 
-    @classmethod
-    def fingerprint(cls, cache_results: bool = True, **_: Any) -> Any:
-        return rerun_fingerprint(cache_results)
+    fingerprint = staticmethod(rerun_fingerprint)
 
     async def run(self, image: Annotated[torch.Tensor, Socket("IMAGE", tooltip="the first image of the batch")],
                   size: Annotated[str, Combo(["1024x1024", "512x512", "256x256"])] = "1024x1024",
@@ -388,9 +382,7 @@ class OpenAIResponsesImage(engine.Node):
     outputs = [*_OUT[:3], Output("STRING", "response_id", tooltip="link into previous_response_id to edit further"),
                _OUT[3]]
 
-    @classmethod
-    def fingerprint(cls, cache_results: bool = True, **_: Any) -> Any:
-        return rerun_fingerprint(cache_results)
+    fingerprint = staticmethod(rerun_fingerprint)
 
     async def run(self, prompt: Annotated[str, String(multiline=True)],
                   model: Annotated[str, Combo(RESPONSES_MODELS)] = "gpt-4.1",

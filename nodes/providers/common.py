@@ -34,8 +34,9 @@ def dumps(rec: dict) -> str:
     return json.dumps(rec, sort_keys=True, default=str)
 
 
-def rerun_fingerprint(cache_results: Any) -> Any:
-    """``fingerprint`` helper: NaN (always re-run, never reuse a paid result) when caching is switched off."""
+def rerun_fingerprint(cache_results: Any = True, **_: Any) -> Any:
+    """A node's ``fingerprint`` (as a staticmethod): NaN, i.e. always re-run and never reuse a paid
+    result, when caching is switched off."""
     return math.nan if cache_results is False else 0
 
 

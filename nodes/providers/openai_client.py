@@ -119,8 +119,8 @@ def to_node_error(exc: BaseException, *, endpoint: str, base_url: str, inputs: s
                                         f"providers.{endpoint}.retries in the config")
         input_name = param if isinstance(param, str) and param in inputs else None
         return NodeError(head, input_name=input_name, hint="change the input the provider names above")
-    if isinstance(exc, openai.APIResponseValidationError) or isinstance(exc, openai.APIError):
-        return NodeError(redact(f"{where} sent a response Kiln cannot read: {exc}"),
+    if isinstance(exc, (openai.APIError, ValueError)):  # includes JSON decode and response validation errors
+        return NodeError(redact(f"{where} sent a response Kiln cannot read: {type(exc).__name__}: {exc}"),
                          hint="the endpoint may not implement this API; check base_url")
     return NodeError(redact(f"{what} to {where} failed: {type(exc).__name__}: {exc}"))
 

@@ -145,6 +145,7 @@ class FakeOpenAI:
         """Auth, latency and injected faults; a response to send instead of the real one, or None."""
         rid = "req_" + uuid.uuid4().hex[:16]
         record["request_id"] = rid
+        record["t"] = time.monotonic()
         record["headers"] = dict(request.headers)
         self.requests.append(record)
         if self.latency:
