@@ -25,14 +25,18 @@ Image.MAX_IMAGE_PIXELS = 100_000_000  # refuse decompression bombs well above an
 IMAGE_TYPES = {"image/png", "image/jpeg", "image/jpg", "image/webp", "image/gif", "image/bmp", "image/tiff"}
 
 
-def decode(data: bytes, what: str) -> tuple[torch.Tensor, torch.Tensor]:
+PROVIDER_HINT = "the provider sent a broken or non-image payload; retry, or report it"
+
+
+def decode(data: bytes, what: str, input_name: str | None = None,
+           hint: str = PROVIDER_HINT) -> tuple[torch.Tensor, torch.Tensor]:
     """(IMAGE [1,H,W,3], MASK [1,H,W]) from encoded bytes; NodeError naming ``what`` if unreadable."""
     try:
         img = Image.open(io.BytesIO(data))
         img.load()
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
-        raise NodeError(f"{what} is not an image Kiln can decode ({len(data)} bytes: {exc})",
-                        hint="the provider sent a broken or non-image payload; retry, or report it") from exc
+        raise NodeError(f"{what} is not an image Kiln can decode ({len(data)} bytes: {type(exc).__name__})",
+                        input_name=input_name, hint=hint) from exc
     if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
         img = img.convert("RGBA")
         mask = mask_from_alpha(img)

@@ -132,7 +132,9 @@ def s3(moto_url, aws_env, request):
 
     client = boto3.client("s3", endpoint_url=moto_url, region_name="us-east-1",
                           config=Config(s3={"addressing_style": "path"}))
-    bucket = "kiln-" + request.node.name.lower().replace("_", "-")[:40].strip("-")
+    import hashlib
+
+    bucket = "kiln-" + hashlib.sha1(request.node.nodeid.encode()).hexdigest()[:16]
     client.create_bucket(Bucket=bucket)
     client.bucket = bucket
     return client

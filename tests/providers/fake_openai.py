@@ -266,7 +266,11 @@ class FakeOpenAI:
         name = request.match_info["name"]
         if name not in self.files:
             return web.Response(status=404)
-        return web.Response(body=self.files[name], content_type="image/png")
+        if name.startswith("slow"):
+            await self._stall(request, 5)
+        v = self.files[name]
+        body, ctype = v if isinstance(v, tuple) else (v, "image/png")
+        return web.Response(body=body, content_type=ctype)
 
     async def responses_api(self, request: web.Request) -> web.StreamResponse:
         p = await request.json()
