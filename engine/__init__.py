@@ -9,7 +9,7 @@ from .errors import (ExecutionFailed, GraphFormatError, Interrupted, KilnError, 
                      ValidationFailed)
 from .events import Preview
 from .executor import Executor, GraphBuilder, RunResult
-from .folders import Folders, UnsafePath, safe_join
+from .folders import Folders, UnsafePath, get_folders, safe_join, set_default as set_default_folders
 from .graph import BadLink, Graph, Link, NodeEntry, Submission, parse_submission
 from .node import ExecutionBlocker, Node, NodeResult, NodeSpec
 from .registry import Registry

@@ -28,6 +28,13 @@ class CacheEntry:
 
 def estimate_size(value: Any, _depth: int = 0) -> int:
     """Rough byte size of tensors/arrays inside a value (objects may define ``__kiln_sizeof__``)."""
+    if type(value) is list and _depth == 0:  # executor output slots: [[value, ...], ...]
+        total = 0
+        for slot in value:
+            for item in slot if type(slot) is list else (slot,):
+                nb = getattr(item, "nbytes", None)
+                total += nb if type(nb) is int else estimate_size(item, 1)
+        return total
     if _depth > 8 or value is None or isinstance(value, (bool, int, float)):
         return 0
     f = getattr(value, "__kiln_sizeof__", None)

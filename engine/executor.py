@@ -580,6 +580,9 @@ class Executor:
                  services: dict | None = None):
         self.registry = registry
         self.cache = make_cache(cache)
+        if folders is not None:
+            from .folders import set_default
+            set_default(folders)
         self.folders = folders
         self.services = services if services is not None else {}
         self.objects: dict[tuple[str, str], Any] = {}
@@ -619,14 +622,16 @@ class Executor:
     def _run(self, graph: Graph, prompt_id: str, extra: dict, validation: ValidationResult,
              targets: list[str] | None, sink: Callable[[Event], None], cancel: threading.Event | None) -> RunResult:
         t0 = time.perf_counter()
-        rc = _ctx.RunContext(prompt_id, sink, cancel or threading.Event(), extra, self.folders, self.services)
+        from .folders import get_folders
+        rc = _ctx.RunContext(prompt_id, sink, cancel or threading.Event(), extra, self.folders or get_folders(),
+                             self.services)
         self._run_ctx = rc
         outputs = validation.outputs
         run = _Run(self, graph, rc, outputs, targets)
         run.result.validation = validation
         try:
             sink(ExecutionStart(prompt_id))
-            order = upstream_order(graph, outputs)
+            order = validation.order or upstream_order(graph, outputs)
             run.compute_keys(order)
             keys = [k for k in run.keys.values() if k is not None]
             self.cache.begin_run(keys)

@@ -145,3 +145,25 @@ def safe_join(root: str | Path, rel: str) -> Path:
     if real != root_r and root_r not in real.parents:
         raise UnsafePath(f"{rel!r} leads outside its folder")
     return p
+
+
+_default: Folders | None = None
+
+
+def set_default(folders: Folders) -> None:
+    """Set the process-wide folders used outside a run (validation, /object_info, choice lists)."""
+    global _default
+    _default = folders
+
+
+def get_folders() -> Folders:
+    """The running node's folders, else the process default, else folders under the current directory."""
+    from .context import current
+
+    ctx = current()
+    if ctx is not None and ctx.folders is not None:
+        return ctx.folders
+    global _default
+    if _default is None:
+        _default = Folders(Path.cwd())
+    return _default

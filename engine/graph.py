@@ -161,7 +161,12 @@ class Graph:
         return json.dumps(self.to_json(), indent=indent, ensure_ascii=False)
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(self.dumps() + "\n", encoding="utf-8")
+        text = self.dumps()
+        try:
+            data = (text + "\n").encode("utf-8")
+        except UnicodeEncodeError:  # a lone surrogate in some string: write it as a \\u escape instead
+            data = (json.dumps(self.to_json(), indent=2, ensure_ascii=True) + "\n").encode("ascii")
+        Path(path).write_bytes(data)
 
     # -- queries ------------------------------------------------------------------------------------
     def __contains__(self, nid: object) -> bool:
@@ -218,6 +223,8 @@ def decode_json(text: str | bytes) -> Any:
     except json.JSONDecodeError as exc:
         raise GraphFormatError("Graph JSON is malformed",
                                f"line {exc.lineno} column {exc.colno}: {exc.msg}") from exc
+    except ValueError as exc:  # e.g. an integer literal with more digits than Python will convert
+        raise GraphFormatError("Graph JSON contains a value Kiln cannot read", str(exc)[:200]) from exc
 
 
 @dataclass
@@ -240,7 +247,8 @@ def parse_submission(data: Any) -> tuple[Graph, Submission]:
         if data["prompt"] is None:
             raise GraphFormatError("No prompt provided", "The 'prompt' field is empty")
         g = Graph.from_json(data["prompt"])
-        extra = data.get("extra_data") or {}
+        extra = data.get("extra_data")
+        extra = {} if extra is None else extra
         if not isinstance(extra, dict):
             raise GraphFormatError("'extra_data' must be an object")
         targets = data.get("partial_execution_targets")

@@ -257,8 +257,18 @@ def spec_from_native(cls: type, name: str | None = None) -> NodeSpec:
         inputs[p.name] = spec
     outputs = _normalise_outputs(cls, cls.outputs)
     is_async = inspect.iscoroutinefunction(run)
-    fingerprint = cls.__dict__.get("fingerprint") or getattr(cls, "fingerprint", None)
+    # bound through the class: a classmethod read from __dict__ is not callable
+    fingerprint = getattr(cls, "fingerprint", None)
     validate = getattr(cls, "validate", None)
+    for hook_name, hook in (("fingerprint", fingerprint), ("validate", validate)):
+        if hook is None:
+            continue
+        if not callable(hook):
+            raise _fail(cls, f"{hook_name} must be a classmethod, got {type(hook).__name__}")
+        raw = inspect.getattr_static(cls, hook_name)
+        if not isinstance(raw, (classmethod, staticmethod)):
+            raise _fail(cls, f"{hook_name}(...) must be a @classmethod (it is called on the class, "
+                             f"with the node's inputs, before any instance exists)")
     vparams: frozenset[str] | None = None
     wants_types = False
     if validate is not None:

@@ -157,13 +157,16 @@ class Registry:
 
     def suggest(self, name: str, n: int = 3) -> list[str]:
         lowered = {k.lower(): k for k in self._specs}
+        if len(str(name)) > 200:
+            return []
         hits = difflib.get_close_matches(str(name).lower(), list(lowered), n=n, cutoff=0.6)
         return [lowered[h] for h in hits]
 
     def unknown_message(self, name: Any) -> str:
         sugg = self.suggest(str(name))
         hint = f" Did you mean {' or '.join(repr(s) for s in sugg)}?" if sugg else ""
-        return f"Unknown node type {name!r}.{hint}"
+        shown = repr(name) if len(str(name)) <= 200 else repr(str(name)[:197] + "...")
+        return f"Unknown node type {shown}.{hint}"
 
     def object_info(self, names: Iterable[str] | None = None) -> dict[str, Any]:
         out = {}

@@ -98,9 +98,14 @@ def _opts(**kw: Any) -> dict:
 
 def Socket(type: str, *, optional: bool = False, lazy: bool = False, tooltip: str | None = None,
            raw_link: bool = False) -> InputSpec:
-    """A link-only input of the given socket type ("IMAGE", "LATENT", "*", ...)."""
-    return InputSpec(type=type, options=_opts(tooltip=tooltip), optional=optional, lazy=lazy,
-                     raw_link=raw_link)
+    """A link-only input of the given socket type ("IMAGE", "LATENT", "*", ...).
+
+    For a widget type (INT, FLOAT, STRING, BOOLEAN) this sets ``forceInput``, as ComfyUI does, so the input
+    is a socket: validation asks for a link when it is missing and /object_info shows no widget.
+    """
+    forced = type in WIDGET_TYPES and type != COMBO
+    return InputSpec(type=type, options=_opts(tooltip=tooltip, forceInput=forced or None), optional=optional,
+                     lazy=lazy, raw_link=raw_link)
 
 
 def Int(*, min: int | None = None, max: int | None = None, step: int | None = None,

@@ -8,6 +8,7 @@ widget inputs left out of the JSON take their declared defaults.
 from __future__ import annotations
 
 import inspect
+import json
 import math
 import traceback
 from dataclasses import dataclass, field
@@ -30,6 +31,7 @@ class ValidationResult:
     error: dict | None = None
     node_errors: dict = field(default_factory=dict)
     outputs: list[str] = field(default_factory=list)
+    order: list[str] = field(default_factory=list)  # nodes upstream of the outputs, sources first
 
     def to_comfy(self) -> dict:
         return {"error": self.error, "node_errors": self.node_errors}
@@ -70,6 +72,11 @@ def _where(node: NodeEntry, input_name: str | None = None) -> str:
     if input_name is not None:
         s += f", input '{input_name}'"
     return s
+
+
+def _where_id(node: NodeEntry) -> str:
+    """Node id and title, for problems where the class itself is missing or malformed."""
+    return f"Node {node.id}" + (f" \"{node.title}\"" if node.title else "")
 
 
 def coerce_literal(spec: InputSpec, value: Any) -> Any:
@@ -165,7 +172,7 @@ class _Validator:
             if isinstance(value, BadLink):
                 self.add(node, _err("bad_linked_input",
                                     "Bad linked input, must be a length-2 list of [node_id, slot_index]", name,
-                                    input_name=name, input_config=ispec.config(), received_value=value.value,
+                                    input_name=name, input_config=ispec.config(), received_value=_safe_json(value.value),
                                     hint=f"{_where(node, name)}: {_short(value.value)} is not a link; write "
                                          f"[\"<node id>\", <output index>], or wrap a list value as "
                                          f"{{\"__value__\": [...]}}"))
@@ -228,10 +235,10 @@ class _Validator:
                 value = coerce_literal(ispec, value)
             except (ValueError, TypeError, OverflowError) as exc:
                 self.add(node, _err("invalid_input_type", f"Failed to convert an input value to a {t} value",
-                                    f"{name}, {_short(value)}, {exc}", input_name=name,
+                                    f"{name}, {_short(value)}, {_clip(exc)}", input_name=name,
                                     input_config=ispec.config(), received_value=_safe_json(value),
-                                    exception_message=str(exc),
-                                    hint=f"{_where(node, name)}: {_short(value)} is not a valid {t} ({exc}); "
+                                    exception_message=_clip(exc),
+                                    hint=f"{_where(node, name)}: {_short(value)} is not a valid {t} ({_clip(exc)}); "
                                          f"give a {t.lower()} value"))
                 return
             node.inputs[name] = value
@@ -254,7 +261,7 @@ class _Validator:
             if not _in_choices(value, choices):
                 shown = str(choices) if len(choices) <= MAX_LIST_SHOWN else f"(list of length {len(choices)})"
                 near = _near(value, choices)
-                self.add(node, _err("value_not_in_list", "Value not in list", f"{name}: '{value}' not in {shown}",
+                self.add(node, _err("value_not_in_list", "Value not in list", f"{name}: '{_clip(value)}' not in {shown}",
                                     input_name=name,
                                     input_config=ispec.config() if len(choices) <= MAX_LIST_SHOWN else None,
                                     received_value=_safe_json(value),
@@ -315,10 +322,24 @@ def _near(value: Any, choices: list) -> str | None:
     return hits[0] if hits else None
 
 
+def _clip(v: Any, n: int = 200) -> str:
+    """str(v), cut to ``n`` characters: error messages stay readable whatever the graph holds."""
+    s = str(v)
+    return s if len(s) <= n else s[: n - 3] + "..."
+
+
 def _safe_json(v: Any) -> Any:
+    """A received value as it can appear in an error: JSON-safe and bounded in size."""
+    if isinstance(v, (list, dict)):
+        try:
+            if len(json.dumps(v)) <= 1000:
+                return v
+        except (TypeError, ValueError, RecursionError):
+            pass
+        return _short(v, 200)
     if isinstance(v, (str, int, float, bool)) or v is None:
         if isinstance(v, str):
-            return v.encode("utf-8", "replace").decode("utf-8")
+            return _clip(v.encode("utf-8", "replace").decode("utf-8"), 1000)
         if isinstance(v, float) and not math.isfinite(v):
             return str(v)
         return v
@@ -390,12 +411,16 @@ def validate(graph: Graph, registry: Registry, targets: list[str] | None = None,
     # 1. every node's class exists
     first: dict | None = None
     for node in graph.nodes.values():
-        if not isinstance(node.class_type, str) or not node.class_type:
+        if node.class_type is None or node.class_type == "":
             e = _err("invalid_prompt", "Cannot execute because a node is missing the class_type property.",
-                     f"Node ID '#{node.id}'", hint=f"Node {node.id} has no class_type; set it to a node type "
+                     f"Node ID '#{node.id}'", hint=f"{_where_id(node)} has no class_type; set it to a node type "
                                                   f"name such as 'KSampler'")
+        elif not isinstance(node.class_type, str):
+            e = _err("invalid_prompt", f"Cannot execute because node {_short(node.class_type)} does not exist.",
+                     f"Node ID '#{node.id}'", hint=f"{_where_id(node)}: class_type must be a node type name "
+                                                  f"(a string), got {_short(node.class_type)}")
         elif node.class_type not in registry:
-            e = _err("invalid_prompt", f"Cannot execute because node {node.class_type} does not exist.",
+            e = _err("invalid_prompt", f"Cannot execute because node {_clip(node.class_type)} does not exist.",
                      f"Node ID '#{node.id}'", hint=f"{_where(node)}: {registry.unknown_message(node.class_type)}"
                                                   f" Install the pack that provides it, or run `kiln nodes` "
                                                   f"to list the available types.")
@@ -449,7 +474,7 @@ def validate(graph: Graph, registry: Registry, targets: list[str] | None = None,
     dependents = _dependent_outputs(graph, outputs, v.node_errors)
     node_errors = _wrap(v.node_errors, graph, dependents)
     if good:
-        return ValidationResult(True, None, node_errors, good)
+        return ValidationResult(True, None, node_errors, good, order if good == outputs else [])
     reasons = [f"{e['message']}: {e['details']}" for errs in v.node_errors.values() for e in errs]
     return ValidationResult(False, _err("prompt_outputs_failed_validation", "Prompt outputs failed validation",
                                         "\n".join(reasons)), node_errors)

@@ -1,0 +1,333 @@
+"""The ``kiln`` command: run, validate and inspect graphs headless; serve and submit (server package).
+
+    kiln run graphs/txt2img.json --set "Positive.text=a red circle" --set 3.seed=1 --set 3.seed=2
+    kiln run graph.json --batch rows.csv --cache lru:200
+    kiln validate graph.json
+    kiln nodes [NAME]
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import itertools
+import json
+import os
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+EXIT_OK, EXIT_NODE_ERROR, EXIT_INVALID, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+
+def _parse_value(text: str) -> Any:
+    """JSON when it parses (numbers, true/false, lists), else the text itself."""
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError):
+        return text
+
+
+def parse_sets(items: list[str]) -> dict[str, list[Any]]:
+    """``NODE.INPUT=VALUE`` items; a key given several times collects several values."""
+    out: dict[str, list[Any]] = {}
+    for item in items:
+        key, eq, value = item.partition("=")
+        if not eq or "." not in key:
+            raise SystemExit(f"kiln: --set {item!r}: write NODE.INPUT=VALUE (NODE is a node id or title)")
+        out.setdefault(key.strip(), []).append(_parse_value(value))
+    return out
+
+
+def read_batch(path: str) -> list[dict[str, Any]]:
+    """Parameter rows from a CSV (header = NODE.INPUT keys) or JSONL file (one object per line)."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise SystemExit(f"kiln: cannot read batch file {path!r}: {exc.strerror}")
+    rows: list[dict[str, Any]] = []
+    if p.suffix.lower() in (".jsonl", ".ndjson", ".json"):
+        for i, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    row = json.loads(line)
+                except ValueError as exc:
+                    raise SystemExit(f"kiln: {path}:{i}: not a JSON object ({exc})")
+                if not isinstance(row, dict):
+                    raise SystemExit(f"kiln: {path}:{i}: each line must be a JSON object of NODE.INPUT keys")
+                rows.append(row)
+    else:
+        for row in csv.DictReader(text.splitlines()):
+            rows.append({k: _parse_value(v) for k, v in row.items() if k})
+    return rows
+
+
+def combinations(sets: dict[str, list[Any]], rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    keys = list(sets)
+    combos = [dict(zip(keys, vals)) for vals in itertools.product(*(sets[k] for k in keys))] or [{}]
+    if not rows:
+        return combos
+    return [{**row, **c} for row in rows for c in combos]
+
+
+class _Progress:
+    """Progress bars from the engine's event stream: one for nodes, one for the current node's steps."""
+
+    def __init__(self, graph, quiet: bool, label: str = ""):
+        self.quiet = quiet
+        self.graph = graph
+        self.label = label
+        self.console = None
+        if not quiet:
+            from rich.console import Console
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+            self.console = Console(stderr=True)
+            self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                     TimeElapsedColumn(), console=self.console, transient=False)
+            self.nodes_task = None
+            self.step_task = None
+        self.lock = threading.Lock()
+        self.total = 0
+        self.done = 0
+
+    def __enter__(self):
+        if not self.quiet:
+            self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        if not self.quiet:
+            self.progress.__exit__(*exc)
+
+    def __call__(self, ev) -> None:
+        if self.quiet:
+            return
+        from engine import events as E
+        with self.lock:
+            if isinstance(ev, E.ExecutionCached):
+                self.cached = set(ev.nodes)
+                self.nodes_task = self.progress.add_task(f"{self.label}nodes", total=None)
+            elif isinstance(ev, E.NodeStarted):
+                node = self.graph.nodes.get(ev.node)
+                title = (node.title if node else None) or ev.class_type
+                self.done += 1
+                if self.step_task is not None:
+                    self.progress.remove_task(self.step_task)
+                    self.step_task = None
+                self.progress.update(self.nodes_task, completed=self.done,
+                                     description=f"{self.label}#{ev.node} {title}")
+            elif isinstance(ev, E.Progress):
+                if self.step_task is None:
+                    self.step_task = self.progress.add_task(f"  #{ev.node} steps", total=ev.max)
+                self.progress.update(self.step_task, completed=ev.value, total=ev.max)
+            elif isinstance(ev, E.TERMINAL):
+                if self.step_task is not None:
+                    self.progress.remove_task(self.step_task)
+                    self.step_task = None
+                if self.nodes_task is not None:
+                    self.progress.update(self.nodes_task, total=max(self.done, 1), completed=max(self.done, 1),
+                                         description=f"{self.label}done")
+
+
+def _print_validation(res, stream=sys.stderr) -> None:
+    print("Graph is not valid:", file=stream)
+    for line in res.messages():
+        print(f"  - {line}", file=stream)
+
+
+def _print_node_error(err: dict, stream=sys.stderr) -> None:
+    print(f"Node {err.get('node_id')} ({err.get('node_type')}) failed: {err.get('exception_message')}", file=stream)
+    if err.get("current_inputs"):
+        print("  inputs: " + ", ".join(f"{k}={v[0] if len(v) == 1 else v}" for k, v in err["current_inputs"].items()),
+              file=stream)
+    tb = err.get("traceback") or []
+    if tb and os.environ.get("KILN_TRACEBACK"):
+        print("".join(tb), file=stream)
+    elif tb:
+        print("  (set KILN_TRACEBACK=1 to see the traceback)", file=stream)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from engine import GraphFormatError, Graph, validate
+    from . import api
+
+    try:
+        base = Graph.load(args.graph)
+    except GraphFormatError as exc:
+        print(f"kiln: {args.graph}: {exc.message}" + (f" ({exc.details})" if exc.details else ""), file=sys.stderr)
+        return EXIT_INVALID
+    combos = combinations(parse_sets(args.set or []), read_batch(args.batch) if args.batch else [])
+    ex = api.executor(cache=args.cache, base_dir=args.base_dir, output_dir=args.output_dir)
+    worst = EXIT_OK
+    total_cost = 0.0
+    for i, settings in enumerate(combos, 1):
+        g = base.copy()
+        label = f"[{i}/{len(combos)}] " if len(combos) > 1 else ""
+        try:
+            api.apply_settings(g, settings)
+        except GraphFormatError as exc:
+            print(f"kiln: {exc.message}" + (f" ({exc.details})" if exc.details else ""), file=sys.stderr)
+            return EXIT_INVALID
+        v = validate(g, ex.registry)
+        if not v.ok:
+            if label:
+                print(f"{label}{settings}", file=sys.stderr)
+            _print_validation(v)
+            worst = max(worst, EXIT_INVALID)
+            continue
+        t0 = time.perf_counter()
+        with _Progress(g, args.quiet, label) as prog:
+            try:
+                res = ex.run(g, validation=v, sink=prog)
+            except KeyboardInterrupt:
+                return EXIT_INTERRUPTED
+        result = api.Result(res, ex.folders)
+        dt = time.perf_counter() - t0
+        if res.status == "error":
+            _print_node_error(res.error or {})
+            worst = max(worst, EXIT_NODE_ERROR)
+            continue
+        if res.status == "interrupted":
+            return EXIT_INTERRUPTED
+        cost = sum(c.get("usd", 0.0) or 0.0 for c in res.costs)
+        total_cost += cost
+        head = f"{label}{' '.join(f'{k}={v!r}' for k, v in settings.items())}".strip()
+        print(f"{head + ': ' if head else ''}ran {len(res.ran)} node(s), {len(res.cached)} from cache, {dt:.2f}s"
+              + (f", estimated cost ${cost:.4f}" if res.costs else ""))
+        for p in result.files:
+            print(f"  wrote {p}")
+        for nid, ui in res.outputs.items():
+            for k, v in (ui or {}).items():
+                if k != "images":
+                    print(f"  #{nid} {k}: {json.dumps(v)[:300]}")
+    if total_cost and len(combos) > 1:
+        print(f"total estimated cost ${total_cost:.4f}")
+    return worst
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from engine import GraphFormatError, Graph, validate
+    from .runtime import default_registry
+
+    try:
+        g = Graph.load(args.graph)
+    except GraphFormatError as exc:
+        print(f"kiln: {args.graph}: {exc.message}" + (f" ({exc.details})" if exc.details else ""), file=sys.stderr)
+        return EXIT_INVALID
+    reg = default_registry()
+    res = validate(g, reg)
+    if args.json:
+        print(json.dumps(res.to_comfy() | {"outputs": res.outputs}, indent=2))
+    if not res.ok:
+        if not args.json:
+            _print_validation(res)
+        return EXIT_INVALID
+    if not args.json:
+        print(f"OK: {len(g)} nodes; outputs {', '.join(res.outputs)}")
+        if res.node_errors:
+            _print_validation(res)
+    return EXIT_OK
+
+
+def cmd_nodes(args: argparse.Namespace) -> int:
+    from .runtime import default_registry
+
+    reg = default_registry()
+    if args.name:
+        spec = reg.get(args.name)
+        if spec is None:
+            print(f"kiln: {reg.unknown_message(args.name)}", file=sys.stderr)
+            return EXIT_INVALID
+        if args.json:
+            print(json.dumps({spec.name: spec.object_info()}, indent=2, default=str))
+            return EXIT_OK
+        print(f"{spec.name}  ({spec.display_name}, category {spec.category})")
+        if spec.description:
+            print(f"  {spec.description}")
+        print("inputs:")
+        for n, i in spec.inputs.items():
+            extra = {k: v for k, v in i.options.items() if k in ("default", "min", "max", "step")}
+            choices = i.resolve_choices() if i.type == "COMBO" else None
+            t = f"one of {choices[:12]}{'...' if choices and len(choices) > 12 else ''}" if choices is not None else i.type
+            print(f"  {n:24} {t}{' (optional)' if i.optional else ''}{' ' + json.dumps(extra) if extra else ''}")
+        print("outputs:")
+        for o in spec.outputs:
+            print(f"  {o.name:24} {o.type}{' (list)' if o.is_list else ''}")
+        if spec.output_node:
+            print("  (output node)")
+        return EXIT_OK
+    if args.json:
+        print(json.dumps(reg.object_info(), indent=2, default=str))
+        return EXIT_OK
+    by_cat: dict[str, list] = {}
+    for spec in reg:
+        by_cat.setdefault(spec.category, []).append(spec)
+    for cat in sorted(by_cat):
+        print(f"{cat}:")
+        for spec in sorted(by_cat[cat], key=lambda s: s.name):
+            print(f"  {spec.name:32} {spec.display_name if spec.display_name != spec.name else ''}")
+    for err in reg.load_errors:
+        print(f"skipped pack {err.source}: {err.error}", file=sys.stderr)
+    return EXIT_OK
+
+
+def cmd_stubs(args: argparse.Namespace) -> int:
+    from . import codegen
+    from .runtime import default_registry
+
+    path = codegen.write(default_registry(entry_points=False, custom_nodes="/nonexistent"))
+    print(f"wrote {path}")
+    return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="kiln", description="Run image-generation node graphs (ComfyUI API format).")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    r = sub.add_parser("run", help="run a graph in this process")
+    r.add_argument("graph", help="API-format graph JSON")
+    r.add_argument("--set", action="append", metavar="NODE.INPUT=VALUE",
+                   help="change an input (NODE: id or title); repeat a key to run every value")
+    r.add_argument("--batch", metavar="ROWS", help="CSV or JSONL of NODE.INPUT parameter rows, one run each")
+    r.add_argument("--output-dir", help="where SaveImage writes (default ./output)")
+    r.add_argument("--base-dir", help="folder holding models/, input/, output/ (default: current directory)")
+    r.add_argument("--cache", default=None, help="keep-current (default), lru:N, ram:SIZE or none")
+    r.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    r.set_defaults(fn=cmd_run)
+
+    v = sub.add_parser("validate", help="check a graph without running it")
+    v.add_argument("graph")
+    v.add_argument("--json", action="store_true", help="print ComfyUI's {error, node_errors} JSON")
+    v.set_defaults(fn=cmd_validate)
+
+    n = sub.add_parser("nodes", help="list node types, or show one node's inputs and outputs")
+    n.add_argument("name", nargs="?")
+    n.add_argument("--json", action="store_true", help="object_info JSON")
+    n.set_defaults(fn=cmd_nodes)
+
+    s = sub.add_parser("stubs", help="regenerate kiln/builders.py (typed node builders) from the registry")
+    s.set_defaults(fn=cmd_stubs)
+
+    try:
+        from . import cli_server
+    except ImportError:
+        cli_server = None
+    if cli_server is not None:
+        cli_server.add_serve_parser(sub)
+        cli_server.add_submit_parser(sub)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.fn(args) or 0)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

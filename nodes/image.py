@@ -1,0 +1,430 @@
+"""Image nodes with ComfyUI's names, inputs and behaviour: load, save, preview, invert, scale, crop, blur,
+blend, pad for outpainting, composite."""
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import re
+import string
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageOps, ImageSequence
+
+from engine import (MAX_RESOLUTION, Boolean, Combo, Float, Hidden, Int, Node, NodeError, NodeResult, Socket,
+                    String, get_folders)
+from engine.context import current
+from engine.folders import UnsafePath
+
+from .common import check_image, check_mask, encode_png, comfy_png_metadata, mask_from_alpha, pil_to_tensor, \
+    preview_from_image, tensor_to_pil
+
+IMAGE = Socket("IMAGE")
+MASK_IN = Socket("MASK")
+UPSCALE_METHODS = ["nearest-exact", "bilinear", "area", "bicubic", "lanczos"]
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+
+
+class EmptyImage(Node):
+    """A batch of images filled with one colour (0xRRGGBB)."""
+
+    display_name = "EmptyImage"
+    category = "image"
+    outputs = ("IMAGE",)
+
+    def run(self, width: Annotated[int, Int(min=1, max=MAX_RESOLUTION, step=1)] = 512,
+            height: Annotated[int, Int(min=1, max=MAX_RESOLUTION, step=1)] = 512,
+            batch_size: Annotated[int, Int(min=1, max=4096)] = 1,
+            color: Annotated[int, Int(min=0, max=0xFFFFFF, step=1, display="color")] = 0) -> torch.Tensor:
+        rgb = torch.tensor([(color >> 16) & 0xFF, (color >> 8) & 0xFF, color & 0xFF], dtype=torch.float32) / 255.0
+        return rgb.expand(batch_size, height, width, 3).contiguous()
+
+
+def _annotated_path(name: str) -> Path:
+    """ComfyUI's file annotations: ``name.png [output]`` reads from output/, ``[temp]`` from temp/."""
+    folders = get_folders()
+    m = re.match(r"^(.*) \[(input|output|temp)\]$", name)
+    type_, fname = (m.group(2), m.group(1)) if m else ("input", name)
+    return folders.safe_path(type_, fname)
+
+
+def _input_choices() -> list[str]:
+    return get_folders().list_inputs(IMAGE_EXTENSIONS)
+
+
+class LoadImage(Node):
+    """Load an image from the input folder. The mask is 1 - alpha (64x64 zeros without alpha)."""
+
+    display_name = "Load Image"
+    category = "image"
+    outputs = ("IMAGE", "MASK")
+
+    def run(self, image: Annotated[str, Combo(_input_choices, image_upload=True)]):
+        path = _annotated_path(image)
+        try:
+            img = Image.open(path)
+        except FileNotFoundError:
+            raise NodeError(f"image file {image!r} not found in the input folder", input_name="image",
+                            hint="upload it or copy it into input/") from None
+        except Exception as exc:
+            raise NodeError(f"cannot decode {image!r} as an image: {exc}", input_name="image") from None
+        images, masks = [], []
+        size = None
+        for frame in ImageSequence.Iterator(img):
+            frame = ImageOps.exif_transpose(frame)
+            if frame.mode == "I":
+                frame = frame.point(lambda i: i * (1 / 255))
+            rgb = frame.convert("RGB")
+            if size is None:
+                size = rgb.size
+            elif rgb.size != size:
+                continue  # ComfyUI skips frames of another size
+            images.append(pil_to_tensor(rgb))
+            mask = mask_from_alpha(frame if "A" in frame.getbands() else frame.convert("RGBA")
+                                   if frame.mode == "P" and "transparency" in frame.info else frame)
+            masks.append(mask)
+        return torch.cat(images, 0), torch.cat(masks, 0) if masks[0].shape[1:] == masks[-1].shape[1:] else masks[0]
+
+    @classmethod
+    def fingerprint(cls, image: str) -> str:
+        try:
+            return hashlib.sha256(_annotated_path(image).read_bytes()).hexdigest()
+        except Exception:
+            return float("nan")  # type: ignore[return-value]
+
+    @classmethod
+    def validate(cls, image: str) -> bool | str:
+        try:
+            p = _annotated_path(image)
+        except UnsafePath as exc:
+            return f"Invalid image file: {image} ({exc})"
+        if not p.is_file():
+            return f"Invalid image file: {image}"
+        return True
+
+
+def _expand_prefix(prefix: str, width: int, height: int) -> str:
+    now = time.localtime()
+    tokens = {"%width%": str(width), "%height%": str(height), "%year%": str(now.tm_year),
+              "%month%": f"{now.tm_mon:02d}", "%day%": f"{now.tm_mday:02d}", "%hour%": f"{now.tm_hour:02d}",
+              "%minute%": f"{now.tm_min:02d}", "%second%": f"{now.tm_sec:02d}"}
+    for k, v in tokens.items():
+        prefix = prefix.replace(k, v)
+    return prefix
+
+
+def save_images(images: torch.Tensor, prefix: str, type_: str, prompt: dict | None, extra_pnginfo: dict | None,
+                compress_level: int = 4, metadata: bool = True) -> list[dict]:
+    """Write an IMAGE batch as ``<prefix>_<NNNNN>_.png`` (ComfyUI naming) without overwriting anything."""
+    check_image(images, "SaveImage", "images")
+    folders = get_folders()
+    root = folders.dir_for(type_)
+    prefix = _expand_prefix(prefix, images.shape[2], images.shape[1])
+    sub, _, base = prefix.replace("\\", "/").rpartition("/")
+    if not base:
+        raise NodeError("filename_prefix must end with a file name", input_name="filename_prefix")
+    try:
+        folder = folders.safe_path(type_, sub) if sub else root
+    except UnsafePath as exc:
+        raise NodeError(f"filename_prefix {prefix!r} would save outside the {type_} folder ({exc})",
+                        input_name="filename_prefix", hint="use a relative prefix such as 'renders/cat'") from None
+    folder.mkdir(parents=True, exist_ok=True)
+    texts = comfy_png_metadata(prompt, extra_pnginfo) if metadata else None
+    pattern = re.compile(re.escape(base.replace("%batch_num%", "")) + r"_(\d+)_")
+    counter = 1 + max((int(m.group(1)) for f in os.listdir(folder) if (m := pattern.match(f.replace(
+        "%batch_num%", "")))), default=0)
+    results = []
+    for i, img in enumerate(tensor_to_pil(images)):
+        name_base = base.replace("%batch_num%", str(i))
+        data = encode_png(img, texts, compress_level)
+        while True:
+            fname = f"{name_base}_{counter:05d}_.png"
+            try:
+                with open(folder / fname, "xb") as fh:  # never overwrite an existing output
+                    fh.write(data)
+                break
+            except FileExistsError:
+                counter += 1
+        results.append({"filename": fname, "subfolder": sub, "type": type_})
+        counter += 1
+    return results
+
+
+class SaveImage(Node):
+    """Save images to the output folder as PNG with the graph in the metadata."""
+
+    display_name = "Save Image"
+    category = "image"
+    output_node = True
+
+    def run(self, images: Annotated[torch.Tensor, IMAGE],
+            filename_prefix: Annotated[str, String(tooltip="Prefix of the file names; may contain a subfolder "
+                                                           "and %width%, %height%, %date% style tokens")] = "ComfyUI",
+            prompt: Annotated[dict, Hidden("PROMPT")] = None,
+            extra_pnginfo: Annotated[dict, Hidden("EXTRA_PNGINFO")] = None):
+        return NodeResult(ui={"images": save_images(images, filename_prefix, "output", prompt, extra_pnginfo)})
+
+
+class PreviewImage(Node):
+    """Save images to the temp folder for viewing."""
+
+    display_name = "Preview Image"
+    category = "image"
+    output_node = True
+
+    def run(self, images: Annotated[torch.Tensor, IMAGE],
+            prompt: Annotated[dict, Hidden("PROMPT")] = None,
+            extra_pnginfo: Annotated[dict, Hidden("EXTRA_PNGINFO")] = None):
+        prefix = "ComfyUI_temp_" + "".join(random.choice(string.ascii_lowercase) for _ in range(5))
+        return NodeResult(ui={"images": save_images(images, prefix, "temp", prompt, extra_pnginfo,
+                                                    compress_level=1)})
+
+
+class SaveImageWebsocket(Node):
+    """Send each image to the client as a PNG binary websocket frame instead of writing a file."""
+
+    display_name = "SaveImageWebsocket"
+    category = "api node/image"
+    output_node = True
+    cacheable = False  # always sends
+
+    def run(self, images: Annotated[torch.Tensor, IMAGE]):
+        check_image(images, "SaveImageWebsocket", "images")
+        ctx = current()
+        n = images.shape[0]
+        for i in range(n):
+            prev = preview_from_image(images[i:i + 1], max_size=1 << 30, fmt="PNG", kind="output")
+            if ctx is not None:
+                ctx.progress(i + 1, n, prev)
+        return NodeResult(ui={})
+
+
+class ImageInvert(Node):
+    display_name = "Invert Image"
+    category = "image"
+    outputs = ("IMAGE",)
+
+    def run(self, image: Annotated[torch.Tensor, IMAGE]) -> torch.Tensor:
+        return 1.0 - image
+
+
+def _resize(image: torch.Tensor, width: int, height: int, method: str) -> torch.Tensor:
+    if method == "lanczos":
+        return torch.cat([pil_to_tensor(p.resize((width, height), Image.LANCZOS)) for p in tensor_to_pil(image)])
+    x = image.movedim(-1, 1)
+    kw = {"align_corners": False} if method in ("bilinear", "bicubic") else {}
+    if method == "bicubic":
+        kw["antialias"] = True
+    out = F.interpolate(x, size=(height, width), mode=method, **kw)
+    return out.movedim(1, -1).clamp(0, 1) if method == "bicubic" else out.movedim(1, -1)
+
+
+def scale_image(image: torch.Tensor, width: int, height: int, method: str, crop: str = "disabled") -> torch.Tensor:
+    if crop == "center":
+        h, w = image.shape[1], image.shape[2]
+        src_ar, dst_ar = w / h, width / height
+        if src_ar > dst_ar:
+            nw = max(1, round(h * dst_ar))
+            x0 = (w - nw) // 2
+            image = image[:, :, x0:x0 + nw]
+        elif src_ar < dst_ar:
+            nh = max(1, round(w / dst_ar))
+            y0 = (h - nh) // 2
+            image = image[:, y0:y0 + nh]
+    return _resize(image, width, height, method)
+
+
+class ImageScale(Node):
+    """Resize to width x height; 0 in one dimension keeps the aspect ratio, 0 in both keeps the image."""
+
+    display_name = "Upscale Image"
+    category = "image/upscaling"
+    outputs = ("IMAGE",)
+
+    def run(self, image: Annotated[torch.Tensor, IMAGE],
+            upscale_method: Annotated[str, Combo(UPSCALE_METHODS)] = "nearest-exact",
+            width: Annotated[int, Int(min=0, max=MAX_RESOLUTION, step=1)] = 512,
+            height: Annotated[int, Int(min=0, max=MAX_RESOLUTION, step=1)] = 512,
+            crop: Annotated[str, Combo(["disabled", "center"])] = "disabled") -> torch.Tensor:
+        check_image(image, "ImageScale")
+        if width == 0 and height == 0:
+            return image
+        h, w = image.shape[1], image.shape[2]
+        if width == 0:
+            width = max(1, round(w * height / h))
+        elif height == 0:
+            height = max(1, round(h * width / w))
+        return scale_image(image, width, height, upscale_method, crop)
+
+
+class ImageScaleBy(Node):
+    display_name = "Upscale Image By"
+    category = "image/upscaling"
+    outputs = ("IMAGE",)
+
+    def run(self, image: Annotated[torch.Tensor, IMAGE],
+            upscale_method: Annotated[str, Combo(UPSCALE_METHODS)] = "nearest-exact",
+            scale_by: Annotated[float, Float(min=0.01, max=8.0, step=0.01)] = 1.0) -> torch.Tensor:
+        check_image(image, "ImageScaleBy")
+        w = max(1, round(image.shape[2] * scale_by))
+        h = max(1, round(image.shape[1] * scale_by))
+        return scale_image(image, w, h, upscale_method)
+
+
+class ImageCrop(Node):
+    display_name = "Image Crop"
+    category = "image/transform"
+    outputs = ("IMAGE",)
+
+    def run(self, image: Annotated[torch.Tensor, IMAGE],
+            width: Annotated[int, Int(min=1, max=MAX_RESOLUTION, step=1)] = 512,
+            height: Annotated[int, Int(min=1, max=MAX_RESOLUTION, step=1)] = 512,
+            x: Annotated[int, Int(min=0, max=MAX_RESOLUTION, step=1)] = 0,
+            y: Annotated[int, Int(min=0, max=MAX_RESOLUTION, step=1)] = 0) -> torch.Tensor:
+        check_image(image, "ImageCrop")
+        x = min(x, image.shape[2] - 1)
+        y = min(y, image.shape[1] - 1)
+        return image[:, y:y + height, x:x + width, :]
+
+
+class ImageBlur(Node):
+    display_name = "Image Blur"
+    category = "image/postprocessing"
+    outputs = ("IMAGE",)
+
+    def run(self, image: Annotated[torch.Tensor, IMAGE],
+            blur_radius: Annotated[int, Int(min=1, max=31, step=1)] = 1,
+            sigma: Annotated[float, Float(min=0.1, max=10.0, step=0.1)] = 1.0) -> torch.Tensor:
+        check_image(image, "ImageBlur")
+        size = blur_radius * 2 + 1
+        ax = torch.arange(size, dtype=torch.float32) - blur_radius
+        k1 = torch.exp(-(ax ** 2) / (2 * sigma ** 2))
+        k1 = k1 / k1.sum()
+        c = image.shape[-1]
+        x = image.movedim(-1, 1)
+        x = F.pad(x, (blur_radius,) * 4, mode="reflect" if min(x.shape[-2:]) > blur_radius else "replicate")
+        x = F.conv2d(x, k1.view(1, 1, 1, size).repeat(c, 1, 1, 1), groups=c)
+        x = F.conv2d(x, k1.view(1, 1, size, 1).repeat(c, 1, 1, 1), groups=c)
+        return x.movedim(1, -1)
+
+
+BLEND_MODES = ["normal", "multiply", "screen", "overlay", "soft_light", "difference"]
+
+
+def _blend(a: torch.Tensor, b: torch.Tensor, mode: str) -> torch.Tensor:
+    if mode == "normal":
+        return b
+    if mode == "multiply":
+        return a * b
+    if mode == "screen":
+        return 1 - (1 - a) * (1 - b)
+    if mode == "overlay":
+        return torch.where(a <= 0.5, 2 * a * b, 1 - 2 * (1 - a) * (1 - b))
+    if mode == "soft_light":
+        g = torch.where(a <= 0.25, ((16 * a - 12) * a + 4) * a, torch.sqrt(a))
+        return torch.where(b <= 0.5, a - (1 - 2 * b) * a * (1 - a), a + (2 * b - 1) * (g - a))
+    if mode == "difference":
+        return a - b
+    raise NodeError(f"unknown blend mode {mode!r}", input_name="blend_mode")
+
+
+class ImageBlend(Node):
+    display_name = "Image Blend"
+    category = "image/postprocessing"
+    outputs = ("IMAGE",)
+
+    def run(self, image1: Annotated[torch.Tensor, IMAGE], image2: Annotated[torch.Tensor, IMAGE],
+            blend_factor: Annotated[float, Float(min=0.0, max=1.0, step=0.01)] = 0.5,
+            blend_mode: Annotated[str, Combo(BLEND_MODES)] = "normal") -> torch.Tensor:
+        check_image(image1, "ImageBlend", "image1")
+        check_image(image2, "ImageBlend", "image2")
+        if image1.shape[1:3] != image2.shape[1:3]:
+            image2 = scale_image(image2, image1.shape[2], image1.shape[1], "bicubic", "center")
+        blended = _blend(image1, image2, blend_mode)
+        return (image1 * (1 - blend_factor) + blended * blend_factor).clamp(0, 1)
+
+
+class ImagePadForOutpaint(Node):
+    """Pad an image for outpainting: new area grey, MASK 1 there, feathered into the original edge."""
+
+    display_name = "Pad Image for Outpainting"
+    category = "image"
+    outputs = ("IMAGE", "MASK")
+
+    def run(self, image: Annotated[torch.Tensor, IMAGE],
+            left: Annotated[int, Int(min=0, max=MAX_RESOLUTION, step=8)] = 0,
+            top: Annotated[int, Int(min=0, max=MAX_RESOLUTION, step=8)] = 0,
+            right: Annotated[int, Int(min=0, max=MAX_RESOLUTION, step=8)] = 0,
+            bottom: Annotated[int, Int(min=0, max=MAX_RESOLUTION, step=8)] = 0,
+            feathering: Annotated[int, Int(min=0, max=MAX_RESOLUTION, step=1)] = 40):
+        check_image(image, "ImagePadForOutpaint")
+        b, h, w, c = image.shape
+        out = torch.full((b, h + top + bottom, w + left + right, c), 0.5, dtype=image.dtype)
+        out[:, top:top + h, left:left + w] = image
+        mask = torch.ones((h + top + bottom, w + left + right), dtype=torch.float32)
+        inner = torch.zeros((h, w), dtype=torch.float32)
+        if feathering > 0 and feathering * 2 < min(h, w):
+            ys = torch.arange(h, dtype=torch.float32).view(h, 1)
+            xs = torch.arange(w, dtype=torch.float32).view(1, w)
+            big = float(h + w)
+            d = torch.full((h, w), big)
+            if top:
+                d = torch.minimum(d, ys.expand(h, w))
+            if bottom:
+                d = torch.minimum(d, (h - 1 - ys).expand(h, w))
+            if left:
+                d = torch.minimum(d, xs.expand(h, w))
+            if right:
+                d = torch.minimum(d, (w - 1 - xs).expand(h, w))
+            v = ((feathering - d) / feathering).clamp(min=0) ** 2
+            inner = torch.where(d < feathering, v, inner)
+        mask[top:top + h, left:left + w] = inner
+        return out, mask.unsqueeze(0)
+
+
+class ImageCompositeMasked(Node):
+    """Paste ``source`` onto ``destination`` at (x, y), through an optional mask."""
+
+    display_name = "ImageCompositeMasked"
+    category = "image"
+    outputs = ("IMAGE",)
+
+    def run(self, destination: Annotated[torch.Tensor, IMAGE], source: Annotated[torch.Tensor, IMAGE],
+            x: Annotated[int, Int(min=0, max=MAX_RESOLUTION, step=8)] = 0,
+            y: Annotated[int, Int(min=0, max=MAX_RESOLUTION, step=8)] = 0,
+            resize_source: Annotated[bool, Boolean()] = False,
+            mask: Annotated[Any, Socket("MASK")] = None) -> torch.Tensor:
+        check_image(destination, "ImageCompositeMasked", "destination")
+        check_image(source, "ImageCompositeMasked", "source")
+        dest = destination.clone()
+        src = source
+        if resize_source:
+            src = _resize(src, dest.shape[2], dest.shape[1], "bilinear")
+        if src.shape[0] < dest.shape[0]:
+            src = src.repeat((dest.shape[0] + src.shape[0] - 1) // src.shape[0], 1, 1, 1)[:dest.shape[0]]
+        H, W = dest.shape[1], dest.shape[2]
+        x, y = min(x, W), min(y, H)
+        vh, vw = min(src.shape[1], H - y), min(src.shape[2], W - x)
+        if vh <= 0 or vw <= 0:
+            return dest
+        region = src[:dest.shape[0], :vh, :vw]
+        if mask is None:
+            m = torch.ones((dest.shape[0], vh, vw, 1))
+        else:
+            m = check_mask(mask)
+            m = F.interpolate(m.unsqueeze(1), size=(src.shape[1], src.shape[2]), mode="bilinear",
+                              align_corners=False).squeeze(1)
+            if m.shape[0] < dest.shape[0]:
+                m = m.repeat((dest.shape[0] + m.shape[0] - 1) // m.shape[0], 1, 1)[:dest.shape[0]]
+            m = m[:, :vh, :vw].unsqueeze(-1)
+        dest[:, y:y + vh, x:x + vw] = region * m + dest[:, y:y + vh, x:x + vw] * (1 - m)
+        return dest
+
+
+NODES = [EmptyImage, LoadImage, SaveImage, PreviewImage, SaveImageWebsocket, ImageInvert, ImageScale, ImageScaleBy,
+         ImageCrop, ImageBlur, ImageBlend, ImagePadForOutpaint, ImageCompositeMasked]
