@@ -89,9 +89,11 @@ async def _upload_all(c: Any, bucket: str, items: list[dict], storage_class: str
     async def one(item: dict) -> dict:
         async with sem:
             engine.check_interrupted()
-            data = item["data"] if "data" in item else await asyncio.to_thread(item["encode"])
-            r = await asyncio.to_thread(s3io.put, c, bucket, item["key"], data, content_type=item["content_type"],
-                                        metadata=item["metadata"], storage_class=storage_class)
+            if "prepare" in item:  # hashing and encoding run in the worker too, overlapping other uploads
+                item.update(await asyncio.to_thread(item.pop("prepare")))
+            r = await asyncio.to_thread(s3io.put, c, bucket, item["key"], item["data"],
+                                        content_type=item["content_type"], metadata=item["metadata"],
+                                        storage_class=storage_class)
             entry = {"bucket": bucket, "key": item["key"], "uri": f"s3://{bucket}/{item['key']}",
                      "size": r["size"], "etag": r["etag"], "content_type": item["content_type"]}
             done.append(entry)
@@ -111,7 +113,7 @@ async def _upload_all(c: Any, bucket: str, items: list[dict], storage_class: str
                 pass
         if isinstance(exc, NodeError) or not isinstance(exc, Exception):
             raise
-        failed = next((i["key"] for i, t in zip(items, tasks) if t.done() and not t.cancelled()
+        failed = next((i.get("key") for i, t in zip(items, tasks) if t.done() and not t.cancelled()
                        and t.exception() is exc), None)
         raise s3io.to_node_error(exc, action="uploading", bucket=bucket, key=failed) from None
     for entry in results:
@@ -125,11 +127,11 @@ def _ui(entries: list[dict]) -> dict:
     return {"s3": entries, "text": [e.get("url") or e["uri"] for e in entries]}
 
 
-def _encoder(img: torch.Tensor, fmt: str, quality: int, record: dict | None, texts: dict | None):
+def _encoder(arr: Any, fmt: str, quality: int, record: dict | None, texts: dict | None):
+    """Encoding deferred to the upload worker; ``arr`` is the HxWxC uint8 image already hashed."""
     def encode() -> bytes:
         from PIL import Image
 
-        arr = to_uint8(img)
         pil = Image.fromarray(arr[..., 0] if arr.shape[-1] == 1 else arr)
         buf = io.BytesIO()
         kw = provenance.save_kwargs(fmt, record, texts)
@@ -169,12 +171,13 @@ class SaveImageS3(engine.Node):
                   embed_workflow: Annotated[bool, Boolean(tooltip="ComfyUI's prompt/workflow PNG chunks")] = True,
                   validate: Annotated[bool, Boolean(tooltip="refuse blank or single-colour images")] = True,
                   metadata: Annotated[str, String(multiline=True, tooltip="extra S3 metadata as a JSON object")] = "",
-                  generation_info: Annotated[str, String(force_input=True, tooltip="a provider node's usage output")] = None,
+                  generation_info: Annotated[str, String(force_input=True,
+                                                         tooltip="a provider node's usage output")] = None,
                   prompt: Annotated[dict, Hidden("PROMPT")] = None,
                   extra_pnginfo: Annotated[dict, Hidden("EXTRA_PNGINFO")] = None) -> NodeResult:
         check_image(images, "SaveImageS3", "images")
         if validate:
-            check_images(images, "SaveImageS3", "images")
+            await asyncio.to_thread(check_images, images, "SaveImageS3", "images")
         bucket = _check_bucket(bucket)
         c = s3io.client(_target(endpoint_url, region, path_style))
         ctx = engine.current()
@@ -182,28 +185,25 @@ class SaveImageS3(engine.Node):
         user_meta = _user_metadata(metadata)
         gens = provenance.parse_generation_info(generation_info)
         now = _now()
-        items = []
         n = int(images.shape[0])
-        for i in range(n):
+        fields = {"prefix": filename_prefix.strip("/") or "kiln", "prompt_id": prompt_id, "node": node_id,
+                  "date": now.strftime("%Y-%m-%d"), "time": now.strftime("%H%M%S"), "ext": format}
+        render_key(key_template, {**fields, "index": "00000", "hash": "0" * 16}, batch=n)  # bad templates fail now
+        texts = comfy_png_metadata(prompt, extra_pnginfo) if embed_workflow and format == "png" else None
+        meta = {"kiln-prompt-id": prompt_id, "kiln-node": node_id, "kiln-created": now.isoformat()}
+        if gens:
+            meta.update({"kiln-provider": gens[0].get("provider"), "kiln-model": gens[0].get("model")})
+
+        def prepare(i: int) -> dict:
             pixels = to_uint8(images[i])
             digest = provenance.pixel_hash(pixels)
-            key = render_key(key_template, {"prefix": filename_prefix.strip("/") or "kiln", "prompt_id": prompt_id,
-                                            "node": node_id, "index": f"{i:05d}", "date": now.strftime("%Y-%m-%d"),
-                                            "time": now.strftime("%H%M%S"), "hash": digest[:16], "ext": format},
-                             batch=n)
             record = provenance.build(pixels=pixels, graph=prompt, generations=gens, prompt_id=prompt_id,
                                       node_id=node_id, mime=MIME[format], when=now) if embed_provenance else None
-            texts = comfy_png_metadata(prompt, extra_pnginfo) if embed_workflow and format == "png" else None
-            meta = {"kiln-prompt-id": prompt_id, "kiln-node": node_id, "kiln-sha256": digest,
-                    "kiln-created": now.isoformat()}
-            if gens:
-                meta.update({"kiln-provider": gens[0].get("provider"), "kiln-model": gens[0].get("model")})
-            meta.update(user_meta)
-            items.append({"key": key, "encode": _encoder(images[i], format, quality, record, texts),
-                          "content_type": MIME[format], "metadata": s3io.ascii_metadata(meta)})
-        if len({i["key"] for i in items}) != len(items):
-            raise NodeError("key_template gives two images the same key", input_name="key_template",
-                            hint="add {index} to the template")
+            return {"key": render_key(key_template, {**fields, "index": f"{i:05d}", "hash": digest[:16]}, batch=n),
+                    "data": _encoder(pixels, format, quality, record, texts)(),
+                    "metadata": s3io.ascii_metadata({**meta, "kiln-sha256": digest, **user_meta})}
+
+        items = [{"prepare": (lambda i=i: prepare(i)), "content_type": MIME[format]} for i in range(n)]
         entries = await _upload_all(c, bucket, items, storage_class, presign_seconds)
         return NodeResult([e["uri"] for e in entries], [e.get("url", "") for e in entries], ui=_ui(entries))
 

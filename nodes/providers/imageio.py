@@ -52,6 +52,8 @@ async def decode_all(blobs: list[bytes], what: str) -> tuple[torch.Tensor, torch
     if len(sizes) > 1:
         raise NodeError(f"{what}: the images came back in different sizes {sorted(sizes)} and cannot form "
                         f"one IMAGE batch", hint="request one image per node, or set an explicit size")
+    if len(pairs) == 1:
+        return pairs[0]
     return torch.cat([p[0] for p in pairs]), torch.cat([p[1] for p in pairs])
 
 

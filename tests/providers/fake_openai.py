@@ -351,3 +351,25 @@ class FakeOpenAI:
 def _text_usage() -> dict:
     return {"input_tokens": 1000, "input_tokens_details": {"cached_tokens": 0}, "output_tokens": 200,
             "output_tokens_details": {"reasoning_tokens": 0}, "total_tokens": 1200}
+
+
+def main() -> None:
+    """Serve on 127.0.0.1 in this process (benchmarks run it apart from Kiln, as a real provider is):
+    ``python -m tests.providers.fake_openai --latency 0.2 --key sk-...``; prints the base URL."""
+    import argparse
+    import sys
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--latency", type=float, default=0.0)
+    ap.add_argument("--key", default="sk-test-fake-key-000111")
+    args = ap.parse_args()
+    srv = FakeOpenAI(api_key=args.key, latency=args.latency).start()
+    print(srv.base_url, flush=True)
+    try:
+        sys.stdin.read()  # until the parent closes our stdin
+    finally:
+        srv.stop()
+
+
+if __name__ == "__main__":
+    main()
