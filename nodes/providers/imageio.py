@@ -18,7 +18,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from engine import NodeError
-from nodes.common import mask_from_alpha, pil_to_tensor, tensor_to_pil
+from nodes.common import tensor_to_pil
 
 Image.MAX_IMAGE_PIXELS = 100_000_000  # refuse decompression bombs well above any provider's output
 
@@ -37,12 +37,16 @@ def decode(data: bytes, what: str, input_name: str | None = None,
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
         raise NodeError(f"{what} is not an image Kiln can decode ({len(data)} bytes: {type(exc).__name__})",
                         input_name=input_name, hint=hint) from exc
-    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
-        img = img.convert("RGBA")
-        mask = mask_from_alpha(img)
+    has_alpha = img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info)
+    arr = np.asarray(img.convert("RGBA" if has_alpha else "RGB"))
+    # one pass to float32 (same values as nodes.common.pil_to_tensor, a third of its time)
+    image = torch.from_numpy(np.divide(arr[..., :3], np.float32(255), dtype=np.float32)).unsqueeze(0)
+    if has_alpha:
+        mask = torch.from_numpy(np.subtract(np.float32(1), np.divide(arr[..., 3], np.float32(255),
+                                                                       dtype=np.float32))).unsqueeze(0)
     else:
         mask = torch.zeros((1, img.height, img.width), dtype=torch.float32)
-    return pil_to_tensor(img), mask
+    return image, mask
 
 
 async def decode_all(blobs: list[bytes], what: str) -> tuple[torch.Tensor, torch.Tensor]:
