@@ -43,6 +43,16 @@ def write_config(path: Path, base_url: str, extra: str = "", timeout_s: float = 
         "    api_key_env: KILN_TEST_OPENAI_KEY\n"
         f"    timeout_s: {timeout_s}\n"
         f"    retries: {{max_attempts: {attempts}, budget_s: 5, base_delay_s: 0.01, max_delay_s: 0.3}}\n"
+        "  replicate:\n"
+        f"    base_url: {base_url.removesuffix('/v1')}/replicate/v1\n"
+        "    api_key_env: KILN_TEST_OPENAI_KEY\n"
+        f"    timeout_s: {timeout_s}\n"
+        "    retries: {max_attempts: 3, budget_s: 5, base_delay_s: 0.01, max_delay_s: 0.3}\n"
+        "  google:\n"
+        f"    base_url: {base_url.removesuffix('/v1')}/google/v1beta\n"
+        "    api_key_env: KILN_TEST_OPENAI_KEY\n"
+        f"    timeout_s: {timeout_s}\n"
+        "    retries: {max_attempts: 3, budget_s: 5, base_delay_s: 0.01, max_delay_s: 0.3}\n"
         + extra, encoding="utf-8")
     return path
 

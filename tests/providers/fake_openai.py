@@ -1,9 +1,10 @@
-"""A small OpenAI-compatible HTTP server for tests and benchmarks (aiohttp, 127.0.0.1 only).
+"""A small provider server for tests and benchmarks (aiohttp, 127.0.0.1 only).
 
-It implements ``/v1/images/generations``, ``/v1/images/edits``, ``/v1/images/variations`` and
-``/v1/responses`` (streamed with partial images), returns real PNG/JPEG/WebP bytes rendered from the
-request, records every request, and plays back injected faults: HTTP statuses with headers, stalls
-longer than the client's timeout, content-policy refusals and malformed bodies.
+It implements OpenAI's ``/v1/images/generations``, ``/v1/images/edits``, ``/v1/images/variations`` and
+``/v1/responses`` (streamed with partial images), Replicate's predictions API under ``/replicate/v1``
+and the Gemini API's Imagen ``:predict`` under ``/google/v1beta``. It returns real PNG/JPEG/WebP bytes
+rendered from the request, records every request, and plays back injected faults: HTTP statuses with
+headers, stalls longer than the client's timeout, content-policy refusals and malformed bodies.
 """
 from __future__ import annotations
 
@@ -72,6 +73,9 @@ class FakeOpenAI:
         self.files: dict[str, bytes] = {}
         self.responses: dict[str, dict] = {}
         self.url_mode = False  # answer with URLs instead of b64_json (dall-e default)
+        self.predictions: dict[str, dict] = {}
+        self.cancelled: list[str] = []
+        self.replicate_steps = 2  # polls before a prediction finishes
         self._render_cache: dict[tuple, bytes] = {}
         self._lock = threading.Lock()
         self.loop: asyncio.AbstractEventLoop | None = None
@@ -90,6 +94,11 @@ class FakeOpenAI:
             app.router.add_post("/v1/images/variations", self.variations)
             app.router.add_post("/v1/responses", self.responses_api)
             app.router.add_get("/files/{name}", self.file)
+            app.router.add_post("/replicate/v1/models/{owner}/{name}/predictions", self.replicate_create)
+            app.router.add_post("/replicate/v1/predictions", self.replicate_create)
+            app.router.add_get("/replicate/v1/predictions/{id}", self.replicate_get)
+            app.router.add_post("/replicate/v1/predictions/{id}/cancel", self.replicate_cancel)
+            app.router.add_post("/google/v1beta/models/{action}", self.google_predict)
             self.runner = web.AppRunner(app, access_log=None)
             self.loop.run_until_complete(self.runner.setup())
             site = web.TCPSite(self.runner, "127.0.0.1", 0)
@@ -119,6 +128,9 @@ class FakeOpenAI:
         self.disconnects = 0
         self.url_mode = False
         self.latency = 0.0
+        self.predictions.clear()
+        self.cancelled.clear()
+        self.replicate_steps = 2
 
     def inject(self, *faults: Fault) -> None:
         self.faults.extend(faults)
@@ -151,7 +163,12 @@ class FakeOpenAI:
         if self.latency:
             await asyncio.sleep(self.latency)
         auth = request.headers.get("Authorization", "")
-        if auth != f"Bearer {self.api_key}":
+        if request.path.startswith("/google/"):
+            if request.headers.get("x-goog-api-key") != self.api_key:
+                body = {"error": {"code": 400, "message": "API key not valid. Please pass a valid API key.",
+                                  "status": "INVALID_ARGUMENT"}}
+                return web.json_response(body, status=400, headers={"x-request-id": rid})
+        elif auth != f"Bearer {self.api_key}":
             given = auth.removeprefix("Bearer ")
             return self._error(401, f"Incorrect API key provided: {given}. You can find your API key at the "
                                     f"dashboard.", "invalid_api_key", None, rid)
@@ -346,6 +363,104 @@ class FakeOpenAI:
         await send({"type": "response.completed", "response": done})
         await stream.write_eof()
         return stream
+
+    # -- Replicate ----------------------------------------------------------------------------------
+    def _prediction_json(self, pid: str) -> dict:
+        p = self.predictions[pid]
+        base = f"http://127.0.0.1:{self.port}/replicate/v1/predictions/{pid}"
+        out = {k: p[k] for k in ("id", "model", "version", "input", "status", "logs", "output", "error", "metrics")}
+        out["urls"] = {"get": base, "cancel": base + "/cancel"}
+        return out
+
+    def _advance(self, pid: str) -> None:
+        p = self.predictions[pid]
+        if p["status"] in ("succeeded", "failed", "canceled") or p["input"].get("prompt", "").startswith("hang"):
+            if p["status"] == "starting":
+                p["status"] = "processing"
+            return
+        if p["steps"] > 0:
+            p["steps"] -= 1
+            p["status"] = "processing"
+            p["logs"] += f"{100 * (p['total'] - p['steps']) // (p['total'] + 1)}%|###\n"
+            return
+        prompt = p["input"].get("prompt", "")
+        if "nsfw" in prompt:
+            p.update(status="failed", error="NSFW content detected. Try running it again, or try a different prompt.")
+            return
+        urls = []
+        for i in range(int(p["input"].get("num_outputs", 1))):
+            name = f"rep_{pid}_{i}.png"
+            self.files[name] = self._image("96x64", f"{prompt}|{p['input'].get('seed')}", "png", False, i)
+            urls.append(f"http://127.0.0.1:{self.port}/files/{name}")
+        p.update(status="succeeded", output=urls if len(urls) > 1 or p["input"].get("as_list") else urls[0],
+                 metrics={"predict_time": 0.42})
+
+    async def replicate_create(self, request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        rec = {"path": request.path, "json": body}
+        early = await self._gate(request, rec)
+        if early is not None:
+            return early
+        inp = body.get("input") or {}
+        if not inp.get("prompt") and not inp.get("image"):
+            return web.json_response({"detail": "- input: prompt is required", "status": 422,
+                                      "title": "Input validation failed"}, status=422,
+                                     headers={"x-request-id": rec["request_id"]})
+        pid = uuid.uuid4().hex[:20]
+        model = "/".join(request.path.split("/")[4:6]) if "/models/" in request.path else None
+        self.predictions[pid] = {"id": pid, "model": model, "version": body.get("version"), "input": inp,
+                                 "status": "starting", "logs": "", "output": None, "error": None, "metrics": {},
+                                 "steps": self.replicate_steps, "total": self.replicate_steps}
+        if "wait" in request.headers.get("Prefer", "") and self.replicate_steps == 0:
+            self._advance(pid)
+        return web.json_response(self._prediction_json(pid), status=201, headers={"x-request-id": rec["request_id"]})
+
+    async def replicate_get(self, request: web.Request) -> web.StreamResponse:
+        rec = {"path": request.path, "json": None}
+        early = await self._gate(request, rec)
+        if early is not None:
+            return early
+        pid = request.match_info["id"]
+        if pid not in self.predictions:
+            return web.json_response({"detail": "Not found."}, status=404)
+        self._advance(pid)
+        return web.json_response(self._prediction_json(pid))
+
+    async def replicate_cancel(self, request: web.Request) -> web.StreamResponse:
+        pid = request.match_info["id"]
+        self.cancelled.append(pid)
+        if pid in self.predictions:
+            self.predictions[pid]["status"] = "canceled"
+            return web.json_response(self._prediction_json(pid))
+        return web.json_response({"detail": "Not found."}, status=404)
+
+    # -- Google Imagen ------------------------------------------------------------------------------
+    async def google_predict(self, request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        rec = {"path": request.path, "json": body}
+        early = await self._gate(request, rec)
+        if early is not None:
+            return early
+        model, _, action = request.match_info["action"].partition(":")
+        if action != "predict":
+            return web.json_response({"error": {"code": 404, "message": "not found", "status": "NOT_FOUND"}}, 404)
+        params = body.get("parameters") or {}
+        if int(params.get("sampleCount", 1)) > 4:
+            return web.json_response({"error": {"code": 400, "message": "sampleCount must be between 1 and 4.",
+                                                "status": "INVALID_ARGUMENT"}}, status=400)
+        prompt = body["instances"][0]["prompt"]
+        aw, ah = (int(x) for x in params.get("aspectRatio", "1:1").split(":"))
+        size = f"{32 * aw}x{32 * ah}"
+        preds = []
+        for i in range(int(params.get("sampleCount", 1))):
+            if "blocked" in prompt or ("half" in prompt and i % 2):
+                preds.append({"raiFilteredReason": "The prompt could not be submitted: it may violate the "
+                                                   "usage guidelines."})
+            else:
+                preds.append({"bytesBase64Encoded": base64.b64encode(self._image(size, prompt, "png", False,
+                                                                                   i)).decode(),
+                              "mimeType": "image/png"})
+        return web.json_response({"predictions": preds}, headers={"x-request-id": rec["request_id"]})
 
 
 def _text_usage() -> dict:
