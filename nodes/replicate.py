@@ -100,7 +100,8 @@ class ReplicateRun(engine.Node):
         model = (model or "").strip()
         if not _MODEL_RE.match(model):
             raise NodeError(f"model {model!r} is not a Replicate model id", input_name="model",
-                            hint="write owner/name (e.g. black-forest-labs/flux-schnell) or owner/name:<64-hex version>")
+                            hint="write owner/name (e.g. black-forest-labs/flux-schnell) or "
+                                 "owner/name:<64-hex version>")
         inputs = parse_input(input_json)
         if prompt.strip():
             inputs.setdefault("prompt", prompt)

@@ -27,7 +27,7 @@ import engine
 from engine import Boolean, Combo, Hidden, Int, NodeError, NodeResult, Output, Socket, String
 from nodes.common import check_image, comfy_png_metadata, to_uint8
 from nodes.providers import imageio, provenance, s3io
-from nodes.quality import check_images
+from nodes.providers.checks import check_images
 
 STORAGE_CLASSES = ["STANDARD", "STANDARD_IA", "ONEZONE_IA", "INTELLIGENT_TIERING", "GLACIER_IR",
                    "REDUCED_REDUNDANCY"]

@@ -140,3 +140,13 @@ def read(data: bytes) -> dict | None:
 
             return json.loads(html.unescape(m.group(1)[1:-1]))
     return None
+
+
+def png_chunks_for(pixels: np.ndarray, graph: dict | None, generation_info: str | None) -> dict[str, str]:
+    """The ``kiln_provenance`` PNG text chunk for one image saved by the running node (SaveImage's option)."""
+    import engine
+
+    ctx = engine.current()
+    rec = build(pixels=pixels, graph=graph, generations=parse_generation_info(generation_info),
+                prompt_id=ctx.prompt_id if ctx else None, node_id=ctx.node_id if ctx else None, mime="image/png")
+    return {CHUNK: dumps(rec)}
