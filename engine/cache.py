@@ -116,6 +116,18 @@ class _DictCache(Cache):
     def _evict(self) -> None:
         pass
 
+    def begin_run(self, keys_in_use: Iterable[bytes]) -> None:
+        """A new run: every entry its graph uses belongs to the current generation (most recently used),
+        even where the run will stop walking upstream at a cached descendant and never read it."""
+        super().begin_run(keys_in_use)
+        with self._lock:
+            for k in keys_in_use:
+                e = self._d.get(k)
+                if e is not None:
+                    e.generation = self.generation
+                    self._d.move_to_end(k)
+            self._evict()
+
     def clear(self) -> None:
         with self._lock:
             self._d.clear()
@@ -134,8 +146,8 @@ class KeepCurrentCache(_DictCache):
     name = "keep-current"
 
     def begin_run(self, keys_in_use: Iterable[bytes]) -> None:
-        super().begin_run(keys_in_use)
         keep = set(keys_in_use)
+        Cache.begin_run(self, keep)
         with self._lock:
             for k in [k for k in self._d if k not in keep]:
                 del self._d[k]
@@ -183,12 +195,17 @@ class RAMBudgetCache(_DictCache):
         age = max(0, self.generation - e.generation)
         return (1.5 ** age) * (e.size + 1) / (e.seconds + 1e-3)
 
+    # Once over budget, evict down to this fraction of it: ranking every entry costs a sort, and
+    # doing that at each put while the cache sits at its budget made a long run quadratic.
+    LOW_WATER = 0.9
+
     def _evict(self) -> None:
         if self._total <= self.budget:
             return
+        target = self.budget * self.LOW_WATER
         victims = sorted(self._d.items(), key=lambda kv: self._score(kv[1]), reverse=True)
         for k, e in victims:
-            if self._total <= self.budget:
+            if self._total <= target:
                 break
             del self._d[k]
             self._total -= e.size

@@ -43,6 +43,24 @@ def _input_from_entry(cls: type, section: str, name: str, entry: Any) -> InputSp
     return spec
 
 
+def _fresh_choices(cls: type, section: str, name: str, fallback: list) -> Any:
+    """Choices read from INPUT_TYPES() each time they are needed, as ComfyUI does at every validation:
+    packs list files there (like LoadImage), and a file added after start-up must be accepted.
+    Falls back to the list seen at registration if INPUT_TYPES() fails or no longer has the input."""
+    def read() -> list:
+        try:
+            entry = (cls.INPUT_TYPES().get(section) or {}).get(name)
+            if isinstance(entry, (list, tuple)) and entry:
+                if isinstance(entry[0], (list, tuple)):
+                    return list(entry[0])
+                if entry[0] == COMBO and len(entry) > 1 and isinstance(entry[1], dict):
+                    return list(entry[1].get("options", []))
+        except Exception:
+            pass
+        return fallback
+    return read
+
+
 def spec_from_classic(name: str, cls: type, display_name: str | None = None,
                       python_module: str = "custom_nodes") -> NodeSpec:
     if not is_classic(cls):
@@ -58,6 +76,8 @@ def spec_from_classic(name: str, cls: type, display_name: str | None = None,
     for section in ("required", "optional"):
         for n, entry in (raw.get(section) or {}).items():
             inputs[n] = _input_from_entry(cls, section, n, entry)
+            if inputs[n].type == COMBO:
+                inputs[n].choices = _fresh_choices(cls, section, n, list(inputs[n].choices or []))
     for n, kind in (raw.get("hidden") or {}).items():
         k = kind[0] if isinstance(kind, (list, tuple)) else kind
         if k not in HIDDEN_KINDS:
@@ -96,5 +116,9 @@ def spec_from_classic(name: str, cls: type, display_name: str | None = None,
         api_node=getattr(cls, "API_NODE", None), fingerprint=getattr(cls, "IS_CHANGED", None),
         validate=validate, validate_params=vparams, validate_wants_types=wants_types,
         has_lazy_check=callable(getattr(cls, "check_lazy_status", None)), raw_input_types=raw,
+        input_types_fn=cls.INPUT_TYPES,
         output_tooltips=list(tips) if tips else None,
+        # object_info's "output" is RETURN_TYPES as declared: a combo output stays its list of choices
+        extra={"raw_return_types": [t if isinstance(t, str) else list(t) for t in rtypes]}
+        if any(not isinstance(t, str) for t in rtypes) else {},
     )

@@ -124,6 +124,28 @@ class ExecutionError(Event):
 
 
 @dataclass
+class NodeBlocked(Event):
+    """A node call was skipped because an input carried an ExecutionBlocker with a message.
+
+    Not fatal: the run goes on. ComfyUI reports it as an ``execution_error`` message whose
+    exception_type is ``ExecutionBlocked``; it is not a terminal event.
+    """
+
+    node_id: str | None = None
+    node_type: str | None = None
+    message: str = ""
+    executed: list = field(default_factory=list)
+    timestamp: int = field(default_factory=_now_ms)
+    comfy_type = "execution_error"
+
+    def comfy_data(self) -> dict:
+        return {"prompt_id": self.prompt_id, "node_id": self.node_id, "node_type": self.node_type,
+                "executed": list(self.executed), "exception_message": f"Execution Blocked: {self.message}",
+                "exception_type": "ExecutionBlocked", "traceback": [], "current_inputs": [],
+                "current_outputs": []}  # ComfyUI's shape for this message: no timestamp
+
+
+@dataclass
 class ExecutionInterrupted(Event):
     node_id: str | None = None
     node_type: str | None = None

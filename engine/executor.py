@@ -26,7 +26,7 @@ from . import context as _ctx
 from .cache import Cache, CacheEntry, estimate_size, make_cache
 from .errors import ExecutionFailed, GraphFormatError, Interrupted, NodeError
 from .events import (Event, ExecutionCached, ExecutionError, ExecutionInterrupted, ExecutionStart,
-                     ExecutionSuccess, NodeOutput, NodeStarted)
+                     ExecutionSuccess, NodeBlocked, NodeOutput, NodeStarted)
 from .fingerprint import Unfingerprintable, encode
 from .graph import Graph, Link, NodeEntry, parse_input
 from .node import ExecutionBlocker, NodeResult, NodeSpec
@@ -121,6 +121,8 @@ class _Run:
         self.waiting: dict[str, int] = {}
         self.dependents: dict[str, list[str]] = {}
         self.consumers_left: dict[str, int] = {}
+        self.holds: dict[str, list[str]] = {}  # consumer -> sources it counted in consumers_left
+        self.restaged: set[str] = set()  # nodes waiting on lazy inputs they asked for
         self.ready_sync: deque[str] = deque()
         self.ready_async: deque[str] = deque()
         self.inflight: dict[cf.Future, str] = {}
@@ -215,6 +217,7 @@ class _Run:
         for name, v in self.nodes[nid].inputs.items():
             if isinstance(v, Link) and not _is_lazy(spec, name):
                 self.consumers_left[v.node_id] = self.consumers_left.get(v.node_id, 0) + 1
+                self.holds.setdefault(nid, []).append(v.node_id)
                 if v.node_id not in self.done:
                     self.dependents.setdefault(v.node_id, []).append(nid)
                     count += 1
@@ -237,6 +240,7 @@ class _Run:
                 return False
         self.dependents.setdefault(src, []).append(nid)
         self.consumers_left[src] = self.consumers_left.get(src, 0) + 1
+        self.holds.setdefault(nid, []).append(src)
         self.waiting[nid] = self.waiting.get(nid, 0) + 1
         return True
 
@@ -267,11 +271,21 @@ class _Run:
         if nid in self.expansions:
             self._resolve_expansion(nid, spec)
             return
+        key = self.keys.get(nid)
+        if key is not None and nid not in self.restaged:
+            # a node identical to one that finished earlier in this run (same class, inputs, upstream)
+            # is served from its entry, as ComfyUI checks the cache when a node comes up: two identical
+            # SaveImage nodes write one file
+            entry = self.cache.get(key) if _has(self.cache, key) else None
+            if entry is not None:
+                self._serve_cached(nid, node, entry)
+                return
         inputs = self._gather(nid, node, spec)
         disp = node.display_id or nid
         self.ctx.emit(NodeStarted(self.ctx.prompt_id, node=nid, display_node=disp, class_type=node.class_type))
         if spec.has_lazy_check:
             if self._request_lazy(nid, node, spec, inputs):
+                self.restaged.add(nid)
                 return
             inputs = self._gather(nid, node, spec)
         obj = self._instance(nid, spec)
@@ -281,6 +295,13 @@ class _Run:
         started = time.perf_counter()
         try:
             calls = _map_calls(spec, inputs)
+            reported: set[str] = set()
+            for kw in calls:
+                if isinstance(kw, _BlockedCall) and kw.message is not None and kw.message not in reported:
+                    reported.add(kw.message)  # once per message per node: a long list stays one event
+                    self.ctx.emit(NodeBlocked(self.ctx.prompt_id, node_id=disp, node_type=node.class_type,
+                                              message=kw.message,
+                                              executed=list(self.result.ran + self.result.cached)))
             if spec.is_async:
                 coros = []
                 for kw in calls:
@@ -293,8 +314,8 @@ class _Run:
             rets = []
             for kw in calls:
                 self.ctx.check_interrupted()
-                if kw is _BLOCKED_CALL:
-                    rets.append(_BLOCKED_CALL)
+                if isinstance(kw, _BlockedCall):
+                    rets.append(kw)
                 else:
                     rets.append(fn(**kw))
         finally:
@@ -420,6 +441,16 @@ class _Run:
             self.ctx.emit(NodeOutput(self.ctx.prompt_id, node=nid, display_node=disp, output=ui))
         self._finish(nid)
 
+    def _serve_cached(self, nid: str, node: NodeEntry, entry: CacheEntry) -> None:
+        self.results[nid] = (entry.outputs, entry.ui)
+        self.result.cached.append(nid)
+        if entry.ui is not None and self.spec(nid).output_node:
+            disp = node.display_id or nid
+            self.result.outputs[disp] = entry.ui
+            self.ctx.emit(NodeOutput(self.ctx.prompt_id, node=nid, display_node=disp, output=entry.ui,
+                                     cached=True))
+        self._finish(nid)
+
     def _finish(self, nid: str) -> None:
         self.done.add(nid)
         for dep in self.dependents.pop(nid, ()):
@@ -429,13 +460,12 @@ class _Run:
         self._release_inputs(nid)
 
     def _release_inputs(self, nid: str) -> None:
-        node = self.nodes[nid]
-        for v in node.inputs.values():
-            if isinstance(v, Link) and v.node_id in self.consumers_left:
-                self.consumers_left[v.node_id] -= 1
-                if self.consumers_left[v.node_id] <= 0 and v.node_id not in self.targets \
-                        and v.node_id not in self.output_set:
-                    self.results.pop(v.node_id, None)  # intermediates nobody needs are released
+        # only the sources this node counted: a lazy input it never asked for holds nothing, and
+        # decrementing for it would free a result another consumer is still waiting for
+        for src in self.holds.pop(nid, ()):
+            self.consumers_left[src] -= 1
+            if self.consumers_left[src] <= 0 and src not in self.targets and src not in self.output_set:
+                self.results.pop(src, None)  # intermediates nobody needs are released
 
     def _real_id(self, nid: str) -> str:
         node = self.nodes[nid]
@@ -497,7 +527,22 @@ class _Nan:
 
 
 _NAN = _Nan()
-_BLOCKED_CALL = object()
+
+
+class _BlockedCall:
+    """A call skipped because an input was an ExecutionBlocker; its result is a silent blocker."""
+
+    __slots__ = ("message",)
+
+    def __init__(self, message: str | None):
+        self.message = message
+
+
+def _blocker_in(values: Iterable[Any]) -> ExecutionBlocker | None:
+    for x in values:
+        if isinstance(x, ExecutionBlocker):
+            return x
+    return None
 
 
 def _is_lazy(spec: NodeSpec, name: str) -> bool:
@@ -509,22 +554,24 @@ def _map_calls(spec: NodeSpec, inputs: dict[str, list], for_lazy: bool = False) 
     """ComfyUI's list semantics: one call per element of the longest input list, shorter lists repeat
     their last element; INPUT_IS_LIST nodes get one call with whole lists."""
     if spec.input_is_list:
+        if not for_lazy:  # one call with whole lists: a blocker anywhere in them blocks it
+            b = _blocker_in(x for v in inputs.values() for x in v)
+            if b is not None:
+                return [_BlockedCall(b.message)]
         return [inputs]
     n = max((len(v) for v in inputs.values()), default=1)
     n = max(n, 1)
-    calls = []
+    calls: list = []
     for i in range(n):
         kw = {k: (v[i] if i < len(v) else v[-1]) if v else None for k, v in inputs.items()}
-        if not for_lazy and any(isinstance(x, ExecutionBlocker) for x in kw.values()):
-            calls.append(_BLOCKED_CALL)
-            continue
-        calls.append(kw)
+        b = None if for_lazy else _blocker_in(kw.values())
+        calls.append(kw if b is None else _BlockedCall(b.message))
     return calls
 
 
 async def _async_call(fn: Callable, kw: Any) -> Any:
-    if kw is _BLOCKED_CALL:
-        return _BLOCKED_CALL
+    if isinstance(kw, _BlockedCall):
+        return kw
     r = fn(**kw)
     if inspect.isawaitable(r):
         r = await r
@@ -533,7 +580,7 @@ async def _async_call(fn: Callable, kw: Any) -> Any:
 
 def _normalise(spec: NodeSpec, ret: Any, n_out: int) -> tuple[tuple, dict | None, Any]:
     """(values, ui, expand) from whatever a node function returned."""
-    if ret is _BLOCKED_CALL:
+    if isinstance(ret, _BlockedCall):  # blocked: the block travels on silently (reported once, here)
         return (ExecutionBlocker(None),) * n_out, None, None
     if isinstance(ret, ExecutionBlocker):
         return (ret,) * n_out, None, None
@@ -612,12 +659,13 @@ class Executor:
             cancel: threading.Event | None = None) -> RunResult:
         """Validate (unless ``validation`` is given) and run. Raises ValidationFailed for an invalid graph;
         node errors and interruptions come back as the result's status."""
-        if validation is None:
-            validation = validate(graph, self.registry, targets, partial_execution_targets)
-            validation.raise_for_errors()
-        with self._lock:
-            return self._run(graph, prompt_id or uuid.uuid4().hex, extra_data or {}, validation, targets,
-                             sink or (lambda e: None), cancel)
+        with _ctx.use_folders(self.folders):
+            if validation is None:
+                validation = validate(graph, self.registry, targets, partial_execution_targets)
+                validation.raise_for_errors()
+            with self._lock:
+                return self._run(graph, prompt_id or uuid.uuid4().hex, extra_data or {}, validation, targets,
+                                 sink or (lambda e: None), cancel)
 
     def _run(self, graph: Graph, prompt_id: str, extra: dict, validation: ValidationResult,
              targets: list[str] | None, sink: Callable[[Event], None], cancel: threading.Event | None) -> RunResult:
@@ -636,11 +684,14 @@ class Executor:
             keys = [k for k in run.keys.values() if k is not None]
             self.cache.begin_run(keys)
             self._forget_objects(graph)
-            cached_nodes = [nid for nid in order if run.keys[nid] is not None and _has(self.cache, run.keys[nid])]
+            # in the prompt's key order, as ComfyUI lists them
+            cached_nodes = [nid for nid in graph.nodes
+                            if run.keys.get(nid) is not None and _has(self.cache, run.keys[nid])]
             run.plan(outputs)
             sink(ExecutionCached(prompt_id, nodes=cached_nodes))
+            cached_now = set(run.result.cached)
             for nid in outputs:
-                if nid in run.result.cached:
+                if nid in cached_now:
                     slots, ui = run.results[nid]
                     if ui is not None:
                         run.result.outputs[nid] = ui
@@ -668,7 +719,8 @@ class Executor:
                 raise
         finally:
             self._run_ctx = None
-            run.result.skipped = sorted(n for n in run.planned if n not in run.done)
+            failed = run.current_node if run.result.status == "error" else None
+            run.result.skipped = sorted(n for n in run.planned if n not in run.done and n != failed)
             for t in run.targets:
                 if t in run.results:
                     run.result.values[t] = tuple(s[0] if len(s) == 1 else s for s in run.results[t][0])

@@ -134,7 +134,9 @@ class Graph:
                 if w:
                     wrapped.add(str(name))
             meta = obj.get("_meta")
-            extra = {k: v for k, v in obj.items() if k not in ("inputs", "class_type", "_meta")}
+            # keys Kiln does not model (and a _meta that is not an object) are kept to be written back
+            extra = {k: v for k, v in obj.items()
+                     if k not in ("inputs", "class_type", "_meta") or (k == "_meta" and not isinstance(v, dict))}
             nodes[nid] = NodeEntry(id=nid, class_type=obj.get("class_type"), inputs=inputs,
                                    meta=meta if isinstance(meta, dict) else None, extra=extra,
                                    wrapped=frozenset(wrapped))

@@ -77,6 +77,7 @@ class NodeSpec:
     validate_wants_types: bool = False
     has_lazy_check: bool = False
     raw_input_types: dict | None = None  # classic: INPUT_TYPES() as declared, for object_info
+    input_types_fn: Callable[[], dict] | None = None  # classic: re-read for object_info (file lists change)
     output_tooltips: list | None = None
     extra: dict = field(default_factory=dict)
 
@@ -95,6 +96,13 @@ class NodeSpec:
         """The ``/object_info/{class}`` entry, in ComfyUI's exact shape."""
         if self.raw_input_types is not None:
             input_types = self.raw_input_types
+            if self.input_types_fn is not None:
+                try:
+                    fresh = self.input_types_fn()
+                    if isinstance(fresh, dict):
+                        input_types = fresh
+                except Exception:
+                    pass
         else:
             input_types = {"required": {}}
             for n, s in self.inputs.items():
@@ -105,7 +113,7 @@ class NodeSpec:
         info: dict[str, Any] = {
             "input": input_types,
             "input_order": order,
-            "output": self.output_types,
+            "output": self.extra.get("raw_return_types", self.output_types),
             "output_is_list": [o.is_list for o in self.outputs],
             "output_name": self.output_names,
             "name": self.name,
@@ -253,6 +261,10 @@ def spec_from_native(cls: type, name: str | None = None) -> NodeSpec:
                 spec.optional = True
             else:
                 spec.options["default"] = p.default
+        elif spec.optional:
+            # a missing optional input is not passed at all, so run() must have a default for it
+            raise _fail(cls, f"optional input {p.name!r} needs a default in run() (e.g. = None); "
+                             f"it is left out of the call when not connected")
         _check_default(cls, spec)
         inputs[p.name] = spec
     outputs = _normalise_outputs(cls, cls.outputs)
@@ -285,7 +297,9 @@ def spec_from_native(cls: type, name: str | None = None) -> NodeSpec:
         name=node_name, cls=cls, function="run", inputs=inputs, hidden=hidden, outputs=outputs,
         display_name=cls.display_name or node_name, category=cls.category, description=doc,
         python_module=cls.python_module or "nodes", output_node=bool(cls.output_node),
-        cacheable=bool(cls.cacheable), not_idempotent=bool(cls.not_idempotent), version=str(cls.version),
+        cacheable=bool(cls.cacheable), version=str(cls.version),
+        # a node that reads its own id may return something different per id: key it by id (as classic)
+        not_idempotent=bool(cls.not_idempotent) or "UNIQUE_ID" in hidden.values(),
         input_is_list=bool(cls.input_is_list), is_async=is_async, kind="native",
         deprecated=bool(cls.deprecated), experimental=bool(cls.experimental), api_node=cls.api_node,
         fingerprint=fingerprint, validate=validate, validate_params=vparams, validate_wants_types=wants_types,

@@ -23,6 +23,7 @@ from .types import BOOLEAN, COMBO, FLOAT, INT, STRING, InputSpec, types_compatib
 # Types whose values are objects or tensors: a JSON literal can never be one.
 OBJECT_TYPES = frozenset({"MODEL", "CLIP", "VAE", "CONDITIONING", "LATENT", "IMAGE", "MASK", "CONTROL_NET"})
 MAX_LIST_SHOWN = 20
+MAX_CYCLE_SHOWN = 20
 
 
 @dataclass
@@ -181,29 +182,19 @@ class _Validator:
                 self.check_link(node, name, ispec, value, spec)
                 continue
             self.check_literal(node, name, ispec, value, skip_checks)
+        for name, value in node.inputs.items():
+            # an undeclared link is still resolved and passed to the node (variadic nodes): it must
+            # point somewhere real, or the node would fail at run time with no useful message
+            if name not in spec.inputs and isinstance(value, Link):
+                self.check_link_target(node, name, value)
         if spec.validate is not None and len(self.node_errors.get(node.id, ())) == before:
             self.custom_validate(node, spec)
 
     def check_link(self, node: NodeEntry, name: str, ispec: InputSpec, link: Link, spec: NodeSpec) -> None:
-        src = self.graph.nodes.get(link.node_id)
-        if src is None:
-            self.add(node, _err("exception_during_validation", "Exception when validating node",
-                                f"{name}: linked node '{link.node_id}' does not exist",
-                                input_name=name, exception_type="LinkError", traceback=[],
-                                hint=f"{_where(node, name)} links to node {link.node_id!r}, which is not in the "
-                                     f"graph; reconnect it to an existing node"))
-            return
-        src_spec = self.registry.get(src.class_type)
+        src_spec = self.check_link_target(node, name, link)
         if src_spec is None:
-            return  # reported as unknown class already
-        if link.slot >= len(src_spec.outputs):
-            self.add(node, _err("exception_during_validation", "Exception when validating node",
-                                f"{name}: node '{src.id}' ({src.class_type}) has no output {link.slot}",
-                                input_name=name, exception_type="LinkError", traceback=[],
-                                hint=f"{_where(node, name)} uses output {link.slot} of node {src.id} "
-                                     f"({src.class_type}), which has only {len(src_spec.outputs)} output(s) "
-                                     f"{src_spec.output_names}; pick an index below {len(src_spec.outputs)}"))
             return
+        src = self.graph.nodes[link.node_id]
         received = src_spec.outputs[link.slot].type
         expected = _combo_expected(ispec)
         if spec.validate_wants_types:
@@ -211,14 +202,41 @@ class _Validator:
         if received == COMBO and ispec.type == COMBO:
             return
         if not types_compatible(received, expected):
-            exp_s = ispec.type if ispec.type != COMBO else "COMBO"
-            self.add(node, _err("return_type_mismatch", "Return type mismatch between linked nodes",
-                                f"{name}, received_type({received}) mismatch input_type({exp_s})",
-                                input_name=name, input_config=ispec.config(), received_type=received,
-                                linked_node=link.to_json(),
-                                hint=f"{_where(node, name)} expects {exp_s} but is linked to output "
-                                     f"{link.slot} ({received}) of node {src.id} ({src.class_type}); connect an "
-                                     f"output of type {exp_s}"))
+            self.type_mismatch(node, name, ispec, link, src, received)
+
+    def check_link_target(self, node: NodeEntry, name: str, link: Link) -> NodeSpec | None:
+        """The source's spec if the link points at an existing node and output, else None (reported)."""
+        src = self.graph.nodes.get(link.node_id)
+        if src is None:
+            self.add(node, _err("exception_during_validation", "Exception when validating node",
+                                f"{name}: linked node '{link.node_id}' does not exist",
+                                input_name=name, exception_type="LinkError", traceback=[],
+                                hint=f"{_where(node, name)} links to node {link.node_id!r}, which is not in the "
+                                     f"graph; reconnect it to an existing node"))
+            return None
+        src_spec = self.registry.get(src.class_type)
+        if src_spec is None:
+            return None  # reported as unknown class already
+        if link.slot >= len(src_spec.outputs):
+            self.add(node, _err("exception_during_validation", "Exception when validating node",
+                                f"{name}: node '{src.id}' ({src.class_type}) has no output {link.slot}",
+                                input_name=name, exception_type="LinkError", traceback=[],
+                                hint=f"{_where(node, name)} uses output {link.slot} of node {src.id} "
+                                     f"({src.class_type}), which has only {len(src_spec.outputs)} output(s) "
+                                     f"{src_spec.output_names}; pick an index below {len(src_spec.outputs)}"))
+            return None
+        return src_spec
+
+    def type_mismatch(self, node: NodeEntry, name: str, ispec: InputSpec, link: Link, src: NodeEntry,
+                      received: Any) -> None:
+        exp_s = ispec.type if ispec.type != COMBO else "COMBO"
+        self.add(node, _err("return_type_mismatch", "Return type mismatch between linked nodes",
+                            f"{name}, received_type({received}) mismatch input_type({exp_s})",
+                            input_name=name, input_config=ispec.config(), received_type=received,
+                            linked_node=link.to_json(),
+                            hint=f"{_where(node, name)} expects {exp_s} but is linked to output "
+                                 f"{link.slot} ({received}) of node {src.id} ({src.class_type}); connect an "
+                                 f"output of type {exp_s}"))
 
     def check_literal(self, node: NodeEntry, name: str, ispec: InputSpec, value: Any, skip_checks: bool) -> None:
         t = ispec.type
@@ -449,20 +467,32 @@ def validate(graph: Graph, registry: Registry, targets: list[str] | None = None,
     cycles = find_cycle(graph, outputs)
     in_cycle: set[str] = set()
     for cyc in cycles:
-        desc = " -> ".join(cyc + [cyc[0]])
+        # every node on the cycle gets an error naming the cycle: bounded, so a cycle of N nodes
+        # costs O(N) in the response, not N copies of an N-long list
+        shown = cyc if len(cyc) <= MAX_CYCLE_SHOWN else cyc[:MAX_CYCLE_SHOWN]
+        desc = " -> ".join(shown + [cyc[0]] if len(cyc) <= MAX_CYCLE_SHOWN else
+                           shown + [f"... ({len(cyc) - MAX_CYCLE_SHOWN} more)", cyc[0]])
         for nid in cyc:
             if nid in in_cycle:
                 continue
             in_cycle.add(nid)
             node = graph.nodes[nid]
-            v.add(node, _err("dependency_cycle", "Dependency cycle", f"cycle: {desc}", cycle=cyc,
+            v.add(node, _err("dependency_cycle", "Dependency cycle", f"cycle: {desc}", cycle=shown,
+                             cycle_length=len(cyc),
                              hint=f"{_where(node)} is part of a dependency cycle ({desc}); remove one of the "
                                   f"links so the graph flows one way"))
     # 4. per-node checks, sources first
     order = upstream_order(graph, outputs) if not cycles else _acyclic_part(graph, outputs, in_cycle)
     for nid in order:
         node = graph.nodes[nid]
-        v.check_node(node)
+        try:
+            v.check_node(node)
+        except Exception as exc:  # e.g. a choice list read from a folder that is gone: this node's error
+            v.add(node, _err("exception_during_validation", "Exception when validating node", _clip(exc),
+                             exception_type=type(exc).__name__,
+                             traceback=traceback.format_exception(type(exc), exc, exc.__traceback__),
+                             hint=f"{_where(node)}: checking its inputs raised {type(exc).__name__}: "
+                                  f"{_clip(exc)}"))
         ok = nid not in v.node_errors
         for _, link in node.links():
             if not v.valid.get(link.node_id, link.node_id in graph.nodes and link.node_id not in in_cycle):
@@ -489,8 +519,35 @@ def _acyclic_part(graph: Graph, outputs: list[str], in_cycle: set[str]) -> list[
 
 
 def _dependent_outputs(graph: Graph, outputs: list[str], errors: dict) -> dict[str, list[str]]:
+    """For each node with errors, the outputs that depend on it (in ``outputs`` order).
+
+    Walks from whichever side is smaller: downstream from each erroring node when there are fewer of
+    them than outputs (one bad loader under thousands of previews), else upstream from each output.
+    """
     if not errors:
         return {}
+    if len(errors) <= len(outputs):
+        consumers: dict[str, list[str]] = {}
+        for nid in graph.nodes:
+            for src in _sources(graph, nid):
+                consumers.setdefault(src, []).append(nid)
+        rank = {o: i for i, o in enumerate(outputs)}
+        found: dict[str, list[str]] = {}
+        for nid in errors:
+            seen = {nid}
+            stack = [nid]
+            hits = []
+            while stack:
+                cur = stack.pop()
+                if cur in rank:
+                    hits.append(cur)
+                for c in consumers.get(cur, ()):
+                    if c not in seen:
+                        seen.add(c)
+                        stack.append(c)
+            if hits:
+                found[nid] = sorted(hits, key=rank.__getitem__)
+        return found
     dep: dict[str, list[str]] = {}
     for o in outputs:
         for nid in _reach(graph, o):

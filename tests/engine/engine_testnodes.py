@@ -194,10 +194,10 @@ class SlowTicks(Node):
         _log("SlowTicks", value)
         ev = STATE.get("started_event")
         for i in range(ticks):
-            if ev is not None:
-                ev.set()
             time.sleep(tick_seconds)
             engine.progress(i + 1, ticks)
+            if ev is not None and i >= 2:
+                ev.set()
         return value
 
 

@@ -23,6 +23,7 @@ COMFY_STYLE = {
                                "empty": {"__value__": []}, "none": None, "b": False},
                     "class_type": "Whatever"},
     "5.0.0.3": {"inputs": {}, "class_type": "EmptyLatentImage", "is_changed": ["abc"], "custom": 1},
+    "odd_meta": {"inputs": {"x": 1}, "class_type": "Whatever", "_meta": "not an object"},
 }
 
 
@@ -55,7 +56,8 @@ def test_model_is_explicit():
     assert n.inputs["nested"] == [[1, 2], ["a", 0]]
     assert not any(isinstance(v, Link) for v in n.inputs.values())
     assert g.nodes["12:5"].title == "Prompt ✨ ünïcode"
-    assert list(g.nodes) == ["3", "4", "12:5", "my_loader_1", "5.0.0.3"]
+    assert list(g.nodes) == ["3", "4", "12:5", "my_loader_1", "5.0.0.3", "odd_meta"]
+    assert g.nodes["odd_meta"].title is None
 
 
 def test_bad_link_kept_for_validation():

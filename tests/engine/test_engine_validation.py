@@ -330,6 +330,9 @@ def test_long_cycle_no_recursion_error(reg):
     res = validate(G(g), reg)
     assert not res.ok
     assert len(res.node_errors) == n
+    e = res.node_errors["7"]["errors"][0]
+    assert e["extra_info"]["cycle_length"] == n and "more" in e["details"]
+    assert len(json.dumps(res.to_comfy())) < 2000 * n  # linear in the cycle length, not quadratic
 
 
 def test_custom_validation_failure(reg):
@@ -443,3 +446,69 @@ def test_partial_execution_targets(reg):
 def test_unknown_target(reg):
     res = validate(G(good_base()), reg, targets=["zz"])
     assert not res.ok and res.error["type"] == "invalid_prompt"
+
+
+@pytest.mark.parametrize("link,part", [(["99", 0], "does not exist"), (["1", 4], "has no output 4")])
+def test_undeclared_link_must_point_somewhere(reg, link, part):
+    """Undeclared links are passed to the node (variadic nodes), so a dangling one is reported."""
+    g = good_base()
+    g["2"]["inputs"]["extra_image"] = link
+    res = validate(G(g), reg)
+    assert not res.ok
+    e = one_error(res, "2", "exception_during_validation")
+    assert part in e["details"] and e["extra_info"]["input_name"] == "extra_image"
+    assert "Viewer" in hint(e)
+
+
+def test_undeclared_link_is_passed_to_variadic_node(reg, run):
+    class Sum(engine.Node):
+        outputs = ("INT",)
+
+        def run(self, base: engine.Int() = 0, **more):
+            return base + sum(more.values())
+    reg.register(Sum)
+    g = {"1": {"class_type": "Const", "inputs": {"value": 2}},
+         "2": {"class_type": "Const", "inputs": {"value": 3}},
+         "s": {"class_type": "Sum", "inputs": {"base": 1, "x1": ["1", 0], "x2": ["2", 0], "junk": 7}},
+         "o": {"class_type": "Show", "inputs": {"value": ["s", 0]}}}
+    r = engine.Executor(reg).run(G(g))
+    assert r.ok and r.outputs["o"]["value"] == ["6"]  # the undeclared literal is dropped, links resolved
+
+
+def _missing_folder_choices():
+    raise FileNotFoundError("models/checkpoints is missing")
+
+
+def test_exception_while_checking_a_node_is_reported_not_raised(reg):
+    class FromFolder(engine.Node):
+        outputs = ("STRING",)
+
+        def run(self, name: engine.Combo(_missing_folder_choices)):
+            return name
+    reg.register(FromFolder)
+    g = good_base()
+    g["3"] = {"class_type": "FromFolder", "inputs": {"name": "x"}, "_meta": {"title": "Loader"}}
+    g["4"] = {"class_type": "Show", "inputs": {"value": ["3", 0]}}
+    res = validate(G(g), reg)
+    assert res.ok and res.outputs == ["2"]  # the other output is still good
+    e = one_error(res, "3", "exception_during_validation")
+    assert e["extra_info"]["exception_type"] == "FileNotFoundError"
+    assert "checkpoints is missing" in e["details"] and "Loader" in hint(e)
+    check_shape(res)
+
+
+def test_one_bad_source_under_many_outputs_is_fast(reg):
+    import time
+    from engine_testnodes import chain_graph
+    n = 3000
+    g = chain_graph(n)
+    g["1"]["inputs"]["value"] = 99999
+    for i in range(2, n + 2):
+        g[f"o{i}"] = {"class_type": "Show", "inputs": {"value": [str(i), 0]}}
+    t0 = time.process_time()
+    res = validate(G(g), reg)
+    elapsed = time.process_time() - t0
+    assert not res.ok
+    deps = res.node_errors["1"]["dependent_outputs"]
+    assert len(deps) == n + 1 and deps[:2] == [str(n + 2), "o2"]  # every output, in prompt order
+    assert elapsed < 2.0, elapsed  # was O(outputs x nodes): 5.6 s here
