@@ -21,7 +21,7 @@ def load_graph(bucket: str, endpoint: str) -> dict:
 def test_provider_to_s3_graph(run_graph, openai_server, s3, moto_url):
     r = run_graph(load_graph(s3.bucket, moto_url), extra_pnginfo={"workflow": {"nodes": []}}, max_cost=1.0)
     assert r.status == "success", r.error
-    assert sorted(r.ran) == ["1", "2", "3", "4"]
+    assert sorted(r.ran) == ["1", "2", "3", "4", "5"]
     # the prompt went through the screen into the provider call
     assert openai_server.requests[0]["json"]["prompt"] == "a lighthouse at dawn, loose watercolor, soft light"
     entry = r.outputs["4"]["s3"][0]
@@ -39,6 +39,9 @@ def test_provider_to_s3_graph(run_graph, openai_server, s3, moto_url):
     assert graph["2"]["class_type"] == "OpenAIImageGenerate"
     head = s3.head_object(Bucket=s3.bucket, Key=key)["Metadata"]
     assert head["kiln-provider"] == "openai" and head["kiln-model"] == "gpt-image-1"
+    local = run_graph.ex.folders.output_dir / "provider" / r.outputs["5"]["images"][0]["filename"]
+    assert provenance.read(local.read_bytes())["assertions"][1]["data"]["hash"] == \
+        next(a for a in rec["assertions"] if a["label"] == "kiln.content_hash")["data"]["hash"]
     # cost: in the run ledger, in the provider node's UI (history), and in the usage output
     assert len(r.costs) == 1 and r.costs[0]["usd"] > 0 and r.outputs["2"]["kiln_cost"][0]["usd"] == r.costs[0]["usd"]
     # the key is nowhere: file bytes (PNG chunks), S3 metadata, history, events
@@ -48,7 +51,8 @@ def test_provider_to_s3_graph(run_graph, openai_server, s3, moto_url):
 
     # running it again reuses the paid result and the stored object
     r2 = run_graph(load_graph(s3.bucket, moto_url))
-    assert r2.status == "success" and r2.ran == [] and r2.cached == ["4"] and len(openai_server.requests) == 1
+    assert r2.status == "success" and r2.ran == [] and sorted(r2.cached) == ["4", "5"]
+    assert len(openai_server.requests) == 1
     assert r2.outputs["4"] == r.outputs["4"]  # the stored URIs are reported again
 
 
