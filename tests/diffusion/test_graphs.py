@@ -28,7 +28,9 @@ def test_graph_runs(world, name):
 def test_graphs_use_core_class_names_and_titles(world):
     import json
 
-    from conftest import GRAPHS
+    from pathlib import Path
+
+    GRAPHS = Path(__file__).resolve().parents[2] / "graphs"
 
     for path in GRAPHS.glob("*.json"):
         g = json.loads(path.read_text())
