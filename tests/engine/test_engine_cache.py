@@ -94,6 +94,8 @@ def test_two_identical_branches_share_one_entry(run):
     assert sorted(r.ran + r.cached) == ["1", "2", "3", "4"]
     outs = [e for e in r.events if isinstance(e, NodeOutput)]
     assert sorted(e.node for e in outs) == ["3", "4"]
+    served = set(r.cached)
+    assert served and not served & {e.node for e in r.events if isinstance(e, NodeStarted)}  # no `executing`
     CALLS.clear()
     assert run(g).ran == []
 
