@@ -4,7 +4,7 @@ This package imports no torch, aiohttp, ``nodes`` or ``server`` code, so it is f
 embeddable anywhere.
 """
 from .cache import Cache, make_cache
-from .context import ProgressBar, check_interrupted, current, progress
+from .context import ProgressBar, active_folders, check_interrupted, current, progress, use_folders
 from .errors import (ExecutionFailed, GraphFormatError, Interrupted, KilnError, NodeDefinitionError, NodeError,
                      ValidationFailed)
 from .events import Preview

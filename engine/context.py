@@ -79,6 +79,36 @@ def current() -> NodeContext | None:
     return _current.get()
 
 
+_active_folders: contextvars.ContextVar[Any] = contextvars.ContextVar("kiln_active_folders", default=None)
+
+
+def active_folders() -> Any:
+    """The Folders of the executor that is validating or running now (None outside one).
+
+    Combo choices that list model files read this, since validation runs before any node context exists.
+    """
+    ctx = _current.get()
+    if ctx is not None and ctx.folders is not None:
+        return ctx.folders
+    return _active_folders.get()
+
+
+class use_folders:
+    """``with use_folders(folders): ...`` makes :func:`active_folders` return ``folders`` in the block."""
+
+    def __init__(self, folders: Any):
+        self.folders = folders
+        self._token: contextvars.Token | None = None
+
+    def __enter__(self) -> Any:
+        self._token = _active_folders.set(self.folders)
+        return self.folders
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._token is not None:
+            _active_folders.reset(self._token)
+
+
 def progress(value: float, total: float, preview: Preview | None = None) -> None:
     """Report progress of the running node; a no-op outside a run. Raises Interrupted if cancelled."""
     ctx = _current.get()

@@ -519,8 +519,35 @@ def _acyclic_part(graph: Graph, outputs: list[str], in_cycle: set[str]) -> list[
 
 
 def _dependent_outputs(graph: Graph, outputs: list[str], errors: dict) -> dict[str, list[str]]:
+    """For each node with errors, the outputs that depend on it (in ``outputs`` order).
+
+    Walks from whichever side is smaller: downstream from each erroring node when there are fewer of
+    them than outputs (one bad loader under thousands of previews), else upstream from each output.
+    """
     if not errors:
         return {}
+    if len(errors) <= len(outputs):
+        consumers: dict[str, list[str]] = {}
+        for nid in graph.nodes:
+            for src in _sources(graph, nid):
+                consumers.setdefault(src, []).append(nid)
+        rank = {o: i for i, o in enumerate(outputs)}
+        found: dict[str, list[str]] = {}
+        for nid in errors:
+            seen = {nid}
+            stack = [nid]
+            hits = []
+            while stack:
+                cur = stack.pop()
+                if cur in rank:
+                    hits.append(cur)
+                for c in consumers.get(cur, ()):
+                    if c not in seen:
+                        seen.add(c)
+                        stack.append(c)
+            if hits:
+                found[nid] = sorted(hits, key=rank.__getitem__)
+        return found
     dep: dict[str, list[str]] = {}
     for o in outputs:
         for nid in _reach(graph, o):

@@ -17,9 +17,45 @@ class NodeBuilders:
     def _build(self, class_type: str, args: dict) -> Any:
         return self.node(class_type, **{k: v for k, v in args.items() if v is not _UNSET and k != "self"})
 
+    def CLIPSetLastLayer(self, *, clip: "Output | NodeRef" = _UNSET, stop_at_clip_layer: "int | Output" = _UNSET, id: str | None = None, title: str | None = None) -> "_CLIPSetLastLayerNode":
+        """Reads the text encoding from an earlier CLIP layer (-1 = last, -2 = "clip skip 2")."""
+        return self._build('CLIPSetLastLayer', locals())
+
+    def CLIPTextEncode(self, *, text: "str | Output" = _UNSET, clip: "Output | NodeRef" = _UNSET, id: str | None = None, title: str | None = None) -> "_CLIPTextEncodeNode":
+        """Encodes a prompt with ComfyUI's syntax: (word:1.2), (word), [word], escaped brackets, prompts of any"""
+        return self._build('CLIPTextEncode', locals())
+
+    def Canny(self, *, image: "Output | NodeRef" = _UNSET, low_threshold: "float | Output" = _UNSET, high_threshold: "float | Output" = _UNSET, id: str | None = None, title: str | None = None) -> "_CannyNode":
+        """Edge map (white edges on black) of an image, for a canny ControlNet. Thresholds are fractions of"""
+        return self._build('Canny', locals())
+
+    def CheckpointLoaderSimple(self, *, ckpt_name: "str | Output" = _UNSET, id: str | None = None, title: str | None = None) -> "_CheckpointLoaderSimpleNode":
+        """Loads a Stable Diffusion checkpoint (LDM single file or diffusers folder): the diffusion model, the"""
+        return self._build('CheckpointLoaderSimple', locals())
+
+    def ControlNetApply(self, *, conditioning: "Output | NodeRef" = _UNSET, control_net: "Output | NodeRef" = _UNSET, image: "Output | NodeRef" = _UNSET, strength: "float | Output" = _UNSET, id: str | None = None, title: str | None = None) -> "_ControlNetApplyNode":
+        """Applies a ControlNet to one conditioning (the older node; ControlNetApplyAdvanced does both)."""
+        return self._build('ControlNetApply', locals())
+
+    def ControlNetApplyAdvanced(self, *, positive: "Output | NodeRef" = _UNSET, negative: "Output | NodeRef" = _UNSET, control_net: "Output | NodeRef" = _UNSET, image: "Output | NodeRef" = _UNSET, strength: "float | Output" = _UNSET, start_percent: "float | Output" = _UNSET, end_percent: "float | Output" = _UNSET, vae: "Output | NodeRef" = _UNSET, id: str | None = None, title: str | None = None) -> "_ControlNetApplyAdvancedNode":
+        """Applies a ControlNet to positive and negative conditioning between start_percent and end_percent of"""
+        return self._build('ControlNetApplyAdvanced', locals())
+
+    def ControlNetLoader(self, *, control_net_name: "str | Output" = _UNSET, id: str | None = None, title: str | None = None) -> "_ControlNetLoaderNode":
+        """Loads a ControlNet (diffusers or LDM layout) from models/controlnet."""
+        return self._build('ControlNetLoader', locals())
+
     def EmptyImage(self, *, width: "int | Output" = _UNSET, height: "int | Output" = _UNSET, batch_size: "int | Output" = _UNSET, color: "int | Output" = _UNSET, id: str | None = None, title: str | None = None) -> "_EmptyImageNode":
         """A batch of images filled with one colour (0xRRGGBB)."""
         return self._build('EmptyImage', locals())
+
+    def EmptyLatentImage(self, *, width: "int | Output" = _UNSET, height: "int | Output" = _UNSET, batch_size: "int | Output" = _UNSET, id: str | None = None, title: str | None = None) -> "_EmptyLatentImageNode":
+        """A batch of empty (zero) latents of the given pixel size."""
+        return self._build('EmptyLatentImage', locals())
+
+    def GoogleImagenGenerate(self, *, prompt: "str | Output" = _UNSET, model: "str | Output" = _UNSET, n: "int | Output" = _UNSET, aspect_ratio: "str | Output" = _UNSET, image_size: "str | Output" = _UNSET, person_generation: "str | Output" = _UNSET, seed: "int | Output" = _UNSET, endpoint: "str | Output" = _UNSET, model_override: "str | Output" = _UNSET, cache_results: "bool | Output" = _UNSET, id: str | None = None, title: str | None = None) -> "_GoogleImagenGenerateNode":
+        """Generate images with Google Imagen (Gemini API)."""
+        return self._build('GoogleImagenGenerate', locals())
 
     def ImageBlend(self, *, image1: "Output | NodeRef" = _UNSET, image2: "Output | NodeRef" = _UNSET, blend_factor: "float | Output" = _UNSET, blend_mode: "str | Output" = _UNSET, id: str | None = None, title: str | None = None) -> "_ImageBlendNode":
         """Image Blend"""
@@ -45,6 +81,10 @@ class NodeBuilders:
         """Pad an image for outpainting: new area grey, MASK 1 there, feathered into the original edge."""
         return self._build('ImagePadForOutpaint', locals())
 
+    def ImageSafetyCheck(self, *, images: "Output | NodeRef" = _UNSET, model_name: "str | Output" = _UNSET, action: "str | Output" = _UNSET, id: str | None = None, title: str | None = None) -> "_ImageSafetyCheckNode":
+        """Runs a safety classifier on each image; flagged images are blocked (black), blurred, or passed, and"""
+        return self._build('ImageSafetyCheck', locals())
+
     def ImageScale(self, *, image: "Output | NodeRef" = _UNSET, upscale_method: "str | Output" = _UNSET, width: "int | Output" = _UNSET, height: "int | Output" = _UNSET, crop: "str | Output" = _UNSET, id: str | None = None, title: str | None = None) -> "_ImageScaleNode":
         """Resize to width x height; 0 in one dimension keeps the aspect ratio, 0 in both keeps the image."""
         return self._build('ImageScale', locals())
@@ -61,13 +101,61 @@ class NodeBuilders:
         """InvertMask"""
         return self._build('InvertMask', locals())
 
+    def KSampler(self, *, model: "Output | NodeRef" = _UNSET, seed: "int | Output" = _UNSET, steps: "int | Output" = _UNSET, cfg: "float | Output" = _UNSET, sampler_name: "str | Output" = _UNSET, scheduler: "str | Output" = _UNSET, positive: "Output | NodeRef" = _UNSET, negative: "Output | NodeRef" = _UNSET, latent_image: "Output | NodeRef" = _UNSET, denoise: "float | Output" = _UNSET, id: str | None = None, title: str | None = None) -> "_KSamplerNode":
+        """Denoises a latent with the given model, prompts, sampler and scheduler."""
+        return self._build('KSampler', locals())
+
+    def KSamplerAdvanced(self, *, model: "Output | NodeRef" = _UNSET, add_noise: "str | Output" = _UNSET, noise_seed: "int | Output" = _UNSET, steps: "int | Output" = _UNSET, cfg: "float | Output" = _UNSET, sampler_name: "str | Output" = _UNSET, scheduler: "str | Output" = _UNSET, positive: "Output | NodeRef" = _UNSET, negative: "Output | NodeRef" = _UNSET, latent_image: "Output | NodeRef" = _UNSET, start_at_step: "int | Output" = _UNSET, end_at_step: "int | Output" = _UNSET, return_with_leftover_noise: "str | Output" = _UNSET, id: str | None = None, title: str | None = None) -> "_KSamplerAdvancedNode":
+        """KSampler with control over noise and the range of steps (for multi-pass workflows)."""
+        return self._build('KSamplerAdvanced', locals())
+
+    def LatentUpscale(self, *, samples: "Output | NodeRef" = _UNSET, upscale_method: "str | Output" = _UNSET, width: "int | Output" = _UNSET, height: "int | Output" = _UNSET, crop: "str | Output" = _UNSET, id: str | None = None, title: str | None = None) -> "_LatentUpscaleNode":
+        """Resizes latents to a pixel size (0 in one dimension keeps the aspect ratio)."""
+        return self._build('LatentUpscale', locals())
+
+    def LatentUpscaleBy(self, *, samples: "Output | NodeRef" = _UNSET, upscale_method: "str | Output" = _UNSET, scale_by: "float | Output" = _UNSET, id: str | None = None, title: str | None = None) -> "_LatentUpscaleByNode":
+        """Resizes latents by a factor."""
+        return self._build('LatentUpscaleBy', locals())
+
     def LoadImage(self, *, image: "str | Output" = _UNSET, id: str | None = None, title: str | None = None) -> "_LoadImageNode":
         """Load an image from the input folder. The mask is 1 - alpha (64x64 zeros without alpha)."""
         return self._build('LoadImage', locals())
 
+    def LoadImageS3(self, *, bucket: "str | Output" = _UNSET, key: "str | Output" = _UNSET, endpoint_url: "str | Output" = _UNSET, region: "str | Output" = _UNSET, path_style: "bool | Output" = _UNSET, max_bytes: "int | Output" = _UNSET, id: str | None = None, title: str | None = None) -> "_LoadImageS3Node":
+        """Load an image from S3 or an S3-compatible store (size limit, content-type check); IMAGE and MASK"""
+        return self._build('LoadImageS3', locals())
+
+    def LoadImageURL(self, *, url: "str | Output" = _UNSET, max_bytes: "int | Output" = _UNSET, timeout_s: "float | Output" = _UNSET, reload: "bool | Output" = _UNSET, id: str | None = None, title: str | None = None) -> "_LoadImageURLNode":
+        """Download an image from a URL; IMAGE and MASK (1 - alpha, as LoadImage)."""
+        return self._build('LoadImageURL', locals())
+
+    def LoraLoader(self, *, model: "Output | NodeRef" = _UNSET, clip: "Output | NodeRef" = _UNSET, lora_name: "str | Output" = _UNSET, strength_model: "float | Output" = _UNSET, strength_clip: "float | Output" = _UNSET, id: str | None = None, title: str | None = None) -> "_LoraLoaderNode":
+        """Applies a LoRA to the model and the CLIP. The loaded base model is never modified: removing this"""
+        return self._build('LoraLoader', locals())
+
+    def LoraLoaderModelOnly(self, *, model: "Output | NodeRef" = _UNSET, lora_name: "str | Output" = _UNSET, strength_model: "float | Output" = _UNSET, id: str | None = None, title: str | None = None) -> "_LoraLoaderModelOnlyNode":
+        """Applies a LoRA to the diffusion model only."""
+        return self._build('LoraLoaderModelOnly', locals())
+
     def MaskToImage(self, *, mask: "Output | NodeRef" = _UNSET, id: str | None = None, title: str | None = None) -> "_MaskToImageNode":
         """Convert Mask to Image"""
         return self._build('MaskToImage', locals())
+
+    def OpenAIImageEdit(self, *, image: "Output | NodeRef" = _UNSET, prompt: "str | Output" = _UNSET, model: "str | Output" = _UNSET, size: "str | Output" = _UNSET, quality: "str | Output" = _UNSET, n: "int | Output" = _UNSET, background: "str | Output" = _UNSET, output_format: "str | Output" = _UNSET, output_compression: "int | Output" = _UNSET, seed: "int | Output" = _UNSET, endpoint: "str | Output" = _UNSET, base_url: "str | Output" = _UNSET, model_override: "str | Output" = _UNSET, cache_results: "bool | Output" = _UNSET, mask: "Output | NodeRef" = _UNSET, image_2: "Output | NodeRef" = _UNSET, image_3: "Output | NodeRef" = _UNSET, id: str | None = None, title: str | None = None) -> "_OpenAIImageEditNode":
+        """Edit or combine images with a prompt (gpt-image-1: up to 16 reference images; dall-e-2: one square"""
+        return self._build('OpenAIImageEdit', locals())
+
+    def OpenAIImageGenerate(self, *, prompt: "str | Output" = _UNSET, model: "str | Output" = _UNSET, size: "str | Output" = _UNSET, quality: "str | Output" = _UNSET, n: "int | Output" = _UNSET, style: "str | Output" = _UNSET, background: "str | Output" = _UNSET, output_format: "str | Output" = _UNSET, output_compression: "int | Output" = _UNSET, moderation: "str | Output" = _UNSET, seed: "int | Output" = _UNSET, endpoint: "str | Output" = _UNSET, base_url: "str | Output" = _UNSET, model_override: "str | Output" = _UNSET, cache_results: "bool | Output" = _UNSET, id: str | None = None, title: str | None = None) -> "_OpenAIImageGenerateNode":
+        """Generate images from a prompt with OpenAI (gpt-image-1, dall-e-3, dall-e-2) or an OpenAI-compatible"""
+        return self._build('OpenAIImageGenerate', locals())
+
+    def OpenAIImageVariation(self, *, image: "Output | NodeRef" = _UNSET, size: "str | Output" = _UNSET, n: "int | Output" = _UNSET, seed: "int | Output" = _UNSET, endpoint: "str | Output" = _UNSET, base_url: "str | Output" = _UNSET, cache_results: "bool | Output" = _UNSET, id: str | None = None, title: str | None = None) -> "_OpenAIImageVariationNode":
+        """Variations of one square image (dall-e-2)."""
+        return self._build('OpenAIImageVariation', locals())
+
+    def OpenAIResponsesImage(self, *, prompt: "str | Output" = _UNSET, model: "str | Output" = _UNSET, partial_images: "int | Output" = _UNSET, size: "str | Output" = _UNSET, quality: "str | Output" = _UNSET, background: "str | Output" = _UNSET, output_format: "str | Output" = _UNSET, previous_response_id: "str | Output" = _UNSET, seed: "int | Output" = _UNSET, endpoint: "str | Output" = _UNSET, base_url: "str | Output" = _UNSET, model_override: "str | Output" = _UNSET, cache_results: "bool | Output" = _UNSET, image: "Output | NodeRef" = _UNSET, id: str | None = None, title: str | None = None) -> "_OpenAIResponsesImageNode":
+        """Generate or edit an image through the Responses API image tool. Partial images stream in as the"""
+        return self._build('OpenAIResponsesImage', locals())
 
     def PreviewImage(self, *, images: "Output | NodeRef" = _UNSET, id: str | None = None, title: str | None = None) -> "_PreviewImageNode":
         """Save images to the temp folder for viewing."""
@@ -97,26 +185,143 @@ class NodeBuilders:
         """String (Multiline)"""
         return self._build('PrimitiveStringMultiline', locals())
 
-    def SaveImage(self, *, images: "Output | NodeRef" = _UNSET, filename_prefix: "str | Output" = _UNSET, id: str | None = None, title: str | None = None) -> "_SaveImageNode":
+    def PromptScreen(self, *, text: "str | Output" = _UNSET, block_list: "str | Output" = _UNSET, max_length: "int | Output" = _UNSET, use_config_list: "bool | Output" = _UNSET, id: str | None = None, title: str | None = None) -> "_PromptScreenNode":
+        """Stop before a paid call when the prompt has a blocked term or is too long; passes the prompt through."""
+        return self._build('PromptScreen', locals())
+
+    def ReplicateRun(self, *, model: "str | Output" = _UNSET, prompt: "str | Output" = _UNSET, input_json: "str | Output" = _UNSET, seed: "int | Output" = _UNSET, image_field: "str | Output" = _UNSET, max_wait_s: "int | Output" = _UNSET, endpoint: "str | Output" = _UNSET, cache_results: "bool | Output" = _UNSET, image: "Output | NodeRef" = _UNSET, id: str | None = None, title: str | None = None) -> "_ReplicateRunNode":
+        """Run a Replicate model (e.g. black-forest-labs/flux-1.1-pro) with an input dict and return its images."""
+        return self._build('ReplicateRun', locals())
+
+    def SaveFileS3(self, *, data: "Output | NodeRef" = _UNSET, bucket: "str | Output" = _UNSET, key_template: "str | Output" = _UNSET, filename_prefix: "str | Output" = _UNSET, extension: "str | Output" = _UNSET, content_type: "str | Output" = _UNSET, storage_class: "str | Output" = _UNSET, endpoint_url: "str | Output" = _UNSET, region: "str | Output" = _UNSET, path_style: "bool | Output" = _UNSET, presign_seconds: "int | Output" = _UNSET, metadata: "str | Output" = _UNSET, id: str | None = None, title: str | None = None) -> "_SaveFileS3Node":
+        """Save bytes, text or JSON from any node to S3 or an S3-compatible store."""
+        return self._build('SaveFileS3', locals())
+
+    def SaveImage(self, *, images: "Output | NodeRef" = _UNSET, filename_prefix: "str | Output" = _UNSET, validate: "bool | Output" = _UNSET, embed_provenance: "bool | Output" = _UNSET, generation_info: "Output | NodeRef" = _UNSET, id: str | None = None, title: str | None = None) -> "_SaveImageNode":
         """Save images to the output folder as PNG with the graph in the metadata."""
         return self._build('SaveImage', locals())
+
+    def SaveImageS3(self, *, images: "Output | NodeRef" = _UNSET, bucket: "str | Output" = _UNSET, key_template: "str | Output" = _UNSET, filename_prefix: "str | Output" = _UNSET, format: "str | Output" = _UNSET, quality: "int | Output" = _UNSET, storage_class: "str | Output" = _UNSET, endpoint_url: "str | Output" = _UNSET, region: "str | Output" = _UNSET, path_style: "bool | Output" = _UNSET, presign_seconds: "int | Output" = _UNSET, embed_provenance: "bool | Output" = _UNSET, embed_workflow: "bool | Output" = _UNSET, validate: "bool | Output" = _UNSET, metadata: "str | Output" = _UNSET, generation_info: "Output | NodeRef" = _UNSET, id: str | None = None, title: str | None = None) -> "_SaveImageS3Node":
+        """Save images to S3 or an S3-compatible store, with provenance embedded in each file."""
+        return self._build('SaveImageS3', locals())
 
     def SaveImageWebsocket(self, *, images: "Output | NodeRef" = _UNSET, id: str | None = None, title: str | None = None) -> "_SaveImageWebsocketNode":
         """Send each image to the client as a PNG binary websocket frame instead of writing a file."""
         return self._build('SaveImageWebsocket', locals())
 
+    def SetLatentNoiseMask(self, *, samples: "Output | NodeRef" = _UNSET, mask: "Output | NodeRef" = _UNSET, id: str | None = None, title: str | None = None) -> "_SetLatentNoiseMaskNode":
+        """Restricts sampling to the masked area of a latent (1 = change, 0 = keep)."""
+        return self._build('SetLatentNoiseMask', locals())
+
     def SolidMask(self, *, value: "float | Output" = _UNSET, width: "int | Output" = _UNSET, height: "int | Output" = _UNSET, id: str | None = None, title: str | None = None) -> "_SolidMaskNode":
         """SolidMask"""
         return self._build('SolidMask', locals())
 
+    def VAEDecode(self, *, samples: "Output | NodeRef" = _UNSET, vae: "Output | NodeRef" = _UNSET, id: str | None = None, title: str | None = None) -> "_VAEDecodeNode":
+        """Decodes latents into images."""
+        return self._build('VAEDecode', locals())
+
+    def VAEEncode(self, *, pixels: "Output | NodeRef" = _UNSET, vae: "Output | NodeRef" = _UNSET, id: str | None = None, title: str | None = None) -> "_VAEEncodeNode":
+        """Encodes images into latents (images are centre-cropped to a multiple of 8)."""
+        return self._build('VAEEncode', locals())
+
+    def VAEEncodeForInpaint(self, *, pixels: "Output | NodeRef" = _UNSET, vae: "Output | NodeRef" = _UNSET, mask: "Output | NodeRef" = _UNSET, grow_mask_by: "int | Output" = _UNSET, id: str | None = None, title: str | None = None) -> "_VAEEncodeForInpaintNode":
+        """Encodes an image for inpainting: the masked area (grown by grow_mask_by pixels) is greyed out before"""
+        return self._build('VAEEncodeForInpaint', locals())
+
+    def VAELoader(self, *, vae_name: "str | Output" = _UNSET, id: str | None = None, title: str | None = None) -> "_VAELoaderNode":
+        """Loads a standalone VAE (LDM or diffusers layout) from models/vae."""
+        return self._build('VAELoader', locals())
+
+    def ValidateImage(self, *, images: "Output | NodeRef" = _UNSET, min_std: "float | Output" = _UNSET, min_size: "int | Output" = _UNSET, id: str | None = None, title: str | None = None) -> "_ValidateImageNode":
+        """Fail the run on blank, single-colour, corrupt or tiny images; pass good ones through."""
+        return self._build('ValidateImage', locals())
+
 
 if TYPE_CHECKING:
+    class _CLIPSetLastLayerOutputs:
+        CLIP: Output
+
+
+    class _CLIPSetLastLayerNode:
+        out: _CLIPSetLastLayerOutputs
+        id: str
+
+    class _CLIPTextEncodeOutputs:
+        CONDITIONING: Output
+
+
+    class _CLIPTextEncodeNode:
+        out: _CLIPTextEncodeOutputs
+        id: str
+
+    class _CannyOutputs:
+        IMAGE: Output
+
+
+    class _CannyNode:
+        out: _CannyOutputs
+        id: str
+
+    class _CheckpointLoaderSimpleOutputs:
+        MODEL: Output
+        CLIP: Output
+        VAE: Output
+
+
+    class _CheckpointLoaderSimpleNode:
+        out: _CheckpointLoaderSimpleOutputs
+        id: str
+
+    class _ControlNetApplyOutputs:
+        CONDITIONING: Output
+
+
+    class _ControlNetApplyNode:
+        out: _ControlNetApplyOutputs
+        id: str
+
+    class _ControlNetApplyAdvancedOutputs:
+        positive: Output
+        negative: Output
+
+
+    class _ControlNetApplyAdvancedNode:
+        out: _ControlNetApplyAdvancedOutputs
+        id: str
+
+    class _ControlNetLoaderOutputs:
+        CONTROL_NET: Output
+
+
+    class _ControlNetLoaderNode:
+        out: _ControlNetLoaderOutputs
+        id: str
+
     class _EmptyImageOutputs:
         IMAGE: Output
 
 
     class _EmptyImageNode:
         out: _EmptyImageOutputs
+        id: str
+
+    class _EmptyLatentImageOutputs:
+        LATENT: Output
+
+
+    class _EmptyLatentImageNode:
+        out: _EmptyLatentImageOutputs
+        id: str
+
+    class _GoogleImagenGenerateOutputs:
+        images: Output
+        mask: Output
+        usage: Output
+
+
+    class _GoogleImagenGenerateNode:
+        out: _GoogleImagenGenerateOutputs
         id: str
 
     class _ImageBlendOutputs:
@@ -168,6 +373,15 @@ if TYPE_CHECKING:
         out: _ImagePadForOutpaintOutputs
         id: str
 
+    class _ImageSafetyCheckOutputs:
+        images: Output
+        report: Output
+
+
+    class _ImageSafetyCheckNode:
+        out: _ImageSafetyCheckOutputs
+        id: str
+
     class _ImageScaleOutputs:
         IMAGE: Output
 
@@ -200,6 +414,38 @@ if TYPE_CHECKING:
         out: _InvertMaskOutputs
         id: str
 
+    class _KSamplerOutputs:
+        LATENT: Output
+
+
+    class _KSamplerNode:
+        out: _KSamplerOutputs
+        id: str
+
+    class _KSamplerAdvancedOutputs:
+        LATENT: Output
+
+
+    class _KSamplerAdvancedNode:
+        out: _KSamplerAdvancedOutputs
+        id: str
+
+    class _LatentUpscaleOutputs:
+        LATENT: Output
+
+
+    class _LatentUpscaleNode:
+        out: _LatentUpscaleOutputs
+        id: str
+
+    class _LatentUpscaleByOutputs:
+        LATENT: Output
+
+
+    class _LatentUpscaleByNode:
+        out: _LatentUpscaleByOutputs
+        id: str
+
     class _LoadImageOutputs:
         IMAGE: Output
         MASK: Output
@@ -209,12 +455,92 @@ if TYPE_CHECKING:
         out: _LoadImageOutputs
         id: str
 
+    class _LoadImageS3Outputs:
+        image: Output
+        mask: Output
+
+
+    class _LoadImageS3Node:
+        out: _LoadImageS3Outputs
+        id: str
+
+    class _LoadImageURLOutputs:
+        image: Output
+        mask: Output
+
+
+    class _LoadImageURLNode:
+        out: _LoadImageURLOutputs
+        id: str
+
+    class _LoraLoaderOutputs:
+        MODEL: Output
+        CLIP: Output
+
+
+    class _LoraLoaderNode:
+        out: _LoraLoaderOutputs
+        id: str
+
+    class _LoraLoaderModelOnlyOutputs:
+        MODEL: Output
+
+
+    class _LoraLoaderModelOnlyNode:
+        out: _LoraLoaderModelOnlyOutputs
+        id: str
+
     class _MaskToImageOutputs:
         IMAGE: Output
 
 
     class _MaskToImageNode:
         out: _MaskToImageOutputs
+        id: str
+
+    class _OpenAIImageEditOutputs:
+        images: Output
+        mask: Output
+        revised_prompt: Output
+        usage: Output
+
+
+    class _OpenAIImageEditNode:
+        out: _OpenAIImageEditOutputs
+        id: str
+
+    class _OpenAIImageGenerateOutputs:
+        images: Output
+        mask: Output
+        revised_prompt: Output
+        usage: Output
+
+
+    class _OpenAIImageGenerateNode:
+        out: _OpenAIImageGenerateOutputs
+        id: str
+
+    class _OpenAIImageVariationOutputs:
+        images: Output
+        mask: Output
+        revised_prompt: Output
+        usage: Output
+
+
+    class _OpenAIImageVariationNode:
+        out: _OpenAIImageVariationOutputs
+        id: str
+
+    class _OpenAIResponsesImageOutputs:
+        images: Output
+        mask: Output
+        revised_prompt: Output
+        response_id: Output
+        usage: Output
+
+
+    class _OpenAIResponsesImageNode:
+        out: _OpenAIResponsesImageOutputs
         id: str
 
     class _PreviewImageOutputs:
@@ -273,12 +599,49 @@ if TYPE_CHECKING:
         out: _PrimitiveStringMultilineOutputs
         id: str
 
+    class _PromptScreenOutputs:
+        text: Output
+
+
+    class _PromptScreenNode:
+        out: _PromptScreenOutputs
+        id: str
+
+    class _ReplicateRunOutputs:
+        images: Output
+        mask: Output
+        prediction_id: Output
+        usage: Output
+
+
+    class _ReplicateRunNode:
+        out: _ReplicateRunOutputs
+        id: str
+
+    class _SaveFileS3Outputs:
+        uri: Output
+        url: Output
+
+
+    class _SaveFileS3Node:
+        out: _SaveFileS3Outputs
+        id: str
+
     class _SaveImageOutputs:
         pass
 
 
     class _SaveImageNode:
         out: _SaveImageOutputs
+        id: str
+
+    class _SaveImageS3Outputs:
+        uri: Output
+        url: Output
+
+
+    class _SaveImageS3Node:
+        out: _SaveImageS3Outputs
         id: str
 
     class _SaveImageWebsocketOutputs:
@@ -289,10 +652,58 @@ if TYPE_CHECKING:
         out: _SaveImageWebsocketOutputs
         id: str
 
+    class _SetLatentNoiseMaskOutputs:
+        LATENT: Output
+
+
+    class _SetLatentNoiseMaskNode:
+        out: _SetLatentNoiseMaskOutputs
+        id: str
+
     class _SolidMaskOutputs:
         MASK: Output
 
 
     class _SolidMaskNode:
         out: _SolidMaskOutputs
+        id: str
+
+    class _VAEDecodeOutputs:
+        IMAGE: Output
+
+
+    class _VAEDecodeNode:
+        out: _VAEDecodeOutputs
+        id: str
+
+    class _VAEEncodeOutputs:
+        LATENT: Output
+
+
+    class _VAEEncodeNode:
+        out: _VAEEncodeOutputs
+        id: str
+
+    class _VAEEncodeForInpaintOutputs:
+        LATENT: Output
+
+
+    class _VAEEncodeForInpaintNode:
+        out: _VAEEncodeForInpaintOutputs
+        id: str
+
+    class _VAELoaderOutputs:
+        VAE: Output
+
+
+    class _VAELoaderNode:
+        out: _VAELoaderOutputs
+        id: str
+
+    class _ValidateImageOutputs:
+        images: Output
+
+
+    class _ValidateImageNode:
+        out: _ValidateImageOutputs
         id: str

@@ -495,3 +495,20 @@ def test_exception_while_checking_a_node_is_reported_not_raised(reg):
     assert e["extra_info"]["exception_type"] == "FileNotFoundError"
     assert "checkpoints is missing" in e["details"] and "Loader" in hint(e)
     check_shape(res)
+
+
+def test_one_bad_source_under_many_outputs_is_fast(reg):
+    import time
+    from engine_testnodes import chain_graph
+    n = 3000
+    g = chain_graph(n)
+    g["1"]["inputs"]["value"] = 99999
+    for i in range(2, n + 2):
+        g[f"o{i}"] = {"class_type": "Show", "inputs": {"value": [str(i), 0]}}
+    t0 = time.process_time()
+    res = validate(G(g), reg)
+    elapsed = time.process_time() - t0
+    assert not res.ok
+    deps = res.node_errors["1"]["dependent_outputs"]
+    assert len(deps) == n + 1 and deps[:2] == [str(n + 2), "o2"]  # every output, in prompt order
+    assert elapsed < 2.0, elapsed  # was O(outputs x nodes): 5.6 s here

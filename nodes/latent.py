@@ -1,0 +1,232 @@
+"""Latents: empty, resized, VAE encode/decode, inpainting masks.
+
+LATENT is ``{"samples": [B, 4, H/8, W/8], "noise_mask"?: [B, 1, H, W], "batch_index"?: [...]}``; samples
+are scaled by the VAE's ``scaling_factor`` as the diffusion model expects.
+"""
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+import torch
+import torch.nn.functional as F
+
+import engine
+from engine import MAX_RESOLUTION, Combo, Float, Int, NodeError, Output, Socket
+
+from nodes.common import check_image, check_mask
+
+UPSCALE_METHODS = ["nearest-exact", "bilinear", "area", "bicubic"]
+
+
+def _check_multiple(name: str, value: int) -> str | None:
+    if value % 8:
+        lo = value - value % 8
+        return f"{name} {value} is not a multiple of 8 (latents are 1/8 of the image size); use {lo} or {lo + 8}"
+    return None
+
+
+def _latent(samples: Any, input_name: str = "samples") -> dict:
+    if not isinstance(samples, dict) or not isinstance(samples.get("samples"), torch.Tensor) \
+            or samples["samples"].ndim != 4:
+        raise NodeError("expected a LATENT ({'samples': [batch, channels, height/8, width/8]})",
+                        input_name=input_name)
+    return samples
+
+
+def _resize(x: torch.Tensor, h: int, w: int, method: str, crop: str = "disabled") -> torch.Tensor:
+    if crop == "center":
+        oh, ow = x.shape[-2:]
+        src, dst = ow / oh, w / h
+        if src > dst:
+            cw = round(oh * dst)
+            x = x[..., (ow - cw) // 2:(ow - cw) // 2 + cw]
+        elif src < dst:
+            ch = round(ow / dst)
+            x = x[..., (oh - ch) // 2:(oh - ch) // 2 + ch, :]
+    kw = {"align_corners": False} if method in ("bilinear", "bicubic") else {}
+    return F.interpolate(x, size=(h, w), mode=method, **kw)
+
+
+class EmptyLatentImage(engine.Node):
+    """A batch of empty (zero) latents of the given pixel size."""
+
+    display_name = "Empty Latent Image"
+    category = "latent"
+    outputs = [Output("LATENT", tooltip="The empty latent image batch.")]
+
+    def run(self, width: Annotated[int, Int(min=16, max=MAX_RESOLUTION, step=8)] = 512,
+            height: Annotated[int, Int(min=16, max=MAX_RESOLUTION, step=8)] = 512,
+            batch_size: Annotated[int, Int(min=1, max=4096)] = 1):
+        return {"samples": torch.zeros([batch_size, 4, height // 8, width // 8])}
+
+    @classmethod
+    def validate(cls, width: int = 512, height: int = 512) -> bool | str:
+        return _check_multiple("width", width) or _check_multiple("height", height) or True
+
+
+class LatentUpscale(engine.Node):
+    """Resizes latents to a pixel size (0 in one dimension keeps the aspect ratio)."""
+
+    display_name = "Upscale Latent"
+    category = "latent"
+    outputs = ("LATENT",)
+
+    def run(self, samples: Annotated[Any, Socket("LATENT")],
+            upscale_method: Annotated[str, Combo(UPSCALE_METHODS)] = "nearest-exact",
+            width: Annotated[int, Int(min=0, max=MAX_RESOLUTION, step=8)] = 512,
+            height: Annotated[int, Int(min=0, max=MAX_RESOLUTION, step=8)] = 512,
+            crop: Annotated[str, Combo(["disabled", "center"])] = "disabled"):
+        s = _latent(samples)
+        x = s["samples"]
+        if width == 0 and height == 0:
+            return s
+        h, w = x.shape[-2:]
+        lw = width // 8 if width else max(1, round(w * (height // 8) / h))
+        lh = height // 8 if height else max(1, round(h * (width // 8) / w))
+        out = dict(s)
+        out["samples"] = _resize(x, lh, lw, upscale_method, crop)
+        out.pop("noise_mask", None)
+        return out
+
+    @classmethod
+    def validate(cls, width: int = 512, height: int = 512) -> bool | str:
+        return _check_multiple("width", width) or _check_multiple("height", height) or True
+
+
+class LatentUpscaleBy(engine.Node):
+    """Resizes latents by a factor."""
+
+    display_name = "Upscale Latent By"
+    category = "latent"
+    outputs = ("LATENT",)
+
+    def run(self, samples: Annotated[Any, Socket("LATENT")],
+            upscale_method: Annotated[str, Combo(UPSCALE_METHODS)] = "nearest-exact",
+            scale_by: Annotated[float, Float(min=0.01, max=8.0, step=0.01)] = 1.5):
+        s = _latent(samples)
+        x = s["samples"]
+        h, w = x.shape[-2:]
+        out = dict(s)
+        out["samples"] = _resize(x, max(1, round(h * scale_by)), max(1, round(w * scale_by)), upscale_method)
+        out.pop("noise_mask", None)
+        return out
+
+
+def _vae(vae: Any) -> Any:
+    if vae is None or not hasattr(vae, "vae"):
+        raise NodeError("vae is not a VAE", input_name="vae", hint="connect the VAE output of a checkpoint or VAE loader")
+    return vae
+
+
+def decode(vae: Any, latent: torch.Tensor) -> torch.Tensor:
+    if latent.shape[1] != vae.latent_channels:
+        raise NodeError(f"the latent has {latent.shape[1]} channels, this VAE expects {vae.latent_channels}",
+                        input_name="samples", hint="decode with the VAE of the model that made the latent")
+    with torch.inference_mode():
+        z = latent.to(vae.device, vae.dtype) / vae.scaling_factor + vae.shift_factor
+        img = vae.vae.decode(z).sample
+    return ((img.float().cpu() + 1) / 2).clamp(0, 1).permute(0, 2, 3, 1).contiguous()
+
+
+def crop_to_multiple(pixels: torch.Tensor, m: int = 8) -> torch.Tensor:
+    h, w = pixels.shape[1], pixels.shape[2]
+    nh, nw = h - h % m, w - w % m
+    if nh == 0 or nw == 0:
+        raise NodeError(f"the image is {w}x{h}, smaller than {m} pixels", input_name="pixels",
+                        hint=f"use an image of at least {m}x{m}")
+    oh, ow = (h - nh) // 2, (w - nw) // 2
+    return pixels[:, oh:oh + nh, ow:ow + nw]
+
+
+def encode(vae: Any, pixels: torch.Tensor) -> torch.Tensor:
+    pixels = crop_to_multiple(pixels[..., :3], vae.downscale)
+    with torch.inference_mode():
+        x = pixels.permute(0, 3, 1, 2).to(vae.device, vae.dtype) * 2 - 1
+        z = vae.vae.encode(x).latent_dist.mean
+    return ((z.float() - vae.shift_factor) * vae.scaling_factor).cpu()
+
+
+class VAEDecode(engine.Node):
+    """Decodes latents into images."""
+
+    display_name = "VAE Decode"
+    category = "latent"
+    outputs = [Output("IMAGE", tooltip="The decoded image.")]
+
+    def run(self, samples: Annotated[Any, Socket("LATENT", tooltip="The latent to be decoded.")],
+            vae: Annotated[Any, Socket("VAE", tooltip="The VAE model used for decoding the latent.")]):
+        return decode(_vae(vae), _latent(samples)["samples"])
+
+
+class VAEEncode(engine.Node):
+    """Encodes images into latents (images are centre-cropped to a multiple of 8)."""
+
+    display_name = "VAE Encode"
+    category = "latent"
+    outputs = ("LATENT",)
+
+    def run(self, pixels: Annotated[Any, Socket("IMAGE")], vae: Annotated[Any, Socket("VAE")]):
+        return {"samples": encode(_vae(vae), check_image(pixels, "VAEEncode", "pixels"))}
+
+
+def _mask_for(mask: Any, pixels: torch.Tensor) -> torch.Tensor:
+    m = check_mask(mask).float()
+    if tuple(m.shape[-2:]) != tuple(pixels.shape[1:3]):
+        raise NodeError(f"the mask is {m.shape[-1]}x{m.shape[-2]} but the image is "
+                        f"{pixels.shape[2]}x{pixels.shape[1]}", input_name="mask",
+                        hint="use a mask of the image's size (e.g. the MASK output of the same LoadImage, or "
+                             "resize it first)")
+    return m
+
+
+class VAEEncodeForInpaint(engine.Node):
+    """Encodes an image for inpainting: the masked area (grown by grow_mask_by pixels) is greyed out before
+    encoding, and the mask becomes the latent's noise mask."""
+
+    display_name = "VAE Encode (for Inpainting)"
+    category = "latent/inpaint"
+    outputs = ("LATENT",)
+
+    def run(self, pixels: Annotated[Any, Socket("IMAGE")], vae: Annotated[Any, Socket("VAE")],
+            mask: Annotated[Any, Socket("MASK")],
+            grow_mask_by: Annotated[int, Int(min=0, max=64, step=1)] = 6):
+        vae = _vae(vae)
+        pixels = check_image(pixels, "VAEEncodeForInpaint", "pixels")[..., :3]
+        m = _mask_for(mask, pixels)
+        if m.shape[0] != pixels.shape[0] and m.shape[0] != 1:
+            raise NodeError(f"{m.shape[0]} masks for {pixels.shape[0]} images", input_name="mask",
+                            hint="give one mask, or one per image")
+        m = m.expand(pixels.shape[0], -1, -1)
+        pixels = crop_to_multiple(pixels, vae.downscale)
+        m = crop_to_multiple(m[..., None], vae.downscale)[..., 0]
+        if grow_mask_by > 0:
+            k = grow_mask_by * 2 + 1
+            grown = F.max_pool2d(m[:, None], kernel_size=k, stride=1, padding=grow_mask_by)[:, 0]
+        else:
+            grown = m
+        keep = (1 - grown.round())[..., None]
+        pixels = (pixels - 0.5) * keep + 0.5
+        return {"samples": encode(vae, pixels), "noise_mask": grown[:, None]}
+
+
+class SetLatentNoiseMask(engine.Node):
+    """Restricts sampling to the masked area of a latent (1 = change, 0 = keep)."""
+
+    display_name = "Set Latent Noise Mask"
+    category = "latent/inpaint"
+    outputs = ("LATENT",)
+
+    def run(self, samples: Annotated[Any, Socket("LATENT")], mask: Annotated[Any, Socket("MASK")]):
+        s = _latent(samples)
+        m = check_mask(mask).float()
+        lh, lw = s["samples"].shape[-2:]
+        if abs(m.shape[-1] / m.shape[-2] - lw / lh) > 0.02:
+            raise NodeError(f"the mask is {m.shape[-1]}x{m.shape[-2]}, the latent is for a {lw * 8}x{lh * 8} image",
+                            input_name="mask", hint="use a mask with the same size as the image")
+        out = dict(s)
+        out["noise_mask"] = m.reshape(-1, 1, m.shape[-2], m.shape[-1])
+        return out
+
+
+NODES = [EmptyLatentImage, LatentUpscale, LatentUpscaleBy, VAEDecode, VAEEncode, VAEEncodeForInpaint,
+         SetLatentNoiseMask]

@@ -1,0 +1,229 @@
+"""ComfyUI prompt syntax and CLIP text encoding.
+
+Syntax: ``(text)`` multiplies the weight of its tokens by 1.1, ``(text:1.5)`` by 1.5, ``[text]`` divides
+by 1.1; groups nest and multiply. ``\\(`` ``\\)`` ``\\[`` ``\\]`` are literal brackets. ``embedding:name``
+inserts the vectors of a textual-inversion file from ``models/embeddings/``.
+
+Encoding: tokens are cut into chunks of 75 (plus start/end tokens, padded to 77); the chunks are encoded
+in one batch and concatenated along the sequence, so long prompts keep every token. A token of weight
+``w`` is moved away from the empty prompt's encoding at its position: ``z = z_empty + w * (z - z_empty)``
+(ComfyUI's default weighting).
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+CHUNK = 75
+_WEIGHT_RE = re.compile(r"^(.*):\s*([+-]?(?:\d+\.?\d*|\.\d+))\s*$", re.S)
+EMBEDDING_RE = re.compile(r"embedding:([^\s,()\[\]]+)")
+
+
+class PromptError(ValueError):
+    def __init__(self, message: str, hint: str | None = None):
+        super().__init__(message)
+        self.hint = hint
+
+
+@dataclass
+class _Group:
+    kind: str  # "(" or "["
+    items: list
+
+
+def _tree(text: str, i: int, close: str | None) -> tuple[list, int]:
+    items: list = []
+    buf: list[str] = []
+
+    def flush() -> None:
+        if buf:
+            items.append("".join(buf))
+            buf.clear()
+
+    while i < len(text):
+        c = text[i]
+        if c == "\\" and i + 1 < len(text):
+            buf.append(text[i + 1])
+            i += 2
+            continue
+        if c in "([":
+            flush()
+            sub, i = _tree(text, i + 1, ")" if c == "(" else "]")
+            items.append(_Group(c, sub))
+            continue
+        if close is not None and c == close:
+            flush()
+            return items, i + 1
+        buf.append(c)
+        i += 1
+    flush()
+    return items, i
+
+
+def parse_weights(text: str) -> list[tuple[str, float]]:
+    """``"a (b:1.5) [c]"`` -> ``[("a ", 1.0), ("b", 1.5), (" ", 1.0), ("c", 1/1.1)]`` (empty parts dropped)."""
+    items, _ = _tree(text, 0, None)
+    out: list[tuple[str, float]] = []
+
+    def walk(nodes: list, weight: float) -> None:
+        for n in nodes:
+            if isinstance(n, str):
+                if n:
+                    out.append((n, weight))
+                continue
+            inner, w = list(n.items), 1.1
+            if n.kind == "[":
+                w = 1 / 1.1
+            elif inner and isinstance(inner[-1], str):
+                m = _WEIGHT_RE.match(inner[-1])
+                if m:
+                    w = float(m.group(2))
+                    inner[-1] = m.group(1)
+            walk(inner, weight * w)
+
+    walk(items, 1.0)
+    return out
+
+
+# -- textual inversion ---------------------------------------------------------------------------------------
+
+def load_embedding(path: Path, dim: int, key_hint: str | None = None) -> torch.Tensor:
+    """The vectors ``[n, dim]`` of a textual-inversion file (A1111 .pt/.safetensors, ``emb_params``, SDXL keys)."""
+    if path.suffix.lower() in (".safetensors", ".sft"):
+        from safetensors.torch import load_file
+
+        data = load_file(str(path))
+    else:
+        data = torch.load(str(path), map_location="cpu", weights_only=True)
+    candidates: list[torch.Tensor] = []
+    if isinstance(data, dict):
+        if key_hint and key_hint in data:
+            candidates.append(data[key_hint])
+        if "string_to_param" in data and isinstance(data["string_to_param"], dict):
+            candidates.extend(data["string_to_param"].values())
+        candidates.extend(v for v in data.values() if isinstance(v, torch.Tensor))
+    elif isinstance(data, torch.Tensor):
+        candidates.append(data)
+    for t in candidates:
+        t = t.reshape(-1, t.shape[-1]) if t.ndim >= 1 else t
+        if t.ndim == 2 and t.shape[-1] == dim:
+            return t.float()
+    shapes = [tuple(t.shape) for t in candidates]
+    raise PromptError(f"embedding {path.name} has no vectors of size {dim} (found {shapes})",
+                      hint="the embedding was trained for another model family; use one made for this checkpoint")
+
+
+# -- tokenising ---------------------------------------------------------------------------------------------
+
+@dataclass
+class Token:
+    id: int
+    weight: float
+    vector: torch.Tensor | None = None  # textual inversion
+
+
+def tokenize(text: str, tokenizer, find_embedding: Callable[[str], torch.Tensor] | None) -> list[Token]:
+    tokens: list[Token] = []
+    for segment, weight in parse_weights(text):
+        pos = 0
+        for m in EMBEDDING_RE.finditer(segment):
+            tokens += _plain(segment[pos:m.start()], weight, tokenizer)
+            if find_embedding is None:
+                raise PromptError("textual inversion is not available here")
+            vecs = find_embedding(m.group(1))
+            filler = tokenizer.eos_token_id
+            tokens += [Token(filler, weight, v) for v in vecs]
+            pos = m.end()
+        tokens += _plain(segment[pos:], weight, tokenizer)
+    return tokens
+
+
+def _plain(text: str, weight: float, tokenizer) -> list[Token]:
+    if not text.strip():
+        return []
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    return [Token(i, weight) for i in ids]
+
+
+def chunk(tokens: list[Token], bos: int, eos: int, pad: int, length: int = CHUNK + 2) -> list[list[Token]]:
+    """Chunks of ``length`` tokens: start, up to 75 prompt tokens, end, padding; at least one chunk."""
+    body = length - 2
+    groups = [tokens[i:i + body] for i in range(0, len(tokens), body)] or [[]]
+    out = []
+    for g in groups:
+        row = [Token(bos, 1.0)] + g + [Token(eos, 1.0)]
+        row += [Token(pad, 1.0)] * (length - len(row))
+        out.append(row)
+    return out
+
+
+# -- encoding ---------------------------------------------------------------------------------------------
+
+def _eos_positions(rows: list[list[Token]], eos: int) -> list[int]:
+    pos = []
+    for row in rows:
+        ids = [t.id for t in row]
+        # the end token that closes the prompt: after the start token, the first eos without a vector
+        idx = next(i for i in range(1, len(row)) if ids[i] == eos and row[i].vector is None)
+        pos.append(idx)
+    return pos
+
+
+def encode_rows(text_encoder, rows: list[list[Token]], layer: int, final_norm: bool,
+                eos: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Hidden states ``[chunks, 77, D]`` of the chosen layer and the pooled (projected if available) output."""
+    device = next(text_encoder.parameters()).device
+    ids = torch.tensor([[t.id for t in row] for row in rows], device=device)
+    overrides = [(r, c, t.vector) for r, row in enumerate(rows) for c, t in enumerate(row) if t.vector is not None]
+    hook = None
+    if overrides:
+        def replace(module, args, output):
+            output = output.clone()
+            for r, c, v in overrides:
+                output[r, c] = v.to(output.dtype)
+            return output
+
+        hook = text_encoder.get_input_embeddings().register_forward_hook(replace)
+    try:
+        out = text_encoder(input_ids=ids, output_hidden_states=True)
+    finally:
+        if hook is not None:
+            hook.remove()
+    tm = text_encoder.text_model if hasattr(text_encoder, "text_model") else text_encoder
+    if layer == -1:
+        hidden = out.hidden_states[-1]
+        hidden = tm.final_layer_norm(hidden) if final_norm else hidden
+    else:
+        hidden = out.hidden_states[layer]
+        if final_norm:
+            hidden = tm.final_layer_norm(hidden)
+    # pooled output: the final-layer state at the end token (projected when the model has a projection)
+    last = tm.final_layer_norm(out.hidden_states[-1])
+    eos_pos = _eos_positions(rows, eos)
+    pooled = last[torch.arange(len(rows), device=device), torch.tensor(eos_pos, device=device)]
+    if hasattr(text_encoder, "text_projection"):
+        pooled = text_encoder.text_projection(pooled)
+    return hidden.float(), pooled.float()
+
+
+def encode_weighted(text_encoder, tokenizer, text: str, layer: int, final_norm: bool,
+                    find_embedding: Callable[[str], torch.Tensor] | None,
+                    pad_id: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``([1, 77 * chunks, D], [1, P])`` for one prompt with ComfyUI weighting."""
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    pad = eos if pad_id is None else pad_id
+    rows = chunk(tokenize(text, tokenizer, find_embedding), bos, eos, pad)
+    weighted = any(t.weight != 1.0 for row in rows for t in row)
+    all_rows = rows + (chunk([], bos, eos, pad) if weighted else [])
+    with torch.inference_mode():
+        hidden, pooled = encode_rows(text_encoder, all_rows, layer, final_norm, eos)
+    if weighted:
+        empty = hidden[-1:]
+        hidden = hidden[:-1]
+        w = torch.tensor([[t.weight for t in row] for row in rows], dtype=hidden.dtype, device=hidden.device)
+        hidden = empty + (hidden - empty) * w[..., None]
+    return hidden.reshape(1, -1, hidden.shape[-1]).cpu(), pooled[:1].cpu()
