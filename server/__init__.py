@@ -22,7 +22,7 @@ Decisions beyond ComfyUI, for whoever comes next:
 - Keys of ``extra_data`` that look like secrets (api_key, token, secret, password, authorization) are kept
   in memory for the run only: never in the database, history or events. A prompt re-run after a crash
   therefore runs without them.
-- Binary preview/output frames are not logged, so they are not replayed.
+- Output frames (SaveImageWebsocket) are logged with their event and replayed in place; previews are not.
 """
 from .app import ROUTES, create_app, serve
 from .config import InsecureBind, ServerConfig, is_loopback

@@ -349,17 +349,28 @@ class PromptService:
             if lst and fut in lst:
                 lst.remove(fut)
 
-    def replay(self, prompt_id: str, since: int) -> list[str] | None:
-        """Logged messages of a prompt after ``since``, or None for an unknown prompt."""
-        if self.running is None or self.running.prompt_id != prompt_id:
-            if prompt_id not in self.pending and self.store.status_of(prompt_id) is None:
-                return None
-        return [P.message_from_json(t, d, s) for s, t, d in self.store.events(prompt_id, since)]
+    def known(self, prompt_id: str) -> bool:
+        return ((self.running is not None and self.running.prompt_id == prompt_id) or prompt_id in self.pending
+                or self.store.status_of(prompt_id) is not None)
+
+    def replay(self, client, prompt_id: str, since: int) -> bool:
+        """Queue a prompt's logged events after ``since`` on one socket; False for an unknown prompt."""
+        if not self.known(prompt_id):
+            return False
+        self.router.replay(client, prompt_id, since)
+        return True
 
     def events(self, prompt_id: str, since: int) -> list[dict] | None:
-        if self.replay(prompt_id, since) is None:
+        if not self.known(prompt_id):
             return None
-        return [{"seq": s, "type": t, "data": json.loads(d)} for s, t, d in self.store.events(prompt_id, since)]
+        frames = self.store.frames(prompt_id, since)
+        out = []
+        for s, t, d in self.store.events(prompt_id, since):
+            e = {"seq": s, "type": t, "data": json.loads(d)}
+            if s in frames:
+                e["frame"] = {"format": frames[s][1], "bytes": len(frames[s][2])}
+            out.append(e)
+        return out
 
     def queue(self) -> dict:
         running = [self.running.queue_item] if self.running is not None else []

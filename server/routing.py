@@ -74,6 +74,8 @@ class EventRouter:
         job.seq += 1
         data_json = as_json(data)
         self.store.log_event(job.prompt_id, job.seq, t, data_json)
+        if isinstance(event, ev.Progress) and event.preview is not None and event.preview.kind == "output":
+            self.store.log_frame(job.prompt_id, job.seq, event.node, event.preview.format, event.preview.data)
         if t in HISTORY_MESSAGES:
             job.messages.append([t, data])
             if t not in ("execution_start", "execution_cached"):
@@ -96,6 +98,24 @@ class EventRouter:
             self._progress_state(job, data["node"], 1, 1, "finished", targets)
             if job.open_node == data["node"]:
                 job.open_node = None
+
+    def replay(self, client, prompt_id: str, since: int) -> int:
+        """Send a prompt's logged events after ``since`` to one socket, output frames in their places.
+        Returns how many messages were queued."""
+        frames = self.store.frames(prompt_id, since)
+        n = 0
+        for seq, t, d in self.store.events(prompt_id, since):
+            frame = frames.get(seq)
+            if frame is not None and client.metadata_previews:
+                node, fmt, data = frame
+                meta = {"node_id": node, "prompt_id": prompt_id, "display_node_id": node,
+                        "parent_node_id": None, "real_node_id": node}
+                client.send(Out(P.preview_frame_with_metadata(fmt, data, meta)))
+            client.send(Out(P.message_from_json(t, d, seq)))
+            if frame is not None and not client.metadata_previews:
+                client.send(Out(P.preview_frame(frame[1], frame[2])))
+            n += 1
+        return n
 
     def _preview(self, job: Job, event: ev.Progress, targets, before: bool) -> None:
         pv = event.preview

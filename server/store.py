@@ -45,6 +45,14 @@ CREATE TABLE IF NOT EXISTS events (
     data TEXT NOT NULL,
     PRIMARY KEY (prompt_id, seq)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS frames (
+    prompt_id TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    node TEXT,
+    format TEXT NOT NULL,
+    data BLOB NOT NULL,
+    PRIMARY KEY (prompt_id, seq)
+);
 """
 
 FINISHED = ("success", "error", "interrupted")
@@ -97,6 +105,7 @@ class Store:
         self.db.execute("PRAGMA busy_timeout=5000")
         self.db.executescript(SCHEMA)
         self._pending_events: list[tuple[str, int, str, str]] = []
+        self._pending_frames: list[tuple[str, int, str, str, bytes]] = []
         row = self.db.execute("SELECT MAX(history_order) FROM prompts").fetchone()
         self._history_order = (row[0] or 0)
 
@@ -122,20 +131,30 @@ class Store:
         if len(self._pending_events) >= 2048:
             self.flush()
 
-    def flush(self) -> None:
-        if self._pending_events:
-            batch, self._pending_events = self._pending_events, []
-            self.db.execute("BEGIN")
+    def log_frame(self, prompt_id: str, seq: int, node: str, fmt: str, data: bytes) -> None:
+        """An output image sent as a binary frame (SaveImageWebsocket), replayed after event ``seq``."""
+        self._pending_frames.append((prompt_id, seq, node, fmt, data))
+
+    def _write_pending(self) -> None:
+        batch, self._pending_events = self._pending_events, []
+        frames, self._pending_frames = self._pending_frames, []
+        if batch:
             self.db.executemany("INSERT OR REPLACE INTO events VALUES (?, ?, ?, ?)", batch)
+        if frames:
+            self.db.executemany("INSERT OR REPLACE INTO frames VALUES (?, ?, ?, ?, ?)", frames)
+
+    def flush(self) -> None:
+        if self._pending_events or self._pending_frames:
+            self.db.execute("BEGIN")
+            self._write_pending()
             self.db.execute("COMMIT")
 
     def finish(self, prompt_id: str, status: str, history: dict, last_seq: int) -> None:
         """Write the history entry and every buffered event in one transaction."""
         self._history_order += 1
-        batch, self._pending_events = self._pending_events, []
         self.db.execute("BEGIN")
         try:
-            self.db.executemany("INSERT OR REPLACE INTO events VALUES (?, ?, ?, ?)", batch)
+            self._write_pending()
             self.db.execute("UPDATE prompts SET status=?, history=?, finished=?, history_order=?, last_seq=? "
                             "WHERE prompt_id=?", (status, json.dumps(history), time.time(), self._history_order,
                                                   last_seq, prompt_id))
@@ -147,6 +166,7 @@ class Store:
     def requeue(self, prompt_id: str) -> None:
         self.db.execute("UPDATE prompts SET status='pending', started=NULL WHERE prompt_id=?", (prompt_id,))
         self.db.execute("DELETE FROM events WHERE prompt_id=?", (prompt_id,))
+        self.db.execute("DELETE FROM frames WHERE prompt_id=?", (prompt_id,))
 
     def delete(self, prompt_ids: Iterable[str]) -> None:
         self.flush()
@@ -154,13 +174,15 @@ class Store:
         self.db.execute("BEGIN")
         self.db.executemany("DELETE FROM prompts WHERE prompt_id=?", ids)
         self.db.executemany("DELETE FROM events WHERE prompt_id=?", ids)
+        self.db.executemany("DELETE FROM frames WHERE prompt_id=?", ids)
         self.db.execute("COMMIT")
 
     def clear_history(self) -> None:
         self.flush()
         self.db.execute("BEGIN")
-        self.db.execute("DELETE FROM events WHERE prompt_id IN (SELECT prompt_id FROM prompts WHERE status IN "
-                        "('success','error','interrupted'))")
+        for table in ("events", "frames"):
+            self.db.execute(f"DELETE FROM {table} WHERE prompt_id IN (SELECT prompt_id FROM prompts WHERE status "
+                            "IN ('success','error','interrupted'))")
         self.db.execute("DELETE FROM prompts WHERE status IN ('success','error','interrupted')")
         self.db.execute("COMMIT")
 
@@ -204,6 +226,12 @@ class Store:
         rows = self.db.execute(f"SELECT {_COLS} FROM prompts WHERE history_order IS NOT NULL "
                                "ORDER BY history_order").fetchall()
         return [_row(r) for r in rows]
+
+    def frames(self, prompt_id: str, since: int = 0) -> dict[int, tuple[str, str, bytes]]:
+        self.flush()
+        rows = self.db.execute("SELECT seq, node, format, data FROM frames WHERE prompt_id=? AND seq>?",
+                               (prompt_id, since)).fetchall()
+        return {r[0]: (r[1], r[2], r[3]) for r in rows}
 
     def events(self, prompt_id: str, since: int = 0) -> list[tuple[int, str, str]]:
         self.flush()

@@ -304,3 +304,21 @@ def test_webhook_gets_a_post_on_completion(server):
     finally:
         httpd.shutdown()
     assert got == [{"prompt_id": pid, "status": "success", "outputs": {"out": {"text": ["2"]}}, "error": None}]
+
+
+def test_output_frames_are_replayed_in_place(server):
+    g = {"1": {"class_type": "TConst", "inputs": {"value": 1}},
+         "w": {"class_type": "TWsOut", "inputs": {"value": ["1", 0]}}}
+    with server.ws("frames") as ws:
+        first(ws)
+        pid = server.post("/prompt", {"prompt": g, "client_id": "frames"}).json()["prompt_id"]
+        live = recv_until_done(ws, pid)
+    with server.ws("frames") as ws:
+        first(ws)
+        ws.send(json.dumps({"type": "replay", "data": {"prompt_id": pid, "since": 0}}))
+        replayed = recv_until_done(ws, pid)
+    strip = [m for m in live if isinstance(m, bytes) or m["type"] != "status"]
+    assert replayed == strip  # the PNG frame comes back right after its progress event, as it was sent
+    assert any(isinstance(m, bytes) and m[8:12] == b"\x89PNG" for m in replayed)
+    ev = server.get(f"/api/prompt/{pid}/events").json()["events"]
+    assert [e for e in ev if "frame" in e][0]["frame"]["format"] == "PNG"
