@@ -10,7 +10,8 @@ Decisions beyond ComfyUI, for whoever comes next:
 
 - Every route is at ``/x`` and ``/api/x``. New: ``GET /api/prompt/{id}`` (status: pending, running, success,
   error, interrupted, unknown; ``?wait=true&timeout=S`` blocks until done) and
-  ``GET /api/prompt/{id}/events?since=K``. Unknown ids answer 404 with ``{"status": "unknown"}``.
+  ``GET /api/prompt/{id}/events?since=K`` (``&wait=true`` long-polls until there is something new);
+  ``POST /prompt?wait=true`` answers with the result. Unknown ids answer 404 with ``{"status": "unknown"}``.
 - Per-prompt events carry a top-level ``"seq"``; the final ``executing {node: null}`` is logged too, so a
   replay always ends with it. Events of a re-run after a crash are numbered from ``attempt * 1_000_000`` so
   they follow anything a client saw of the attempt that died.

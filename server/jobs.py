@@ -268,6 +268,7 @@ class PromptService:
         for fut in self._waiters.pop(job.prompt_id, ()):
             if not fut.done():
                 fut.set_result(status)
+        self.router.wake(job.prompt_id)
         hook = job.extra_data.get("webhook")
         if isinstance(hook, str) and hook.startswith(("http://", "https://")):
             self._background(self._webhook(hook, job.prompt_id, status, outputs, history))
@@ -346,6 +347,22 @@ class PromptService:
             pass
         finally:
             lst = self._waiters.get(prompt_id)
+            if lst and fut in lst:
+                lst.remove(fut)
+
+    async def wait_events(self, prompt_id: str, since: int, timeout: float) -> None:
+        """Return once the prompt has an event after ``since`` (or is done), or after ``timeout``."""
+        self.store.flush()
+        row = self.store.db.execute("SELECT 1 FROM events WHERE prompt_id=? AND seq>? LIMIT 1",
+                                    (prompt_id, since)).fetchone()
+        if row is not None or self.status(prompt_id)["status"] not in ("pending", "running"):
+            return
+        fut = self.loop.create_future()
+        self.router.watchers.setdefault(prompt_id, []).append(fut)
+        try:
+            await asyncio.wait_for(asyncio.shield(fut), timeout)
+        except asyncio.TimeoutError:
+            lst = self.router.watchers.get(prompt_id)
             if lst and fut in lst:
                 lst.remove(fut)
 

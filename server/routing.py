@@ -58,6 +58,7 @@ class EventRouter:
         self.hub = hub
         self.store = store
         self.stopping = False
+        self.watchers: dict[str, list[asyncio.Future]] = {}  # long-polls on /events, woken by any new event
 
     def dispatch(self, job: Job, event: ev.Event) -> None:
         if self.stopping:
@@ -80,6 +81,8 @@ class EventRouter:
             job.messages.append([t, data])
             if t not in ("execution_start", "execution_cached"):
                 job.terminal = True
+        if self.watchers:
+            self.wake(job.prompt_id)
         text = P.message_from_json(t, data_json, job.seq)
         if t == "progress":
             out = Out(text, PROGRESS)
@@ -98,6 +101,11 @@ class EventRouter:
             self._progress_state(job, data["node"], 1, 1, "finished", targets)
             if job.open_node == data["node"]:
                 job.open_node = None
+
+    def wake(self, prompt_id: str) -> None:
+        for fut in self.watchers.pop(prompt_id, ()):
+            if not fut.done():
+                fut.set_result(None)
 
     def replay(self, client, prompt_id: str, since: int) -> int:
         """Send a prompt's logged events after ``since`` to one socket, output frames in their places.

@@ -322,3 +322,19 @@ def test_output_frames_are_replayed_in_place(server):
     assert any(isinstance(m, bytes) and m[8:12] == b"\x89PNG" for m in replayed)
     ev = server.get(f"/api/prompt/{pid}/events").json()["events"]
     assert [e for e in ev if "frame" in e][0]["frame"]["format"] == "PNG"
+
+
+def test_events_long_poll_follows_a_run_to_its_final_event(server):
+    pid = server.post("/prompt", {"prompt": sleeper(0.6, 6)}).json()["prompt_id"]
+    since, seen, polls = 0, [], 0
+    while True:
+        body = server.get(f"/api/prompt/{pid}/events", params={"since": since, "wait": "true",
+                                                                "timeout": "10"}).json()
+        polls += 1
+        seen += body["events"]
+        since = body["last_seq"]
+        if seen and seen[-1]["type"] == "executing" and seen[-1]["data"]["node"] is None:
+            break
+        assert polls < 100
+    assert [e["seq"] for e in seen] == list(range(1, len(seen) + 1))
+    assert sum(e["type"] == "progress" for e in seen) == 6 and body["done"]
