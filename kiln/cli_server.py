@@ -37,7 +37,7 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
 def run_serve(args: argparse.Namespace) -> int:
     import logging
 
-    from server import InsecureBind, ServerConfig, serve
+    from server import InsecureBind, ServerConfig, StoreLocked, serve
 
     from .runtime import make_executor
 
@@ -66,6 +66,9 @@ def run_serve(args: argparse.Namespace) -> int:
         logging.getLogger("kiln.server").warning("node pack %s was skipped: %s", err.source, err.error)
     try:
         serve(executor, config)
+    except StoreLocked as exc:
+        print(f"kiln serve: {exc}", file=sys.stderr)
+        return 2
     except OSError as exc:  # the port is taken, say
         print(f"kiln serve: cannot listen on {config.host}:{config.port}: {exc.strerror or exc}", file=sys.stderr)
         return 1

@@ -27,5 +27,6 @@ Decisions beyond ComfyUI, for whoever comes next:
 """
 from .app import ROUTES, create_app, serve
 from .config import InsecureBind, ServerConfig, is_loopback
+from .store import StoreLocked
 
-__all__ = ["ROUTES", "create_app", "serve", "ServerConfig", "InsecureBind", "is_loopback"]
+__all__ = ["ROUTES", "create_app", "serve", "ServerConfig", "InsecureBind", "StoreLocked", "is_loopback"]

@@ -12,6 +12,7 @@ survives the process being killed (SIGKILL); only a power loss can lose the last
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import time
 from dataclasses import dataclass
@@ -58,6 +59,10 @@ CREATE TABLE IF NOT EXISTS frames (
 FINISHED = ("success", "error", "interrupted")
 
 
+class StoreLocked(RuntimeError):
+    """Another server process is using this data directory."""
+
+
 @dataclass
 class PromptRow:
     prompt_id: str
@@ -98,6 +103,7 @@ class Store:
     def __init__(self, data_dir: str | Path):
         self.dir = Path(data_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
+        self._lock = _lock_dir(self.dir)  # two servers on one queue would run its prompts twice
         self.path = self.dir / "kiln.sqlite3"
         self.db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         self.db.execute("PRAGMA journal_mode=WAL")
@@ -112,6 +118,9 @@ class Store:
     def close(self) -> None:
         self.flush()
         self.db.close()
+        if self._lock is not None:
+            os.close(self._lock)  # releases the lock (the kernel also does when the process dies)
+            self._lock = None
 
     # -- writes -------------------------------------------------------------------------------------
     def add(self, prompt_id: str, number: float, client_id: str | None, prompt: dict, extra_data: dict,
@@ -237,6 +246,23 @@ class Store:
         self.flush()
         return self.db.execute("SELECT seq, type, data FROM events WHERE prompt_id=? AND seq>? ORDER BY seq",
                                (prompt_id, since)).fetchall()
+
+
+def _lock_dir(path: Path) -> int | None:
+    try:
+        import fcntl
+    except ImportError:  # Windows: no advisory lock; run one server per data dir
+        return None
+    fd = os.open(path / "kiln.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        raise StoreLocked(f"another Kiln server is using the data directory {str(path)!r}; stop it or pass "
+                          f"a different --data-dir") from None
+    os.ftruncate(fd, 0)
+    os.write(fd, str(os.getpid()).encode())
+    return fd
 
 
 def row_status(row: PromptRow | None) -> str:

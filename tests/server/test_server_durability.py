@@ -190,3 +190,16 @@ def test_sigkill_during_a_burst_of_submissions_loses_no_accepted_prompt(tmp_path
     assert len(names) == len(set(names))
     owners = [p.read_text().split()[0] for p in (tmp_path / "output").glob("out_*.txt")]
     assert set(accepted) <= set(owners)  # each accepted prompt's file exists (none was overwritten)
+
+
+def test_a_second_server_on_the_same_data_dir_refuses_to_start(tmp_path, serve_proc):
+    import subprocess
+
+    from srv_helpers import ROOT, kiln_cmd
+
+    serve_proc()
+    import os
+
+    r = subprocess.run(kiln_cmd("serve", "--port", "0", "--base-dir", str(tmp_path)), capture_output=True,
+                       text=True, timeout=120, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert r.returncode == 2 and "another Kiln server" in r.stderr
