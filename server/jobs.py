@@ -59,6 +59,7 @@ class PromptService:
         self._bg: set[asyncio.Task] = set()
         self._status_timer: asyncio.TimerHandle | None = None
         self.router = EventRouter(hub, store)
+        self._finished = 0
         self.loop: asyncio.AbstractEventLoop | None = None
 
     # -- lifecycle ----------------------------------------------------------------------------------
@@ -255,7 +256,8 @@ class PromptService:
         final_json = as_json(final)
         self.store.log_event(job.prompt_id, job.seq, "executing", final_json)
         self.store.finish(job.prompt_id, status, history, job.seq)
-        if self.config.history_limit:
+        self._finished += 1
+        if self.config.history_limit and self._finished % 64 == 1:  # trimming is a scan: not every time
             self.store.trim_history(self.config.history_limit)
         job.status = status
         if self.running is job:
