@@ -3,8 +3,9 @@
 ``create_app(executor, ServerConfig(...))`` builds the aiohttp application; ``serve(...)`` runs it.
 
 Modules: ``app`` (route table, lifecycle), ``http_api`` and ``files`` (handlers), ``ws`` (the socket),
-``jobs`` (queue, worker, event routing), ``hub`` (sockets and their bounded send queues), ``store``
-(SQLite), ``security`` (middlewares), ``protocol`` (wire format), ``config``.
+``jobs`` (queue, worker, recovery, control), ``routing`` (events to sockets and to the log), ``prompts``
+(the job model), ``hub`` (sockets and their bounded send queues), ``store`` (SQLite), ``security``
+(middlewares), ``protocol`` (wire format), ``webhook``, ``config``, ``keys`` (typed app state).
 
 Decisions beyond ComfyUI, for whoever comes next:
 
@@ -24,6 +25,9 @@ Decisions beyond ComfyUI, for whoever comes next:
   in memory for the run only: never in the database, history or events. A prompt re-run after a crash
   therefore runs without them.
 - Output frames (SaveImageWebsocket) are logged with their event and replayed in place; previews are not.
+- One server per data directory (an advisory lock), so two processes never run one queue.
+- Queue-size ``status`` messages go at once to the prompt's own client; other sockets get the latest value
+  at most every 50 ms, only when it changed for them.
 """
 from .app import ROUTES, create_app, serve
 from .config import InsecureBind, ServerConfig, is_loopback
