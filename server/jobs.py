@@ -158,6 +158,9 @@ class PromptService:
                 raise ApiError(409, "prompt_id_conflict", "This prompt_id was already used for another prompt",
                                f"prompt_id {prompt_id!r} is taken; omit prompt_id or choose a new one")
             return {"prompt_id": prompt_id, "number": _num(number), "node_errors": {}}
+        hook = sub.extra_data.get("webhook")
+        if hook is not None and not (isinstance(hook, str) and hook.startswith(("http://", "https://"))):
+            raise ApiError(400, "invalid_webhook", "extra_data.webhook must be an http(s) URL", repr(hook)[:200])
         validation = validate(graph, self.registry, partial_execution_targets=sub.partial_execution_targets)
         if not validation.ok:
             raise ApiError(400, "", "", body=validation.to_comfy())

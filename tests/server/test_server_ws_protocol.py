@@ -304,6 +304,8 @@ def test_webhook_gets_a_post_on_completion(server):
     finally:
         httpd.shutdown()
     assert got == [{"prompt_id": pid, "status": "success", "outputs": {"out": {"text": ["2"]}}, "error": None}]
+    r = server.post("/prompt", {"prompt": chain(2), "extra_data": {"webhook": "file:///etc/passwd"}})
+    assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_webhook"
 
 
 def test_output_frames_are_replayed_in_place(server):
