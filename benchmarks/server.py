@@ -257,7 +257,7 @@ async def main(args) -> None:
             await bench_throughput(url, 200 if args.quick else 1000)
             await bench_throughput(url, 200 if args.quick else 1000, connections=8)
         if "2" in only:
-            await bench_chain(url, 500, 3 if args.quick else 7)
+            await bench_chain(url, 500, 3 if args.quick else 11)
         clients = 20 if args.quick else 100
         if "3" in only:
             await bench_fanout(url, clients, 10, 0)
