@@ -42,7 +42,12 @@ async def websocket(request: web.Request) -> web.StreamResponse:
     try:
         async for msg in ws:
             if msg.type == WSMsgType.TEXT:
-                _handle_text(client, svc, msg.data)
+                try:
+                    _handle_text(client, svc, msg.data)
+                except Exception as exc:  # a bug must not end the socket, let alone the server
+                    log.exception("websocket message from %s failed", client.sid)
+                    client.send(Out(P.error_message("internal_error", "Internal server error",
+                                                    type(exc).__name__)))
             elif msg.type == WSMsgType.BINARY:
                 await ws.close(code=WSCloseCode.UNSUPPORTED_DATA, message=b"binary messages are not accepted")
                 break
