@@ -92,7 +92,7 @@ class EventRouter:
             self.store.log_frame(job.prompt_id, job.seq, event.node, event.preview.format, event.preview.data)
         if t in HISTORY_MESSAGES:
             job.messages.append([t, data])
-            if t not in ("execution_start", "execution_cached"):
+            if isinstance(event, ev.TERMINAL):  # a non-fatal NodeBlocked shares execution_error's type
                 job.terminal = True
         if self.watchers:
             self.wake(job.prompt_id)
