@@ -278,6 +278,12 @@ class Client:
             img = Image.open(io.BytesIO(self.file(item)))
             img.load()
             out.append(img)
+        if not out:  # SaveImageWebsocket: the images only went over the socket; the server replays them
+            for e in self.events(prompt_id, previews=True):
+                if e["type"] == "preview" and e["data"][:4] == b"\x00\x00\x00\x01":
+                    img = Image.open(io.BytesIO(e["data"][8:]))
+                    img.load()
+                    out.append(img)
         return out
 
     def download(self, prompt_id: str, dest: str | Path) -> list[Path]:

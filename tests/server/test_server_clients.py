@@ -59,6 +59,10 @@ def test_kiln_client_run_images_download_cancel(live, tmp_path):
     g.SaveImage(images=g.ImageInvert(image=g.EmptyImage(width=4, height=4, color=0)), filename_prefix="authored")
     [authored] = c.images(c.submit(g))
     assert authored.size == (4, 4) and authored.convert("RGB").getpixel((0, 0)) == (255, 255, 255)
+    ws_graph = {"1": {"class_type": "EmptyImage", "inputs": {"width": 5, "height": 3, "batch_size": 2, "color": 0}},
+                "2": {"class_type": "SaveImageWebsocket", "inputs": {"images": ["1", 0]}}}
+    ws_images = c.images(c.submit(ws_graph))  # sent only over the socket, replayed for this call
+    assert [im.size for im in ws_images] == [(5, 3), (5, 3)]
     pid = c.submit(IMAGE_GRAPH)
     [img] = c.images(pid)
     assert img.size == (16, 8)
