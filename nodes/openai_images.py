@@ -178,8 +178,8 @@ class _Call:
                                 hint="the endpoint sent a malformed response; retry or report it")
             blobs = await _image_bytes(items, self.profile, what)
             images, mask = await imageio.decode_all(blobs, what)
-        except BaseException:
-            res.release("failed")
+        except BaseException as exc:
+            res.abandon(exc)
             raise
         usage = _sdk_usage(resp)
         actual = pricing.from_usage(model, usage)
@@ -428,8 +428,8 @@ class OpenAIResponsesImage(engine.Node):
         try:
             result = await self._stream(call, kwargs, output_format, total)
             images, mask = await imageio.decode_all(result["images"], f"OpenAIResponsesImage ({name})")
-        except BaseException:
-            res.release("failed")
+        except BaseException as exc:
+            res.abandon(exc)
             raise
         text_usd = pricing.from_usage(name, result["usage"]) or 0.0
         usd = text_usd + (one or 0.0) * len(result["images"])
