@@ -281,6 +281,8 @@ class FakeOpenAI:
 
     async def file(self, request: web.Request) -> web.StreamResponse:
         name = request.match_info["name"]
+        if name.startswith("redirect-"):
+            raise web.HTTPFound(request.query.get("to", "/files/" + name.removeprefix("redirect-")))
         if name not in self.files:
             return web.Response(status=404)
         if name.startswith("slow"):
