@@ -309,6 +309,11 @@ class OpenAIImageEdit(engine.Node):
         if mask is not None:
             alpha = imageio.mask_to_alpha(mask, h, w)
             kwargs["mask"] = await asyncio.to_thread(_png_upload, refs[0][1], "mask.png", alpha)
+        if name == "gpt-image-1":
+            for i, f in enumerate(files):
+                if len(f[1]) >= 50 * 1024 * 1024:
+                    raise NodeError(f"reference image {i} is {len(f[1]) / 1e6:.0f} MB as PNG; gpt-image-1 takes "
+                                    f"files under 50 MB", input_name=refs[i][0], hint="downscale the image")
         if name == "dall-e-2":
             for f in [kwargs["image"], kwargs["mask"]]:
                 if len(f[1]) >= 4 * 1024 * 1024:
