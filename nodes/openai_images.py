@@ -202,6 +202,11 @@ _OUT = [Output("IMAGE", "images"), Output("MASK", "mask", tooltip="1 - alpha (tr
                                                                                "request id; connect to a sink")]
 
 
+# inputs a provider error may name (its "param"), so the message points at the widget to change
+_GENERATE_PARAMS = {"prompt", "model", "size", "quality", "n", "style", "background", "output_format",
+                    "output_compression", "moderation"}
+
+
 class OpenAIImageGenerate(engine.Node):
     """Generate images from a prompt with OpenAI (gpt-image-1, dall-e-3, dall-e-2) or an OpenAI-compatible
     endpoint."""
@@ -230,7 +235,7 @@ class OpenAIImageGenerate(engine.Node):
                   cache_results: CacheResults = True) -> NodeResult:
         if not prompt or not prompt.strip():
             raise NodeError("the prompt is empty", input_name="prompt", hint="describe the image to generate")
-        call = _Call("OpenAIImageGenerate", endpoint, base_url, set(self._inputs()))
+        call = _Call("OpenAIImageGenerate", endpoint, base_url, _GENERATE_PARAMS)
         name = _model_name(model, model_override, call.profile)
         params = image_params(name, size=size, quality=quality, n=n, style=style, background=background,
                               output_format=output_format, output_compression=output_compression,
@@ -238,11 +243,6 @@ class OpenAIImageGenerate(engine.Node):
         images, mask, revised, rec = await call.images("generate", {"prompt": prompt, **params}, name,
                                                        estimate(name, params, n), n)
         return _result(images, mask, revised, prompt, rec)
-
-    @staticmethod
-    def _inputs() -> list[str]:
-        return ["prompt", "model", "size", "quality", "n", "style", "background", "output_format",
-                "output_compression", "moderation"]
 
 
 def _png_upload(image: torch.Tensor, name: str, alpha: Any = None) -> tuple[str, bytes, str]:
