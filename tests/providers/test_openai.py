@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from tests.providers.conftest import API_KEY, write_config
-from tests.providers.fake_openai import Fault
+from tests.providers.fake_providers import Fault
 
 
 def gen(node_id="1", **inputs):
@@ -79,7 +79,7 @@ def test_url_responses_are_downloaded(run_graph, openai_server):
 
 
 def test_pixels_match_what_the_server_sent(run_graph, openai_server):
-    from tests.providers.fake_openai import render
+    from tests.providers.fake_providers import render
 
     r = run_node(run_graph, gen(prompt="exact pixels"))
     expected = np.asarray(Image.open(io.BytesIO(render("256x256", "exact pixels", "png", False, 0))).convert("RGB"))

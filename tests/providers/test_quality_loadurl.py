@@ -13,7 +13,7 @@ from PIL import Image
 
 import engine
 from nodes.providers import provenance
-from tests.providers.fake_openai import render
+from tests.providers.fake_providers import render
 
 
 class Make(engine.Node):
