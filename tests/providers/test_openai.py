@@ -126,6 +126,13 @@ def test_retry_after_is_respected(run_graph, openai_server):
     assert second["t"] - first["t"] >= 0.25
 
 
+def test_a_retry_after_beyond_the_budget_gives_up_at_once(run_graph, openai_server):
+    openai_server.inject(Fault("status", status=429, headers={"Retry-After": "60"}, message="quota"))
+    msg = error_message(run_node(run_graph, gen()))
+    assert "HTTP 429" in msg and "gave up rather than wait 60s" in msg
+    assert len(openai_server.requests) == 1
+
+
 def test_persistent_500_names_provider_status_request_id_and_attempts(run_graph, openai_server):
     openai_server.inject(*[Fault("status", status=500, message="upstream exploded")] * 3)
     r = run_node(run_graph, gen())
