@@ -76,7 +76,7 @@ class EventRouter:
         self.store.log_event(job.prompt_id, job.seq, t, data_json)
         if t in HISTORY_MESSAGES:
             job.messages.append([t, data])
-            if t not in ("execution_start", "execution_cached"):
+            if isinstance(event, ev.TERMINAL):  # a non-fatal NodeBlocked shares execution_error's type
                 job.terminal = True
         text = P.message_from_json(t, data_json, job.seq)
         if t == "progress":

@@ -94,6 +94,8 @@ def test_two_identical_branches_share_one_entry(run):
     assert sorted(r.ran + r.cached) == ["1", "2", "3", "4"]
     outs = [e for e in r.events if isinstance(e, NodeOutput)]
     assert sorted(e.node for e in outs) == ["3", "4"]
+    served = set(r.cached)
+    assert served and not served & {e.node for e in r.events if isinstance(e, NodeStarted)}  # no `executing`
     CALLS.clear()
     assert run(g).ran == []
 
@@ -504,3 +506,27 @@ def test_execution_cached_follows_prompt_key_order(run):
     run(g)
     ev = [e for e in run(g).events if isinstance(e, ExecutionCached)][0]
     assert ev.nodes == ["out", "b", "a"]
+
+
+def test_fingerprint_of_values():
+    from engine.fingerprint import Unfingerprintable, fingerprint
+    big = 10 ** 5000  # past Python's decimal conversion limit
+    assert fingerprint(big) != fingerprint(big + 1) and fingerprint(-big) != fingerprint(big)
+    assert fingerprint({"b": 1, "a": [1, 2]}) == fingerprint({"a": [1, 2], "b": 1})
+    assert fingerprint([1, 2]) != fingerprint((1, 2)) != fingerprint([2, 1])
+    assert fingerprint(1) != fingerprint(True) != fingerprint(1.0) != fingerprint("1")
+    assert fingerprint(b"ab") != fingerprint("ab")
+    for bad in (float("nan"), object(), {(1, "x"): 1, (1, 2): 2}, json.loads("[" * 70 + "]" * 70)):
+        with pytest.raises(Unfingerprintable):
+            fingerprint(bad)
+
+    class Custom:
+        def __kiln_fingerprint__(self):
+            return "v1"
+    assert fingerprint(Custom()) == fingerprint(Custom())
+
+    class Broken:
+        def __kiln_fingerprint__(self):
+            raise OSError("file gone")
+    with pytest.raises(Unfingerprintable):
+        fingerprint(Broken())
