@@ -71,10 +71,14 @@ def image_params(model: str, *, size: str, quality: str, n: int, style: str = "a
                  edit: bool = False) -> dict:
     """The request parameters for a known model, enforcing its rules; unknown models get the basics."""
     rules = _RULES.get(model)
-    if rules is None:  # an OpenAI-compatible endpoint's model: send only what every implementation accepts
+    if rules is None:  # an OpenAI-compatible endpoint's model: the basics, plus any option the user set
         p: dict[str, Any] = {"model": model, "n": n, "response_format": "b64_json"}
-        if size != "auto":
-            p["size"] = size
+        for name, value, default in (("size", size, "auto"), ("quality", quality, "auto"), ("style", style, "auto"),
+                                     ("background", background, "auto"), ("output_format", output_format, "png"),
+                                     ("output_compression", output_compression, 100),
+                                     ("moderation", moderation, "auto")):
+            if value != default and not (edit and name == "moderation"):
+                p[name] = value
         return p
     p = {"model": model, "n": n}
     p["size"] = _pick(size, rules["sizes"], "1024x1024", "size", model)

@@ -462,6 +462,12 @@ def test_compatible_endpoint_profile_and_model_override(run_graph, openai_server
                                                  "model": "black-forest-labs/FLUX.1-schnell", "n": 2,
                                                  "size": "512x512", "response_format": "b64_json"}
     assert r.costs[0]["provider"] == "together" and r.costs[0]["usd"] == pytest.approx(0.006)
+    # options the user set are passed on for the endpoint to judge, not dropped
+    r = run_node(run_graph, gen(endpoint="together", model_override="black-forest-labs/FLUX.1-schnell",
+                                size="512x512", quality="high", output_format="jpeg"))
+    assert r.status == "success", r.error
+    sent = openai_server.requests[-1]["json"]
+    assert sent["quality"] == "high" and sent["output_format"] == "jpeg" and "style" not in sent
 
 
 def test_base_url_override_to_an_unconfigured_host_is_refused(run_graph, openai_server):
