@@ -96,8 +96,8 @@ class GoogleImagenGenerate(engine.Node):
                 raise NodeError(f"Imagen returned no image: {why}", input_name="prompt" if filtered else None,
                                 hint="rephrase the prompt" if filtered else "retry, or check the model name")
             images, mask = await imageio.decode_all(blobs, f"GoogleImagenGenerate ({name})")
-        except BaseException:
-            res.release("failed")
+        except BaseException as exc:
+            res.abandon(exc)
             raise
         usd = (one or 0.0) * len(blobs)
         rid = http.request_id(resp_headers)

@@ -71,10 +71,14 @@ def image_params(model: str, *, size: str, quality: str, n: int, style: str = "a
                  edit: bool = False) -> dict:
     """The request parameters for a known model, enforcing its rules; unknown models get the basics."""
     rules = _RULES.get(model)
-    if rules is None:  # an OpenAI-compatible endpoint's model: send only what every implementation accepts
+    if rules is None:  # an OpenAI-compatible endpoint's model: the basics, plus any option the user set
         p: dict[str, Any] = {"model": model, "n": n, "response_format": "b64_json"}
-        if size != "auto":
-            p["size"] = size
+        for name, value, default in (("size", size, "auto"), ("quality", quality, "auto"), ("style", style, "auto"),
+                                     ("background", background, "auto"), ("output_format", output_format, "png"),
+                                     ("output_compression", output_compression, 100),
+                                     ("moderation", moderation, "auto")):
+            if value != default and not (edit and name == "moderation"):
+                p[name] = value
         return p
     p = {"model": model, "n": n}
     p["size"] = _pick(size, rules["sizes"], "1024x1024", "size", model)
@@ -178,8 +182,8 @@ class _Call:
                                 hint="the endpoint sent a malformed response; retry or report it")
             blobs = await _image_bytes(items, self.profile, what)
             images, mask = await imageio.decode_all(blobs, what)
-        except BaseException:
-            res.release("failed")
+        except BaseException as exc:
+            res.abandon(exc)
             raise
         usage = _sdk_usage(resp)
         actual = pricing.from_usage(model, usage)
@@ -200,6 +204,11 @@ def _result(images: torch.Tensor, mask: torch.Tensor, revised: list[str], prompt
 _OUT = [Output("IMAGE", "images"), Output("MASK", "mask", tooltip="1 - alpha (transparent background areas)"),
         Output("STRING", "revised_prompt"), Output("STRING", "usage", tooltip="JSON: provider, model, cost, tokens, "
                                                                                "request id; connect to a sink")]
+
+
+# inputs a provider error may name (its "param"), so the message points at the widget to change
+_GENERATE_PARAMS = {"prompt", "model", "size", "quality", "n", "style", "background", "output_format",
+                    "output_compression", "moderation"}
 
 
 class OpenAIImageGenerate(engine.Node):
@@ -230,7 +239,7 @@ class OpenAIImageGenerate(engine.Node):
                   cache_results: CacheResults = True) -> NodeResult:
         if not prompt or not prompt.strip():
             raise NodeError("the prompt is empty", input_name="prompt", hint="describe the image to generate")
-        call = _Call("OpenAIImageGenerate", endpoint, base_url, set(self._inputs()))
+        call = _Call("OpenAIImageGenerate", endpoint, base_url, _GENERATE_PARAMS)
         name = _model_name(model, model_override, call.profile)
         params = image_params(name, size=size, quality=quality, n=n, style=style, background=background,
                               output_format=output_format, output_compression=output_compression,
@@ -238,11 +247,6 @@ class OpenAIImageGenerate(engine.Node):
         images, mask, revised, rec = await call.images("generate", {"prompt": prompt, **params}, name,
                                                        estimate(name, params, n), n)
         return _result(images, mask, revised, prompt, rec)
-
-    @staticmethod
-    def _inputs() -> list[str]:
-        return ["prompt", "model", "size", "quality", "n", "style", "background", "output_format",
-                "output_compression", "moderation"]
 
 
 def _png_upload(image: torch.Tensor, name: str, alpha: Any = None) -> tuple[str, bytes, str]:
@@ -309,6 +313,11 @@ class OpenAIImageEdit(engine.Node):
         if mask is not None:
             alpha = imageio.mask_to_alpha(mask, h, w)
             kwargs["mask"] = await asyncio.to_thread(_png_upload, refs[0][1], "mask.png", alpha)
+        if name == "gpt-image-1":
+            for i, f in enumerate(files):
+                if len(f[1]) >= 50 * 1024 * 1024:
+                    raise NodeError(f"reference image {i} is {len(f[1]) / 1e6:.0f} MB as PNG; gpt-image-1 takes "
+                                    f"files under 50 MB", input_name=refs[i][0], hint="downscale the image")
         if name == "dall-e-2":
             for f in [kwargs["image"], kwargs["mask"]]:
                 if len(f[1]) >= 4 * 1024 * 1024:
@@ -428,8 +437,8 @@ class OpenAIResponsesImage(engine.Node):
         try:
             result = await self._stream(call, kwargs, output_format, total)
             images, mask = await imageio.decode_all(result["images"], f"OpenAIResponsesImage ({name})")
-        except BaseException:
-            res.release("failed")
+        except BaseException as exc:
+            res.abandon(exc)
             raise
         text_usd = pricing.from_usage(name, result["usage"]) or 0.0
         usd = text_usd + (one or 0.0) * len(result["images"])

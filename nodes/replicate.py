@@ -133,8 +133,8 @@ class ReplicateRun(engine.Node):
                                 input_name="model", hint="this model may not produce images")
             blobs = await asyncio.gather(*(_download(u, i, profile) for i, u in enumerate(urls)))
             images, mask = await imageio.decode_all(blobs, f"ReplicateRun ({name})")
-        except BaseException:
-            res.release("failed")
+        except BaseException as exc:
+            res.abandon(exc)
             raise
         usd = (one or 0.0) * int(images.shape[0])
         metrics = pred.get("metrics") or {}

@@ -13,6 +13,7 @@ history.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures as cf
 import datetime as _dt
 import hashlib
 import io
@@ -81,23 +82,34 @@ def _check_bucket(bucket: str) -> str:
     return b
 
 
+_pool: cf.ThreadPoolExecutor | None = None
+
+
+def _workers() -> cf.ThreadPoolExecutor:
+    global _pool
+    if _pool is None:
+        _pool = cf.ThreadPoolExecutor(max_workers=s3io.settings()["max_concurrency"], thread_name_prefix="kiln-s3")
+    return _pool
+
+
 async def _upload_all(c: Any, bucket: str, items: list[dict], storage_class: str, presign: int) -> list[dict]:
-    """Upload every item concurrently; on any failure delete what was written and raise."""
+    """Upload every item concurrently; on any failure or cancellation, wait for the uploads already
+    running (a thread cannot be stopped mid-request), delete every object this call wrote, and raise."""
     sem = asyncio.Semaphore(s3io.settings()["max_concurrency"])
-    done: list[dict] = []
+    puts: list[tuple[str, cf.Future]] = []
 
     async def one(item: dict) -> dict:
         async with sem:
             engine.check_interrupted()
             if "prepare" in item:  # hashing and encoding run in the worker too, overlapping other uploads
-                item.update(await asyncio.to_thread(item.pop("prepare")))
-            r = await asyncio.to_thread(s3io.put, c, bucket, item["key"], item["data"],
-                                        content_type=item["content_type"], metadata=item["metadata"],
-                                        storage_class=storage_class)
-            entry = {"bucket": bucket, "key": item["key"], "uri": f"s3://{bucket}/{item['key']}",
-                     "size": r["size"], "etag": r["etag"], "content_type": item["content_type"]}
-            done.append(entry)
-            return entry
+                item.update(await asyncio.wrap_future(_workers().submit(item.pop("prepare"))))
+            fut = _workers().submit(s3io.put, c, bucket, item["key"], item["data"],
+                                    content_type=item["content_type"], metadata=item["metadata"],
+                                    storage_class=storage_class)
+            puts.append((item["key"], fut))
+            r = await asyncio.wrap_future(fut)
+            return {"bucket": bucket, "key": item["key"], "uri": f"s3://{bucket}/{item['key']}",
+                    "size": r["size"], "etag": r["etag"], "content_type": item["content_type"]}
 
     tasks = [asyncio.ensure_future(one(i)) for i in items]
     try:
@@ -105,12 +117,7 @@ async def _upload_all(c: Any, bucket: str, items: list[dict], storage_class: str
     except BaseException as exc:
         for t in tasks:
             t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        for entry in done:
-            try:
-                await asyncio.to_thread(c.delete_object, Bucket=bucket, Key=entry["key"])
-            except Exception:
-                pass
+        await asyncio.shield(_roll_back(c, bucket, tasks, puts))
         if isinstance(exc, NodeError) or not isinstance(exc, Exception):
             raise
         failed = next((i.get("key") for i, t in zip(items, tasks) if t.done() and not t.cancelled()
@@ -121,6 +128,20 @@ async def _upload_all(c: Any, bucket: str, items: list[dict], storage_class: str
             entry["url"] = c.generate_presigned_url("get_object", Params={"Bucket": bucket, "Key": entry["key"]},
                                                     ExpiresIn=presign)
     return list(results)
+
+
+async def _roll_back(c: Any, bucket: str, tasks: list, puts: list[tuple[str, cf.Future]]) -> None:
+    await asyncio.gather(*tasks, return_exceptions=True)
+    futs = [f for _, f in puts]
+    if futs:
+        await asyncio.to_thread(cf.wait, futs)
+    for key, f in puts:
+        if f.cancelled() or f.exception() is not None:
+            continue  # never written (a failed multipart upload aborts itself)
+        try:
+            await asyncio.to_thread(c.delete_object, Bucket=bucket, Key=key)
+        except Exception:  # best effort: report the original error, not the cleanup's
+            pass
 
 
 def _ui(entries: list[dict]) -> dict:

@@ -115,6 +115,9 @@ def message_of(body: Any) -> str:
 def generic_error(exc: HttpFailure, *, provider: str, what: str) -> NodeError:
     attempts = getattr(exc, "attempts", 1)
     tries = f" after {attempts} attempts" if attempts > 1 else ""
+    wait = getattr(exc, "gave_up_wait_s", None)
+    if wait is not None:
+        tries += f" (gave up rather than wait {wait:.0f}s more, past the retry budget)"
     head = (f"{what} to {provider}: HTTP {exc.status} (request id {exc.request_id or 'none'}){tries}: "
             f"{redact(message_of(exc.body))}")
     if exc.status == 401:

@@ -115,35 +115,48 @@ def check_url(url: str, input_name: str = "url") -> None:
 
 async def fetch(url: str, *, max_bytes: int, timeout_s: float, what: str, input_name: str = "url",
                 allowed_types: set[str] | None = IMAGE_TYPES, check: bool = True) -> Fetched:
-    """GET ``url`` with a size limit (enforced while streaming), a timeout and a content-type check."""
-    import aiohttp
+    """GET ``url`` with a size limit (enforced while streaming), a timeout and a content-type check.
 
-    if check:
-        check_url(url, input_name)
+    Redirects are followed by hand (at most 5), and each hop's host is checked like the first, so a
+    public URL cannot redirect into the private network."""
+    import aiohttp
+    from urllib.parse import urljoin
+
     timeout = aiohttp.ClientTimeout(total=timeout_s)
     try:
         async with aiohttp.ClientSession(timeout=timeout) as session:
-            async with session.get(url, allow_redirects=True, max_redirects=5) as resp:
-                if resp.status != 200:
-                    raise NodeError(f"{what}: GET {url} returned HTTP {resp.status}", input_name=input_name,
-                                    hint="check the URL; provider URLs expire after about an hour")
-                ctype = (resp.headers.get("Content-Type") or "").split(";")[0].strip().lower()
-                if allowed_types is not None and ctype not in allowed_types:
-                    raise NodeError(f"{what}: {url} has content type {ctype or 'none'!r}, not an image",
-                                    input_name=input_name, hint=f"point at a file of type {sorted(allowed_types)}")
-                declared = resp.content_length
-                if declared is not None and declared > max_bytes:
-                    raise NodeError(f"{what}: {url} is {declared} bytes, over the limit of {max_bytes}",
-                                    input_name=input_name, hint="raise max_bytes or use a smaller file")
-                buf = bytearray()
-                async for chunk in resp.content.iter_chunked(1 << 16):
-                    buf += chunk
-                    if len(buf) > max_bytes:
-                        raise NodeError(f"{what}: {url} is larger than the limit of {max_bytes} bytes",
-                                        input_name=input_name, hint="raise max_bytes or use a smaller file")
-                return Fetched(bytes(buf), ctype, str(resp.url))
+            for _ in range(6):
+                if check:
+                    check_url(url, input_name)
+                async with session.get(url, allow_redirects=False) as resp:
+                    if resp.status in (301, 302, 303, 307, 308) and resp.headers.get("Location"):
+                        url = urljoin(url, resp.headers["Location"])
+                        continue
+                    return await _read(resp, url, max_bytes, what, input_name, allowed_types)
+            raise NodeError(f"{what}: too many redirects", input_name=input_name, hint="use the final URL")
     except asyncio.TimeoutError as exc:
         raise NodeError(f"{what}: GET {url} took longer than {timeout_s:g}s", input_name=input_name,
                         hint="raise timeout_s or check the host") from exc
     except aiohttp.ClientError as exc:
         raise NodeError(f"{what}: GET {url} failed: {exc}", input_name=input_name) from exc
+
+
+async def _read(resp, url: str, max_bytes: int, what: str, input_name: str, allowed_types: set[str] | None) -> Fetched:
+    if resp.status != 200:
+        raise NodeError(f"{what}: GET {url} returned HTTP {resp.status}", input_name=input_name,
+                        hint="check the URL; provider URLs expire after about an hour")
+    ctype = (resp.headers.get("Content-Type") or "").split(";")[0].strip().lower()
+    if allowed_types is not None and ctype not in allowed_types:
+        raise NodeError(f"{what}: {url} has content type {ctype or 'none'!r}, not an image",
+                        input_name=input_name, hint=f"point at a file of type {sorted(allowed_types)}")
+    declared = resp.content_length
+    if declared is not None and declared > max_bytes:
+        raise NodeError(f"{what}: {url} is {declared} bytes, over the limit of {max_bytes}",
+                        input_name=input_name, hint="raise max_bytes or use a smaller file")
+    buf = bytearray()
+    async for chunk in resp.content.iter_chunked(1 << 16):
+        buf += chunk
+        if len(buf) > max_bytes:
+            raise NodeError(f"{what}: {url} is larger than the limit of {max_bytes} bytes",
+                            input_name=input_name, hint="raise max_bytes or use a smaller file")
+    return Fetched(bytes(buf), ctype, url)

@@ -7,6 +7,7 @@ is settled to the actual figure (token usage where the API returned it) or to ze
 """
 from __future__ import annotations
 
+import asyncio
 import uuid
 from typing import Any
 
@@ -40,10 +41,16 @@ class Reservation:
             self.entry.update(fields)
         return dict(self.entry or {"usd": usd, **fields})
 
-    def release(self, reason: str) -> None:
-        if self.entry is not None:
+    def abandon(self, exc: BaseException) -> None:
+        """The call did not complete. A refused or failed request costs nothing; one cancelled in flight
+        (the run was interrupted or another node failed) keeps its estimate, as the provider may bill it."""
+        if self.entry is None:
+            return
+        if isinstance(exc, asyncio.CancelledError):
+            self.entry["status"] = "cancelled"
+        else:
             self.entry["usd"] = 0.0
-            self.entry["status"] = reason
+            self.entry["status"] = "failed"
 
 
 def reserve(provider: str, model: str, estimate: float | None, what: str) -> Reservation:

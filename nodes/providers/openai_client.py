@@ -86,6 +86,9 @@ def to_node_error(exc: BaseException, *, endpoint: str, base_url: str, inputs: s
     openai = sdk()
     attempts = getattr(exc, "attempts", 1)
     tries = f" after {attempts} attempts" if attempts > 1 else ""
+    wait = getattr(exc, "gave_up_wait_s", None)
+    if wait is not None:
+        tries += f" (gave up rather than wait {wait:.0f}s more, past the retry budget)"
     where = f"endpoint '{endpoint}' ({base_url})"
     if isinstance(exc, openai.APITimeoutError):
         return NodeError(f"{what} to {where} timed out{tries}",

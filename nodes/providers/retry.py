@@ -4,7 +4,8 @@ A call is retried when :func:`classify` (given by the caller) says the failure i
 5xx, timeouts, dropped connections. The wait before attempt ``k`` is ``uniform(0, min(max_delay,
 base * 2**k))``, raised to the server's Retry-After when it sent one. The retries stop when the attempts
 run out or when the next wait would end past the budget; the last error is then raised unchanged, with
-``attempts`` set on it, so the node can name the provider, status and request id.
+``attempts`` (and ``gave_up_wait_s`` when a wait did not fit the budget) set on it, so the node can name
+the provider, status and request id.
 """
 from __future__ import annotations
 
@@ -55,10 +56,10 @@ def parse_retry_after(value: str | None, now: float | None = None) -> float | No
 
 def backoff_delay(attempt: int, policy: RetryPolicy, retry_after: float | None, rnd: float) -> float:
     """The wait after failed attempt number ``attempt`` (0-based)."""
-    cap = min(policy.max_delay_s, policy.base_delay_s * (2 ** attempt))
+    cap = min(policy.max_delay_s, policy.base_delay_s * (2 ** min(attempt, 60)))
     delay = cap * rnd
-    if retry_after is not None:
-        delay = max(delay, min(retry_after, policy.max_delay_s))
+    if retry_after is not None:  # the server knows best; the time budget decides whether to wait that long
+        delay = max(delay, retry_after)
     return delay
 
 
@@ -82,6 +83,7 @@ async def with_retries(call: Callable[[], Awaitable[Any]], policy: RetryPolicy,
             delay = backoff_delay(attempt - 1, policy, verdict.retry_after_s, rng())
             if time.monotonic() - start + delay > policy.budget_s:
                 exc.budget_exhausted = True  # type: ignore[attr-defined]
+                exc.gave_up_wait_s = delay  # type: ignore[attr-defined]
                 raise
             log.info("%s failed (%s); retry %d/%d in %.2fs", what, verdict.reason or type(exc).__name__,
                      attempt, policy.max_attempts - 1, delay)

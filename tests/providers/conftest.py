@@ -16,23 +16,23 @@ import pytest
 
 import engine
 import nodes
-from tests.providers.fake_openai import FakeOpenAI
+from tests.providers.fake_providers import FakeProviders
 
 API_KEY = "sk-test-kiln-secret-7f3a9c"
 
 
 @pytest.fixture(scope="session")
-def fake_openai():
-    srv = FakeOpenAI(api_key=API_KEY).start()
+def fake_providers():
+    srv = FakeProviders(api_key=API_KEY).start()
     yield srv
     srv.stop()
 
 
 @pytest.fixture()
-def openai_server(fake_openai, kiln_config):
-    fake_openai.reset()
-    yield fake_openai
-    fake_openai.reset()
+def openai_server(fake_providers, kiln_config):
+    fake_providers.reset()
+    yield fake_providers
+    fake_providers.reset()
 
 
 def write_config(path: Path, base_url: str, extra: str = "", timeout_s: float = 2.0, attempts: int = 3) -> Path:
@@ -58,12 +58,12 @@ def write_config(path: Path, base_url: str, extra: str = "", timeout_s: float = 
 
 
 @pytest.fixture()
-def kiln_config(tmp_path, monkeypatch, fake_openai):
+def kiln_config(tmp_path, monkeypatch, fake_providers):
     monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
     monkeypatch.setenv("KILN_TEST_OPENAI_KEY", API_KEY)
     monkeypatch.setenv("KILN_ALLOW_PRIVATE_URLS", "1")
-    cfg = write_config(tmp_path / "kiln.yaml", fake_openai.base_url)
+    cfg = write_config(tmp_path / "kiln.yaml", fake_providers.base_url)
     monkeypatch.setenv("KILN_CONFIG", str(cfg))
     return cfg
 

@@ -23,6 +23,7 @@ class Rule:
     status: int = 500
     code: str = "InternalError"
     times: int = 1
+    delay: float = 0.0  # with status 0: forward after this many seconds instead of failing
 
 
 class S3FaultProxy:
@@ -85,6 +86,9 @@ class S3FaultProxy:
     async def handle(self, request: web.Request) -> web.StreamResponse:
         body = await request.read()
         rule = self._match(request)
+        if rule is not None and rule.status == 0:
+            await asyncio.sleep(rule.delay)
+            rule = None
         if rule is not None:
             self.log.append((request.method, request.path_qs, rule.status))
             xml = (f'<?xml version="1.0" encoding="UTF-8"?><Error><Code>{rule.code}</Code>'

@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from tests.providers.conftest import API_KEY, write_config
-from tests.providers.fake_openai import Fault
+from tests.providers.fake_providers import Fault
 
 
 def gen(node_id="1", **inputs):
@@ -79,7 +79,7 @@ def test_url_responses_are_downloaded(run_graph, openai_server):
 
 
 def test_pixels_match_what_the_server_sent(run_graph, openai_server):
-    from tests.providers.fake_openai import render
+    from tests.providers.fake_providers import render
 
     r = run_node(run_graph, gen(prompt="exact pixels"))
     expected = np.asarray(Image.open(io.BytesIO(render("256x256", "exact pixels", "png", False, 0))).convert("RGB"))
@@ -124,6 +124,13 @@ def test_retry_after_is_respected(run_graph, openai_server):
     assert r.status == "success"
     first, second = openai_server.requests
     assert second["t"] - first["t"] >= 0.25
+
+
+def test_a_retry_after_beyond_the_budget_gives_up_at_once(run_graph, openai_server):
+    openai_server.inject(Fault("status", status=429, headers={"Retry-After": "60"}, message="quota"))
+    msg = error_message(run_node(run_graph, gen()))
+    assert "HTTP 429" in msg and "gave up rather than wait 60s" in msg
+    assert len(openai_server.requests) == 1
 
 
 def test_persistent_500_names_provider_status_request_id_and_attempts(run_graph, openai_server):
@@ -236,9 +243,11 @@ def test_budget_holds_across_concurrent_nodes(run_graph, openai_server):
 
     r = run_graph.ex.run(engine.Graph.from_json(graph), sink=run_graph.events.append, extra_data={"max_cost": 0.05},
                          targets=["0", "1", "2", "3"])
-    billed = [c for c in r.costs if c["status"] == "billed"]
-    assert len(billed) <= 2 and len(openai_server.requests) == len(billed)
-    assert sum(c["usd"] for c in billed) <= 0.05
+    # nodes start together; the ones that would pass the budget are refused before sending anything
+    assert r.status == "error" and "max_cost" in r.error["exception_message"]
+    assert len(openai_server.requests) <= 2
+    held = [c for c in r.costs if c["status"] in ("billed", "cancelled", "reserved")]
+    assert 1 <= len(held) <= 2 and sum(c["usd"] for c in r.costs) <= 0.05 + 1e-9
 
 
 def test_async_provider_nodes_overlap(run_graph, openai_server):
@@ -453,6 +462,12 @@ def test_compatible_endpoint_profile_and_model_override(run_graph, openai_server
                                                  "model": "black-forest-labs/FLUX.1-schnell", "n": 2,
                                                  "size": "512x512", "response_format": "b64_json"}
     assert r.costs[0]["provider"] == "together" and r.costs[0]["usd"] == pytest.approx(0.006)
+    # options the user set are passed on for the endpoint to judge, not dropped
+    r = run_node(run_graph, gen(endpoint="together", model_override="black-forest-labs/FLUX.1-schnell",
+                                size="512x512", quality="high", output_format="jpeg"))
+    assert r.status == "success", r.error
+    sent = openai_server.requests[-1]["json"]
+    assert sent["quality"] == "high" and sent["output_format"] == "jpeg" and "style" not in sent
 
 
 def test_base_url_override_to_an_unconfigured_host_is_refused(run_graph, openai_server):

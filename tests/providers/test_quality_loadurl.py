@@ -13,7 +13,7 @@ from PIL import Image
 
 import engine
 from nodes.providers import provenance
-from tests.providers.fake_openai import render
+from tests.providers.fake_providers import render
 
 
 class Make(engine.Node):
@@ -122,6 +122,29 @@ def test_load_image_url_errors(reg, executor, openai_server, name, body, inputs,
     r = run(executor, url_graph(f"http://127.0.0.1:{openai_server.port}/files/{name}", **inputs), "u")
     msg = r.error["exception_message"]
     assert expect in msg and msg.startswith("input '"), msg
+
+
+def test_load_image_url_follows_redirects_and_checks_each_hop(reg, executor, openai_server, monkeypatch):
+    openai_server.files["pic2.png"] = render("20x10", "redirect", "png")
+    base = f"http://127.0.0.1:{openai_server.port}/files"
+    r = run(executor, url_graph(f"{base}/redirect-pic2.png"), "u")
+    assert r.status == "success" and r.values["u"][0].shape == (1, 10, 20, 3)
+    # a redirect into a link-local address is refused at that hop
+    from nodes.providers import imageio
+
+    monkeypatch.setattr(imageio.os, "environ", {**imageio.os.environ, "KILN_ALLOW_PRIVATE_URLS": "0"})
+    checked = []
+    real = imageio.check_url
+
+    def check_first_hop_only_public(url, input_name="url"):
+        checked.append(url)
+        if len(checked) > 1:  # the first hop is our loopback test server, standing in for a public host
+            real(url, input_name)
+
+    monkeypatch.setattr(imageio, "check_url", check_first_hop_only_public)
+    msg = run(executor, url_graph(f"{base}/redirect-x?to=http://169.254.169.254/latest/meta-data", reload=True),
+              "u").error["exception_message"]
+    assert "private address (169.254.169.254)" in msg and checked[-1].startswith("http://169.254.169.254")
 
 
 def test_load_image_url_refuses_private_hosts_unless_allowed(reg, executor, openai_server, monkeypatch):

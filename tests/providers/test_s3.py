@@ -170,6 +170,29 @@ def test_batch_is_all_or_nothing(runner, s3, proxy, small_parts):
     assert objects(s3) == []
 
 
+def test_interrupt_mid_batch_leaves_nothing(runner, s3, proxy):
+    import threading
+    import time
+
+    proxy.rules.append(Rule("PUT", path_has="/00002.png", status=0, delay=1.0, times=-1))
+
+    def interrupt_once_uploading():
+        deadline = time.monotonic() + 20
+        while sum(m == "PUT" for m, _, _ in proxy.log) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        runner.ex.interrupt()
+
+    threading.Thread(target=interrupt_once_uploading, daemon=True).start()
+    r = runner(save_graph(s3.bucket, proxy.url, batch=4))
+    assert r.status == "interrupted"
+    # the slow upload could not be stopped mid-request; once it lands, the node takes it back too
+    deadline = time.monotonic() + 10
+    while not any(m == "DELETE" and "00002" in q for m, q, _ in proxy.log) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert any(m == "PUT" and "00002" in q and st == 200 for m, q, st in proxy.log)
+    assert objects(s3) == []
+
+
 @pytest.mark.parametrize("inputs,input_name,expect", [
     ({"key_template": "{prefix}/{nope}.png"}, "key_template", "unknown field"),
     ({"key_template": "{prefix}/same.{ext}"}, "key_template", "same key"),

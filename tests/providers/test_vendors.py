@@ -9,7 +9,7 @@ import torch
 
 import engine
 from tests.providers.conftest import API_KEY
-from tests.providers.fake_openai import Fault
+from tests.providers.fake_providers import Fault
 
 
 def run_target(run_graph, graph, target, **extra):

@@ -63,7 +63,7 @@ def render(size: str, prompt: str, fmt: str = "png", transparent: bool = False, 
     return buf.getvalue()
 
 
-class FakeOpenAI:
+class FakeProviders:
     def __init__(self, api_key: str = "sk-test-fake-key-000111", latency: float = 0.0):
         self.api_key = api_key
         self.latency = latency
@@ -82,7 +82,7 @@ class FakeOpenAI:
         self.port = 0
 
     # -- lifecycle ----------------------------------------------------------------------------------
-    def start(self) -> "FakeOpenAI":
+    def start(self) -> "FakeProviders":
         ready = threading.Event()
 
         def main() -> None:
@@ -281,6 +281,8 @@ class FakeOpenAI:
 
     async def file(self, request: web.Request) -> web.StreamResponse:
         name = request.match_info["name"]
+        if name.startswith("redirect-"):
+            raise web.HTTPFound(request.query.get("to", "/files/" + name.removeprefix("redirect-")))
         if name not in self.files:
             return web.Response(status=404)
         if name.startswith("slow"):
@@ -470,7 +472,7 @@ def _text_usage() -> dict:
 
 def main() -> None:
     """Serve on 127.0.0.1 in this process (benchmarks run it apart from Kiln, as a real provider is):
-    ``python -m tests.providers.fake_openai --latency 0.2 --key sk-...``; prints the base URL."""
+    ``python -m tests.providers.fake_providers --latency 0.2 --key sk-...``; prints the base URL."""
     import argparse
     import sys
 
@@ -478,7 +480,7 @@ def main() -> None:
     ap.add_argument("--latency", type=float, default=0.0)
     ap.add_argument("--key", default="sk-test-fake-key-000111")
     args = ap.parse_args()
-    srv = FakeOpenAI(api_key=args.key, latency=args.latency).start()
+    srv = FakeProviders(api_key=args.key, latency=args.latency).start()
     print(srv.base_url, flush=True)
     try:
         sys.stdin.read()  # until the parent closes our stdin
