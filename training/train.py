@@ -67,6 +67,20 @@ def load_vae(out: Path):
     return vae
 
 
+VAE_PHASE1 = 700
+
+
+def vae_lr(step: int, lr: float) -> float:
+    """A 700-step warmup + cosine cycle, then a constant ``0.3 * lr`` for however many steps follow.
+
+    (The first shipped VAE stopped after the cosine cycle with muddled colours; the constant tail makes
+    "train longer" and "resume with a larger --vae-steps" the same schedule.)
+    """
+    if step < VAE_PHASE1:
+        return lr_at(step, lr, 100, VAE_PHASE1)
+    return 0.3 * lr
+
+
 def stage_vae(out: Path, seed: int, steps: int, batch: int, lr: float, resume: bool, ckpt_every: float) -> None:
     ckpt = out / "vae" / "latest.pt"
     torch.manual_seed(seed)
@@ -85,7 +99,7 @@ def stage_vae(out: Path, seed: int, steps: int, batch: int, lr: float, resume: b
     ema_loss = None
     while step < steps:
         for g in opt.param_groups:
-            g["lr"] = lr_at(step, lr, 100, steps)
+            g["lr"] = vae_lr(step, lr)
         x = data.vae_batch(seed, step, batch)
         post = vae.encode(x).latent_dist
         z = post.sample(generator=_gen(seed, step, 1))
@@ -280,7 +294,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--resume", action="store_true")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--ckpt-every", type=float, default=300.0, help="seconds between checkpoints")
-    p.add_argument("--vae-steps", type=int, default=700)
+    p.add_argument("--vae-steps", type=int, default=1500)
     p.add_argument("--vae-batch", type=int, default=16)
     p.add_argument("--pool", type=int, default=20000, help="training scenes whose latents are cached")
     p.add_argument("--steps", type=int, default=6000, help="UNet steps")
