@@ -46,9 +46,12 @@ class Pipeline:
         from training import train
 
         run = Path(run)
+        from diffusers import UNet2DConditionModel
+
         vae = train.load_vae(run)
-        te, unet = train.build_unet_stack(run)
         state = torch.load(run / "unet" / "latest.pt", map_location="cpu", weights_only=False)
+        te, _ = train.build_unet_stack(run)
+        unet = UNet2DConditionModel.from_config(state["unet_config"])
         key = "ema" if ema and "ema" in state else "model"
         te.load_state_dict(state[key]["text_encoder"])
         unet.load_state_dict(state[key]["unet"])
