@@ -171,6 +171,6 @@ def _follow(client, pid: str, n_nodes: int) -> tuple[str, dict | None]:
             elif t == "progress":
                 bars.update(steps, visible=True, total=d["max"], completed=d["value"],
                             description=f"  {d['node']}")
-            elif t in ("execution_error", "execution_interrupted"):
+            elif t in ("execution_error", "execution_interrupted") and d.get("exception_type") != "ExecutionBlocked":
                 status, error = ("error" if t == "execution_error" else "interrupted"), d
     return status, error

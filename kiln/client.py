@@ -244,6 +244,8 @@ class Client:
         """Follow the prompt to its end; returns its Result (does not raise on a failed run)."""
         status, error = "success", None
         for m in self.events(prompt_id):
+            if m["data"].get("exception_type") == "ExecutionBlocked":
+                continue  # a node skipped by a blocker: not fatal
             if m["type"] in ("execution_error", "execution_interrupted"):
                 status = "error" if m["type"] == "execution_error" else "interrupted"
                 error = m["data"]

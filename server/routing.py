@@ -90,7 +90,8 @@ class EventRouter:
         self.store.log_event(job.prompt_id, job.seq, t, data_json)
         if isinstance(event, ev.Progress) and event.preview is not None and event.preview.kind == "output":
             self.store.log_frame(job.prompt_id, job.seq, event.node, event.preview.format, event.preview.data)
-        if t in HISTORY_MESSAGES:
+        blocked = isinstance(event, ev.NodeBlocked)  # non-fatal; ComfyUI keeps it out of history
+        if t in HISTORY_MESSAGES and not blocked:
             job.messages.append([t, data])
             if isinstance(event, ev.TERMINAL):  # a non-fatal NodeBlocked shares execution_error's type
                 job.terminal = True
@@ -104,7 +105,7 @@ class EventRouter:
         if targets is not None:
             for c in targets:
                 c.send(out)
-        elif t not in PER_PROMPT_CID_ONLY:  # no client id: progress and interruptions go to everyone
+        elif t not in PER_PROMPT_CID_ONLY or blocked:  # no client id: progress, blocks, interruptions to all
             self.hub.broadcast(out)
         if isinstance(event, ev.Progress):
             self._progress_state(job, event.node, event.value, event.max, "running", targets, update=True)
