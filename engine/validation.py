@@ -191,7 +191,7 @@ class _Validator:
             self.custom_validate(node, spec)
 
     def check_link(self, node: NodeEntry, name: str, ispec: InputSpec, link: Link, spec: NodeSpec) -> None:
-        src_spec = self.check_link_target(node, name, link)
+        src_spec = self.check_link_target(node, name, link, ispec)
         if src_spec is None:
             return
         src = self.graph.nodes[link.node_id]
@@ -204,13 +204,16 @@ class _Validator:
         if not types_compatible(received, expected):
             self.type_mismatch(node, name, ispec, link, src, received)
 
-    def check_link_target(self, node: NodeEntry, name: str, link: Link) -> NodeSpec | None:
+    def check_link_target(self, node: NodeEntry, name: str, link: Link,
+                          ispec: InputSpec | None = None) -> NodeSpec | None:
         """The source's spec if the link points at an existing node and output, else None (reported)."""
         src = self.graph.nodes.get(link.node_id)
         if src is None:
-            self.add(node, _err("exception_during_validation", "Exception when validating node",
-                                f"{name}: linked node '{link.node_id}' does not exist",
-                                input_name=name, exception_type="LinkError", traceback=[],
+            # ComfyUI reports this as an inner-validation KeyError on the missing id; keep its shape
+            self.add(node, _err("exception_during_inner_validation", "Exception when validating inner node",
+                                repr(link.node_id), input_name=name, input_config=ispec.config() if ispec else None,
+                                exception_message=repr(link.node_id), exception_type="KeyError", traceback=[],
+                                linked_node=link.to_json(),
                                 hint=f"{_where(node, name)} links to node {link.node_id!r}, which is not in the "
                                      f"graph; reconnect it to an existing node"))
             return None
