@@ -21,7 +21,7 @@ from typing import Annotated, Any
 import torch
 
 import engine
-from engine import Boolean, Combo, Hidden, Int, NodeError, NodeResult, Output, SEED_MAX, Socket, String
+from engine import Boolean, Combo, Int, NodeError, NodeResult, Output, SEED_MAX, Socket, String
 from nodes.common import check_image
 from nodes.providers import config, imageio, ledger, openai_client, pricing
 from nodes.providers.common import dumps, generation_record, rerun_fingerprint, ui_for
