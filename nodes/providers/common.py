@@ -7,7 +7,6 @@ import math
 from typing import Any
 
 
-
 def generation_record(*, provider: str, model: str, usd: float, estimated: bool, usage: dict | None = None,
                       request_id: str | None = None, revised_prompts: list[str] | None = None,
                       **extra: Any) -> dict:
