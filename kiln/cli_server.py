@@ -30,6 +30,8 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--max-upload-size", type=float, default=100, help="upload limit in MB")
     p.add_argument("--custom-nodes", default=None, help="folder of custom node packs")
     p.add_argument("--allow-origin", action="append", default=[], help="extra browser origin allowed to call")
+    p.add_argument("--history-limit", type=int, default=10000,
+                   help="finished prompts kept in history (0: keep all); the oldest go first")
     p.set_defaults(func=run_serve, fn=run_serve)
     return p
 
@@ -37,7 +39,7 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
 def run_serve(args: argparse.Namespace) -> int:
     import logging
 
-    from server import InsecureBind, ServerConfig, serve
+    from server import InsecureBind, ServerConfig, StoreLocked, serve
 
     from .runtime import make_executor
 
@@ -48,7 +50,7 @@ def run_serve(args: argparse.Namespace) -> int:
         config = ServerConfig(host=args.host, port=args.port, data_dir=Path(args.data_dir or base / "data"),
                               auth_token=token, on_crash=args.on_crash, preview_method=args.preview_method,
                               max_upload_bytes=int(args.max_upload_size * 1024 * 1024),
-                              allowed_origins=tuple(args.allow_origin))
+                              allowed_origins=tuple(args.allow_origin), history_limit=args.history_limit or None)
         config.check_bind()
         from engine import make_cache
 
@@ -66,6 +68,9 @@ def run_serve(args: argparse.Namespace) -> int:
         logging.getLogger("kiln.server").warning("node pack %s was skipped: %s", err.source, err.error)
     try:
         serve(executor, config)
+    except StoreLocked as exc:
+        print(f"kiln serve: {exc}", file=sys.stderr)
+        return 2
     except OSError as exc:  # the port is taken, say
         print(f"kiln serve: cannot listen on {config.host}:{config.port}: {exc.strerror or exc}", file=sys.stderr)
         return 1
@@ -166,6 +171,6 @@ def _follow(client, pid: str, n_nodes: int) -> tuple[str, dict | None]:
             elif t == "progress":
                 bars.update(steps, visible=True, total=d["max"], completed=d["value"],
                             description=f"  {d['node']}")
-            elif t in ("execution_error", "execution_interrupted"):
+            elif t in ("execution_error", "execution_interrupted") and d.get("exception_type") != "ExecutionBlocked":
                 status, error = ("error" if t == "execution_error" else "interrupted"), d
     return status, error

@@ -244,6 +244,8 @@ class Client:
         """Follow the prompt to its end; returns its Result (does not raise on a failed run)."""
         status, error = "success", None
         for m in self.events(prompt_id):
+            if m["data"].get("exception_type") == "ExecutionBlocked":
+                continue  # a node skipped by a blocker: not fatal
             if m["type"] in ("execution_error", "execution_interrupted"):
                 status = "error" if m["type"] == "execution_error" else "interrupted"
                 error = m["data"]
@@ -278,6 +280,12 @@ class Client:
             img = Image.open(io.BytesIO(self.file(item)))
             img.load()
             out.append(img)
+        if not out:  # SaveImageWebsocket: the images only went over the socket; the server replays them
+            for e in self.events(prompt_id, previews=True):
+                if e["type"] == "preview" and e["data"][:4] == b"\x00\x00\x00\x01":
+                    img = Image.open(io.BytesIO(e["data"][8:]))
+                    img.load()
+                    out.append(img)
         return out
 
     def download(self, prompt_id: str, dest: str | Path) -> list[Path]:

@@ -15,7 +15,7 @@ from engine import MAX_RESOLUTION, Combo, Float, Int, NodeError, Output, Socket
 
 from nodes.common import check_image, check_mask
 
-UPSCALE_METHODS = ["nearest-exact", "bilinear", "area", "bicubic"]
+UPSCALE_METHODS = ["nearest-exact", "bilinear", "area", "bicubic", "bislerp"]
 
 
 def _check_multiple(name: str, value: int) -> str | None:
@@ -33,6 +33,25 @@ def _latent(samples: Any, input_name: str = "samples") -> dict:
     return samples
 
 
+def _slerp_axis(x: torch.Tensor, size: int, dim: int) -> torch.Tensor:
+    """Resize along ``dim`` (2 or 3): neighbouring latent vectors are blended by spherical interpolation of
+    their directions (across channels) and linear interpolation of their lengths."""
+    n = x.shape[dim]
+    pos = ((torch.arange(size, dtype=torch.float32) + 0.5) * n / size - 0.5).clamp(0, n - 1)
+    i0 = pos.floor().long()
+    i1 = (i0 + 1).clamp(max=n - 1)
+    t = (pos - i0).reshape([-1 if d == dim else 1 for d in range(4)])
+    a, b = x.index_select(dim, i0), x.index_select(dim, i1)
+    la, lb = a.norm(dim=1, keepdim=True), b.norm(dim=1, keepdim=True)
+    na, nb = a / la.clamp_min(1e-8), b / lb.clamp_min(1e-8)
+    omega = (na * nb).sum(1, keepdim=True).clamp(-1, 1).acos()
+    so = omega.sin()
+    safe = so.abs() > 1e-4
+    wa = torch.where(safe, ((1 - t) * omega).sin() / so.clamp_min(1e-4), 1 - t)
+    wb = torch.where(safe, (t * omega).sin() / so.clamp_min(1e-4), t)
+    return (wa * na + wb * nb) * (la + (lb - la) * t)
+
+
 def _resize(x: torch.Tensor, h: int, w: int, method: str, crop: str = "disabled") -> torch.Tensor:
     if crop == "center":
         oh, ow = x.shape[-2:]
@@ -43,6 +62,8 @@ def _resize(x: torch.Tensor, h: int, w: int, method: str, crop: str = "disabled"
         elif src < dst:
             ch = round(ow / dst)
             x = x[..., (oh - ch) // 2:(oh - ch) // 2 + ch, :]
+    if method == "bislerp":
+        return _slerp_axis(_slerp_axis(x.float(), w, 3), h, 2)
     kw = {"align_corners": False} if method in ("bilinear", "bicubic") else {}
     return F.interpolate(x, size=(h, w), mode=method, **kw)
 

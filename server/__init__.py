@@ -3,14 +3,16 @@
 ``create_app(executor, ServerConfig(...))`` builds the aiohttp application; ``serve(...)`` runs it.
 
 Modules: ``app`` (route table, lifecycle), ``http_api`` and ``files`` (handlers), ``ws`` (the socket),
-``jobs`` (queue, worker, event routing), ``hub`` (sockets and their bounded send queues), ``store``
-(SQLite), ``security`` (middlewares), ``protocol`` (wire format), ``config``.
+``jobs`` (queue, worker, recovery, control), ``routing`` (events to sockets and to the log), ``prompts``
+(the job model), ``hub`` (sockets and their bounded send queues), ``store`` (SQLite), ``security``
+(middlewares), ``protocol`` (wire format), ``webhook``, ``config``, ``keys`` (typed app state).
 
 Decisions beyond ComfyUI, for whoever comes next:
 
 - Every route is at ``/x`` and ``/api/x``. New: ``GET /api/prompt/{id}`` (status: pending, running, success,
   error, interrupted, unknown; ``?wait=true&timeout=S`` blocks until done) and
-  ``GET /api/prompt/{id}/events?since=K``. Unknown ids answer 404 with ``{"status": "unknown"}``.
+  ``GET /api/prompt/{id}/events?since=K`` (``&wait=true`` long-polls until there is something new);
+  ``POST /prompt?wait=true`` answers with the result. Unknown ids answer 404 with ``{"status": "unknown"}``.
 - Per-prompt events carry a top-level ``"seq"``; the final ``executing {node: null}`` is logged too, so a
   replay always ends with it. Events of a re-run after a crash are numbered from ``attempt * 1_000_000`` so
   they follow anything a client saw of the attempt that died.
@@ -22,9 +24,13 @@ Decisions beyond ComfyUI, for whoever comes next:
 - Keys of ``extra_data`` that look like secrets (api_key, token, secret, password, authorization) are kept
   in memory for the run only: never in the database, history or events. A prompt re-run after a crash
   therefore runs without them.
-- Binary preview/output frames are not logged, so they are not replayed.
+- Output frames (SaveImageWebsocket) are logged with their event and replayed in place; previews are not.
+- One server per data directory (an advisory lock), so two processes never run one queue.
+- Queue-size ``status`` messages go at once to the prompt's own client; other sockets get the latest value
+  at most every 50 ms, only when it changed for them.
 """
 from .app import ROUTES, create_app, serve
 from .config import InsecureBind, ServerConfig, is_loopback
+from .store import StoreLocked
 
-__all__ = ["ROUTES", "create_app", "serve", "ServerConfig", "InsecureBind", "is_loopback"]
+__all__ = ["ROUTES", "create_app", "serve", "ServerConfig", "InsecureBind", "StoreLocked", "is_loopback"]

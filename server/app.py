@@ -88,12 +88,17 @@ def serve(executor, config: ServerConfig, folders=None, print_fn=print) -> None:
 
     The executor thread runs Python code most of the time; a short GIL switch interval lets the event loop
     get the GIL back quickly after each socket or database call, which keeps request and event latency low
-    while a graph runs (measured by benchmarks/server.py).
+    while a graph runs. Freezing the objects alive at start-up keeps garbage collections short. Both are
+    measured by benchmarks/server.py.
     """
     import sys
 
     sys.setswitchinterval(0.001)
     app = create_app(executor, config, folders)
+    import gc
+
+    gc.collect()
+    gc.freeze()  # the imported libraries and node packs never need scanning again: shorter GC pauses
 
     async def main() -> None:
         runner = web.AppRunner(app, handle_signals=False, access_log=None)

@@ -45,7 +45,7 @@ class ServerConfig:
     max_queue: int = 4096
     max_queue_bytes: int = 64 * MB
     allowed_origins: tuple[str, ...] = ()
-    history_limit: int | None = None  # keep every entry by default (it is on disk)
+    history_limit: int | None = 10000  # like ComfyUI; None or 0 keeps every entry (they are on disk)
     webhook_timeout: float = 10.0
 
     def __post_init__(self) -> None:

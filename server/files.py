@@ -23,6 +23,7 @@ from .keys import CONFIG, FOLDERS
 from .security import error_response
 
 FOLDER_TYPES = ("output", "input", "temp")
+MAX_FIELD = 64 * 1024  # a form field other than the file (subfolder, type, original_ref)
 UNSAFE_TYPES = {"text/html", "text/javascript", "application/javascript", "text/css", "image/svg+xml"}
 
 
@@ -112,6 +113,9 @@ async def _read_upload(request: web.Request, limit: int) -> tuple[dict, tuple[st
         if part is None:
             break
         if part.name == "image" and part.filename is not None:
+            if upload is not None:
+                upload[1].unlink()
+                raise web.HTTPBadRequest(text="only one 'image' file per upload")
             fd, tmp = tempfile.mkstemp(prefix="kiln-upload-")
             size = 0
             with os.fdopen(fd, "wb") as f:
@@ -124,7 +128,14 @@ async def _read_upload(request: web.Request, limit: int) -> tuple[dict, tuple[st
                     f.write(chunk)
             upload = (part.filename, Path(tmp))
         elif part.name:
-            fields[part.name] = (await part.read(decode=True))[:4096].decode("utf-8", "replace")
+            buf = bytearray()
+            while chunk := await part.read_chunk(4096):
+                buf += chunk
+                if len(buf) > MAX_FIELD:
+                    if upload is not None:
+                        upload[1].unlink()
+                    raise web.HTTPRequestEntityTooLarge(max_size=MAX_FIELD, actual_size=len(buf))
+            fields[part.name] = buf.decode("utf-8", "replace")
     return fields, upload
 
 

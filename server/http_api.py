@@ -82,8 +82,11 @@ async def prompt_events(request: web.Request) -> web.Response:
     pid = request.match_info["prompt_id"]
     try:
         since = int(request.query.get("since", "0"))
+        timeout = min(float(request.query.get("timeout", "30")), MAX_WAIT)
     except ValueError:
-        return error_response(400, "bad_request", "since must be an integer sequence number")
+        return error_response(400, "bad_request", "since must be an integer sequence number, timeout seconds")
+    if request.query.get("wait", "").lower() in ("1", "true", "yes") and svc.known(pid):
+        await svc.wait_events(pid, since, timeout)  # long-poll: answer as soon as there is something new
     events = svc.events(pid, since)
     if events is None:
         return error_response(404, "prompt_not_found", f"No prompt with id {pid!r}")

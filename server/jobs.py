@@ -59,6 +59,7 @@ class PromptService:
         self._bg: set[asyncio.Task] = set()
         self._status_timer: asyncio.TimerHandle | None = None
         self.router = EventRouter(hub, store)
+        self._finished = 0
         self.loop: asyncio.AbstractEventLoop | None = None
 
     # -- lifecycle ----------------------------------------------------------------------------------
@@ -157,6 +158,9 @@ class PromptService:
                 raise ApiError(409, "prompt_id_conflict", "This prompt_id was already used for another prompt",
                                f"prompt_id {prompt_id!r} is taken; omit prompt_id or choose a new one")
             return {"prompt_id": prompt_id, "number": _num(number), "node_errors": {}}
+        hook = sub.extra_data.get("webhook")
+        if hook is not None and not (isinstance(hook, str) and hook.startswith(("http://", "https://"))):
+            raise ApiError(400, "invalid_webhook", "extra_data.webhook must be an http(s) URL", repr(hook)[:200])
         validation = validate(graph, self.registry, partial_execution_targets=sub.partial_execution_targets)
         if not validation.ok:
             raise ApiError(400, "", "", body=validation.to_comfy())
@@ -255,7 +259,8 @@ class PromptService:
         final_json = as_json(final)
         self.store.log_event(job.prompt_id, job.seq, "executing", final_json)
         self.store.finish(job.prompt_id, status, history, job.seq)
-        if self.config.history_limit:
+        self._finished += 1
+        if self.config.history_limit and self._finished % 64 == 1:  # trimming is a scan: not every time
             self.store.trim_history(self.config.history_limit)
         job.status = status
         if self.running is job:
@@ -268,6 +273,7 @@ class PromptService:
         for fut in self._waiters.pop(job.prompt_id, ()):
             if not fut.done():
                 fut.set_result(status)
+        self.router.wake(job.prompt_id)
         hook = job.extra_data.get("webhook")
         if isinstance(hook, str) and hook.startswith(("http://", "https://")):
             self._background(self._webhook(hook, job.prompt_id, status, outputs, history))
@@ -349,17 +355,44 @@ class PromptService:
             if lst and fut in lst:
                 lst.remove(fut)
 
-    def replay(self, prompt_id: str, since: int) -> list[str] | None:
-        """Logged messages of a prompt after ``since``, or None for an unknown prompt."""
-        if self.running is None or self.running.prompt_id != prompt_id:
-            if prompt_id not in self.pending and self.store.status_of(prompt_id) is None:
-                return None
-        return [P.message_from_json(t, d, s) for s, t, d in self.store.events(prompt_id, since)]
+    async def wait_events(self, prompt_id: str, since: int, timeout: float) -> None:
+        """Return once the prompt has an event after ``since`` (or is done), or after ``timeout``."""
+        self.store.flush()
+        row = self.store.db.execute("SELECT 1 FROM events WHERE prompt_id=? AND seq>? LIMIT 1",
+                                    (prompt_id, since)).fetchone()
+        if row is not None or self.status(prompt_id)["status"] not in ("pending", "running"):
+            return
+        fut = self.loop.create_future()
+        self.router.watchers.setdefault(prompt_id, []).append(fut)
+        try:
+            await asyncio.wait_for(asyncio.shield(fut), timeout)
+        except asyncio.TimeoutError:
+            lst = self.router.watchers.get(prompt_id)
+            if lst and fut in lst:
+                lst.remove(fut)
+
+    def known(self, prompt_id: str) -> bool:
+        return ((self.running is not None and self.running.prompt_id == prompt_id) or prompt_id in self.pending
+                or self.store.status_of(prompt_id) is not None)
+
+    def replay(self, client, prompt_id: str, since: int) -> bool:
+        """Queue a prompt's logged events after ``since`` on one socket; False for an unknown prompt."""
+        if not self.known(prompt_id):
+            return False
+        self.router.replay(client, prompt_id, since)
+        return True
 
     def events(self, prompt_id: str, since: int) -> list[dict] | None:
-        if self.replay(prompt_id, since) is None:
+        if not self.known(prompt_id):
             return None
-        return [{"seq": s, "type": t, "data": json.loads(d)} for s, t, d in self.store.events(prompt_id, since)]
+        frames = self.store.frames(prompt_id, since)
+        out = []
+        for s, t, d in self.store.events(prompt_id, since):
+            e = {"seq": s, "type": t, "data": json.loads(d)}
+            if s in frames:
+                e["frame"] = {"format": frames[s][1], "bytes": len(frames[s][2])}
+            out.append(e)
+        return out
 
     def queue(self) -> dict:
         running = [self.running.queue_item] if self.running is not None else []

@@ -12,6 +12,7 @@ survives the process being killed (SIGKILL); only a power loss can lose the last
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import time
 from dataclasses import dataclass
@@ -45,9 +46,21 @@ CREATE TABLE IF NOT EXISTS events (
     data TEXT NOT NULL,
     PRIMARY KEY (prompt_id, seq)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS frames (
+    prompt_id TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    node TEXT,
+    format TEXT NOT NULL,
+    data BLOB NOT NULL,
+    PRIMARY KEY (prompt_id, seq)
+);
 """
 
 FINISHED = ("success", "error", "interrupted")
+
+
+class StoreLocked(RuntimeError):
+    """Another server process is using this data directory."""
 
 
 @dataclass
@@ -90,6 +103,7 @@ class Store:
     def __init__(self, data_dir: str | Path):
         self.dir = Path(data_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
+        self._lock = _lock_dir(self.dir)  # two servers on one queue would run its prompts twice
         self.path = self.dir / "kiln.sqlite3"
         self.db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         self.db.execute("PRAGMA journal_mode=WAL")
@@ -97,12 +111,16 @@ class Store:
         self.db.execute("PRAGMA busy_timeout=5000")
         self.db.executescript(SCHEMA)
         self._pending_events: list[tuple[str, int, str, str]] = []
+        self._pending_frames: list[tuple[str, int, str, str, bytes]] = []
         row = self.db.execute("SELECT MAX(history_order) FROM prompts").fetchone()
         self._history_order = (row[0] or 0)
 
     def close(self) -> None:
         self.flush()
         self.db.close()
+        if self._lock is not None:
+            os.close(self._lock)  # releases the lock (the kernel also does when the process dies)
+            self._lock = None
 
     # -- writes -------------------------------------------------------------------------------------
     def add(self, prompt_id: str, number: float, client_id: str | None, prompt: dict, extra_data: dict,
@@ -122,20 +140,30 @@ class Store:
         if len(self._pending_events) >= 2048:
             self.flush()
 
-    def flush(self) -> None:
-        if self._pending_events:
-            batch, self._pending_events = self._pending_events, []
-            self.db.execute("BEGIN")
+    def log_frame(self, prompt_id: str, seq: int, node: str, fmt: str, data: bytes) -> None:
+        """An output image sent as a binary frame (SaveImageWebsocket), replayed after event ``seq``."""
+        self._pending_frames.append((prompt_id, seq, node, fmt, data))
+
+    def _write_pending(self) -> None:
+        batch, self._pending_events = self._pending_events, []
+        frames, self._pending_frames = self._pending_frames, []
+        if batch:
             self.db.executemany("INSERT OR REPLACE INTO events VALUES (?, ?, ?, ?)", batch)
+        if frames:
+            self.db.executemany("INSERT OR REPLACE INTO frames VALUES (?, ?, ?, ?, ?)", frames)
+
+    def flush(self) -> None:
+        if self._pending_events or self._pending_frames:
+            self.db.execute("BEGIN")
+            self._write_pending()
             self.db.execute("COMMIT")
 
     def finish(self, prompt_id: str, status: str, history: dict, last_seq: int) -> None:
         """Write the history entry and every buffered event in one transaction."""
         self._history_order += 1
-        batch, self._pending_events = self._pending_events, []
         self.db.execute("BEGIN")
         try:
-            self.db.executemany("INSERT OR REPLACE INTO events VALUES (?, ?, ?, ?)", batch)
+            self._write_pending()
             self.db.execute("UPDATE prompts SET status=?, history=?, finished=?, history_order=?, last_seq=? "
                             "WHERE prompt_id=?", (status, json.dumps(history), time.time(), self._history_order,
                                                   last_seq, prompt_id))
@@ -147,6 +175,7 @@ class Store:
     def requeue(self, prompt_id: str) -> None:
         self.db.execute("UPDATE prompts SET status='pending', started=NULL WHERE prompt_id=?", (prompt_id,))
         self.db.execute("DELETE FROM events WHERE prompt_id=?", (prompt_id,))
+        self.db.execute("DELETE FROM frames WHERE prompt_id=?", (prompt_id,))
 
     def delete(self, prompt_ids: Iterable[str]) -> None:
         self.flush()
@@ -154,13 +183,15 @@ class Store:
         self.db.execute("BEGIN")
         self.db.executemany("DELETE FROM prompts WHERE prompt_id=?", ids)
         self.db.executemany("DELETE FROM events WHERE prompt_id=?", ids)
+        self.db.executemany("DELETE FROM frames WHERE prompt_id=?", ids)
         self.db.execute("COMMIT")
 
     def clear_history(self) -> None:
         self.flush()
         self.db.execute("BEGIN")
-        self.db.execute("DELETE FROM events WHERE prompt_id IN (SELECT prompt_id FROM prompts WHERE status IN "
-                        "('success','error','interrupted'))")
+        for table in ("events", "frames"):
+            self.db.execute(f"DELETE FROM {table} WHERE prompt_id IN (SELECT prompt_id FROM prompts WHERE status "
+                            "IN ('success','error','interrupted'))")
         self.db.execute("DELETE FROM prompts WHERE status IN ('success','error','interrupted')")
         self.db.execute("COMMIT")
 
@@ -205,10 +236,33 @@ class Store:
                                "ORDER BY history_order").fetchall()
         return [_row(r) for r in rows]
 
+    def frames(self, prompt_id: str, since: int = 0) -> dict[int, tuple[str, str, bytes]]:
+        self.flush()
+        rows = self.db.execute("SELECT seq, node, format, data FROM frames WHERE prompt_id=? AND seq>?",
+                               (prompt_id, since)).fetchall()
+        return {r[0]: (r[1], r[2], r[3]) for r in rows}
+
     def events(self, prompt_id: str, since: int = 0) -> list[tuple[int, str, str]]:
         self.flush()
         return self.db.execute("SELECT seq, type, data FROM events WHERE prompt_id=? AND seq>? ORDER BY seq",
                                (prompt_id, since)).fetchall()
+
+
+def _lock_dir(path: Path) -> int | None:
+    try:
+        import fcntl
+    except ImportError:  # Windows: no advisory lock; run one server per data dir
+        return None
+    fd = os.open(path / "kiln.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        raise StoreLocked(f"another Kiln server is using the data directory {str(path)!r}; stop it or pass "
+                          f"a different --data-dir") from None
+    os.ftruncate(fd, 0)
+    os.write(fd, str(os.getpid()).encode())
+    return fd
 
 
 def row_status(row: PromptRow | None) -> str:

@@ -42,7 +42,12 @@ async def websocket(request: web.Request) -> web.StreamResponse:
     try:
         async for msg in ws:
             if msg.type == WSMsgType.TEXT:
-                _handle_text(client, svc, msg.data)
+                try:
+                    _handle_text(client, svc, msg.data)
+                except Exception as exc:  # a bug must not end the socket, let alone the server
+                    log.exception("websocket message from %s failed", client.sid)
+                    client.send(Out(P.error_message("internal_error", "Internal server error",
+                                                    type(exc).__name__)))
             elif msg.type == WSMsgType.BINARY:
                 await ws.close(code=WSCloseCode.UNSUPPORTED_DATA, message=b"binary messages are not accepted")
                 break
@@ -107,12 +112,9 @@ def _replay(client: Client, svc: PromptService, data) -> None:
     if not isinstance(pid, str) or not isinstance(since, int) or isinstance(since, bool):
         client.send(Out(P.error_message("bad_message", "replay needs {prompt_id: str, since: int}")))
         return
-    msgs = svc.replay(pid, since)
-    if msgs is None:
+    if not svc.replay(client, pid, since):
         client.send(Out(P.error_message("prompt_not_found", f"No prompt with id {pid!r}", pid)))
         return
-    for m in msgs:
-        client.send(Out(m))
     st = svc.status(pid)
     last = st.get("last_seq", since)
     client.send(Out(P.message("replay_done", {"prompt_id": pid, "status": st["status"], "last_seq": last})))

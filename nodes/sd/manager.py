@@ -67,16 +67,38 @@ def file_identity(path: Path) -> tuple[str, int, int]:
 
 
 def module_bytes(obj: Any) -> int:
-    """Bytes of parameters and buffers in a module, or in modules found in a dataclass/dict/list."""
-    if isinstance(obj, torch.nn.Module):
-        return sum(t.numel() * t.element_size() for t in list(obj.parameters()) + list(obj.buffers()))
-    if isinstance(obj, dict):
-        return sum(module_bytes(v) for v in obj.values())
-    if isinstance(obj, (list, tuple)):
-        return sum(module_bytes(v) for v in obj)
-    if hasattr(obj, "__dict__"):
-        return sum(module_bytes(v) for v in vars(obj).values() if isinstance(v, (torch.nn.Module, list, dict)))
-    return 0
+    """Bytes of the distinct parameters and buffers of every module reachable from ``obj`` (through
+    attributes, dicts, lists and tuples, a few levels deep)."""
+    seen_modules: set[int] = set()
+    seen_tensors: set[int] = set()
+    total = 0
+
+    def walk(o: Any, depth: int) -> None:
+        nonlocal total
+        if depth > 4 or id(o) in seen_modules:
+            return
+        if isinstance(o, torch.nn.Module):
+            seen_modules.add(id(o))
+            for t in list(o.parameters()) + list(o.buffers()):
+                if t.is_meta or id(t) in seen_tensors:
+                    continue
+                seen_tensors.add(id(t))
+                total += t.numel() * t.element_size()
+            return
+        if isinstance(o, dict):
+            items = list(o.values())
+        elif isinstance(o, (list, tuple)):
+            items = list(o)
+        elif hasattr(o, "__dict__") and not isinstance(o, type):
+            seen_modules.add(id(o))
+            items = list(vars(o).values())
+        else:
+            return
+        for v in items:
+            walk(v, depth + 1)
+
+    walk(obj, 0)
+    return total
 
 
 @dataclass
@@ -157,5 +179,5 @@ def get_manager() -> ModelManager:
 
 
 def folders() -> engine.Folders:
-    """The Folders of the running/validating executor, else ``$KILN_BASE_DIR`` (or the current directory)."""
+    """The Folders of the running/validating executor, else the process default (see engine.get_folders)."""
     return engine.get_folders()

@@ -4,7 +4,8 @@ Syntax: ``(text)`` multiplies the weight of its tokens by 1.1, ``(text:1.5)`` by
 by 1.1; groups nest and multiply. ``\\(`` ``\\)`` ``\\[`` ``\\]`` are literal brackets. ``embedding:name``
 inserts the vectors of a textual-inversion file from ``models/embeddings/``.
 
-Encoding: tokens are cut into chunks of 75 (plus start/end tokens, padded to 77); the chunks are encoded
+Encoding: tokens are cut into chunks of 75 (plus start/end tokens, padded to 77; shorter for text encoders
+with fewer positions, such as the project's own small model); the chunks are encoded
 in one batch and concatenated along the sequence, so long prompts keep every token. A token of weight
 ``w`` is moved away from the empty prompt's encoding at its position: ``z = z_empty + w * (z - z_empty)``
 (ComfyUI's default weighting).
@@ -213,12 +214,14 @@ def encode_rows(text_encoder, rows: list[list[Token]], layer: int, final_norm: b
 def encode_weighted(text_encoder, tokenizer, text: str, layer: int, final_norm: bool,
                     find_embedding: Callable[[str], torch.Tensor] | None,
                     pad_id: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """``([1, 77 * chunks, D], [1, P])`` for one prompt with ComfyUI weighting."""
+    """``([1, L * chunks, D], [1, P])`` for one prompt with ComfyUI weighting (L = 77 for CLIP)."""
     bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
     pad = eos if pad_id is None else pad_id
-    rows = chunk(tokenize(text, tokenizer, find_embedding), bos, eos, pad)
+    # chunks as long as the encoder's positions allow: 77 for CLIP, less for small custom encoders
+    length = min(CHUNK + 2, int(getattr(text_encoder.config, "max_position_embeddings", CHUNK + 2)))
+    rows = chunk(tokenize(text, tokenizer, find_embedding), bos, eos, pad, length)
     weighted = any(t.weight != 1.0 for row in rows for t in row)
-    all_rows = rows + (chunk([], bos, eos, pad) if weighted else [])
+    all_rows = rows + (chunk([], bos, eos, pad, length) if weighted else [])
     with torch.inference_mode():
         hidden, pooled = encode_rows(text_encoder, all_rows, layer, final_norm, eos)
     if weighted:

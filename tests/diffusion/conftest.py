@@ -61,7 +61,6 @@ class World:
     def executor(self, cache: str | None = None) -> engine.Executor:
         reg = engine.Registry()
         nodes.register_builtin(reg)
-        _add_fallbacks(reg)
         return engine.Executor(reg, cache=cache, folders=engine.Folders(self.base),
                                services={"model_manager": self.manager})
 
@@ -75,19 +74,8 @@ class World:
 
     def run(self, graph: dict, targets: list[str], ex: engine.Executor | None = None, extra_data=None, sink=None):
         ex = ex or self.executor()
-        g = {k: v for k, v in graph.items() if v["class_type"] in ex.registry or k in targets}
-        # output nodes from other families that are not on this branch yet are dropped; targets still run
-        res = ex.run(engine.Graph.from_json(g), targets=targets, extra_data=extra_data, sink=sink)
+        res = ex.run(engine.Graph.from_json(graph), targets=targets, extra_data=extra_data, sink=sink)
         return res
-
-
-def _add_fallbacks(reg: engine.Registry) -> None:
-    """LoadImage / ImagePadForOutpaint belong to the image family; until it is merged, test-only stand-ins."""
-    from fallback_nodes import FALLBACKS
-
-    for cls in FALLBACKS:
-        if cls.name not in reg:
-            reg.register(cls)
 
 
 @pytest.fixture(scope="session")

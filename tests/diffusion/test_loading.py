@@ -126,6 +126,8 @@ def test_manager_loads_once_and_evicts_least_recently_used(world, tmp_path):
     assert m.get("checkpoint", world.ckpt, load_checkpoint) is a and m.loads == 1
     m.get("checkpoint", world.folder, load_checkpoint)
     assert m.loads == 2 and len(m) == 2
+    n_params = sum(p.numel() for mod in (a.unet, a.vae, *a.text_encoders) for p in mod.parameters())
+    assert m.used_bytes >= 2 * 4 * n_params  # both entries are counted, in fp32
     m.budget = 1  # everything is over budget now: only the newest entry stays
     m.get("checkpoint", world.ckpt, load_checkpoint)
     assert len(m) == 1
@@ -199,3 +201,20 @@ def test_lora_in_checkpoint_folder_says_which_loader(world):
         (world.models / "loras" / "a_kohya.safetensors").read_bytes())
     err = _error(world, "actually_lora.safetensors")
     assert "LoRA" in err["exception_message"]
+
+
+def test_outputs_are_cached_until_the_file_changes(world, tmp_path):
+    import os
+
+    ckpt = world.models / "checkpoints" / "touch.safetensors"
+    ckpt.write_bytes(world.ckpt.read_bytes())
+    ex = world.executor()  # default cache
+    g = _graph("touch.safetensors")
+    first = world.run(g, ["2"], ex)
+    again = world.run(g, ["2"], ex)
+    assert "2" in again.cached and not again.ran
+    st = ckpt.stat()
+    os.utime(ckpt, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    changed = world.run(g, ["2"], ex)
+    assert "1" in changed.ran and "2" in changed.ran
+    assert torch.equal(changed.values["2"][0][0][0], first.values["2"][0][0][0])

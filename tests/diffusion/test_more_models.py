@@ -38,6 +38,27 @@ def test_sdxl_architecture_runs(world):
     assert res.values["8"][0].shape == (1, 64, 64, 3)
 
 
+def test_sdxl_single_file_loads_every_weight(world, monkeypatch, tmp_path):
+    """The SDXL LDM path (label_emb, CLIP-L, OpenCLIP-G with fused attention), with the shipped full-size
+    configs swapped for tiny ones so the file stays small."""
+    import nodes.sd.checkpoint as C
+    from tiny_models import (SCHEDULER_CONFIG, SDXL_UNET_CONFIG, VAE_CONFIG, build_tiny_sdxl, sdxl_te2_config,
+                             text_config, write_sdxl_ldm)
+
+    comps = build_tiny_sdxl(seed=5)
+    path = write_sdxl_ldm(tmp_path / "xl.safetensors", comps)
+    unet, vae, te1, te2, tok = comps
+    tiny = {"unet": SDXL_UNET_CONFIG, "vae": VAE_CONFIG, "text_encoder": text_config(len(tok)),
+            "text_encoder_2": sdxl_te2_config(len(tok)), "scheduler": SCHEDULER_CONFIG}
+    monkeypatch.setattr(C, "_shipped", lambda family, part: dict(tiny[part]))
+    monkeypatch.setattr(C, "make_tokenizer", lambda **kw: tok)
+    c = C.load_checkpoint(path, torch.float32, torch.device("cpu"))
+    assert c.family == "sdxl" and len(c.text_encoders) == 2
+    for a, b in ((c.unet, unet), (c.vae, vae), (c.text_encoders[0], te1), (c.text_encoders[1], te2)):
+        sa, sb = a.state_dict(), b.state_dict()
+        assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sb)
+
+
 def test_vae_loader_reads_a_bare_ldm_vae(world):
     (world.models / "vae").mkdir(exist_ok=True)
     write_vae_file(world.models / "vae" / "tiny_vae.safetensors", world.comps[1])

@@ -94,6 +94,21 @@ def test_latent_upscale_and_by():
     assert L.LatentUpscaleBy().run(samples=x, upscale_method="bilinear", scale_by=1.5)["samples"].shape == (1, 4, 12, 12)
 
 
+def test_bislerp_keeps_vector_lengths_and_matches_bilinear_on_parallel_vectors():
+    L = _nodes()
+    x = torch.randn(1, 4, 6, 6)
+    out = L.LatentUpscaleBy().run(samples={"samples": x}, upscale_method="bislerp", scale_by=2.0)["samples"]
+    assert out.shape == (1, 4, 12, 12) and torch.isfinite(out).all()
+    n_in, n_out = x.norm(dim=1), out.norm(dim=1)
+    assert n_out.min() >= n_in.min() - 1e-4 and n_out.max() <= n_in.max() + 1e-4
+    # when all vectors point the same way, spherical interpolation is plain linear interpolation
+    d = torch.tensor([1.0, 2.0, -1.0, 0.5]).reshape(1, 4, 1, 1)
+    par = d * (torch.rand(1, 1, 6, 6) + 0.5)
+    a = L.LatentUpscale().run(samples={"samples": par}, upscale_method="bislerp", width=96, height=72)["samples"]
+    b = L.LatentUpscale().run(samples={"samples": par}, upscale_method="bilinear", width=96, height=72)["samples"]
+    assert torch.allclose(a, b, atol=1e-5)
+
+
 def test_vae_encode_decode_shapes_and_crop(world):
     from nodes.loaders import load_checkpoint_handles
 

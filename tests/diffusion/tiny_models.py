@@ -189,20 +189,33 @@ def write_lora_diffusers(path: Path, lora) -> Path:
     return path
 
 
-def write_tiny_sdxl_folder(folder: Path, seed: int = 0) -> Path:
-    """A diffusers SDXL-architecture folder: two text encoders (the second with projection), a UNet with
-    text_time added conditioning."""
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
+SDXL_UNET_CONFIG = {**UNET_CONFIG, "cross_attention_dim": 64, "addition_embed_type": "text_time",
+                    "addition_time_embed_dim": 8, "projection_class_embeddings_input_dim": 32 + 6 * 8,
+                    "use_linear_projection": True}
+
+
+def build_tiny_sdxl(seed: int = 0):
+    """(unet, vae, te1, te2, tok): SDXL architecture, two text encoders (the second with projection)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     torch.manual_seed(seed)
     tok = train_tokenizer()
     te1 = CLIPTextModel(CLIPTextConfig(**text_config(len(tok)))).eval()
-    te2 = CLIPTextModelWithProjection(CLIPTextConfig(**{**text_config(len(tok)), "hidden_act": "gelu"})).eval()
-    unet = UNet2DConditionModel(**{**UNET_CONFIG, "cross_attention_dim": 64, "addition_embed_type": "text_time",
-                                   "addition_time_embed_dim": 8, "projection_class_embeddings_input_dim": 32 + 6 * 8,
-                                   "use_linear_projection": True}).eval()
+    te2 = CLIPTextModelWithProjection(CLIPTextConfig(**sdxl_te2_config(len(tok)))).eval()
+    unet = UNet2DConditionModel(**SDXL_UNET_CONFIG).eval()
     vae = AutoencoderKL(**VAE_CONFIG).eval()
+    return unet, vae, te1, te2, tok
+
+
+def sdxl_te2_config(vocab_size: int) -> dict:
+    return {**text_config(vocab_size), "hidden_act": "gelu"}
+
+
+def write_tiny_sdxl_folder(folder: Path, seed: int = 0) -> Path:
+    from diffusers import EulerDiscreteScheduler
+
+    unet, vae, te1, te2, tok = build_tiny_sdxl(seed)
     folder.mkdir(parents=True, exist_ok=True)
     for name, obj in (("unet", unet), ("vae", vae), ("text_encoder", te1), ("text_encoder_2", te2),
                       ("tokenizer", tok), ("tokenizer_2", tok)):
@@ -210,6 +223,57 @@ def write_tiny_sdxl_folder(folder: Path, seed: int = 0) -> Path:
     EulerDiscreteScheduler.from_config(SCHEDULER_CONFIG).save_pretrained(folder / "scheduler")
     (folder / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionXLPipeline"}))
     return folder
+
+
+def to_open_clip(sd: dict, prefix: str) -> dict:
+    """transformers CLIP text weights in OpenCLIP's layout (fused attention), as SDXL single files carry."""
+    out = {}
+    sd = {k[len("text_model."):] if k.startswith("text_model.") else k: v for k, v in sd.items()}
+    ren = {"layer_norm1": "ln_1", "layer_norm2": "ln_2", "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj",
+           "self_attn.out_proj": "attn.out_proj"}
+    for k, v in sd.items():
+        if k == "embeddings.token_embedding.weight":
+            out["token_embedding.weight"] = v
+        elif k == "embeddings.position_embedding.weight":
+            out["positional_embedding"] = v
+        elif k.startswith("final_layer_norm."):
+            out["ln_final." + k.split(".", 1)[1]] = v
+        elif k == "text_projection.weight":
+            out["text_projection"] = v.T.contiguous()
+        elif k.startswith("encoder.layers."):
+            n, rest = k.split(".")[2], ".".join(k.split(".")[3:])
+            if rest.startswith("self_attn.") and rest.split(".")[1] in ("q_proj", "k_proj", "v_proj"):
+                kind = rest.split(".")[-1]
+                if rest.startswith("self_attn.q_proj"):
+                    parts = [sd[f"encoder.layers.{n}.self_attn.{p}.{kind}"] for p in ("q_proj", "k_proj", "v_proj")]
+                    out[f"transformer.resblocks.{n}.attn.in_proj_{kind}"] = torch.cat(parts).contiguous()
+                continue
+            for a, b in ren.items():
+                if rest.startswith(a + "."):
+                    rest = b + rest[len(a):]
+            out[f"transformer.resblocks.{n}.{rest}"] = v
+    return {prefix + k: v for k, v in out.items()}
+
+
+def write_sdxl_ldm(path: Path, comps) -> Path:
+    """An SDXL-layout single file (no kiln metadata): UNet with label_emb, CLIP-L, OpenCLIP-G, VAE."""
+    from safetensors.torch import save_file
+
+    unet, vae, te1, te2, _ = comps
+    out = {}
+    usd = unet.state_dict()
+    for k, v in L.build_map(usd, L.unet_key_to_ldm, L.UNET_PREFIX, layout=L.UnetLayout(dict(unet.config))).items():
+        out[v] = usd[k]
+    vsd = vae.state_dict()
+    for k, v in L.build_map(vsd, L.vae_key_to_ldm, L.VAE_PREFIX, n_blocks=len(vae.config.block_out_channels)).items():
+        out[v] = vsd[k]
+    for k, v in te1.state_dict().items():
+        if not k.endswith("position_ids"):
+            out[L.SDXL_CLIP_L_PREFIX + (k if k.startswith("text_model.") else "text_model." + k)] = v
+    out.update(to_open_clip({k: v for k, v in te2.state_dict().items() if not k.endswith("position_ids")},
+                            L.SDXL_CLIP_G_PREFIX))
+    save_file({k: v.contiguous() for k, v in out.items()}, str(path))
+    return path
 
 
 def write_vae_file(path: Path, vae) -> Path:
@@ -223,3 +287,30 @@ def write_vae_file(path: Path, vae) -> Path:
     cfg = {k: (list(x) if isinstance(x, tuple) else x) for k, x in dict(vae.config).items() if not k.startswith("_")}
     save_file({k: v.contiguous() for k, v in out.items()}, str(path), metadata={"kiln.vae_config": json.dumps(cfg)})
     return path
+
+
+# The project's own model family ("kiln-shapes"): a 4x VAE (3 blocks), a text encoder with 32 positions,
+# linear betas with trailing timesteps. Same structure as the trained model, much smaller.
+SHAPES_UNET_CONFIG = dict(sample_size=16, in_channels=4, out_channels=4, block_out_channels=[16, 32, 32],
+                          down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+                          up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+                          layers_per_block=1, attention_head_dim=4, cross_attention_dim=32, norm_num_groups=8)
+SHAPES_VAE_CONFIG = dict(in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 3,
+                         up_block_types=["UpDecoderBlock2D"] * 3, block_out_channels=[8, 8, 16], layers_per_block=1,
+                         latent_channels=4, norm_num_groups=4, sample_size=64, scaling_factor=0.7)
+SHAPES_SCHEDULER_CONFIG = dict(num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule="linear",
+                               prediction_type="epsilon", clip_sample=False, set_alpha_to_one=False, steps_offset=0,
+                               timestep_spacing="trailing")
+
+
+def write_shapes_like(path: Path, seed: int = 0) -> Path:
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    tok = train_tokenizer()
+    te = CLIPTextModel(CLIPTextConfig(**{**text_config(len(tok)), "max_position_embeddings": 32})).eval()
+    unet = UNet2DConditionModel(**SHAPES_UNET_CONFIG).eval()
+    vae = AutoencoderKL(**SHAPES_VAE_CONFIG).eval()
+    return export_ldm_checkpoint(path, unet, vae, te, tokenizer=tok, scheduler_config=SHAPES_SCHEDULER_CONFIG,
+                                 model_family="kiln-shapes", dtype=torch.float16)

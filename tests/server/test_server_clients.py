@@ -59,6 +59,10 @@ def test_kiln_client_run_images_download_cancel(live, tmp_path):
     g.SaveImage(images=g.ImageInvert(image=g.EmptyImage(width=4, height=4, color=0)), filename_prefix="authored")
     [authored] = c.images(c.submit(g))
     assert authored.size == (4, 4) and authored.convert("RGB").getpixel((0, 0)) == (255, 255, 255)
+    ws_graph = {"1": {"class_type": "EmptyImage", "inputs": {"width": 5, "height": 3, "batch_size": 2, "color": 0}},
+                "2": {"class_type": "SaveImageWebsocket", "inputs": {"images": ["1", 0]}}}
+    ws_images = c.images(c.submit(ws_graph))  # sent only over the socket, replayed for this call
+    assert [im.size for im in ws_images] == [(5, 3), (5, 3)]
     pid = c.submit(IMAGE_GRAPH)
     [img] = c.images(pid)
     assert img.size == (16, 8)
@@ -192,3 +196,19 @@ def test_async_client(live):
 
     kinds, img = asyncio.run(main())
     assert kinds[0] == "execution_start" and kinds[-1] == "executing" and img.size == (16, 8)
+
+
+def test_a_blocked_branch_is_not_a_failure(server):
+    g = {"1": {"class_type": "TConst", "inputs": {"value": 4}},
+         "b": {"class_type": "TBlock", "inputs": {"value": ["1", 0]}},
+         "shown": {"class_type": "TShow", "inputs": {"value": ["1", 0]}},
+         "blocked": {"class_type": "TShow", "inputs": {"value": ["b", 0]}}}
+    c = Client(server.url)
+    pid = c.submit(g)
+    kinds = [(e["type"], e["data"].get("exception_type")) for e in c.events(pid)]
+    assert ("execution_error", "ExecutionBlocked") in kinds and ("execution_success", None) in kinds
+    res = c.run(g)  # does not raise
+    assert res.ok
+    h = c.history(pid)
+    assert h["status"]["status_str"] == "success"
+    assert [m[0] for m in h["status"]["messages"]] == ["execution_start", "execution_cached", "execution_success"]

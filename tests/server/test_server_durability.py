@@ -154,3 +154,52 @@ def test_lagging_client_loses_previews_first_and_keeps_every_event(live):
     assert numbered == list(range(1, numbered[-1] + 1))  # no event lost
     assert sum(1 for m in msgs if isinstance(m, dict) and m["type"] == "progress") == 400
     assert len(frames) < 400  # previews were shed
+
+
+def test_sigkill_during_a_burst_of_submissions_loses_no_accepted_prompt(tmp_path, serve_proc):
+    """Kill while prompts are being posted and run: every prompt that got a 200 is finished after a restart,
+    once in history, and no output file was overwritten."""
+    import random
+    import threading
+
+    srv = serve_proc()
+    accepted: list[str] = []
+
+    def poster():
+        s = requests.Session()
+        for i in range(200):
+            try:
+                r = s.post(f"{srv.url}/prompt", json={"prompt": writer(i, 0.02), "prompt_id": f"b{i}"}, timeout=5)
+            except requests.RequestException:
+                return
+            if r.status_code == 200:
+                accepted.append(r.json()["prompt_id"])
+
+    t = threading.Thread(target=poster)
+    t.start()
+    time.sleep(random.uniform(0.4, 1.2))
+    srv.kill()
+    t.join(30)
+    assert accepted, "nothing was accepted before the kill"
+    srv2 = serve_proc()
+    for pid in accepted:
+        assert wait_status(srv2.url, pid, ("success", "error", "interrupted")) == "success"
+    hist = requests.get(f"{srv2.url}/history").json()
+    assert set(accepted) <= set(hist)
+    names = [p.name for p in (tmp_path / "output").glob("out_*.txt")]
+    assert len(names) == len(set(names))
+    owners = [p.read_text().split()[0] for p in (tmp_path / "output").glob("out_*.txt")]
+    assert set(accepted) <= set(owners)  # each accepted prompt's file exists (none was overwritten)
+
+
+def test_a_second_server_on_the_same_data_dir_refuses_to_start(tmp_path, serve_proc):
+    import subprocess
+
+    from srv_helpers import ROOT, kiln_cmd
+
+    serve_proc()
+    import os
+
+    r = subprocess.run(kiln_cmd("serve", "--port", "0", "--base-dir", str(tmp_path)), capture_output=True,
+                       text=True, timeout=120, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert r.returncode == 2 and "another Kiln server" in r.stderr

@@ -152,3 +152,12 @@ def test_secrets_never_stored(server):
     for extra in (server.base / "data").glob("kiln.sqlite3-*"):
         raw += extra.read_bytes()
     assert b"SECRET" not in raw
+
+
+def test_history_limit_drops_the_oldest(live):
+    s = live(history_limit=3)
+    ids = [s.post("/prompt", {"prompt": chain(1, value=i)}).json()["prompt_id"] for i in range(5)]
+    wait_done(s, ids[-1])
+    s.call(s.service.store.trim_history, 3)  # the service trims every 64 prompts; force it here
+    assert list(s.get("/history").json()) == ids[2:]
+    assert s.get(f"/api/prompt/{ids[0]}").json()["status"] == "unknown"

@@ -126,6 +126,16 @@ def test_upload_names_collisions_and_confinement(server):
     assert not (server.folders.input_dir / "fake.png").exists()
     r = requests.post(server.url + "/upload/image", data={"subfolder": ""}, timeout=10)
     assert r.status_code == 400
+    r = requests.post(server.url + "/upload/image", files={"image": ("a.png", png_bytes())},
+                      data={"subfolder": "x" * 200_000}, timeout=10)
+    assert r.status_code == 413
+    r = requests.post(server.url + "/upload/image", files=[("image", ("a.png", png_bytes())),
+                                                           ("image", ("b.png", png_bytes()))], timeout=10)
+    assert r.status_code == 400
+    import glob
+    import tempfile
+
+    assert not glob.glob(os.path.join(tempfile.gettempdir(), "kiln-upload-*"))  # no temp file left behind
 
 
 def test_upload_size_limit_and_mask(live):

@@ -304,3 +304,39 @@ def test_webhook_gets_a_post_on_completion(server):
     finally:
         httpd.shutdown()
     assert got == [{"prompt_id": pid, "status": "success", "outputs": {"out": {"text": ["2"]}}, "error": None}]
+    r = server.post("/prompt", {"prompt": chain(2), "extra_data": {"webhook": "file:///etc/passwd"}})
+    assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_webhook"
+
+
+def test_output_frames_are_replayed_in_place(server):
+    g = {"1": {"class_type": "TConst", "inputs": {"value": 1}},
+         "w": {"class_type": "TWsOut", "inputs": {"value": ["1", 0]}}}
+    with server.ws("frames") as ws:
+        first(ws)
+        pid = server.post("/prompt", {"prompt": g, "client_id": "frames"}).json()["prompt_id"]
+        live = recv_until_done(ws, pid)
+    with server.ws("frames") as ws:
+        first(ws)
+        ws.send(json.dumps({"type": "replay", "data": {"prompt_id": pid, "since": 0}}))
+        replayed = recv_until_done(ws, pid)
+    strip = [m for m in live if isinstance(m, bytes) or m["type"] != "status"]
+    assert replayed == strip  # the PNG frame comes back right after its progress event, as it was sent
+    assert any(isinstance(m, bytes) and m[8:12] == b"\x89PNG" for m in replayed)
+    ev = server.get(f"/api/prompt/{pid}/events").json()["events"]
+    assert [e for e in ev if "frame" in e][0]["frame"]["format"] == "PNG"
+
+
+def test_events_long_poll_follows_a_run_to_its_final_event(server):
+    pid = server.post("/prompt", {"prompt": sleeper(0.6, 6)}).json()["prompt_id"]
+    since, seen, polls = 0, [], 0
+    while True:
+        body = server.get(f"/api/prompt/{pid}/events", params={"since": since, "wait": "true",
+                                                                "timeout": "10"}).json()
+        polls += 1
+        seen += body["events"]
+        since = body["last_seq"]
+        if seen and seen[-1]["type"] == "executing" and seen[-1]["data"]["node"] is None:
+            break
+        assert polls < 100
+    assert [e["seq"] for e in seen] == list(range(1, len(seen) + 1))
+    assert sum(e["type"] == "progress" for e in seen) == 6 and body["done"]

@@ -10,7 +10,7 @@ import os
 import time
 from typing import Annotated
 
-from engine import Float, Int, Node, NodeResult, Preview, Socket, String, current
+from engine import ExecutionBlocker, Float, Int, Node, NodeResult, Preview, Socket, String, current
 
 
 def _png() -> bytes:
@@ -62,6 +62,15 @@ class TShow(Node):
 
     def run(self, value: Annotated[int, Socket("INT")]):
         return NodeResult(ui={"text": [str(value)]})
+
+
+class TBlock(Node):
+    """Blocks everything downstream with a message (ComfyUI's ExecutionBlocker): not fatal for the run."""
+
+    outputs = ("INT",)
+
+    def run(self, value: Annotated[int, Socket("INT")]):
+        return ExecutionBlocker("blocked on purpose")
 
 
 class TExit(Node):
@@ -157,4 +166,4 @@ class TSecret(Node):
         return NodeResult(ui={"text": ["has key" if key else "no key"]})
 
 
-NODES = [TConst, TAdd, TBigShow, TExit, TSleep, TShow, TFail, TPreview, TWsOut, TWriteFile, TSecret]
+NODES = [TConst, TAdd, TBigShow, TExit, TBlock, TSleep, TShow, TFail, TPreview, TWsOut, TWriteFile, TSecret]
