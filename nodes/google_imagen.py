@@ -1,7 +1,8 @@
 """Google Imagen through the Gemini API's ``models/{model}:predict`` endpoint (``GoogleImagenGenerate``).
 
-Plain HTTP on aiohttp: the request is one JSON call, so Kiln does not need the ``google-genai`` SDK for
-it. The key comes from ``GEMINI_API_KEY`` / ``GOOGLE_API_KEY`` or the ``google`` profile in Kiln's
+Plain HTTP on aiohttp: the request is one JSON call, and the official ``google-genai`` SDK (3.4) no
+longer offers ``generate_images`` with a Gemini API key (only in its enterprise/Vertex mode), so the SDK
+does not fit this node. The key comes from ``GEMINI_API_KEY`` / ``GOOGLE_API_KEY`` or the ``google`` profile in Kiln's
 config and travels in the ``x-goog-api-key`` header, never in the URL. Images the safety filter removes
 are reported: the node fails with the filter's reason when none are left.
 """

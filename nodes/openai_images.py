@@ -21,7 +21,7 @@ from typing import Annotated, Any
 import torch
 
 import engine
-from engine import Boolean, Combo, Hidden, Int, NodeError, NodeResult, Output, SEED_MAX, Socket, String
+from engine import Boolean, Combo, Int, NodeError, NodeResult, Output, SEED_MAX, Socket, String
 from nodes.common import check_image
 from nodes.providers import config, imageio, ledger, openai_client, pricing
 from nodes.providers.common import dumps, generation_record, rerun_fingerprint, ui_for
@@ -50,6 +50,14 @@ Seed = Annotated[int, Int(min=0, max=SEED_MAX, control_after_generate=True,
                           tooltip="not sent (OpenAI has no seed); change it to get a fresh image instead of the "
                                   "cached one")]
 CacheResults = Annotated[bool, Boolean(tooltip="off: call the provider on every run, never reuse a paid result")]
+PartialImages = Annotated[int, Int(min=0, max=3, tooltip="gpt-image-1: stream this many partial images as previews "
+                                                          "while it renders (0: one response at the end)")]
+
+
+def _check_partial(model: str, partial_images: int) -> None:
+    if partial_images and model != "gpt-image-1":
+        raise NodeError(f"{model} does not stream partial images", input_name="partial_images",
+                        hint="set partial_images to 0, or use gpt-image-1")
 
 
 def _model_name(model: str, model_override: str, profile: config.Profile) -> str:
@@ -166,35 +174,94 @@ class _Call:
     def client(self) -> Any:
         return openai_client.client(self.base_url, self.api_key, self.profile.timeout_s)
 
-    async def images(self, op: str, kwargs: dict, model: str, est: float | None, n: int) -> tuple:
+    async def images(self, op: str, kwargs: dict, model: str, est: float | None, n: int,
+                     partial_images: int = 0) -> tuple:
         what = f"{self.node} ({model})"
         res = ledger.reserve(self.endpoint, model, est, what)
-        engine.progress(0, 1)
+        total = n * (partial_images + 1)
+        engine.progress(0, total)
         fn = getattr(self.client().images, op)
+        args = {k: v for k, v in kwargs.items() if v is not None}
         try:
-            resp = await openai_client.call(lambda: fn(**{k: v for k, v in kwargs.items() if v is not None}),
-                                            self.profile, endpoint=self.endpoint, base_url=self.base_url,
-                                            inputs=self.inputs, what=f"{op} request")
-            items = list(getattr(resp, "data", None) or [])
-            if not items:
-                raise NodeError(f"{what}: the response held no images (request id "
-                                f"{getattr(resp, '_request_id', None) or 'none'})",
-                                hint="the endpoint sent a malformed response; retry or report it")
-            blobs = await _image_bytes(items, self.profile, what)
+            if partial_images:
+                blobs, revised, usage, rid = await self._streamed(fn, args, partial_images, total, what, op)
+            else:
+                blobs, revised, usage, rid = await self._whole(fn, args, what, op)
             images, mask = await imageio.decode_all(blobs, what)
         except BaseException as exc:
             res.abandon(exc)
             raise
-        usage = _sdk_usage(resp)
         actual = pricing.from_usage(model, usage)
         usd = actual if actual is not None else (est or 0.0)
-        revised = [r for r in (getattr(i, "revised_prompt", None) for i in items) if r]
-        rid = getattr(resp, "_request_id", None)
         res.settle(usd, estimated=actual is None, usage=usage, request_id=rid)
         rec = generation_record(provider=self.endpoint, model=model, usd=usd, estimated=actual is None, usage=usage,
                                 request_id=rid, revised_prompts=revised, images=int(images.shape[0]))
-        engine.progress(1, 1)
+        engine.progress(total, total)
         return images, mask, revised, rec
+
+    async def _whole(self, fn: Any, args: dict, what: str, op: str) -> tuple:
+        resp = await openai_client.call(lambda: fn(**args), self.profile, endpoint=self.endpoint,
+                                        base_url=self.base_url, inputs=self.inputs, what=f"{op} request")
+        items = list(getattr(resp, "data", None) or [])
+        rid = getattr(resp, "_request_id", None)
+        if not items:
+            raise NodeError(f"{what}: the response held no images (request id {rid or 'none'})",
+                            hint="the endpoint sent a malformed response; retry or report it")
+        blobs = await _image_bytes(items, self.profile, what)
+        revised = [r for r in (getattr(i, "revised_prompt", None) for i in items) if r]
+        return blobs, revised, _sdk_usage(resp), rid
+
+    async def _streamed(self, fn: Any, args: dict, partial_images: int, total: int, what: str, op: str) -> tuple:
+        """gpt-image-1 streaming: partial images become preview frames, completed events the outputs."""
+        stream = await openai_client.call(lambda: fn(**args, stream=True, partial_images=partial_images),
+                                          self.profile, endpoint=self.endpoint, base_url=self.base_url,
+                                          inputs=self.inputs, what=f"{op} request")
+        blobs: list[bytes] = []
+        usage: dict | None = None
+        shown = 0
+        openai = openai_client.sdk()
+        try:
+            async for ev in stream:
+                t = getattr(ev, "type", "")
+                if t.endswith(".partial_image"):
+                    shown += 1
+                    engine.progress(min(shown + len(blobs), total - 1), total,
+                                    preview=_preview(ev.b64_json, getattr(ev, "output_format", "png")))
+                elif t.endswith(".completed"):
+                    try:
+                        blobs.append(base64.b64decode(ev.b64_json, validate=True))
+                    except (binascii.Error, ValueError, TypeError) as exc:
+                        raise NodeError(f"{what}: a streamed image is not valid base64",
+                                        hint="the endpoint sent a malformed response; retry") from exc
+                    u = _sdk_usage(ev)
+                    usage = u if usage is None or u is None else _add_usage(usage, u)
+                elif t == "error" or getattr(ev, "error", None):
+                    err = getattr(ev, "error", None) or ev
+                    raise NodeError(openai_client.redact(f"{what}: the stream reported an error: "
+                                                         f"{getattr(err, 'message', err)}"),
+                                    hint="retry; rephrase the prompt if it names a content policy")
+        except openai.APIError as exc:
+            raise openai_client.to_node_error(exc, endpoint=self.endpoint, base_url=self.base_url,
+                                              inputs=self.inputs, what=f"{op} stream") from None
+        finally:
+            await stream.close()
+        if not blobs:
+            raise NodeError(f"{what}: the stream ended without a completed image",
+                            hint="the connection dropped or the endpoint does not stream images; set "
+                                 "partial_images to 0")
+        rid = _stream_request_id(stream)
+        return blobs, [], usage, rid
+
+
+def _add_usage(a: dict, b: dict) -> dict:
+    """Sum two usage records (one per streamed image)."""
+    out = dict(a)
+    for k, v in b.items():
+        if isinstance(v, (int, float)) and isinstance(a.get(k), (int, float)):
+            out[k] = a[k] + v
+        elif isinstance(v, dict) and isinstance(a.get(k), dict):
+            out[k] = _add_usage(a[k], v)
+    return out
 
 
 def _result(images: torch.Tensor, mask: torch.Tensor, revised: list[str], prompt: str, rec: dict) -> NodeResult:
@@ -232,6 +299,7 @@ class OpenAIImageGenerate(engine.Node):
                   output_format: Annotated[str, Combo(FORMATS)] = "png",
                   output_compression: Annotated[int, Int(min=0, max=100)] = 100,
                   moderation: Annotated[str, Combo(["auto", "low"])] = "auto",
+                  partial_images: PartialImages = 0,
                   seed: Seed = 0,
                   endpoint: Endpoint = "openai",
                   base_url: BaseUrl = "",
@@ -244,8 +312,9 @@ class OpenAIImageGenerate(engine.Node):
         params = image_params(name, size=size, quality=quality, n=n, style=style, background=background,
                               output_format=output_format, output_compression=output_compression,
                               moderation=moderation)
+        _check_partial(name, partial_images)
         images, mask, revised, rec = await call.images("generate", {"prompt": prompt, **params}, name,
-                                                       estimate(name, params, n), n)
+                                                       estimate(name, params, n), n, partial_images)
         return _result(images, mask, revised, prompt, rec)
 
 
@@ -273,6 +342,7 @@ class OpenAIImageEdit(engine.Node):
                   background: Annotated[str, Combo(["auto", "transparent", "opaque"])] = "auto",
                   output_format: Annotated[str, Combo(FORMATS)] = "png",
                   output_compression: Annotated[int, Int(min=0, max=100)] = 100,
+                  partial_images: PartialImages = 0,
                   seed: Seed = 0,
                   endpoint: Endpoint = "openai",
                   base_url: BaseUrl = "",
@@ -323,7 +393,9 @@ class OpenAIImageEdit(engine.Node):
                 if len(f[1]) >= 4 * 1024 * 1024:
                     raise NodeError(f"dall-e-2 takes PNGs under 4 MB; this one is {len(f[1]) / 1e6:.1f} MB",
                                     input_name="image", hint="downscale the image to 1024x1024 or less")
-        images, out_mask, revised, rec = await call.images("edit", kwargs, name, estimate(name, params, n), n)
+        _check_partial(name, partial_images)
+        images, out_mask, revised, rec = await call.images("edit", kwargs, name, estimate(name, params, n), n,
+                                                           partial_images)
         return _result(images, out_mask, revised, prompt, rec)
 
 

@@ -1,9 +1,10 @@
 """Replicate: run any model by id with an input dict (``ReplicateRun``).
 
-Plain HTTP on aiohttp against Replicate's predictions API: the create call asks the server to wait
-(``Prefer: wait``) and the node then polls until the prediction ends, reporting progress from the
-model's logs. An interrupted run cancels the prediction on Replicate, so it stops billing. Output URLs
-(they expire within an hour) are downloaded into an IMAGE batch at once.
+Plain HTTP on aiohttp against Replicate's predictions API (the official SDK is a thin HTTP wrapper; going
+direct keeps one dependency fewer and keeps retries and cancellation in Kiln's hands). The create call
+asks the server to wait (``Prefer: wait``) and the node then polls until the prediction ends, reporting
+progress from the model's logs. An interrupted run cancels the prediction on Replicate, so it stops
+billing. Output URLs (they expire within an hour) are downloaded into an IMAGE batch at once.
 
 The key comes from ``REPLICATE_API_TOKEN`` or the ``replicate`` profile in Kiln's config.
 """

@@ -6,8 +6,6 @@ import json
 import math
 from typing import Any
 
-import engine
-
 
 def generation_record(*, provider: str, model: str, usd: float, estimated: bool, usage: dict | None = None,
                       request_id: str | None = None, revised_prompts: list[str] | None = None,
@@ -38,7 +36,3 @@ def rerun_fingerprint(cache_results: Any = True, **_: Any) -> Any:
     """A node's ``fingerprint`` (as a staticmethod): NaN, i.e. always re-run and never reuse a paid
     result, when caching is switched off."""
     return math.nan if cache_results is False else 0
-
-
-def progress(value: int, total: int, preview: engine.Preview | None = None) -> None:
-    engine.progress(value, total, preview)

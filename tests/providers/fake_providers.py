@@ -247,7 +247,35 @@ class FakeProviders:
         early = await self._gate(request, rec)
         if early is not None:
             return early
+        if p.get("stream") is True:
+            return await self._images_stream(request, p, rec["request_id"], p.get("prompt", ""), "image_generation")
         return self._images_response(request, p, rec["request_id"], p.get("prompt", ""))
+
+    async def _images_stream(self, request: web.Request, p: dict, rid: str, prompt: str,
+                             kind: str) -> web.StreamResponse:
+        """Images API streaming: partial images, then one completed event per image."""
+        stream = web.StreamResponse(headers={"Content-Type": "text/event-stream", "x-request-id": rid})
+        await stream.prepare(request)
+        fmt = p.get("output_format") or "png"
+        size = p.get("size") or "auto"
+        common = {"background": p.get("background") or "auto", "output_format": fmt, "quality": p.get("quality")
+                  or "auto", "size": size, "created_at": int(time.time())}
+
+        async def send(event: dict) -> None:
+            await stream.write(f"event: {event['type']}\ndata: {json.dumps(event)}\n\n".encode())
+
+        for i in range(int(p.get("n") or 1)):
+            for k in range(int(p.get("partial_images") or 0)):
+                await asyncio.sleep(0.01)
+                blob = self._image("64x64", f"{prompt}#partial{k}", fmt, False, i)
+                await send({"type": f"{kind}.partial_image", "partial_image_index": k,
+                            "b64_json": base64.b64encode(blob).decode(), **common})
+            final = self._image(size, prompt, fmt, p.get("background") == "transparent", i)
+            await send({"type": f"{kind}.completed", "b64_json": base64.b64encode(final).decode(),
+                        "usage": {"input_tokens": 50, "input_tokens_details": {"image_tokens": 40, "text_tokens": 10},
+                                  "output_tokens": 4160, "total_tokens": 4210}, **common})
+        await stream.write_eof()
+        return stream
 
     async def _form(self, request: web.Request) -> tuple[dict, dict]:
         form = await request.post()
@@ -269,6 +297,10 @@ class FakeProviders:
             return early
         if "image" not in files:
             return self._error(400, "image is required", "missing", "image", rec["request_id"])
+        if fields.get("stream") == "true":
+            fields = {**fields, "n": int(fields.get("n", 1)), "partial_images": int(fields.get("partial_images", 0))}
+            return await self._images_stream(request, fields, rec["request_id"], fields.get("prompt", ""),
+                                             "image_edit")
         return self._images_response(request, fields, rec["request_id"], fields.get("prompt", ""))
 
     async def variations(self, request: web.Request) -> web.StreamResponse:

@@ -378,6 +378,39 @@ def test_variation_makes_n_images(run_graph, openai_server):
     assert json.loads(r.values["1"][3])["usd"] == pytest.approx(0.032)
 
 
+@pytest.mark.parametrize("op", ["generate", "edit"])
+def test_gpt_image_1_streams_partial_images_as_previews(run_graph, openai_server, op):
+    if op == "generate":
+        g = gen(model="gpt-image-1", size="1024x1024", quality="low", partial_images=2, n=2)
+    else:
+        from engine import Node
+
+        class Inputs(Node):
+            outputs = ("IMAGE",)
+
+            def run(self):
+                return _img(1, 32, 32)
+
+        run_graph.ex.registry.register(Inputs, "TestStreamEditInputs")
+        g = {"i": {"class_type": "TestStreamEditInputs", "inputs": {}},
+             "1": {"class_type": "OpenAIImageEdit", "inputs": {"image": ["i", 0], "prompt": "bluer", "n": 2,
+                                                               "size": "1024x1024", "partial_images": 2}}}
+    r = run_node(run_graph, g)
+    assert r.status == "success", r.error
+    previews = [e for e in run_graph.events if type(e).__name__ == "Progress" and e.preview is not None]
+    assert len(previews) == 4 and all(Image.open(io.BytesIO(p.preview.data)).size == (64, 64) for p in previews)
+    assert r.values["1"][0].shape == (2, 1024, 1024, 3)
+    usage = json.loads(r.values["1"][3])
+    assert usage["usage"]["output_tokens"] == 2 * 4160 and usage["estimated"] is False
+    sent = openai_server.requests[0]["json"]
+    assert sent["stream"] in (True, "true") and int(sent["partial_images"]) == 2
+
+
+def test_partial_images_need_gpt_image_1(run_graph, openai_server):
+    msg = error_message(run_node(run_graph, gen(model="dall-e-3", size="1024x1024", partial_images=1)))
+    assert msg.startswith("input 'partial_images'") and openai_server.requests == []
+
+
 # -- Responses API ----------------------------------------------------------------------------------
 
 def resp_node(node_id="r1", **inputs):

@@ -3,8 +3,6 @@ from __future__ import annotations
 
 import io
 import json
-import socket
-import threading
 
 import numpy as np
 import pytest
