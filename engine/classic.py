@@ -118,4 +118,7 @@ def spec_from_classic(name: str, cls: type, display_name: str | None = None,
         has_lazy_check=callable(getattr(cls, "check_lazy_status", None)), raw_input_types=raw,
         input_types_fn=cls.INPUT_TYPES,
         output_tooltips=list(tips) if tips else None,
+        # object_info's "output" is RETURN_TYPES as declared: a combo output stays its list of choices
+        extra={"raw_return_types": [t if isinstance(t, str) else list(t) for t in rtypes]}
+        if any(not isinstance(t, str) for t in rtypes) else {},
     )

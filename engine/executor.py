@@ -122,6 +122,7 @@ class _Run:
         self.dependents: dict[str, list[str]] = {}
         self.consumers_left: dict[str, int] = {}
         self.holds: dict[str, list[str]] = {}  # consumer -> sources it counted in consumers_left
+        self.restaged: set[str] = set()  # nodes waiting on lazy inputs they asked for
         self.ready_sync: deque[str] = deque()
         self.ready_async: deque[str] = deque()
         self.inflight: dict[cf.Future, str] = {}
@@ -270,11 +271,21 @@ class _Run:
         if nid in self.expansions:
             self._resolve_expansion(nid, spec)
             return
+        key = self.keys.get(nid)
+        if key is not None and nid not in self.restaged:
+            # a node identical to one that finished earlier in this run (same class, inputs, upstream)
+            # is served from its entry, as ComfyUI checks the cache when a node comes up: two identical
+            # SaveImage nodes write one file
+            entry = self.cache.get(key) if _has(self.cache, key) else None
+            if entry is not None:
+                self._serve_cached(nid, node, entry)
+                return
         inputs = self._gather(nid, node, spec)
         disp = node.display_id or nid
         self.ctx.emit(NodeStarted(self.ctx.prompt_id, node=nid, display_node=disp, class_type=node.class_type))
         if spec.has_lazy_check:
             if self._request_lazy(nid, node, spec, inputs):
+                self.restaged.add(nid)
                 return
             inputs = self._gather(nid, node, spec)
         obj = self._instance(nid, spec)
@@ -428,6 +439,16 @@ class _Run:
             self.result.meta[disp] = {"node_id": nid, "display_node": disp, "parent_node": node.parent,
                                       "real_node_id": self._real_id(nid)}
             self.ctx.emit(NodeOutput(self.ctx.prompt_id, node=nid, display_node=disp, output=ui))
+        self._finish(nid)
+
+    def _serve_cached(self, nid: str, node: NodeEntry, entry: CacheEntry) -> None:
+        self.results[nid] = (entry.outputs, entry.ui)
+        self.result.cached.append(nid)
+        if entry.ui is not None and self.spec(nid).output_node:
+            disp = node.display_id or nid
+            self.result.outputs[disp] = entry.ui
+            self.ctx.emit(NodeOutput(self.ctx.prompt_id, node=nid, display_node=disp, output=entry.ui,
+                                     cached=True))
         self._finish(nid)
 
     def _finish(self, nid: str) -> None:
@@ -668,8 +689,9 @@ class Executor:
                             if run.keys.get(nid) is not None and _has(self.cache, run.keys[nid])]
             run.plan(outputs)
             sink(ExecutionCached(prompt_id, nodes=cached_nodes))
+            cached_now = set(run.result.cached)
             for nid in outputs:
-                if nid in run.result.cached:
+                if nid in cached_now:
                     slots, ui = run.results[nid]
                     if ui is not None:
                         run.result.outputs[nid] = ui

@@ -31,7 +31,7 @@ def encode(value: Any, out: bytearray, depth: int = 0) -> None:
     elif value is False:
         out += b"F"
     elif isinstance(value, int):
-        s = str(value).encode()
+        s = format(value, "x").encode()  # hex: decimal str() refuses ints over 4300 digits
         out += b"i" + struct.pack(">I", len(s)) + s
     elif isinstance(value, float):
         if math.isnan(value):
@@ -60,7 +60,10 @@ def encode(value: Any, out: bytearray, depth: int = 0) -> None:
         fp = getattr(value, "__kiln_fingerprint__", None)
         if fp is None:
             raise Unfingerprintable(f"cannot fingerprint a {type(value).__name__}")
-        b = fp()
+        try:
+            b = fp()
+        except Exception as exc:  # fail closed: the node is just not cached
+            raise Unfingerprintable(f"{type(value).__name__}.__kiln_fingerprint__ raised {exc!r}") from exc
         if not isinstance(b, (bytes, str)):
             raise Unfingerprintable(f"{type(value).__name__}.__kiln_fingerprint__ must return bytes or str")
         b = b.encode() if isinstance(b, str) else b

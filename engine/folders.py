@@ -94,7 +94,7 @@ class Folders:
     def find_model(self, kind: str, name: str) -> Path | None:
         for root in self.model_dirs(kind):
             try:
-                p = safe_join(root, name)
+                p = safe_join(root, name, allow_links=True)
             except UnsafePath:
                 return None
             if p.exists():
@@ -130,8 +130,12 @@ class Folders:
         return sorted(out)
 
 
-def safe_join(root: str | Path, rel: str) -> Path:
-    """``root / rel``, refusing absolute paths, ``..``, NUL bytes, backslashes and symlinks out of root."""
+def safe_join(root: str | Path, rel: str, allow_links: bool = False) -> Path:
+    """``root / rel``, refusing absolute paths, ``..``, NUL bytes, backslashes and symlinks out of root.
+
+    ``allow_links`` keeps only the checks on the name itself: for model folders, where users link
+    files in from other disks (list_models follows links too, so what is listed can be found).
+    """
     if not isinstance(rel, str) or "\0" in rel or "\\" in rel:
         raise UnsafePath(f"invalid file name {rel!r}")
     if rel.startswith("/") or (len(rel) > 1 and rel[1] == ":"):
@@ -141,6 +145,8 @@ def safe_join(root: str | Path, rel: str) -> Path:
         raise UnsafePath(f"'..' is not allowed in {rel!r}")
     root_r = Path(root).resolve()
     p = root_r.joinpath(*parts) if parts else root_r
+    if allow_links:
+        return p
     real = p.resolve()
     if real != root_r and root_r not in real.parents:
         raise UnsafePath(f"{rel!r} leads outside its folder")
@@ -157,14 +163,14 @@ def set_default(folders: Folders) -> None:
 
 
 def get_folders() -> Folders:
-    """The running node's (or validating executor's) folders, else the process default, else folders under
-    the current directory."""
+    """The running node's folders, else those of the executor validating now, else the process default,
+    else folders under the current directory."""
     from .context import active_folders
 
-    f = active_folders()  # the running node's folders, or the executor's while it validates
+    f = active_folders()
     if f is not None:
         return f
     global _default
     if _default is None:
-        _default = Folders(Path.cwd())
+        _default = Folders(os.environ.get("KILN_BASE_DIR") or Path.cwd())
     return _default

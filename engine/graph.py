@@ -69,8 +69,9 @@ class NodeEntry:
                 inputs[name] = v.to_json()
             elif isinstance(v, BadLink):
                 inputs[name] = v.value
-            elif isinstance(v, list) or name in self.wrapped:
-                inputs[name] = {"__value__": v}
+            elif isinstance(v, (list, tuple)) or name in self.wrapped:
+                # a tuple set from Python is a list in JSON: wrapped too, or it would load back as a link
+                inputs[name] = {"__value__": list(v) if isinstance(v, tuple) else v}
             else:
                 inputs[name] = v
         out: dict[str, Any] = {"inputs": inputs, "class_type": self.class_type}

@@ -113,7 +113,7 @@ class NodeSpec:
         info: dict[str, Any] = {
             "input": input_types,
             "input_order": order,
-            "output": self.output_types,
+            "output": self.extra.get("raw_return_types", self.output_types),
             "output_is_list": [o.is_list for o in self.outputs],
             "output_name": self.output_names,
             "name": self.name,
@@ -261,6 +261,10 @@ def spec_from_native(cls: type, name: str | None = None) -> NodeSpec:
                 spec.optional = True
             else:
                 spec.options["default"] = p.default
+        elif spec.optional:
+            # a missing optional input is not passed at all, so run() must have a default for it
+            raise _fail(cls, f"optional input {p.name!r} needs a default in run() (e.g. = None); "
+                             f"it is left out of the call when not connected")
         _check_default(cls, spec)
         inputs[p.name] = spec
     outputs = _normalise_outputs(cls, cls.outputs)

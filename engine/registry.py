@@ -61,10 +61,22 @@ class Registry:
         return spec
 
     def register_mappings(self, mappings: dict[str, type], display_names: dict[str, str] | None = None,
-                          python_module: str = "custom_nodes") -> list[NodeSpec]:
-        """Register a ComfyUI pack's NODE_CLASS_MAPPINGS; bad classes are reported and skipped."""
+                          python_module: str = "custom_nodes",
+                          protected: frozenset[str] | set[str] | None = None) -> list[NodeSpec]:
+        """Register a ComfyUI pack's NODE_CLASS_MAPPINGS; bad classes are reported and skipped.
+
+        Names in ``protected`` (the nodes registered before custom packs load) are not replaced: as in
+        ComfyUI, a pack cannot swap out a built-in node; the attempt is reported in ``load_errors``.
+        """
         out = []
         for name, cls in mappings.items():
+            if protected and name in protected and self._specs[name].cls is not cls:
+                self.load_errors.append(PackLoadError(
+                    f"{python_module}:{name}",
+                    f"NodeDefinitionError: {name!r} is already provided by "
+                    f"{self._specs[name].python_module}; the pack's class was not registered", ""))
+                log.warning("Pack %s tried to replace node %s; kept the existing one", python_module, name)
+                continue
             try:
                 out.append(self.register(cls, name, display_name=(display_names or {}).get(name),
                                          python_module=python_module, replace=True))
@@ -72,14 +84,20 @@ class Registry:
                 self._record(f"{python_module}:{name}", exc)
         return out
 
-    def register_module(self, module: ModuleType, python_module: str | None = None) -> list[NodeSpec]:
+    def register_module(self, module: ModuleType, python_module: str | None = None,
+                        protected: frozenset[str] | set[str] | None = None) -> list[NodeSpec]:
         """Register every node a module exports: ``NODE_CLASS_MAPPINGS`` or ``NODES`` (a list of classes)."""
         pm = python_module or module.__name__
         if hasattr(module, "NODE_CLASS_MAPPINGS"):
             specs = self.register_mappings(module.NODE_CLASS_MAPPINGS,
-                                           getattr(module, "NODE_DISPLAY_NAME_MAPPINGS", None), pm)
+                                           getattr(module, "NODE_DISPLAY_NAME_MAPPINGS", None), pm, protected)
         else:
-            specs = [self.register(c, python_module=pm) for c in getattr(module, "NODES", [])]
+            specs = []
+            for c in getattr(module, "NODES", []):  # one bad class never takes the rest of the pack down
+                try:
+                    specs.append(self.register(c, python_module=pm))
+                except Exception as exc:
+                    self._record(f"{pm}:{getattr(c, '__name__', c)}", exc)
         self.packs.append(pm)
         return specs
 
@@ -93,6 +111,7 @@ class Registry:
         folder = Path(folder)
         if not folder.is_dir():
             return
+        protected = frozenset(self._specs)  # built-ins and installed packs win over the folder
         for entry in sorted(folder.iterdir()):
             if entry.name.startswith((".", "__")) or entry.name.endswith(".disabled"):
                 continue
@@ -111,7 +130,7 @@ class Registry:
                 spec.loader.exec_module(module)  # type: ignore[union-attr]
                 if not hasattr(module, "NODE_CLASS_MAPPINGS") and not hasattr(module, "NODES"):
                     raise NodeDefinitionError("exports neither NODE_CLASS_MAPPINGS nor NODES")
-                self.register_module(module, python_module=mod_name)
+                self.register_module(module, python_module=mod_name, protected=protected)
             except BaseException as exc:  # a pack's failure is never fatal, even SystemExit
                 sys.modules.pop(mod_name, None)
                 self._record(str(entry), exc)

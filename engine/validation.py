@@ -191,7 +191,7 @@ class _Validator:
             self.custom_validate(node, spec)
 
     def check_link(self, node: NodeEntry, name: str, ispec: InputSpec, link: Link, spec: NodeSpec) -> None:
-        src_spec = self.check_link_target(node, name, link)
+        src_spec = self.check_link_target(node, name, link, ispec)
         if src_spec is None:
             return
         src = self.graph.nodes[link.node_id]
@@ -204,13 +204,16 @@ class _Validator:
         if not types_compatible(received, expected):
             self.type_mismatch(node, name, ispec, link, src, received)
 
-    def check_link_target(self, node: NodeEntry, name: str, link: Link) -> NodeSpec | None:
+    def check_link_target(self, node: NodeEntry, name: str, link: Link,
+                          ispec: InputSpec | None = None) -> NodeSpec | None:
         """The source's spec if the link points at an existing node and output, else None (reported)."""
         src = self.graph.nodes.get(link.node_id)
         if src is None:
-            self.add(node, _err("exception_during_validation", "Exception when validating node",
-                                f"{name}: linked node '{link.node_id}' does not exist",
-                                input_name=name, exception_type="LinkError", traceback=[],
+            # ComfyUI reports this as an inner-validation KeyError on the missing id; keep its shape
+            self.add(node, _err("exception_during_inner_validation", "Exception when validating inner node",
+                                repr(link.node_id), input_name=name, input_config=ispec.config() if ispec else None,
+                                exception_message=repr(link.node_id), exception_type="KeyError", traceback=[],
+                                linked_node=link.to_json(),
                                 hint=f"{_where(node, name)} links to node {link.node_id!r}, which is not in the "
                                      f"graph; reconnect it to an existing node"))
             return None
@@ -519,8 +522,35 @@ def _acyclic_part(graph: Graph, outputs: list[str], in_cycle: set[str]) -> list[
 
 
 def _dependent_outputs(graph: Graph, outputs: list[str], errors: dict) -> dict[str, list[str]]:
+    """For each node with errors, the outputs that depend on it (in ``outputs`` order).
+
+    Walks from whichever side is smaller: downstream from each erroring node when there are fewer of
+    them than outputs (one bad loader under thousands of previews), else upstream from each output.
+    """
     if not errors:
         return {}
+    if len(errors) <= len(outputs):
+        consumers: dict[str, list[str]] = {}
+        for nid in graph.nodes:
+            for src in _sources(graph, nid):
+                consumers.setdefault(src, []).append(nid)
+        rank = {o: i for i, o in enumerate(outputs)}
+        found: dict[str, list[str]] = {}
+        for nid in errors:
+            seen = {nid}
+            stack = [nid]
+            hits = []
+            while stack:
+                cur = stack.pop()
+                if cur in rank:
+                    hits.append(cur)
+                for c in consumers.get(cur, ()):
+                    if c not in seen:
+                        seen.add(c)
+                        stack.append(c)
+            if hits:
+                found[nid] = sorted(hits, key=rank.__getitem__)
+        return found
     dep: dict[str, list[str]] = {}
     for o in outputs:
         for nid in _reach(graph, o):

@@ -53,6 +53,10 @@ class NodeBuilders:
         """A batch of empty (zero) latents of the given pixel size."""
         return self._build('EmptyLatentImage', locals())
 
+    def GoogleImagenGenerate(self, *, prompt: "str | Output" = _UNSET, model: "str | Output" = _UNSET, n: "int | Output" = _UNSET, aspect_ratio: "str | Output" = _UNSET, image_size: "str | Output" = _UNSET, person_generation: "str | Output" = _UNSET, seed: "int | Output" = _UNSET, endpoint: "str | Output" = _UNSET, model_override: "str | Output" = _UNSET, cache_results: "bool | Output" = _UNSET, id: str | None = None, title: str | None = None) -> "_GoogleImagenGenerateNode":
+        """Generate images with Google Imagen (Gemini API)."""
+        return self._build('GoogleImagenGenerate', locals())
+
     def ImageBlend(self, *, image1: "Output | NodeRef" = _UNSET, image2: "Output | NodeRef" = _UNSET, blend_factor: "float | Output" = _UNSET, blend_mode: "str | Output" = _UNSET, id: str | None = None, title: str | None = None) -> "_ImageBlendNode":
         """Image Blend"""
         return self._build('ImageBlend', locals())
@@ -117,6 +121,14 @@ class NodeBuilders:
         """Load an image from the input folder. The mask is 1 - alpha (64x64 zeros without alpha)."""
         return self._build('LoadImage', locals())
 
+    def LoadImageS3(self, *, bucket: "str | Output" = _UNSET, key: "str | Output" = _UNSET, endpoint_url: "str | Output" = _UNSET, region: "str | Output" = _UNSET, path_style: "bool | Output" = _UNSET, max_bytes: "int | Output" = _UNSET, id: str | None = None, title: str | None = None) -> "_LoadImageS3Node":
+        """Load an image from S3 or an S3-compatible store (size limit, content-type check); IMAGE and MASK"""
+        return self._build('LoadImageS3', locals())
+
+    def LoadImageURL(self, *, url: "str | Output" = _UNSET, max_bytes: "int | Output" = _UNSET, timeout_s: "float | Output" = _UNSET, reload: "bool | Output" = _UNSET, id: str | None = None, title: str | None = None) -> "_LoadImageURLNode":
+        """Download an image from a URL; IMAGE and MASK (1 - alpha, as LoadImage)."""
+        return self._build('LoadImageURL', locals())
+
     def LoraLoader(self, *, model: "Output | NodeRef" = _UNSET, clip: "Output | NodeRef" = _UNSET, lora_name: "str | Output" = _UNSET, strength_model: "float | Output" = _UNSET, strength_clip: "float | Output" = _UNSET, id: str | None = None, title: str | None = None) -> "_LoraLoaderNode":
         """Applies a LoRA to the model and the CLIP. The loaded base model is never modified: removing this"""
         return self._build('LoraLoader', locals())
@@ -128,6 +140,22 @@ class NodeBuilders:
     def MaskToImage(self, *, mask: "Output | NodeRef" = _UNSET, id: str | None = None, title: str | None = None) -> "_MaskToImageNode":
         """Convert Mask to Image"""
         return self._build('MaskToImage', locals())
+
+    def OpenAIImageEdit(self, *, image: "Output | NodeRef" = _UNSET, prompt: "str | Output" = _UNSET, model: "str | Output" = _UNSET, size: "str | Output" = _UNSET, quality: "str | Output" = _UNSET, n: "int | Output" = _UNSET, background: "str | Output" = _UNSET, output_format: "str | Output" = _UNSET, output_compression: "int | Output" = _UNSET, partial_images: "int | Output" = _UNSET, seed: "int | Output" = _UNSET, endpoint: "str | Output" = _UNSET, base_url: "str | Output" = _UNSET, model_override: "str | Output" = _UNSET, cache_results: "bool | Output" = _UNSET, mask: "Output | NodeRef" = _UNSET, image_2: "Output | NodeRef" = _UNSET, image_3: "Output | NodeRef" = _UNSET, id: str | None = None, title: str | None = None) -> "_OpenAIImageEditNode":
+        """Edit or combine images with a prompt (gpt-image-1: up to 16 reference images; dall-e-2: one square"""
+        return self._build('OpenAIImageEdit', locals())
+
+    def OpenAIImageGenerate(self, *, prompt: "str | Output" = _UNSET, model: "str | Output" = _UNSET, size: "str | Output" = _UNSET, quality: "str | Output" = _UNSET, n: "int | Output" = _UNSET, style: "str | Output" = _UNSET, background: "str | Output" = _UNSET, output_format: "str | Output" = _UNSET, output_compression: "int | Output" = _UNSET, moderation: "str | Output" = _UNSET, partial_images: "int | Output" = _UNSET, seed: "int | Output" = _UNSET, endpoint: "str | Output" = _UNSET, base_url: "str | Output" = _UNSET, model_override: "str | Output" = _UNSET, cache_results: "bool | Output" = _UNSET, id: str | None = None, title: str | None = None) -> "_OpenAIImageGenerateNode":
+        """Generate images from a prompt with OpenAI (gpt-image-1, dall-e-3, dall-e-2) or an OpenAI-compatible"""
+        return self._build('OpenAIImageGenerate', locals())
+
+    def OpenAIImageVariation(self, *, image: "Output | NodeRef" = _UNSET, size: "str | Output" = _UNSET, n: "int | Output" = _UNSET, seed: "int | Output" = _UNSET, endpoint: "str | Output" = _UNSET, base_url: "str | Output" = _UNSET, cache_results: "bool | Output" = _UNSET, id: str | None = None, title: str | None = None) -> "_OpenAIImageVariationNode":
+        """Variations of one square image (dall-e-2)."""
+        return self._build('OpenAIImageVariation', locals())
+
+    def OpenAIResponsesImage(self, *, prompt: "str | Output" = _UNSET, model: "str | Output" = _UNSET, partial_images: "int | Output" = _UNSET, size: "str | Output" = _UNSET, quality: "str | Output" = _UNSET, background: "str | Output" = _UNSET, output_format: "str | Output" = _UNSET, previous_response_id: "str | Output" = _UNSET, seed: "int | Output" = _UNSET, endpoint: "str | Output" = _UNSET, base_url: "str | Output" = _UNSET, model_override: "str | Output" = _UNSET, cache_results: "bool | Output" = _UNSET, image: "Output | NodeRef" = _UNSET, id: str | None = None, title: str | None = None) -> "_OpenAIResponsesImageNode":
+        """Generate or edit an image through the Responses API image tool. Partial images stream in as the"""
+        return self._build('OpenAIResponsesImage', locals())
 
     def PreviewImage(self, *, images: "Output | NodeRef" = _UNSET, id: str | None = None, title: str | None = None) -> "_PreviewImageNode":
         """Save images to the temp folder for viewing."""
@@ -157,9 +185,25 @@ class NodeBuilders:
         """String (Multiline)"""
         return self._build('PrimitiveStringMultiline', locals())
 
-    def SaveImage(self, *, images: "Output | NodeRef" = _UNSET, filename_prefix: "str | Output" = _UNSET, id: str | None = None, title: str | None = None) -> "_SaveImageNode":
+    def PromptScreen(self, *, text: "str | Output" = _UNSET, block_list: "str | Output" = _UNSET, max_length: "int | Output" = _UNSET, use_config_list: "bool | Output" = _UNSET, id: str | None = None, title: str | None = None) -> "_PromptScreenNode":
+        """Stop before a paid call when the prompt has a blocked term or is too long; passes the prompt through."""
+        return self._build('PromptScreen', locals())
+
+    def ReplicateRun(self, *, model: "str | Output" = _UNSET, prompt: "str | Output" = _UNSET, input_json: "str | Output" = _UNSET, seed: "int | Output" = _UNSET, image_field: "str | Output" = _UNSET, max_wait_s: "int | Output" = _UNSET, endpoint: "str | Output" = _UNSET, cache_results: "bool | Output" = _UNSET, image: "Output | NodeRef" = _UNSET, id: str | None = None, title: str | None = None) -> "_ReplicateRunNode":
+        """Run a Replicate model (e.g. black-forest-labs/flux-1.1-pro) with an input dict and return its images."""
+        return self._build('ReplicateRun', locals())
+
+    def SaveFileS3(self, *, data: "Output | NodeRef" = _UNSET, bucket: "str | Output" = _UNSET, key_template: "str | Output" = _UNSET, filename_prefix: "str | Output" = _UNSET, extension: "str | Output" = _UNSET, content_type: "str | Output" = _UNSET, storage_class: "str | Output" = _UNSET, endpoint_url: "str | Output" = _UNSET, region: "str | Output" = _UNSET, path_style: "bool | Output" = _UNSET, presign_seconds: "int | Output" = _UNSET, metadata: "str | Output" = _UNSET, id: str | None = None, title: str | None = None) -> "_SaveFileS3Node":
+        """Save bytes, text or JSON from any node to S3 or an S3-compatible store."""
+        return self._build('SaveFileS3', locals())
+
+    def SaveImage(self, *, images: "Output | NodeRef" = _UNSET, filename_prefix: "str | Output" = _UNSET, validate: "bool | Output" = _UNSET, embed_provenance: "bool | Output" = _UNSET, generation_info: "Output | NodeRef" = _UNSET, id: str | None = None, title: str | None = None) -> "_SaveImageNode":
         """Save images to the output folder as PNG with the graph in the metadata."""
         return self._build('SaveImage', locals())
+
+    def SaveImageS3(self, *, images: "Output | NodeRef" = _UNSET, bucket: "str | Output" = _UNSET, key_template: "str | Output" = _UNSET, filename_prefix: "str | Output" = _UNSET, format: "str | Output" = _UNSET, quality: "int | Output" = _UNSET, storage_class: "str | Output" = _UNSET, endpoint_url: "str | Output" = _UNSET, region: "str | Output" = _UNSET, path_style: "bool | Output" = _UNSET, presign_seconds: "int | Output" = _UNSET, embed_provenance: "bool | Output" = _UNSET, embed_workflow: "bool | Output" = _UNSET, validate: "bool | Output" = _UNSET, metadata: "str | Output" = _UNSET, generation_info: "Output | NodeRef" = _UNSET, id: str | None = None, title: str | None = None) -> "_SaveImageS3Node":
+        """Save images to S3 or an S3-compatible store, with provenance embedded in each file."""
+        return self._build('SaveImageS3', locals())
 
     def SaveImageWebsocket(self, *, images: "Output | NodeRef" = _UNSET, id: str | None = None, title: str | None = None) -> "_SaveImageWebsocketNode":
         """Send each image to the client as a PNG binary websocket frame instead of writing a file."""
@@ -188,6 +232,10 @@ class NodeBuilders:
     def VAELoader(self, *, vae_name: "str | Output" = _UNSET, id: str | None = None, title: str | None = None) -> "_VAELoaderNode":
         """Loads a standalone VAE (LDM or diffusers layout) from models/vae."""
         return self._build('VAELoader', locals())
+
+    def ValidateImage(self, *, images: "Output | NodeRef" = _UNSET, min_std: "float | Output" = _UNSET, min_size: "int | Output" = _UNSET, id: str | None = None, title: str | None = None) -> "_ValidateImageNode":
+        """Fail the run on blank, single-colour, corrupt or tiny images; pass good ones through."""
+        return self._build('ValidateImage', locals())
 
 
 if TYPE_CHECKING:
@@ -264,6 +312,16 @@ if TYPE_CHECKING:
 
     class _EmptyLatentImageNode:
         out: _EmptyLatentImageOutputs
+        id: str
+
+    class _GoogleImagenGenerateOutputs:
+        images: Output
+        mask: Output
+        usage: Output
+
+
+    class _GoogleImagenGenerateNode:
+        out: _GoogleImagenGenerateOutputs
         id: str
 
     class _ImageBlendOutputs:
@@ -397,6 +455,24 @@ if TYPE_CHECKING:
         out: _LoadImageOutputs
         id: str
 
+    class _LoadImageS3Outputs:
+        image: Output
+        mask: Output
+
+
+    class _LoadImageS3Node:
+        out: _LoadImageS3Outputs
+        id: str
+
+    class _LoadImageURLOutputs:
+        image: Output
+        mask: Output
+
+
+    class _LoadImageURLNode:
+        out: _LoadImageURLOutputs
+        id: str
+
     class _LoraLoaderOutputs:
         MODEL: Output
         CLIP: Output
@@ -420,6 +496,51 @@ if TYPE_CHECKING:
 
     class _MaskToImageNode:
         out: _MaskToImageOutputs
+        id: str
+
+    class _OpenAIImageEditOutputs:
+        images: Output
+        mask: Output
+        revised_prompt: Output
+        usage: Output
+
+
+    class _OpenAIImageEditNode:
+        out: _OpenAIImageEditOutputs
+        id: str
+
+    class _OpenAIImageGenerateOutputs:
+        images: Output
+        mask: Output
+        revised_prompt: Output
+        usage: Output
+
+
+    class _OpenAIImageGenerateNode:
+        out: _OpenAIImageGenerateOutputs
+        id: str
+
+    class _OpenAIImageVariationOutputs:
+        images: Output
+        mask: Output
+        revised_prompt: Output
+        usage: Output
+
+
+    class _OpenAIImageVariationNode:
+        out: _OpenAIImageVariationOutputs
+        id: str
+
+    class _OpenAIResponsesImageOutputs:
+        images: Output
+        mask: Output
+        revised_prompt: Output
+        response_id: Output
+        usage: Output
+
+
+    class _OpenAIResponsesImageNode:
+        out: _OpenAIResponsesImageOutputs
         id: str
 
     class _PreviewImageOutputs:
@@ -478,12 +599,49 @@ if TYPE_CHECKING:
         out: _PrimitiveStringMultilineOutputs
         id: str
 
+    class _PromptScreenOutputs:
+        text: Output
+
+
+    class _PromptScreenNode:
+        out: _PromptScreenOutputs
+        id: str
+
+    class _ReplicateRunOutputs:
+        images: Output
+        mask: Output
+        prediction_id: Output
+        usage: Output
+
+
+    class _ReplicateRunNode:
+        out: _ReplicateRunOutputs
+        id: str
+
+    class _SaveFileS3Outputs:
+        uri: Output
+        url: Output
+
+
+    class _SaveFileS3Node:
+        out: _SaveFileS3Outputs
+        id: str
+
     class _SaveImageOutputs:
         pass
 
 
     class _SaveImageNode:
         out: _SaveImageOutputs
+        id: str
+
+    class _SaveImageS3Outputs:
+        uri: Output
+        url: Output
+
+
+    class _SaveImageS3Node:
+        out: _SaveImageS3Outputs
         id: str
 
     class _SaveImageWebsocketOutputs:
@@ -540,4 +698,12 @@ if TYPE_CHECKING:
 
     class _VAELoaderNode:
         out: _VAELoaderOutputs
+        id: str
+
+    class _ValidateImageOutputs:
+        images: Output
+
+
+    class _ValidateImageNode:
+        out: _ValidateImageOutputs
         id: str

@@ -180,7 +180,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         t0 = time.perf_counter()
         with _Progress(g, args.quiet, label) as prog:
             try:
-                res = ex.run(g, validation=v, sink=prog)
+                extra = {"max_cost": args.max_cost} if args.max_cost is not None else None
+                res = ex.run(g, validation=v, sink=prog, extra_data=extra)
             except KeyboardInterrupt:
                 return EXIT_INTERRUPTED
         result = api.Result(res, ex.folders)
@@ -294,6 +295,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--output-dir", help="where SaveImage writes (default ./output)")
     r.add_argument("--base-dir", help="folder holding models/, input/, output/ (default: current directory)")
     r.add_argument("--cache", default=None, help="keep-current (default), lru:N, ram:SIZE or none")
+    r.add_argument("--max-cost", type=float, default=None, metavar="USD",
+                   help="per-run budget for hosted-provider calls; a call that would exceed it fails first")
     r.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     r.set_defaults(fn=cmd_run)
 

@@ -119,7 +119,7 @@ def _expand_prefix(prefix: str, width: int, height: int) -> str:
 
 
 def save_images(images: torch.Tensor, prefix: str, type_: str, prompt: dict | None, extra_pnginfo: dict | None,
-                compress_level: int = 4, metadata: bool = True) -> list[dict]:
+                compress_level: int = 4, metadata: bool = True, extra_texts: Any = None) -> list[dict]:
     """Write an IMAGE batch as ``<prefix>_<NNNNN>_.png`` (ComfyUI naming) without overwriting anything."""
     check_image(images, "SaveImage", "images")
     folders = get_folders()
@@ -141,7 +141,8 @@ def save_images(images: torch.Tensor, prefix: str, type_: str, prompt: dict | No
     results = []
     for i, img in enumerate(tensor_to_pil(images)):
         name_base = base.replace("%batch_num%", str(i))
-        data = encode_png(img, texts, compress_level)
+        chunks = {**(texts or {}), **extra_texts(np.asarray(img))} if extra_texts else texts  # e.g. provenance
+        data = encode_png(img, chunks, compress_level)
         while True:
             fname = f"{name_base}_{counter:05d}_.png"
             try:
@@ -165,9 +166,20 @@ class SaveImage(Node):
     def run(self, images: Annotated[torch.Tensor, IMAGE],
             filename_prefix: Annotated[str, String(tooltip="Prefix of the file names; may contain a subfolder "
                                                            "and %width%, %height%, %date% style tokens")] = "ComfyUI",
+            validate: Annotated[bool, Boolean(tooltip="refuse blank, single-colour or corrupt images")] = False,
+            embed_provenance: Annotated[bool, Boolean(tooltip="add a kiln_provenance chunk: graph, provider, "
+                                                              "model, revised prompt, time, content hash")] = False,
+            generation_info: Annotated[str, String(force_input=True, tooltip="a provider node's usage output")]
+            = None,
             prompt: Annotated[dict, Hidden("PROMPT")] = None,
             extra_pnginfo: Annotated[dict, Hidden("EXTRA_PNGINFO")] = None):
-        return NodeResult(ui={"images": save_images(images, filename_prefix, "output", prompt, extra_pnginfo)})
+        from nodes.providers import checks, provenance  # shared helpers, loaded only when asked for
+
+        if validate:
+            checks.check_images(images, "SaveImage", "images")
+        extra = (lambda px: provenance.png_chunks_for(px, prompt, generation_info)) if embed_provenance else None
+        return NodeResult(ui={"images": save_images(images, filename_prefix, "output", prompt, extra_pnginfo,
+                                                    extra_texts=extra)})
 
 
 class PreviewImage(Node):

@@ -1,0 +1,36 @@
+"""Kiln's server: ComfyUI's HTTP + websocket protocol, a durable queue and history, replayable events.
+
+``create_app(executor, ServerConfig(...))`` builds the aiohttp application; ``serve(...)`` runs it.
+
+Modules: ``app`` (route table, lifecycle), ``http_api`` and ``files`` (handlers), ``ws`` (the socket),
+``jobs`` (queue, worker, recovery, control), ``routing`` (events to sockets and to the log), ``prompts``
+(the job model), ``hub`` (sockets and their bounded send queues), ``store`` (SQLite), ``security``
+(middlewares), ``protocol`` (wire format), ``webhook``, ``config``, ``keys`` (typed app state).
+
+Decisions beyond ComfyUI, for whoever comes next:
+
+- Every route is at ``/x`` and ``/api/x``. New: ``GET /api/prompt/{id}`` (status: pending, running, success,
+  error, interrupted, unknown; ``?wait=true&timeout=S`` blocks until done) and
+  ``GET /api/prompt/{id}/events?since=K`` (``&wait=true`` long-polls until there is something new);
+  ``POST /prompt?wait=true`` answers with the result. Unknown ids answer 404 with ``{"status": "unknown"}``.
+- Per-prompt events carry a top-level ``"seq"``; the final ``executing {node: null}`` is logged too, so a
+  replay always ends with it. Events of a re-run after a crash are numbered from ``attempt * 1_000_000`` so
+  they follow anything a client saw of the attempt that died.
+- ``progress_state`` is sent only to sockets that sent ``feature_flags`` (the frontend), one node per
+  message. ComfyUI re-sends every node's state on each change, which is quadratic in the graph size.
+- Re-posting a prompt_id with the same graph answers 200 with the original number and does nothing; with a
+  different graph, 409 ``prompt_id_conflict``. Interrupting or deleting an unknown id is 404, a finished one
+  409. Interrupting a pending prompt cancels it alone (history status ``interrupted``).
+- Keys of ``extra_data`` that look like secrets (api_key, token, secret, password, authorization) are kept
+  in memory for the run only: never in the database, history or events. A prompt re-run after a crash
+  therefore runs without them.
+- Output frames (SaveImageWebsocket) are logged with their event and replayed in place; previews are not.
+- One server per data directory (an advisory lock), so two processes never run one queue.
+- Queue-size ``status`` messages go at once to the prompt's own client; other sockets get the latest value
+  at most every 50 ms, only when it changed for them.
+"""
+from .app import ROUTES, create_app, serve
+from .config import InsecureBind, ServerConfig, is_loopback
+from .store import StoreLocked
+
+__all__ = ["ROUTES", "create_app", "serve", "ServerConfig", "InsecureBind", "StoreLocked", "is_loopback"]

@@ -30,10 +30,12 @@ def test_graph_runs(world, name):
 
 def test_graphs_use_core_class_names_and_titles(world):
     import json
+
     from pathlib import Path
 
-    graphs = Path(__file__).resolve().parents[2] / "graphs"
-    for path in graphs.glob("*.json"):
+    GRAPHS = Path(__file__).resolve().parents[2] / "graphs"
+
+    for path in GRAPHS.glob("*.json"):
         g = json.loads(path.read_text())
         for nid, node in g.items():
             assert node["_meta"]["title"], (path.name, nid)

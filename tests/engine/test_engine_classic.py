@@ -258,7 +258,7 @@ def test_native_object_info_exact_shape():
         outputs = {"IMAGE": engine.Output("IMAGE", tooltip="the result")}
         output_node = False
 
-        def run(self, image1: engine.Socket("IMAGE"), image2: engine.Socket("IMAGE", optional=True),
+        def run(self, image1: engine.Socket("IMAGE"), image2: engine.Socket("IMAGE", optional=True) = None,
                 blend_factor: engine.Float(min=0.0, max=1.0, step=0.01) = 0.5,
                 blend_mode: engine.Combo(["normal", "multiply"]) = "normal",
                 count: engine.Int(min=1, max=10) = 1,
@@ -551,7 +551,12 @@ def _bad_classes():
         def run(self, x: bool = 1):
             return 1
 
+    class OptionalNoDefault(engine.Node):
+        def run(self, x: engine.Socket("IMAGE", optional=True)):
+            return 1
+
     return [
+        (OptionalNoDefault, "optional input 'x' needs a default"),
         (NoRun, "must define a run"),
         (NoAnnotation, "input 'x' has no annotation"),
         (NotASocket, "input 'x': annotation"),
@@ -687,3 +692,96 @@ def test_classic_lazy_and_metadata():
     info = reg.object_info(["ClassicSwitch"])["ClassicSwitch"]
     assert info["deprecated"] is True and info["experimental"] is True and info["api_node"] is False
     assert info["output_tooltips"] == ["the chosen value"]
+
+
+def test_pack_cannot_replace_a_builtin_node(tmp_path):
+    cn = tmp_path / "custom_nodes"
+    cn.mkdir()
+    (cn / "hijack.py").write_text(textwrap.dedent('''
+        class Const:
+            @classmethod
+            def INPUT_TYPES(cls):
+                return {"required": {}}
+            RETURN_TYPES = ("INT",)
+            FUNCTION = "f"
+            def f(self):
+                return (666,)
+
+        class Extra(Const):
+            pass
+
+        NODE_CLASS_MAPPINGS = {"Const": Const, "ExtraNode": Extra}
+    '''))
+    reg = make_registry()
+    before = reg["Const"].cls
+    reg.load_custom_nodes(cn)
+    assert reg["Const"].cls is before  # the built-in stays
+    assert "ExtraNode" in reg  # the rest of the pack loads
+    assert any("Const" in e.source and "already provided" in e.error for e in reg.load_errors)
+    sys.modules.pop("custom_nodes.hijack", None)
+
+
+def test_native_pack_with_one_bad_class_keeps_the_others(tmp_path):
+    cn = tmp_path / "custom_nodes"
+    cn.mkdir()
+    (cn / "native_pack.py").write_text(textwrap.dedent('''
+        from typing import Annotated
+        import engine
+
+        class GoodOne(engine.Node):
+            outputs = ("INT",)
+            def run(self, x: Annotated[int, engine.Int()] = 1):
+                return x
+
+        class BadOne(engine.Node):
+            def run(self, x):
+                return x
+
+        NODES = [GoodOne, BadOne]
+    '''))
+    reg = make_registry()
+    reg.load_custom_nodes(cn)
+    assert "GoodOne" in reg and "BadOne" not in reg
+    assert any("BadOne" in e.source and "no annotation" in e.error for e in reg.load_errors)
+    r = Executor(reg).run(G({"g": {"class_type": "GoodOne", "inputs": {"x": 4}},
+                             "o": {"class_type": "Show", "inputs": {"value": ["g", 0]}}}))
+    assert r.outputs["o"]["value"] == ["4"]
+    assert reg["GoodOne"].python_module == "custom_nodes.native_pack"
+    sys.modules.pop("custom_nodes.native_pack", None)
+
+
+def test_classic_combo_output_in_object_info_and_links():
+    class Sampler:
+        @classmethod
+        def INPUT_TYPES(cls):
+            return {"required": {}}
+        RETURN_TYPES = (["euler", "ddim"], "INT")
+        RETURN_NAMES = ("sampler_name", "steps")
+        FUNCTION = "f"
+
+        def f(self):
+            return ("ddim", 20)
+
+    class UseSampler:
+        @classmethod
+        def INPUT_TYPES(cls):
+            return {"required": {"sampler_name": (["euler", "ddim"],)}}
+        RETURN_TYPES = ("STRING",)
+        FUNCTION = "f"
+
+        def f(self, sampler_name):
+            return (sampler_name,)
+    reg = make_registry()
+    reg.register(Sampler)
+    reg.register(UseSampler)
+    info = json.loads(json.dumps(reg.object_info(["Sampler"])))["Sampler"]
+    assert info["output"] == [["euler", "ddim"], "INT"]
+    assert info["output_name"] == ["sampler_name", "steps"]
+    g = {"s": {"class_type": "Sampler", "inputs": {}},
+         "u": {"class_type": "UseSampler", "inputs": {"sampler_name": ["s", 0]}},
+         "o": {"class_type": "Show", "inputs": {"value": ["u", 0]}}}
+    r = Executor(reg).run(G(g))
+    assert r.ok and r.outputs["o"]["value"] == ["'ddim'"]
+    bad = dict(g, u={"class_type": "UseSampler", "inputs": {"sampler_name": ["s", 1]}})
+    res = engine.validate(G(bad), reg)
+    assert res.node_errors["u"]["errors"][0]["type"] == "return_type_mismatch"

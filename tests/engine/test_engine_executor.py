@@ -576,28 +576,28 @@ def test_chain_10000_under_a_second(reg):
     ex = Executor(reg, cache="keep-current")
     g = chain_graph(10_000)
     graph = G(g)
-    t0 = time.perf_counter()
+    t0 = time.process_time()
     r = ex.run(graph)
-    cold = time.perf_counter() - t0
+    cold = time.process_time() - t0
     assert r.ok and r.outputs[str(10_002)]["value"] == ["10000"]
-    t0 = time.perf_counter()
+    t0 = time.process_time()
     r2 = ex.run(G(g))
-    warm = time.perf_counter() - t0
+    warm = time.process_time() - t0
     assert r2.ran == []
     assert cold < 2.0 and warm < 1.0, (cold, warm)  # generous: 2 shared cores; the target is 1 s cold
 
 
 def test_many_cached_outputs_rerun_fast(reg):
-    n = 4000
+    n = 10000
     g = {"c": {"class_type": "Const", "inputs": {"value": 1}}}
     for i in range(n):
         g[f"o{i}"] = {"class_type": "Show", "inputs": {"value": ["c", 0], "tag": str(i)}}
     ex = Executor(reg)
     ex.run(G(g))
-    t0 = time.perf_counter()
+    t0 = time.process_time()
     r = ex.run(G(g))
     assert r.ran == [] and len(r.outputs) == n
-    assert time.perf_counter() - t0 < 1.0
+    assert time.process_time() - t0 < 1.2  # 0.4 s; 1.7 s when cached outputs were looked up in a list
 
 
 def test_deep_chain_no_recursion(reg):

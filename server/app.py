@@ -1,0 +1,122 @@
+"""The aiohttp application: route table, lifecycle, and a blocking ``serve()`` for the CLI.
+
+The server receives the executor (with its registry and folders) from its caller; it never builds one,
+so it imports neither ``kiln`` nor ``nodes``.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from contextlib import suppress
+
+from aiohttp import web
+
+from . import files, http_api as h, ws
+from .config import ServerConfig
+from .hub import Hub
+from .jobs import PromptService
+from .keys import CONFIG, FOLDERS, SERVICE
+from .security import make_middlewares
+from .store import Store
+
+log = logging.getLogger("kiln.server")
+
+# (method, path, handler); each is served at /path and /api/path
+ROUTES = [
+    ("GET", "/ws", ws.websocket),
+    ("POST", "/prompt", h.post_prompt),
+    ("GET", "/prompt", h.get_prompt),
+    ("GET", "/prompt/{prompt_id}", h.prompt_status),
+    ("GET", "/prompt/{prompt_id}/events", h.prompt_events),
+    ("GET", "/queue", h.get_queue),
+    ("POST", "/queue", h.post_queue),
+    ("GET", "/history", h.get_history),
+    ("GET", "/history/{prompt_id}", h.get_history_item),
+    ("POST", "/history", h.post_history),
+    ("POST", "/interrupt", h.post_interrupt),
+    ("POST", "/free", h.post_free),
+    ("GET", "/view", files.view),
+    ("POST", "/upload/image", files.upload_image),
+    ("POST", "/upload/mask", files.upload_mask),
+    ("GET", "/object_info", h.object_info),
+    ("GET", "/object_info/{node_class}", h.object_info_one),
+    ("GET", "/system_stats", h.system_stats),
+    ("GET", "/features", h.features),
+    ("GET", "/embeddings", h.embeddings),
+    ("GET", "/models", h.models),
+    ("GET", "/models/{folder}", h.models_in),
+]
+
+
+def create_app(executor, config: ServerConfig | None = None, folders=None) -> web.Application:
+    """Build the application around an engine ``Executor`` (its registry and folders are used)."""
+    config = config or ServerConfig()
+    config.check_bind()
+    app = web.Application(client_max_size=config.max_body_bytes, middlewares=make_middlewares(config))
+    app[CONFIG] = config
+    app[FOLDERS] = folders if folders is not None else executor.folders
+    store = Store(config.data_dir)
+    app[SERVICE] = PromptService(executor, store, Hub(config), config)
+    for method, path, handler in ROUTES:
+        for prefix in ("", "/api"):
+            app.router.add_route(method, prefix + path, handler)
+    app.router.add_get("/", _index)
+    app.cleanup_ctx.append(_service_ctx)
+    app.on_shutdown.append(_close_sockets)
+    return app
+
+
+async def _index(request: web.Request) -> web.Response:
+    return web.json_response({"server": "kiln", "docs": "ComfyUI-compatible API at /api; websocket at /ws"})
+
+
+async def _service_ctx(app: web.Application):
+    svc = app[SERVICE]
+    await svc.start()
+    yield
+    await svc.stop()
+    svc.store.close()
+
+
+async def _close_sockets(app: web.Application) -> None:
+    await app[SERVICE].hub.close_all()
+
+
+def serve(executor, config: ServerConfig, folders=None, print_fn=print) -> None:
+    """Run until SIGINT/SIGTERM.
+
+    The executor thread runs Python code most of the time; a short GIL switch interval lets the event loop
+    get the GIL back quickly after each socket or database call, which keeps request and event latency low
+    while a graph runs. Freezing the objects alive at start-up keeps garbage collections short. Both are
+    measured by benchmarks/server.py.
+    """
+    import sys
+
+    sys.setswitchinterval(0.001)
+    app = create_app(executor, config, folders)
+    import gc
+
+    gc.collect()
+    gc.freeze()  # the imported libraries and node packs never need scanning again: shorter GC pauses
+
+    async def main() -> None:
+        runner = web.AppRunner(app, handle_signals=False, access_log=None)
+        await runner.setup()
+        hosts = [x.strip() for x in config.host.split(",") if x.strip()]
+        for host in hosts:
+            await web.TCPSite(runner, host, config.port, reuse_address=True).start()
+        port = config.port
+        if port == 0:
+            port = runner.addresses[0][1]
+        print_fn(f"Kiln server listening on http://{hosts[0] if ':' not in hosts[0] else f'[{hosts[0]}]'}:{port}"
+                 f" (data in {config.data_dir})", flush=True)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with suppress(NotImplementedError):
+                loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        await runner.cleanup()
+
+    asyncio.run(main())

@@ -1,0 +1,69 @@
+"""Server settings, in one frozen object built by the CLI (``kiln serve``) or by tests."""
+from __future__ import annotations
+
+import ipaddress
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1", "[::1]", "ip6-localhost"})
+DEFAULT_PORT = 8188
+MB = 1024 * 1024
+
+
+def is_loopback(host: str) -> bool:
+    """True for a name or address that only this machine can reach."""
+    h = host.strip().strip("[]").lower()
+    if h in LOOPBACK_NAMES or h.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(h).is_loopback
+    except ValueError:
+        return False
+
+
+class InsecureBind(ValueError):
+    """Listening beyond loopback was asked for without an auth token."""
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = DEFAULT_PORT
+    data_dir: Path = field(default_factory=lambda: Path("data"))
+    auth_token: str | None = None
+    # what happens to the prompt that was running when the server died: "rerun" or "fail"
+    on_crash: str = "rerun"
+    max_attempts: int = 3  # a prompt that crashed the server this many times is failed, not re-run again
+    max_body_bytes: int = 64 * MB  # JSON request bodies (graphs)
+    max_upload_bytes: int = 100 * MB
+    max_ws_message_bytes: int = 64 * MB
+    preview_method: str = "none"  # server default; a prompt may override with extra_data.preview_method
+    # per-socket send queue: previews are dropped past preview_backlog queued messages; past max_queue
+    # messages (or max_queue_bytes) droppable messages go, and if that is not enough the client is closed
+    preview_backlog: int = 32
+    max_queue: int = 4096
+    max_queue_bytes: int = 64 * MB
+    allowed_origins: tuple[str, ...] = ()
+    history_limit: int | None = 10000  # like ComfyUI; None or 0 keeps every entry (they are on disk)
+    webhook_timeout: float = 10.0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "data_dir", Path(self.data_dir))
+        if self.on_crash not in ("rerun", "fail"):
+            raise ValueError(f"on_crash must be 'rerun' or 'fail', not {self.on_crash!r}")
+
+    @property
+    def loopback(self) -> bool:
+        return all(is_loopback(h) for h in self.host.split(","))
+
+    def check_bind(self) -> None:
+        """Refuse to listen beyond loopback without a token."""
+        if not self.loopback and not self.auth_token:
+            raise InsecureBind(
+                f"Refusing to listen on {self.host}: anyone who can reach it could run graphs and read files. "
+                f"Pass --auth-token TOKEN (or set KILN_AUTH_TOKEN), or bind 127.0.0.1.")
+
+
+def token_from_env() -> str | None:
+    return os.environ.get("KILN_AUTH_TOKEN") or None

@@ -1,0 +1,254 @@
+"""``/view`` and ``/upload/image|mask``: files confined to the input, output and temp folders.
+
+Every name from a request goes through ``Folders.safe_path`` (no ``..``, absolute paths, NUL bytes,
+backslashes or symlinks out). Uploads stream to a temporary file with a size limit, must decode as an
+image, and never overwrite unless asked: an identical file is reused, a different one gets " (n)".
+"""
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import io
+import json
+import mimetypes
+import os
+import tempfile
+from pathlib import Path
+
+from aiohttp import web
+
+from engine import UnsafePath
+
+from .keys import CONFIG, FOLDERS
+from .security import error_response
+
+FOLDER_TYPES = ("output", "input", "temp")
+MAX_FIELD = 64 * 1024  # a form field other than the file (subfolder, type, original_ref)
+UNSAFE_TYPES = {"text/html", "text/javascript", "application/javascript", "text/css", "image/svg+xml"}
+
+
+def _clean_name(name: str) -> str | None:
+    """A bare file name, or None if it carries a path or forbidden characters."""
+    if not name or "\0" in name or "/" in name or "\\" in name or name in (".", "..") or ":" in name[:2]:
+        return None
+    return name
+
+
+def _split_annotation(filename: str, type_: str | None) -> tuple[str, str]:
+    for t in FOLDER_TYPES:
+        suffix = f" [{t}]"
+        if filename.endswith(suffix):
+            return filename[: -len(suffix)], t
+    return filename, type_ or "output"
+
+
+async def view(request: web.Request) -> web.StreamResponse:
+    folders = request.app[FOLDERS]
+    q = request.query
+    raw = q.get("filename", "")
+    if not raw:
+        return error_response(400, "bad_request", "filename is required")
+    filename, type_ = _split_annotation(raw, q.get("type") or None)
+    if type_ not in FOLDER_TYPES:
+        return error_response(400, "bad_request", f"unknown type {type_!r}", "use output, input or temp")
+    name = _clean_name(filename)
+    if name is None:
+        return error_response(400, "unsafe_path", "Invalid file name", "a bare file name is expected")
+    try:
+        path = folders.safe_path(type_, name, q.get("subfolder", ""))
+    except UnsafePath as exc:
+        return error_response(403, "unsafe_path", "Path not allowed", str(exc))
+    if not path.is_file():
+        return error_response(404, "not_found", "File not found", name)
+    headers = {"Content-Disposition": f'filename="{name}"'}
+    preview, channel = q.get("preview"), q.get("channel", "rgba")
+    if preview or channel in ("rgb", "a"):
+        try:
+            body, ctype = await asyncio.to_thread(_reencode, path, preview, channel)
+        except Exception as exc:
+            return error_response(415, "not_an_image", "Cannot convert this file", str(exc))
+        return web.Response(body=body, content_type=ctype, headers=headers)
+    ctype = mimetypes.guess_type(name)[0] or "application/octet-stream"
+    if ctype in UNSAFE_TYPES:
+        ctype = "application/octet-stream"
+    headers["Content-Type"] = ctype
+    headers["X-Content-Type-Options"] = "nosniff"
+    return web.FileResponse(path, headers=headers)
+
+
+def _reencode(path: Path, preview: str | None, channel: str) -> tuple[bytes, str]:
+    from PIL import Image
+
+    img = Image.open(path)
+    if channel == "rgb":
+        img, fmt = img.convert("RGB"), "png"
+    elif channel == "a":
+        alpha = img.getchannel("A") if "A" in img.getbands() else Image.new("L", img.size, 255)
+        img = Image.new("RGBA", img.size, (0, 0, 0, 0))
+        img.putalpha(alpha)
+        fmt = "webp" if preview else "png"
+    else:
+        fmt = "png"
+    quality = 90
+    if preview:
+        f, _, qual = preview.partition(";")
+        fmt = "jpeg" if f == "jpeg" and channel != "a" else "webp"
+        if qual.isdigit():
+            quality = max(1, min(100, int(qual)))
+    buf = io.BytesIO()
+    if fmt == "jpeg":
+        img.convert("RGB").save(buf, "JPEG", quality=quality)
+    else:
+        img.save(buf, fmt.upper(), quality=quality) if fmt == "webp" else img.save(buf, "PNG")
+    return buf.getvalue(), f"image/{fmt}"
+
+
+async def _read_upload(request: web.Request, limit: int) -> tuple[dict, tuple[str, Path] | None]:
+    """Form fields and (filename, temp path) of the ``image`` part, streamed with a size limit."""
+    fields: dict[str, str] = {}
+    upload = None
+    reader = await request.multipart()
+    while True:
+        part = await reader.next()
+        if part is None:
+            break
+        if part.name == "image" and part.filename is not None:
+            if upload is not None:
+                upload[1].unlink()
+                raise web.HTTPBadRequest(text="only one 'image' file per upload")
+            fd, tmp = tempfile.mkstemp(prefix="kiln-upload-")
+            size = 0
+            with os.fdopen(fd, "wb") as f:
+                while chunk := await part.read_chunk(1 << 16):
+                    size += len(chunk)
+                    if size > limit:
+                        f.close()
+                        os.unlink(tmp)
+                        raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=size)
+                    f.write(chunk)
+            upload = (part.filename, Path(tmp))
+        elif part.name:
+            buf = bytearray()
+            while chunk := await part.read_chunk(4096):
+                buf += chunk
+                if len(buf) > MAX_FIELD:
+                    if upload is not None:
+                        upload[1].unlink()
+                    raise web.HTTPRequestEntityTooLarge(max_size=MAX_FIELD, actual_size=len(buf))
+            fields[part.name] = buf.decode("utf-8", "replace")
+    return fields, upload
+
+
+def _check_image(path: Path) -> None:
+    from PIL import Image
+
+    with Image.open(path) as im:
+        im.verify()
+
+
+def _digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _place(folder: Path, name: str, tmp: Path, overwrite: bool) -> str:
+    """Move the upload into ``folder``; returns the final name (" (n)" on a collision with other content)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    target = folder / name
+    if not overwrite and target.exists():
+        if target.is_file() and _digest(target) == _digest(tmp):
+            tmp.unlink()
+            return name
+        stem, ext = os.path.splitext(name)
+        i = 1
+        while (folder / f"{stem} ({i}){ext}").exists():
+            i += 1
+        name = f"{stem} ({i}){ext}"
+        target = folder / name
+    os.replace(tmp, target) if tmp.stat().st_dev == folder.stat().st_dev else _copy(tmp, target)
+    return name
+
+
+def _copy(tmp: Path, target: Path) -> None:
+    import shutil
+
+    shutil.copyfile(tmp, target)
+    tmp.unlink()
+
+
+async def upload_image(request: web.Request) -> web.Response:
+    return await _upload(request, mask=False)
+
+
+async def upload_mask(request: web.Request) -> web.Response:
+    return await _upload(request, mask=True)
+
+
+async def _upload(request: web.Request, mask: bool) -> web.Response:
+    folders = request.app[FOLDERS]
+    limit = request.app[CONFIG].max_upload_bytes
+    if not request.content_type.startswith("multipart/"):
+        return error_response(400, "bad_request", "Expected multipart/form-data with an 'image' file")
+    fields, upload = await _read_upload(request, limit)
+    if upload is None:
+        return error_response(400, "bad_request", "No 'image' file in the form")
+    filename, tmp = upload
+    try:
+        type_ = fields.get("type") or "input"
+        name = _clean_name(filename or "")
+        if type_ not in FOLDER_TYPES:
+            return error_response(400, "bad_request", f"unknown type {type_!r}", "use input, temp or output")
+        if name is None:
+            return error_response(400, "unsafe_path", "Invalid file name", repr(filename))
+        subfolder = fields.get("subfolder", "")
+        try:
+            folder = folders.safe_path(type_, "", subfolder) if subfolder else folders.dir_for(type_)
+            folders.safe_path(type_, name, subfolder)
+        except UnsafePath as exc:
+            return error_response(400, "unsafe_path", "Path not allowed", str(exc))
+        try:
+            await asyncio.to_thread(_check_image, tmp)
+        except Exception as exc:
+            return error_response(415, "not_an_image", "The upload is not an image Kiln can read", str(exc))
+        if mask:
+            try:
+                await asyncio.to_thread(_apply_mask, folders, fields.get("original_ref", ""), tmp)
+            except UnsafePath as exc:
+                return error_response(400, "unsafe_path", "Path not allowed", str(exc))
+            except (ValueError, OSError) as exc:
+                return error_response(400, "bad_request", "Cannot apply the mask", str(exc))
+        overwrite = fields.get("overwrite", "").lower() in ("true", "1")
+        final = await asyncio.to_thread(_place, Path(folder), name, tmp, overwrite)
+        return web.json_response({"name": final, "subfolder": subfolder, "type": type_})
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def _apply_mask(folders, original_ref: str, tmp: Path) -> None:
+    """Copy the uploaded image's alpha onto the referenced original; the result replaces the upload."""
+    from PIL import Image, PngImagePlugin
+
+    try:
+        ref = json.loads(original_ref)
+    except json.JSONDecodeError as exc:
+        raise ValueError("original_ref must be JSON {filename, subfolder, type}") from exc
+    if not isinstance(ref, dict) or not isinstance(ref.get("filename"), str):
+        raise ValueError("original_ref must name a filename")
+    name = _clean_name(ref["filename"])
+    if name is None:
+        raise UnsafePath(f"invalid file name {ref['filename']!r}")
+    src = folders.safe_path(ref.get("type") or "input", name, ref.get("subfolder") or "")
+    if not src.is_file():
+        raise ValueError(f"original {name!r} not found")
+    with Image.open(src) as orig, Image.open(tmp) as m:
+        info = PngImagePlugin.PngInfo()
+        for k, v in (orig.text if hasattr(orig, "text") else {}).items():
+            info.add_text(k, v)
+        out = orig.convert("RGBA")
+        alpha = m.getchannel("A") if "A" in m.getbands() else m.convert("L")
+        out.putalpha(alpha.resize(out.size))
+        out.save(tmp, "PNG", pnginfo=info)

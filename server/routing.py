@@ -1,0 +1,188 @@
+"""Event routing: executor events become ComfyUI messages for the right sockets, numbered and logged.
+
+Per prompt with a client id, its sockets get every message; without one, only progress, previews and
+interruptions are broadcast (ComfyUI's rules). ``progress_state`` goes, one node per message, only to sockets
+that negotiated feature flags. Previews go out only when the prompt asked for them; output frames
+(SaveImageWebsocket) always. Plain clients get a type-1 frame after the ``progress`` message, metadata
+clients a type-4 frame before it, as ComfyUI orders them.
+"""
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+from engine import events as ev
+
+from . import protocol as P
+from .hub import NORMAL, PREVIEW, PROGRESS, Hub, Out
+from .prompts import Job
+from .store import Store, as_json
+
+PER_PROMPT_CID_ONLY = frozenset({"execution_start", "execution_cached", "executing", "executed",
+                                 "execution_success", "execution_error"})
+HISTORY_MESSAGES = frozenset({"execution_start", "execution_cached", "execution_success", "execution_error",
+                              "execution_interrupted"})
+
+
+class EventPipe:
+    """Carries events from the executor's threads to the loop thread.
+
+    The first event after a quiet spell is handed over at once (low latency); events that follow within
+    ``window`` seconds of the last hand-over are gathered and handed over together when the window ends.
+    A 500-node graph then costs a few loop wake-ups instead of hundreds of thread switches.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, handler, window: float = 0.004):
+        self.loop = loop
+        self.handler = handler
+        self.window = window
+        self.lock = threading.Lock()
+        self.buf: list = []
+        self.scheduled = False
+        self.last = 0.0  # when the last batch was handed over (monotonic)
+
+    def put(self, job: "Job", event: ev.Event) -> None:
+        with self.lock:
+            self.buf.append((job, event))
+            if self.scheduled:
+                return
+            self.scheduled = True
+            wait = self.last + self.window - time.monotonic()
+        try:
+            if wait <= 0:
+                self.loop.call_soon_threadsafe(self.drain)
+            else:
+                self.loop.call_soon_threadsafe(self.loop.call_later, wait, self.drain)
+        except RuntimeError:  # the loop is closed: the server is shutting down
+            pass
+
+    def drain(self) -> None:
+        with self.lock:
+            items, self.buf = self.buf, []
+            self.scheduled = False
+            self.last = time.monotonic()
+        for job, event in items:
+            self.handler(job, event)
+
+
+class EventRouter:
+    def __init__(self, hub: Hub, store: Store):
+        self.hub = hub
+        self.store = store
+        self.stopping = False
+        self.watchers: dict[str, list[asyncio.Future]] = {}  # long-polls on /events, woken by any new event
+
+    def dispatch(self, job: Job, event: ev.Event) -> None:
+        if self.stopping:
+            return
+        t = event.comfy_type
+        data = event.comfy_data()
+        cid = job.client_id
+        targets = self.hub.to_sid(cid) if cid is not None else None
+        if isinstance(event, ev.NodeStarted):
+            job.last_node = data["node"]
+            self._progress_state(job, data["node"], 0, 1, "running", targets)
+        elif isinstance(event, ev.Progress) and event.preview is not None:
+            self._preview(job, event, targets, before=True)
+        job.seq += 1
+        data_json = as_json(data)
+        self.store.log_event(job.prompt_id, job.seq, t, data_json)
+        if isinstance(event, ev.Progress) and event.preview is not None and event.preview.kind == "output":
+            self.store.log_frame(job.prompt_id, job.seq, event.node, event.preview.format, event.preview.data)
+        blocked = isinstance(event, ev.NodeBlocked)  # non-fatal; ComfyUI keeps it out of history
+        if t in HISTORY_MESSAGES and not blocked:
+            job.messages.append([t, data])
+            if isinstance(event, ev.TERMINAL):  # a non-fatal NodeBlocked shares execution_error's type
+                job.terminal = True
+        if self.watchers:
+            self.wake(job.prompt_id)
+        text = P.message_from_json(t, data_json, job.seq)
+        if t == "progress":
+            out = Out(text, PROGRESS)
+        else:
+            out = Out(text, NORMAL)
+        if targets is not None:
+            for c in targets:
+                c.send(out)
+        elif t not in PER_PROMPT_CID_ONLY or blocked:  # no client id: progress, blocks, interruptions to all
+            self.hub.broadcast(out)
+        if isinstance(event, ev.Progress):
+            self._progress_state(job, event.node, event.value, event.max, "running", targets, update=True)
+            if event.preview is not None:
+                self._preview(job, event, targets, before=False)
+        elif isinstance(event, ev.NodeOutput):
+            self._progress_state(job, data["node"], 1, 1, "finished", targets)
+            if job.open_node == data["node"]:
+                job.open_node = None
+
+    def wake(self, prompt_id: str) -> None:
+        for fut in self.watchers.pop(prompt_id, ()):
+            if not fut.done():
+                fut.set_result(None)
+
+    def replay(self, client, prompt_id: str, since: int) -> int:
+        """Send a prompt's logged events after ``since`` to one socket, output frames in their places.
+        Returns how many messages were queued."""
+        frames = self.store.frames(prompt_id, since)
+        n = 0
+        for seq, t, d in self.store.events(prompt_id, since):
+            frame = frames.get(seq)
+            if frame is not None and client.metadata_previews:
+                node, fmt, data = frame
+                meta = {"node_id": node, "prompt_id": prompt_id, "display_node_id": node,
+                        "parent_node_id": None, "real_node_id": node}
+                client.send(Out(P.preview_frame_with_metadata(fmt, data, meta)))
+            client.send(Out(P.message_from_json(t, d, seq)))
+            if frame is not None and not client.metadata_previews:
+                client.send(Out(P.preview_frame(frame[1], frame[2])))
+            n += 1
+        return n
+
+    def _preview(self, job: Job, event: ev.Progress, targets, before: bool) -> None:
+        pv = event.preview
+        is_output = pv.kind == "output"
+        if not is_output and not job.previews:
+            return
+        klass = NORMAL if is_output else PREVIEW
+        clients = targets if targets is not None else list(self.hub.clients())
+        frame1 = frame4 = None
+        for c in clients:
+            if c.metadata_previews and before:
+                if frame4 is None:
+                    node = event.node
+                    meta = {"node_id": node, "prompt_id": job.prompt_id, "display_node_id": node,
+                            "parent_node_id": None, "real_node_id": node}
+                    frame4 = Out(P.preview_frame_with_metadata(pv.format, pv.data, meta), klass)
+                c.send(frame4)
+            elif not c.metadata_previews and not before:
+                if frame1 is None:
+                    frame1 = Out(P.preview_frame(pv.format, pv.data), klass)
+                c.send(frame1)
+
+    def _progress_state(self, job: Job, node: str, value, max_, state: str, targets, update: bool = False) -> None:
+        """ComfyUI's progress_state, as a per-node delta, for clients that negotiated feature flags.
+
+        ComfyUI re-sends every node's state on each change (quadratic in the node count); Kiln sends only
+        the node that changed. Plain clients (scripts) never read it and do not get it.
+        """
+        if state == "running" and not update:
+            self.close_open_node(job, targets)
+            job.open_node = node
+        clients = targets if targets is not None else list(self.hub.clients())
+        clients = [c for c in clients if c.negotiated]
+        if not clients:
+            return
+        entry = {"value": value, "max": max_, "state": state, "node_id": node, "prompt_id": job.prompt_id,
+                 "display_node_id": node, "parent_node_id": None, "real_node_id": node}
+        out = Out(P.message("progress_state", {"prompt_id": job.prompt_id, "nodes": {node: entry}}), PROGRESS)
+        for c in clients:
+            c.send(out)
+
+    def close_open_node(self, job: Job, targets=None) -> None:
+        node, job.open_node = job.open_node, None
+        if node is not None:
+            if targets is None and job.client_id is not None:
+                targets = self.hub.to_sid(job.client_id)
+            self._progress_state(job, node, 1, 1, "finished", targets)
+

@@ -1,0 +1,107 @@
+"""Middlewares: typed JSON errors, the Host/Origin check, and token auth.
+
+- Host check (DNS rebinding): on a loopback bind, a request whose Host is not a loopback name is refused,
+  so a web page on evil.example that re-points its name at 127.0.0.1 cannot talk to the server.
+- Origin check (cross-site requests): a browser request whose Origin is not the server's own origin (or
+  one listed in ``allowed_origins``) is refused. Scripts send no Origin and are never affected.
+- Token: when the server has one, every HTTP request needs ``Authorization: Bearer TOKEN``; the websocket
+  also accepts ``?token=TOKEN`` because browsers cannot set headers on it.
+"""
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+from urllib.parse import urlsplit
+
+from aiohttp import web
+
+from .config import ServerConfig, is_loopback
+
+log = logging.getLogger("kiln.server")
+
+
+def error_response(status: int, type_: str, message: str, details: str = "", **extra) -> web.Response:
+    body = {"error": {"type": type_, "message": message, "details": details, "extra_info": extra},
+            "node_errors": {}}
+    return web.json_response(body, status=status)
+
+
+def _split_host(value: str) -> tuple[str, str]:
+    try:
+        parts = urlsplit("//" + value)
+        return (parts.hostname or "").lower(), str(parts.port or "")
+    except ValueError:
+        return "", ""
+
+
+def check_host_origin(request: web.Request, config: ServerConfig) -> str | None:
+    """A reason to refuse the request, or None."""
+    host_hdr = request.headers.get("Host", "")
+    host, port = _split_host(host_hdr)
+    if config.loopback and host and not is_loopback(host):
+        return f"Host {host_hdr!r} is not this server's name (a DNS rebinding attempt?)"
+    origin = request.headers.get("Origin")
+    if origin is None or origin == "null" and not config.loopback:
+        return None
+    if origin in config.allowed_origins:
+        return None
+    try:
+        o = urlsplit(origin)
+        o_host, o_port = (o.hostname or "").lower(), str(o.port or "")
+    except ValueError:
+        return f"Origin {origin!r} is malformed"
+    default_port = {"http": "80", "https": "443", "ws": "80", "wss": "443"}
+    if not o_port:
+        o_port = default_port.get(o.scheme, "")
+    if not port:
+        port = default_port.get(request.scheme, "")
+    same = o_host == host and o_port == port
+    if config.loopback:
+        same = same or (is_loopback(o_host) and is_loopback(host) and o_port == port)
+    if not same:
+        return f"Origin {origin!r} may not call this server (cross-site request)"
+    return None
+
+
+def token_ok(request: web.Request, token: str) -> bool:
+    auth = request.headers.get("Authorization", "")
+    given = auth[7:].strip() if auth[:7].lower() == "bearer " else None
+    if given is None:
+        given = request.headers.get("X-Kiln-Token")
+    if given is None and request.path.rstrip("/").endswith("/ws"):
+        given = request.query.get("token")
+    return given is not None and hmac.compare_digest(given.encode(), token.encode())
+
+
+def make_middlewares(config: ServerConfig) -> list:
+    @web.middleware
+    async def errors(request: web.Request, handler):
+        try:
+            return await handler(request)
+        except web.HTTPRequestEntityTooLarge as exc:
+            return error_response(413, "body_too_large", "Request body is too large", exc.text or "")
+        except web.HTTPException as exc:
+            if exc.status < 400 or exc.content_type == "application/json":
+                raise
+            reasons = {404: "not_found", 405: "method_not_allowed"}
+            return error_response(exc.status, reasons.get(exc.status, "http_error"), exc.reason, exc.text or "")
+        except (ConnectionResetError, json.JSONDecodeError) as exc:
+            return error_response(400, "bad_request", "Malformed request", str(exc))
+        except Exception as exc:  # one bad request never takes the server down
+            log.exception("unhandled error for %s %s", request.method, request.path)
+            return error_response(500, "internal_error", "Internal server error", type(exc).__name__)
+
+    @web.middleware
+    async def guard(request: web.Request, handler):
+        why = check_host_origin(request, config)
+        if why is not None:
+            return error_response(403, "forbidden_origin", "Request refused", why)
+        if config.auth_token and not token_ok(request, config.auth_token):
+            resp = error_response(401, "unauthorized", "Missing or wrong auth token",
+                                  "Send 'Authorization: Bearer TOKEN' (or ?token=TOKEN on the websocket)")
+            resp.headers["WWW-Authenticate"] = "Bearer"
+            return resp
+        return await handler(request)
+
+    return [errors, guard]

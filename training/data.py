@@ -1,0 +1,52 @@
+"""Batches for each training stage, as pure functions of (seed, step), so a resumed run sees exactly the
+batches an uninterrupted one would have seen, without saving any data-loader state."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from training import scenes as sc
+
+OUTLINE_FRACTION = 0.1  # the VAE also learns the LoRA's outline style, so the LoRA need not fix the decoder
+
+
+def to_tensor(images: list[np.ndarray]) -> torch.Tensor:
+    """uint8 HWC RGB list -> float ``[B, 3, H, W]`` in -1..1."""
+    x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float()
+    return x / 127.5 - 1.0
+
+
+def to_images(x: torch.Tensor) -> list[np.ndarray]:
+    x = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    return list(x)
+
+
+def vae_batch(seed: int, step: int, batch: int) -> torch.Tensor:
+    rng = np.random.default_rng([seed, step])
+    idx = rng.integers(0, 2**40, size=batch)
+    styles = rng.random(batch) < OUTLINE_FRACTION
+    imgs = [sc.render(sc.make_scene(sc.stream_seed(sc.TRAIN_STREAM, int(i))), "outline" if o else "filled")
+            for i, o in zip(idx, styles)]
+    return to_tensor(imgs)
+
+
+def pool_scenes(n: int) -> list[sc.Scene]:
+    """The fixed pool of training scenes the UNet sees (their latents are cached once)."""
+    return [sc.make_scene(sc.stream_seed(sc.TRAIN_STREAM, i)) for i in range(n)]
+
+
+def epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
+    return np.random.default_rng([seed, 7, epoch]).permutation(n)
+
+
+def pool_indices(seed: int, step: int, batch: int, n: int) -> np.ndarray:
+    """Indices into the pool for ``step``: consecutive slices of per-epoch permutations."""
+    start = step * batch
+    out = []
+    while len(out) < batch:
+        epoch, offset = divmod(start + len(out), n)
+        order = epoch_order(seed, epoch, n)
+        take = min(batch - len(out), n - offset)
+        out.extend(order[offset:offset + take].tolist())
+    return np.array(out)

@@ -1,0 +1,156 @@
+"""The outline-style LoRA: trained with peft on top of the base UNet, exported kohya-style.
+
+The data are the base model's own scenes and captions, drawn as outlines (``scenes.render(style=
+"outline")``), so the LoRA changes style and nothing else; its effect is measured by
+:func:`training.evaluate.hollowness` (filled ~0, outline ~0.5+).
+
+    python -m training.lora --run runs/shapes --steps 600 --out models/loras/kiln-outline.safetensors
+
+Export format (what A1111 / ComfyUI / kohya's sd-scripts write for SD1.x): for every adapted UNet module
+``lora_unet_<diffusers module path with '.' -> '_'>.lora_down.weight`` ``[r, in(, 1, 1)]``,
+``.lora_up.weight`` ``[out, r(, 1, 1)]`` and ``.alpha`` (scalar); the update is
+``up @ down * alpha / r``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+from tqdm import tqdm
+
+from training import data, models, sample, train
+from training import scenes as sc
+from training import tokenizer as tk
+
+TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2"]
+
+
+def outline_pool(run: Path, n: int, vae) -> dict:
+    path = run / f"latents-outline-{n}.pt"
+    if path.exists():
+        return torch.load(path, weights_only=True)
+    tok = tk.load(run / "tokenizer")
+    scenes = [sc.make_scene(sc.stream_seed(sc.TRAIN_STREAM, 10_000_000 + i)) for i in range(n)]
+    means = []
+    with torch.no_grad():
+        for i in range(0, n, 128):
+            x = data.to_tensor([sc.render(s, "outline") for s in scenes[i:i + 128]])
+            means.append(vae.encode(x).latent_dist.mean)
+    ids = tok([sc.caption(s) for s in scenes], padding="max_length", max_length=tk.MAX_LENGTH,
+              truncation=True, return_tensors="pt").input_ids
+    pool = {"mean": torch.cat(means), "ids": ids}
+    torch.save(pool, path)
+    return pool
+
+
+def kohya_state_dict(unet, rank: int, alpha: float) -> dict[str, torch.Tensor]:
+    """peft LoRA layers of ``unet`` -> kohya names (the base UNet's diffusers module paths)."""
+    out = {}
+    for name, module in unet.named_modules():
+        if not hasattr(module, "lora_A") or "default" not in module.lora_A:
+            continue
+        base = "lora_unet_" + name.replace("base_model.model.", "").replace(".", "_")
+        out[f"{base}.lora_down.weight"] = module.lora_A["default"].weight.detach().clone().contiguous()
+        out[f"{base}.lora_up.weight"] = module.lora_B["default"].weight.detach().clone().contiguous()
+        out[f"{base}.alpha"] = torch.tensor(float(alpha))
+    return out
+
+
+def apply_kohya(unet, lora: dict[str, torch.Tensor], strength: float = 1.0) -> dict[str, torch.Tensor]:
+    """Merge a kohya LoRA into ``unet`` in place; returns the original weights for an exact unload."""
+    modules = {"lora_unet_" + n.replace(".", "_"): m for n, m in unet.named_modules()}
+    saved = {}
+    for key in lora:
+        if not key.endswith(".lora_down.weight"):
+            continue
+        base = key[: -len(".lora_down.weight")]
+        m = modules[base]
+        down, up = lora[key].float(), lora[f"{base}.lora_up.weight"].float()
+        r = down.shape[0]
+        scale = float(lora.get(f"{base}.alpha", torch.tensor(float(r)))) / r
+        delta = (up.flatten(1) @ down.flatten(1)).view(m.weight.shape) * scale * strength
+        saved[base] = m.weight.detach().clone()
+        with torch.no_grad():
+            m.weight += delta.to(m.weight.dtype)
+    return saved
+
+
+def unapply(unet, saved: dict[str, torch.Tensor]) -> None:
+    modules = {"lora_unet_" + n.replace(".", "_"): m for n, m in unet.named_modules()}
+    with torch.no_grad():
+        for base, w in saved.items():
+            modules[base].weight.copy_(w)
+
+
+def train_lora(run: Path, out: Path, steps: int, batch: int, lr: float, rank: int, seed: int,
+               pool_size: int) -> None:
+    from peft import LoraConfig, inject_adapter_in_model
+
+    pipe = sample.Pipeline.from_run(run)
+    unet, te, vae = pipe.unet, pipe.text_encoder, pipe.vae
+    scale = vae.config.scaling_factor
+    pool = outline_pool(run, pool_size, vae)
+    for p in list(unet.parameters()) + list(te.parameters()):
+        p.requires_grad_(False)
+    torch.manual_seed(seed)
+    unet = inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=rank, target_modules=TARGETS,
+                                              init_lora_weights=True), unet)
+    params = [p for n, p in unet.named_parameters() if "lora_" in n]
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    sched = models.build_scheduler()
+    abar = sched.alphas_cumprod.float()
+    n = pool["mean"].shape[0]
+    with torch.no_grad():
+        cond_all = te(pool["ids"])[0]
+    print(f"lora: rank {rank}, {sum(p.numel() for p in params) / 1e3:.0f}k params, {steps} steps of {batch}")
+    t0 = time.time()
+    unet.train()
+    for step in tqdm(range(steps), desc="lora", mininterval=10):
+        for g in opt.param_groups:
+            g["lr"] = train.lr_at(step, lr, 20, steps)
+        idx = torch.from_numpy(data.pool_indices(seed, step, batch, n))
+        g = train._gen(seed, step, 3)
+        z0 = pool["mean"][idx] * scale
+        t = torch.randint(0, 1000, (batch,), generator=g)
+        noise = torch.randn(z0.shape, generator=g)
+        a = abar[t].view(-1, 1, 1, 1)
+        pred = unet(a.sqrt() * z0 + (1 - a).sqrt() * noise, t, cond_all[idx]).sample
+        loss = F.mse_loss(pred, noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    print(f"lora: {steps * batch / (time.time() - t0):.1f} samples/s, final loss {loss.item():.4f}")
+    sd = kohya_state_dict(unet, rank, rank)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_file(sd, str(out), metadata={"kiln.model_family": "kiln-shapes", "kiln.lora_style": "outline",
+                                      "ss_network_dim": str(rank), "ss_network_alpha": str(rank),
+                                      "kiln.lora_targets": json.dumps(TARGETS)})
+    print(f"wrote {out} ({len(sd) // 3} modules)")
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--run", type=Path, default=Path("runs/shapes"))
+    p.add_argument("--out", type=Path, default=Path("models/loras/kiln-outline.safetensors"))
+    p.add_argument("--steps", type=int, default=600)
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--rank", type=int, default=8)
+    p.add_argument("--pool", type=int, default=4000)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1)
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    train_lora(args.run, args.out, args.steps, args.batch, args.lr, args.rank, args.seed, args.pool)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,123 @@
+"""Text-to-image sampling with the trained components, using diffusers' schedulers directly.
+
+This is the training side's own sampler, used by the evaluator and the benchmark; Kiln's graph path
+(CheckpointLoaderSimple -> KSampler) loads the exported file independently.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from training import data, models
+
+SAMPLERS = ("euler", "dpmpp_2m", "ddim")
+
+
+def make_scheduler(name: str, config: dict):
+    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
+
+    cfg = dict(config)
+    if name == "euler":
+        return EulerDiscreteScheduler.from_config(cfg)
+    if name == "dpmpp_2m":
+        return DPMSolverMultistepScheduler.from_config(cfg, algorithm_type="dpmsolver++", solver_order=2)
+    if name == "ddim":
+        return DDIMScheduler.from_config(cfg)
+    raise ValueError(f"unknown sampler {name!r}; choose one of {SAMPLERS}")
+
+
+@dataclass
+class Pipeline:
+    tokenizer: object
+    text_encoder: torch.nn.Module
+    unet: torch.nn.Module
+    vae: torch.nn.Module
+    scheduler_config: dict
+
+    @classmethod
+    def from_run(cls, run: str | Path, ema: bool = True) -> "Pipeline":
+        """The latest UNet checkpoint of a training run folder (EMA weights by default)."""
+        from training import tokenizer as tk
+        from training import train
+
+        run = Path(run)
+        from diffusers import UNet2DConditionModel
+
+        vae = train.load_vae(run)
+        state = torch.load(run / "unet" / "latest.pt", map_location="cpu", weights_only=False)
+        te, _ = train.build_unet_stack(run)
+        unet = UNet2DConditionModel.from_config(state["unet_config"])
+        key = "ema" if ema and "ema" in state else "model"
+        te.load_state_dict(state[key]["text_encoder"])
+        unet.load_state_dict(state[key]["unet"])
+        return cls(tk.load(run / "tokenizer"), te.eval(), unet.eval(), vae.eval(), models.SCHEDULER_CONFIG)
+
+    @classmethod
+    def untrained(cls, run: str | Path) -> "Pipeline":
+        from training import tokenizer as tk
+        from training import train
+
+        run = Path(run)
+        torch.manual_seed(0)
+        te, unet = train.build_unet_stack(run)
+        return cls(tk.load(run / "tokenizer"), te.eval(), unet.eval(), train.load_vae(run).eval(),
+                   models.SCHEDULER_CONFIG)
+
+    @classmethod
+    def from_single_file(cls, path: str | Path) -> "Pipeline":
+        from training import export
+
+        return export.load_pipeline(path)
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
+        from training.tokenizer import MAX_LENGTH
+
+        ids = self.tokenizer(prompts, padding="max_length", max_length=MAX_LENGTH, truncation=True,
+                             return_tensors="pt").input_ids
+        return self.text_encoder(ids)[0]
+
+    @torch.no_grad()
+    def generate(self, prompts: list[str], seed: int = 0, steps: int = 20, cfg: float = 5.0,
+                 sampler: str = "euler", batch: int = 50) -> list[np.ndarray]:
+        out: list[np.ndarray] = []
+        for i in range(0, len(prompts), batch):
+            out.extend(self._generate(prompts[i:i + batch], seed + i, steps, cfg, sampler))
+        return out
+
+    def _generate(self, prompts, seed, steps, cfg, sampler):
+        sched = make_scheduler(sampler, self.scheduler_config)
+        sched.set_timesteps(steps)
+        cond = self.encode_prompts(prompts)
+        uncond = self.encode_prompts([""] * len(prompts))
+        g = torch.Generator().manual_seed(seed)
+        size = self.unet.config.sample_size
+        x = torch.randn(len(prompts), self.unet.config.in_channels, size, size, generator=g)
+        x = x * sched.init_noise_sigma
+        for t in sched.timesteps:
+            xin = sched.scale_model_input(torch.cat([x, x]), t)
+            eps = self.unet(xin, t, torch.cat([uncond, cond])).sample
+            eu, ec = eps.chunk(2)
+            x = sched.step(eu + cfg * (ec - eu), t, x).prev_sample
+        img = self.vae.decode(x / self.vae.config.scaling_factor).sample
+        return data.to_images(img)
+
+
+def save_grid(images: list[np.ndarray], path: str | Path, cols: int = 10, scale: int = 2) -> None:
+    from PIL import Image
+
+    rows = (len(images) + cols - 1) // cols
+    grid = np.zeros((rows * 64, cols * 64, 3), np.uint8)
+    for k, im in enumerate(images):
+        r, c = divmod(k, cols)
+        grid[r * 64:(r + 1) * 64, c * 64:(c + 1) * 64] = im
+    Image.fromarray(grid).resize((cols * 64 * scale, rows * 64 * scale), Image.NEAREST).save(path)
+
+
+def config_json(config: dict) -> str:
+    return json.dumps(config, sort_keys=True)

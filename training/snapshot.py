@@ -1,0 +1,48 @@
+"""Copy a run's resumable state into ``training/checkpoints/`` (committed) and back.
+
+    python -m training.snapshot save --run runs/shapes      # run -> training/checkpoints/
+    python -m training.snapshot restore --run runs/shapes   # training/checkpoints/ -> run, then:
+    python -m training.train latents --out runs/shapes      # re-encode the latent pool (deterministic)
+    python -m training.train unet --out runs/shapes --resume
+
+The snapshot is the tokenizer, the finished VAE and the UNet stage's ``latest.pt`` (model, EMA, AdamW
+state, step): everything ``--resume`` needs except the latent pool, which is recomputed from the VAE.
+One file per component, overwritten each time, so the repository holds few binary versions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+from pathlib import Path
+
+SNAP = Path(__file__).resolve().parent / "checkpoints"
+FILES = {  # run-relative path -> snapshot name
+    "tokenizer/vocab.json": "tokenizer/vocab.json",
+    "tokenizer/merges.txt": "tokenizer/merges.txt",
+    "vae/config.json": "vae-config.json",
+    "vae/final.pt": "vae-final.pt",
+    "unet/latest.pt": "unet-latest.pt",
+}
+
+
+def copy(run: Path, to_snapshot: bool) -> None:
+    for rel, name in FILES.items():
+        src, dst = (run / rel, SNAP / name) if to_snapshot else (SNAP / name, run / rel)
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dst.with_name(dst.name + ".tmp")
+        shutil.copyfile(src, tmp)
+        tmp.replace(dst)
+        print(f"{src} -> {dst}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("action", choices=["save", "restore"])
+    p.add_argument("--run", type=Path, default=Path("runs/shapes"))
+    args = p.parse_args(argv)
+    copy(args.run, args.action == "save")
+
+
+if __name__ == "__main__":
+    main()

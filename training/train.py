@@ -1,0 +1,351 @@
+"""Train the kiln-shapes stack: tokenizer -> VAE -> latent pool -> UNet + text encoder.
+
+    python -m training.train all --out runs/shapes            # everything, from scratch
+    python -m training.train unet --out runs/shapes --resume  # continue the UNet stage
+
+Every stage is deterministic from ``--seed``: batches, noise and timesteps are functions of
+(seed, step) (see :mod:`training.data`), so ``--resume`` from a checkpoint (model, EMA, optimizer, step;
+the LR schedule is a function of the step) continues exactly as an uninterrupted run would.
+Checkpoints are written atomically to ``<out>/<stage>/latest.pt`` every ``--ckpt-every`` seconds.
+Use one thread (the default): the machine is shared.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from training import data, models
+from training import scenes as sc
+from training import tokenizer as tk
+
+CAPTION_DROPOUT = 0.1
+MIN_SNR_GAMMA = 5.0
+
+
+def lr_at(step: int, base: float, warmup: int, total: int, floor: float = 0.05) -> float:
+    if step < warmup:
+        return base * (step + 1) / warmup
+    p = min(1.0, (step - warmup) / max(1, total - warmup))
+    return base * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * p)))
+
+
+def save_atomic(obj: dict, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _gen(seed: int, step: int, salt: int) -> torch.Generator:
+    return torch.Generator().manual_seed(int(np.random.default_rng([seed, step, salt]).integers(2**62)))
+
+
+# ---------------------------------------------------------------- tokenizer
+
+
+def stage_tokenizer(out: Path) -> None:
+    tk.train_tokenizer(out / "tokenizer")
+    print(f"tokenizer: {len(tk.load(out / 'tokenizer'))} entries -> {out / 'tokenizer'}")
+
+
+# ---------------------------------------------------------------- VAE
+
+
+def load_vae(out: Path):
+    vae = models.build_vae(json.loads((out / "vae" / "config.json").read_text()))
+    vae.load_state_dict(torch.load(out / "vae" / "final.pt", map_location="cpu", weights_only=True))
+    return vae
+
+
+VAE_PHASE1 = 700
+
+
+def vae_lr(step: int, lr: float) -> float:
+    """A 700-step warmup + cosine cycle, then a constant ``0.3 * lr`` for however many steps follow.
+
+    (The first shipped VAE stopped after the cosine cycle with muddled colours; the constant tail makes
+    "train longer" and "resume with a larger --vae-steps" the same schedule.)
+    """
+    if step < VAE_PHASE1:
+        return lr_at(step, lr, 100, VAE_PHASE1)
+    return 0.3 * lr
+
+
+# From this step on the reconstruction loss weighs object pixels 8x: objects cover 3-14% of an image, and
+# with a plain per-pixel loss the VAE had learned the backgrounds but still muddled object colours
+# (52% colour accuracy on its reconstructions at step 887). The step is where the running first run was
+# switched over; it is part of the schedule, so `--vae-steps N` from scratch reproduces it.
+VAE_FG_FROM = 1000
+FG_WEIGHT = 8.0
+
+
+def fg_weight(x: torch.Tensor) -> torch.Tensor:
+    """Per-pixel loss weight ``[B, 1, H, W]``: FG_WEIGHT where the image differs from its border colour."""
+    border = torch.cat([x[:, :, :2].flatten(2), x[:, :, -2:].flatten(2)], dim=2)
+    bg = border.median(dim=2).values[:, :, None, None]
+    fg = ((x - bg).abs().sum(dim=1, keepdim=True) > 0.3).float()
+    fg = F.max_pool2d(fg, 3, stride=1, padding=1)  # include the anti-aliased rim
+    return 1.0 + (FG_WEIGHT - 1.0) * fg
+
+
+def stage_vae(out: Path, seed: int, steps: int, batch: int, lr: float, resume: bool, ckpt_every: float) -> None:
+    ckpt = out / "vae" / "latest.pt"
+    torch.manual_seed(seed)
+    vae = models.build_vae()
+    opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
+    step = 0
+    if resume and ckpt.exists():
+        st = torch.load(ckpt, map_location="cpu", weights_only=False)
+        vae.load_state_dict(st["model"])
+        opt.load_state_dict(st["opt"])
+        step = st["step"]
+        print(f"vae: resumed at step {step}")
+    print(f"vae: {models.n_params(vae) / 1e6:.2f}M params, {steps} steps of {batch}")
+    last = time.time()
+    bar = tqdm(total=steps, initial=step, desc="vae", unit="step", mininterval=10)
+    ema_loss = None
+    while step < steps:
+        for g in opt.param_groups:
+            g["lr"] = vae_lr(step, lr)
+        x = data.vae_batch(seed, step, batch)
+        post = vae.encode(x).latent_dist
+        z = post.sample(generator=_gen(seed, step, 1))
+        y = vae.decode(z).sample
+        err = (y - x).abs() + (y - x) ** 2
+        if step >= VAE_FG_FROM:
+            err = err * fg_weight(x)
+        rec = err.mean()
+        loss = rec + 1e-6 * post.kl().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        step += 1
+        ema_loss = rec.item() if ema_loss is None else 0.98 * ema_loss + 0.02 * rec.item()
+        bar.update(1)
+        bar.set_postfix(rec=f"{ema_loss:.4f}", samples_s=f"{(bar.format_dict['rate'] or 0.0) * batch:.1f}", refresh=False)
+        if time.time() - last > ckpt_every or step == steps:
+            save_atomic({"model": vae.state_dict(), "opt": opt.state_dict(), "step": step}, ckpt)
+            last = time.time()
+    bar.close()
+    # scaling factor: unit variance latents, as SD's 0.18215 does for its VAE
+    vae.eval()
+    with torch.no_grad():
+        x = data.vae_batch(seed + 1, 0, 256)
+        std = vae.encode(x).latent_dist.mean.std().item()
+    cfg = dict(models.VAE_CONFIG)
+    cfg["scaling_factor"] = round(1.0 / std, 5)
+    (out / "vae").mkdir(parents=True, exist_ok=True)
+    (out / "vae" / "config.json").write_text(json.dumps(cfg, indent=1))
+    torch.save(vae.state_dict(), out / "vae" / "final.pt")
+    with torch.no_grad():
+        x = data.vae_batch(seed + 2, 0, 32)
+        y = vae.decode(vae.encode(x).latent_dist.mode()).sample
+        err = (y - x).abs().mean().item() * 127.5
+    print(f"vae: scaling_factor {cfg['scaling_factor']}, mean abs reconstruction error {err:.2f}/255")
+
+
+# ---------------------------------------------------------------- latent pool
+
+
+def stage_latents(out: Path, pool: int, batch: int = 256) -> None:
+    """Encode the fixed training pool once: latent mean and std (fp16) plus tokenized captions."""
+    path = out / "latents.pt"
+    vae = load_vae(out).eval()
+    tok = tk.load(out / "tokenizer")
+    scenes = data.pool_scenes(pool)
+    means, stds = [], []
+    with torch.no_grad():
+        for i in tqdm(range(0, pool, batch), desc="encode pool", unit="batch", mininterval=10):
+            x = data.to_tensor([sc.render(s) for s in scenes[i:i + batch]])
+            d = vae.encode(x).latent_dist
+            means.append(d.mean.half())
+            stds.append(d.std.half())
+    ids = tok([sc.caption(s) for s in scenes], padding="max_length", max_length=tk.MAX_LENGTH,
+              truncation=True, return_tensors="pt").input_ids
+    save_atomic({"mean": torch.cat(means), "std": torch.cat(stds), "ids": ids.to(torch.int16)}, path)
+    print(f"latents: {pool} scenes -> {path}")
+
+
+# ---------------------------------------------------------------- UNet + text encoder
+
+
+def build_unet_stack(out: Path, unet_config: dict | None = None):
+    cfg = dict(models.TEXT_CONFIG)
+    cfg["vocab_size"] = len(tk.load(out / "tokenizer"))
+    return models.build_text_encoder(cfg), models.build_unet(unet_config)
+
+
+def _ema_update(ema: dict, params: dict, decay: float) -> None:
+    with torch.no_grad():
+        for k, p in params.items():
+            ema[k].mul_(decay).add_(p.detach(), alpha=1 - decay)
+
+
+def stage_unet(out: Path, seed: int, steps: int, batch: int, lr: float, resume: bool, ckpt_every: float,
+               eval_every: int, unet_config: dict | None = None, warmup: int = 300,
+               max_minutes: float | None = None, max_steps: int | None = None) -> list[float]:
+    """Train (or resume) to ``steps``; ``max_minutes`` / ``max_steps`` stop early without changing the
+    schedule, so a later ``--resume`` carries on as if never stopped. Returns this call's losses."""
+    ckpt = out / "unet" / "latest.pt"
+    torch.manual_seed(seed)
+    te, unet = build_unet_stack(out, unet_config)
+    named = {f"text_encoder.{k}": p for k, p in te.named_parameters()}
+    named.update({f"unet.{k}": p for k, p in unet.named_parameters()})
+    opt = torch.optim.AdamW(list(named.values()), lr=lr, weight_decay=0.01)
+    ema = {k: p.detach().clone() for k, p in named.items()}
+    step = 0
+    if resume and ckpt.exists():
+        st = torch.load(ckpt, map_location="cpu", weights_only=False)
+        te.load_state_dict(st["model"]["text_encoder"])
+        unet.load_state_dict(st["model"]["unet"])
+        opt.load_state_dict(st["opt"])
+        for part in ("text_encoder", "unet"):
+            for k, v in st["ema"][part].items():
+                if f"{part}.{k}" in ema:
+                    ema[f"{part}.{k}"].copy_(v)
+        step = st["step"]
+        print(f"unet: resumed at step {step}")
+    pool = torch.load(out / "latents.pt", map_location="cpu", weights_only=True)
+    n = pool["mean"].shape[0]
+    scale = json.loads((out / "vae" / "config.json").read_text())["scaling_factor"]
+    sched = models.build_scheduler()
+    abar = sched.alphas_cumprod.float()
+    tok = tk.load(out / "tokenizer")
+    empty = tok([""], padding="max_length", max_length=tk.MAX_LENGTH, return_tensors="pt").input_ids[0]
+    print(f"unet: {models.n_params(unet) / 1e6:.2f}M params, text encoder {models.n_params(te) / 1e6:.2f}M, "
+          f"pool {n}, {steps} steps of {batch}, lr {lr}")
+
+    def state() -> dict:
+        split = {"text_encoder": {}, "unet": {}}
+        for k, v in ema.items():
+            part, name = k.split(".", 1)
+            split[part][name] = v
+        return {"model": {"text_encoder": te.state_dict(), "unet": unet.state_dict()}, "ema": split,
+                "opt": opt.state_dict(), "step": step, "seed": seed, "unet_config": dict(unet.config)}
+
+    losses = []
+    t_start = last = time.time()
+    bar = tqdm(total=steps, initial=step, desc="unet", unit="step", mininterval=15)
+    ema_loss = None
+    while step < steps:
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, lr, warmup, steps)
+        idx = torch.from_numpy(data.pool_indices(seed, step, batch, n))
+        g = _gen(seed, step, 2)
+        mean, std = pool["mean"][idx].float(), pool["std"][idx].float()
+        z0 = (mean + std * torch.randn(mean.shape, generator=g)) * scale
+        ids = pool["ids"][idx].long()
+        drop = torch.rand(batch, generator=g) < CAPTION_DROPOUT
+        ids[drop] = empty
+        t = torch.randint(0, sched.config.num_train_timesteps, (batch,), generator=g)
+        noise = torch.randn(z0.shape, generator=g)
+        a = abar[t].view(-1, 1, 1, 1)
+        xt = a.sqrt() * z0 + (1 - a).sqrt() * noise
+        pred = unet(xt, t, te(ids)[0]).sample
+        # Min-SNR weighting (gamma 5) for epsilon prediction: the nearly-clean steps, which only polish
+        # edges, stop dominating the gradient; layout and prompt-following are decided at the noisy ones.
+        snr = a / (1 - a)
+        w = (snr.clamp(max=MIN_SNR_GAMMA) / snr).view(-1)
+        loss = (F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3)) * w).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(list(named.values()), 1.0)
+        opt.step()
+        step += 1
+        _ema_update(ema, named, min(0.999, (1 + step) / (10 + step)))
+        losses.append(loss.item())
+        ema_loss = loss.item() if ema_loss is None else 0.98 * ema_loss + 0.02 * loss.item()
+        bar.update(1)
+        rate = bar.format_dict["rate"] or 0.0
+        bar.set_postfix(loss=f"{ema_loss:.4f}", samples_s=f"{rate * batch:.1f}", lr=f"{g_lr(opt):.2e}", refresh=False)
+        done = (step == steps or (max_minutes is not None and time.time() - t_start > max_minutes * 60)
+                or (max_steps is not None and step >= max_steps))
+        if time.time() - last > ckpt_every or done:
+            save_atomic(state(), ckpt)
+            last = time.time()
+            tqdm.write(f"checkpoint step {step} loss {ema_loss:.4f} -> {ckpt}")
+        if eval_every and (step % eval_every == 0 or done):
+            save_atomic(state(), ckpt)
+            quick_eval(out, step)
+        if done:
+            break
+    bar.close()
+    return losses
+
+
+def g_lr(opt) -> float:
+    return opt.param_groups[0]["lr"]
+
+
+def quick_eval(out: Path, step: int, n: int = 50) -> dict:
+    from training import evaluate, sample
+
+    pipe = sample.Pipeline.from_run(out)
+    targets = sc.eval_scenes(n)
+    t0 = time.time()
+    imgs = pipe.generate([sc.caption(s) for s in targets], seed=0, steps=20, cfg=5.0, sampler="euler")
+    acc = evaluate.accuracy(imgs, targets)
+    tqdm.write(f"eval step {step} ({time.time() - t0:.0f}s, euler 20 cfg 5, {n} prompts): "
+               + " ".join(f"{k} {v * 100:.0f}%" for k, v in acc.items()))
+    sample.save_grid(imgs, out / "unet" / f"samples-{step:06d}.png")
+    with open(out / "eval.jsonl", "a") as f:
+        f.write(json.dumps({"step": step, **acc}) + "\n")
+    return acc
+
+
+# ---------------------------------------------------------------- CLI
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("stage", choices=["tokenizer", "vae", "latents", "unet", "all"])
+    p.add_argument("--out", type=Path, default=Path("runs/shapes"))
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resume", action="store_true")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--ckpt-every", type=float, default=300.0, help="seconds between checkpoints")
+    p.add_argument("--vae-steps", type=int, default=1700)
+    p.add_argument("--vae-batch", type=int, default=16)
+    p.add_argument("--pool", type=int, default=20000, help="training scenes whose latents are cached")
+    p.add_argument("--steps", type=int, default=6000, help="UNet steps")
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--eval-every", type=int, default=250)
+    p.add_argument("--max-minutes", type=float, default=None, help="stop the UNet stage after this long")
+    p.add_argument("--stop-before", choices=["vae", "latents", "unet"], default=None,
+                   help="with 'all': run the stages before this one only")
+    p.add_argument("--unet-config", type=json.loads, default=None, help="JSON overrides of UNET_CONFIG")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    out: Path = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    stages = ["tokenizer", "vae", "latents", "unet"]
+    wanted = stages if args.stage == "all" else [args.stage]
+    if args.stop_before:
+        wanted = [s for s in wanted if stages.index(s) < stages.index(args.stop_before)]
+    unet_config = None
+    if args.unet_config:
+        unet_config = {**models.UNET_CONFIG, **args.unet_config}
+    if "tokenizer" in wanted and not (args.resume and (out / "tokenizer" / "vocab.json").exists()):
+        stage_tokenizer(out)
+    if "vae" in wanted and not (args.resume and (out / "vae" / "final.pt").exists()):
+        stage_vae(out, args.seed, args.vae_steps, args.vae_batch, 1e-3, args.resume, args.ckpt_every)
+    if "latents" in wanted and not (args.resume and (out / "latents.pt").exists()):
+        stage_latents(out, args.pool)
+    if "unet" in wanted:
+        stage_unet(out, args.seed, args.steps, args.batch, args.lr, args.resume, args.ckpt_every,
+                   args.eval_every, unet_config, max_minutes=args.max_minutes)
+
+
+if __name__ == "__main__":
+    main()
