@@ -9,7 +9,8 @@ Three sources become the same :class:`Components`:
 - a diffusers folder (``model_index.json``), loaded from disk with ``from_pretrained``.
 
 :func:`export_ldm_checkpoint` writes diffusers components as an LDM single file with Kiln metadata;
-the project's training code uses it, and so do the tests.
+the tests use it, and any training code may. Reading and writing live together so the two directions
+cannot drift apart.
 """
 from __future__ import annotations
 

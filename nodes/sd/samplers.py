@@ -8,6 +8,9 @@ supported by one small table of each.
 Samplers take ``(denoise, x, sigmas, noise, callback)``: ``denoise(x, sigma)`` returns the predicted
 clean latent, ``noise()`` returns fresh unit noise (from a seeded CPU generator) for stochastic samplers,
 ``callback(i, x0)`` is called once per step with the current prediction (for progress previews).
+
+One module, past the usual size, because the two tables (schedules and samplers) are read together and
+every sampler shares the same few step helpers.
 """
 from __future__ import annotations
 
