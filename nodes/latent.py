@@ -106,7 +106,6 @@ class LatentUpscale(engine.Node):
         lh = height // 8 if height else max(1, round(h * (width // 8) / w))
         out = dict(s)
         out["samples"] = _resize(x, lh, lw, upscale_method, crop)
-        out.pop("noise_mask", None)
         return out
 
     @classmethod
@@ -129,7 +128,6 @@ class LatentUpscaleBy(engine.Node):
         h, w = x.shape[-2:]
         out = dict(s)
         out["samples"] = _resize(x, max(1, round(h * scale_by)), max(1, round(w * scale_by)), upscale_method)
-        out.pop("noise_mask", None)
         return out
 
 
