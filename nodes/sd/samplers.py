@@ -340,11 +340,13 @@ def sample_lcm(denoise: Denoise, x, sigmas, noise, callback):
     return x
 
 
-def sample_uni_pc(denoise: Denoise, x, sigmas, noise, callback, order: int = 2):
-    """UniPC (B(h) = e^-h - 1 variant) in data-prediction form: UniP-p predictor and UniC corrector.
+def sample_uni_pc(denoise: Denoise, x, sigmas, noise, callback, order: int = 3, variant: str = "bh1"):
+    """UniPC in data-prediction form: a UniP-p predictor and a UniC corrector, up to ``order``.
 
-    The model is evaluated once per step: its output at the predicted point both corrects that point
-    and serves as the next step's base. The last step (to sigma 0) returns the prediction.
+    ``variant`` picks B(h): "bh1" is B(h) = h, "bh2" is B(h) = e^h - 1. The model is evaluated once per step:
+    its output at the predicted point both corrects that point and serves as the next step's base. The order
+    is lowered at the start (too few earlier points) and at the end; the last step (to sigma 0) returns the
+    prediction.
     """
     sig = [float(v) for v in sigmas]
     n = len(sig) - 1
@@ -358,39 +360,41 @@ def sample_uni_pc(denoise: Denoise, x, sigmas, noise, callback, order: int = 2):
             return m
         h = lam(t) - lam(s)
         hh = -h
-        b_h = math.expm1(hh)
-        p = min(order, len(hist) + 1, n - i)  # lower order at the start and at the end
+        b_h = hh if variant == "bh1" else math.expm1(hh)
+        p = min(order, len(hist) + 1, n - i)
         rks, d1s = [], []
         for k in range(1, p):
             lam_k, m_k = hist[-k]
             rk = (lam_k - lam(s)) / h
             rks.append(rk)
             d1s.append((m_k - m) / rk)
+        r_all = rks + [1.0]
+        h_phi = math.expm1(hh) / hh - 1
+        fact, rows, b = 1, [], []
+        for j in range(1, p + 1):
+            rows.append([r ** (j - 1) for r in r_all])
+            b.append(h_phi * fact / b_h)
+            fact *= j + 1
+            h_phi = h_phi / hh - 1 / fact
         x_base = (t / s) * x - math.expm1(hh) * m
-        if p >= 2:
-            x_pred = x_base - b_h * 0.5 * d1s[0]
-        else:
+        if p == 1:
             x_pred = x_base
+        else:
+            rhos_p = [0.5] if p == 2 else np.linalg.solve(np.array(rows[:-1])[:, :-1], np.array(b[:-1])).tolist()
+            x_pred = x_base - b_h * sum(r * d for r, d in zip(rhos_p, d1s))
         m_t = denoise(x_pred, sigmas[i + 1])
         d1_t = m_t - m
-        if p == 1:
-            rhos = [0.5]
-        else:
-            r_all = rks + [1.0]
-            h_phi = math.expm1(hh) / hh - 1
-            fact, rows, b = 1, [], []
-            for j in range(1, p + 1):
-                rows.append([r ** (j - 1) for r in r_all])
-                b.append(h_phi * fact / b_h)
-                fact *= j + 1
-                h_phi = h_phi / hh - 1 / fact
-            rhos = np.linalg.solve(np.array(rows), np.array(b)).tolist()
-        corr = sum(r * d for r, d in zip(rhos[:-1], d1s)) + rhos[-1] * d1_t
+        rhos_c = [0.5] if p == 1 else np.linalg.solve(np.array(rows), np.array(b)).tolist()
+        corr = sum(r * d for r, d in zip(rhos_c[:-1], d1s)) + rhos_c[-1] * d1_t
         x = x_base - b_h * corr
         hist.append((lam(s), m))
         hist = hist[-order:]
         m = m_t
     return x
+
+
+def sample_uni_pc_bh2(denoise: Denoise, x, sigmas, noise, callback):
+    return sample_uni_pc(denoise, x, sigmas, noise, callback, variant="bh2")
 
 
 SAMPLERS: dict[str, Callable] = {
@@ -399,12 +403,12 @@ SAMPLERS: dict[str, Callable] = {
     "dpmpp_2s_ancestral": sample_dpmpp_2s_ancestral, "dpmpp_sde": sample_dpmpp_sde,
     "dpmpp_2m": sample_dpmpp_2m, "dpmpp_2m_sde": sample_dpmpp_2m_sde, "lcm": sample_lcm,
     "ddim": sample_euler,  # DDIM (eta 0) is exactly the first-order step above in sigma space
-    "uni_pc": sample_uni_pc,
+    "uni_pc": sample_uni_pc, "uni_pc_bh2": sample_uni_pc_bh2,
 }
 # ComfyUI's order, restricted to what is implemented, so the combo lists only working choices.
 SAMPLER_NAMES = [n for n in ("euler", "euler_ancestral", "heun", "dpm_2", "dpm_2_ancestral", "lms",
                              "dpmpp_2s_ancestral", "dpmpp_sde", "dpmpp_2m", "dpmpp_2m_sde", "lcm", "ddim",
-                             "uni_pc") if n in SAMPLERS]
+                             "uni_pc", "uni_pc_bh2") if n in SAMPLERS]
 SCHEDULER_NAMES = [n for n in ("simple", "sgm_uniform", "karras", "exponential", "ddim_uniform", "beta", "normal")
                    if n in SCHEDULERS]
 

@@ -14,7 +14,7 @@ from nodes.sd.guidance import run_sampler
 from nodes.sd.samplers import (SAMPLER_NAMES, SCHEDULER_NAMES, ModelSampling, calculate_sigmas, sigmas_for)
 from tiny_models import SCHEDULER_CONFIG
 
-DETERMINISTIC = ["euler", "heun", "dpm_2", "lms", "dpmpp_2m", "ddim", "uni_pc"]
+DETERMINISTIC = ["euler", "heun", "dpm_2", "lms", "dpmpp_2m", "ddim", "uni_pc", "uni_pc_bh2"]
 
 
 @pytest.fixture(scope="module")
@@ -69,10 +69,17 @@ def test_deterministic_samplers_solve_the_ode(name):
 
 
 def test_higher_order_samplers_beat_euler():
-    errs = {n: _solve(n, 30) for n in ("euler", "heun", "dpmpp_2m", "uni_pc", "lms", "dpm_2")}
+    errs = {n: _solve(n, 30) for n in ("euler", "heun", "dpmpp_2m", "uni_pc", "uni_pc_bh2", "lms", "dpm_2")}
     for n in errs:
         if n != "euler":
             assert errs[n] < errs["euler"] / 5, errs
+
+
+@pytest.mark.parametrize("name,order", [("lms", 4), ("uni_pc", 3), ("uni_pc_bh2", 3), ("dpmpp_2m", 2)])
+def test_convergence_order(name, order):
+    """Tripling the steps divides the error by about 3^order."""
+    ratio = _solve(name, 30) / _solve(name, 90)
+    assert ratio > 0.6 * 3 ** order, (name, ratio)
 
 
 @pytest.mark.parametrize("name", SCHEDULER_NAMES)
