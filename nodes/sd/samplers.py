@@ -404,11 +404,14 @@ SAMPLERS: dict[str, Callable] = {
     "dpmpp_2m": sample_dpmpp_2m, "dpmpp_2m_sde": sample_dpmpp_2m_sde, "lcm": sample_lcm,
     "ddim": sample_euler,  # DDIM (eta 0) is exactly the first-order step above in sigma space
     "uni_pc": sample_uni_pc, "uni_pc_bh2": sample_uni_pc_bh2,
+    # ComfyUI's *_gpu variants only move noise generation to the GPU; Kiln always draws noise on the CPU
+    # from the seed, so they are the same samplers (and give the same image on every device).
+    "dpmpp_sde_gpu": sample_dpmpp_sde, "dpmpp_2m_sde_gpu": sample_dpmpp_2m_sde,
 }
 # ComfyUI's order, restricted to what is implemented, so the combo lists only working choices.
 SAMPLER_NAMES = [n for n in ("euler", "euler_ancestral", "heun", "dpm_2", "dpm_2_ancestral", "lms",
-                             "dpmpp_2s_ancestral", "dpmpp_sde", "dpmpp_2m", "dpmpp_2m_sde", "lcm", "ddim",
-                             "uni_pc", "uni_pc_bh2") if n in SAMPLERS]
+                             "dpmpp_2s_ancestral", "dpmpp_sde", "dpmpp_sde_gpu", "dpmpp_2m", "dpmpp_2m_sde",
+                             "dpmpp_2m_sde_gpu", "lcm", "ddim", "uni_pc", "uni_pc_bh2") if n in SAMPLERS]
 SCHEDULER_NAMES = [n for n in ("simple", "sgm_uniform", "karras", "exponential", "ddim_uniform", "beta", "normal")
                    if n in SCHEDULERS]
 
