@@ -118,6 +118,9 @@ def _expand_prefix(prefix: str, width: int, height: int) -> str:
     return prefix
 
 
+_next_counter: dict[tuple[str, str], int] = {}
+
+
 def save_images(images: torch.Tensor, prefix: str, type_: str, prompt: dict | None, extra_pnginfo: dict | None,
                 compress_level: int = 4, metadata: bool = True, extra_texts: Any = None) -> list[dict]:
     """Write an IMAGE batch as ``<prefix>_<NNNNN>_.png`` (ComfyUI naming) without overwriting anything."""
@@ -135,9 +138,12 @@ def save_images(images: torch.Tensor, prefix: str, type_: str, prompt: dict | No
                         input_name="filename_prefix", hint="use a relative prefix such as 'renders/cat'") from None
     folder.mkdir(parents=True, exist_ok=True)
     texts = comfy_png_metadata(prompt, extra_pnginfo) if metadata else None
-    pattern = re.compile(re.escape(base.replace("%batch_num%", "")) + r"_(\d+)_")
-    counter = 1 + max((int(m.group(1)) for f in os.listdir(folder) if (m := pattern.match(f.replace(
-        "%batch_num%", "")))), default=0)
+    counter_key = (str(folder), base)
+    counter = _next_counter.get(counter_key)
+    if counter is None:  # first save with this prefix here: one scan, then counted in memory
+        pattern = re.compile(re.escape(base.replace("%batch_num%", "")) + r"_(\d+)_")
+        counter = 1 + max((int(m.group(1)) for f in os.listdir(folder) if (m := pattern.match(f.replace(
+            "%batch_num%", "")))), default=0)
     results = []
     for i, img in enumerate(tensor_to_pil(images)):
         name_base = base.replace("%batch_num%", str(i))
@@ -153,6 +159,9 @@ def save_images(images: torch.Tensor, prefix: str, type_: str, prompt: dict | No
                 counter += 1
         results.append({"filename": fname, "subfolder": sub, "type": type_})
         counter += 1
+    if len(_next_counter) > 4096:  # PreviewImage's random prefixes would otherwise accumulate
+        _next_counter.clear()
+    _next_counter[counter_key] = counter  # a stale value is harmless: the exclusive create skips taken names
     return results
 
 
