@@ -26,6 +26,33 @@ from training import sample  # noqa: E402
 from training import scenes as sc  # noqa: E402
 
 
+def adapters(pipe: sample.Pipeline, targets: list[sc.Scene], args: argparse.Namespace) -> None:
+    """LoRA style separation and ControlNet placement, when their files exist."""
+    from safetensors.torch import load_file
+
+    from training import controlnet, lora
+
+    prompts = [sc.caption(s) for s in targets]
+    if args.lora.exists():
+        base = pipe.generate(prompts, seed=0, steps=args.steps, cfg=args.cfg)
+        saved = lora.apply_kohya(pipe.unet, load_file(str(args.lora)), strength=1.0)
+        styled = pipe.generate(prompts, seed=0, steps=args.steps, cfg=args.cfg)
+        lora.unapply(pipe.unet, saved)
+        hb = np.mean([ev.hollowness(i) for i in base])
+        hs = np.mean([ev.hollowness(i) for i in styled])
+        hr = np.mean([ev.hollowness(sc.render(s, "outline")) for s in targets])
+        print(f"LoRA {args.lora.name}: hollowness base {hb:.2f}, with LoRA {hs:.2f} (real outlines {hr:.2f}); "
+              f"prompt accuracy with LoRA: all {ev.accuracy(styled, targets)['all'] * 100:.0f}%")
+    if args.controlnet.exists():
+        cn = controlnet.load(args.controlnet)
+        imgs = controlnet.generate(pipe, cn, prompts, controlnet.control_tensor(targets), steps=args.steps,
+                                   cfg=args.cfg)
+        iou = np.mean([controlnet.placement_iou(i, s.objects[0]) for i, s in zip(imgs, targets)])
+        plain = pipe.generate(prompts, seed=0, steps=args.steps, cfg=args.cfg)
+        iou0 = np.mean([controlnet.placement_iou(i, s.objects[0]) for i, s in zip(plain, targets)])
+        print(f"ControlNet {args.controlnet.name}: placement IoU {iou:.2f} (without it {iou0:.2f})")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", type=Path, default=Path("models/checkpoints/kiln-shapes.safetensors"))
@@ -33,6 +60,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--cfg", type=float, default=5.0)
     p.add_argument("--samplers", default="euler,dpmpp_2m,ddim")
+    p.add_argument("--lora", type=Path, default=Path("models/loras/kiln-outline.safetensors"))
+    p.add_argument("--controlnet", type=Path, default=Path("models/controlnet/kiln-shapes-edges.safetensors"))
     args = p.parse_args()
     torch.set_num_threads(1)
     pipe = sample.Pipeline.from_single_file(args.checkpoint)
@@ -47,6 +76,7 @@ def main() -> None:
     for name in args.samplers.split(","):
         imgs = pipe.generate(prompts, seed=0, steps=args.steps, cfg=args.cfg, sampler=name)
         print(ev.format_row(name, ev.accuracy(imgs, targets)), flush=True)
+    adapters(pipe, targets[: min(args.n, 50)], args)
     pipe.generate(prompts[:1], steps=args.steps, cfg=args.cfg)  # warm-up
     t0 = time.perf_counter()
     reps = 5

@@ -102,7 +102,7 @@ def train_controlnet(run: Path, out: Path, steps: int, batch: int, lr: float, se
 def save(cn, out: Path) -> None:
     cfg = {k: v for k, v in dict(cn.config).items() if not k.startswith("_")}
     out.parent.mkdir(parents=True, exist_ok=True)
-    sd = {k: v.detach().contiguous() for k, v in cn.state_dict().items()}
+    sd = {k: v.detach().half().contiguous() for k, v in cn.state_dict().items()}  # fp16 on disk
     save_file(sd, str(out), metadata={"kiln.format": "1", "kiln.model_family": "kiln-shapes",
                                       "kiln.controlnet_config": json.dumps(cfg, sort_keys=True)})
     print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB)")

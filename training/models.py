@@ -7,7 +7,8 @@ Design notes (why the UNet looks like this; see ``training/README.md`` for the m
 * Where an object goes is decided early in sampling, at coarse scale. Convolutions and attention carry no
   positional encoding; the only place a feature map learns *where* it is comes from zero padding at the
   borders, which a 4x4 map feels everywhere but a 16x16 one hardly at all. So cross-attention (text ->
-  image) sits at 8x8 and 4x4 and in the mid block, and most channels are spent there.
+  image) sits at 8x8 and 4x4 and in the mid block, and most channels are spent there. (This was not
+  enough: the shipped model still ignores position words; see training/README.md.)
 * The text encoder is CLIP's (causal) transformer; the UNet attends to every token's hidden state, not
   only the pooled one, so position words at the end of a caption reach the image.
 * The noise schedule is DDPM's linear 1e-4..0.02 over 1000 steps rather than SD's scaled-linear: at 16x16

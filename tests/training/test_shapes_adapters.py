@@ -44,7 +44,7 @@ def test_kohya_lora_merge_matches_peft_and_unloads_exactly():
 def test_controlnet_file_round_trip(tmp_path):
     torch.manual_seed(0)
     unet = models.build_unet(TINY_UNET).eval()
-    cn = controlnet.build(unet).eval()
+    cn = controlnet.build(unet).eval().half().float()  # the file stores fp16
     path = tmp_path / "cn.safetensors"
     controlnet.save(cn, path)
     back = controlnet.load(path)
