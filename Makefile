@@ -13,7 +13,7 @@ install-dev:
 	$(PY) -m pip install -q -e ".[dev]"
 
 demo: install
-	$(PY) -m kiln run graphs/demo.json
+	$(PY) -m kiln run graphs/txt2img.json
 
 test: install-dev
 	$(PY) -m pytest -q
