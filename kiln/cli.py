@@ -89,7 +89,6 @@ class _Progress:
             self.nodes_task = None
             self.step_task = None
         self.lock = threading.Lock()
-        self.total = 0
         self.done = 0
 
     def __enter__(self):
@@ -107,7 +106,6 @@ class _Progress:
         from engine import events as E
         with self.lock:
             if isinstance(ev, E.ExecutionCached):
-                self.cached = set(ev.nodes)
                 self.nodes_task = self.progress.add_task(f"{self.label}nodes", total=None)
             elif isinstance(ev, E.NodeStarted):
                 node = self.graph.nodes.get(ev.node)
