@@ -113,21 +113,26 @@ def _not_found(missing: list[str]) -> web.Response:
                           prompt_ids=missing)
 
 
-async def post_queue(request: web.Request) -> web.Response:
-    svc = service(request)
+async def _clear_or_delete(request: web.Request, clear, delete) -> web.Response:
+    """ComfyUI's POST /queue and /history body: ``{"clear": true}`` and/or ``{"delete": [ids]}``."""
     try:
         data = await read_json(request, optional=True) or {}
         if not isinstance(data, dict):
             raise ApiError(400, "bad_request", "Expected a JSON object")
         if data.get("clear"):
-            svc.clear_pending()
+            clear()
         if "delete" in data:
-            missing = svc.delete_pending(_id_list(data, "delete"))
+            missing = delete(_id_list(data, "delete"))
             if missing:
                 return _not_found(missing)
     except ApiError as exc:
         return api_error(exc)
     return web.Response(status=200)
+
+
+async def post_queue(request: web.Request) -> web.Response:
+    svc = service(request)
+    return await _clear_or_delete(request, svc.clear_pending, svc.delete_pending)
 
 
 async def get_history(request: web.Request) -> web.Response:
@@ -151,19 +156,7 @@ async def get_history_item(request: web.Request) -> web.Response:
 
 async def post_history(request: web.Request) -> web.Response:
     svc = service(request)
-    try:
-        data = await read_json(request, optional=True) or {}
-        if not isinstance(data, dict):
-            raise ApiError(400, "bad_request", "Expected a JSON object")
-        if data.get("clear"):
-            svc.store.clear_history()
-        if "delete" in data:
-            missing = svc.delete_history(_id_list(data, "delete"))
-            if missing:
-                return _not_found(missing)
-    except ApiError as exc:
-        return api_error(exc)
-    return web.Response(status=200)
+    return await _clear_or_delete(request, svc.store.clear_history, svc.delete_history)
 
 
 async def post_interrupt(request: web.Request) -> web.Response:
