@@ -129,6 +129,11 @@ class _Progress:
                                          description=f"{self.label}done")
 
 
+def _print_format_error(exc, source: str | None = None) -> None:
+    where = f"{source}: " if source else ""
+    print(f"kiln: {where}{exc.message}" + (f" ({exc.details})" if exc.details else ""), file=sys.stderr)
+
+
 def _print_validation(res, stream=sys.stderr) -> None:
     print("Graph is not valid:", file=stream)
     for line in res.messages():
@@ -154,7 +159,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     try:
         base = Graph.load(args.graph)
     except GraphFormatError as exc:
-        print(f"kiln: {args.graph}: {exc.message}" + (f" ({exc.details})" if exc.details else ""), file=sys.stderr)
+        _print_format_error(exc, args.graph)
         return EXIT_INVALID
     combos = combinations(parse_sets(args.set or []), read_batch(args.batch) if args.batch else [])
     ex = api.executor(cache=args.cache, base_dir=args.base_dir, output_dir=args.output_dir)
@@ -166,7 +171,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         try:
             api.apply_settings(g, settings)
         except GraphFormatError as exc:
-            print(f"kiln: {exc.message}" + (f" ({exc.details})" if exc.details else ""), file=sys.stderr)
+            _print_format_error(exc)
             return EXIT_INVALID
         v = validate(g, ex.registry)
         if not v.ok:
@@ -213,7 +218,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     try:
         g = Graph.load(args.graph)
     except GraphFormatError as exc:
-        print(f"kiln: {args.graph}: {exc.message}" + (f" ({exc.details})" if exc.details else ""), file=sys.stderr)
+        _print_format_error(exc, args.graph)
         return EXIT_INVALID
     reg = default_registry()
     res = validate(g, reg)
