@@ -72,10 +72,19 @@ class _AsyncRunner:
         self.thread.start()
 
     def submit(self, coros: list, node_ctx: _ctx.NodeContext) -> cf.Future:
+        started = threading.Event()
+        settled = threading.Event()  # set once the node's coroutines have finished, cleanup included
+
         async def _all() -> list:
-            _ctx._current.set(node_ctx)
-            return list(await asyncio.gather(*coros))
-        return asyncio.run_coroutine_threadsafe(_all(), self.loop)
+            started.set()
+            try:
+                _ctx._current.set(node_ctx)
+                return list(await asyncio.gather(*coros))  # on cancel, gather waits for its children
+            finally:
+                settled.set()
+        fut = asyncio.run_coroutine_threadsafe(_all(), self.loop)
+        fut.kiln_started, fut.kiln_settled = started, settled  # type: ignore[attr-defined]
+        return fut
 
 
 def _accepts(fn: Callable) -> tuple[frozenset[str] | None, bool]:
@@ -728,10 +737,20 @@ class Executor:
             run.result.costs = list(rc.costs)
         return run.result
 
+    CANCEL_GRACE_S = 10.0
+
     def _cancel_inflight(self, run: _Run) -> None:
-        for fut in list(run.inflight):
-            fut.cancel()
+        """Cancel running async nodes and wait (bounded) for their cleanup, so a run that returns has no
+        node still acting behind it (an S3 upload being rolled back, say)."""
+        futs = list(run.inflight)
         run.inflight.clear()
+        for fut in futs:
+            fut.cancel()
+        deadline = time.monotonic() + self.CANCEL_GRACE_S
+        for fut in futs:
+            started, settled = getattr(fut, "kiln_started", None), getattr(fut, "kiln_settled", None)
+            if started is not None and started.is_set():  # one that never started has nothing to clean up
+                settled.wait(max(0.0, deadline - time.monotonic()))
 
     def _forget_objects(self, graph: Graph) -> None:
         if len(self.objects) > 4 * max(len(graph.nodes), 64):
