@@ -72,6 +72,7 @@ def train_controlnet(run: Path, out: Path, steps: int, batch: int, lr: float, se
     scale = vae.config.scaling_factor
     opt = torch.optim.AdamW(cn.parameters(), lr=lr, weight_decay=0.0)
     abar = models.build_scheduler().alphas_cumprod.float()
+    prediction = pipe.scheduler_config["prediction_type"]
     n = pool["mean"].shape[0]
     with torch.no_grad():
         cond_all = te(pool["ids"])[0]
@@ -91,7 +92,7 @@ def train_controlnet(run: Path, out: Path, steps: int, batch: int, lr: float, se
         text = cond_all[idx]
         down, mid = cn(xt, t, text, controlnet_cond=ctrl, return_dict=False)
         pred = unet(xt, t, text, down_block_additional_residuals=down, mid_block_additional_residual=mid).sample
-        loss = F.mse_loss(pred, noise)
+        loss = F.mse_loss(pred, train.diffusion_target(z0, noise, abar[t], prediction))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -132,8 +133,8 @@ def generate(pipe: sample.Pipeline, cn, prompts: list[str], control: torch.Tenso
         xin = sched.scale_model_input(torch.cat([x, x]), t)
         text = torch.cat([uncond, cond])
         down, mid = cn(xin, t, text, controlnet_cond=ctrl2, conditioning_scale=strength, return_dict=False)
-        eps = pipe.unet(xin, t, text, down_block_additional_residuals=down, mid_block_additional_residual=mid).sample
-        eu, ec = eps.chunk(2)
+        out = pipe.unet(xin, t, text, down_block_additional_residuals=down, mid_block_additional_residual=mid).sample
+        eu, ec = out.chunk(2)
         x = sched.step(eu + cfg * (ec - eu), t, x).prev_sample
     return data.to_images(pipe.vae.decode(x / pipe.vae.config.scaling_factor).sample)
 

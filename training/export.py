@@ -192,7 +192,7 @@ def _plain(config) -> dict:
 
 
 def export_run(run: Path, out: Path, dtype: torch.dtype = torch.float16, ema: bool = True) -> dict:
-    from training import models, sample
+    from training import sample
 
     pipe = sample.Pipeline.from_run(run, ema=ema)
     unet_cfg, vae_cfg = _plain(pipe.unet.config), _plain(pipe.vae.config)
@@ -203,7 +203,7 @@ def export_run(run: Path, out: Path, dtype: torch.dtype = torch.float16, ema: bo
                for k, v in pipe.text_encoder.state_dict().items()}
     ldm = to_ldm(unet_sd, unet_cfg, vae_sd, vae_cfg, text_sd)
     check_round_trip(ldm, unet_sd, unet_cfg, vae_sd, vae_cfg, text_sd)
-    meta = metadata(unet_cfg, vae_cfg, text_cfg, models.SCHEDULER_CONFIG, run / "tokenizer")
+    meta = metadata(unet_cfg, vae_cfg, text_cfg, pipe.scheduler_config, run / "tokenizer")
     out.parent.mkdir(parents=True, exist_ok=True)
     save_file(ldm, str(out), metadata=meta)
     return meta

@@ -28,7 +28,10 @@ from training import data, models, sample, train
 from training import scenes as sc
 from training import tokenizer as tk
 
-TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2"]
+# Attention and transformer projections (what SD LoRAs usually adapt) plus every ResNet convolution (LoCon):
+# the 16x16 level, where an outline is drawn, has no attention, so an attention-only LoRA barely moved it.
+TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
+           "conv1", "conv2", "conv_shortcut"]
 
 
 def outline_pool(run: Path, n: int, vae) -> dict:
@@ -107,6 +110,7 @@ def train_lora(run: Path, out: Path, steps: int, batch: int, lr: float, rank: in
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     sched = models.build_scheduler()
     abar = sched.alphas_cumprod.float()
+    prediction = pipe.scheduler_config["prediction_type"]
     n = pool["mean"].shape[0]
     with torch.no_grad():
         cond_all = te(pool["ids"])[0]
@@ -123,7 +127,7 @@ def train_lora(run: Path, out: Path, steps: int, batch: int, lr: float, rank: in
         noise = torch.randn(z0.shape, generator=g)
         a = abar[t].view(-1, 1, 1, 1)
         pred = unet(a.sqrt() * z0 + (1 - a).sqrt() * noise, t, cond_all[idx]).sample
-        loss = F.mse_loss(pred, noise)
+        loss = F.mse_loss(pred, train.diffusion_target(z0, noise, abar[t], prediction))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

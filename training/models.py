@@ -14,6 +14,12 @@ Design notes (why the UNet looks like this; see ``training/README.md`` for the m
 * The noise schedule is DDPM's linear 1e-4..0.02 over 1000 steps rather than SD's scaled-linear: at 16x16
   SD's schedule leaves ~7% of the image in the last step, and a model trained on it reads the background
   colour and layout from the starting noise instead of from the prompt.
+* With that schedule the last step is almost pure noise (sigma 157), so the model predicts *v*, not epsilon
+  (as SD 2 does, and as Lin et al. 2023 prescribe for a zero-terminal-SNR schedule). An epsilon model
+  cannot express what it knows there: the sampler's first x0 is ``x - 157 * eps``, so an epsilon error of
+  0.01 is an x0 error of 1.6, and the loss never asks it for that precision. v at high noise is -x0 itself,
+  which is where an object's place is decided. The epsilon run learned colour, shape, size and background
+  but never position; the same weights fine-tuned to v learned position (training/README.md).
 """
 
 from __future__ import annotations
@@ -64,7 +70,8 @@ SCHEDULER_CONFIG = dict(
     beta_start=0.0001,
     beta_end=0.02,
     beta_schedule="linear",
-    prediction_type="epsilon",
+    # v-prediction (SD 2's parametrisation): see the module docstring
+    prediction_type="v_prediction",
     clip_sample=False,
     set_alpha_to_one=False,
     steps_offset=0,

@@ -40,22 +40,27 @@ class Pipeline:
     scheduler_config: dict
 
     @classmethod
-    def from_run(cls, run: str | Path, ema: bool = True) -> "Pipeline":
-        """The latest UNet checkpoint of a training run folder (EMA weights by default)."""
+    def from_run(cls, run: str | Path, ema: bool = True, phase: str | None = None) -> "Pipeline":
+        """The latest UNet checkpoint of a training run folder (EMA weights by default); ``phase`` is the
+        checkpoint folder (``unet`` or ``unet-v``), by default the v phase when it has started."""
         from training import tokenizer as tk
         from training import train
 
         run = Path(run)
         from diffusers import UNet2DConditionModel
 
+        if phase is None:
+            phase = "unet-v" if (run / "unet-v" / "latest.pt").exists() else "unet"
         vae = train.load_vae(run)
-        state = torch.load(run / "unet" / "latest.pt", map_location="cpu", weights_only=False)
+        state = torch.load(run / phase / "latest.pt", map_location="cpu", weights_only=False)
+        # checkpoints from before the v phase carry no scheduler config: they predict epsilon
+        sched_cfg = state.get("scheduler_config", train.scheduler_config("epsilon"))
         te, _ = train.build_unet_stack(run)
         unet = UNet2DConditionModel.from_config(state["unet_config"])
         key = "ema" if ema and "ema" in state else "model"
         te.load_state_dict(state[key]["text_encoder"])
         unet.load_state_dict(state[key]["unet"])
-        return cls(tk.load(run / "tokenizer"), te.eval(), unet.eval(), vae.eval(), models.SCHEDULER_CONFIG)
+        return cls(tk.load(run / "tokenizer"), te.eval(), unet.eval(), vae.eval(), sched_cfg)
 
     @classmethod
     def untrained(cls, run: str | Path) -> "Pipeline":
@@ -101,8 +106,8 @@ class Pipeline:
         x = x * sched.init_noise_sigma
         for t in sched.timesteps:
             xin = sched.scale_model_input(torch.cat([x, x]), t)
-            eps = self.unet(xin, t, torch.cat([uncond, cond])).sample
-            eu, ec = eps.chunk(2)
+            out = self.unet(xin, t, torch.cat([uncond, cond])).sample  # epsilon or v, per the config
+            eu, ec = out.chunk(2)
             x = sched.step(eu + cfg * (ec - eu), t, x).prev_sample
         img = self.vae.decode(x / self.vae.config.scaling_factor).sample
         return data.to_images(img)

@@ -1,7 +1,10 @@
 """Train the kiln-shapes stack: tokenizer -> VAE -> latent pool -> UNet + text encoder.
 
-    python -m training.train all --out runs/shapes            # everything, from scratch
-    python -m training.train unet --out runs/shapes --resume  # continue the UNet stage
+    python -m training.train all --out runs/shapes              # everything, from scratch
+    python -m training.train unet-v --out runs/shapes --resume  # continue the v-prediction stage
+
+The UNet is trained in two phases: 6,000 steps predicting epsilon (folder ``unet/``), then a fine-tune of
+those EMA weights predicting v (folder ``unet-v/``); see :mod:`training.models` for why.
 
 Every stage is deterministic from ``--seed``: batches, noise and timesteps are functions of
 (seed, step) (see :mod:`training.data`), so ``--resume`` from a checkpoint (model, EMA, optimizer, step;
@@ -29,6 +32,11 @@ from training import scenes as sc
 from training import tokenizer as tk
 
 CAPTION_DROPOUT = 0.1
+V_STEPS = 3000  # the v-prediction fine-tune of the shipped weights
+# In the v phase this fraction of each batch has t >= HIGH_T (SNR < 0.007): where an object's place is
+# decided. Learning to place by the prompt has a long plateau (the network must first build position-
+# dependent features out of zero padding); sampling those steps more shortens it.
+HIGH_T, HIGH_T_FRACTION = 700, 0.5
 MIN_SNR_GAMMA = 5.0
 
 
@@ -187,8 +195,19 @@ HIGH_NOISE_FROM = 1825
 HIGH_NOISE_CAP = 30.0
 
 
+def loss_weight_v(abar_t: torch.Tensor) -> torch.Tensor:
+    """Per-sample weight of the v-MSE: ``min(1, (1 + gamma) / (1 + SNR))``.
+
+    The v-MSE is the x0-MSE times (1 + SNR), so this weighs the x0 error by ``min(1 + SNR, 1 + gamma)``:
+    1 at every noisy step (where place, colour and background are decided) and capped, as Min-SNR does,
+    where the image is nearly clean and only edges are being polished.
+    """
+    snr = abar_t / (1 - abar_t)
+    return ((1 + MIN_SNR_GAMMA) / (1 + snr)).clamp(max=1.0)
+
+
 def loss_weight(abar_t: torch.Tensor, step: int) -> torch.Tensor:
-    """Per-sample weight of the epsilon-MSE.
+    """Per-sample weight of the epsilon-MSE (the epsilon phase).
 
     * SNR > 1: Min-SNR (gamma 5), min(SNR, 5) / SNR: the nearly clean steps, which only polish edges,
       stop dominating the gradient.
@@ -217,14 +236,42 @@ def _ema_update(ema: dict, params: dict, decay: float) -> None:
             ema[k].mul_(decay).add_(p.detach(), alpha=1 - decay)
 
 
+PHASES = {"epsilon": "unet", "v_prediction": "unet-v"}  # prediction type -> checkpoint folder
+
+
+def diffusion_target(z0: torch.Tensor, noise: torch.Tensor, abar_t: torch.Tensor, prediction: str) -> torch.Tensor:
+    """What the UNet is trained to output for ``x_t = sqrt(abar) z0 + sqrt(1 - abar) noise``."""
+    if prediction == "v_prediction":
+        a = abar_t.view(-1, 1, 1, 1)
+        return a.sqrt() * noise - (1 - a).sqrt() * z0
+    if prediction == "epsilon":
+        return noise
+    raise ValueError(f"unknown prediction type {prediction!r}")
+
+
+def scheduler_config(prediction: str) -> dict:
+    return {**models.SCHEDULER_CONFIG, "prediction_type": prediction}
+
+
 def stage_unet(out: Path, seed: int, steps: int, batch: int, lr: float, resume: bool, ckpt_every: float,
                eval_every: int, unet_config: dict | None = None, warmup: int = 300,
-               max_minutes: float | None = None, max_steps: int | None = None) -> list[float]:
+               max_minutes: float | None = None, max_steps: int | None = None,
+               prediction: str = "epsilon", init: Path | None = None) -> list[float]:
     """Train (or resume) to ``steps``; ``max_minutes`` / ``max_steps`` stop early without changing the
-    schedule, so a later ``--resume`` carries on as if never stopped. Returns this call's losses."""
-    ckpt = out / "unet" / "latest.pt"
+    schedule, so a later ``--resume`` carries on as if never stopped. Returns this call's losses.
+
+    ``prediction`` is the target ("epsilon" or "v_prediction"); each has its own checkpoint folder
+    (:data:`PHASES`). ``init`` starts a fresh run (new optimizer and schedule) from another checkpoint's
+    EMA weights: the shipped model is an epsilon run fine-tuned to v this way."""
+    ckpt = out / PHASES[prediction] / "latest.pt"
+    ckpt.parent.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
     te, unet = build_unet_stack(out, unet_config)
+    if init is not None and not (resume and ckpt.exists()):
+        st = torch.load(init, map_location="cpu", weights_only=False)
+        te.load_state_dict(st["ema"]["text_encoder"])
+        unet.load_state_dict(st["ema"]["unet"])
+        print(f"unet: initialised from the EMA weights of {init} (step {st['step']})")
     named = {f"text_encoder.{k}": p for k, p in te.named_parameters()}
     named.update({f"unet.{k}": p for k, p in unet.named_parameters()})
     opt = torch.optim.AdamW(list(named.values()), lr=lr, weight_decay=0.01)
@@ -257,7 +304,8 @@ def stage_unet(out: Path, seed: int, steps: int, batch: int, lr: float, resume: 
             part, name = k.split(".", 1)
             split[part][name] = v
         return {"model": {"text_encoder": te.state_dict(), "unet": unet.state_dict()}, "ema": split,
-                "opt": opt.state_dict(), "step": step, "seed": seed, "unet_config": dict(unet.config)}
+                "opt": opt.state_dict(), "step": step, "seed": seed, "unet_config": dict(unet.config),
+                "scheduler_config": scheduler_config(prediction)}
 
     losses = []
     t_start = last = time.time()
@@ -275,11 +323,15 @@ def stage_unet(out: Path, seed: int, steps: int, batch: int, lr: float, resume: 
         ids[drop] = empty
         t = torch.randint(0, sched.config.num_train_timesteps, (batch,), generator=g)
         noise = torch.randn(z0.shape, generator=g)
+        if prediction == "v_prediction":  # half the batch at the noisy end, where position is decided
+            t_hi = torch.randint(HIGH_T, sched.config.num_train_timesteps, (batch,), generator=g)
+            t = torch.where(torch.rand(batch, generator=g) < HIGH_T_FRACTION, t_hi, t)
         a = abar[t].view(-1, 1, 1, 1)
         xt = a.sqrt() * z0 + (1 - a).sqrt() * noise
         pred = unet(xt, t, te(ids)[0]).sample
-        w = loss_weight(abar[t], step)
-        loss = (F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3)) * w).mean()
+        target = diffusion_target(z0, noise, abar[t], prediction)
+        w = loss_weight_v(abar[t]) if prediction == "v_prediction" else loss_weight(abar[t], step)
+        loss = (F.mse_loss(pred, target, reduction="none").mean(dim=(1, 2, 3)) * w).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(list(named.values()), 1.0)
@@ -299,7 +351,7 @@ def stage_unet(out: Path, seed: int, steps: int, batch: int, lr: float, resume: 
             tqdm.write(f"checkpoint step {step} loss {ema_loss:.4f} -> {ckpt}")
         if eval_every and (step % eval_every == 0 or done):
             save_atomic(state(), ckpt)
-            quick_eval(out, step)
+            quick_eval(out, step, PHASES[prediction])
         if done:
             break
     bar.close()
@@ -310,19 +362,19 @@ def g_lr(opt) -> float:
     return opt.param_groups[0]["lr"]
 
 
-def quick_eval(out: Path, step: int, n: int = 50) -> dict:
+def quick_eval(out: Path, step: int, phase: str = "unet", n: int = 50) -> dict:
     from training import evaluate, sample
 
-    pipe = sample.Pipeline.from_run(out)
+    pipe = sample.Pipeline.from_run(out, phase=phase)
     targets = sc.eval_scenes(n)
     t0 = time.time()
     imgs = pipe.generate([sc.caption(s) for s in targets], seed=0, steps=20, cfg=5.0, sampler="euler")
     acc = evaluate.accuracy(imgs, targets)
     tqdm.write(f"eval step {step} ({time.time() - t0:.0f}s, euler 20 cfg 5, {n} prompts): "
                + " ".join(f"{k} {v * 100:.0f}%" for k, v in acc.items()))
-    sample.save_grid(imgs, out / "unet" / f"samples-{step:06d}.png")
+    sample.save_grid(imgs, out / phase / f"samples-{step:06d}.png")
     with open(out / "eval.jsonl", "a") as f:
-        f.write(json.dumps({"step": step, **acc}) + "\n")
+        f.write(json.dumps({"phase": phase, "step": step, **acc}) + "\n")
     return acc
 
 
@@ -331,7 +383,7 @@ def quick_eval(out: Path, step: int, n: int = 50) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("stage", choices=["tokenizer", "vae", "latents", "unet", "all"])
+    p.add_argument("stage", choices=["tokenizer", "vae", "latents", "unet", "unet-v", "all"])
     p.add_argument("--out", type=Path, default=Path("runs/shapes"))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true")
@@ -340,19 +392,21 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--vae-steps", type=int, default=1700)
     p.add_argument("--vae-batch", type=int, default=16)
     p.add_argument("--pool", type=int, default=20000, help="training scenes whose latents are cached")
-    p.add_argument("--steps", type=int, default=6000, help="UNet steps")
+    p.add_argument("--steps", type=int, default=6000, help="UNet steps of the epsilon phase")
+    p.add_argument("--v-steps", type=int, default=V_STEPS, help="steps of the v-prediction phase")
+    p.add_argument("--v-lr", type=float, default=5e-4)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--eval-every", type=int, default=250)
     p.add_argument("--max-minutes", type=float, default=None, help="stop the UNet stage after this long")
-    p.add_argument("--stop-before", choices=["vae", "latents", "unet"], default=None,
+    p.add_argument("--stop-before", choices=["vae", "latents", "unet", "unet-v"], default=None,
                    help="with 'all': run the stages before this one only")
     p.add_argument("--unet-config", type=json.loads, default=None, help="JSON overrides of UNET_CONFIG")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
-    stages = ["tokenizer", "vae", "latents", "unet"]
+    stages = ["tokenizer", "vae", "latents", "unet", "unet-v"]
     wanted = stages if args.stage == "all" else [args.stage]
     if args.stop_before:
         wanted = [s for s in wanted if stages.index(s) < stages.index(args.stop_before)]
@@ -365,9 +419,14 @@ def main(argv: list[str] | None = None) -> None:
         stage_vae(out, args.seed, args.vae_steps, args.vae_batch, 1e-3, args.resume, args.ckpt_every)
     if "latents" in wanted and not (args.resume and (out / "latents.pt").exists()):
         stage_latents(out, args.pool)
-    if "unet" in wanted:
+    v_ckpt = out / PHASES["v_prediction"] / "latest.pt"
+    if "unet" in wanted and not (args.stage == "all" and args.resume and v_ckpt.exists()):
         stage_unet(out, args.seed, args.steps, args.batch, args.lr, args.resume, args.ckpt_every,
                    args.eval_every, unet_config, max_minutes=args.max_minutes)
+    if "unet-v" in wanted:
+        stage_unet(out, args.seed + 1, args.v_steps, args.batch, args.v_lr, args.resume, args.ckpt_every,
+                   args.eval_every, unet_config, warmup=200, max_minutes=args.max_minutes,
+                   prediction="v_prediction", init=out / PHASES["epsilon"] / "latest.pt")
 
 
 if __name__ == "__main__":
