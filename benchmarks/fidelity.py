@@ -73,9 +73,12 @@ def main() -> None:
     rng = np.random.default_rng(0)
     print(ev.format_row("(noise images)", ev.accuracy(
         [rng.integers(0, 256, (64, 64, 3), dtype=np.uint8) for _ in targets], targets)))
+    extent = []
     for name in args.samplers.split(","):
         imgs = pipe.generate(prompts, seed=0, steps=args.steps, cfg=args.cfg, sampler=name)
         print(ev.format_row(name, ev.accuracy(imgs, targets)), flush=True)
+        extent.append(f"{name} {ev.extent_only_shape_accuracy(imgs, targets) * 100:.0f}%")
+    print("shape read by extent alone (the evaluator's earlier rule, no corner check): " + ", ".join(extent))
     adapters(pipe, targets[: min(args.n, 50)], args)
     pipe.generate(prompts[:1], steps=args.steps, cfg=args.cfg)  # warm-up
     t0 = time.perf_counter()

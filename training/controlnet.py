@@ -84,7 +84,7 @@ def train_controlnet(run: Path, out: Path, steps: int, batch: int, lr: float, se
         idx = torch.from_numpy(data.pool_indices(seed, step, batch, n))
         g = train._gen(seed, step, 4)
         z0 = pool["mean"][idx] * scale
-        t = torch.randint(0, 1000, (batch,), generator=g)
+        t = train.emphasise_noisy_end(torch.randint(0, 1000, (batch,), generator=g), g)  # placement is decided there
         noise = torch.randn(z0.shape, generator=g)
         a = abar[t].view(-1, 1, 1, 1)
         xt = a.sqrt() * z0 + (1 - a).sqrt() * noise

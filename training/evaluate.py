@@ -2,9 +2,9 @@
 
 :func:`analyse` reads an RGB image with no knowledge of the prompt: background colour from the border,
 foreground as the pixels far from it, the largest connected foreground region as "the" object, its
-dominant colour (nearest palette entry to the median), its shape from how much of its bounding box it
-fills (square ~1.0, circle ~0.8, triangle ~0.56) with a polygon fit for the borderline, its size from the bounding
-box, its position from the bounding-box centre on the 3x3 grid. :func:`score` compares that with the
+dominant colour (nearest palette entry to the median), its shape from which corners of its bounding box it
+fills (:func:`corner_occupancy`) and how much of the box it fills (square ~1.0, circle ~0.8, triangle
+~0.56), its size from the bounding box, its position from the bounding-box centre on the 3x3 grid. :func:`score` compares that with the
 prompted :class:`~training.scenes.Obj`.
 
 ``python -m training.evaluate --weights runs/shapes/unet/latest.pt`` (or ``--real`` / ``--noise``)
@@ -36,6 +36,7 @@ class Reading:
     position: str | None
     fill: float = 0.0
     area: int = 0
+    shape_by_extent: str | None = None  # what the earlier, extent-only rule reads
 
 
 def _nearest(rgb: np.ndarray, table: np.ndarray, names: list[str]) -> str:
@@ -48,19 +49,47 @@ def _position(cx: float, cy: float) -> str:
     return sc.POSITIONS[row * 3 + col]
 
 
-def _shape(mask: np.ndarray, fill: float) -> str:
-    """Extent (area / bounding box) separates the three shapes; a polygon fit settles the circle/triangle
-    borderline that small, pixelated shapes reach."""
-    if fill > 0.93:
-        return "square"
-    if fill < 0.68:
-        return "triangle"
-    if fill > 0.75:
-        return "circle"
+def corner_occupancy(mask: np.ndarray) -> tuple[float, float, float, float]:
+    """How much of each bounding-box corner (top left, top right, bottom left, bottom right) the object
+    fills: the triangle with legs a quarter of the box's side. A circle leaves all four empty (its edge is
+    0.29 sides from a corner along the diagonal), a square fills them (also with rounded corners), the
+    upward triangle fills the bottom two only."""
+    ys, xs = np.nonzero(mask)
+    x0, x1, y0, y1 = xs.min(), xs.max(), ys.min(), ys.max()
+    leg = max(2, int(round(0.25 * min(x1 - x0 + 1, y1 - y0 + 1))))
+    dy, dx = np.nonzero(np.add.outer(np.arange(leg), np.arange(leg)) < leg)  # the corner triangle
+    out = []
+    for cy, cx, sy, sx in ((y0, x0, 1, 1), (y0, x1, 1, -1), (y1, x0, -1, 1), (y1, x1, -1, -1)):
+        out.append(float(mask[cy + sy * dy, cx + sx * dx].mean()))
+    return tuple(out)
+
+
+def _triangle_or_circle(mask: np.ndarray) -> str:
+    """A polygon fit, for the extents small pixelated triangles and circles share (0.68-0.75)."""
     contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
     c = max(contours, key=cv2.contourArea)
     approx = cv2.approxPolyDP(c, 0.08 * cv2.arcLength(c, True), True)
     return "triangle" if len(approx) == 3 else "circle"
+
+
+def shape_by_extent(mask: np.ndarray, fill: float) -> str:
+    """The earlier rule, extent alone (printed next to the main one by benchmarks/fidelity.py). Squares
+    drawn with rounded corners read as circles here."""
+    if fill > 0.93:
+        return "square"
+    if fill < 0.68:
+        return "triangle"
+    return "circle" if fill > 0.75 else _triangle_or_circle(mask)
+
+
+def _shape(mask: np.ndarray, fill: float) -> str:
+    """Corners first (all four filled: square; only the bottom two: triangle), then the extent."""
+    tl, tr, bl, br = corner_occupancy(mask)
+    if min(tl, tr, bl, br) >= 0.3:
+        return "square"
+    if fill < 0.68 or (min(bl, br) >= 0.3 and max(tl, tr) < 0.3):
+        return "triangle"
+    return "circle" if fill >= 0.75 else _triangle_or_circle(mask)
 
 
 def _foreground(img: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -116,7 +145,7 @@ def analyse(img: np.ndarray) -> Reading:
     shape = _shape(obj, fill)
     size = "large" if max(w, h) >= 18 else "small"
     position = _position(x + w / 2, y + h / 2)
-    return Reading(background, color, shape, size, position, fill, area)
+    return Reading(background, color, shape, size, position, fill, area, shape_by_extent(obj, fill))
 
 
 def score(img: np.ndarray, target: sc.Obj, background: str) -> dict[str, bool]:
@@ -136,6 +165,11 @@ def accuracy(images: list[np.ndarray], targets: list[sc.Scene]) -> dict[str, flo
     out = {a: float(np.mean([r[a] for r in rows])) for a in ATTRIBUTES}
     out["all"] = float(np.mean([all(r.values()) for r in rows]))
     return out
+
+
+def extent_only_shape_accuracy(images: list[np.ndarray], targets: list[sc.Scene]) -> float:
+    """Shape accuracy under the earlier, extent-only rule (:func:`shape_by_extent`), for comparison."""
+    return float(np.mean([analyse(img).shape_by_extent == s.objects[0].shape for img, s in zip(images, targets)]))
 
 
 def format_row(name: str, acc: dict[str, float]) -> str:

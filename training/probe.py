@@ -10,7 +10,8 @@ For one fixed batch of pure-noise inputs at a few timesteps, compare the model's
     python -m training.probe --run runs/shapes [--raw]
 
 A model that has not learned position words prints the same centroid for both positions (that is how
-the first 1,800 steps of the shipped run looked, while colour and background already moved).
+the whole epsilon phase of the shipped run looked, while colour and background moved early; the v phase
+separates them).
 """
 
 from __future__ import annotations
@@ -41,11 +42,14 @@ def main(argv: list[str] | None = None) -> None:
         tt = torch.full((args.n,), t)
         ec = pipe.unet(noise, tt, pipe.encode_prompts([prompt] * args.n)).sample
         eu = pipe.unet(noise, tt, pipe.encode_prompts([""] * args.n)).sample
-        e = eu + 5 * (ec - eu)
-        x0 = (noise - (1 - a).sqrt() * e) / a.sqrt()
+        out = eu + 5 * (ec - eu)
+        if pipe.scheduler_config.get("prediction_type") == "v_prediction":
+            x0 = a.sqrt() * noise - (1 - a).sqrt() * out
+        else:
+            x0 = (noise - (1 - a).sqrt() * out) / a.sqrt()
         return pipe.vae.decode(x0.clamp(-4, 4) / pipe.vae.config.scaling_factor).sample
 
-    for t in (800, 600, 450, 300):
+    for t in (999, 800, 600, 450, 300):
         cells = []
         for pos in ("top left", "bottom right"):
             img = estimate(f"a large red circle at the {pos} on a gray background", t)

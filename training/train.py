@@ -32,7 +32,7 @@ from training import scenes as sc
 from training import tokenizer as tk
 
 CAPTION_DROPOUT = 0.1
-V_STEPS = 3000  # the v-prediction fine-tune of the shipped weights
+V_STEPS = 6000  # the v-prediction fine-tune of the shipped weights
 # In the v phase this fraction of each batch has t >= HIGH_T (SNR < 0.007): where an object's place is
 # decided. Learning to place by the prompt has a long plateau (the network must first build position-
 # dependent features out of zero padding); sampling those steps more shortens it.
@@ -249,6 +249,12 @@ def diffusion_target(z0: torch.Tensor, noise: torch.Tensor, abar_t: torch.Tensor
     raise ValueError(f"unknown prediction type {prediction!r}")
 
 
+def emphasise_noisy_end(t: torch.Tensor, g: torch.Generator, n_train: int = 1000) -> torch.Tensor:
+    """Redraw HIGH_T_FRACTION of the timesteps from [HIGH_T, n_train): where an object's place is decided."""
+    t_hi = torch.randint(HIGH_T, n_train, t.shape, generator=g)
+    return torch.where(torch.rand(t.shape, generator=g) < HIGH_T_FRACTION, t_hi, t)
+
+
 def scheduler_config(prediction: str) -> dict:
     return {**models.SCHEDULER_CONFIG, "prediction_type": prediction}
 
@@ -323,9 +329,8 @@ def stage_unet(out: Path, seed: int, steps: int, batch: int, lr: float, resume: 
         ids[drop] = empty
         t = torch.randint(0, sched.config.num_train_timesteps, (batch,), generator=g)
         noise = torch.randn(z0.shape, generator=g)
-        if prediction == "v_prediction":  # half the batch at the noisy end, where position is decided
-            t_hi = torch.randint(HIGH_T, sched.config.num_train_timesteps, (batch,), generator=g)
-            t = torch.where(torch.rand(batch, generator=g) < HIGH_T_FRACTION, t_hi, t)
+        if prediction == "v_prediction":
+            t = emphasise_noisy_end(t, g)
         a = abar[t].view(-1, 1, 1, 1)
         xt = a.sqrt() * z0 + (1 - a).sqrt() * noise
         pred = unet(xt, t, te(ids)[0]).sample

@@ -244,3 +244,43 @@ def test_cfg_one_skips_the_negative(loaded):
     a = _txt2img((h, pos, neg), cfg=1.0)
     b = _txt2img((h, pos, other_neg), cfg=1.0)
     assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("name,order", [("uni_pc_bh2", 2), ("uni_pc_bh2", 3), ("dpmpp_2m", 2)])
+def test_multistep_samplers_match_diffusers_on_the_same_sigmas(name, order):
+    """Kiln's UniPC (B(h) = e^h - 1) and DPM++ 2M walk the same path as diffusers' schedulers do when both
+    get the same sigmas and the same (nonlinear) denoiser; the reference works in VP space."""
+    import math
+
+    from diffusers import DPMSolverMultistepScheduler, UniPCMultistepScheduler
+
+    from nodes.sd import samplers as S
+
+    cfg = dict(num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule="linear",
+               prediction_type="sample", timestep_spacing="trailing")
+    if name == "dpmpp_2m":
+        ref = DPMSolverMultistepScheduler.from_config(cfg, algorithm_type="dpmsolver++", solver_order=2,
+                                                      final_sigmas_type="zero")
+    else:
+        ref = UniPCMultistepScheduler.from_config(cfg, solver_order=order, solver_type="bh2",
+                                                  final_sigmas_type="zero")
+    ref.set_timesteps(20)
+    abar = ref.alphas_cumprod
+    sig = [float(((1 - abar[t]) / abar[t]).sqrt()) for t in ref.timesteps] + [0.0]
+    torch.manual_seed(0)
+    w = torch.randn(4, 4) * 0.5
+
+    def denoise(x, sigma):
+        z = x / math.sqrt(1 + float(sigma) ** 2)
+        return torch.tanh(torch.einsum("ij,bjhw->bihw", w, z) * 3 + 0.5)
+
+    x = torch.randn(2, 4, 4, 4) * sig[0]
+    xv = x / math.sqrt(1 + sig[0] ** 2)
+    for t, s in zip(ref.timesteps, sig):
+        xv = ref.step(denoise(xv * math.sqrt(1 + s * s), s), t, xv).prev_sample
+    if name == "dpmpp_2m":
+        ours = S.SAMPLERS[name](denoise, x.clone(), torch.tensor(sig), None, lambda i, m: None)
+    else:
+        ours = S.sample_uni_pc(denoise, x.clone(), torch.tensor(sig), None, lambda i, m: None, order=order,
+                               variant="bh2")
+    assert torch.allclose(ours, xv, atol=1e-4), (ours - xv).abs().max()

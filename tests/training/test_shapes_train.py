@@ -43,3 +43,36 @@ def test_resume_continues_exactly(tmp_path, monkeypatch):
     for k, v in a["ema"]["unet"].items():
         assert torch.equal(v, b["ema"]["unet"][k]), k
     assert json.loads((out / "vae" / "config.json").read_text())["scaling_factor"] > 0
+
+
+def test_v_target_recovers_x0_and_epsilon():
+    torch.manual_seed(0)
+    z0, noise = torch.randn(3, 4, 8, 8), torch.randn(3, 4, 8, 8)
+    abar = torch.tensor([0.999, 0.5, 4e-5])
+    a = abar.view(-1, 1, 1, 1)
+    xt = a.sqrt() * z0 + (1 - a).sqrt() * noise
+    v = train.diffusion_target(z0, noise, abar, "v_prediction")
+    assert torch.allclose(a.sqrt() * xt - (1 - a).sqrt() * v, z0, atol=1e-5)
+    assert torch.allclose((1 - a).sqrt() * xt + a.sqrt() * v, noise, atol=1e-5)
+    assert torch.equal(train.diffusion_target(z0, noise, abar, "epsilon"), noise)
+
+
+def test_v_phase_starts_from_the_epsilon_weights_and_records_its_target(tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    _prepare(out, monkeypatch, pool=16)
+    kw = dict(batch=8, lr=1e-3, ckpt_every=1e9, eval_every=0, unet_config=TINY_UNET, warmup=2, resume=False)
+    train.stage_unet(out, seed=0, steps=3, **kw)
+    eps = torch.load(out / "unet" / "latest.pt", weights_only=False)
+    losses = train.stage_unet(out, seed=1, steps=3, max_steps=1, prediction="v_prediction",
+                              init=out / "unet" / "latest.pt", **kw)
+    v = torch.load(out / "unet-v" / "latest.pt", weights_only=False)
+    assert len(losses) == 1 and v["step"] == 1
+    assert v["scheduler_config"]["prediction_type"] == "v_prediction"
+    # one step from the epsilon EMA weights: close to them, not a fresh initialisation
+    k = "conv_in.weight"
+    assert (v["model"]["unet"][k] - eps["ema"]["unet"][k]).abs().max() < 0.01
+    from training import sample
+
+    pipe = sample.Pipeline.from_run(out)  # picks the v phase and its scheduler config
+    assert pipe.scheduler_config["prediction_type"] == "v_prediction"
+    assert sample.Pipeline.from_run(out, phase="unet").scheduler_config["prediction_type"] == "epsilon"
