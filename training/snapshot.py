@@ -3,9 +3,9 @@
     python -m training.snapshot save --run runs/shapes      # run -> training/checkpoints/
     python -m training.snapshot restore --run runs/shapes   # training/checkpoints/ -> run, then:
     python -m training.train latents --out runs/shapes      # re-encode the latent pool (deterministic)
-    python -m training.train unet --out runs/shapes --resume
+    python -m training.train all --out runs/shapes --resume   # carries on where the snapshot stopped
 
-The snapshot is the tokenizer, the finished VAE and the UNet stage's ``latest.pt`` (model, EMA, AdamW
+The snapshot is the tokenizer, the finished VAE and each UNet phase's ``latest.pt`` (model, EMA, AdamW
 state, step): everything ``--resume`` needs except the latent pool, which is recomputed from the VAE.
 One file per component, overwritten each time, so the repository holds few binary versions.
 """
@@ -22,13 +22,16 @@ FILES = {  # run-relative path -> snapshot name
     "tokenizer/merges.txt": "tokenizer/merges.txt",
     "vae/config.json": "vae-config.json",
     "vae/final.pt": "vae-final.pt",
-    "unet/latest.pt": "unet-latest.pt",
+    "unet/latest.pt": "unet-latest.pt",  # the finished epsilon phase (what the v phase starts from)
+    "unet-v/latest.pt": "unet-v-latest.pt",  # the v phase: the shipped weights
 }
 
 
 def copy(run: Path, to_snapshot: bool) -> None:
     for rel, name in FILES.items():
         src, dst = (run / rel, SNAP / name) if to_snapshot else (SNAP / name, run / rel)
+        if not src.exists() and rel.startswith("unet-v/"):
+            continue  # a run still in its epsilon phase
         dst.parent.mkdir(parents=True, exist_ok=True)
         tmp = dst.with_name(dst.name + ".tmp")
         shutil.copyfile(src, tmp)
