@@ -38,12 +38,33 @@ def control_tensor(scenes: list[sc.Scene]) -> torch.Tensor:
     return torch.from_numpy(np.stack([sc.edge_map(s) for s in scenes])).permute(0, 3, 1, 2).float() / 255
 
 
+OFF_GRID = 8.0  # pixels: how far control scenes move objects off the grid the base model was trained on
+
+
+def off_grid(scene: sc.Scene, rng: np.random.Generator, shift: float = OFF_GRID) -> sc.Scene:
+    """The scene with every object moved up to ``shift`` px and resized to 10-26 px (inside the frame),
+    its position and size words re-read from the new geometry. The base model draws objects near the nine
+    cell centres at two sizes; the ControlNet must follow the edge map wherever it puts them."""
+    from training import evaluate as ev
+
+    objs = []
+    for o in scene.objects:
+        extent = float(rng.uniform(10, 26))
+        half = extent / 2 + 1
+        cx = float(np.clip(o.cx + rng.uniform(-shift, shift), half, sc.SIZE - half))
+        cy = float(np.clip(o.cy + rng.uniform(-shift, shift), half, sc.SIZE - half))
+        objs.append(sc.Obj(o.shape, o.color, "large" if extent >= 18 else "small", ev.grid_position(cx, cy),
+                           cx, cy, extent))
+    return sc.Scene(tuple(objs), scene.background)
+
+
 def control_pool(run: Path, n: int, vae) -> dict:
-    path = run / f"latents-control-{n}.pt"
+    path = run / f"latents-control-offgrid-{n}.pt"
     if path.exists():
         return torch.load(path, weights_only=True)
     tok = tk.load(run / "tokenizer")
-    scenes = [sc.make_scene(sc.stream_seed(sc.TRAIN_STREAM, 20_000_000 + i)) for i in range(n)]
+    rng = np.random.default_rng(20)
+    scenes = [off_grid(sc.make_scene(sc.stream_seed(sc.TRAIN_STREAM, 20_000_000 + i)), rng) for i in range(n)]
     means = []
     with torch.no_grad():
         for i in range(0, n, 128):

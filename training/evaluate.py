@@ -43,7 +43,8 @@ def _nearest(rgb: np.ndarray, table: np.ndarray, names: list[str]) -> str:
     return names[int(np.argmin(((table - rgb) ** 2).sum(axis=1)))]
 
 
-def _position(cx: float, cy: float) -> str:
+def grid_position(cx: float, cy: float) -> str:
+    """The position word for a bounding-box centre: the 3x3 grid with cuts at 24 and 40 px."""
     col = 0 if cx < 24 else (1 if cx < 40 else 2)
     row = 0 if cy < 24 else (1 if cy < 40 else 2)
     return sc.POSITIONS[row * 3 + col]
@@ -144,7 +145,7 @@ def analyse(img: np.ndarray) -> Reading:
     fill = area / float(w * h)
     shape = _shape(obj, fill)
     size = "large" if max(w, h) >= 18 else "small"
-    position = _position(x + w / 2, y + h / 2)
+    position = grid_position(x + w / 2, y + h / 2)
     return Reading(background, color, shape, size, position, fill, area, shape_by_extent(obj, fill))
 
 

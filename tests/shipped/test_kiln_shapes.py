@@ -123,6 +123,21 @@ def test_controlnet_puts_the_shape_where_the_edge_map_says(shapes):
     assert iou >= 0.5 and iou > iou0 + 0.1, (iou, iou0)
 
 
+def test_controlnet_follows_the_edge_map_off_the_grid(shapes):
+    """Objects moved off the nine places the prompt can name and resized: only the edge map says where."""
+    from training.controlnet import off_grid
+
+    rng = np.random.default_rng(3)
+    scenes = [off_grid(s, rng) for s in test_scenes(6, offset=700)]
+    jobs = [Job(sc.caption(s), seed=i, control=shapes.save_input(f"moved_{i}.png", sc.edge_map(s)))
+            for i, s in enumerate(scenes)]
+    with_cn = [ims[0] for ims in shapes.images(jobs)]
+    without = [ims[0] for ims in shapes.images([Job(j.prompt, seed=j.seed) for j in jobs])]
+    iou = float(np.mean([_iou(im, s.objects[0]) for im, s in zip(with_cn, scenes)]))
+    iou0 = float(np.mean([_iou(im, s.objects[0]) for im, s in zip(without, scenes)]))
+    assert iou > iou0 + 0.1, (iou, iou0)
+
+
 # -- img2img and inpainting --------------------------------------------------------------------------------
 
 def test_img2img_at_low_denoise_keeps_the_picture(shapes):
