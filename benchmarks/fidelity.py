@@ -45,21 +45,22 @@ def adapters(pipe: sample.Pipeline, targets: list[sc.Scene], args: argparse.Name
               f"prompt accuracy with LoRA: all {ev.accuracy(styled, targets)['all'] * 100:.0f}%")
     if args.controlnet.exists():
         cn = controlnet.load(args.controlnet)
-        imgs = controlnet.generate(pipe, cn, prompts, controlnet.control_tensor(targets), steps=args.steps,
-                                   cfg=args.cfg)
-        iou = np.mean([controlnet.placement_iou(i, s.objects[0]) for i, s in zip(imgs, targets)])
-        plain = pipe.generate(prompts, seed=0, steps=args.steps, cfg=args.cfg)
-        iou0 = np.mean([controlnet.placement_iou(i, s.objects[0]) for i, s in zip(plain, targets)])
+
+        def placement(scenes: list[sc.Scene]) -> tuple[float, float]:
+            """Mean IoU with the edge map's shape, with the ControlNet and from the prompt alone."""
+            ps = [sc.caption(s) for s in scenes]
+            imgs = controlnet.generate(pipe, cn, ps, controlnet.control_tensor(scenes), steps=args.steps,
+                                       cfg=args.cfg)
+            plain = pipe.generate(ps, seed=0, steps=args.steps, cfg=args.cfg)
+            return tuple(float(np.mean([controlnet.placement_iou(i, s.objects[0]) for i, s in zip(out, scenes)]))
+                         for out in (imgs, plain))
+
+        iou, iou0 = placement(targets)
         print(f"ControlNet {args.controlnet.name}: placement IoU {iou:.2f} (without it {iou0:.2f})")
         # the same scenes moved up to 8 px off the grid and resized (words re-read from the geometry):
         # where the prompt alone cannot say exactly where
         rng = np.random.default_rng(1)
-        moved = [controlnet.off_grid(s, rng) for s in targets]
-        mp = [sc.caption(s) for s in moved]
-        imgs = controlnet.generate(pipe, cn, mp, controlnet.control_tensor(moved), steps=args.steps, cfg=args.cfg)
-        plain = pipe.generate(mp, seed=0, steps=args.steps, cfg=args.cfg)
-        iou = np.mean([controlnet.placement_iou(i, s.objects[0]) for i, s in zip(imgs, moved)])
-        iou0 = np.mean([controlnet.placement_iou(i, s.objects[0]) for i, s in zip(plain, moved)])
+        iou, iou0 = placement([controlnet.off_grid(s, rng) for s in targets])
         print(f"  off the grid (moved up to 8 px, 10-26 px across): IoU {iou:.2f} (without it {iou0:.2f})")
 
 

@@ -21,7 +21,7 @@ import argparse
 import numpy as np
 import torch
 
-from training import models, sample
+from training import models, sample, train
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -42,11 +42,7 @@ def main(argv: list[str] | None = None) -> None:
         tt = torch.full((args.n,), t)
         ec = pipe.unet(noise, tt, pipe.encode_prompts([prompt] * args.n)).sample
         eu = pipe.unet(noise, tt, pipe.encode_prompts([""] * args.n)).sample
-        out = eu + 5 * (ec - eu)
-        if pipe.scheduler_config.get("prediction_type") == "v_prediction":
-            x0 = a.sqrt() * noise - (1 - a).sqrt() * out
-        else:
-            x0 = (noise - (1 - a).sqrt() * out) / a.sqrt()
+        x0 = train.predicted_x0(noise, eu + 5 * (ec - eu), a, pipe.scheduler_config["prediction_type"])
         return pipe.vae.decode(x0.clamp(-4, 4) / pipe.vae.config.scaling_factor).sample
 
     for t in (999, 800, 600, 450, 300):

@@ -249,6 +249,16 @@ def diffusion_target(z0: torch.Tensor, noise: torch.Tensor, abar_t: torch.Tensor
     raise ValueError(f"unknown prediction type {prediction!r}")
 
 
+def predicted_x0(xt: torch.Tensor, out: torch.Tensor, abar_t: torch.Tensor, prediction: str) -> torch.Tensor:
+    """The clean latent the UNet's output implies (the inverse of :func:`diffusion_target`)."""
+    a = abar_t.view(-1, 1, 1, 1) if abar_t.dim() else abar_t
+    if prediction == "v_prediction":
+        return a.sqrt() * xt - (1 - a).sqrt() * out
+    if prediction == "epsilon":
+        return (xt - (1 - a).sqrt() * out) / a.sqrt()
+    raise ValueError(f"unknown prediction type {prediction!r}")
+
+
 def emphasise_noisy_end(t: torch.Tensor, g: torch.Generator, n_train: int = 1000) -> torch.Tensor:
     """Redraw HIGH_T_FRACTION of the timesteps from [HIGH_T, n_train): where an object's place is decided."""
     t_hi = torch.randint(HIGH_T, n_train, t.shape, generator=g)
@@ -270,7 +280,6 @@ def stage_unet(out: Path, seed: int, steps: int, batch: int, lr: float, resume: 
     (:data:`PHASES`). ``init`` starts a fresh run (new optimizer and schedule) from another checkpoint's
     EMA weights: the shipped model is an epsilon run fine-tuned to v this way."""
     ckpt = out / PHASES[prediction] / "latest.pt"
-    ckpt.parent.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
     te, unet = build_unet_stack(out, unet_config)
     if init is not None and not (resume and ckpt.exists()):

@@ -55,6 +55,9 @@ def test_v_target_recovers_x0_and_epsilon():
     assert torch.allclose(a.sqrt() * xt - (1 - a).sqrt() * v, z0, atol=1e-5)
     assert torch.allclose((1 - a).sqrt() * xt + a.sqrt() * v, noise, atol=1e-5)
     assert torch.equal(train.diffusion_target(z0, noise, abar, "epsilon"), noise)
+    for kind in ("v_prediction", "epsilon"):  # predicted_x0 inverts the target
+        out = train.diffusion_target(z0, noise, abar, kind)
+        assert torch.allclose(train.predicted_x0(xt, out, abar, kind), z0, atol=1e-2 if kind == "epsilon" else 1e-5)
 
 
 def test_v_phase_starts_from_the_epsilon_weights_and_records_its_target(tmp_path, monkeypatch):
