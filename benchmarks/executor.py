@@ -17,7 +17,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
-from engine import Executor, Folders, Graph  # noqa: E402
+from kiln.engine import Executor, Folders, Graph  # noqa: E402
 from kiln.runtime import default_registry  # noqa: E402
 
 

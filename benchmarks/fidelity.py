@@ -21,16 +21,16 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from training import evaluate as ev  # noqa: E402
-from training import sample  # noqa: E402
-from training import scenes as sc  # noqa: E402
+from kiln.training import evaluate as ev  # noqa: E402
+from kiln.training import sample  # noqa: E402
+from kiln.training import scenes as sc  # noqa: E402
 
 
 def adapters(pipe: sample.Pipeline, targets: list[sc.Scene], args: argparse.Namespace) -> None:
     """LoRA style separation and ControlNet placement, when their files exist."""
     from safetensors.torch import load_file
 
-    from training import controlnet, lora
+    from kiln.training import controlnet, lora
 
     prompts = [sc.caption(s) for s in targets]
     if args.lora.exists():

@@ -31,8 +31,8 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-import engine  # noqa: E402
-import nodes  # noqa: E402
+from kiln import engine  # noqa: E402
+from kiln import nodes  # noqa: E402
 
 KEY = "sk-bench-000000000000"
 
@@ -93,7 +93,7 @@ def bench_overlap(n: int, latency: float, model: str, size: str, tmp: str) -> di
 
 def _decode_floor(n: int, size: str) -> float:
     """Seconds to decode n such images to IMAGE tensors one after another: CPU work no overlap can hide."""
-    from nodes.providers.imageio import decode
+    from kiln.nodes.providers.imageio import decode
     from tests.providers.fake_providers import render
 
     blobs = [render(size, f"floor {i}") for i in range(n)]
@@ -137,7 +137,7 @@ def bench_s3(count: int, size: int, tmp: str) -> dict:
     from botocore.config import Config
     from PIL import Image
 
-    from nodes.common import to_uint8
+    from kiln.nodes.common import to_uint8
 
     os.environ.update(AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench-secret", AWS_DEFAULT_REGION="us-east-1")
     proc, url = _moto()

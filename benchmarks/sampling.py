@@ -25,12 +25,12 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import engine  # noqa: E402
-import nodes  # noqa: E402
-from nodes.sd.checkpoint import export_ldm_checkpoint  # noqa: E402
-from nodes.sd.manager import ModelManager  # noqa: E402
-from nodes.sd.samplers import ModelSampling, calculate_sigmas  # noqa: E402
-from nodes.sd.tokenizer import make_tokenizer  # noqa: E402
+from kiln import engine  # noqa: E402
+from kiln import nodes  # noqa: E402
+from kiln.nodes.sd.checkpoint import export_ldm_checkpoint  # noqa: E402
+from kiln.nodes.sd.manager import ModelManager  # noqa: E402
+from kiln.nodes.sd.samplers import ModelSampling, calculate_sigmas  # noqa: E402
+from kiln.nodes.sd.tokenizer import make_tokenizer  # noqa: E402
 
 SCHED = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
              prediction_type="epsilon", steps_offset=1, timestep_spacing="leading")
@@ -96,7 +96,7 @@ def main() -> None:
     first_s = time.perf_counter() - t
     loads_first = manager.loads
     t = time.perf_counter()
-    from nodes.sd.checkpoint import load_checkpoint
+    from kiln.nodes.sd.checkpoint import load_checkpoint
     load_checkpoint(ckpt, torch.float32, torch.device("cpu"))
     load_s = time.perf_counter() - t
 

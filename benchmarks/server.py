@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 STAMP_NODE = '''
 import time
 from typing import Annotated
-from engine import Int, Node, NodeResult
+from kiln.engine import Int, Node, NodeResult
 
 
 class BenchStamp(Node):
@@ -163,7 +163,7 @@ async def bench_chain(url: str, n: int, reps: int) -> None:
 
 def _engine_alone(n: int, reps: int) -> float:
     sys.path.insert(0, str(ROOT))
-    from engine import Graph, validate
+    from kiln.engine import Graph, validate
     from kiln.runtime import make_executor
 
     with tempfile.TemporaryDirectory() as d:

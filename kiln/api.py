@@ -5,9 +5,9 @@ import threading
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-from engine import Executor, Folders, Graph as EngineGraph, RunResult
-from engine.events import Event
-from engine.graph import Link
+from kiln.engine import Executor, Folders, Graph as EngineGraph, RunResult
+from kiln.engine.events import Event
+from kiln.engine.graph import Link
 
 from .authoring import as_engine_graph
 
@@ -27,7 +27,7 @@ def executor(cache: str | None = None, base_dir: str | Path | None = None,
             if cache is not None and cache != _executor.cache.describe():
                 _executor.set_cache(cache)
             if base_dir is not None or output_dir is not None:
-                from engine import set_default_folders
+                from kiln.engine import set_default_folders
                 from .runtime import default_folders
                 _executor.folders = default_folders(base_dir, output_dir)
                 set_default_folders(_executor.folders)
@@ -74,7 +74,7 @@ class Result:
 
 def apply_settings(graph: EngineGraph, settings: dict[str, Any]) -> None:
     """Apply ``{"NODE.INPUT": value}`` edits; NODE is an id or a title. Raises with the fix on a bad key."""
-    from engine import GraphFormatError
+    from kiln.engine import GraphFormatError
 
     for key, value in settings.items():
         ref, dot, inp = key.rpartition(".")
@@ -107,5 +107,5 @@ def run(graph: Any, *, set: dict[str, Any] | None = None, cache: str | None = No
     res = ex.run(g, targets=list(targets) if targets else None, sink=on_event, extra_data=extra_data)
     if raise_on_error:
         res.raise_for_status()
-    from engine import get_folders
+    from kiln.engine import get_folders
     return Result(res, ex.folders or get_folders())

@@ -17,10 +17,10 @@ import difflib
 from pathlib import Path
 from typing import Any, Iterator
 
-from engine import Graph as _EngineGraph, Link, NodeEntry, Registry
-from engine.errors import GraphFormatError
-from engine.types import COMBO, types_compatible
-from engine.validation import OBJECT_TYPES, coerce_literal
+from kiln.engine import Graph as _EngineGraph, Link, NodeEntry, Registry
+from kiln.engine.errors import GraphFormatError
+from kiln.engine.types import COMBO, types_compatible
+from kiln.engine.validation import OBJECT_TYPES, coerce_literal
 
 from .builders import NodeBuilders
 
@@ -253,7 +253,7 @@ class Graph(NodeBuilders):
 
     @classmethod
     def from_json(cls, data: Any, registry_: Registry | None = None) -> "Graph":
-        from engine import parse_submission
+        from kiln.engine import parse_submission
 
         g = cls(registry_)
         g._g = parse_submission(data)[0]
@@ -284,6 +284,6 @@ def as_engine_graph(graph: Any) -> _EngineGraph:
     if isinstance(graph, (str, Path)):
         return _EngineGraph.load(graph)
     if isinstance(graph, dict):
-        from engine import parse_submission
+        from kiln.engine import parse_submission
         return parse_submission(graph)[0]
     raise GraphFormatError(f"cannot run a {type(graph).__name__}; pass a kiln.Graph, a dict or a JSON path")

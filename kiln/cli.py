@@ -103,7 +103,7 @@ class _Progress:
     def __call__(self, ev) -> None:
         if self.quiet:
             return
-        from engine import events as E
+        from kiln.engine import events as E
         with self.lock:
             if isinstance(ev, E.ExecutionCached):
                 self.nodes_task = self.progress.add_task(f"{self.label}nodes", total=None)
@@ -153,7 +153,7 @@ def _print_node_error(err: dict, stream=sys.stderr) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from engine import GraphFormatError, Graph, validate
+    from kiln.engine import GraphFormatError, Graph, validate
     from . import api
 
     try:
@@ -212,7 +212,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from engine import GraphFormatError, Graph, validate
+    from kiln.engine import GraphFormatError, Graph, validate
     from .runtime import default_registry
 
     try:

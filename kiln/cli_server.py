@@ -39,7 +39,7 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
 def run_serve(args: argparse.Namespace) -> int:
     import logging
 
-    from server import InsecureBind, ServerConfig, StoreLocked, serve
+    from kiln.server import InsecureBind, ServerConfig, StoreLocked, serve
 
     from .runtime import make_executor
 
@@ -52,7 +52,7 @@ def run_serve(args: argparse.Namespace) -> int:
                               max_upload_bytes=int(args.max_upload_size * 1024 * 1024),
                               allowed_origins=tuple(args.allow_origin), history_limit=args.history_limit or None)
         config.check_bind()
-        from engine import make_cache
+        from kiln.engine import make_cache
 
         make_cache(args.cache)  # a bad --cache policy fails here, before any node pack is imported
     except (InsecureBind, ValueError) as exc:

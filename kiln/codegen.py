@@ -5,8 +5,8 @@ from __future__ import annotations
 import keyword
 from pathlib import Path
 
-from engine import Registry
-from engine.types import BOOLEAN, COMBO, FLOAT, INT, STRING
+from kiln.engine import Registry
+from kiln.engine.types import BOOLEAN, COMBO, FLOAT, INT, STRING
 
 TARGET = Path(__file__).with_name("builders.py")
 _PY = {INT: "int", FLOAT: "float", STRING: "str", BOOLEAN: "bool"}

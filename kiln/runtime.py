@@ -4,13 +4,12 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from engine import Executor, Folders, Registry
+from kiln.engine import Executor, Folders, Registry
 
 
 def default_registry(custom_nodes: str | Path | None = None, entry_points: bool = True) -> Registry:
     """Built-in nodes, installed packs (entry point group ``kiln.nodes``) and a ``custom_nodes/`` folder."""
-    import nodes
-
+    from kiln import nodes
     reg = Registry()
     nodes.register_builtin(reg)
     if entry_points:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 import pkgutil
 
-from engine import Registry
+from kiln.engine import Registry
 
 
 def family_modules() -> list[str]:

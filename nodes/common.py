@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from PIL import Image, PngImagePlugin
 
-from engine import NodeError, Preview
+from kiln.engine import NodeError, Preview
 
 
 def to_uint8(image: torch.Tensor) -> np.ndarray:

@@ -6,13 +6,13 @@ from typing import Annotated, Any
 
 import torch
 
-import engine
-from engine import Float, NodeError, Output, Socket, String
+from kiln import engine
+from kiln.engine import Float, NodeError, Output, Socket, String
 
-from nodes.common import check_image
-from nodes.sd.guidance import Control
-from nodes.sd.manager import folders
-from nodes.sd.prompt import PromptError, encode_weighted, load_embedding
+from kiln.nodes.common import check_image
+from kiln.nodes.sd.guidance import Control
+from kiln.nodes.sd.manager import folders
+from kiln.nodes.sd.prompt import PromptError, encode_weighted, load_embedding
 
 _EMB_EXTS = ("", ".safetensors", ".pt", ".bin", ".pth")
 

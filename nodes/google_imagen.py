@@ -12,10 +12,10 @@ import base64
 import binascii
 from typing import Annotated, Any
 
-import engine
-from engine import Boolean, Combo, Int, NodeError, NodeResult, Output, SEED_MAX, String
-from nodes.providers import config, http, imageio, ledger, pricing
-from nodes.providers.common import dumps, generation_record, rerun_fingerprint, ui_for
+from kiln import engine
+from kiln.engine import Boolean, Combo, Int, NodeError, NodeResult, Output, SEED_MAX, String
+from kiln.nodes.providers import config, http, imageio, ledger, pricing
+from kiln.nodes.providers.common import dumps, generation_record, rerun_fingerprint, ui_for
 
 MODELS = ["imagen-4.0-generate-001", "imagen-4.0-fast-generate-001", "imagen-4.0-ultra-generate-001",
           "imagen-3.0-generate-002"]

@@ -16,10 +16,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps, ImageSequence
 
-from engine import (MAX_RESOLUTION, Boolean, Combo, Float, Hidden, Int, Node, NodeError, NodeResult, Socket,
+from kiln.engine import (MAX_RESOLUTION, Boolean, Combo, Float, Hidden, Int, Node, NodeError, NodeResult, Socket,
                     String, get_folders)
-from engine.context import current
-from engine.folders import UnsafePath
+from kiln.engine.context import current
+from kiln.engine.folders import UnsafePath
 
 from .common import check_image, check_mask, encode_png, comfy_png_metadata, mask_from_alpha, pil_to_tensor, \
     preview_from_image, tensor_to_pil
@@ -182,7 +182,7 @@ class SaveImage(Node):
             = None,
             prompt: Annotated[dict, Hidden("PROMPT")] = None,
             extra_pnginfo: Annotated[dict, Hidden("EXTRA_PNGINFO")] = None):
-        from nodes.providers import checks, provenance  # shared helpers, loaded only when asked for
+        from kiln.nodes.providers import checks, provenance  # shared helpers, loaded only when asked for
 
         if validate:
             checks.check_images(images, "SaveImage", "images")

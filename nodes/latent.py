@@ -10,10 +10,10 @@ from typing import Annotated, Any
 import torch
 import torch.nn.functional as F
 
-import engine
-from engine import MAX_RESOLUTION, Combo, Float, Int, NodeError, Output, Socket
+from kiln import engine
+from kiln.engine import MAX_RESOLUTION, Combo, Float, Int, NodeError, Output, Socket
 
-from nodes.common import check_image, check_mask
+from kiln.nodes.common import check_image, check_mask
 
 UPSCALE_METHODS = ["nearest-exact", "bilinear", "area", "bicubic", "bislerp"]
 

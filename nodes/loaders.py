@@ -8,14 +8,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Any
 
-import engine
-from engine import Combo, Float, Int, NodeError, Output, Socket
+from kiln import engine
+from kiln.engine import Combo, Float, Int, NodeError, Output, Socket
 
-from nodes.sd.checkpoint import CheckpointError, load_checkpoint, load_vae_file, read_state_dict
-from nodes.sd.controlnet import load_controlnet
-from nodes.sd.handles import ClipHandle, ControlNetHandle, ModelHandle, VaeHandle, WeightPatch
-from nodes.sd.lora import LoraError, parse_lora
-from nodes.sd.manager import file_identity, folders, get_manager
+from kiln.nodes.sd.checkpoint import CheckpointError, load_checkpoint, load_vae_file, read_state_dict
+from kiln.nodes.sd.controlnet import load_controlnet
+from kiln.nodes.sd.handles import ClipHandle, ControlNetHandle, ModelHandle, VaeHandle, WeightPatch
+from kiln.nodes.sd.lora import LoraError, parse_lora
+from kiln.nodes.sd.manager import file_identity, folders, get_manager
 
 
 def _choices(kind: str, dirs: bool = False):

@@ -9,9 +9,9 @@ import asyncio
 import math
 from typing import Annotated, Any
 
-import engine
-from engine import Boolean, Float, Int, Output, String
-from nodes.providers import imageio
+from kiln import engine
+from kiln.engine import Boolean, Float, Int, Output, String
+from kiln.nodes.providers import imageio
 
 
 class LoadImageURL(engine.Node):

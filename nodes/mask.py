@@ -5,7 +5,7 @@ from typing import Annotated
 
 import torch
 
-from engine import MAX_RESOLUTION, Combo, Float, Int, Node, Socket
+from kiln.engine import MAX_RESOLUTION, Combo, Float, Int, Node, Socket
 
 from .common import check_image, check_mask
 

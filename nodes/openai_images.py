@@ -20,11 +20,11 @@ from typing import Annotated, Any
 
 import torch
 
-import engine
-from engine import Boolean, Combo, Int, NodeError, NodeResult, Output, SEED_MAX, Socket, String
-from nodes.common import check_image
-from nodes.providers import config, imageio, ledger, openai_client, pricing
-from nodes.providers.common import dumps, generation_record, rerun_fingerprint, ui_for
+from kiln import engine
+from kiln.engine import Boolean, Combo, Int, NodeError, NodeResult, Output, SEED_MAX, Socket, String
+from kiln.nodes.common import check_image
+from kiln.nodes.providers import config, imageio, ledger, openai_client, pricing
+from kiln.nodes.providers.common import dumps, generation_record, rerun_fingerprint, ui_for
 
 IMAGE_MODELS = ["gpt-image-1", "dall-e-3", "dall-e-2"]
 SIZES = ["auto", "1024x1024", "1536x1024", "1024x1536", "1792x1024", "1024x1792", "512x512", "256x256"]

@@ -7,10 +7,10 @@ import cv2
 import numpy as np
 import torch
 
-import engine
-from engine import Float, NodeError, Socket
+from kiln import engine
+from kiln.engine import Float, NodeError, Socket
 
-from nodes.common import check_image, to_uint8
+from kiln.nodes.common import check_image, to_uint8
 
 
 class Canny(engine.Node):

@@ -4,7 +4,7 @@ from __future__ import annotations
 import sys
 from typing import Annotated
 
-from engine import SEED_MAX, Boolean, Float, Int, Node, String
+from kiln.engine import SEED_MAX, Boolean, Float, Int, Node, String
 
 
 class PrimitiveInt(Node):

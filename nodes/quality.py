@@ -14,10 +14,10 @@ from typing import Annotated
 
 import torch
 
-import engine
-from engine import Boolean, Float, Int, NodeError, Socket, String
-from nodes.providers import config
-from nodes.providers.checks import check_images
+from kiln import engine
+from kiln.engine import Boolean, Float, Int, NodeError, Socket, String
+from kiln.nodes.providers import config
+from kiln.nodes.providers.checks import check_images
 
 DEFAULT_MAX_PROMPT = 4000
 

@@ -18,11 +18,11 @@ from typing import Annotated, Any
 
 import torch
 
-import engine
-from engine import Boolean, Combo, Int, NodeError, NodeResult, Output, Socket, String
-from nodes.common import check_image
-from nodes.providers import config, http, imageio, ledger, pricing
-from nodes.providers.common import dumps, generation_record, rerun_fingerprint, ui_for
+from kiln import engine
+from kiln.engine import Boolean, Combo, Int, NodeError, NodeResult, Output, Socket, String
+from kiln.nodes.common import check_image
+from kiln.nodes.providers import config, http, imageio, ledger, pricing
+from kiln.nodes.providers.common import dumps, generation_record, rerun_fingerprint, ui_for
 
 _MODEL_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]*/[a-z0-9][a-z0-9_.-]*(:[0-9a-f]{64})?$", re.IGNORECASE)
 _PERCENT = re.compile(r"(\d{1,3})%")

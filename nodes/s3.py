@@ -24,11 +24,11 @@ from typing import Annotated, Any
 
 import torch
 
-import engine
-from engine import Boolean, Combo, Hidden, Int, NodeError, NodeResult, Output, Socket, String
-from nodes.common import check_image, comfy_png_metadata, to_uint8
-from nodes.providers import imageio, provenance, s3io
-from nodes.providers.checks import check_images
+from kiln import engine
+from kiln.engine import Boolean, Combo, Hidden, Int, NodeError, NodeResult, Output, Socket, String
+from kiln.nodes.common import check_image, comfy_png_metadata, to_uint8
+from kiln.nodes.providers import imageio, provenance, s3io
+from kiln.nodes.providers.checks import check_images
 
 STORAGE_CLASSES = ["STANDARD", "STANDARD_IA", "ONEZONE_IA", "INTELLIGENT_TIERING", "GLACIER_IR",
                    "REDUCED_REDUNDANCY"]

@@ -13,11 +13,11 @@ from typing import Annotated, Any
 import torch
 from PIL import ImageFilter
 
-import engine
-from engine import Combo, NodeError, Output, Socket
+from kiln import engine
+from kiln.engine import Combo, NodeError, Output, Socket
 
-from nodes.common import check_image, pil_to_tensor, tensor_to_pil
-from nodes.sd.manager import file_identity, folders, get_manager
+from kiln.nodes.common import check_image, pil_to_tensor, tensor_to_pil
+from kiln.nodes.sd.manager import file_identity, folders, get_manager
 
 UNSAFE_LABELS = {"nsfw", "unsafe", "porn", "hentai", "sexy", "explicit"}
 

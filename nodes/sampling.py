@@ -11,13 +11,13 @@ from typing import Annotated, Any
 
 import torch
 
-import engine
-from engine import SEED_MAX, Combo, Float, Int, NodeError, Output, Socket
+from kiln import engine
+from kiln.engine import SEED_MAX, Combo, Float, Int, NodeError, Output, Socket
 
-from nodes.common import preview_from_image
-from nodes.sd.guidance import Guider, make_noise, masked_denoiser, prepare_mask, run_sampler
-from nodes.sd.preview import latent_to_image
-from nodes.sd.samplers import SAMPLER_NAMES, SCHEDULER_NAMES, sigmas_for, calculate_sigmas
+from kiln.nodes.common import preview_from_image
+from kiln.nodes.sd.guidance import Guider, make_noise, masked_denoiser, prepare_mask, run_sampler
+from kiln.nodes.sd.preview import latent_to_image
+from kiln.nodes.sd.samplers import SAMPLER_NAMES, SCHEDULER_NAMES, sigmas_for, calculate_sigmas
 
 
 def _check_inputs(model: Any, positive: Any, negative: Any, latent: Any) -> torch.Tensor:

@@ -3,7 +3,7 @@
 ``create_app(executor, ServerConfig(...))`` builds the aiohttp application; ``serve(...)`` runs it.
 
 Modules: ``app`` (route table, lifecycle), ``http_api`` and ``files`` (handlers), ``ws`` (the socket),
-``jobs`` (queue, worker, recovery, control), ``routing`` (events to sockets and to the log), ``prompts``
+``service`` (queue, worker, recovery, control), ``event_router`` (events to sockets and to the log), ``jobs``
 (the job model), ``hub`` (sockets and their bounded send queues), ``store`` (SQLite), ``security``
 (middlewares), ``protocol`` (wire format), ``webhook``, ``config``, ``keys`` (typed app state).
 

@@ -15,7 +15,7 @@ from aiohttp import web
 from . import files, http_api as h, ws
 from .config import ServerConfig
 from .hub import Hub
-from .jobs import PromptService
+from .service import PromptService
 from .keys import CONFIG, FOLDERS, SERVICE
 from .security import make_middlewares
 from .store import Store

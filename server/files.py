@@ -17,7 +17,7 @@ from pathlib import Path
 
 from aiohttp import web
 
-from engine import UnsafePath
+from kiln.engine import UnsafePath
 
 from .keys import CONFIG, FOLDERS
 from .security import error_response

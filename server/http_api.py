@@ -8,11 +8,11 @@ import sys
 
 from aiohttp import web
 
-from engine import GraphFormatError
-from engine.graph import decode_json
+from kiln.engine import GraphFormatError
+from kiln.engine.graph import decode_json
 
 from . import protocol as P
-from .jobs import ApiError, PromptService
+from .service import ApiError, PromptService
 from .keys import CONFIG, FOLDERS, SERVICE
 from .security import error_response
 

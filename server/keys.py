@@ -6,7 +6,7 @@ from typing import Any
 from aiohttp import web
 
 from .config import ServerConfig
-from .jobs import PromptService
+from .service import PromptService
 
 CONFIG = web.AppKey("kiln_config", ServerConfig)
 SERVICE = web.AppKey("kiln_service", PromptService)

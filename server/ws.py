@@ -21,7 +21,7 @@ from aiohttp import WSCloseCode, WSMsgType, web
 
 from . import protocol as P
 from .hub import Client, Out
-from .jobs import ApiError, PromptService
+from .service import ApiError, PromptService
 from .keys import CONFIG, SERVICE
 
 log = logging.getLogger("kiln.server")

@@ -5,7 +5,7 @@ conditioning embedding downsamples 4x (three stages, two strides) to the 16x16 l
 text encoder stay frozen. Placement is measured by the IoU between the generated object's footprint and
 the footprint the edge map outlines (:func:`placement_iou`).
 
-    python -m training.controlnet --run runs/shapes --steps 800 --out models/controlnet/kiln-shapes-edges.safetensors
+    python -m kiln.training.controlnet --run runs/shapes --steps 800 --out models/controlnet/kiln-shapes-edges.safetensors
 
 The file is diffusers' ControlNetModel state dict (the layout ComfyUI also loads as a "diffusers"
 ControlNet), with ``kiln.controlnet_config`` (the diffusers config JSON) in its metadata.
@@ -25,10 +25,10 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from training import data, models, sample, train
-from training import evaluate as ev
-from training import scenes as sc
-from training import tokenizer as tk
+from kiln.training import data, models, sample, train
+from kiln.training import evaluate as ev
+from kiln.training import scenes as sc
+from kiln.training import tokenizer as tk
 
 COND_CHANNELS = (16, 32, 64)
 
@@ -45,7 +45,7 @@ def off_grid(scene: sc.Scene, rng: np.random.Generator, shift: float = OFF_GRID)
     """The scene with every object moved up to ``shift`` px and resized to 10-26 px (inside the frame),
     its position and size words re-read from the new geometry. The base model draws objects near the nine
     cell centres at two sizes; the ControlNet must follow the edge map wherever it puts them."""
-    from training import evaluate as ev
+    from kiln.training import evaluate as ev
 
     objs = []
     for o in scene.objects:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from training import scenes as sc
+from kiln.training import scenes as sc
 
 OUTLINE_FRACTION = 0.1  # the VAE also learns the LoRA's outline style, so the LoRA need not fix the decoder
 

@@ -7,7 +7,7 @@ fills (:func:`corner_occupancy`) and how much of the box it fills (square ~1.0, 
 ~0.56), its size from the bounding box, its position from the bounding-box centre on the 3x3 grid. :func:`score` compares that with the
 prompted :class:`~training.scenes.Obj`.
 
-``python -m training.evaluate --weights runs/shapes/unet/latest.pt`` (or ``--real`` / ``--noise``)
+``python -m kiln.training.evaluate --weights runs/shapes/unet/latest.pt`` (or ``--real`` / ``--noise``)
 prints per-attribute accuracies; the real scenes score ~100% and noise images ~chance, which is what
 shows that the numbers measure prompt-following.
 """
@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from training import scenes as sc
+from kiln.training import scenes as sc
 
 ATTRIBUTES = ("color", "shape", "size", "position", "background")
 _PAL = np.array(list(sc.COLORS.values()), np.float32)
@@ -205,7 +205,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.run or args.checkpoint or args.untrained:
         import torch
 
-        from training import sample
+        from kiln.training import sample
 
         torch.set_num_threads(args.threads)
         if args.checkpoint:

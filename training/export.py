@@ -20,7 +20,7 @@ its own configs in the safetensors ``__metadata__`` (all values strings):
 The conversion is written here from the layouts' structure; :func:`check_round_trip` converts the result
 back with diffusers' own single-file converters and requires every tensor to come back bit-identical.
 
-    python -m training.export --run runs/shapes --out models/checkpoints/kiln-shapes.safetensors
+    python -m kiln.training.export --run runs/shapes --out models/checkpoints/kiln-shapes.safetensors
 """
 
 from __future__ import annotations
@@ -192,7 +192,7 @@ def _plain(config) -> dict:
 
 
 def export_run(run: Path, out: Path, dtype: torch.dtype = torch.float16, ema: bool = True) -> dict:
-    from training import sample
+    from kiln.training import sample
 
     pipe = sample.Pipeline.from_run(run, ema=ema)
     unet_cfg, vae_cfg = _plain(pipe.unet.config), _plain(pipe.vae.config)
@@ -217,7 +217,7 @@ def load_pipeline(path: str | Path, dtype: torch.dtype = torch.float32):
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-    from training import sample
+    from kiln.training import sample
 
     with safe_open(str(path), "pt") as f:
         meta = f.metadata()
@@ -235,7 +235,7 @@ def load_pipeline(path: str | Path, dtype: torch.dtype = torch.float32):
     with tempfile.TemporaryDirectory() as d:
         Path(d, "vocab.json").write_text(meta["kiln.tokenizer_vocab"])
         Path(d, "merges.txt").write_text(meta["kiln.tokenizer_merges"])
-        from training.tokenizer import MAX_LENGTH
+        from kiln.training.tokenizer import MAX_LENGTH
 
         tok = CLIPTokenizer.from_pretrained(d, model_max_length=MAX_LENGTH)
     return sample.Pipeline(tok, te.eval(), unet.eval(), vae.eval(), json.loads(meta["kiln.scheduler_config"]))

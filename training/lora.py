@@ -4,7 +4,7 @@ The data are the base model's own scenes and captions, drawn as outlines (``scen
 "outline")``), so the LoRA changes style and nothing else; its effect is measured by
 :func:`training.evaluate.hollowness` (filled ~0, outline ~0.5+).
 
-    python -m training.lora --run runs/shapes --steps 600 --out models/loras/kiln-outline.safetensors
+    python -m kiln.training.lora --run runs/shapes --steps 600 --out models/loras/kiln-outline.safetensors
 
 Export format (what A1111 / ComfyUI / kohya's sd-scripts write for SD1.x): for every adapted UNet module
 ``lora_unet_<diffusers module path with '.' -> '_'>.lora_down.weight`` ``[r, in(, 1, 1)]``,
@@ -24,9 +24,9 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from training import data, models, sample, train
-from training import scenes as sc
-from training import tokenizer as tk
+from kiln.training import data, models, sample, train
+from kiln.training import scenes as sc
+from kiln.training import tokenizer as tk
 
 # Attention and transformer projections (what SD LoRAs usually adapt) plus every ResNet convolution (LoCon):
 # the 16x16 level, where an outline is drawn, has no attention, so an attention-only LoRA barely moved it.

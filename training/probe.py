@@ -7,7 +7,7 @@ For one fixed batch of pure-noise inputs at a few timesteps, compare the model's
 * colour: the mean RGB in the centre for "red" / "blue" / "green";
 * background: the mean brightness of the top rows for "white" vs "black".
 
-    python -m training.probe --run runs/shapes [--raw]
+    python -m kiln.training.probe --run runs/shapes [--raw]
 
 A model that has not learned position words prints the same centroid for both positions (that is how
 the whole epsilon phase of the shipped run looked, while colour and background moved early; the v phase
@@ -21,7 +21,7 @@ import argparse
 import numpy as np
 import torch
 
-from training import models, sample, train
+from kiln.training import models, sample, train
 
 
 def main(argv: list[str] | None = None) -> None:

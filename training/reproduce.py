@@ -1,6 +1,6 @@
 """One command for every shipped kiln-shapes file, resumable at any point.
 
-    python -m training.reproduce [--run runs/shapes] [--from-snapshot]
+    python -m kiln.training.reproduce [--run runs/shapes] [--from-snapshot]
 
 Runs, in order, skipping what is already finished in ``--run``:
 
@@ -20,7 +20,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from training import controlnet, export, lora, snapshot, train
+from kiln.training import controlnet, export, lora, snapshot, train
 
 LORA_STEPS = 1200
 CONTROLNET_STEPS = 3000

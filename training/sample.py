@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from training import data, models
+from kiln.training import data, models
 
 SAMPLERS = ("euler", "dpmpp_2m", "ddim")
 
@@ -43,8 +43,8 @@ class Pipeline:
     def from_run(cls, run: str | Path, ema: bool = True, phase: str | None = None) -> "Pipeline":
         """The latest UNet checkpoint of a training run folder (EMA weights by default); ``phase`` is the
         checkpoint folder (``unet`` or ``unet-v``), by default the v phase when it has started."""
-        from training import tokenizer as tk
-        from training import train
+        from kiln.training import tokenizer as tk
+        from kiln.training import train
 
         run = Path(run)
         from diffusers import UNet2DConditionModel
@@ -64,8 +64,8 @@ class Pipeline:
 
     @classmethod
     def untrained(cls, run: str | Path) -> "Pipeline":
-        from training import tokenizer as tk
-        from training import train
+        from kiln.training import tokenizer as tk
+        from kiln.training import train
 
         run = Path(run)
         torch.manual_seed(0)
@@ -75,13 +75,13 @@ class Pipeline:
 
     @classmethod
     def from_single_file(cls, path: str | Path) -> "Pipeline":
-        from training import export
+        from kiln.training import export
 
         return export.load_pipeline(path)
 
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
-        from training.tokenizer import MAX_LENGTH
+        from kiln.training.tokenizer import MAX_LENGTH
 
         ids = self.tokenizer(prompts, padding="max_length", max_length=MAX_LENGTH, truncation=True,
                              return_tensors="pt").input_ids

@@ -1,9 +1,9 @@
 """Copy a run's resumable state into ``training/checkpoints/`` (committed) and back.
 
-    python -m training.snapshot save --run runs/shapes      # run -> training/checkpoints/
-    python -m training.snapshot restore --run runs/shapes   # training/checkpoints/ -> run, then:
-    python -m training.train latents --out runs/shapes      # re-encode the latent pool (deterministic)
-    python -m training.train all --out runs/shapes --resume   # carries on where the snapshot stopped
+    python -m kiln.training.snapshot save --run runs/shapes      # run -> training/checkpoints/
+    python -m kiln.training.snapshot restore --run runs/shapes   # training/checkpoints/ -> run, then:
+    python -m kiln.training.train latents --out runs/shapes      # re-encode the latent pool (deterministic)
+    python -m kiln.training.train all --out runs/shapes --resume   # carries on where the snapshot stopped
 
 The snapshot is the tokenizer, the finished VAE and each UNet phase's ``latest.pt`` (model, EMA, AdamW
 state, step): everything ``--resume`` needs except the latent pool, which is recomputed from the VAE.

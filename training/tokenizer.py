@@ -15,7 +15,7 @@ from pathlib import Path
 
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
 
-from training import scenes as sc
+from kiln.training import scenes as sc
 
 MAX_LENGTH = 32  # "<|startoftext|>" + the longest three-object caption (30 words) + "<|endoftext|>"
 SPECIALS = ["<|startoftext|>", "<|endoftext|>"]

@@ -1,7 +1,7 @@
 """Train the kiln-shapes stack: tokenizer -> VAE -> latent pool -> UNet + text encoder.
 
-    python -m training.train all --out runs/shapes              # everything, from scratch
-    python -m training.train unet-v --out runs/shapes --resume  # continue the v-prediction stage
+    python -m kiln.training.train all --out runs/shapes              # everything, from scratch
+    python -m kiln.training.train unet-v --out runs/shapes --resume  # continue the v-prediction stage
 
 The UNet is trained in two phases: 6,000 steps predicting epsilon (folder ``unet/``), then a fine-tune of
 those EMA weights predicting v (folder ``unet-v/``); see :mod:`training.models` for why.
@@ -27,9 +27,9 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from training import data, models
-from training import scenes as sc
-from training import tokenizer as tk
+from kiln.training import data, models
+from kiln.training import scenes as sc
+from kiln.training import tokenizer as tk
 
 CAPTION_DROPOUT = 0.1
 V_STEPS = 6000  # the v-prediction fine-tune of the shipped weights
@@ -377,7 +377,7 @@ def g_lr(opt) -> float:
 
 
 def quick_eval(out: Path, step: int, phase: str = "unet", n: int = 50) -> dict:
-    from training import evaluate, sample
+    from kiln.training import evaluate, sample
 
     pipe = sample.Pipeline.from_run(out, phase=phase)
     targets = sc.eval_scenes(n)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from engine import NodeError
-from nodes.common import check_image
+from kiln.engine import NodeError
+from kiln.nodes.common import check_image
 
 
 def describe_problem(img: torch.Tensor, min_std: float, min_size: int) -> str | None:

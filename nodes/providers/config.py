@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from engine import NodeError
+from kiln.engine import NodeError
 
 from .retry import RetryPolicy
 

@@ -12,7 +12,7 @@ import json
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from engine import NodeError
+from kiln.engine import NodeError
 
 from .config import Profile, redact
 from .retry import Transient, parse_retry_after, with_retries

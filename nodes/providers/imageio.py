@@ -17,8 +17,8 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from engine import NodeError
-from nodes.common import tensor_to_pil
+from kiln.engine import NodeError
+from kiln.nodes.common import tensor_to_pil
 
 Image.MAX_IMAGE_PIXELS = 100_000_000  # refuse decompression bombs well above any provider's output
 

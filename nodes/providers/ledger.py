@@ -11,8 +11,8 @@ import asyncio
 import uuid
 from typing import Any
 
-import engine
-from engine import NodeError
+from kiln import engine
+from kiln.engine import NodeError
 
 from . import config
 

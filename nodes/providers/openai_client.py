@@ -13,7 +13,7 @@ import asyncio
 import weakref
 from typing import Any, Awaitable, Callable
 
-from engine import NodeError
+from kiln.engine import NodeError
 
 from .config import Profile, redact
 from .retry import Transient, parse_retry_after, with_retries

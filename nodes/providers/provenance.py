@@ -112,7 +112,7 @@ def save_kwargs(fmt: str, record: dict | None, png_texts: dict | None = None) ->
     """Keyword arguments for ``PIL.Image.save`` that embed ``record`` in format ``fmt`` (PNG/JPEG/WEBP)."""
     fmt = fmt.upper()
     if fmt == "PNG":
-        from nodes.common import png_info
+        from kiln.nodes.common import png_info
 
         texts = dict(png_texts or {})
         if record is not None:
@@ -144,8 +144,7 @@ def read(data: bytes) -> dict | None:
 
 def png_chunks_for(pixels: np.ndarray, graph: dict | None, generation_info: str | None) -> dict[str, str]:
     """The ``kiln_provenance`` PNG text chunk for one image saved by the running node (SaveImage's option)."""
-    import engine
-
+    from kiln import engine
     ctx = engine.current()
     rec = build(pixels=pixels, graph=graph, generations=parse_generation_info(generation_info),
                 prompt_id=ctx.prompt_id if ctx else None, node_id=ctx.node_id if ctx else None, mime="image/png")

@@ -13,7 +13,7 @@ import threading
 from dataclasses import dataclass
 from typing import Any
 
-from engine import NodeError
+from kiln.engine import NodeError
 
 from . import config
 

@@ -19,8 +19,7 @@ from typing import Any, Callable
 
 import torch
 
-import engine
-
+from kiln import engine
 _DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
            "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
 

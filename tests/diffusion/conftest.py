@@ -17,9 +17,9 @@ import tiny_models as T  # noqa: E402
 
 torch.set_num_threads(1)
 
-import engine  # noqa: E402
-import nodes  # noqa: E402
-from nodes.sd.manager import ModelManager  # noqa: E402
+from kiln import engine  # noqa: E402
+from kiln import nodes  # noqa: E402
+from kiln.nodes.sd.manager import ModelManager  # noqa: E402
 
 GRAPHS = Path(__file__).resolve().parents[2] / "graphs"
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-import engine
+from kiln import engine
 
 
 def _graph(cn="tiny_cn.safetensors", strength=1.0, start=0.0, end=1.0, use_cn=True):
@@ -60,7 +60,9 @@ def test_partial_window_differs_from_full(world, ex):
 
 
 def test_ldm_layout_file_loads_to_the_same_model(world, ex):
-    assert torch.equal(_out(world, ex), _out(world, ex, cn="tiny_cn_ldm.safetensors"))
+    # Same weights; converted tensors may differ in memory layout, which changes float summation order in
+    # some torch builds (seen: 8e-5 absolute on values up to 60), so compare to float32 precision.
+    assert torch.allclose(_out(world, ex), _out(world, ex, cn="tiny_cn_ldm.safetensors"), rtol=1e-5, atol=1e-4)
 
 
 def test_fresh_controlnet_is_a_no_op(world, ex, plain, tmp_path):
@@ -82,7 +84,7 @@ def test_checkpoint_as_controlnet_is_rejected(world, ex):
 
 
 def test_canny_finds_the_square_edges(world):
-    from nodes.preprocessors import Canny
+    from kiln.nodes.preprocessors import Canny
 
     img = torch.zeros(1, 32, 32, 3)
     img[:, 8:24, 8:24] = 1.0

@@ -6,12 +6,12 @@ import json
 import pytest
 import torch
 
-import engine
-from nodes.sd import ldm_keys as L
-from nodes.sd.checkpoint import (CheckpointError, detect_family, export_ldm_checkpoint, load_checkpoint,
+from kiln import engine
+from kiln.nodes.sd import ldm_keys as L
+from kiln.nodes.sd.checkpoint import (CheckpointError, detect_family, export_ldm_checkpoint, load_checkpoint,
                                  read_state_dict)
-from nodes.sd.manager import ModelManager
-from nodes.sd.tokenizer import make_tokenizer
+from kiln.nodes.sd.manager import ModelManager
+from kiln.nodes.sd.tokenizer import make_tokenizer
 
 CPU = torch.device("cpu")
 
@@ -62,7 +62,7 @@ def test_vae_attention_maps_to_ldm_convolutions():
     assert f"{L.VAE_PREFIX}encoder.mid.attn_1.q.weight" in ldm
     theirs = convert_ldm_vae_checkpoint(ldm, dict(vae.config))
     assert all(torch.equal(theirs[k].reshape(v.shape), v) for k, v in sd.items())
-    from nodes.sd.checkpoint import vae_from_ldm
+    from kiln.nodes.sd.checkpoint import vae_from_ldm
 
     mine = vae_from_ldm(ldm, dict(vae.config))
     assert all(torch.equal(mine[k], v) for k, v in sd.items())

@@ -63,7 +63,7 @@ def test_lora_changes_output_and_removing_it_is_bit_identical(world, ex, plain):
 
 
 def _unet(world):
-    from nodes.loaders import load_checkpoint_handles
+    from kiln.nodes.loaders import load_checkpoint_handles
 
     return load_checkpoint_handles(world.ckpt, "tiny").model.unet
 
@@ -80,9 +80,8 @@ def test_kohya_and_diffusers_formats_agree(world, ex):
 
 
 def test_patched_weights_are_base_plus_scaled_delta(world):
-    from nodes.loaders import load_checkpoint_handles, _lora_patches
-    import engine
-
+    from kiln.nodes.loaders import load_checkpoint_handles, _lora_patches
+    from kiln import engine
     h = load_checkpoint_handles(world.ckpt, "tiny")
     with engine.use_folders(engine.Folders(world.base)):
         mp, cp = _lora_patches("a_kohya.safetensors", h.model, h.clip, 0.5, 1.0)

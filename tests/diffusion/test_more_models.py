@@ -41,7 +41,7 @@ def test_sdxl_architecture_runs(world):
 def test_sdxl_single_file_loads_every_weight(world, monkeypatch, tmp_path):
     """The SDXL LDM path (label_emb, CLIP-L, OpenCLIP-G with fused attention), with the shipped full-size
     configs swapped for tiny ones so the file stays small."""
-    import nodes.sd.checkpoint as C
+    import kiln.nodes.sd.checkpoint as C
     from tiny_models import (SCHEDULER_CONFIG, SDXL_UNET_CONFIG, VAE_CONFIG, build_tiny_sdxl, sdxl_te2_config,
                              text_config, write_sdxl_ldm)
 

@@ -4,14 +4,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from nodes.conditioning import encode_prompt
-from nodes.loaders import load_checkpoint_handles
-from nodes.sd.prompt import parse_weights
+from kiln.nodes.conditioning import encode_prompt
+from kiln.nodes.loaders import load_checkpoint_handles
+from kiln.nodes.sd.prompt import parse_weights
 
 
 @pytest.fixture(scope="module")
 def clip(world):
-    from nodes.sd.manager import get_manager  # noqa: F401  (process default manager is fine here)
+    from kiln.nodes.sd.manager import get_manager  # noqa: F401  (process default manager is fine here)
 
     return load_checkpoint_handles(world.ckpt, "tiny").clip
 
@@ -78,7 +78,7 @@ def test_clip_set_last_layer_changes_the_encoding(clip):
 
 
 def test_textual_inversion_embedding(world, clip):
-    import engine
+    from kiln import engine
     from safetensors.torch import save_file
 
     emb_dir = world.models / "embeddings"
@@ -88,7 +88,7 @@ def test_textual_inversion_embedding(world, clip):
     with engine.use_folders(engine.Folders(world.base)):
         with_emb = encode_prompt(clip, "a embedding:shiny circle")[0][0]
         without = encode_prompt(clip, "a circle")[0][0]
-        from nodes.sd.prompt import PromptError
+        from kiln.nodes.sd.prompt import PromptError
 
         with pytest.raises(PromptError, match="not found"):
             encode_prompt(clip, "embedding:missing")
@@ -97,7 +97,7 @@ def test_textual_inversion_embedding(world, clip):
             encode_prompt(clip, "embedding:sd15only")
     assert not torch.allclose(with_emb, without)
     # the file's vectors take the place of the word, between "a" and "circle"
-    from nodes.sd.prompt import tokenize
+    from kiln.nodes.sd.prompt import tokenize
 
     toks = tokenize("a embedding:shiny circle", clip.tokenizers[0], lambda name: vecs)
     assert [t.vector is not None for t in toks] == [False, True, True, False]

@@ -6,9 +6,7 @@ import json
 import pytest
 import torch
 
-import engine
-
-
+from kiln import engine
 def _checker(path, flag_all: bool):
     from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
     from transformers import CLIPConfig, CLIPImageProcessor
@@ -76,7 +74,7 @@ def test_missing_safety_model_is_a_validation_error(world, checkers):
 # -- latents and the VAE ---------------------------------------------------------------------------------
 
 def _nodes():
-    from nodes import latent
+    from kiln.nodes import latent
 
     return latent
 
@@ -110,7 +108,7 @@ def test_bislerp_keeps_vector_lengths_and_matches_bilinear_on_parallel_vectors()
 
 
 def test_vae_encode_decode_shapes_and_crop(world):
-    from nodes.loaders import load_checkpoint_handles
+    from kiln.nodes.loaders import load_checkpoint_handles
 
     L = _nodes()
     vae = load_checkpoint_handles(world.ckpt, "tiny").vae
@@ -122,7 +120,7 @@ def test_vae_encode_decode_shapes_and_crop(world):
 
 
 def test_inpaint_encode_greys_the_masked_area_and_grows_the_mask(world):
-    from nodes.loaders import load_checkpoint_handles
+    from kiln.nodes.loaders import load_checkpoint_handles
 
     L = _nodes()
     vae = load_checkpoint_handles(world.ckpt, "tiny").vae
@@ -137,7 +135,7 @@ def test_inpaint_encode_greys_the_masked_area_and_grows_the_mask(world):
 
 
 def test_mask_size_mismatch_is_a_node_error(world):
-    from nodes.loaders import load_checkpoint_handles
+    from kiln.nodes.loaders import load_checkpoint_handles
 
     L = _nodes()
     vae = load_checkpoint_handles(world.ckpt, "tiny").vae

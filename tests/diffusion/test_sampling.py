@@ -6,12 +6,12 @@ import math
 import pytest
 import torch
 
-import engine
-from nodes.conditioning import encode_prompt
-from nodes.loaders import load_checkpoint_handles
-from nodes.sampling import sample
-from nodes.sd.guidance import run_sampler
-from nodes.sd.samplers import (SAMPLER_NAMES, SCHEDULER_NAMES, ModelSampling, calculate_sigmas, sigmas_for)
+from kiln import engine
+from kiln.nodes.conditioning import encode_prompt
+from kiln.nodes.loaders import load_checkpoint_handles
+from kiln.nodes.sampling import sample
+from kiln.nodes.sd.guidance import run_sampler
+from kiln.nodes.sd.samplers import (SAMPLER_NAMES, SCHEDULER_NAMES, ModelSampling, calculate_sigmas, sigmas_for)
 from tiny_models import SCHEDULER_CONFIG
 
 DETERMINISTIC = ["euler", "heun", "dpm_2", "lms", "dpmpp_2m", "ddim", "uni_pc", "uni_pc_bh2"]
@@ -128,7 +128,7 @@ def test_img2img_stays_near_the_input(loaded):
 def test_advanced_split_equals_one_pass(loaded):
     """Steps 0-3 with leftover noise, then 3-6 without adding noise, is the same as 0-6 in one go."""
     h, pos, neg = loaded
-    from nodes.sampling import KSamplerAdvanced
+    from kiln.nodes.sampling import KSamplerAdvanced
 
     ks = KSamplerAdvanced()
     lat = {"samples": torch.zeros(1, 4, 8, 8)}
@@ -254,7 +254,7 @@ def test_multistep_samplers_match_diffusers_on_the_same_sigmas(name, order):
 
     from diffusers import DPMSolverMultistepScheduler, UniPCMultistepScheduler
 
-    from nodes.sd import samplers as S
+    from kiln.nodes.sd import samplers as S
 
     cfg = dict(num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule="linear",
                prediction_type="sample", timestep_spacing="trailing")

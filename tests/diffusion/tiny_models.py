@@ -10,9 +10,9 @@ from pathlib import Path
 
 import torch
 
-from nodes.sd import ldm_keys as L
-from nodes.sd.checkpoint import export_ldm_checkpoint
-from nodes.sd.tokenizer import byte_symbols, make_tokenizer
+from kiln.nodes.sd import ldm_keys as L
+from kiln.nodes.sd.checkpoint import export_ldm_checkpoint
+from kiln.nodes.sd.tokenizer import byte_symbols, make_tokenizer
 
 CORPUS = """a photo of a red circle on a blue background
 a green square in the top left corner, high quality
@@ -106,7 +106,7 @@ def write_sd15_layout_without_metadata(path: Path, comps) -> Path:
     """An LDM file with no kiln.* metadata: must be recognised (or rejected) from its keys alone."""
     from safetensors.torch import save_file
 
-    from nodes.sd.checkpoint import ldm_state_dict
+    from kiln.nodes.sd.checkpoint import ldm_state_dict
 
     unet, vae, te, _ = comps
     save_file(ldm_state_dict(unet, vae, te), str(path))

@@ -12,7 +12,7 @@ for p in (HERE, ROOT):
     if p not in sys.path:
         sys.path.insert(0, p)
 
-import engine  # noqa: E402
+from kiln import engine  # noqa: E402
 import engine_testnodes as tn  # noqa: E402
 
 

@@ -10,8 +10,8 @@ import time
 import weakref
 from typing import Annotated, Any
 
-import engine
-from engine import (Boolean, Combo, ExecutionBlocker, Float, GraphBuilder, Hidden, Int, Node, NodeResult,
+from kiln import engine
+from kiln.engine import (Boolean, Combo, ExecutionBlocker, Float, GraphBuilder, Hidden, Int, Node, NodeResult,
                     Output, Socket, String)
 
 CALLS: list[tuple[str, Any]] = []

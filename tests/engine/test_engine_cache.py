@@ -8,10 +8,10 @@ import sys
 
 import pytest
 
-import engine
-from engine import Executor
-from engine.cache import KeepCurrentCache, LRUCache, NoCache, RAMBudgetCache, make_cache, parse_size
-from engine.events import ExecutionCached, NodeOutput, NodeStarted
+from kiln import engine
+from kiln.engine import Executor
+from kiln.engine.cache import KeepCurrentCache, LRUCache, NoCache, RAMBudgetCache, make_cache, parse_size
+from kiln.engine.events import ExecutionCached, NodeOutput, NodeStarted
 import engine_testnodes as tn
 from engine_testnodes import CALLS, G, calls_of, chain_graph
 
@@ -389,13 +389,13 @@ def test_uncacheable_node_always_runs(run):
 
 
 def _keys(reg, data):
-    from engine.executor import _Run
-    from engine.validation import upstream_order
+    from kiln.engine.executor import _Run
+    from kiln.engine.validation import upstream_order
     ex = Executor(reg)
     graph = G(data)
     res = engine.validate(graph, reg)
     import threading
-    from engine import context
+    from kiln.engine import context
     rc = context.RunContext("p", lambda e: None, threading.Event())
     r = _Run(ex, graph, rc, res.outputs, None)
     r.compute_keys(upstream_order(graph, res.outputs))
@@ -509,7 +509,7 @@ def test_execution_cached_follows_prompt_key_order(run):
 
 
 def test_fingerprint_of_values():
-    from engine.fingerprint import Unfingerprintable, fingerprint
+    from kiln.engine.fingerprint import Unfingerprintable, fingerprint
     big = 10 ** 5000  # past Python's decimal conversion limit
     assert fingerprint(big) != fingerprint(big + 1) and fingerprint(-big) != fingerprint(big)
     assert fingerprint({"b": 1, "a": [1, 2]}) == fingerprint({"a": [1, 2], "b": 1})

@@ -7,8 +7,8 @@ import textwrap
 
 import pytest
 
-import engine
-from engine import Executor, Registry
+from kiln import engine
+from kiln.engine import Executor, Registry
 from engine_testnodes import CALLS, G, make_registry
 
 PACK_INIT = '''
@@ -726,8 +726,7 @@ def test_native_pack_with_one_bad_class_keeps_the_others(tmp_path):
     cn.mkdir()
     (cn / "native_pack.py").write_text(textwrap.dedent('''
         from typing import Annotated
-        import engine
-
+        from kiln import engine
         class GoodOne(engine.Node):
             outputs = ("INT",)
             def run(self, x: Annotated[int, engine.Int()] = 1):

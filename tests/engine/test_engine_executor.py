@@ -8,9 +8,9 @@ import time
 
 import pytest
 
-import engine
-from engine import Executor, NodeResult
-from engine.events import (ExecutionCached, ExecutionError, ExecutionInterrupted, ExecutionStart,
+from kiln import engine
+from kiln.engine import Executor, NodeResult
+from kiln.engine.events import (ExecutionCached, ExecutionError, ExecutionInterrupted, ExecutionStart,
                            ExecutionSuccess, NodeOutput, NodeStarted, Progress)
 import engine_testnodes as tn
 from engine_testnodes import CALLS, G, calls_of, chain_graph

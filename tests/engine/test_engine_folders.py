@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from engine import Folders, UnsafePath, safe_join
+from kiln.engine import Folders, UnsafePath, safe_join
 
 
 @pytest.mark.parametrize("rel", ["../x.png", "a/../../x", "/etc/passwd", "C:/x", "a\\b", "x\0y", "..", "a/.."])

@@ -5,8 +5,8 @@ import json
 
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-import engine
-from engine import Executor, GraphFormatError, ValidationFailed
+from kiln import engine
+from kiln.engine import Executor, GraphFormatError, ValidationFailed
 import engine_testnodes as tn
 
 SAFE_CLASSES = ["Const", "Add", "FloatIn", "TextIn", "Pick", "Flag", "MakeImage", "Invert", "Show", "ShowImage",

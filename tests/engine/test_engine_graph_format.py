@@ -5,9 +5,9 @@ import json
 
 import pytest
 
-import engine
-from engine import BadLink, Graph, GraphFormatError, Link, parse_submission, validate
-from engine.graph import decode_json
+from kiln import engine
+from kiln.engine import BadLink, Graph, GraphFormatError, Link, parse_submission, validate
+from kiln.engine.graph import decode_json
 from engine_testnodes import G
 
 COMFY_STYLE = {
@@ -177,7 +177,7 @@ def test_huge_integer_literal():
 
 
 def test_too_large_json(monkeypatch):
-    import engine.graph as gm
+    import kiln.engine.graph as gm
     monkeypatch.setattr(gm, "MAX_JSON_BYTES", 1000)
     with pytest.raises(GraphFormatError) as ei:
         Graph.loads(b'{"1": {"class_type": "' + b"x" * 2000 + b'"}}')

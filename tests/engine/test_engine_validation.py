@@ -5,8 +5,8 @@ import json
 
 import pytest
 
-import engine
-from engine import ValidationFailed, validate
+from kiln import engine
+from kiln.engine import ValidationFailed, validate
 from engine_testnodes import G
 
 ERROR_KEYS = {"type", "message", "details", "extra_info"}
@@ -174,7 +174,7 @@ def test_type_mismatch_along_link(reg):
 
 
 def test_type_union_and_any_are_compatible():
-    from engine.types import types_compatible
+    from kiln.engine.types import types_compatible
     assert types_compatible("INT", "INT,FLOAT")
     assert types_compatible("*", "IMAGE") and types_compatible("IMAGE", "*")
     assert not types_compatible("IMAGE", "MASK")

@@ -1,7 +1,7 @@
 import pytest
 
-import nodes
-from engine import Executor, Folders, Graph, Registry
+from kiln import nodes
+from kiln.engine import Executor, Folders, Graph, Registry
 
 
 @pytest.fixture(scope="session")

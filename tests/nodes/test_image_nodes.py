@@ -5,8 +5,8 @@ import pytest
 import torch
 from PIL import Image
 
-from engine import Graph, ValidationFailed, validate
-from engine.events import Progress
+from kiln.engine import Graph, ValidationFailed, validate
+from kiln.engine.events import Progress
 
 
 def empty(color=0, w=8, h=8, b=1):

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-import engine
-import nodes
+from kiln import engine
+from kiln import nodes
 from tests.providers.fake_providers import FakeProviders
 
 API_KEY = "sk-test-kiln-secret-7f3a9c"

@@ -5,8 +5,8 @@ import json
 import urllib.request
 from pathlib import Path
 
-import engine
-from nodes.providers import provenance
+from kiln import engine
+from kiln.nodes.providers import provenance
 from tests.providers.conftest import API_KEY
 
 GRAPH = Path(__file__).resolve().parents[2] / "graphs" / "provider_to_s3.json"

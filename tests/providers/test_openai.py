@@ -24,7 +24,7 @@ def gen(node_id="1", **inputs):
 
 
 def run_node(run_graph, graph, target="1", **extra):
-    r = run_graph.ex.run(__import__("engine").Graph.from_json(graph), sink=run_graph.events.append,
+    r = run_graph.ex.run(__import__("kiln.engine", fromlist=["Graph"]).Graph.from_json(graph), sink=run_graph.events.append,
                          extra_data=extra, targets=[target])
     return r
 
@@ -239,8 +239,7 @@ def test_budget_holds_across_concurrent_nodes(run_graph, openai_server):
     for i in range(4):
         graph.update(gen(str(i), prompt=f"fox {i}", size="1024x1024"))  # 0.02 USD each
     graph["sink"] = {"class_type": "ValidateImage", "inputs": {"images": ["0", 0]}}
-    import engine
-
+    from kiln import engine
     r = run_graph.ex.run(engine.Graph.from_json(graph), sink=run_graph.events.append, extra_data={"max_cost": 0.05},
                          targets=["0", "1", "2", "3"])
     # nodes start together; the ones that would pass the budget are refused before sending anything
@@ -252,8 +251,7 @@ def test_budget_holds_across_concurrent_nodes(run_graph, openai_server):
 
 def test_async_provider_nodes_overlap(run_graph, openai_server):
     openai_server.latency = 0.3
-    import engine
-
+    from kiln import engine
     graph = {}
     for i in range(3):
         graph.update(gen(str(i), prompt=f"overlap {i}"))
@@ -300,8 +298,8 @@ def _img(b, h, w, value=0.5):
 
 
 def test_edit_sends_every_reference_and_the_mask_as_alpha(run_graph, openai_server):
-    import engine
-    from engine import Node, Output
+    from kiln import engine
+    from kiln.engine import Node, Output
 
     class Inputs(Node):
         outputs = [Output("IMAGE", "a"), Output("IMAGE", "b"), Output("MASK", "m")]
@@ -326,7 +324,7 @@ def test_edit_sends_every_reference_and_the_mask_as_alpha(run_graph, openai_serv
 
 
 def test_edit_rejects_a_mask_of_another_size(run_graph, openai_server):
-    from engine import Node, Output
+    from kiln.engine import Node, Output
 
     class Inputs(Node):
         outputs = [Output("IMAGE", "a"), Output("MASK", "m")]
@@ -343,7 +341,7 @@ def test_edit_rejects_a_mask_of_another_size(run_graph, openai_server):
 
 
 def test_dalle2_edit_needs_a_square_image(run_graph, openai_server):
-    from engine import Node
+    from kiln.engine import Node
 
     class Inputs(Node):
         outputs = ("IMAGE",)
@@ -360,7 +358,7 @@ def test_dalle2_edit_needs_a_square_image(run_graph, openai_server):
 
 
 def test_variation_makes_n_images(run_graph, openai_server):
-    from engine import Node
+    from kiln.engine import Node
 
     class Inputs(Node):
         outputs = ("IMAGE",)
@@ -383,7 +381,7 @@ def test_gpt_image_1_streams_partial_images_as_previews(run_graph, openai_server
     if op == "generate":
         g = gen(model="gpt-image-1", size="1024x1024", quality="low", partial_images=2, n=2)
     else:
-        from engine import Node
+        from kiln.engine import Node
 
         class Inputs(Node):
             outputs = ("IMAGE",)
@@ -447,7 +445,7 @@ def test_responses_chain_multi_turn_edits(run_graph, openai_server):
 
 
 def test_responses_sends_input_images(run_graph, openai_server):
-    from engine import Node
+    from kiln.engine import Node
 
     class Inputs(Node):
         outputs = ("IMAGE",)

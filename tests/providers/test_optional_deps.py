@@ -12,7 +12,7 @@ CODE = r"""
 import json, sys
 for name in ("openai", "boto3", "botocore"):
     sys.modules[name] = None  # import fails as if not installed
-import engine, nodes
+from kiln import engine, nodes
 reg = engine.Registry(); nodes.register_builtin(reg)
 out = {"load_errors": [str(e) for e in reg.load_errors],
        "have": [n for n in ("OpenAIImageGenerate", "SaveImageS3", "ReplicateRun") if n in reg]}

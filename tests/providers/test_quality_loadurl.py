@@ -9,8 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
-import engine
-from nodes.providers import provenance
+from kiln import engine
+from kiln.nodes.providers import provenance
 from tests.providers.fake_providers import render
 
 
@@ -128,7 +128,7 @@ def test_load_image_url_follows_redirects_and_checks_each_hop(reg, executor, ope
     r = run(executor, url_graph(f"{base}/redirect-pic2.png"), "u")
     assert r.status == "success" and r.values["u"][0].shape == (1, 10, 20, 3)
     # a redirect into a link-local address is refused at that hop
-    from nodes.providers import imageio
+    from kiln.nodes.providers import imageio
 
     monkeypatch.setattr(imageio.os, "environ", {**imageio.os.environ, "KILN_ALLOW_PRIVATE_URLS": "0"})
     checked = []

@@ -11,9 +11,9 @@ import pytest
 import torch
 from PIL import Image
 
-import engine
-from engine import Node, Output
-from nodes.providers import provenance
+from kiln import engine
+from kiln.engine import Node, Output
+from kiln.nodes.providers import provenance
 from tests.providers.s3_proxy import Rule, S3FaultProxy
 
 

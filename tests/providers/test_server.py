@@ -16,14 +16,14 @@ import requests
 from aiohttp import web
 from websockets.sync.client import connect
 
-import engine
+from kiln import engine
 from tests.providers.conftest import API_KEY
 from tests.providers.test_graph import load_graph
 
 
 class Server:
     def __init__(self, base: Path, registry: engine.Registry):
-        from server import ServerConfig, create_app
+        from kiln.server import ServerConfig, create_app
 
         self.executor = engine.Executor(registry, folders=engine.Folders(base))
         self.app = create_app(self.executor, ServerConfig(port=0, data_dir=base / "data"))

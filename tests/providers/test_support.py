@@ -12,9 +12,9 @@ import pytest
 from hypothesis import given, strategies as st
 from PIL import Image
 
-from engine import NodeError
-from nodes.providers import config, pricing, provenance
-from nodes.providers.retry import RetryPolicy, Transient, backoff_delay, parse_retry_after, with_retries
+from kiln.engine import NodeError
+from kiln.nodes.providers import config, pricing, provenance
+from kiln.nodes.providers.retry import RetryPolicy, Transient, backoff_delay, parse_retry_after, with_retries
 
 
 # -- retry ---------------------------------------------------------------------------------------------

@@ -7,7 +7,7 @@ import threading
 import pytest
 import torch
 
-import engine
+from kiln import engine
 from tests.providers.conftest import API_KEY
 from tests.providers.fake_providers import Fault
 

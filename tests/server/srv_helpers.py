@@ -17,8 +17,8 @@ import requests
 from aiohttp import web
 from websockets.sync.client import connect
 
-from engine import Executor, Folders, Registry
-from server import ServerConfig, create_app
+from kiln.engine import Executor, Folders, Registry
+from kiln.server import ServerConfig, create_app
 
 HERE = Path(__file__).parent
 ROOT = HERE.parents[1]
@@ -32,8 +32,7 @@ def make_registry(image_nodes: bool = False) -> Registry:
     for cls in kiln_testnodes.NODES:
         reg.register(cls, python_module="custom_nodes.kiln_testnodes")
     if image_nodes:
-        import nodes
-
+        from kiln import nodes
         nodes.register_builtin(reg)
     return reg
 
@@ -70,7 +69,7 @@ class LiveServer:
 
     @property
     def service(self):
-        from server.keys import SERVICE
+        from kiln.server.keys import SERVICE
 
         return self.app[SERVICE]
 

@@ -10,7 +10,7 @@ import requests
 from PIL import Image
 from srv_helpers import kiln_cmd
 
-from server import InsecureBind, ServerConfig
+from kiln.server import InsecureBind, ServerConfig
 
 pytestmark = pytest.mark.timeout(60)
 

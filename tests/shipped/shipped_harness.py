@@ -12,10 +12,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-import engine
-import nodes
-from nodes.sd.manager import ModelManager
-from training import scenes as sc
+from kiln import engine
+from kiln import nodes
+from kiln.nodes.sd.manager import ModelManager
+from kiln.training import scenes as sc
 
 REPO = Path(__file__).resolve().parents[2]
 CKPT = "kiln-shapes.safetensors"

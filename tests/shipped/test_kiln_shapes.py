@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 from shipped_harness import Job, test_scenes
 
-from nodes.sd.samplers import SAMPLER_NAMES, SCHEDULER_NAMES
-from training import evaluate as ev
-from training.controlnet import placement_iou
-from training import scenes as sc
+from kiln.nodes.sd.samplers import SAMPLER_NAMES, SCHEDULER_NAMES
+from kiln.training import evaluate as ev
+from kiln.training.controlnet import placement_iou
+from kiln.training import scenes as sc
 
 # Three held-out prompts, two seeds each: 6 images per sampler.
 PROMPTS = test_scenes(3)
@@ -122,7 +122,7 @@ def test_controlnet_puts_the_shape_where_the_edge_map_says(shapes):
 
 def test_controlnet_follows_the_edge_map_off_the_grid(shapes):
     """Objects moved off the nine places the prompt can name and resized: only the edge map says where."""
-    from training.controlnet import off_grid
+    from kiln.training.controlnet import off_grid
 
     rng = np.random.default_rng(3)
     scenes = [off_grid(s, rng) for s in test_scenes(6, offset=700)]

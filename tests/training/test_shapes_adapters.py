@@ -2,7 +2,7 @@
 
 import torch
 
-from training import controlnet, lora, models
+from kiln.training import controlnet, lora, models
 
 TINY_UNET = {**models.UNET_CONFIG, "block_out_channels": [16, 16, 32], "norm_num_groups": 4,
              "cross_attention_dim": 32}

@@ -2,8 +2,8 @@
 
 import numpy as np
 
-from training import evaluate as ev
-from training import scenes as sc
+from kiln.training import evaluate as ev
+from kiln.training import scenes as sc
 
 
 def test_real_scenes_score_near_100():

@@ -5,8 +5,8 @@ import json
 import torch
 from safetensors import safe_open
 
-from training import export as ex
-from training import models
+from kiln.training import export as ex
+from kiln.training import models
 
 TINY_UNET = {**models.UNET_CONFIG, "block_out_channels": [8, 16, 16], "norm_num_groups": 4,
              "cross_attention_dim": 32}
@@ -62,7 +62,7 @@ def test_round_trip_catches_a_wrong_mapping():
 def test_metadata_contract(tmp_path):
     from safetensors.torch import save_file
 
-    from training import tokenizer as tk
+    from kiln.training import tokenizer as tk
 
     tk.train_tokenizer(tmp_path / "tok")
     u, v, t = _stack()

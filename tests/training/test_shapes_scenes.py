@@ -4,8 +4,8 @@ import re
 
 import numpy as np
 
-from training import evaluate as ev
-from training import scenes as sc
+from kiln.training import evaluate as ev
+from kiln.training import scenes as sc
 
 CAPTION = re.compile(
     r"a (small|large) (\w+) (circle|square|triangle) (?:at the|in the) ([a-z ]+?)(?= and a | on a )")

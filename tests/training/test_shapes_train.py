@@ -5,7 +5,7 @@ import json
 import numpy as np
 import torch
 
-from training import models, train
+from kiln.training import models, train
 
 TINY_UNET = {**models.UNET_CONFIG, "block_out_channels": [16, 16, 32], "norm_num_groups": 4}
 TINY_VAE = {**models.VAE_CONFIG, "block_out_channels": [8, 8, 8], "norm_num_groups": 4}
@@ -74,7 +74,7 @@ def test_v_phase_starts_from_the_epsilon_weights_and_records_its_target(tmp_path
     # one step from the epsilon EMA weights: close to them, not a fresh initialisation
     k = "conv_in.weight"
     assert (v["model"]["unet"][k] - eps["ema"]["unet"][k]).abs().max() < 0.01
-    from training import sample
+    from kiln.training import sample
 
     pipe = sample.Pipeline.from_run(out)  # picks the v phase and its scheduler config
     assert pipe.scheduler_config["prediction_type"] == "v_prediction"

@@ -10,7 +10,7 @@ import os
 import time
 from typing import Annotated
 
-from engine import ExecutionBlocker, Float, Int, Node, NodeResult, Preview, Socket, String, current
+from kiln.engine import ExecutionBlocker, Float, Int, Node, NodeResult, Preview, Socket, String, current
 
 
 def _png() -> bytes:

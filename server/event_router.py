@@ -12,11 +12,11 @@ import asyncio
 import threading
 import time
 
-from engine import events as ev
+from kiln.engine import events as ev
 
 from . import protocol as P
 from .hub import NORMAL, PREVIEW, PROGRESS, Hub, Out
-from .prompts import Job
+from .jobs import Job
 from .store import Store, as_json
 
 PER_PROMPT_CID_ONLY = frozenset({"execution_start", "execution_cached", "executing", "executed",

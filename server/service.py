@@ -1,0 +1,490 @@
+"""The prompt service: accepts prompts, keeps the durable queue, runs them one at a time, streams events.
+
+Everything here runs on the event loop thread except ``Executor.run``, which runs in one worker thread.
+The executor's events cross back through an ``EventPipe`` (one loop wake-up per burst) and are drained
+before the prompt is finished, so every event of a prompt is dispatched before its history is written.
+Queue, worker, recovery and control share the same state, which is why they are one module.
+
+Per prompt, the submitting client (its ``client_id`` is a socket's sid) receives ComfyUI's sequence:
+``execution_start``, ``execution_cached``, (``executing`` / ``progress`` / ``executed``)*, the terminal event,
+then -- after the history entry is committed -- ``status`` and ``executing {node: null}``. Each of these
+per-prompt events gets a sequence number and is logged, so a client can replay from any point and always
+gets the final event.
+"""
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures as cf
+import heapq
+import json
+import logging
+import time
+import uuid
+from typing import Any
+
+from kiln.engine import Graph, GraphFormatError, ValidationResult, parse_submission, validate
+from kiln.engine import events as ev
+
+from . import protocol as P
+from .hub import Hub, Out
+from .jobs import MAX_PROMPT_ID, SEQ_EPOCH, ApiError, Job, _num, body_hash, split_sensitive
+from .event_router import EventPipe, EventRouter
+from .store import FINISHED, Store, as_json
+from .webhook import post_webhook
+
+__all__ = ["PromptService", "ApiError", "Job"]
+
+log = logging.getLogger("kiln.server")
+
+STATUS_INTERVAL = 0.05  # seconds between queue-size updates to sockets not involved in the change
+
+
+class PromptService:
+    def __init__(self, executor, store: Store, hub: Hub, config):
+        self.executor = executor
+        self.registry = executor.registry
+        self.store = store
+        self.hub = hub
+        self.config = config
+        self.heap: list[tuple[float, str]] = []
+        self.pending: dict[str, Job] = {}
+        self.running: Job | None = None
+        self.counter = 0
+        self._wake: asyncio.Event | None = None
+        self._pool = cf.ThreadPoolExecutor(1, thread_name_prefix="kiln-executor")
+        self._task: asyncio.Task | None = None
+        self._waiters: dict[str, list[asyncio.Future]] = {}
+        self._free = {"unload_models": False, "free_memory": False}
+        self._session = None
+        self._bg: set[asyncio.Task] = set()
+        self._status_timer: asyncio.TimerHandle | None = None
+        self.router = EventRouter(hub, store)
+        self._finished = 0
+        self.loop: asyncio.AbstractEventLoop | None = None
+
+    # -- lifecycle ----------------------------------------------------------------------------------
+    async def start(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        self._pipe = EventPipe(self.loop, self.router.dispatch)
+        self._wake = asyncio.Event()
+        self.counter = int(self.store.max_number()) + 1 if self.store.max_number() >= 0 else 0
+        self.recover()
+        self._task = self.loop.create_task(self._worker(), name="kiln-prompt-worker")
+
+    async def stop(self) -> None:
+        # The running prompt is cancelled so its thread ends, but it stays 'running' in the store: after a
+        # restart it is re-run (or failed) like after a crash. Its cancellation events are not recorded.
+        self.router.stopping = True
+        if self._status_timer is not None:
+            self._status_timer.cancel()
+        if self.running is not None:
+            self.running.cancel.set()
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except (asyncio.CancelledError, Exception):
+                pass
+        for t in list(self._bg):
+            t.cancel()
+        if self._session is not None:
+            await self._session.close()
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        self.store.flush()
+
+    def recover(self) -> None:
+        """Requeue what was pending; re-run or fail what was running when the server died."""
+        for row in self.store.unfinished():
+            last = self.store.db.execute("SELECT MAX(seq) FROM events WHERE prompt_id=?",
+                                         (row.prompt_id,)).fetchone()[0] or 0
+            if row.status == "running":
+                if self.config.on_crash == "fail" or row.attempts >= self.config.max_attempts:
+                    why = ("the server stopped while this prompt was running" if self.config.on_crash == "fail"
+                           else f"the server stopped while running this prompt {row.attempts} times")
+                    self._fail_unrun(row, last, "ServerStopped", why)
+                    continue
+                self.store.requeue(row.prompt_id)
+                log.info("re-running prompt %s, which was running when the server stopped", row.prompt_id)
+            try:
+                graph = Graph.from_json(row.prompt)
+                validation = validate(graph, self.registry, partial_execution_targets=row.outputs_to_execute)
+            except GraphFormatError as exc:
+                validation = ValidationResult(False, exc.to_comfy())
+            if not validation.ok:
+                self._fail_unrun(row, last, "ValidationFailed",
+                                 "the prompt no longer validates: " + validation.summary())
+                continue
+            job = Job(row.prompt_id, row.number, graph, validation, row.prompt, row.extra_data, {},
+                      row.client_id, row.outputs_to_execute, seq=max(last, row.attempts * SEQ_EPOCH))
+            self._push(job)
+
+    def _fail_unrun(self, row, last_seq: int, exc_type: str, why: str) -> None:
+        last_seq = max(last_seq, row.attempts * SEQ_EPOCH)
+        data = {"prompt_id": row.prompt_id, "node_id": None, "node_type": None, "executed": [],
+                "exception_message": why, "exception_type": exc_type, "traceback": [], "current_inputs": {},
+                "current_outputs": [], "timestamp": int(time.time() * 1000)}
+        seq = last_seq + 1
+        self.store.log_event(row.prompt_id, seq, "execution_error", as_json(data))
+        seq += 1
+        self.store.log_event(row.prompt_id, seq, "executing", as_json({"node": None, "prompt_id": row.prompt_id}))
+        history = {"prompt": row.queue_item, "outputs": {},
+                   "status": {"status_str": "error", "completed": False, "messages": [["execution_error", data]]},
+                   "meta": {}}
+        self.store.finish(row.prompt_id, "error", history, seq)
+        log.warning("prompt %s marked failed: %s", row.prompt_id, why)
+
+    # -- submitting ---------------------------------------------------------------------------------
+    @property
+    def queue_remaining(self) -> int:
+        return len(self.pending) + (1 if self.running is not None else 0)
+
+    def submit(self, data: Any, client_id: str | None = None, announce: bool = True) -> dict:
+        """Validate and enqueue one submission (ComfyUI's envelope). Returns the 200 body or raises ApiError."""
+        if not isinstance(data, dict) or "prompt" not in data:
+            raise ApiError(400, "no_prompt", "No prompt provided", "No prompt provided")
+        try:
+            graph, sub = parse_submission(data)
+        except GraphFormatError as exc:
+            raise ApiError(400, "", "", body={"error": exc.to_comfy(), "node_errors": {}}) from exc
+        prompt_id = sub.prompt_id if sub.prompt_id is not None else str(uuid.uuid4())
+        if not prompt_id or len(prompt_id) > MAX_PROMPT_ID or not prompt_id.isprintable():
+            raise ApiError(400, "invalid_prompt", "Invalid prompt_id",
+                           f"a prompt_id is 1 to {MAX_PROMPT_ID} printable characters")
+        digest = body_hash(data)
+        known = self.store.status_of(prompt_id) if sub.prompt_id is not None else None
+        if known is not None:
+            status, old_digest, number = known
+            if old_digest != digest:
+                raise ApiError(409, "prompt_id_conflict", "This prompt_id was already used for another prompt",
+                               f"prompt_id {prompt_id!r} is taken; omit prompt_id or choose a new one")
+            return {"prompt_id": prompt_id, "number": _num(number), "node_errors": {}}
+        hook = sub.extra_data.get("webhook")
+        if hook is not None and not (isinstance(hook, str) and hook.startswith(("http://", "https://"))):
+            raise ApiError(400, "invalid_webhook", "extra_data.webhook must be an http(s) URL", repr(hook)[:200])
+        validation = validate(graph, self.registry, partial_execution_targets=sub.partial_execution_targets)
+        if not validation.ok:
+            raise ApiError(400, "", "", body=validation.to_comfy())
+        if sub.number is not None:
+            number = sub.number
+        else:
+            number = -self.counter if sub.front else self.counter
+            self.counter += 1
+        cid = sub.client_id if sub.client_id is not None else client_id
+        extra, sensitive = split_sensitive(dict(sub.extra_data))
+        if cid is not None:
+            extra["client_id"] = cid
+        extra["create_time"] = int(time.time() * 1000)
+        prompt_json = graph.to_json()
+        self.store.add(prompt_id, float(number), cid, prompt_json, extra, validation.outputs, digest)
+        job = Job(prompt_id, number, graph, validation, prompt_json, extra, sensitive, cid, list(validation.outputs))
+        self._push(job)
+        if announce:
+            self.broadcast_status(job)
+        return {"prompt_id": prompt_id, "number": _num(number), "node_errors": validation.node_errors}
+
+    def _push(self, job: Job) -> None:
+        self.pending[job.prompt_id] = job
+        heapq.heappush(self.heap, (job.number, job.prompt_id))
+        if self._wake is not None:
+            self._wake.set()
+
+    # -- the worker ---------------------------------------------------------------------------------
+    async def _next(self) -> Job:
+        while True:
+            while self.heap:
+                _, pid = heapq.heappop(self.heap)
+                job = self.pending.pop(pid, None)
+                if job is not None:
+                    return job
+            self._apply_free()
+            self._wake.clear()
+            await self._wake.wait()
+
+    async def _worker(self) -> None:
+        while True:
+            job = await self._next()
+            try:
+                await self._run(job)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # the service must outlive any bug in one prompt
+                log.exception("prompt %s failed inside the server", job.prompt_id)
+                if self.running is job:
+                    self.running = None
+            self._apply_free()
+
+    async def _run(self, job: Job) -> None:
+        self.running = job
+        job.status = "running"
+        job.previews = self._wants_previews(job)
+        self.store.mark_running(job.prompt_id)
+        self.broadcast_status(job)
+        loop = self.loop
+        put = self._pipe.put
+
+        def sink(event: ev.Event) -> None:
+            put(job, event)
+
+        run_extra = {**job.extra_data, **job.sensitive}
+        if job.previews:
+            run_extra["_previews"] = True
+        try:
+            result = await loop.run_in_executor(self._pool, lambda: self.executor.run(
+                job.graph, prompt_id=job.prompt_id, extra_data=run_extra, sink=sink, validation=job.validation,
+                cancel=job.cancel))
+            status, outputs, meta = result.status, result.outputs, result.meta
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:  # even a node's SystemExit ends only its prompt
+            log.exception("executor raised for prompt %s", job.prompt_id)
+            self._pipe.drain()
+            if not job.terminal:
+                self.router.dispatch(job, ev.ExecutionError(job.prompt_id, exception_message=str(exc),
+                                                            exception_type=type(exc).__name__))
+            status, outputs, meta = "error", {}, {}
+        self._pipe.drain()  # every event of the run is dispatched before the prompt is finished
+        if self.router.stopping:
+            return
+        self._finish(job, status, outputs, meta)
+
+    def _finish(self, job: Job, status: str, outputs: dict, meta: dict) -> None:
+        self.router.close_open_node(job)
+        ok = status == "success"
+        history = {"prompt": job.queue_item, "outputs": outputs,
+                   "status": {"status_str": "success" if ok else "error", "completed": ok,
+                              "messages": job.messages},
+                   "meta": meta}
+        job.seq += 1
+        final = {"node": None, "prompt_id": job.prompt_id}
+        final_json = as_json(final)
+        self.store.log_event(job.prompt_id, job.seq, "executing", final_json)
+        self.store.finish(job.prompt_id, status, history, job.seq)
+        self._finished += 1
+        if self.config.history_limit and self._finished % 64 == 1:  # trimming is a scan: not every time
+            self.store.trim_history(self.config.history_limit)
+        job.status = status
+        if self.running is job:
+            self.running = None
+        self.broadcast_status(job)
+        if job.client_id is not None:
+            out = Out(P.message_from_json("executing", final_json, job.seq))
+            for c in self.hub.to_sid(job.client_id):
+                c.send(out)
+        for fut in self._waiters.pop(job.prompt_id, ()):
+            if not fut.done():
+                fut.set_result(status)
+        self.router.wake(job.prompt_id)
+        hook = job.extra_data.get("webhook")
+        if isinstance(hook, str) and hook.startswith(("http://", "https://")):
+            self._background(self._webhook(hook, job.prompt_id, status, outputs, history))
+
+    def _wants_previews(self, job: Job) -> bool:
+        method = job.extra_data.get("preview_method")
+        if not method or method == "default":
+            method = self.config.preview_method
+        if method and method != "none":
+            return True
+        if job.client_id is not None:
+            return any(c.features.get("previews") for c in self.hub.to_sid(job.client_id))
+        return False
+
+    # -- events -------------------------------------------------------------------------------------
+    def broadcast_status(self, job: Job | None = None) -> None:
+        """Tell sockets the queue size changed.
+
+        The prompt's own client gets it at once (ComfyUI's exact sequence); every other socket gets the
+        latest value at most every ``STATUS_INTERVAL`` seconds and only if it changed for that socket, so
+        many clients and many prompts do not multiply into a storm of identical messages.
+        """
+        if not self.hub.count():
+            return
+        n = self.queue_remaining
+        if job is not None and job.client_id is not None:
+            out = Out(P.message("status", P.status_data(n)))
+            for c in self.hub.to_sid(job.client_id):
+                c.send(out)
+                c.last_status = n
+        if self._status_timer is None:
+            self._status_timer = self.loop.call_later(STATUS_INTERVAL, self._flush_status)
+
+    def _flush_status(self) -> None:
+        self._status_timer = None
+        n = self.queue_remaining
+        out = None
+        for c in self.hub.clients():
+            if c.last_status != n:
+                out = out or Out(P.message("status", P.status_data(n)))
+                c.send(out)
+                c.last_status = n
+
+    # -- queries ------------------------------------------------------------------------------------
+    def status(self, prompt_id: str) -> dict:
+        if self.running is not None and self.running.prompt_id == prompt_id:
+            j = self.running
+            return {"prompt_id": prompt_id, "status": "running", "number": _num(j.number), "node": j.last_node,
+                    "last_seq": j.seq}
+        if prompt_id in self.pending:
+            j = self.pending[prompt_id]
+            ahead = sum(1 for o in self.pending.values() if (o.number, o.prompt_id) < (j.number, j.prompt_id))
+            return {"prompt_id": prompt_id, "status": "pending", "number": _num(j.number),
+                    "queue_position": ahead + (1 if self.running else 0), "last_seq": j.seq}
+        row = self.store.get(prompt_id)
+        if row is None:
+            return {"prompt_id": prompt_id, "status": "unknown"}
+        out = {"prompt_id": prompt_id, "status": row.status, "number": _num(row.number), "last_seq": row.last_seq,
+               "created": row.created, "started": row.started, "finished": row.finished}
+        if row.history is not None:
+            out["outputs"] = row.history.get("outputs", {})
+            for t, d in row.history.get("status", {}).get("messages", []):
+                if t in ("execution_error", "execution_interrupted"):
+                    out["error"] = d
+        return out
+
+    async def wait(self, prompt_id: str, timeout: float) -> None:
+        st = self.status(prompt_id)["status"]
+        if st not in ("pending", "running"):
+            return
+        fut = self.loop.create_future()
+        self._waiters.setdefault(prompt_id, []).append(fut)
+        try:
+            await asyncio.wait_for(asyncio.shield(fut), timeout)
+        except asyncio.TimeoutError:
+            pass
+        finally:
+            lst = self._waiters.get(prompt_id)
+            if lst and fut in lst:
+                lst.remove(fut)
+
+    async def wait_events(self, prompt_id: str, since: int, timeout: float) -> None:
+        """Return once the prompt has an event after ``since`` (or is done), or after ``timeout``."""
+        self.store.flush()
+        row = self.store.db.execute("SELECT 1 FROM events WHERE prompt_id=? AND seq>? LIMIT 1",
+                                    (prompt_id, since)).fetchone()
+        if row is not None or self.status(prompt_id)["status"] not in ("pending", "running"):
+            return
+        fut = self.loop.create_future()
+        self.router.watchers.setdefault(prompt_id, []).append(fut)
+        try:
+            await asyncio.wait_for(asyncio.shield(fut), timeout)
+        except asyncio.TimeoutError:
+            lst = self.router.watchers.get(prompt_id)
+            if lst and fut in lst:
+                lst.remove(fut)
+
+    def known(self, prompt_id: str) -> bool:
+        return ((self.running is not None and self.running.prompt_id == prompt_id) or prompt_id in self.pending
+                or self.store.status_of(prompt_id) is not None)
+
+    def replay(self, client, prompt_id: str, since: int) -> bool:
+        """Queue a prompt's logged events after ``since`` on one socket; False for an unknown prompt."""
+        if not self.known(prompt_id):
+            return False
+        self.router.replay(client, prompt_id, since)
+        return True
+
+    def events(self, prompt_id: str, since: int) -> list[dict] | None:
+        if not self.known(prompt_id):
+            return None
+        frames = self.store.frames(prompt_id, since)
+        out = []
+        for s, t, d in self.store.events(prompt_id, since):
+            e = {"seq": s, "type": t, "data": json.loads(d)}
+            if s in frames:
+                e["frame"] = {"format": frames[s][1], "bytes": len(frames[s][2])}
+            out.append(e)
+        return out
+
+    def queue(self) -> dict:
+        running = [self.running.queue_item] if self.running is not None else []
+        pending = [j.queue_item for j in sorted(self.pending.values(), key=lambda j: (j.number, j.prompt_id))]
+        return {"queue_running": running, "queue_pending": pending}
+
+    # -- control ------------------------------------------------------------------------------------
+    def interrupt(self, prompt_id: str | None) -> None:
+        if prompt_id is None:
+            if self.running is not None:
+                self.running.cancel.set()
+            return
+        if self.running is not None and self.running.prompt_id == prompt_id:
+            self.running.cancel.set()
+            return
+        job = self.pending.pop(prompt_id, None)
+        if job is not None:
+            self.router.dispatch(job, ev.ExecutionInterrupted(prompt_id))
+            self._finish(job, "interrupted", {}, {})
+            return
+        self._not_pending(prompt_id, "interrupt")
+
+    def _not_pending(self, prompt_id: str, what: str) -> None:
+        known = self.store.status_of(prompt_id)
+        if known is None:
+            raise ApiError(404, "prompt_not_found", f"No prompt with id {prompt_id!r}", prompt_id)
+        raise ApiError(409, "prompt_finished", f"Cannot {what} prompt {prompt_id!r}: it is {known[0]}", prompt_id)
+
+    def delete_pending(self, ids: list[str]) -> list[str]:
+        """Remove pending prompts; returns the ids that were not pending."""
+        gone, missing = [], []
+        for pid in ids:
+            if self.pending.pop(str(pid), None) is not None:
+                gone.append(str(pid))
+            else:
+                missing.append(str(pid))
+        if gone:
+            self.store.delete(gone)
+            for pid in gone:
+                for fut in self._waiters.pop(pid, ()):
+                    if not fut.done():
+                        fut.set_result("unknown")
+            self.broadcast_status()
+        return missing
+
+    def clear_pending(self) -> None:
+        ids = list(self.pending)
+        self.delete_pending(ids)
+        self.heap.clear()
+
+    def delete_history(self, ids: list[str]) -> list[str]:
+        found, missing = [], []
+        for pid in ids:
+            known = self.store.status_of(str(pid))
+            (found if known is not None and known[0] in FINISHED else missing).append(str(pid))
+        if found:
+            self.store.delete(found)
+        return missing
+
+    def request_free(self, unload_models: bool, free_memory: bool) -> None:
+        self._free["unload_models"] |= unload_models
+        self._free["free_memory"] |= free_memory
+        if self.running is None and self._wake is not None:
+            self._apply_free()
+
+    def _apply_free(self) -> None:
+        if self._free["free_memory"] or self._free["unload_models"]:
+            if self._free["free_memory"]:
+                self.executor.cache.clear()
+            for svc in getattr(self.executor, "services", {}).values():
+                fn = getattr(svc, "unload_all", None)
+                if callable(fn):
+                    try:
+                        fn()
+                    except Exception:
+                        log.exception("unloading models failed")
+            self._free = {"unload_models": False, "free_memory": False}
+
+    # -- webhooks -----------------------------------------------------------------------------------
+    def _background(self, coro) -> None:
+        t = self.loop.create_task(coro)
+        self._bg.add(t)
+        t.add_done_callback(self._bg.discard)
+
+    async def _webhook(self, url: str, prompt_id: str, status: str, outputs: dict, history: dict) -> None:
+        import aiohttp
+
+        if self._session is None:
+            self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.config.webhook_timeout))
+        err = next((d for t, d in history["status"]["messages"]
+                    if t in ("execution_error", "execution_interrupted")), None)
+        await post_webhook(self._session, url, {"prompt_id": prompt_id, "status": status, "outputs": outputs,
+                                                "error": err})
+
+
