@@ -21,9 +21,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from kiln.training import evaluate as ev  # noqa: E402
-from kiln.training import sample  # noqa: E402
-from kiln.training import scenes as sc  # noqa: E402
+from kiln.training import (
+    evaluate as ev,  # noqa: E402
+    sample,  # noqa: E402
+    scenes as sc,  # noqa: E402
+)
 
 
 def adapters(pipe: sample.Pipeline, targets: list[sc.Scene], args: argparse.Namespace) -> None:
@@ -41,19 +43,22 @@ def adapters(pipe: sample.Pipeline, targets: list[sc.Scene], args: argparse.Name
         hb = np.mean([ev.hollowness(i) for i in base])
         hs = np.mean([ev.hollowness(i) for i in styled])
         hr = np.mean([ev.hollowness(sc.render(s, "outline")) for s in targets])
-        print(f"LoRA {args.lora.name}: hollowness base {hb:.2f}, with LoRA {hs:.2f} (real outlines {hr:.2f}); "
-              f"prompt accuracy with LoRA: all {ev.accuracy(styled, targets)['all'] * 100:.0f}%")
+        print(
+            f"LoRA {args.lora.name}: hollowness base {hb:.2f}, with LoRA {hs:.2f} (real outlines {hr:.2f}); "
+            f"prompt accuracy with LoRA: all {ev.accuracy(styled, targets)['all'] * 100:.0f}%"
+        )
     if args.controlnet.exists():
         cn = controlnet.load(args.controlnet)
 
         def placement(scenes: list[sc.Scene]) -> tuple[float, float]:
             """Mean IoU with the edge map's shape, with the ControlNet and from the prompt alone."""
             ps = [sc.caption(s) for s in scenes]
-            imgs = controlnet.generate(pipe, cn, ps, controlnet.control_tensor(scenes), steps=args.steps,
-                                       cfg=args.cfg)
+            imgs = controlnet.generate(pipe, cn, ps, controlnet.control_tensor(scenes), steps=args.steps, cfg=args.cfg)
             plain = pipe.generate(ps, seed=0, steps=args.steps, cfg=args.cfg)
-            return tuple(float(np.mean([controlnet.placement_iou(i, s.objects[0]) for i, s in zip(out, scenes)]))
-                         for out in (imgs, plain))
+            return tuple(
+                float(np.mean([controlnet.placement_iou(i, s.objects[0]) for i, s in zip(out, scenes)]))
+                for out in (imgs, plain)
+            )
 
         iou, iou0 = placement(targets)
         print(f"ControlNet {args.controlnet.name}: placement IoU {iou:.2f} (without it {iou0:.2f})")
@@ -82,8 +87,11 @@ def main() -> None:
     print(ev.header())
     print(ev.format_row("(real scenes)", ev.accuracy([sc.render(s) for s in targets], targets)))
     rng = np.random.default_rng(0)
-    print(ev.format_row("(noise images)", ev.accuracy(
-        [rng.integers(0, 256, (64, 64, 3), dtype=np.uint8) for _ in targets], targets)))
+    print(
+        ev.format_row(
+            "(noise images)", ev.accuracy([rng.integers(0, 256, (64, 64, 3), dtype=np.uint8) for _ in targets], targets)
+        )
+    )
     extent = []
     for name in args.samplers.split(","):
         imgs = pipe.generate(prompts, seed=0, steps=args.steps, cfg=args.cfg, sampler=name)
@@ -95,7 +103,7 @@ def main() -> None:
     t0 = time.perf_counter()
     reps = 5
     for i in range(reps):
-        pipe.generate(prompts[i:i + 1], seed=i, steps=args.steps, cfg=args.cfg)
+        pipe.generate(prompts[i : i + 1], seed=i, steps=args.steps, cfg=args.cfg)
     per = (time.perf_counter() - t0) / reps
     n_params = sum(sum(q.numel() for q in m.parameters()) for m in (pipe.unet, pipe.vae, pipe.text_encoder))
     print(f"one 64x64 image, {args.steps} Euler steps, CFG {args.cfg:g}, 1 thread: {per:.2f} s")

@@ -11,6 +11,7 @@
 
 Everything listens on 127.0.0.1.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,8 +32,10 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from kiln import engine  # noqa: E402
-from kiln import nodes  # noqa: E402
+from kiln import (
+    engine,  # noqa: E402
+    nodes,  # noqa: E402
+)
 
 KEY = "sk-bench-000000000000"
 
@@ -44,15 +47,29 @@ def _executor(tmp: str) -> engine.Executor:
 
 
 def _gen_graph(n: int, model: str, size: str, tag: str) -> dict:
-    return {str(i): {"class_type": "OpenAIImageGenerate",
-                     "inputs": {"prompt": f"bench {tag} {i}", "model": model, "size": size, "quality":
-                                "low" if model == "gpt-image-1" else "auto"}} for i in range(n)}
+    return {
+        str(i): {
+            "class_type": "OpenAIImageGenerate",
+            "inputs": {
+                "prompt": f"bench {tag} {i}",
+                "model": model,
+                "size": size,
+                "quality": "low" if model == "gpt-image-1" else "auto",
+            },
+        }
+        for i in range(n)
+    }
 
 
 def _serve_fake(latency: float) -> tuple[subprocess.Popen, str]:
     """The fake provider in its own process, so its CPU is not Kiln's (as with a real provider)."""
-    proc = subprocess.Popen([sys.executable, "-m", "tests.providers.fake_providers", "--latency", str(latency),
-                             "--key", KEY], cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tests.providers.fake_providers", "--latency", str(latency), "--key", KEY],
+        cwd=ROOT,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     return proc, proc.stdout.readline().strip()
 
 
@@ -87,8 +104,13 @@ def bench_overlap(n: int, latency: float, model: str, size: str, tmp: str) -> di
         proc.stdin.close()
         proc.wait(10)
     single = min(singles)
-    return {"single": single, "many": min(many), "serial": n * latency, "ratio": min(many) / single,
-            "decode": _decode_floor(n, size)}
+    return {
+        "single": single,
+        "many": min(many),
+        "serial": n * latency,
+        "ratio": min(many) / single,
+        "decode": _decode_floor(n, size),
+    }
 
 
 def _decode_floor(n: int, size: str) -> float:
@@ -111,8 +133,11 @@ def _free_port() -> int:
 
 def _moto() -> tuple[subprocess.Popen, str]:
     port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     url = f"http://127.0.0.1:{port}"
     for _ in range(300):
         try:
@@ -142,8 +167,9 @@ def bench_s3(count: int, size: int, tmp: str) -> dict:
     os.environ.update(AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench-secret", AWS_DEFAULT_REGION="us-east-1")
     proc, url = _moto()
     try:
-        c = boto3.client("s3", endpoint_url=url, config=Config(s3={"addressing_style": "path"},
-                                                                max_pool_connections=20))
+        c = boto3.client(
+            "s3", endpoint_url=url, config=Config(s3={"addressing_style": "path"}, max_pool_connections=20)
+        )
         c.create_bucket(Bucket="bench")
         images = _images(count, size)
 
@@ -175,13 +201,27 @@ def bench_s3(count: int, size: int, tmp: str) -> dict:
 
         ex = _executor(tmp)
         ex.registry.register(Source, "BenchImages")
-        g = {"src": {"class_type": "BenchImages", "inputs": {}},
-             "s": {"class_type": "SaveImageS3", "inputs": {"images": ["src", 0], "bucket": "bench", "endpoint_url": url,
-                                                           "path_style": True, "key_template": "kiln/{index}.{ext}",
-                                                           "embed_workflow": False}}}
+        g = {
+            "src": {"class_type": "BenchImages", "inputs": {}},
+            "s": {
+                "class_type": "SaveImageS3",
+                "inputs": {
+                    "images": ["src", 0],
+                    "bucket": "bench",
+                    "endpoint_url": url,
+                    "path_style": True,
+                    "key_template": "kiln/{index}.{ext}",
+                    "embed_workflow": False,
+                },
+            },
+        }
         os.environ["KILN_CONFIG"] = str(Path(tmp) / "none.yaml")
-        warm = {"w": {"class_type": "SaveFileS3", "inputs": {"data": "warm", "bucket": "bench", "endpoint_url": url,
-                                                             "path_style": True}}}
+        warm = {
+            "w": {
+                "class_type": "SaveFileS3",
+                "inputs": {"data": "warm", "bucket": "bench", "endpoint_url": url, "path_style": True},
+            }
+        }
         assert ex.run(engine.Graph.from_json(warm)).status == "success"  # client set up, as boto3's above
         t = time.perf_counter()
         r = ex.run(engine.Graph.from_json(g))
@@ -204,23 +244,32 @@ def main() -> None:
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
         print(f"Provider overlap: {args.nodes} nodes, {args.latency * 1000:.0f} ms server latency each")
-        print(f"{'images':<22}{'1 call':>10}{f'{args.nodes} nodes':>12}{'back to back':>14}{'nodes/1 call':>14}"
-              f"{'target':>8}{'decode only':>13}")
+        print(
+            f"{'images':<22}{'1 call':>10}{f'{args.nodes} nodes':>12}{'back to back':>14}{'nodes/1 call':>14}"
+            f"{'target':>8}{'decode only':>13}"
+        )
         for model, size in (("dall-e-2", "256x256"), ("gpt-image-1", "1024x1024")):
             o = bench_overlap(args.nodes, args.latency, model, size, tmp)
-            print(f"{model + ' ' + size:<22}{o['single']:>9.3f}s{o['many']:>11.3f}s{o['serial']:>13.3f}s"
-                  f"{o['ratio']:>13.2f}x{'<= 2x':>8}{o['decode']:>12.3f}s")
-        print("(decode only: decoding the same images to IMAGE tensors back to back, in one thread; CPU work "
-              "that\n overlapping requests cannot hide, bounded below by decode only / cores)")
+            print(
+                f"{model + ' ' + size:<22}{o['single']:>9.3f}s{o['many']:>11.3f}s{o['serial']:>13.3f}s"
+                f"{o['ratio']:>13.2f}x{'<= 2x':>8}{o['decode']:>12.3f}s"
+            )
+        print(
+            "(decode only: decoding the same images to IMAGE tensors back to back, in one thread; CPU work "
+            "that\n overlapping requests cannot hide, bounded below by decode only / cores)"
+        )
         print()
         s = bench_s3(args.images, args.size, tmp)
         print(f"S3 upload: {args.images} PNG images {args.size}x{args.size} to moto (loopback)")
         print(f"{'':<28}{'seconds':>9}{'images/s':>10}{'vs boto3 loop':>15}")
-        for name, key in (("boto3 loop (encode+put)", "loop"), ("boto3 + 8 threads", "pooled"),
-                          ("Kiln SaveImageS3", "kiln")):
+        for name, key in (
+            ("boto3 loop (encode+put)", "loop"),
+            ("boto3 + 8 threads", "pooled"),
+            ("Kiln SaveImageS3", "kiln"),
+        ):
             v = s[key]
             print(f"{name:<28}{v:>8.2f}s{args.images / v:>10.1f}{v / s['loop']:>14.2f}x")
-        print(f"target: Kiln / boto3 loop <= 1.1 (Kiln also embeds provenance and hashes every image)")
+        print("target: Kiln / boto3 loop <= 1.1 (Kiln also embeds provenance and hashes every image)")
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ and peak RSS.
 
     python benchmarks/sampling.py [--reps 3] [--threads 1]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,15 +26,24 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from kiln import engine  # noqa: E402
-from kiln import nodes  # noqa: E402
+from kiln import (
+    engine,  # noqa: E402
+    nodes,  # noqa: E402
+)
 from kiln.nodes.sd.checkpoint import export_ldm_checkpoint  # noqa: E402
 from kiln.nodes.sd.manager import ModelManager  # noqa: E402
 from kiln.nodes.sd.samplers import ModelSampling, calculate_sigmas  # noqa: E402
 from kiln.nodes.sd.tokenizer import make_tokenizer  # noqa: E402
 
-SCHED = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-             prediction_type="epsilon", steps_offset=1, timestep_spacing="leading")
+SCHED = dict(
+    num_train_timesteps=1000,
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    prediction_type="epsilon",
+    steps_offset=1,
+    timestep_spacing="leading",
+)
 PROMPT, NEGATIVE = "a red circle on a blue background, high quality", "blurry"
 SIZE, STEPS, CFG, SEED = 256, 20, 7.0, 1234
 
@@ -43,14 +53,35 @@ def build():
     from transformers import CLIPTextConfig, CLIPTextModel
 
     torch.manual_seed(0)
-    unet = UNet2DConditionModel(block_out_channels=(64, 128, 256, 256), layers_per_block=2, cross_attention_dim=768,
-                                attention_head_dim=8, sample_size=32).eval()
-    vae = AutoencoderKL(block_out_channels=(32, 64, 64, 64), layers_per_block=1, latent_channels=4,
-                        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-                        norm_num_groups=32, scaling_factor=0.18215).eval()
-    te = CLIPTextModel(CLIPTextConfig(hidden_size=768, intermediate_size=1536, num_hidden_layers=4,
-                                      num_attention_heads=12, hidden_act="quick_gelu", vocab_size=49408,
-                                      bos_token_id=49406, eos_token_id=49407, pad_token_id=49407)).eval()
+    unet = UNet2DConditionModel(
+        block_out_channels=(64, 128, 256, 256),
+        layers_per_block=2,
+        cross_attention_dim=768,
+        attention_head_dim=8,
+        sample_size=32,
+    ).eval()
+    vae = AutoencoderKL(
+        block_out_channels=(32, 64, 64, 64),
+        layers_per_block=1,
+        latent_channels=4,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        norm_num_groups=32,
+        scaling_factor=0.18215,
+    ).eval()
+    te = CLIPTextModel(
+        CLIPTextConfig(
+            hidden_size=768,
+            intermediate_size=1536,
+            num_hidden_layers=4,
+            num_attention_heads=12,
+            hidden_act="quick_gelu",
+            vocab_size=49408,
+            bos_token_id=49406,
+            eos_token_id=49407,
+            pad_token_id=49407,
+        )
+    ).eval()
     return unet, vae, te, make_tokenizer()
 
 
@@ -60,10 +91,21 @@ def graph(ckpt: str) -> dict:
         "5": {"class_type": "EmptyLatentImage", "inputs": {"width": SIZE, "height": SIZE, "batch_size": 1}},
         "6": {"class_type": "CLIPTextEncode", "inputs": {"text": PROMPT, "clip": ["4", 1]}},
         "7": {"class_type": "CLIPTextEncode", "inputs": {"text": NEGATIVE, "clip": ["4", 1]}},
-        "3": {"class_type": "KSampler", "inputs": {"seed": SEED, "steps": STEPS, "cfg": CFG, "sampler_name": "euler",
-                                                    "scheduler": "karras", "denoise": 1.0, "model": ["4", 0],
-                                                    "positive": ["6", 0], "negative": ["7", 0],
-                                                    "latent_image": ["5", 0]}},
+        "3": {
+            "class_type": "KSampler",
+            "inputs": {
+                "seed": SEED,
+                "steps": STEPS,
+                "cfg": CFG,
+                "sampler_name": "euler",
+                "scheduler": "karras",
+                "denoise": 1.0,
+                "model": ["4", 0],
+                "positive": ["6", 0],
+                "negative": ["7", 0],
+                "latent_image": ["5", 0],
+            },
+        },
         "8": {"class_type": "VAEDecode", "inputs": {"samples": ["3", 0], "vae": ["4", 2]}},
     }
 
@@ -79,10 +121,19 @@ def main() -> None:
 
     unet, vae, te, tok = build()
     base = Path(tempfile.mkdtemp(prefix="kiln-bench-"))
-    ckpt = export_ldm_checkpoint(base / "models" / "checkpoints" / "bench.safetensors", unet, vae, te, tok,
-                                 scheduler_config=SCHED, model_family="bench")
-    print(f"UNet {sum(p.numel() for p in unet.parameters()) / 1e6:.1f}M params; {SIZE}x{SIZE}, {STEPS} euler steps, "
-          f"cfg {CFG}, {args.threads} thread(s), {args.reps} reps")
+    ckpt = export_ldm_checkpoint(
+        base / "models" / "checkpoints" / "bench.safetensors",
+        unet,
+        vae,
+        te,
+        tok,
+        scheduler_config=SCHED,
+        model_family="bench",
+    )
+    print(
+        f"UNet {sum(p.numel() for p in unet.parameters()) / 1e6:.1f}M params; {SIZE}x{SIZE}, {STEPS} euler steps, "
+        f"cfg {CFG}, {args.threads} thread(s), {args.reps} reps"
+    )
 
     manager = ModelManager(device="cpu", dtype=torch.float32)
     reg = engine.Registry()
@@ -97,12 +148,20 @@ def main() -> None:
     loads_first = manager.loads
     t = time.perf_counter()
     from kiln.nodes.sd.checkpoint import load_checkpoint
+
     load_checkpoint(ckpt, torch.float32, torch.device("cpu"))
     load_s = time.perf_counter() - t
 
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=te, tokenizer=tok, unet=unet,
-                                   scheduler=EulerDiscreteScheduler.from_config(SCHED), safety_checker=None,
-                                   feature_extractor=None, requires_safety_checker=False)
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=te,
+        tokenizer=tok,
+        unet=unet,
+        scheduler=EulerDiscreteScheduler.from_config(SCHED),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
     pipe.set_progress_bar_config(disable=True)
     sigmas = calculate_sigmas(ModelSampling(SCHED), "karras", STEPS)
     noise = torch.randn((1, 4, SIZE // 8, SIZE // 8), generator=torch.Generator("cpu").manual_seed(SEED))
@@ -110,8 +169,16 @@ def main() -> None:
 
     def run_diffusers() -> torch.Tensor:
         with torch.inference_mode():
-            out = pipe(PROMPT, negative_prompt=NEGATIVE, height=SIZE, width=SIZE, guidance_scale=CFG,
-                       sigmas=sigmas.tolist(), latents=noise.clone(), output_type="pt")
+            out = pipe(
+                PROMPT,
+                negative_prompt=NEGATIVE,
+                height=SIZE,
+                width=SIZE,
+                guidance_scale=CFG,
+                sigmas=sigmas.tolist(),
+                latents=noise.clone(),
+                output_type="pt",
+            )
         return out.images.permute(0, 2, 3, 1)
 
     def run_kiln(previews: bool) -> torch.Tensor:
@@ -139,17 +206,25 @@ def main() -> None:
     med = lambda v: sorted(v)[len(v) // 2]  # noqa: E731
     bc, bw = {k: med(v) for k, v in cpu.items()}, {k: min(v) for k, v in wall.items()}
     diff = (images["kiln"] - images["diffusers"]).abs().max().item()
-    diff8 = ((images["kiln"] * 255).to(torch.uint8).int() - (images["diffusers"] * 255).to(torch.uint8).int()).abs().max()
+    diff8 = (
+        ((images["kiln"] * 255).to(torch.uint8).int() - (images["diffusers"] * 255).to(torch.uint8).int()).abs().max()
+    )
     print(f"{'':16}{'CPU s (median)':>15}{'wall s (best)':>15}   all CPU runs")
     for k in names:
         print(f"{k:16}{bc[k]:15.3f}{bw[k]:15.3f}   {'  '.join(f'{x:.2f}' for x in cpu[k])}")
-    print(f"kiln / diffusers           : {bc['kiln'] / bc['diffusers']:.3f} CPU, {bw['kiln'] / bw['diffusers']:.3f} wall"
-          f"   (target <= 1.02)")
-    print(f"previews overhead          : {100 * (bc['kiln+previews'] / bc['kiln'] - 1):+.1f}% CPU, "
-          f"{100 * (bw['kiln+previews'] / bw['kiln'] - 1):+.1f}% wall   (target <= 2%)")
+    print(
+        f"kiln / diffusers           : {bc['kiln'] / bc['diffusers']:.3f} CPU, {bw['kiln'] / bw['diffusers']:.3f} wall"
+        f"   (target <= 1.02)"
+    )
+    print(
+        f"previews overhead          : {100 * (bc['kiln+previews'] / bc['kiln'] - 1):+.1f}% CPU, "
+        f"{100 * (bw['kiln+previews'] / bw['kiln'] - 1):+.1f}% wall   (target <= 2%)"
+    )
     print(f"images max abs difference  : {diff:.2e} (0..1 scale), {int(diff8)} in 8-bit levels")
-    print(f"checkpoint load            : {load_s:.2f} s   (first prompt incl. load: {first_s:.2f} s, "
-          f"{loads_first} file load(s))")
+    print(
+        f"checkpoint load            : {load_s:.2f} s   (first prompt incl. load: {first_s:.2f} s, "
+        f"{loads_first} file load(s))"
+    )
     print(f"models loaded by later prompts: {manager.loads - loads_before}")
     print(f"peak RSS                   : {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
 

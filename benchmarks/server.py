@@ -10,6 +10,7 @@
    timestamp taken inside the node) to its ``executed`` message reaching its client.
 4. The same with 10 more clients that submit prompts and then stop reading.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -60,9 +61,24 @@ def start_server(tmp: Path) -> tuple[subprocess.Popen, str]:
     (nodes_dir / "bench_stamp.py").write_text(STAMP_NODE)
     port = free_port()
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    proc = subprocess.Popen([sys.executable, "-m", "kiln", "serve", "--port", str(port), "--base-dir", str(tmp),
-                             "--custom-nodes", str(nodes_dir)], cwd=ROOT, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "kiln",
+            "serve",
+            "--port",
+            str(port),
+            "--base-dir",
+            str(tmp),
+            "--custom-nodes",
+            str(nodes_dir),
+        ],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     url = f"http://127.0.0.1:{port}"
     import urllib.request
 
@@ -77,9 +93,11 @@ def start_server(tmp: Path) -> tuple[subprocess.Popen, str]:
 
 
 def small_prompt(i: int) -> dict:
-    return {"1": {"class_type": "EmptyImage", "inputs": {"width": 8, "height": 8, "batch_size": 1, "color": i}},
-            "2": {"class_type": "ImageInvert", "inputs": {"image": ["1", 0]}},
-            "3": {"class_type": "PreviewImage", "inputs": {"images": ["2", 0]}}}
+    return {
+        "1": {"class_type": "EmptyImage", "inputs": {"width": 8, "height": 8, "batch_size": 1, "color": i}},
+        "2": {"class_type": "ImageInvert", "inputs": {"image": ["1", 0]}},
+        "3": {"class_type": "PreviewImage", "inputs": {"images": ["2", 0]}},
+    }
 
 
 def chain_prompt(n: int, color: int) -> dict:
@@ -123,9 +141,11 @@ async def bench_throughput(url: str, n: int, connections: int = 1) -> None:
             st = (await r.json())["status"]
     total = time.perf_counter() - t0
     how = "back-to-back on one connection" if connections == 1 else f"from {connections} connections at once"
-    print(f"1. {n} small unique prompts posted {how}: {n / dt:,.0f} prompts/s accepted "
-          f"({dt * 1000 / n:.2f} ms each; executed after {total:.2f} s, last: {st}). "
-          f"ComfyUI: 81/s, target >= 810/s")
+    print(
+        f"1. {n} small unique prompts posted {how}: {n / dt:,.0f} prompts/s accepted "
+        f"({dt * 1000 / n:.2f} ms each; executed after {total:.2f} s, last: {st}). "
+        f"ComfyUI: 81/s, target >= 810/s"
+    )
 
 
 async def run_one(s: aiohttp.ClientSession, url: str, ws, graph: dict, cid: str) -> tuple[float, int, int]:
@@ -153,12 +173,16 @@ async def bench_chain(url: str, n: int, reps: int) -> None:
     times = sorted(r[0] for r in results)
     b = results[0][1]
     base = await asyncio.to_thread(_engine_alone, n, reps)
-    print(f"2. chain({n}) end to end over HTTP+ws: median {statistics.median(times) * 1000:.1f} ms "
-          f"(min {times[0] * 1000:.1f}, max {times[-1] * 1000:.1f}, {reps} uncached runs); "
-          f"websocket {b / 1000:.1f} KB in {results[0][2]} messages. ComfyUI: 17.95 s, 49.9 MB; "
-          f"targets <= 60 ms, <= 300 KB")
-    print(f"   the same graph in the engine alone, in this process, no server: median {base * 1000:.1f} ms "
-          f"(the rest is HTTP, websocket, event log and this machine's load)")
+    print(
+        f"2. chain({n}) end to end over HTTP+ws: median {statistics.median(times) * 1000:.1f} ms "
+        f"(min {times[0] * 1000:.1f}, max {times[-1] * 1000:.1f}, {reps} uncached runs); "
+        f"websocket {b / 1000:.1f} KB in {results[0][2]} messages. ComfyUI: 17.95 s, 49.9 MB; "
+        f"targets <= 60 ms, <= 300 KB"
+    )
+    print(
+        f"   the same graph in the engine alone, in this process, no server: median {base * 1000:.1f} ms "
+        f"(the rest is HTTP, websocket, event log and this machine's load)"
+    )
 
 
 def _engine_alone(n: int, reps: int) -> float:
@@ -187,8 +211,9 @@ async def _client(s, url: str, idx: int, prompts: int, lat: list) -> None:
     ws = await s.ws_connect(f"{url}/ws?clientId={cid}", max_msg_size=0)
     await ws.receive()
     for k in range(prompts):
-        async with s.post(url + "/prompt", data=json.dumps({"prompt": _stamp_graph(idx * 1000 + k),
-                                                            "client_id": cid})) as r:
+        async with s.post(
+            url + "/prompt", data=json.dumps({"prompt": _stamp_graph(idx * 1000 + k), "client_id": cid})
+        ) as r:
             pid = (await r.json())["prompt_id"]
         while True:
             m = await ws.receive()
@@ -209,9 +234,13 @@ def _stalled_client(url: str, idx: int, prompts: int) -> socket.socket:
     port = int(url.rsplit(":", 1)[1])
     sock = socket.create_connection(("127.0.0.1", port))
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    sock.sendall((f"GET /ws?clientId=stalled{idx} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
-                  "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
-                  "Sec-WebSocket-Version: 13\r\n\r\n").encode())
+    sock.sendall(
+        (
+            f"GET /ws?clientId=stalled{idx} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
+            "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+            "Sec-WebSocket-Version: 13\r\n\r\n"
+        ).encode()
+    )
     return sock
 
 
@@ -225,8 +254,10 @@ async def bench_fanout(url: str, clients: int, prompts: int, stalled: int) -> No
     async with aiohttp.ClientSession(connector=conn) as s:
         for i in range(stalled):  # work addressed to the stalled clients, interleaved with the others'
             for k in range(prompts):
-                await s.post(url + "/prompt", data=json.dumps({"prompt": _stamp_graph(900000 + i * 100 + k),
-                                                               "client_id": f"stalled{i}"}))
+                await s.post(
+                    url + "/prompt",
+                    data=json.dumps({"prompt": _stamp_graph(900000 + i * 100 + k), "client_id": f"stalled{i}"}),
+                )
         t0 = time.perf_counter()
         await asyncio.gather(*[_client(s, url, i, prompts, lat) for i in range(clients)])
         dt = time.perf_counter() - t0
@@ -237,8 +268,10 @@ async def bench_fanout(url: str, clients: int, prompts: int, stalled: int) -> No
     p99 = lat[min(len(lat) - 1, int(len(lat) * 0.99))] * 1000
     label = "3." if not stalled else "4."
     extra = f" plus {stalled} clients that stopped reading" if stalled else ""
-    print(f"{label} {clients} websocket clients x {prompts} prompts{extra}: node finished -> executed received "
-          f"p50 {p50:.1f} ms, p99 {p99:.1f} ms ({len(lat)} samples, {dt:.1f} s)")
+    print(
+        f"{label} {clients} websocket clients x {prompts} prompts{extra}: node finished -> executed received "
+        f"p50 {p50:.1f} ms, p99 {p99:.1f} ms ({len(lat)} samples, {dt:.1f} s)"
+    )
 
 
 async def main(args) -> None:
@@ -252,8 +285,9 @@ async def main(args) -> None:
     try:
         only = set(args.only.split(","))
         if "1" in only:
-            await asyncio.to_thread(_post_many, url, [json.dumps({"prompt": small_prompt(16000000 + i)}).encode()
-                                                      for i in range(50)])  # warm-up, not measured
+            await asyncio.to_thread(
+                _post_many, url, [json.dumps({"prompt": small_prompt(16000000 + i)}).encode() for i in range(50)]
+            )  # warm-up, not measured
             await bench_throughput(url, 200 if args.quick else 1000)
             await bench_throughput(url, 200 if args.quick else 1000, connections=8)
         if "2" in only:

@@ -8,13 +8,15 @@ Entries are keyed by the content-addressed key the executor computes (never by n
   and cheapest to recompute first, older runs before newer.
 - ``none``: keep nothing between runs.
 """
+
 from __future__ import annotations
 
 import re
 import threading
 from collections import OrderedDict
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any
 
 
 @dataclass
@@ -86,6 +88,10 @@ class Cache:
     def __len__(self) -> int:
         return 0
 
+    def __contains__(self, key: bytes) -> bool:
+        """True if ``key`` is held now (a probe: it neither counts as a hit nor refreshes the entry)."""
+        return False
+
     def describe(self) -> str:
         return self.name
 
@@ -93,7 +99,7 @@ class Cache:
 class _DictCache(Cache):
     def __init__(self) -> None:
         super().__init__()
-        self._d: "OrderedDict[bytes, CacheEntry]" = OrderedDict()
+        self._d: OrderedDict[bytes, CacheEntry] = OrderedDict()
 
     def get(self, key: bytes) -> CacheEntry | None:
         with self._lock:
@@ -193,7 +199,7 @@ class RAMBudgetCache(_DictCache):
 
     def _score(self, e: CacheEntry) -> float:
         age = max(0, self.generation - e.generation)
-        return (1.5 ** age) * (e.size + 1) / (e.seconds + 1e-3)
+        return (1.5**age) * (e.size + 1) / (e.seconds + 1e-3)
 
     # Once over budget, evict down to this fraction of it: ranking every entry costs a sort, and
     # doing that at each put while the cache sits at its budget made a long run quadratic.
@@ -233,8 +239,22 @@ class NoCache(Cache):
 
 
 _SIZE_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([KMGT]?i?B?)?\s*$", re.I)
-_UNITS = {"": 1, "B": 1, "K": 1e3, "KB": 1e3, "KIB": 1024, "M": 1e6, "MB": 1e6, "MIB": 1024 ** 2,
-          "G": 1e9, "GB": 1e9, "GIB": 1024 ** 3, "T": 1e12, "TB": 1e12, "TIB": 1024 ** 4}
+_UNITS = {
+    "": 1,
+    "B": 1,
+    "K": 1e3,
+    "KB": 1e3,
+    "KIB": 1024,
+    "M": 1e6,
+    "MB": 1e6,
+    "MIB": 1024**2,
+    "G": 1e9,
+    "GB": 1e9,
+    "GIB": 1024**3,
+    "T": 1e12,
+    "TB": 1e12,
+    "TIB": 1024**4,
+}
 
 
 def parse_size(text: str) -> int:

@@ -5,6 +5,7 @@ A classic node class has ``INPUT_TYPES()``, ``RETURN_TYPES``, ``FUNCTION`` and o
 ``IS_CHANGED``, ``NOT_IDEMPOTENT``, ``VALIDATE_INPUTS``, ``check_lazy_status``. Packs export them in
 ``NODE_CLASS_MAPPINGS`` (and ``NODE_DISPLAY_NAME_MAPPINGS``).
 """
+
 from __future__ import annotations
 
 import inspect
@@ -19,15 +20,22 @@ def is_classic(cls: Any) -> bool:
     return isinstance(cls, type) and hasattr(cls, "INPUT_TYPES") and hasattr(cls, "RETURN_TYPES")
 
 
-def _input_from_entry(cls: type, section: str, name: str, entry: Any) -> InputSpec:
+def _input_from_entry(cls: Any, section: str, name: str, entry: Any) -> InputSpec:
     if isinstance(entry, str):
         entry = (entry,)
     if not isinstance(entry, (list, tuple)) or not entry:
-        raise NodeDefinitionError(f"{cls.__name__}: input {name!r} must be (TYPE,) or (TYPE, {{options}}), got {entry!r}")
+        raise NodeDefinitionError(
+            f"{cls.__name__}: input {name!r} must be (TYPE,) or (TYPE, {{options}}), got {entry!r}"
+        )
     typ = entry[0]
     opts = dict(entry[1]) if len(entry) > 1 and isinstance(entry[1], dict) else {}
-    spec = InputSpec(name=name, options=opts, optional=section == "optional", lazy=bool(opts.get("lazy")),
-                     raw_link=bool(opts.get("rawLink")))
+    spec = InputSpec(
+        name=name,
+        options=opts,
+        optional=section == "optional",
+        lazy=bool(opts.get("lazy")),
+        raw_link=bool(opts.get("rawLink")),
+    )
     if isinstance(typ, (list, tuple)):
         spec.type = COMBO
         spec.choices = list(typ)
@@ -39,14 +47,17 @@ def _input_from_entry(cls: type, section: str, name: str, entry: Any) -> InputSp
     elif isinstance(typ, str):
         spec.type = typ
     else:
-        raise NodeDefinitionError(f"{cls.__name__}: input {name!r} has type {typ!r}; expected a string or a list of choices")
+        raise NodeDefinitionError(
+            f"{cls.__name__}: input {name!r} has type {typ!r}; expected a string or a list of choices"
+        )
     return spec
 
 
-def _fresh_choices(cls: type, section: str, name: str, fallback: list) -> Any:
+def _fresh_choices(cls: Any, section: str, name: str, fallback: list) -> Any:
     """Choices read from INPUT_TYPES() each time they are needed, as ComfyUI does at every validation:
     packs list files there (like LoadImage), and a file added after start-up must be accepted.
     Falls back to the list seen at registration if INPUT_TYPES() fails or no longer has the input."""
+
     def read() -> list:
         try:
             entry = (cls.INPUT_TYPES().get(section) or {}).get(name)
@@ -58,11 +69,13 @@ def _fresh_choices(cls: type, section: str, name: str, fallback: list) -> Any:
         except Exception:
             pass
         return fallback
+
     return read
 
 
-def spec_from_classic(name: str, cls: type, display_name: str | None = None,
-                      python_module: str = "custom_nodes") -> NodeSpec:
+def spec_from_classic(
+    name: str, cls: Any, display_name: str | None = None, python_module: str = "custom_nodes"
+) -> NodeSpec:
     if not is_classic(cls):
         raise NodeDefinitionError(f"{name}: {cls!r} has no INPUT_TYPES/RETURN_TYPES")
     try:
@@ -77,7 +90,8 @@ def spec_from_classic(name: str, cls: type, display_name: str | None = None,
         for n, entry in (raw.get(section) or {}).items():
             inputs[n] = _input_from_entry(cls, section, n, entry)
             if inputs[n].type == COMBO:
-                inputs[n].choices = _fresh_choices(cls, section, n, list(inputs[n].choices or []))
+                seen = inputs[n].choices
+                inputs[n].choices = _fresh_choices(cls, section, n, [] if callable(seen) else list(seen or []))
     for n, kind in (raw.get("hidden") or {}).items():
         k = kind[0] if isinstance(kind, (list, tuple)) else kind
         if k not in HIDDEN_KINDS:
@@ -89,9 +103,15 @@ def spec_from_classic(name: str, cls: type, display_name: str | None = None,
     if len(rnames) != len(rtypes):
         raise NodeDefinitionError(f"{name}: RETURN_NAMES has {len(rnames)} names for {len(rtypes)} RETURN_TYPES")
     tips = getattr(cls, "OUTPUT_TOOLTIPS", None)
-    outputs = [OutputSpec(name=str(n), type=t if isinstance(t, str) else COMBO, is_list=bool(il),
-                          tooltip=(tips[i] if tips and i < len(tips) else None))
-               for i, (n, t, il) in enumerate(zip(rnames, rtypes, is_list + [False] * len(rtypes)))]
+    outputs = [
+        OutputSpec(
+            name=str(n),
+            type=t if isinstance(t, str) else COMBO,
+            is_list=bool(il),
+            tooltip=(tips[i] if tips and i < len(tips) else None),
+        )
+        for i, (n, t, il) in enumerate(zip(rnames, rtypes, is_list + [False] * len(rtypes)))
+    ]
     fn_name = getattr(cls, "FUNCTION", None)
     if not fn_name or not callable(getattr(cls, fn_name, None)):
         raise NodeDefinitionError(f"{name}: FUNCTION {fn_name!r} is not a method of the class")
@@ -105,20 +125,36 @@ def spec_from_classic(name: str, cls: type, display_name: str | None = None,
             vparams = frozenset(n for n in vsig.parameters if n not in ("self", "cls", "s", "input_types"))
         wants_types = "input_types" in vsig.parameters
     return NodeSpec(
-        name=name, cls=cls, function=fn_name, inputs=inputs, hidden=hidden, outputs=outputs,
-        display_name=display_name or name, category=getattr(cls, "CATEGORY", "sd"),
-        description=getattr(cls, "DESCRIPTION", "") or "", python_module=python_module,
-        output_node=bool(getattr(cls, "OUTPUT_NODE", False)), cacheable=True,
+        name=name,
+        cls=cls,
+        function=fn_name,
+        inputs=inputs,
+        hidden=hidden,
+        outputs=outputs,
+        display_name=display_name or name,
+        category=getattr(cls, "CATEGORY", "sd"),
+        description=getattr(cls, "DESCRIPTION", "") or "",
+        python_module=python_module,
+        output_node=bool(getattr(cls, "OUTPUT_NODE", False)),
+        cacheable=True,
         not_idempotent=bool(getattr(cls, "NOT_IDEMPOTENT", False)) or "UNIQUE_ID" in hidden.values(),
-        version=str(getattr(cls, "VERSION", "1")), input_is_list=bool(getattr(cls, "INPUT_IS_LIST", False)),
-        is_async=inspect.iscoroutinefunction(fn), kind="classic",
-        deprecated=bool(getattr(cls, "DEPRECATED", False)), experimental=bool(getattr(cls, "EXPERIMENTAL", False)),
-        api_node=getattr(cls, "API_NODE", None), fingerprint=getattr(cls, "IS_CHANGED", None),
-        validate=validate, validate_params=vparams, validate_wants_types=wants_types,
-        has_lazy_check=callable(getattr(cls, "check_lazy_status", None)), raw_input_types=raw,
+        version=str(getattr(cls, "VERSION", "1")),
+        input_is_list=bool(getattr(cls, "INPUT_IS_LIST", False)),
+        is_async=inspect.iscoroutinefunction(fn),
+        kind="classic",
+        deprecated=bool(getattr(cls, "DEPRECATED", False)),
+        experimental=bool(getattr(cls, "EXPERIMENTAL", False)),
+        api_node=getattr(cls, "API_NODE", None),
+        fingerprint=getattr(cls, "IS_CHANGED", None),
+        validate=validate,
+        validate_params=vparams,
+        validate_wants_types=wants_types,
+        has_lazy_check=callable(getattr(cls, "check_lazy_status", None)),
+        raw_input_types=raw,
         input_types_fn=cls.INPUT_TYPES,
         output_tooltips=list(tips) if tips else None,
         # object_info's "output" is RETURN_TYPES as declared: a combo output stays its list of choices
         extra={"raw_return_types": [t if isinstance(t, str) else list(t) for t in rtypes]}
-        if any(not isinstance(t, str) for t in rtypes) else {},
+        if any(not isinstance(t, str) for t in rtypes)
+        else {},
     )

@@ -4,15 +4,27 @@ Nodes call :func:`progress` (or use :class:`ProgressBar`) and :func:`check_inter
 current node through a context variable, so they work from sync nodes, async nodes and helper code.
 Every progress tick is also a cancellation point.
 """
+
 from __future__ import annotations
 
 import contextvars
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from .errors import Interrupted
 from .events import Event, Preview, Progress
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """How the caller wants a run carried out, as opposed to what the graph says.
+
+    ``previews``: someone is watching and wants preview images, so nodes that can render them should.
+    """
+
+    previews: bool = False
 
 
 @dataclass
@@ -23,18 +35,28 @@ class RunContext:
     extra_data: dict = field(default_factory=dict)
     folders: Any = None
     services: dict = field(default_factory=dict)  # shared objects nodes may look up (model manager, ...)
-    costs: list = field(default_factory=list)  # provider calls: {"node", "provider", "model", "usd", ...}
+    options: RunOptions = field(default_factory=RunOptions)
+    annotations: dict[str, list] = field(default_factory=dict)
 
-    def record_cost(self, **entry: Any) -> None:
-        self.costs.append(entry)
+    def annotate(self, channel: str, entry: Any) -> None:
+        """Attach ``entry`` to this run under ``channel``; the run's result carries every channel.
 
-    @property
-    def total_cost(self) -> float:
-        return float(sum(c.get("usd", 0.0) or 0.0 for c in self.costs))
+        A generic per-run channel that nodes write to (a node pack owns the meaning of its channels,
+        e.g. a pack's ledger of paid API calls). Safe to call from async nodes running concurrently.
+        """
+        with _ANNOTATE_LOCK:
+            self.annotations.setdefault(channel, []).append(entry)
+
+    def annotations_of(self, channel: str) -> list:
+        with _ANNOTATE_LOCK:
+            return list(self.annotations.get(channel, ()))
 
     def check_interrupted(self) -> None:
         if self.cancel.is_set():
             raise Interrupted("Run was interrupted")
+
+
+_ANNOTATE_LOCK = threading.Lock()
 
 
 @dataclass
@@ -43,6 +65,8 @@ class NodeContext:
     node_id: str
     display_id: str
     class_type: str
+    parent_id: str | None = None
+    real_id: str = ""
 
     @property
     def prompt_id(self) -> str:
@@ -63,13 +87,25 @@ class NodeContext:
         self.run.check_interrupted()
         total = max(1, int(total))
         value = min(int(value), total)
-        self.run.emit(Progress(self.run.prompt_id, node=self.display_id, value=value, max=total, preview=preview))
+        self.run.emit(
+            Progress(
+                self.run.prompt_id,
+                node=self.node_id,
+                display_node=self.display_id,
+                parent_node=self.parent_id,
+                real_node=self.real_id,
+                value=value,
+                max=total,
+                preview=preview,
+            )
+        )
 
     @property
     def wants_previews(self) -> bool:
         """True when some client asked for preview images, so nodes can skip the work otherwise."""
-        return bool(self.run.extra_data.get("preview_method", "none") not in ("none", None, False)
-                    or self.run.extra_data.get("_previews"))
+        return bool(
+            self.run.extra_data.get("preview_method", "none") not in ("none", None, False) or self.run.options.previews
+        )
 
 
 _current: contextvars.ContextVar[NodeContext | None] = contextvars.ContextVar("kiln_node_context", default=None)

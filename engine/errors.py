@@ -1,4 +1,5 @@
 """Exceptions raised by the engine. Each carries enough to tell the user what to change."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -20,17 +21,13 @@ class GraphFormatError(KilnError):
         self.message = message
         self.details = details
 
-    def to_comfy(self) -> dict:
-        return {"type": "invalid_prompt", "message": self.message, "details": self.details, "extra_info": {}}
-
 
 class ValidationFailed(KilnError):
-    """Validation found problems; ``error`` and ``node_errors`` are in ComfyUI's shape."""
+    """Validation found problems; ``result`` is the ValidationResult (``problems`` per node, ``error``)."""
 
-    def __init__(self, error: dict, node_errors: dict, summary: str):
+    def __init__(self, result: Any, summary: str):
         super().__init__(summary)
-        self.error = error
-        self.node_errors = node_errors
+        self.result = result
         self.summary = summary
 
 
@@ -48,8 +45,9 @@ class NodeError(KilnError):
 
 
 class ExecutionFailed(KilnError):
-    """A run ended with a node error; ``info`` is the ComfyUI ``execution_error`` data."""
+    """A run ended with a node error; ``error`` is the typed event that says which node failed and why
+    (``kiln.engine.events.ExecutionError``: node_id, node_type, message, exception_type, traceback, ...)."""
 
-    def __init__(self, info: dict[str, Any]):
-        super().__init__(f"{info.get('node_type')} (node {info.get('node_id')}): {info.get('exception_message')}")
-        self.info = info
+    def __init__(self, error: Any):
+        super().__init__(f"{error.node_type} (node {error.node_id}): {error.message}")
+        self.error = error

@@ -1,13 +1,20 @@
-"""Typed events of a run. The CLI and the server consume the same stream.
+"""Typed events of a run: what happened, in the engine's own terms.
 
-Each event knows its ComfyUI websocket message type (``comfy_type``) and data (``comfy_data()``), so the
-server maps them one-to-one. The total size of a run's events grows linearly with its node count.
+The executor emits these to one sink; consumers render them in their own format (the server maps each to
+a websocket message in ``kiln.server.protocol``, the CLI draws progress bars). The total size of a run's
+events grows linearly with its node count.
+
+Node events name the node four ways, so a consumer never has to look the graph up again:
+``node`` (its unique id in the run), ``display_node`` (the id shown to the user: for a node made by
+expanding another, the id of the node the user placed), ``parent_node`` (the node it was expanded from, or
+None) and ``real_node`` (the top-level node at the root of its expansion chain).
 """
+
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
 
 
 def _now_ms() -> int:
@@ -19,7 +26,7 @@ class Preview:
     """An image attached to a progress tick: already-encoded bytes (the engine never decodes images).
 
     ``kind`` is "preview" (a sampler's partial image, sent only to clients that asked for previews) or
-    "output" (SaveImageWebsocket's images, always sent).
+    "output" (an image a node streams as its result, always delivered).
     """
 
     format: str  # "JPEG" or "PNG"
@@ -31,104 +38,88 @@ class Preview:
 @dataclass
 class Event:
     prompt_id: str
-    comfy_type = ""
-
-    def comfy_data(self) -> dict:
-        return {"prompt_id": self.prompt_id}
 
 
 @dataclass
 class ExecutionStart(Event):
-    timestamp: int = field(default_factory=_now_ms)
-    comfy_type = "execution_start"
+    """The run began."""
 
-    def comfy_data(self) -> dict:
-        return {"prompt_id": self.prompt_id, "timestamp": self.timestamp}
+    timestamp: int = field(default_factory=_now_ms)
 
 
 @dataclass
 class ExecutionCached(Event):
+    """These nodes will be served from the cache (in the graph's order)."""
+
     nodes: list = field(default_factory=list)
     timestamp: int = field(default_factory=_now_ms)
-    comfy_type = "execution_cached"
-
-    def comfy_data(self) -> dict:
-        return {"nodes": list(self.nodes), "prompt_id": self.prompt_id, "timestamp": self.timestamp}
 
 
 @dataclass
-class NodeStarted(Event):
+class NodeEvent(Event):
+    """An event about one node; see the module docstring for the four ids."""
+
     node: str = ""
     display_node: str = ""
-    class_type: str = ""
-    comfy_type = "executing"
+    parent_node: str | None = None
+    real_node: str = ""
 
-    def comfy_data(self) -> dict:
-        return {"node": self.display_node or self.node, "display_node": self.display_node or self.node,
-                "prompt_id": self.prompt_id}
+    def __post_init__(self) -> None:
+        self.display_node = self.display_node or self.node
+        self.real_node = self.real_node or self.node
 
 
 @dataclass
-class Progress(Event):
-    node: str = ""
+class NodeStarted(NodeEvent):
+    class_type: str = ""
+
+
+@dataclass
+class Progress(NodeEvent):
+    """A running node's progress. ``node`` is its unique id; ``display_node`` the id a user sees."""
+
     value: int = 0
     max: int = 1
     preview: Preview | None = None
-    comfy_type = "progress"
-
-    def comfy_data(self) -> dict:
-        return {"value": self.value, "max": self.max, "prompt_id": self.prompt_id, "node": self.node}
 
 
 @dataclass
-class NodeOutput(Event):
-    node: str = ""
-    display_node: str = ""
+class NodeOutput(NodeEvent):
+    """A node finished with a result to show (its UI dict), or was served with one from the cache."""
+
     output: dict | None = None
     cached: bool = False
-    comfy_type = "executed"
-
-    def comfy_data(self) -> dict:
-        return {"node": self.node, "display_node": self.display_node or self.node, "output": self.output,
-                "prompt_id": self.prompt_id}
 
 
 @dataclass
 class ExecutionSuccess(Event):
     timestamp: int = field(default_factory=_now_ms)
-    comfy_type = "execution_success"
-
-    def comfy_data(self) -> dict:
-        return {"prompt_id": self.prompt_id, "timestamp": self.timestamp}
 
 
 @dataclass
 class ExecutionError(Event):
+    """The run stopped because a node failed. Also the value of ``RunResult.error``.
+
+    ``node_id`` is the display id of the failed node; ``inputs`` maps each input name to short reprs of
+    the values it received; ``outputs`` lists the nodes whose results were held when it failed.
+    """
+
     node_id: str | None = None
     node_type: str | None = None
     executed: list = field(default_factory=list)
-    exception_message: str = ""
+    message: str = ""
     exception_type: str = ""
     traceback: list = field(default_factory=list)
-    current_inputs: dict = field(default_factory=dict)
-    current_outputs: list = field(default_factory=list)
+    inputs: dict = field(default_factory=dict)
+    outputs: list = field(default_factory=list)
     timestamp: int = field(default_factory=_now_ms)
-    comfy_type = "execution_error"
-
-    def comfy_data(self) -> dict:
-        return {"prompt_id": self.prompt_id, "node_id": self.node_id, "node_type": self.node_type,
-                "executed": list(self.executed), "exception_message": self.exception_message,
-                "exception_type": self.exception_type, "traceback": list(self.traceback),
-                "current_inputs": self.current_inputs, "current_outputs": list(self.current_outputs),
-                "timestamp": self.timestamp}
 
 
 @dataclass
 class NodeBlocked(Event):
     """A node call was skipped because an input carried an ExecutionBlocker with a message.
 
-    Not fatal: the run goes on. ComfyUI reports it as an ``execution_error`` message whose
-    exception_type is ``ExecutionBlocked``; it is not a terminal event.
+    Not fatal: the run goes on. It is not a terminal event.
     """
 
     node_id: str | None = None
@@ -136,26 +127,16 @@ class NodeBlocked(Event):
     message: str = ""
     executed: list = field(default_factory=list)
     timestamp: int = field(default_factory=_now_ms)
-    comfy_type = "execution_error"
-
-    def comfy_data(self) -> dict:
-        return {"prompt_id": self.prompt_id, "node_id": self.node_id, "node_type": self.node_type,
-                "executed": list(self.executed), "exception_message": f"Execution Blocked: {self.message}",
-                "exception_type": "ExecutionBlocked", "traceback": [], "current_inputs": [],
-                "current_outputs": []}  # ComfyUI's shape for this message: no timestamp
 
 
 @dataclass
 class ExecutionInterrupted(Event):
+    """The run was cancelled; ``node_id`` is the node that was running, if any."""
+
     node_id: str | None = None
     node_type: str | None = None
     executed: list = field(default_factory=list)
     timestamp: int = field(default_factory=_now_ms)
-    comfy_type = "execution_interrupted"
-
-    def comfy_data(self) -> dict:
-        return {"prompt_id": self.prompt_id, "node_id": self.node_id, "node_type": self.node_type,
-                "executed": list(self.executed), "timestamp": self.timestamp}
 
 
 TERMINAL = (ExecutionSuccess, ExecutionError, ExecutionInterrupted)

@@ -4,14 +4,19 @@ One pass in dependency order gives every node a content-addressed key (class, ve
 literals, fingerprint, upstream keys and slots): O(nodes + links). Walking upstream from the outputs
 stops at cache hits, so only changed nodes and what depends on them run. Sync nodes run in the calling
 thread; ``async def`` nodes run on a private event loop and overlap with each other and with sync work.
+
+How inputs become calls and returns become slots lives in ``calls.py``, subgraph building in
+``expansion.py``, graph walks in ``topology.py``. This file stays above the ~400-line guideline because
+``_Run`` is one state machine (keys, plan, ready queue, stepping, expansion, release of intermediates)
+over shared per-run state; cutting it across modules would spread that state without simplifying it.
 """
+
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures as cf
 import hashlib
 import inspect
-import itertools
 import math
 import struct
 import threading
@@ -19,19 +24,32 @@ import time
 import traceback
 import uuid
 from collections import deque
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Any
 
 from . import context as _ctx
 from .cache import Cache, CacheEntry, estimate_size, make_cache
+from .calls import NAN, BlockedCall, async_call, call_filtered, is_lazy, map_calls, normalise
 from .errors import ExecutionFailed, GraphFormatError, Interrupted, NodeError
-from .events import (Event, ExecutionCached, ExecutionError, ExecutionInterrupted, ExecutionStart,
-                     ExecutionSuccess, NodeBlocked, NodeOutput, NodeStarted)
+from .events import (
+    Event,
+    ExecutionCached,
+    ExecutionError,
+    ExecutionInterrupted,
+    ExecutionStart,
+    ExecutionSuccess,
+    NodeBlocked,
+    NodeOutput,
+    NodeStarted,
+)
 from .fingerprint import Unfingerprintable, encode
+from .folders import Folders, get_folders
 from .graph import Graph, Link, NodeEntry, parse_input
-from .node import ExecutionBlocker, NodeResult, NodeSpec
+from .node import ExecutionBlocker, NodeSpec
 from .registry import Registry
-from .validation import ValidationResult, upstream_order, validate
+from .topology import upstream_order
+from .validation import ValidationResult, validate
 
 _REPR_LIMIT = 200
 
@@ -44,20 +62,21 @@ class RunResult:
     ran: list = field(default_factory=list)  # nodes whose function was called
     cached: list = field(default_factory=list)  # nodes served from the cache
     skipped: list = field(default_factory=list)  # planned nodes that never ran (after an error)
-    error: dict | None = None  # execution_error / execution_interrupted data
+    error: ExecutionError | ExecutionInterrupted | None = None  # why the run did not succeed
     values: dict = field(default_factory=dict)  # node id -> tuple of output values, for targets
     meta: dict = field(default_factory=dict)
     validation: ValidationResult | None = None
     seconds: float = 0.0
-    costs: list = field(default_factory=list)  # provider calls recorded by nodes (see RunContext.record_cost)
+    annotations: dict[str, list] = field(default_factory=dict)  # what nodes attached (RunContext.annotate)
 
     @property
     def ok(self) -> bool:
         return self.status == "success"
 
-    def raise_for_status(self) -> "RunResult":
+    def raise_for_status(self) -> RunResult:
         if self.status == "error":
-            raise ExecutionFailed(self.error or {})
+            assert isinstance(self.error, ExecutionError)
+            raise ExecutionFailed(self.error)
         if self.status == "interrupted":
             raise Interrupted("Run was interrupted")
         return self
@@ -82,22 +101,10 @@ class _AsyncRunner:
                 return list(await asyncio.gather(*coros))  # on cancel, gather waits for its children
             finally:
                 settled.set()
+
         fut = asyncio.run_coroutine_threadsafe(_all(), self.loop)
         fut.kiln_started, fut.kiln_settled = started, settled  # type: ignore[attr-defined]
         return fut
-
-
-def _accepts(fn: Callable) -> tuple[frozenset[str] | None, bool]:
-    """(names a callable takes or None for **kwargs, takes input_types)."""
-    sig = inspect.signature(fn)
-    if any(p.kind == p.VAR_KEYWORD for p in sig.parameters.values()):
-        return None, "input_types" in sig.parameters
-    return frozenset(sig.parameters), "input_types" in sig.parameters
-
-
-def _call_filtered(fn: Callable, kwargs: dict) -> Any:
-    names, _ = _accepts(fn)
-    return fn(**(kwargs if names is None else {k: v for k, v in kwargs.items() if k in names}))
 
 
 def _short_repr(v: Any) -> str:
@@ -107,14 +114,15 @@ def _short_repr(v: Any) -> str:
         r = repr(v)
     except Exception:
         r = f"<{type(v).__name__}>"
-    return r if len(r) <= _REPR_LIMIT else r[:_REPR_LIMIT - 3] + "..."
+    return r if len(r) <= _REPR_LIMIT else r[: _REPR_LIMIT - 3] + "..."
 
 
 class _Run:
     """State of one run of one graph."""
 
-    def __init__(self, ex: "Executor", graph: Graph, run_ctx: _ctx.RunContext, outputs: list[str],
-                 targets: list[str] | None):
+    def __init__(
+        self, ex: Executor, graph: Graph, run_ctx: _ctx.RunContext, outputs: list[str], targets: list[str] | None
+    ):
         self.ex = ex
         self.registry = ex.registry
         self.cache = ex.cache
@@ -163,7 +171,7 @@ class _Run:
                 encode(("id", nid), buf)
             if spec.fingerprint is not None:
                 fp = self._fingerprint(node, spec)
-                if fp is _NAN:
+                if fp is NAN:
                     return None
                 encode(fp, buf)
             for name in sorted(node.inputs):
@@ -185,13 +193,14 @@ class _Run:
             return node.extra["is_changed"]
         kwargs = {n: (None if isinstance(v, Link) else v) for n, v in node.inputs.items() if n in spec.inputs}
         try:
-            r = _call_filtered(spec.fingerprint, kwargs)
+            assert spec.fingerprint is not None
+            r = call_filtered(spec.fingerprint, kwargs)
             if inspect.iscoroutine(r):
                 r = asyncio.run(r)
         except Exception:
-            return _NAN
+            return NAN
         if isinstance(r, float) and math.isnan(r):
-            return _NAN
+            return NAN
         return r
 
     # -- planning ---------------------------------------------------------------------------------
@@ -214,7 +223,7 @@ class _Run:
             new.append(nid)
             spec = self.spec(nid)
             for name, v in self.nodes[nid].inputs.items():
-                if isinstance(v, Link) and not _is_lazy(spec, name):
+                if isinstance(v, Link) and not is_lazy(spec, name):
                     stack.append(v.node_id)
         for nid in new:
             self._wire(nid)
@@ -224,7 +233,7 @@ class _Run:
         spec = self.spec(nid)
         count = 0
         for name, v in self.nodes[nid].inputs.items():
-            if isinstance(v, Link) and not _is_lazy(spec, name):
+            if isinstance(v, Link) and not is_lazy(spec, name):
                 self.consumers_left[v.node_id] = self.consumers_left.get(v.node_id, 0) + 1
                 self.holds.setdefault(nid, []).append(v.node_id)
                 if v.node_id not in self.done:
@@ -291,7 +300,16 @@ class _Run:
                 return
         inputs = self._gather(nid, node, spec)
         disp = node.display_id or nid
-        self.ctx.emit(NodeStarted(self.ctx.prompt_id, node=nid, display_node=disp, class_type=node.class_type))
+        self.ctx.emit(
+            NodeStarted(
+                self.ctx.prompt_id,
+                node=nid,
+                display_node=disp,
+                parent_node=node.parent,
+                real_node=self._real_id(nid),
+                class_type=node.class_type,
+            )
+        )
         if spec.has_lazy_check:
             if self._request_lazy(nid, node, spec, inputs):
                 self.restaged.add(nid)
@@ -299,23 +317,29 @@ class _Run:
             inputs = self._gather(nid, node, spec)
         obj = self._instance(nid, spec)
         fn = getattr(obj, spec.function)
-        nctx = _ctx.NodeContext(self.ctx, nid, disp, node.class_type)
+        nctx = _ctx.NodeContext(self.ctx, nid, disp, node.class_type, node.parent, self._real_id(nid))
         token = _ctx._current.set(nctx)
         started = time.perf_counter()
         try:
-            calls = _map_calls(spec, inputs)
+            calls = map_calls(spec, inputs)
             reported: set[str] = set()
             for kw in calls:
-                if isinstance(kw, _BlockedCall) and kw.message is not None and kw.message not in reported:
+                if isinstance(kw, BlockedCall) and kw.message is not None and kw.message not in reported:
                     reported.add(kw.message)  # once per message per node: a long list stays one event
-                    self.ctx.emit(NodeBlocked(self.ctx.prompt_id, node_id=disp, node_type=node.class_type,
-                                              message=kw.message,
-                                              executed=list(self.result.ran + self.result.cached)))
+                    self.ctx.emit(
+                        NodeBlocked(
+                            self.ctx.prompt_id,
+                            node_id=disp,
+                            node_type=node.class_type,
+                            message=kw.message,
+                            executed=list(self.result.ran + self.result.cached),
+                        )
+                    )
             if spec.is_async:
                 coros = []
                 for kw in calls:
                     self.ctx.check_interrupted()
-                    coros.append(_async_call(fn, kw))
+                    coros.append(async_call(fn, kw))
                 fut = self.ex._async().submit(coros, nctx)
                 self.inflight[fut] = nid
                 self.timings[nid] = started
@@ -323,7 +347,7 @@ class _Run:
             rets = []
             for kw in calls:
                 self.ctx.check_interrupted()
-                if isinstance(kw, _BlockedCall):
+                if isinstance(kw, BlockedCall):
                     rets.append(kw)
                 else:
                     rets.append(fn(**kw))
@@ -377,7 +401,7 @@ class _Run:
     def _request_lazy(self, nid: str, node: NodeEntry, spec: NodeSpec, inputs: dict[str, list]) -> bool:
         obj = self._instance(nid, spec)
         needed: list[str] = []
-        for kw in _map_calls(spec, inputs, for_lazy=True):
+        for kw in map_calls(spec, inputs, for_lazy=True):
             r = obj.check_lazy_status(**kw)
             if inspect.iscoroutine(r):
                 r = asyncio.run_coroutine_threadsafe(r, self.ex._async().loop).result()
@@ -409,7 +433,7 @@ class _Run:
         expand_subgraphs: list = []
         expand_results: list = []
         for ret in rets:
-            values, call_ui, expand = _normalise(spec, ret, n_out)
+            values, call_ui, expand = normalise(spec, ret, n_out)
             if call_ui:
                 if ui is None:
                     ui = {k: list(v) if isinstance(v, (list, tuple)) else v for k, v in call_ui.items()}
@@ -445,9 +469,22 @@ class _Run:
         if ui is not None:
             disp = node.display_id or nid
             self.result.outputs[disp] = ui
-            self.result.meta[disp] = {"node_id": nid, "display_node": disp, "parent_node": node.parent,
-                                      "real_node_id": self._real_id(nid)}
-            self.ctx.emit(NodeOutput(self.ctx.prompt_id, node=nid, display_node=disp, output=ui))
+            self.result.meta[disp] = {
+                "node_id": nid,
+                "display_node": disp,
+                "parent_node": node.parent,
+                "real_node_id": self._real_id(nid),
+            }
+            self.ctx.emit(
+                NodeOutput(
+                    self.ctx.prompt_id,
+                    node=nid,
+                    display_node=disp,
+                    parent_node=node.parent,
+                    real_node=self._real_id(nid),
+                    output=ui,
+                )
+            )
         self._finish(nid)
 
     def _serve_cached(self, nid: str, node: NodeEntry, entry: CacheEntry) -> None:
@@ -456,8 +493,17 @@ class _Run:
         if entry.ui is not None and self.spec(nid).output_node:
             disp = node.display_id or nid
             self.result.outputs[disp] = entry.ui
-            self.ctx.emit(NodeOutput(self.ctx.prompt_id, node=nid, display_node=disp, output=entry.ui,
-                                     cached=True))
+            self.ctx.emit(
+                NodeOutput(
+                    self.ctx.prompt_id,
+                    node=nid,
+                    display_node=disp,
+                    parent_node=node.parent,
+                    real_node=self._real_id(nid),
+                    output=entry.ui,
+                    cached=True,
+                )
+            )
         self._finish(nid)
 
     def _finish(self, nid: str) -> None:
@@ -492,8 +538,10 @@ class _Run:
             parsed = Graph.from_json(sub)
             for sid, entry in parsed.nodes.items():
                 if sid in self.nodes:
-                    raise GraphFormatError(f"Node {nid} expanded into a node id {sid!r} that already exists; "
-                                           f"build the subgraph with engine.GraphBuilder for unique ids")
+                    raise GraphFormatError(
+                        f"Node {nid} expanded into a node id {sid!r} that already exists; "
+                        f"build the subgraph with engine.GraphBuilder for unique ids"
+                    )
                 if entry.class_type not in self.registry:
                     raise GraphFormatError(f"Node {nid} expanded into unknown node type {entry.class_type!r}")
                 entry.parent = nid
@@ -530,101 +578,6 @@ class _Run:
         self._store(nid, spec, slots, ui)
 
 
-class _Nan:
-    def __repr__(self) -> str:
-        return "NaN"
-
-
-_NAN = _Nan()
-
-
-class _BlockedCall:
-    """A call skipped because an input was an ExecutionBlocker; its result is a silent blocker."""
-
-    __slots__ = ("message",)
-
-    def __init__(self, message: str | None):
-        self.message = message
-
-
-def _blocker_in(values: Iterable[Any]) -> ExecutionBlocker | None:
-    for x in values:
-        if isinstance(x, ExecutionBlocker):
-            return x
-    return None
-
-
-def _is_lazy(spec: NodeSpec, name: str) -> bool:
-    s = spec.inputs.get(name)
-    return bool(s and s.lazy)
-
-
-def _map_calls(spec: NodeSpec, inputs: dict[str, list], for_lazy: bool = False) -> list:
-    """ComfyUI's list semantics: one call per element of the longest input list, shorter lists repeat
-    their last element; INPUT_IS_LIST nodes get one call with whole lists."""
-    if spec.input_is_list:
-        if not for_lazy:  # one call with whole lists: a blocker anywhere in them blocks it
-            b = _blocker_in(x for v in inputs.values() for x in v)
-            if b is not None:
-                return [_BlockedCall(b.message)]
-        return [inputs]
-    n = max((len(v) for v in inputs.values()), default=1)
-    n = max(n, 1)
-    calls: list = []
-    for i in range(n):
-        kw = {k: (v[i] if i < len(v) else v[-1]) if v else None for k, v in inputs.items()}
-        b = None if for_lazy else _blocker_in(kw.values())
-        calls.append(kw if b is None else _BlockedCall(b.message))
-    return calls
-
-
-async def _async_call(fn: Callable, kw: Any) -> Any:
-    if isinstance(kw, _BlockedCall):
-        return kw
-    r = fn(**kw)
-    if inspect.isawaitable(r):
-        r = await r
-    return r
-
-
-def _normalise(spec: NodeSpec, ret: Any, n_out: int) -> tuple[tuple, dict | None, Any]:
-    """(values, ui, expand) from whatever a node function returned."""
-    if isinstance(ret, _BlockedCall):  # blocked: the block travels on silently (reported once, here)
-        return (ExecutionBlocker(None),) * n_out, None, None
-    if isinstance(ret, ExecutionBlocker):
-        return (ret,) * n_out, None, None
-    if isinstance(ret, NodeResult):
-        vals = ret.values
-        return _check_arity(spec, vals, n_out, allow_empty=ret.expand is None and bool(ret.ui)), ret.ui, ret.expand
-    if spec.kind == "classic" or (isinstance(ret, dict) and n_out == 0):
-        if isinstance(ret, dict):
-            if "expand" in ret and ret["expand"] is not None:
-                return tuple(ret.get("result", ())), ret.get("ui"), ret["expand"]
-            vals = tuple(ret["result"]) if "result" in ret else ()
-            return _check_arity(spec, vals, n_out, allow_empty="result" not in ret), ret.get("ui"), None
-        if ret is None:
-            return _check_arity(spec, (), n_out, allow_empty=True), None, None
-        if isinstance(ret, tuple) or isinstance(ret, list):
-            return _check_arity(spec, tuple(ret), n_out), None, None
-        raise TypeError(f"{spec.name}.{spec.function} returned a {type(ret).__name__}; classic nodes return "
-                        f"a tuple with one value per output or a dict with 'ui'/'result'")
-    if n_out == 0:
-        return (), None, None
-    if n_out == 1:
-        return (ret,), None, None
-    if not isinstance(ret, tuple):
-        raise TypeError(f"{spec.name}.run must return a tuple of {n_out} values "
-                        f"({', '.join(spec.output_names)}), got {type(ret).__name__}")
-    return _check_arity(spec, ret, n_out), None, None
-
-
-def _check_arity(spec: NodeSpec, vals: tuple, n_out: int, allow_empty: bool = False) -> tuple:
-    if len(vals) != n_out and not (allow_empty and not vals):
-        raise TypeError(f"{spec.name} returned {len(vals)} value(s) but declares {n_out} output(s) "
-                        f"{spec.output_names}")
-    return vals if vals else (None,) * n_out
-
-
 class Executor:
     """Runs graphs against a registry, keeping a cache and node instances between runs.
 
@@ -632,14 +585,16 @@ class Executor:
     The event sink is called from the executor's thread and from the async-node loop thread.
     """
 
-    def __init__(self, registry: Registry, cache: str | Cache | None = None, folders: Any = None,
-                 services: dict | None = None):
+    def __init__(
+        self,
+        registry: Registry,
+        cache: str | Cache | None = None,
+        folders: Folders | None = None,
+        services: dict | None = None,
+    ):
         self.registry = registry
         self.cache = make_cache(cache)
-        if folders is not None:
-            from .folders import set_default
-            set_default(folders)
-        self.folders = folders
+        self.folders = folders  # None: the folders of the current directory (or KILN_BASE_DIR)
         self.services = services if services is not None else {}
         self.objects: dict[tuple[str, str], Any] = {}
         self._runner: _AsyncRunner | None = None
@@ -662,26 +617,60 @@ class Executor:
         rc.cancel.set()
         return True
 
-    def run(self, graph: Graph, *, prompt_id: str | None = None, extra_data: dict | None = None,
-            targets: list[str] | None = None, partial_execution_targets: list[str] | None = None,
-            sink: Callable[[Event], None] | None = None, validation: ValidationResult | None = None,
-            cancel: threading.Event | None = None) -> RunResult:
+    def validate(
+        self, graph: Graph, targets: list[str] | None = None, partial_execution_targets: list[str] | None = None
+    ) -> ValidationResult:
+        """Validate against this executor's registry, with its folders (model choice lists)."""
+        with _ctx.use_folders(self.folders):
+            return validate(graph, self.registry, targets, partial_execution_targets)
+
+    def run(
+        self,
+        graph: Graph,
+        *,
+        prompt_id: str | None = None,
+        extra_data: dict | None = None,
+        targets: list[str] | None = None,
+        partial_execution_targets: list[str] | None = None,
+        sink: Callable[[Event], None] | None = None,
+        validation: ValidationResult | None = None,
+        cancel: threading.Event | None = None,
+        options: _ctx.RunOptions | None = None,
+    ) -> RunResult:
         """Validate (unless ``validation`` is given) and run. Raises ValidationFailed for an invalid graph;
         node errors and interruptions come back as the result's status."""
         with _ctx.use_folders(self.folders):
             if validation is None:
                 validation = validate(graph, self.registry, targets, partial_execution_targets)
                 validation.raise_for_errors()
+            validation.check_belongs_to(graph)
             with self._lock:
-                return self._run(graph, prompt_id or uuid.uuid4().hex, extra_data or {}, validation, targets,
-                                 sink or (lambda e: None), cancel)
+                return self._run(
+                    graph,
+                    prompt_id or uuid.uuid4().hex,
+                    extra_data or {},
+                    validation,
+                    targets,
+                    sink or (lambda e: None),
+                    cancel,
+                    options or _ctx.RunOptions(),
+                )
 
-    def _run(self, graph: Graph, prompt_id: str, extra: dict, validation: ValidationResult,
-             targets: list[str] | None, sink: Callable[[Event], None], cancel: threading.Event | None) -> RunResult:
+    def _run(
+        self,
+        graph: Graph,
+        prompt_id: str,
+        extra: dict,
+        validation: ValidationResult,
+        targets: list[str] | None,
+        sink: Callable[[Event], None],
+        cancel: threading.Event | None,
+        options: _ctx.RunOptions,
+    ) -> RunResult:
         t0 = time.perf_counter()
-        from .folders import get_folders
-        rc = _ctx.RunContext(prompt_id, sink, cancel or threading.Event(), extra, self.folders or get_folders(),
-                             self.services)
+        rc = _ctx.RunContext(
+            prompt_id, sink, cancel or threading.Event(), extra, self.folders or get_folders(), self.services, options
+        )
         self._run_ctx = rc
         outputs = validation.outputs
         run = _Run(self, graph, rc, outputs, targets)
@@ -694,8 +683,9 @@ class Executor:
             self.cache.begin_run(keys)
             self._forget_objects(graph)
             # in the prompt's key order, as ComfyUI lists them
-            cached_nodes = [nid for nid in graph.nodes
-                            if run.keys.get(nid) is not None and _has(self.cache, run.keys[nid])]
+            cached_nodes = [
+                nid for nid in graph.nodes if (key := run.keys.get(nid)) is not None and _has(self.cache, key)
+            ]
             run.plan(outputs)
             sink(ExecutionCached(prompt_id, nodes=cached_nodes))
             cached_now = set(run.result.cached)
@@ -710,19 +700,21 @@ class Executor:
             sink(ExecutionSuccess(prompt_id))
         except Interrupted:
             self._cancel_inflight(run)
-            nid = run.current_node
+            at = run.current_node
             run.result.status = "interrupted"
-            run.result.error = {"prompt_id": prompt_id, "node_id": nid,
-                                "node_type": run.nodes[nid].class_type if nid else None,
-                                "executed": list(run.done)}
-            sink(ExecutionInterrupted(prompt_id, node_id=nid, node_type=run.result.error["node_type"],
-                                      executed=list(run.result.ran + run.result.cached)))
+            stopped = ExecutionInterrupted(
+                prompt_id,
+                node_id=at,
+                node_type=run.nodes[at].class_type if at else None,
+                executed=list(run.result.ran + run.result.cached),
+            )
+            run.result.error = stopped
+            sink(stopped)
         except BaseException as exc:  # a node failed: typed error, nothing finished is lost
             self._cancel_inflight(run)
-            nid = run.current_node
-            ev = self._error_event(run, nid, exc)
+            ev = self._error_event(run, run.current_node, exc)
             run.result.status = "error"
-            run.result.error = ev.comfy_data()
+            run.result.error = ev
             sink(ev)
             if not isinstance(exc, Exception):
                 raise
@@ -734,7 +726,7 @@ class Executor:
                 if t in run.results:
                     run.result.values[t] = tuple(s[0] if len(s) == 1 else s for s in run.results[t][0])
             run.result.seconds = time.perf_counter() - t0
-            run.result.costs = list(rc.costs)
+            run.result.annotations = {k: list(v) for k, v in rc.annotations.items()}
         return run.result
 
     CANCEL_GRACE_S = 10.0
@@ -749,7 +741,7 @@ class Executor:
         deadline = time.monotonic() + self.CANCEL_GRACE_S
         for fut in futs:
             started, settled = getattr(fut, "kiln_started", None), getattr(fut, "kiln_settled", None)
-            if started is not None and started.is_set():  # one that never started has nothing to clean up
+            if started is not None and settled is not None and started.is_set():  # never started: no cleanup
                 settled.wait(max(0.0, deadline - time.monotonic()))
 
     def _forget_objects(self, graph: Graph) -> None:
@@ -758,7 +750,7 @@ class Executor:
 
     def _error_event(self, run: _Run, nid: str | None, exc: BaseException) -> ExecutionError:
         node = run.nodes.get(nid) if nid else None
-        current_inputs: dict = {}
+        inputs_seen: dict = {}
         if node is not None:
             for name, v in node.inputs.items():
                 if isinstance(v, Link):
@@ -766,7 +758,7 @@ class Executor:
                     vals = r[0][v.slot] if r and v.slot < len(r[0]) else [None]
                 else:
                     vals = [v]
-                current_inputs[name] = [_short_repr(x) for x in vals[:4]]
+                inputs_seen[name] = [_short_repr(x) for x in vals[:4]]
         if isinstance(exc, NodeError):
             msg = str(exc)
             if exc.input_name:
@@ -777,58 +769,20 @@ class Executor:
         else:
             msg = f"{exc}" or type(exc).__name__
             tb = traceback.format_exception(type(exc), exc, exc.__traceback__)
-        return ExecutionError(run.ctx.prompt_id, node_id=(node.display_id or nid) if node else nid,
-                              node_type=node.class_type if node else None,
-                              executed=list(run.result.ran + run.result.cached), exception_message=msg,
-                              exception_type=f"{type(exc).__module__}.{type(exc).__name__}"
-                              if type(exc).__module__ not in ("builtins",) else type(exc).__name__,
-                              traceback=tb, current_inputs=current_inputs,
-                              current_outputs=sorted(run.results))
+        return ExecutionError(
+            run.ctx.prompt_id,
+            node_id=(node.display_id or nid) if node else nid,
+            node_type=node.class_type if node else None,
+            executed=list(run.result.ran + run.result.cached),
+            message=msg,
+            exception_type=f"{type(exc).__module__}.{type(exc).__name__}"
+            if type(exc).__module__ not in ("builtins",)
+            else type(exc).__name__,
+            traceback=tb,
+            inputs=inputs_seen,
+            outputs=sorted(run.results),
+        )
 
 
 def _has(cache: Cache, key: bytes) -> bool:
-    contains = getattr(cache, "__contains__", None)
-    return bool(contains and contains(key))
-
-
-class GraphBuilder:
-    """Builds a subgraph for node expansion with ids unique within the run.
-
-    ``b = GraphBuilder(); n = b.node("ImageInvert", image=...); return NodeResult(n.out(0), expand=b.finalize())``
-    """
-
-    _counter = itertools.count()
-
-    def __init__(self, prefix: str | None = None):
-        ctx = _ctx.current()
-        base = prefix or (f"{ctx.node_id}." if ctx else "x.")
-        self.prefix = f"{base}{next(self._counter)}."
-        self.nodes: dict[str, dict] = {}
-        self._n = 0
-
-    def node(self, class_type: str, id: str | None = None, **inputs: Any) -> "_BuiltNode":
-        nid = self.prefix + (id or str(self._n))
-        self._n += 1
-        self.nodes[nid] = {"class_type": class_type,
-                           "inputs": {k: (v.to_json() if isinstance(v, _BuiltOut) else v) for k, v in inputs.items()}}
-        return _BuiltNode(nid)
-
-    def finalize(self) -> dict:
-        return self.nodes
-
-
-@dataclass(frozen=True)
-class _BuiltOut:
-    node_id: str
-    slot: int
-
-    def to_json(self) -> list:
-        return [self.node_id, self.slot]
-
-
-@dataclass(frozen=True)
-class _BuiltNode:
-    id: str
-
-    def out(self, slot: int) -> list:
-        return [self.id, slot]
+    return key in cache

@@ -4,6 +4,7 @@ Never uses Python's ``hash()`` (salted per process). Fails closed: a value that 
 (an unknown object, NaN, too deep or too large) raises :class:`Unfingerprintable`, and the node that
 holds it becomes uncacheable.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -11,11 +12,13 @@ import math
 import struct
 from typing import Any
 
+from .errors import KilnError
+
 MAX_DEPTH = 64
 MAX_BYTES = 8 * 1024 * 1024
 
 
-class Unfingerprintable(Exception):
+class Unfingerprintable(KilnError):
     pass
 
 

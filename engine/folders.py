@@ -4,27 +4,53 @@ Layout under a base directory: ``models/<kind>/`` (checkpoints, loras, vae, cont
 safety, ...), ``input/``, ``output/``, ``temp/``. Every path taken from a request goes through
 :meth:`Folders.safe_path`, which refuses anything that would leave its folder.
 """
+
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
+
+from .errors import KilnError
 
 MODEL_EXTENSIONS = frozenset({".safetensors", ".ckpt", ".pt", ".pth", ".bin", ".sft", ".pt2"})
-MODEL_KINDS = ("checkpoints", "loras", "vae", "controlnet", "embeddings", "clip", "diffusion_models",
-               "upscale_models", "safety", "configs", "clip_vision", "style_models", "hypernetworks",
-               "gligen", "vae_approx", "photomaker", "text_encoders")
+MODEL_KINDS = (
+    "checkpoints",
+    "loras",
+    "vae",
+    "controlnet",
+    "embeddings",
+    "clip",
+    "diffusion_models",
+    "upscale_models",
+    "safety",
+    "configs",
+    "clip_vision",
+    "style_models",
+    "hypernetworks",
+    "gligen",
+    "vae_approx",
+    "photomaker",
+    "text_encoders",
+)
 ALIASES = {"unet": "diffusion_models", "t2i_adapter": "controlnet"}
 
 
-class UnsafePath(ValueError):
+class UnsafePath(KilnError, ValueError):
     """A file name from a request would leave its folder."""
 
 
 class Folders:
-    def __init__(self, base_dir: str | Path = ".", *, input_dir: str | Path | None = None,
-                 output_dir: str | Path | None = None, temp_dir: str | Path | None = None,
-                 models_dir: str | Path | None = None, extra_model_paths: Iterable[str | Path] = ()):
+    def __init__(
+        self,
+        base_dir: str | Path = ".",
+        *,
+        input_dir: str | Path | None = None,
+        output_dir: str | Path | None = None,
+        temp_dir: str | Path | None = None,
+        models_dir: str | Path | None = None,
+        extra_model_paths: Iterable[str | Path] = (),
+    ):
         self.base_dir = Path(base_dir).resolve()
         self.input_dir = Path(input_dir or self.base_dir / "input").resolve()
         self.output_dir = Path(output_dir or self.base_dir / "output").resolve()
@@ -71,8 +97,9 @@ class Folders:
     def model_dirs(self, kind: str) -> list[Path]:
         return list(self.models.get(ALIASES.get(kind, kind), []))
 
-    def list_models(self, kind: str, extensions: Iterable[str] = MODEL_EXTENSIONS,
-                    include_dirs: bool = False) -> list[str]:
+    def list_models(
+        self, kind: str, extensions: Iterable[str] = MODEL_EXTENSIONS, include_dirs: bool = False
+    ) -> list[str]:
         """Files (relative names with '/') in a model kind's folders; diffusers folders if asked."""
         exts = {e.lower() for e in extensions}
         names: set[str] = set()
@@ -116,14 +143,15 @@ class Folders:
         rel = f"{subfolder}/{filename}" if subfolder else filename
         return safe_join(root, rel)
 
-    def list_inputs(self, extensions: Iterable[str] = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif",
-                                                       ".tif", ".tiff")) -> list[str]:
+    def list_inputs(
+        self, extensions: Iterable[str] = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+    ) -> list[str]:
         exts = {e.lower() for e in extensions}
         root = self.input_dir
         if not root.is_dir():
             return []
         out = []
-        for dirpath, dirnames, filenames in os.walk(root):
+        for dirpath, _dirnames, filenames in os.walk(root):
             for f in filenames:
                 if Path(f).suffix.lower() in exts:
                     out.append((Path(dirpath) / f).relative_to(root).as_posix())

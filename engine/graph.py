@@ -5,13 +5,15 @@ Past this module nothing recognises a link by its shape: inputs hold :class:`Lin
 values (list literals unwrapped from ``{"__value__": [...]}``), and malformed link-like lists are kept as
 :class:`BadLink` so validation can report them.
 """
+
 from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from .errors import GraphFormatError
 
@@ -60,10 +62,12 @@ class NodeEntry:
 
     def label(self) -> str:
         t = self.title
-        return f"#{self.id} \"{t}\" ({self.class_type})" if t and t != self.class_type else f"#{self.id} ({self.class_type})"
+        return (
+            f'#{self.id} "{t}" ({self.class_type})' if t and t != self.class_type else f"#{self.id} ({self.class_type})"
+        )
 
     def to_json(self) -> dict:
-        inputs = {}
+        inputs: dict[str, Any] = {}
         for name, v in self.inputs.items():
             if isinstance(v, Link):
                 inputs[name] = v.to_json()
@@ -82,8 +86,15 @@ class NodeEntry:
 
 
 def _is_link(v: list) -> bool:
-    return (len(v) == 2 and isinstance(v[0], str) and isinstance(v[1], (int, float))
-            and not isinstance(v[1], bool) and math.isfinite(v[1]) and float(v[1]).is_integer() and v[1] >= 0)
+    return (
+        len(v) == 2
+        and isinstance(v[0], str)
+        and isinstance(v[1], (int, float))
+        and not isinstance(v[1], bool)
+        and math.isfinite(v[1])
+        and float(v[1]).is_integer()
+        and v[1] >= 0
+    )
 
 
 def parse_input(value: Any) -> tuple[Any, bool]:
@@ -106,22 +117,25 @@ class Graph:
 
     # -- reading ------------------------------------------------------------------------------------
     @classmethod
-    def from_json(cls, data: Any) -> "Graph":
+    def from_json(cls, data: Any) -> Graph:
         """Build from a decoded API-format prompt (not the envelope: see :func:`parse_submission`)."""
         if not isinstance(data, dict):
-            raise GraphFormatError("A graph must be a JSON object mapping node ids to nodes",
-                                   f"got {type(data).__name__}")
+            raise GraphFormatError(
+                "A graph must be a JSON object mapping node ids to nodes", f"got {type(data).__name__}"
+            )
         if _looks_like_ui_workflow(data):
             raise GraphFormatError(
                 "This is a UI-format workflow (it has 'nodes' and 'links' arrays), not an API-format graph",
                 "In ComfyUI, enable dev mode options and use 'Export (API)' (Workflow > Export (API)), "
-                "then submit that file.")
+                "then submit that file.",
+            )
         nodes: dict[str, NodeEntry] = {}
         for nid, obj in data.items():
             nid = str(nid)
             if not isinstance(obj, dict):
-                raise GraphFormatError(f"Node {nid!r} must be an object with class_type and inputs",
-                                       f"Node ID '#{nid}'")
+                raise GraphFormatError(
+                    f"Node {nid!r} must be an object with class_type and inputs", f"Node ID '#{nid}'"
+                )
             raw_inputs = obj.get("inputs", {})
             if raw_inputs is None:
                 raw_inputs = {}
@@ -136,19 +150,27 @@ class Graph:
                     wrapped.add(str(name))
             meta = obj.get("_meta")
             # keys Kiln does not model (and a _meta that is not an object) are kept to be written back
-            extra = {k: v for k, v in obj.items()
-                     if k not in ("inputs", "class_type", "_meta") or (k == "_meta" and not isinstance(v, dict))}
-            nodes[nid] = NodeEntry(id=nid, class_type=obj.get("class_type"), inputs=inputs,
-                                   meta=meta if isinstance(meta, dict) else None, extra=extra,
-                                   wrapped=frozenset(wrapped))
+            extra = {
+                k: v
+                for k, v in obj.items()
+                if k not in ("inputs", "class_type", "_meta") or (k == "_meta" and not isinstance(v, dict))
+            }
+            nodes[nid] = NodeEntry(
+                id=nid,
+                class_type=obj.get("class_type"),
+                inputs=inputs,
+                meta=meta if isinstance(meta, dict) else None,
+                extra=extra,
+                wrapped=frozenset(wrapped),
+            )
         return cls(nodes)
 
     @classmethod
-    def loads(cls, text: str | bytes) -> "Graph":
+    def loads(cls, text: str | bytes) -> Graph:
         return parse_submission(decode_json(text))[0]
 
     @classmethod
-    def load(cls, path: str | Path) -> "Graph":
+    def load(cls, path: str | Path) -> Graph:
         p = Path(path)
         try:
             raw = p.read_bytes()
@@ -181,9 +203,15 @@ class Graph:
     def __len__(self) -> int:
         return len(self.nodes)
 
-    def copy(self) -> "Graph":
-        return Graph({nid: NodeEntry(n.id, n.class_type, dict(n.inputs), n.meta, dict(n.extra), n.wrapped,
-                                     n.parent, n.display_id) for nid, n in self.nodes.items()})
+    def copy(self) -> Graph:
+        return Graph(
+            {
+                nid: NodeEntry(
+                    n.id, n.class_type, dict(n.inputs), n.meta, dict(n.extra), n.wrapped, n.parent, n.display_id
+                )
+                for nid, n in self.nodes.items()
+            }
+        )
 
     def find(self, ref: str) -> NodeEntry | None:
         """A node by id, else by exact title (unique), for ``--set`` style addressing."""
@@ -191,8 +219,9 @@ class Graph:
             return self.nodes[ref]
         hits = [n for n in self.nodes.values() if n.title == ref]
         if len(hits) > 1:
-            raise GraphFormatError(f"Title {ref!r} names {len(hits)} nodes ({', '.join(n.id for n in hits)}); "
-                                   f"use the node id instead")
+            raise GraphFormatError(
+                f"Title {ref!r} names {len(hits)} nodes ({', '.join(n.id for n in hits)}); use the node id instead"
+            )
         return hits[0] if hits else None
 
 
@@ -208,14 +237,14 @@ def decode_json(text: str | bytes) -> Any:
         try:
             text = bytes(text).decode("utf-8-sig")
         except UnicodeDecodeError as exc:
-            raise GraphFormatError("Graph JSON is not valid UTF-8",
-                                   f"byte {exc.start}: {exc.reason}; save the file as UTF-8") from exc
+            raise GraphFormatError(
+                "Graph JSON is not valid UTF-8", f"byte {exc.start}: {exc.reason}; save the file as UTF-8"
+            ) from exc
     if len(text) > MAX_JSON_BYTES:
         raise GraphFormatError("Graph JSON is too large", f"the limit is {MAX_JSON_BYTES} bytes")
 
     def _no_constants(name: str) -> Any:
-        raise GraphFormatError(f"Graph JSON contains {name}, which is not valid JSON",
-                               "Use a finite number instead")
+        raise GraphFormatError(f"Graph JSON contains {name}, which is not valid JSON", "Use a finite number instead")
 
     try:
         return json.loads(text, parse_constant=_no_constants)
@@ -224,8 +253,7 @@ def decode_json(text: str | bytes) -> Any:
     except RecursionError as exc:
         raise GraphFormatError("Graph JSON is nested too deeply", "Flatten the structure") from exc
     except json.JSONDecodeError as exc:
-        raise GraphFormatError("Graph JSON is malformed",
-                               f"line {exc.lineno} column {exc.colno}: {exc.msg}") from exc
+        raise GraphFormatError("Graph JSON is malformed", f"line {exc.lineno} column {exc.colno}: {exc.msg}") from exc
     except ValueError as exc:  # e.g. an integer literal with more digits than Python will convert
         raise GraphFormatError("Graph JSON contains a value Kiln cannot read", str(exc)[:200]) from exc
 
@@ -245,8 +273,12 @@ class Submission:
 
 def parse_submission(data: Any) -> tuple[Graph, Submission]:
     """Accept a bare API graph or ComfyUI's ``{"prompt": {...}, "client_id", ...}`` envelope."""
-    if isinstance(data, dict) and "prompt" in data and isinstance(data.get("prompt"), (dict, type(None))) \
-            and not _looks_like_node(data.get("prompt")):
+    if (
+        isinstance(data, dict)
+        and "prompt" in data
+        and isinstance(data.get("prompt"), (dict, type(None)))
+        and not _looks_like_node(data.get("prompt"))
+    ):
         if data["prompt"] is None:
             raise GraphFormatError("No prompt provided", "The 'prompt' field is empty")
         g = Graph.from_json(data["prompt"])
@@ -260,10 +292,15 @@ def parse_submission(data: Any) -> tuple[Graph, Submission]:
         cid = data.get("client_id")
         pid = data.get("prompt_id")
         number = data.get("number")
-        return g, Submission(g, client_id=str(cid) if cid is not None else None,
-                             prompt_id=str(pid) if pid is not None else None, extra_data=extra,
-                             partial_execution_targets=targets, front=bool(data.get("front", False)),
-                             number=number if isinstance(number, (int, float)) and not isinstance(number, bool) else None)
+        return g, Submission(
+            g,
+            client_id=str(cid) if cid is not None else None,
+            prompt_id=str(pid) if pid is not None else None,
+            extra_data=extra,
+            partial_execution_targets=targets,
+            front=bool(data.get("front", False)),
+            number=number if isinstance(number, (int, float)) and not isinstance(number, bool) else None,
+        )
     g = Graph.from_json(data)
     return g, Submission(g)
 

@@ -4,17 +4,33 @@ that validation, execution, caching, ``/object_info`` and the Python authoring A
 Native nodes subclass :class:`Node`; ComfyUI's classic classes go through :mod:`engine.classic`.
 Both produce a :class:`NodeSpec`.
 """
+
 from __future__ import annotations
 
 import inspect
 import re
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from .errors import NodeDefinitionError
-from .types import (ANY, BOOLEAN, FLOAT, HIDDEN_KINDS, INT, STRING, Hidden, InputSpec, OutputSpec,
-                    Boolean, Float, Int, String, _MISSING)
+from .types import (
+    _MISSING,
+    ANY,
+    BOOLEAN,
+    FLOAT,
+    HIDDEN_KINDS,
+    INT,
+    STRING,
+    Boolean,
+    Float,
+    Hidden,
+    InputSpec,
+    Int,
+    OutputSpec,
+    String,
+)
 
 
 class ExecutionBlocker:
@@ -40,8 +56,7 @@ class NodeResult:
 
     __slots__ = ("values", "ui", "expand")
 
-    def __init__(self, *values: Any, ui: dict | None = None, expand: dict | None = None,
-                 result: tuple | None = None):
+    def __init__(self, *values: Any, ui: dict | None = None, expand: dict | None = None, result: tuple | None = None):
         self.values = tuple(result) if result is not None else values
         self.ui = ui
         self.expand = expand
@@ -165,7 +180,7 @@ class Node:
         raise NotImplementedError
 
 
-_PLAIN_WIDGETS = {int: Int, float: Float, str: String, bool: Boolean}
+_PLAIN_WIDGETS: dict[Any, Callable[[], InputSpec]] = {int: Int, float: Float, str: String, bool: Boolean}
 _NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_ .+\-]*$")
 
 
@@ -206,7 +221,7 @@ def spec_from_native(cls: type, name: str | None = None) -> NodeSpec:
     node_name = name or cls.name or cls.__name__
     if not isinstance(node_name, str) or not _NAME_RE.match(node_name):
         raise _fail(cls, f"invalid node name {node_name!r}")
-    run = cls.__dict__.get("run") or getattr(cls, "run")
+    run = cls.__dict__.get("run") or cls.run
     if run is Node.run:
         raise _fail(cls, "it must define a run(self, ...) method")
     if not callable(run):
@@ -228,8 +243,11 @@ def spec_from_native(cls: type, name: str | None = None) -> NodeSpec:
             continue  # extra linked inputs (variadic nodes) arrive here
         ann = hints.get(p.name, _MISSING)
         if ann is _MISSING:
-            raise _fail(cls, f"input {p.name!r} has no annotation; annotate it, e.g. "
-                             f"Annotated[int, Int(min=0)] or Annotated[Tensor, Socket('IMAGE')]")
+            raise _fail(
+                cls,
+                f"input {p.name!r} has no annotation; annotate it, e.g. "
+                f"Annotated[int, Int(min=0)] or Annotated[Tensor, Socket('IMAGE')]",
+            )
         spec: InputSpec | None = None
         hid: Hidden | None = None
         if typing.get_origin(ann) is typing.Annotated:
@@ -253,8 +271,11 @@ def spec_from_native(cls: type, name: str | None = None) -> NodeSpec:
             hidden[p.name] = hid.kind
             continue
         if spec is None:
-            raise _fail(cls, f"input {p.name!r}: annotation {ann!r} declares no socket type; use "
-                             f"Annotated[..., Socket('TYPE')] or a widget such as Int(), Float(), Combo([...])")
+            raise _fail(
+                cls,
+                f"input {p.name!r}: annotation {ann!r} declares no socket type; use "
+                f"Annotated[..., Socket('TYPE')] or a widget such as Int(), Float(), Combo([...])",
+            )
         spec.name = p.name
         if p.default is not p.empty:
             if p.default is None and not spec.is_widget:
@@ -263,8 +284,11 @@ def spec_from_native(cls: type, name: str | None = None) -> NodeSpec:
                 spec.options["default"] = p.default
         elif spec.optional:
             # a missing optional input is not passed at all, so run() must have a default for it
-            raise _fail(cls, f"optional input {p.name!r} needs a default in run() (e.g. = None); "
-                             f"it is left out of the call when not connected")
+            raise _fail(
+                cls,
+                f"optional input {p.name!r} needs a default in run() (e.g. = None); "
+                f"it is left out of the call when not connected",
+            )
         _check_default(cls, spec)
         inputs[p.name] = spec
     outputs = _normalise_outputs(cls, cls.outputs)
@@ -279,8 +303,11 @@ def spec_from_native(cls: type, name: str | None = None) -> NodeSpec:
             raise _fail(cls, f"{hook_name} must be a classmethod, got {type(hook).__name__}")
         raw = inspect.getattr_static(cls, hook_name)
         if not isinstance(raw, (classmethod, staticmethod)):
-            raise _fail(cls, f"{hook_name}(...) must be a @classmethod (it is called on the class, "
-                             f"with the node's inputs, before any instance exists)")
+            raise _fail(
+                cls,
+                f"{hook_name}(...) must be a @classmethod (it is called on the class, "
+                f"with the node's inputs, before any instance exists)",
+            )
     vparams: frozenset[str] | None = None
     wants_types = False
     if validate is not None:
@@ -294,15 +321,31 @@ def spec_from_native(cls: type, name: str | None = None) -> NodeSpec:
     if doc == inspect.getdoc(Node):
         doc = ""
     return NodeSpec(
-        name=node_name, cls=cls, function="run", inputs=inputs, hidden=hidden, outputs=outputs,
-        display_name=cls.display_name or node_name, category=cls.category, description=doc,
-        python_module=cls.python_module or "nodes", output_node=bool(cls.output_node),
-        cacheable=bool(cls.cacheable), version=str(cls.version),
+        name=node_name,
+        cls=cls,
+        function="run",
+        inputs=inputs,
+        hidden=hidden,
+        outputs=outputs,
+        display_name=cls.display_name or node_name,
+        category=cls.category,
+        description=doc,
+        python_module=cls.python_module or "nodes",
+        output_node=bool(cls.output_node),
+        cacheable=bool(cls.cacheable),
+        version=str(cls.version),
         # a node that reads its own id may return something different per id: key it by id (as classic)
         not_idempotent=bool(cls.not_idempotent) or "UNIQUE_ID" in hidden.values(),
-        input_is_list=bool(cls.input_is_list), is_async=is_async, kind="native",
-        deprecated=bool(cls.deprecated), experimental=bool(cls.experimental), api_node=cls.api_node,
-        fingerprint=fingerprint, validate=validate, validate_params=vparams, validate_wants_types=wants_types,
+        input_is_list=bool(cls.input_is_list),
+        is_async=is_async,
+        kind="native",
+        deprecated=bool(cls.deprecated),
+        experimental=bool(cls.experimental),
+        api_node=cls.api_node,
+        fingerprint=fingerprint,
+        validate=validate,
+        validate_params=vparams,
+        validate_wants_types=wants_types,
         has_lazy_check=callable(getattr(cls, "check_lazy_status", None)),
         output_tooltips=[o.tooltip for o in outputs] if any(o.tooltip for o in outputs) else None,
     )

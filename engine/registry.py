@@ -4,6 +4,7 @@ Sources: packs registered in code (Kiln's built-ins), Python entry points in the
 and a ``custom_nodes/`` folder of ComfyUI-style packs. A pack that fails to import is recorded in
 ``load_errors`` and skipped; it never stops the others.
 """
+
 from __future__ import annotations
 
 import difflib
@@ -12,11 +13,12 @@ import importlib.util
 import logging
 import sys
 import traceback
+from collections.abc import Iterable
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 from types import ModuleType
-from typing import Any, Iterable
+from typing import Any
 
 from .classic import is_classic, spec_from_classic
 from .errors import NodeDefinitionError
@@ -40,8 +42,15 @@ class Registry:
         self.packs: list[str] = []
 
     # -- registration -------------------------------------------------------------------------------
-    def register(self, cls: type, name: str | None = None, *, display_name: str | None = None,
-                 python_module: str | None = None, replace: bool = False) -> NodeSpec:
+    def register(
+        self,
+        cls: type,
+        name: str | None = None,
+        *,
+        display_name: str | None = None,
+        python_module: str | None = None,
+        replace: bool = False,
+    ) -> NodeSpec:
         """Register a native :class:`Node` subclass or a classic ComfyUI class. Returns its spec."""
         if isinstance(cls, type) and issubclass(cls, Node):
             spec = spec_from_native(cls, name)
@@ -53,16 +62,23 @@ class Registry:
             spec = spec_from_classic(name or cls.__name__, cls, display_name, python_module or "custom_nodes")
         else:
             raise NodeDefinitionError(
-                f"{cls!r} is neither an engine.Node subclass nor a ComfyUI class with INPUT_TYPES/RETURN_TYPES")
+                f"{cls!r} is neither an engine.Node subclass nor a ComfyUI class with INPUT_TYPES/RETURN_TYPES"
+            )
         if spec.name in self._specs and not replace and self._specs[spec.name].cls is not spec.cls:
-            raise NodeDefinitionError(f"a node named {spec.name!r} is already registered "
-                                      f"(by {self._specs[spec.name].cls.__module__}); pass replace=True to override")
+            raise NodeDefinitionError(
+                f"a node named {spec.name!r} is already registered "
+                f"(by {self._specs[spec.name].cls.__module__}); pass replace=True to override"
+            )
         self._specs[spec.name] = spec
         return spec
 
-    def register_mappings(self, mappings: dict[str, type], display_names: dict[str, str] | None = None,
-                          python_module: str = "custom_nodes",
-                          protected: frozenset[str] | set[str] | None = None) -> list[NodeSpec]:
+    def register_mappings(
+        self,
+        mappings: dict[str, type],
+        display_names: dict[str, str] | None = None,
+        python_module: str = "custom_nodes",
+        protected: frozenset[str] | set[str] | None = None,
+    ) -> list[NodeSpec]:
         """Register a ComfyUI pack's NODE_CLASS_MAPPINGS; bad classes are reported and skipped.
 
         Names in ``protected`` (the nodes registered before custom packs load) are not replaced: as in
@@ -71,26 +87,39 @@ class Registry:
         out = []
         for name, cls in mappings.items():
             if protected and name in protected and self._specs[name].cls is not cls:
-                self.load_errors.append(PackLoadError(
-                    f"{python_module}:{name}",
-                    f"NodeDefinitionError: {name!r} is already provided by "
-                    f"{self._specs[name].python_module}; the pack's class was not registered", ""))
+                self.load_errors.append(
+                    PackLoadError(
+                        f"{python_module}:{name}",
+                        f"NodeDefinitionError: {name!r} is already provided by "
+                        f"{self._specs[name].python_module}; the pack's class was not registered",
+                        "",
+                    )
+                )
                 log.warning("Pack %s tried to replace node %s; kept the existing one", python_module, name)
                 continue
             try:
-                out.append(self.register(cls, name, display_name=(display_names or {}).get(name),
-                                         python_module=python_module, replace=True))
+                out.append(
+                    self.register(
+                        cls,
+                        name,
+                        display_name=(display_names or {}).get(name),
+                        python_module=python_module,
+                        replace=True,
+                    )
+                )
             except Exception as exc:
                 self._record(f"{python_module}:{name}", exc)
         return out
 
-    def register_module(self, module: ModuleType, python_module: str | None = None,
-                        protected: frozenset[str] | set[str] | None = None) -> list[NodeSpec]:
+    def register_module(
+        self, module: ModuleType, python_module: str | None = None, protected: frozenset[str] | set[str] | None = None
+    ) -> list[NodeSpec]:
         """Register every node a module exports: ``NODE_CLASS_MAPPINGS`` or ``NODES`` (a list of classes)."""
         pm = python_module or module.__name__
         if hasattr(module, "NODE_CLASS_MAPPINGS"):
-            specs = self.register_mappings(module.NODE_CLASS_MAPPINGS,
-                                           getattr(module, "NODE_DISPLAY_NAME_MAPPINGS", None), pm, protected)
+            specs = self.register_mappings(
+                module.NODE_CLASS_MAPPINGS, getattr(module, "NODE_DISPLAY_NAME_MAPPINGS", None), pm, protected
+            )
         else:
             specs = []
             for c in getattr(module, "NODES", []):  # one bad class never takes the rest of the pack down
@@ -100,6 +129,12 @@ class Registry:
                     self._record(f"{pm}:{getattr(c, '__name__', c)}", exc)
         self.packs.append(pm)
         return specs
+
+    def record_load_error(self, source: str, exc: BaseException) -> None:
+        """Report that a pack, or one class of it, failed to load: appended to ``load_errors`` (with the
+        traceback of the exception being handled) and logged. Loaders outside the registry (such as
+        ``kiln.nodes.register_builtin``) call this from their ``except`` block and carry on."""
+        self._record(source, exc)
 
     def _record(self, source: str, exc: BaseException) -> None:
         err = PackLoadError(source, f"{type(exc).__name__}: {exc}", traceback.format_exc())
@@ -124,7 +159,8 @@ class Registry:
             mod_name = f"custom_nodes.{entry.stem}"
             try:
                 spec = importlib.util.spec_from_file_location(
-                    mod_name, init, submodule_search_locations=[str(entry)] if entry.is_dir() else None)
+                    mod_name, init, submodule_search_locations=[str(entry)] if entry.is_dir() else None
+                )
                 module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
                 sys.modules[mod_name] = module
                 spec.loader.exec_module(module)  # type: ignore[union-attr]
@@ -189,7 +225,7 @@ class Registry:
 
     def object_info(self, names: Iterable[str] | None = None) -> dict[str, Any]:
         out = {}
-        for name in (names if names is not None else self._specs):
+        for name in names if names is not None else self._specs:
             spec = self._specs.get(name)
             if spec is None:
                 continue

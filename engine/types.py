@@ -10,11 +10,13 @@ A native node declares each input once, in the signature of its ``run`` method::
 The Python default is the widget default. Types and names follow ComfyUI's conventions so its graphs,
 clients and node packs fit unchanged.
 """
+
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any
 
 # Socket type names shared with ComfyUI.
 MODEL, CLIP, VAE, CONDITIONING, LATENT = "MODEL", "CLIP", "VAE", "CONDITIONING", "LATENT"
@@ -96,57 +98,123 @@ def _opts(**kw: Any) -> dict:
     return {k: v for k, v in kw.items() if v is not None and v is not False}
 
 
-def Socket(type: str, *, optional: bool = False, lazy: bool = False, tooltip: str | None = None,
-           raw_link: bool = False) -> InputSpec:
+def Socket(
+    type: str, *, optional: bool = False, lazy: bool = False, tooltip: str | None = None, raw_link: bool = False
+) -> InputSpec:
     """A link-only input of the given socket type ("IMAGE", "LATENT", "*", ...).
 
     For a widget type (INT, FLOAT, STRING, BOOLEAN) this sets ``forceInput``, as ComfyUI does, so the input
     is a socket: validation asks for a link when it is missing and /object_info shows no widget.
     """
     forced = type in WIDGET_TYPES and type != COMBO
-    return InputSpec(type=type, options=_opts(tooltip=tooltip, forceInput=forced or None), optional=optional,
-                     lazy=lazy, raw_link=raw_link)
+    return InputSpec(
+        type=type,
+        options=_opts(tooltip=tooltip, forceInput=forced or None),
+        optional=optional,
+        lazy=lazy,
+        raw_link=raw_link,
+    )
 
 
-def Int(*, min: int | None = None, max: int | None = None, step: int | None = None,
-        tooltip: str | None = None, optional: bool = False, lazy: bool = False,
-        control_after_generate: bool = False, display: str | None = None,
-        force_input: bool = False) -> InputSpec:
-    return InputSpec(type=INT, options=_opts(min=min, max=max, step=step, tooltip=tooltip,
-                                             control_after_generate=control_after_generate,
-                                             display=display, forceInput=force_input),
-                     optional=optional, lazy=lazy)
+def Int(
+    *,
+    min: int | None = None,
+    max: int | None = None,
+    step: int | None = None,
+    tooltip: str | None = None,
+    optional: bool = False,
+    lazy: bool = False,
+    control_after_generate: bool = False,
+    display: str | None = None,
+    force_input: bool = False,
+) -> InputSpec:
+    return InputSpec(
+        type=INT,
+        options=_opts(
+            min=min,
+            max=max,
+            step=step,
+            tooltip=tooltip,
+            control_after_generate=control_after_generate,
+            display=display,
+            forceInput=force_input,
+        ),
+        optional=optional,
+        lazy=lazy,
+    )
 
 
-def Float(*, min: float | None = None, max: float | None = None, step: float | None = None,
-          round: float | None = None, tooltip: str | None = None, optional: bool = False,
-          lazy: bool = False, display: str | None = None, force_input: bool = False) -> InputSpec:
-    return InputSpec(type=FLOAT, options=_opts(min=min, max=max, step=step, round=round, tooltip=tooltip,
-                                               display=display, forceInput=force_input),
-                     optional=optional, lazy=lazy)
+def Float(
+    *,
+    min: float | None = None,
+    max: float | None = None,
+    step: float | None = None,
+    round: float | None = None,
+    tooltip: str | None = None,
+    optional: bool = False,
+    lazy: bool = False,
+    display: str | None = None,
+    force_input: bool = False,
+) -> InputSpec:
+    return InputSpec(
+        type=FLOAT,
+        options=_opts(
+            min=min, max=max, step=step, round=round, tooltip=tooltip, display=display, forceInput=force_input
+        ),
+        optional=optional,
+        lazy=lazy,
+    )
 
 
-def String(*, multiline: bool = False, placeholder: str | None = None, dynamic_prompts: bool | None = None,
-           tooltip: str | None = None, optional: bool = False, lazy: bool = False,
-           force_input: bool = False) -> InputSpec:
+def String(
+    *,
+    multiline: bool = False,
+    placeholder: str | None = None,
+    dynamic_prompts: bool | None = None,
+    tooltip: str | None = None,
+    optional: bool = False,
+    lazy: bool = False,
+    force_input: bool = False,
+) -> InputSpec:
     opts = _opts(multiline=multiline, placeholder=placeholder, tooltip=tooltip, forceInput=force_input)
     if dynamic_prompts is not None:
         opts["dynamicPrompts"] = dynamic_prompts
     return InputSpec(type=STRING, options=opts, optional=optional, lazy=lazy)
 
 
-def Boolean(*, label_on: str | None = None, label_off: str | None = None, tooltip: str | None = None,
-            optional: bool = False, lazy: bool = False, force_input: bool = False) -> InputSpec:
-    return InputSpec(type=BOOLEAN, options=_opts(label_on=label_on, label_off=label_off, tooltip=tooltip,
-                                                 forceInput=force_input),
-                     optional=optional, lazy=lazy)
+def Boolean(
+    *,
+    label_on: str | None = None,
+    label_off: str | None = None,
+    tooltip: str | None = None,
+    optional: bool = False,
+    lazy: bool = False,
+    force_input: bool = False,
+) -> InputSpec:
+    return InputSpec(
+        type=BOOLEAN,
+        options=_opts(label_on=label_on, label_off=label_off, tooltip=tooltip, forceInput=force_input),
+        optional=optional,
+        lazy=lazy,
+    )
 
 
-def Combo(choices: Sequence[Any] | Callable[[], Sequence[Any]], *, tooltip: str | None = None,
-          optional: bool = False, lazy: bool = False, image_upload: bool = False) -> InputSpec:
+def Combo(
+    choices: Sequence[Any] | Callable[[], Sequence[Any]],
+    *,
+    tooltip: str | None = None,
+    optional: bool = False,
+    lazy: bool = False,
+    image_upload: bool = False,
+) -> InputSpec:
     """A choice among values; ``choices`` may be a callable, read afresh at validation (e.g. files)."""
-    return InputSpec(type=COMBO, choices=choices, options=_opts(tooltip=tooltip, image_upload=image_upload),
-                     optional=optional, lazy=lazy)
+    return InputSpec(
+        type=COMBO,
+        choices=choices,
+        options=_opts(tooltip=tooltip, image_upload=image_upload),
+        optional=optional,
+        lazy=lazy,
+    )
 
 
 @dataclass(frozen=True)
@@ -175,8 +243,11 @@ def types_compatible(received: Any, expected: Any) -> bool:
             return True
         if received == ANY or expected == ANY:
             return True
-        return list(received) == list(expected) if isinstance(received, (list, tuple)) and isinstance(
-            expected, (list, tuple)) else False
+        return (
+            list(received) == list(expected)
+            if isinstance(received, (list, tuple)) and isinstance(expected, (list, tuple))
+            else False
+        )
     if received == ANY or expected == ANY or "MATCHTYPE" in (received, expected):
         return True
     if received == expected:

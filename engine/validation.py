@@ -1,63 +1,43 @@
 """Validate a graph before anything runs, collecting every problem.
 
-Errors use ComfyUI's ``type`` names and ``{error, node_errors}`` shape (COMFY_PROTOCOL.md §6.3) so its
-clients understand them. Each error also carries ``extra_info.hint``: one sentence naming the node id,
-its title, the input and what to do. Literal values are coerced in place to their declared types, and
-widget inputs left out of the JSON take their declared defaults.
+Problems are typed (:class:`~kiln.engine.issues.Issue`): a kind from a fixed vocabulary (the kinds
+ComfyUI's clients know, so the server can map them one to one), a message, details and a ``hint``: one
+sentence naming the node id, its title, the input and what to do. Literal values are coerced in place to
+their declared types, and widget inputs left out of the JSON take their declared defaults.
 """
+
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import inspect
 import json
 import math
 import traceback
-from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any
 
-from .errors import ValidationFailed
 from .graph import BadLink, Graph, Link, NodeEntry
+from .issues import Issue, NodeProblems, ValidationResult, graph_token
 from .node import NodeSpec
 from .registry import Registry
+from .topology import acyclic_part, dependent_outputs, find_cycle, upstream_order
 from .types import BOOLEAN, COMBO, FLOAT, INT, STRING, InputSpec, types_compatible
+
+__all__ = [
+    "validate",
+    "coerce_literal",
+    "ValidationResult",
+    "Issue",
+    "NodeProblems",
+    "upstream_order",
+    "find_cycle",
+    "OBJECT_TYPES",
+]
 
 # Types whose values are objects or tensors: a JSON literal can never be one.
 OBJECT_TYPES = frozenset({"MODEL", "CLIP", "VAE", "CONDITIONING", "LATENT", "IMAGE", "MASK", "CONTROL_NET"})
 MAX_LIST_SHOWN = 20
 MAX_CYCLE_SHOWN = 20
-
-
-@dataclass
-class ValidationResult:
-    ok: bool
-    error: dict | None = None
-    node_errors: dict = field(default_factory=dict)
-    outputs: list[str] = field(default_factory=list)
-    order: list[str] = field(default_factory=list)  # nodes upstream of the outputs, sources first
-
-    def to_comfy(self) -> dict:
-        return {"error": self.error, "node_errors": self.node_errors}
-
-    def messages(self) -> list[str]:
-        """Readable lines, one per problem."""
-        lines = []
-        if self.error and not self.node_errors:
-            d = self.error.get("details")
-            lines.append(self.error["message"] + (f": {d}" if d else ""))
-        for errs in self.node_errors.values():
-            for e in errs["errors"]:
-                lines.append(e["extra_info"].get("hint") or f"{e['message']}: {e['details']}")
-        return lines
-
-    def summary(self) -> str:
-        return "\n".join(self.messages())
-
-    def raise_for_errors(self) -> None:
-        if not self.ok:
-            raise ValidationFailed(self.error or {}, self.node_errors, self.summary())
-
-
-def _err(type_: str, message: str, details: str = "", **extra: Any) -> dict:
-    return {"type": type_, "message": message, "details": details, "extra_info": extra}
 
 
 def _short(v: Any, n: int = 80) -> str:
@@ -68,7 +48,7 @@ def _short(v: Any, n: int = 80) -> str:
 def _where(node: NodeEntry, input_name: str | None = None) -> str:
     s = f"Node {node.id}"
     if node.title and node.title != node.class_type:
-        s += f" \"{node.title}\""
+        s += f' "{node.title}"'
     s += f" ({node.class_type})"
     if input_name is not None:
         s += f", input '{input_name}'"
@@ -77,7 +57,7 @@ def _where(node: NodeEntry, input_name: str | None = None) -> str:
 
 def _where_id(node: NodeEntry) -> str:
     """Node id and title, for problems where the class itself is missing or malformed."""
-    return f"Node {node.id}" + (f" \"{node.title}\"" if node.title else "")
+    return f"Node {node.id}" + (f' "{node.title}"' if node.title else "")
 
 
 def coerce_literal(spec: InputSpec, value: Any) -> Any:
@@ -139,12 +119,12 @@ class _Validator:
     def __init__(self, graph: Graph, registry: Registry):
         self.graph = graph
         self.registry = registry
-        self.node_errors: dict[str, list[dict]] = {}
+        self.problems: dict[str, list[Issue]] = {}
         self.valid: dict[str, bool] = {}
         self._choices: dict[int, list] = {}
 
-    def add(self, node: NodeEntry, error: dict) -> None:
-        self.node_errors.setdefault(node.id, []).append(error)
+    def add(self, node: NodeEntry, issue: Issue) -> None:
+        self.problems.setdefault(node.id, []).append(issue)
 
     def choices(self, spec: InputSpec) -> list:
         key = id(spec)
@@ -154,7 +134,7 @@ class _Validator:
 
     def check_node(self, node: NodeEntry) -> None:
         spec = self.registry[node.class_type]
-        before = len(self.node_errors.get(node.id, ()))
+        before = len(self.problems.get(node.id, ()))
         vparams = spec.validate_params if spec.validate else frozenset()
         for name, ispec in spec.inputs.items():
             skip_checks = spec.validate is not None and (vparams is None or name in vparams)
@@ -163,20 +143,34 @@ class _Validator:
                     node.inputs[name] = ispec.default
                     continue
                 if not ispec.optional:
-                    hint = (f"{_where(node, name)} is required but missing: connect it to a node that outputs "
-                            f"{ispec.type}" if not ispec.is_widget else
-                            f"{_where(node, name)} is required but missing: give it a value")
-                    self.add(node, _err("required_input_missing", "Required input is missing", name,
-                                        input_name=name, hint=hint))
+                    hint = (
+                        f"{_where(node, name)} is required but missing: connect it to a node that outputs {ispec.type}"
+                        if not ispec.is_widget
+                        else f"{_where(node, name)} is required but missing: give it a value"
+                    )
+                    self.add(
+                        node,
+                        Issue.of(
+                            "required_input_missing", "Required input is missing", name, input_name=name, hint=hint
+                        ),
+                    )
                 continue
             value = node.inputs[name]
             if isinstance(value, BadLink):
-                self.add(node, _err("bad_linked_input",
-                                    "Bad linked input, must be a length-2 list of [node_id, slot_index]", name,
-                                    input_name=name, input_config=ispec.config(), received_value=_safe_json(value.value),
-                                    hint=f"{_where(node, name)}: {_short(value.value)} is not a link; write "
-                                         f"[\"<node id>\", <output index>], or wrap a list value as "
-                                         f"{{\"__value__\": [...]}}"))
+                self.add(
+                    node,
+                    Issue.of(
+                        "bad_linked_input",
+                        "Bad linked input, must be a length-2 list of [node_id, slot_index]",
+                        name,
+                        input_name=name,
+                        input_config=ispec.config(),
+                        received_value=_safe_json(value.value),
+                        hint=f"{_where(node, name)}: {_short(value.value)} is not a link; write "
+                        f'["<node id>", <output index>], or wrap a list value as '
+                        f'{{"__value__": [...]}}',
+                    ),
+                )
                 continue
             if isinstance(value, Link):
                 self.check_link(node, name, ispec, value, spec)
@@ -187,7 +181,7 @@ class _Validator:
             # point somewhere real, or the node would fail at run time with no useful message
             if name not in spec.inputs and isinstance(value, Link):
                 self.check_link_target(node, name, value)
-        if spec.validate is not None and len(self.node_errors.get(node.id, ())) == before:
+        if spec.validate is not None and len(self.problems.get(node.id, ())) == before:
             self.custom_validate(node, spec)
 
     def check_link(self, node: NodeEntry, name: str, ispec: InputSpec, link: Link, spec: NodeSpec) -> None:
@@ -204,63 +198,107 @@ class _Validator:
         if not types_compatible(received, expected):
             self.type_mismatch(node, name, ispec, link, src, received)
 
-    def check_link_target(self, node: NodeEntry, name: str, link: Link,
-                          ispec: InputSpec | None = None) -> NodeSpec | None:
+    def check_link_target(
+        self, node: NodeEntry, name: str, link: Link, ispec: InputSpec | None = None
+    ) -> NodeSpec | None:
         """The source's spec if the link points at an existing node and output, else None (reported)."""
         src = self.graph.nodes.get(link.node_id)
         if src is None:
             # ComfyUI reports this as an inner-validation KeyError on the missing id; keep its shape
-            self.add(node, _err("exception_during_inner_validation", "Exception when validating inner node",
-                                repr(link.node_id), input_name=name, input_config=ispec.config() if ispec else None,
-                                exception_message=repr(link.node_id), exception_type="KeyError", traceback=[],
-                                linked_node=link.to_json(),
-                                hint=f"{_where(node, name)} links to node {link.node_id!r}, which is not in the "
-                                     f"graph; reconnect it to an existing node"))
+            self.add(
+                node,
+                Issue.of(
+                    "exception_during_inner_validation",
+                    "Exception when validating inner node",
+                    repr(link.node_id),
+                    input_name=name,
+                    input_config=ispec.config() if ispec else None,
+                    error=repr(link.node_id),
+                    exception_type="KeyError",
+                    traceback=[],
+                    linked_node=link.to_json(),
+                    hint=f"{_where(node, name)} links to node {link.node_id!r}, which is not in the "
+                    f"graph; reconnect it to an existing node",
+                ),
+            )
             return None
         src_spec = self.registry.get(src.class_type)
         if src_spec is None:
             return None  # reported as unknown class already
         if link.slot >= len(src_spec.outputs):
-            self.add(node, _err("exception_during_validation", "Exception when validating node",
-                                f"{name}: node '{src.id}' ({src.class_type}) has no output {link.slot}",
-                                input_name=name, exception_type="LinkError", traceback=[],
-                                hint=f"{_where(node, name)} uses output {link.slot} of node {src.id} "
-                                     f"({src.class_type}), which has only {len(src_spec.outputs)} output(s) "
-                                     f"{src_spec.output_names}; pick an index below {len(src_spec.outputs)}"))
+            self.add(
+                node,
+                Issue.of(
+                    "exception_during_validation",
+                    "Exception when validating node",
+                    f"{name}: node '{src.id}' ({src.class_type}) has no output {link.slot}",
+                    input_name=name,
+                    exception_type="LinkError",
+                    traceback=[],
+                    hint=f"{_where(node, name)} uses output {link.slot} of node {src.id} "
+                    f"({src.class_type}), which has only {len(src_spec.outputs)} output(s) "
+                    f"{src_spec.output_names}; pick an index below {len(src_spec.outputs)}",
+                ),
+            )
             return None
         return src_spec
 
-    def type_mismatch(self, node: NodeEntry, name: str, ispec: InputSpec, link: Link, src: NodeEntry,
-                      received: Any) -> None:
+    def type_mismatch(
+        self, node: NodeEntry, name: str, ispec: InputSpec, link: Link, src: NodeEntry, received: Any
+    ) -> None:
         exp_s = ispec.type if ispec.type != COMBO else "COMBO"
-        self.add(node, _err("return_type_mismatch", "Return type mismatch between linked nodes",
-                            f"{name}, received_type({received}) mismatch input_type({exp_s})",
-                            input_name=name, input_config=ispec.config(), received_type=received,
-                            linked_node=link.to_json(),
-                            hint=f"{_where(node, name)} expects {exp_s} but is linked to output "
-                                 f"{link.slot} ({received}) of node {src.id} ({src.class_type}); connect an "
-                                 f"output of type {exp_s}"))
+        self.add(
+            node,
+            Issue.of(
+                "return_type_mismatch",
+                "Return type mismatch between linked nodes",
+                f"{name}, received_type({received}) mismatch input_type({exp_s})",
+                input_name=name,
+                input_config=ispec.config(),
+                received_type=received,
+                linked_node=link.to_json(),
+                hint=f"{_where(node, name)} expects {exp_s} but is linked to output "
+                f"{link.slot} ({received}) of node {src.id} ({src.class_type}); connect an "
+                f"output of type {exp_s}",
+            ),
+        )
 
     def check_literal(self, node: NodeEntry, name: str, ispec: InputSpec, value: Any, skip_checks: bool) -> None:
         t = ispec.type
         if t in OBJECT_TYPES and value is not None:
-            self.add(node, _err("invalid_input_type", f"Failed to convert an input value to a {t} value",
-                                f"{name}, {_short(value)}, a {t} comes from a link, not a literal",
-                                input_name=name, input_config=ispec.config(), received_value=value,
-                                exception_message=f"{t} cannot be a literal",
-                                hint=f"{_where(node, name)} takes a {t} from another node; replace the value "
-                                     f"{_short(value)} with a link [\"<node id>\", <output index>]"))
+            self.add(
+                node,
+                Issue.of(
+                    "invalid_input_type",
+                    f"Failed to convert an input value to a {t} value",
+                    f"{name}, {_short(value)}, a {t} comes from a link, not a literal",
+                    input_name=name,
+                    input_config=ispec.config(),
+                    received_value=value,
+                    error=f"{t} cannot be a literal",
+                    hint=f"{_where(node, name)} takes a {t} from another node; replace the value "
+                    f'{_short(value)} with a link ["<node id>", <output index>]',
+                ),
+            )
             return
         if t in (INT, FLOAT, STRING, BOOLEAN):
             try:
                 value = coerce_literal(ispec, value)
             except (ValueError, TypeError, OverflowError) as exc:
-                self.add(node, _err("invalid_input_type", f"Failed to convert an input value to a {t} value",
-                                    f"{name}, {_short(value)}, {_clip(exc)}", input_name=name,
-                                    input_config=ispec.config(), received_value=_safe_json(value),
-                                    exception_message=_clip(exc),
-                                    hint=f"{_where(node, name)}: {_short(value)} is not a valid {t} ({_clip(exc)}); "
-                                         f"give a {t.lower()} value"))
+                self.add(
+                    node,
+                    Issue.of(
+                        "invalid_input_type",
+                        f"Failed to convert an input value to a {t} value",
+                        f"{name}, {_short(value)}, {_clip(exc)}",
+                        input_name=name,
+                        input_config=ispec.config(),
+                        received_value=_safe_json(value),
+                        error=_clip(exc),
+                        hint=f"{_where(node, name)}: {_short(value)} is not a valid {t} ({_clip(exc)}); "
+                        f"give a {t.lower()} value",
+                    ),
+                )
                 return
             node.inputs[name] = value
         if skip_checks:
@@ -268,28 +306,57 @@ class _Validator:
         if t in (INT, FLOAT):
             lo, hi = ispec.options.get("min"), ispec.options.get("max")
             if lo is not None and value < lo:
-                self.add(node, _err("value_smaller_than_min", f"Value {value} smaller than min of {lo}", name,
-                                    input_name=name, input_config=ispec.config(), received_value=value,
-                                    hint=f"{_where(node, name)} is {value}, below its minimum {lo}; use a "
-                                         f"value between {lo} and {hi}"))
+                self.add(
+                    node,
+                    Issue.of(
+                        "value_smaller_than_min",
+                        f"Value {value} smaller than min of {lo}",
+                        name,
+                        input_name=name,
+                        input_config=ispec.config(),
+                        received_value=value,
+                        hint=f"{_where(node, name)} is {value}, below its minimum {lo}; use a "
+                        f"value between {lo} and {hi}",
+                    ),
+                )
             if hi is not None and value > hi:
-                self.add(node, _err("value_bigger_than_max", f"Value {value} bigger than max of {hi}", name,
-                                    input_name=name, input_config=ispec.config(), received_value=value,
-                                    hint=f"{_where(node, name)} is {value}, above its maximum {hi}; use a "
-                                         f"value between {lo} and {hi}"))
+                self.add(
+                    node,
+                    Issue.of(
+                        "value_bigger_than_max",
+                        f"Value {value} bigger than max of {hi}",
+                        name,
+                        input_name=name,
+                        input_config=ispec.config(),
+                        received_value=value,
+                        hint=f"{_where(node, name)} is {value}, above its maximum {hi}; use a "
+                        f"value between {lo} and {hi}",
+                    ),
+                )
         if t == COMBO:
             choices = self.choices(ispec)
             if not _in_choices(value, choices):
                 shown = str(choices) if len(choices) <= MAX_LIST_SHOWN else f"(list of length {len(choices)})"
                 near = _near(value, choices)
-                self.add(node, _err("value_not_in_list", "Value not in list", f"{name}: '{_clip(value)}' not in {shown}",
-                                    input_name=name,
-                                    input_config=ispec.config() if len(choices) <= MAX_LIST_SHOWN else None,
-                                    received_value=_safe_json(value),
-                                    hint=f"{_where(node, name)}: {_short(value)} is not one of the choices"
-                                         + (f"; did you mean {near!r}?" if near else
-                                            f"; choose one of {shown}" if choices else
-                                            "; there are no choices available (is the model folder empty?)")))
+                self.add(
+                    node,
+                    Issue.of(
+                        "value_not_in_list",
+                        "Value not in list",
+                        f"{name}: '{_clip(value)}' not in {shown}",
+                        input_name=name,
+                        input_config=ispec.config() if len(choices) <= MAX_LIST_SHOWN else None,
+                        received_value=_safe_json(value),
+                        hint=f"{_where(node, name)}: {_short(value)} is not one of the choices"
+                        + (
+                            f"; did you mean {near!r}?"
+                            if near
+                            else f"; choose one of {shown}"
+                            if choices
+                            else "; there are no choices available (is the model folder empty?)"
+                        ),
+                    ),
+                )
 
     def custom_validate(self, node: NodeEntry, spec: NodeSpec) -> None:
         args: dict[str, Any] = {}
@@ -308,23 +375,53 @@ class _Validator:
                         types[name] = ss.outputs[v.slot].type
             args["input_types"] = types
         try:
+            assert spec.validate is not None  # checked by the caller
             r = spec.validate(**args)
-            if inspect.iscoroutine(r):
-                import asyncio
-                r = asyncio.run(r)
+            if inspect.isawaitable(r):
+                r = _await(r)
         except Exception as exc:
-            self.add(node, _err("exception_during_validation", "Exception when validating node", str(exc),
-                                exception_type=type(exc).__name__,
-                                traceback=traceback.format_exception(type(exc), exc, exc.__traceback__),
-                                hint=f"{_where(node)}: its validation raised {type(exc).__name__}: {exc}"))
+            self.add(
+                node,
+                Issue.of(
+                    "exception_during_validation",
+                    "Exception when validating node",
+                    str(exc),
+                    exception_type=type(exc).__name__,
+                    traceback=traceback.format_exception(type(exc), exc, exc.__traceback__),
+                    hint=f"{_where(node)}: its validation raised {type(exc).__name__}: {exc}",
+                ),
+            )
             return
         if r is True:
             return
         for name in [n for n in args if n != "input_types"] or [""]:
             details = name if r is False or r is None else f"{name} - {r}"
-            self.add(node, _err("custom_validation_failed", "Custom validation failed for node", details,
-                                input_name=name,
-                                hint=f"{_where(node, name)}: {r if isinstance(r, str) else 'rejected by the node'}"))
+            self.add(
+                node,
+                Issue.of(
+                    "custom_validation_failed",
+                    "Custom validation failed for node",
+                    details,
+                    input_name=name,
+                    hint=f"{_where(node, name)}: {r if isinstance(r, str) else 'rejected by the node'}",
+                ),
+            )
+
+
+def _await(awaitable: Any) -> Any:
+    """The value of an async validator. ``asyncio.run`` cannot be used on a thread whose loop is running
+    (a server validating on its loop thread), so then the coroutine runs on a private loop in a helper
+    thread while this one waits."""
+
+    async def _wrapped() -> Any:
+        return await awaitable
+
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(_wrapped())
+    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="kiln-validate") as pool:
+        return pool.submit(asyncio.run, _wrapped()).result()
 
 
 def _in_choices(value: Any, choices: list) -> bool:
@@ -336,6 +433,7 @@ def _in_choices(value: Any, choices: list) -> bool:
 
 def _near(value: Any, choices: list) -> str | None:
     import difflib
+
     strs = [c for c in choices if isinstance(c, str)]
     if not isinstance(value, str) or not strs:
         return None
@@ -367,105 +465,91 @@ def _safe_json(v: Any) -> Any:
     return _short(v, 200)
 
 
-def find_cycle(graph: Graph, start_nodes: Iterable[str]) -> list[list[str]]:
-    """Cycles reachable upstream of the start nodes, each as the list of node ids on it (iterative DFS)."""
-    WHITE, GREY, BLACK = 0, 1, 2
-    color: dict[str, int] = {}
-    cycles: list[list[str]] = []
-    for root in start_nodes:
-        if color.get(root, WHITE) != WHITE:
-            continue
-        stack: list[tuple[str, Any]] = [(root, iter(_sources(graph, root)))]
-        path = [root]
-        color[root] = GREY
-        while stack:
-            nid, it = stack[-1]
-            nxt = next(it, None)
-            if nxt is None:
-                color[nid] = BLACK
-                stack.pop()
-                path.pop()
-                continue
-            c = color.get(nxt, WHITE)
-            if c == WHITE:
-                color[nxt] = GREY
-                stack.append((nxt, iter(_sources(graph, nxt))))
-                path.append(nxt)
-            elif c == GREY:
-                i = path.index(nxt)
-                cycles.append(list(reversed(path[i:])))
-    return cycles
+def validate(
+    graph: Graph,
+    registry: Registry,
+    targets: list[str] | None = None,
+    partial_execution_targets: list[str] | None = None,
+) -> ValidationResult:
+    """Check the whole graph. ``targets`` names the nodes to produce (default: every output node).
+
+    Coerces literals in ``graph`` in place; the result remembers which graph it is for, and the executor
+    refuses to run another graph with it. Safe to call from any thread, with or without a running event
+    loop (async ``VALIDATE_INPUTS`` run on a private loop).
+    """
+    result = _check(graph, registry, targets, partial_execution_targets)
+    result.graph_token = graph_token(graph)
+    return result
 
 
-def _sources(graph: Graph, nid: str) -> list[str]:
-    n = graph.nodes.get(nid)
-    if n is None:
-        return []
-    return [v.node_id for v in n.inputs.values() if isinstance(v, Link) and v.node_id in graph.nodes]
-
-
-def upstream_order(graph: Graph, roots: Iterable[str]) -> list[str]:
-    """Nodes reachable upstream of ``roots`` in dependency order (sources first). Graph must be acyclic."""
-    order: list[str] = []
-    seen: set[str] = set()
-    for root in roots:
-        if root in seen or root not in graph.nodes:
-            continue
-        seen.add(root)
-        stack = [(root, iter(_sources(graph, root)))]
-        while stack:
-            nid, it = stack[-1]
-            nxt = next(it, None)
-            if nxt is None:
-                order.append(nid)
-                stack.pop()
-            elif nxt not in seen:
-                seen.add(nxt)
-                stack.append((nxt, iter(_sources(graph, nxt))))
-    return order
-
-
-def validate(graph: Graph, registry: Registry, targets: list[str] | None = None,
-             partial_execution_targets: list[str] | None = None) -> ValidationResult:
-    """Check the whole graph. ``targets`` names the nodes to produce (default: every output node)."""
+def _check(
+    graph: Graph, registry: Registry, targets: list[str] | None, partial_execution_targets: list[str] | None
+) -> ValidationResult:
     v = _Validator(graph, registry)
     # 1. every node's class exists
-    first: dict | None = None
+    first: Issue | None = None
     for node in graph.nodes.values():
         if node.class_type is None or node.class_type == "":
-            e = _err("invalid_prompt", "Cannot execute because a node is missing the class_type property.",
-                     f"Node ID '#{node.id}'", hint=f"{_where_id(node)} has no class_type; set it to a node type "
-                                                  f"name such as 'KSampler'")
+            e = Issue.of(
+                "invalid_prompt",
+                "Cannot execute because a node is missing the class_type property.",
+                f"Node ID '#{node.id}'",
+                hint=f"{_where_id(node)} has no class_type; set it to a node type name such as 'KSampler'",
+            )
         elif not isinstance(node.class_type, str):
-            e = _err("invalid_prompt", f"Cannot execute because node {_short(node.class_type)} does not exist.",
-                     f"Node ID '#{node.id}'", hint=f"{_where_id(node)}: class_type must be a node type name "
-                                                  f"(a string), got {_short(node.class_type)}")
+            e = Issue.of(
+                "invalid_prompt",
+                f"Cannot execute because node {_short(node.class_type)} does not exist.",
+                f"Node ID '#{node.id}'",
+                hint=f"{_where_id(node)}: class_type must be a node type name "
+                f"(a string), got {_short(node.class_type)}",
+            )
         elif node.class_type not in registry:
-            e = _err("invalid_prompt", f"Cannot execute because node {_clip(node.class_type)} does not exist.",
-                     f"Node ID '#{node.id}'", hint=f"{_where(node)}: {registry.unknown_message(node.class_type)}"
-                                                  f" Install the pack that provides it, or run `kiln nodes` "
-                                                  f"to list the available types.")
+            e = Issue.of(
+                "invalid_prompt",
+                f"Cannot execute because node {_clip(node.class_type)} does not exist.",
+                f"Node ID '#{node.id}'",
+                hint=f"{_where(node)}: {registry.unknown_message(node.class_type)}"
+                f" Install the pack that provides it, or run `kiln nodes` "
+                f"to list the available types.",
+            )
         else:
             continue
         first = first or e
-        v.node_errors.setdefault(node.id, []).append(e)
+        v.problems.setdefault(node.id, []).append(e)
     if first is not None:
-        return ValidationResult(False, first, _wrap(v.node_errors, graph, {}))
+        return ValidationResult(False, first, _per_node(v.problems, graph, {}))
     # 2. outputs
     if targets:
         missing = [t for t in targets if t not in graph.nodes]
         if missing:
-            e = _err("invalid_prompt", f"Cannot execute because target node {missing[0]} does not exist.",
-                     f"Node ID '#{missing[0]}'", hint=f"Target node(s) {missing} are not in the graph")
+            e = Issue.of(
+                "invalid_prompt",
+                f"Cannot execute because target node {missing[0]} does not exist.",
+                f"Node ID '#{missing[0]}'",
+                hint=f"Target node(s) {missing} are not in the graph",
+            )
             return ValidationResult(False, e, {})
         outputs = list(targets)
     else:
-        outputs = [nid for nid, n in graph.nodes.items() if registry[n.class_type].output_node
-                   and (partial_execution_targets is None or nid in partial_execution_targets)]
+        outputs = [
+            nid
+            for nid, n in graph.nodes.items()
+            if registry[n.class_type].output_node
+            and (partial_execution_targets is None or nid in partial_execution_targets)
+        ]
     if not outputs:
-        return ValidationResult(False, _err("prompt_no_outputs", "Prompt has no outputs", "",
-                                            hint="The graph has no output node (such as SaveImage or "
-                                                 "PreviewImage); add one so there is something to produce"), {})
+        return ValidationResult(
+            False,
+            Issue.of(
+                "prompt_no_outputs",
+                "Prompt has no outputs",
+                "",
+                hint="The graph has no output node (such as SaveImage or "
+                "PreviewImage); add one so there is something to produce",
+            ),
+            {},
+        )
     # 3. cycles
     cycles = find_cycle(graph, outputs)
     in_cycle: set[str] = set()
@@ -473,30 +557,47 @@ def validate(graph: Graph, registry: Registry, targets: list[str] | None = None,
         # every node on the cycle gets an error naming the cycle: bounded, so a cycle of N nodes
         # costs O(N) in the response, not N copies of an N-long list
         shown = cyc if len(cyc) <= MAX_CYCLE_SHOWN else cyc[:MAX_CYCLE_SHOWN]
-        desc = " -> ".join(shown + [cyc[0]] if len(cyc) <= MAX_CYCLE_SHOWN else
-                           shown + [f"... ({len(cyc) - MAX_CYCLE_SHOWN} more)", cyc[0]])
+        desc = " -> ".join(
+            shown + [cyc[0]]
+            if len(cyc) <= MAX_CYCLE_SHOWN
+            else shown + [f"... ({len(cyc) - MAX_CYCLE_SHOWN} more)", cyc[0]]
+        )
         for nid in cyc:
             if nid in in_cycle:
                 continue
             in_cycle.add(nid)
             node = graph.nodes[nid]
-            v.add(node, _err("dependency_cycle", "Dependency cycle", f"cycle: {desc}", cycle=shown,
-                             cycle_length=len(cyc),
-                             hint=f"{_where(node)} is part of a dependency cycle ({desc}); remove one of the "
-                                  f"links so the graph flows one way"))
+            v.add(
+                node,
+                Issue.of(
+                    "dependency_cycle",
+                    "Dependency cycle",
+                    f"cycle: {desc}",
+                    cycle=shown,
+                    cycle_length=len(cyc),
+                    hint=f"{_where(node)} is part of a dependency cycle ({desc}); remove one of the "
+                    f"links so the graph flows one way",
+                ),
+            )
     # 4. per-node checks, sources first
-    order = upstream_order(graph, outputs) if not cycles else _acyclic_part(graph, outputs, in_cycle)
+    order = upstream_order(graph, outputs) if not cycles else acyclic_part(graph, outputs, in_cycle)
     for nid in order:
         node = graph.nodes[nid]
         try:
             v.check_node(node)
         except Exception as exc:  # e.g. a choice list read from a folder that is gone: this node's error
-            v.add(node, _err("exception_during_validation", "Exception when validating node", _clip(exc),
-                             exception_type=type(exc).__name__,
-                             traceback=traceback.format_exception(type(exc), exc, exc.__traceback__),
-                             hint=f"{_where(node)}: checking its inputs raised {type(exc).__name__}: "
-                                  f"{_clip(exc)}"))
-        ok = nid not in v.node_errors
+            v.add(
+                node,
+                Issue.of(
+                    "exception_during_validation",
+                    "Exception when validating node",
+                    _clip(exc),
+                    exception_type=type(exc).__name__,
+                    traceback=traceback.format_exception(type(exc), exc, exc.__traceback__),
+                    hint=f"{_where(node)}: checking its inputs raised {type(exc).__name__}: {_clip(exc)}",
+                ),
+            )
+        ok = nid not in v.problems
         for _, link in node.links():
             if not v.valid.get(link.node_id, link.node_id in graph.nodes and link.node_id not in in_cycle):
                 ok = False
@@ -504,73 +605,20 @@ def validate(graph: Graph, registry: Registry, targets: list[str] | None = None,
     for nid in in_cycle:
         v.valid[nid] = False
     good = [o for o in outputs if v.valid.get(o, False)]
-    dependents = _dependent_outputs(graph, outputs, v.node_errors)
-    node_errors = _wrap(v.node_errors, graph, dependents)
+    dependents = dependent_outputs(graph, outputs, v.problems)
+    problems = _per_node(v.problems, graph, dependents)
     if good:
-        return ValidationResult(True, None, node_errors, good, order if good == outputs else [])
-    reasons = [f"{e['message']}: {e['details']}" for errs in v.node_errors.values() for e in errs]
-    return ValidationResult(False, _err("prompt_outputs_failed_validation", "Prompt outputs failed validation",
-                                        "\n".join(reasons)), node_errors)
+        return ValidationResult(True, None, problems, good, order if good == outputs else [])
+    reasons = [f"{e.message}: {e.details}" for errs in v.problems.values() for e in errs]
+    return ValidationResult(
+        False,
+        Issue.of("prompt_outputs_failed_validation", "Prompt outputs failed validation", "\n".join(reasons)),
+        problems,
+    )
 
 
-def _acyclic_part(graph: Graph, outputs: list[str], in_cycle: set[str]) -> list[str]:
-    pruned = graph.copy()
-    for nid in in_cycle:
-        pruned.nodes[nid].inputs = {k: v for k, v in pruned.nodes[nid].inputs.items() if not isinstance(v, Link)}
-    order = upstream_order(pruned, outputs)
-    return [n for n in order if n not in in_cycle]
-
-
-def _dependent_outputs(graph: Graph, outputs: list[str], errors: dict) -> dict[str, list[str]]:
-    """For each node with errors, the outputs that depend on it (in ``outputs`` order).
-
-    Walks from whichever side is smaller: downstream from each erroring node when there are fewer of
-    them than outputs (one bad loader under thousands of previews), else upstream from each output.
-    """
-    if not errors:
-        return {}
-    if len(errors) <= len(outputs):
-        consumers: dict[str, list[str]] = {}
-        for nid in graph.nodes:
-            for src in _sources(graph, nid):
-                consumers.setdefault(src, []).append(nid)
-        rank = {o: i for i, o in enumerate(outputs)}
-        found: dict[str, list[str]] = {}
-        for nid in errors:
-            seen = {nid}
-            stack = [nid]
-            hits = []
-            while stack:
-                cur = stack.pop()
-                if cur in rank:
-                    hits.append(cur)
-                for c in consumers.get(cur, ()):
-                    if c not in seen:
-                        seen.add(c)
-                        stack.append(c)
-            if hits:
-                found[nid] = sorted(hits, key=rank.__getitem__)
-        return found
-    dep: dict[str, list[str]] = {}
-    for o in outputs:
-        for nid in _reach(graph, o):
-            if nid in errors:
-                dep.setdefault(nid, []).append(o)
-    return dep
-
-
-def _reach(graph: Graph, root: str) -> set[str]:
-    seen = {root}
-    stack = [root]
-    while stack:
-        for s in _sources(graph, stack.pop()):
-            if s not in seen:
-                seen.add(s)
-                stack.append(s)
-    return seen
-
-
-def _wrap(errors: dict[str, list[dict]], graph: Graph, dependents: dict[str, list[str]]) -> dict:
-    return {nid: {"errors": errs, "dependent_outputs": dependents.get(nid, []),
-                  "class_type": graph.nodes[nid].class_type if nid in graph.nodes else None}
-            for nid, errs in errors.items()}
+def _per_node(issues: dict[str, list[Issue]], graph: Graph, dependents: dict[str, list[str]]) -> dict:
+    return {
+        nid: NodeProblems(graph.nodes[nid].class_type if nid in graph.nodes else None, errs, dependents.get(nid, []))
+        for nid, errs in issues.items()
+    }

@@ -1,13 +1,14 @@
 """In-process running: ``kiln.run(graph)`` validates, runs and returns outputs and images."""
+
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 from kiln.engine import Executor, Folders, Graph as EngineGraph, RunResult
 from kiln.engine.events import Event
-from kiln.engine.graph import Link
 
 from .authoring import as_engine_graph
 
@@ -15,22 +16,23 @@ _executor: Executor | None = None
 _lock = threading.Lock()
 
 
-def executor(cache: str | None = None, base_dir: str | Path | None = None,
-             output_dir: str | Path | None = None) -> Executor:
+def executor(
+    cache: str | None = None, base_dir: str | Path | None = None, output_dir: str | Path | None = None
+) -> Executor:
     """The process-wide executor (its cache persists across ``kiln.run`` calls)."""
     global _executor
     with _lock:
         if _executor is None:
             from .runtime import make_executor
+
             _executor = make_executor(cache=cache, base_dir=base_dir, output_dir=output_dir)
         else:
             if cache is not None and cache != _executor.cache.describe():
                 _executor.set_cache(cache)
             if base_dir is not None or output_dir is not None:
-                from kiln.engine import set_default_folders
                 from .runtime import default_folders
+
                 _executor.folders = default_folders(base_dir, output_dir)
-                set_default_folders(_executor.folders)
         return _executor
 
 
@@ -45,14 +47,24 @@ class Result:
         return getattr(self.raw, name)
 
     @property
+    def costs(self) -> list[dict]:
+        """Estimated cost of each paid provider call the run made (the providers' ``costs`` annotations)."""
+        from kiln.nodes.providers.ledger import costs_of
+
+        return costs_of(self.raw.annotations)
+
+    @property
     def files(self) -> list[Path]:
         paths = []
         for ui in self.raw.outputs.values():
             for item in (ui or {}).get("images", []) or []:
                 if isinstance(item, dict) and "filename" in item:
                     try:
-                        paths.append(self.folders.safe_path(item.get("type", "output"), item["filename"],
-                                                            item.get("subfolder", "")))
+                        paths.append(
+                            self.folders.safe_path(
+                                item.get("type", "output"), item["filename"], item.get("subfolder", "")
+                            )
+                        )
                     except Exception:
                         continue
         return paths
@@ -61,6 +73,7 @@ class Result:
     def images(self) -> list:
         """The saved/previewed images as PIL images."""
         from PIL import Image
+
         out = []
         for p in self.files:
             with Image.open(p) as im:
@@ -73,7 +86,10 @@ class Result:
 
 
 def apply_settings(graph: EngineGraph, settings: dict[str, Any]) -> None:
-    """Apply ``{"NODE.INPUT": value}`` edits; NODE is an id or a title. Raises with the fix on a bad key."""
+    """Apply ``{"NODE.INPUT": value}`` edits; NODE is an id or a title. Raises with the fix on a bad key.
+
+    A value is a literal, or a :class:`kiln.engine.graph.Link` to connect the input to another node's output.
+    """
     from kiln.engine import GraphFormatError
 
     for key, value in settings.items():
@@ -82,17 +98,25 @@ def apply_settings(graph: EngineGraph, settings: dict[str, Any]) -> None:
             raise GraphFormatError(f"--set {key!r}: write NODE.INPUT=VALUE, NODE being a node id or title")
         node = graph.find(ref)
         if node is None:
-            raise GraphFormatError(f"--set {key!r}: no node with id or title {ref!r}",
-                                   f"nodes: {', '.join(f'{n.id} ({n.title or n.class_type})' for n in graph.nodes.values())}")
-        if isinstance(value, list) and len(value) == 2 and isinstance(value[0], str) and isinstance(value[1], int):
-            value = Link(value[0], value[1])
+            known = ", ".join(f"{n.id} ({n.title or n.class_type})" for n in graph.nodes.values())
+            raise GraphFormatError(f"--set {key!r}: no node with id or title {ref!r}", f"nodes: {known}")
+        # Past the loader a link is a Link object, never a list of a certain shape: a list (even ["4", 0] or
+        # ["a", True]) is a literal value. The CLI turns JSON [id, slot] text into a Link at its boundary.
         node.inputs[inp] = value
 
 
-def run(graph: Any, *, set: dict[str, Any] | None = None, cache: str | None = None,
-        output_dir: str | Path | None = None, base_dir: str | Path | None = None, targets: Iterable[str] | None = None,
-        on_event: Callable[[Event], None] | None = None, extra_data: dict | None = None,
-        raise_on_error: bool = True) -> Result:
+def run(
+    graph: Any,
+    *,
+    set: dict[str, Any] | None = None,
+    cache: str | None = None,
+    output_dir: str | Path | None = None,
+    base_dir: str | Path | None = None,
+    targets: Iterable[str] | None = None,
+    on_event: Callable[[Event], None] | None = None,
+    extra_data: dict | None = None,
+    raise_on_error: bool = True,
+) -> Result:
     """Run a graph in this process. ``graph``: a kiln.Graph, API-format dict or JSON path.
 
     Raises ``engine.ValidationFailed`` for an invalid graph and ``engine.ExecutionFailed`` when a node fails
@@ -108,4 +132,5 @@ def run(graph: Any, *, set: dict[str, Any] | None = None, cache: str | None = No
     if raise_on_error:
         res.raise_for_status()
     from kiln.engine import get_folders
+
     return Result(res, ex.folders or get_folders())

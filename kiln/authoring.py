@@ -11,14 +11,16 @@ Every registered node also has a typed builder method (``g.EmptyImage(width=64)`
 :mod:`kiln.builders`, so an IDE completes input names. A wrong input name, a link of the wrong type or a
 literal of the wrong kind raises at the line that makes it, naming the node, the input and the fix.
 """
+
 from __future__ import annotations
 
 import difflib
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from kiln.engine import Graph as _EngineGraph, Link, NodeEntry, Registry
-from kiln.engine.errors import GraphFormatError
+from kiln.engine.errors import GraphFormatError, KilnError
 from kiln.engine.types import COMBO, types_compatible
 from kiln.engine.validation import OBJECT_TYPES, coerce_literal
 
@@ -32,11 +34,12 @@ def registry() -> Registry:
     global _registry
     if _registry is None:
         from .runtime import default_registry
+
         _registry = default_registry()
     return _registry
 
 
-class AuthoringError(TypeError):
+class AuthoringError(KilnError, TypeError):
     """A graph was wired wrongly in Python code."""
 
 
@@ -45,7 +48,7 @@ class Output:
 
     __slots__ = ("node", "slot", "name", "type")
 
-    def __init__(self, node: "NodeRef", slot: int, name: str, type: str):
+    def __init__(self, node: NodeRef, slot: int, name: str, type: str):
         self.node, self.slot, self.name, self.type = node, slot, name, type
 
     def __repr__(self) -> str:
@@ -53,7 +56,7 @@ class Output:
 
 
 class _Outputs:
-    def __init__(self, node: "NodeRef"):
+    def __init__(self, node: NodeRef):
         self._node = node
 
     def _all(self) -> list[Output]:
@@ -89,7 +92,7 @@ class _Outputs:
 class NodeRef:
     """A node in a Python-authored graph."""
 
-    def __init__(self, graph: "Graph", entry: NodeEntry):
+    def __init__(self, graph: Graph, entry: NodeEntry):
         self.graph = graph
         self.entry = entry
         self.out = _Outputs(self)
@@ -110,7 +113,7 @@ class NodeRef:
     def inputs(self) -> dict:
         return self.entry.inputs
 
-    def set(self, **inputs: Any) -> "NodeRef":
+    def set(self, **inputs: Any) -> NodeRef:
         """Change inputs (checked like at creation)."""
         for name, value in inputs.items():
             self.graph._set_input(self.entry, name, value)
@@ -173,22 +176,27 @@ class Graph(NodeBuilders):
         if isinstance(value, NodeRef):
             outs = list(value.out)
             if len(outs) != 1:
-                raise AuthoringError(f"{where}.{name}: node {value.id} ({value.class_type}) has {len(outs)} "
-                                     f"outputs; pass one of them, e.g. {value.class_type.lower()}.out."
-                                     f"{outs[0].name if outs else '...'}")
+                raise AuthoringError(
+                    f"{where}.{name}: node {value.id} ({value.class_type}) has {len(outs)} "
+                    f"outputs; pass one of them, e.g. {value.class_type.lower()}.out."
+                    f"{outs[0].name if outs else '...'}"
+                )
             value = outs[0]
         if isinstance(value, Output):
             if value.node.graph is not self:
                 raise AuthoringError(f"{where}.{name}: that output belongs to another graph")
             expected = ispec.type if ispec.type != COMBO else (ispec.resolve_choices() or [])
             if not (value.type == COMBO and ispec.type == COMBO) and not types_compatible(value.type, expected):
-                raise AuthoringError(f"{where}.{name} expects {ispec.type} but got output {value.name} "
-                                     f"({value.type}) of {value.node.class_type} (node {value.node.id})")
+                raise AuthoringError(
+                    f"{where}.{name} expects {ispec.type} but got output {value.name} "
+                    f"({value.type}) of {value.node.class_type} (node {value.node.id})"
+                )
             entry.inputs[name] = Link(value.node.id, value.slot)
             return
         if ispec.type in OBJECT_TYPES:
-            raise AuthoringError(f"{where}.{name} takes a {ispec.type} from another node's output, "
-                                 f"not the value {value!r}")
+            raise AuthoringError(
+                f"{where}.{name} takes a {ispec.type} from another node's output, not the value {value!r}"
+            )
         try:
             value = coerce_literal(ispec, value)
         except (TypeError, ValueError) as exc:
@@ -197,8 +205,10 @@ class Graph(NodeBuilders):
             choices = ispec.resolve_choices() or []
             if choices and value not in choices:
                 close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
-                raise AuthoringError(f"{where}.{name}: {value!r} is not one of the choices"
-                                     + (f"; did you mean {close[0]!r}?" if close else f" {choices[:20]}"))
+                raise AuthoringError(
+                    f"{where}.{name}: {value!r} is not one of the choices"
+                    + (f"; did you mean {close[0]!r}?" if close else f" {choices[:20]}")
+                )
         lo, hi = ispec.options.get("min"), ispec.options.get("max")
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             if lo is not None and value < lo or hi is not None and value > hi:
@@ -228,13 +238,19 @@ class Graph(NodeBuilders):
     def replace(self, old: str | NodeRef, class_type: str, **inputs: Any) -> NodeRef:
         """Swap a node for another class, keeping its id and the links that point at it."""
         old_ref = old if isinstance(old, NodeRef) else self[old]
-        nid, title = old_ref.id, old_ref.entry.title
+        nid = old_ref.id
         keep = {k: v for k, v in old_ref.entry.inputs.items()}
         del self._g.nodes[nid]
         spec = self.registry.get(class_type)
-        carried = {k: (Output(NodeRef(self, self._g.nodes[v.node_id]), v.slot, "", _out_type(self, v))
-                       if isinstance(v, Link) else v)
-                   for k, v in keep.items() if spec is not None and k in spec.inputs and k not in inputs}
+        carried = {
+            k: (
+                Output(NodeRef(self, self._g.nodes[v.node_id]), v.slot, "", _out_type(self, v))
+                if isinstance(v, Link)
+                else v
+            )
+            for k, v in keep.items()
+            if spec is not None and k in spec.inputs and k not in inputs
+        }
         try:
             return self.node(class_type, id=nid, title=None, **carried, **inputs)
         except Exception:
@@ -252,7 +268,7 @@ class Graph(NodeBuilders):
         self._g.save(path)
 
     @classmethod
-    def from_json(cls, data: Any, registry_: Registry | None = None) -> "Graph":
+    def from_json(cls, data: Any, registry_: Registry | None = None) -> Graph:
         from kiln.engine import parse_submission
 
         g = cls(registry_)
@@ -260,7 +276,7 @@ class Graph(NodeBuilders):
         return g
 
     @classmethod
-    def load(cls, path: str | Path, registry_: Registry | None = None) -> "Graph":
+    def load(cls, path: str | Path, registry_: Registry | None = None) -> Graph:
         g = cls(registry_)
         g._g = _EngineGraph.load(path)
         return g
@@ -285,5 +301,6 @@ def as_engine_graph(graph: Any) -> _EngineGraph:
         return _EngineGraph.load(graph)
     if isinstance(graph, dict):
         from kiln.engine import parse_submission
+
         return parse_submission(graph)[0]
     raise GraphFormatError(f"cannot run a {type(graph).__name__}; pass a kiln.Graph, a dict or a JSON path")

@@ -1,22 +1,25 @@
 """The ``kiln`` command: run, validate and inspect graphs headless; serve and submit (server package).
 
-    kiln run graphs/txt2img.json --set "Positive.text=a red circle" --set 3.seed=1 --set 3.seed=2
-    kiln run graph.json --batch rows.csv --cache lru:200
-    kiln validate graph.json
-    kiln nodes [NAME]
+kiln run graphs/txt2img.json --set "Positive.text=a red circle" --set 3.seed=1 --set 3.seed=2
+kiln run graph.json --batch rows.csv --cache lru:200
+kiln validate graph.json
+kiln nodes [NAME]
 """
+
 from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import itertools
 import json
 import os
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
+
+from .progress import ProgressBars
 
 EXIT_OK, EXIT_NODE_ERROR, EXIT_INVALID, EXIT_INTERRUPTED = 0, 1, 2, 130
 
@@ -27,6 +30,18 @@ def _parse_value(text: str) -> Any:
         return json.loads(text)
     except (ValueError, RecursionError):
         return text
+
+
+def wire_value(value: Any) -> Any:
+    """A ``--set``/batch value read from JSON, as the graph model holds it: a list written as a ComfyUI link
+    (``["4", 0]``) becomes a :class:`~kiln.engine.graph.Link`, by the loader's own rule (a bool is never a
+    slot); ``{"__value__": x}`` is unwrapped; anything else is a literal."""
+    if not isinstance(value, (list, dict)):
+        return value
+    from kiln.engine.graph import BadLink, parse_input
+
+    parsed, _ = parse_input(value)
+    return value if isinstance(parsed, BadLink) else parsed
 
 
 def parse_sets(items: list[str]) -> dict[str, list[Any]]:
@@ -46,7 +61,7 @@ def read_batch(path: str) -> list[dict[str, Any]]:
     try:
         text = p.read_text(encoding="utf-8")
     except OSError as exc:
-        raise SystemExit(f"kiln: cannot read batch file {path!r}: {exc.strerror}")
+        raise SystemExit(f"kiln: cannot read batch file {path!r}: {exc.strerror}") from None
     rows: list[dict[str, Any]] = []
     if p.suffix.lower() in (".jsonl", ".ndjson", ".json"):
         for i, line in enumerate(text.splitlines(), 1):
@@ -54,7 +69,7 @@ def read_batch(path: str) -> list[dict[str, Any]]:
                 try:
                     row = json.loads(line)
                 except ValueError as exc:
-                    raise SystemExit(f"kiln: {path}:{i}: not a JSON object ({exc})")
+                    raise SystemExit(f"kiln: {path}:{i}: not a JSON object ({exc})") from None
                 if not isinstance(row, dict):
                     raise SystemExit(f"kiln: {path}:{i}: each line must be a JSON object of NODE.INPUT keys")
                 rows.append(row)
@@ -66,67 +81,10 @@ def read_batch(path: str) -> list[dict[str, Any]]:
 
 def combinations(sets: dict[str, list[Any]], rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     keys = list(sets)
-    combos = [dict(zip(keys, vals)) for vals in itertools.product(*(sets[k] for k in keys))] or [{}]
+    combos = [dict(zip(keys, vals, strict=True)) for vals in itertools.product(*(sets[k] for k in keys))] or [{}]
     if not rows:
         return combos
     return [{**row, **c} for row in rows for c in combos]
-
-
-class _Progress:
-    """Progress bars from the engine's event stream: one for nodes, one for the current node's steps."""
-
-    def __init__(self, graph, quiet: bool, label: str = ""):
-        self.quiet = quiet
-        self.graph = graph
-        self.label = label
-        self.console = None
-        if not quiet:
-            from rich.console import Console
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-            self.console = Console(stderr=True)
-            self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                     TimeElapsedColumn(), console=self.console, transient=False)
-            self.nodes_task = None
-            self.step_task = None
-        self.lock = threading.Lock()
-        self.done = 0
-
-    def __enter__(self):
-        if not self.quiet:
-            self.progress.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        if not self.quiet:
-            self.progress.__exit__(*exc)
-
-    def __call__(self, ev) -> None:
-        if self.quiet:
-            return
-        from kiln.engine import events as E
-        with self.lock:
-            if isinstance(ev, E.ExecutionCached):
-                self.nodes_task = self.progress.add_task(f"{self.label}nodes", total=None)
-            elif isinstance(ev, E.NodeStarted):
-                node = self.graph.nodes.get(ev.node)
-                title = (node.title if node else None) or ev.class_type
-                self.done += 1
-                if self.step_task is not None:
-                    self.progress.remove_task(self.step_task)
-                    self.step_task = None
-                self.progress.update(self.nodes_task, completed=self.done,
-                                     description=f"{self.label}#{ev.node} {title}")
-            elif isinstance(ev, E.Progress):
-                if self.step_task is None:
-                    self.step_task = self.progress.add_task(f"  #{ev.node} steps", total=ev.max)
-                self.progress.update(self.step_task, completed=ev.value, total=ev.max)
-            elif isinstance(ev, E.TERMINAL):
-                if self.step_task is not None:
-                    self.progress.remove_task(self.step_task)
-                    self.step_task = None
-                if self.nodes_task is not None:
-                    self.progress.update(self.nodes_task, total=max(self.done, 1), completed=max(self.done, 1),
-                                         description=f"{self.label}done")
 
 
 def _print_format_error(exc, source: str | None = None) -> None:
@@ -140,12 +98,12 @@ def _print_validation(res, stream=sys.stderr) -> None:
         print(f"  - {line}", file=stream)
 
 
-def _print_node_error(err: dict, stream=sys.stderr) -> None:
-    print(f"Node {err.get('node_id')} ({err.get('node_type')}) failed: {err.get('exception_message')}", file=stream)
-    if err.get("current_inputs"):
-        print("  inputs: " + ", ".join(f"{k}={v[0] if len(v) == 1 else v}" for k, v in err["current_inputs"].items()),
-              file=stream)
-    tb = err.get("traceback") or []
+def _print_node_error(err: Any, stream=sys.stderr) -> None:
+    """Render the engine's ExecutionError for a terminal."""
+    print(f"Node {err.node_id} ({err.node_type}) failed: {err.message}", file=stream)
+    if err.inputs:
+        print("  inputs: " + ", ".join(f"{k}={v[0] if len(v) == 1 else v}" for k, v in err.inputs.items()), file=stream)
+    tb = err.traceback or []
     if tb and os.environ.get("KILN_TRACEBACK"):
         print("".join(tb), file=stream)
     elif tb:
@@ -153,7 +111,8 @@ def _print_node_error(err: dict, stream=sys.stderr) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from kiln.engine import GraphFormatError, Graph, validate
+    from kiln.engine import Graph, GraphFormatError
+
     from . import api
 
     try:
@@ -169,11 +128,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         g = base.copy()
         label = f"[{i}/{len(combos)}] " if len(combos) > 1 else ""
         try:
-            api.apply_settings(g, settings)
+            api.apply_settings(g, {k: wire_value(v) for k, v in settings.items()})
         except GraphFormatError as exc:
             _print_format_error(exc)
             return EXIT_INVALID
-        v = validate(g, ex.registry)
+        v = ex.validate(g)
         if not v.ok:
             if label:
                 print(f"{label}{settings}", file=sys.stderr)
@@ -181,25 +140,28 @@ def cmd_run(args: argparse.Namespace) -> int:
             worst = max(worst, EXIT_INVALID)
             continue
         t0 = time.perf_counter()
-        with _Progress(g, args.quiet, label) as prog:
+        with ProgressBars(enabled=not args.quiet, label=label) as bars:
             try:
                 extra = {"max_cost": args.max_cost} if args.max_cost is not None else None
-                res = ex.run(g, validation=v, sink=prog, extra_data=extra)
+                res = ex.run(g, validation=v, sink=functools.partial(bars.engine_event, graph=g), extra_data=extra)
             except KeyboardInterrupt:
                 return EXIT_INTERRUPTED
         result = api.Result(res, ex.folders)
         dt = time.perf_counter() - t0
         if res.status == "error":
-            _print_node_error(res.error or {})
+            _print_node_error(res.error)
             worst = max(worst, EXIT_NODE_ERROR)
             continue
         if res.status == "interrupted":
             return EXIT_INTERRUPTED
-        cost = sum(c.get("usd", 0.0) or 0.0 for c in res.costs)
+        costs = result.costs
+        cost = sum(c.get("usd", 0.0) or 0.0 for c in costs)
         total_cost += cost
         head = f"{label}{' '.join(f'{k}={v!r}' for k, v in settings.items())}".strip()
-        print(f"{head + ': ' if head else ''}ran {len(res.ran)} node(s), {len(res.cached)} from cache, {dt:.2f}s"
-              + (f", estimated cost ${cost:.4f}" if res.costs else ""))
+        print(
+            f"{head + ': ' if head else ''}ran {len(res.ran)} node(s), {len(res.cached)} from cache, {dt:.2f}s"
+            + (f", estimated cost ${cost:.4f}" if costs else "")
+        )
         for p in result.files:
             print(f"  wrote {p}")
         for nid, ui in res.outputs.items():
@@ -212,7 +174,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from kiln.engine import GraphFormatError, Graph, validate
+    from kiln.engine import Graph, GraphFormatError, validate
+
     from .runtime import default_registry
 
     try:
@@ -223,14 +186,16 @@ def cmd_validate(args: argparse.Namespace) -> int:
     reg = default_registry()
     res = validate(g, reg)
     if args.json:
-        print(json.dumps(res.to_comfy() | {"outputs": res.outputs}, indent=2))
+        from kiln.server.protocol import validation_body
+
+        print(json.dumps(validation_body(res) | {"outputs": res.outputs}, indent=2))
     if not res.ok:
         if not args.json:
             _print_validation(res)
         return EXIT_INVALID
     if not args.json:
         print(f"OK: {len(g)} nodes; outputs {', '.join(res.outputs)}")
-        if res.node_errors:
+        if res.problems:
             _print_validation(res)
     return EXIT_OK
 
@@ -254,7 +219,11 @@ def cmd_nodes(args: argparse.Namespace) -> int:
         for n, i in spec.inputs.items():
             extra = {k: v for k, v in i.options.items() if k in ("default", "min", "max", "step")}
             choices = i.resolve_choices() if i.type == "COMBO" else None
-            t = f"one of {choices[:12]}{'...' if choices and len(choices) > 12 else ''}" if choices is not None else i.type
+            t = (
+                f"one of {choices[:12]}{'...' if choices and len(choices) > 12 else ''}"
+                if choices is not None
+                else i.type
+            )
             print(f"  {n:24} {t}{' (optional)' if i.optional else ''}{' ' + json.dumps(extra) if extra else ''}")
         print("outputs:")
         for o in spec.outputs:
@@ -292,14 +261,23 @@ def build_parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("run", help="run a graph in this process")
     r.add_argument("graph", help="API-format graph JSON")
-    r.add_argument("--set", action="append", metavar="NODE.INPUT=VALUE",
-                   help="change an input (NODE: id or title); repeat a key to run every value")
+    r.add_argument(
+        "--set",
+        action="append",
+        metavar="NODE.INPUT=VALUE",
+        help="change an input (NODE: id or title); repeat a key to run every value",
+    )
     r.add_argument("--batch", metavar="ROWS", help="CSV or JSONL of NODE.INPUT parameter rows, one run each")
     r.add_argument("--output-dir", help="where SaveImage writes (default ./output)")
     r.add_argument("--base-dir", help="folder holding models/, input/, output/ (default: current directory)")
     r.add_argument("--cache", default=None, help="keep-current (default), lru:N, ram:SIZE or none")
-    r.add_argument("--max-cost", type=float, default=None, metavar="USD",
-                   help="per-run budget for hosted-provider calls; a call that would exceed it fails first")
+    r.add_argument(
+        "--max-cost",
+        type=float,
+        default=None,
+        metavar="USD",
+        help="per-run budget for hosted-provider calls; a call that would exceed it fails first",
+    )
     r.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     r.set_defaults(fn=cmd_run)
 

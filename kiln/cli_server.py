@@ -1,8 +1,9 @@
 """``kiln serve`` and ``kiln submit``: subcommands added to the CLI's argparse subparsers.
 
-    kiln serve [--host 127.0.0.1] [--port 8188] [--data-dir DIR] [--auth-token TOKEN] [--cache POLICY] ...
-    kiln submit GRAPH.json --server URL [--set NODE.INPUT=VALUE ...] [--download DIR]
+kiln serve [--host 127.0.0.1] [--port 8188] [--data-dir DIR] [--auth-token TOKEN] [--cache POLICY] ...
+kiln submit GRAPH.json --server URL [--set NODE.INPUT=VALUE ...] [--download DIR]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -13,25 +14,40 @@ from pathlib import Path
 
 
 def add_serve_parser(subparsers) -> argparse.ArgumentParser:
-    p = subparsers.add_parser("serve", help="run the ComfyUI-compatible HTTP + websocket server",
-                              description="Serve ComfyUI's API (HTTP + websocket) with a durable queue.")
-    p.add_argument("--host", default="127.0.0.1",
-                   help="address(es) to listen on, comma-separated (default 127.0.0.1; anything else needs a token)")
+    p = subparsers.add_parser(
+        "serve",
+        help="run the ComfyUI-compatible HTTP + websocket server",
+        description="Serve ComfyUI's API (HTTP + websocket) with a durable queue.",
+    )
+    p.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address(es) to listen on, comma-separated (default 127.0.0.1; anything else needs a token)",
+    )
     p.add_argument("--port", type=int, default=8188)
     p.add_argument("--base-dir", default=None, help="folder with models/, input/, output/, temp/ (default: cwd)")
     p.add_argument("--output-dir", default=None)
     p.add_argument("--data-dir", default=None, help="where the queue/history database lives (default BASE/data)")
-    p.add_argument("--auth-token", default=None,
-                   help="require this bearer token on every request (default: $KILN_AUTH_TOKEN)")
+    p.add_argument(
+        "--auth-token", default=None, help="require this bearer token on every request (default: $KILN_AUTH_TOKEN)"
+    )
     p.add_argument("--cache", default=None, help="keep-current (default), lru:N, ram:SIZE or none")
-    p.add_argument("--on-crash", choices=("rerun", "fail"), default="rerun",
-                   help="what to do with the prompt that was running when the server died")
+    p.add_argument(
+        "--on-crash",
+        choices=("rerun", "fail"),
+        default="rerun",
+        help="what to do with the prompt that was running when the server died",
+    )
     p.add_argument("--preview-method", default="none", help="default preview method (none, auto, latent2rgb, ...)")
     p.add_argument("--max-upload-size", type=float, default=100, help="upload limit in MB")
     p.add_argument("--custom-nodes", default=None, help="folder of custom node packs")
     p.add_argument("--allow-origin", action="append", default=[], help="extra browser origin allowed to call")
-    p.add_argument("--history-limit", type=int, default=10000,
-                   help="finished prompts kept in history (0: keep all); the oldest go first")
+    p.add_argument(
+        "--history-limit",
+        type=int,
+        default=10000,
+        help="finished prompts kept in history (0: keep all); the oldest go first",
+    )
     p.set_defaults(func=run_serve, fn=run_serve)
     return p
 
@@ -47,10 +63,17 @@ def run_serve(args: argparse.Namespace) -> int:
     base = Path(args.base_dir or os.environ.get("KILN_BASE_DIR") or Path.cwd())
     token = args.auth_token or os.environ.get("KILN_AUTH_TOKEN") or None
     try:
-        config = ServerConfig(host=args.host, port=args.port, data_dir=Path(args.data_dir or base / "data"),
-                              auth_token=token, on_crash=args.on_crash, preview_method=args.preview_method,
-                              max_upload_bytes=int(args.max_upload_size * 1024 * 1024),
-                              allowed_origins=tuple(args.allow_origin), history_limit=args.history_limit or None)
+        config = ServerConfig(
+            host=args.host,
+            port=args.port,
+            data_dir=Path(args.data_dir or base / "data"),
+            auth_token=token,
+            on_crash=args.on_crash,
+            preview_method=args.preview_method,
+            max_upload_bytes=int(args.max_upload_size * 1024 * 1024),
+            allowed_origins=tuple(args.allow_origin),
+            history_limit=args.history_limit or None,
+        )
         config.check_bind()
         from kiln.engine import make_cache
 
@@ -59,8 +82,9 @@ def run_serve(args: argparse.Namespace) -> int:
         print(f"kiln serve: {exc}", file=sys.stderr)
         return 2
     try:
-        executor = make_executor(cache=args.cache, base_dir=base, output_dir=args.output_dir,
-                                 custom_nodes=args.custom_nodes)
+        executor = make_executor(
+            cache=args.cache, base_dir=base, output_dir=args.output_dir, custom_nodes=args.custom_nodes
+        )
     except ValueError as exc:  # a bad --cache policy
         print(f"kiln serve: {exc}", file=sys.stderr)
         return 2
@@ -78,13 +102,21 @@ def run_serve(args: argparse.Namespace) -> int:
 
 
 def add_submit_parser(subparsers) -> argparse.ArgumentParser:
-    p = subparsers.add_parser("submit", help="submit a graph to a running server and follow it",
-                              description="Submit an API-format graph to a Kiln or ComfyUI server.")
+    p = subparsers.add_parser(
+        "submit",
+        help="submit a graph to a running server and follow it",
+        description="Submit an API-format graph to a Kiln or ComfyUI server.",
+    )
     p.add_argument("graph", help="API-format graph JSON file")
     p.add_argument("--server", default=os.environ.get("KILN_SERVER", "http://127.0.0.1:8188"))
     p.add_argument("--token", default=None, help="auth token (default: $KILN_AUTH_TOKEN)")
-    p.add_argument("--set", action="append", default=[], metavar="NODE.INPUT=VALUE",
-                   help="override an input; NODE is a node id or title; VALUE is JSON or a plain string")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="NODE.INPUT=VALUE",
+        help="override an input; NODE is a node id or title; VALUE is JSON or a plain string",
+    )
     p.add_argument("--prompt-id", default=None)
     p.add_argument("--download", default=None, metavar="DIR", help="save the output files here")
     p.add_argument("--no-wait", action="store_true", help="print the prompt id and return")
@@ -101,7 +133,9 @@ def apply_sets(graph: dict, sets: list[str]) -> dict:
             raise ValueError(f"--set {item!r}: write NODE.INPUT=VALUE, e.g. --set 3.seed=42")
         node = graph.get(node_ref)
         if node is None:
-            hits = [n for n in graph.values() if isinstance(n, dict) and (n.get("_meta") or {}).get("title") == node_ref]
+            hits = [
+                n for n in graph.values() if isinstance(n, dict) and (n.get("_meta") or {}).get("title") == node_ref
+            ]
             if len(hits) != 1:
                 known = ", ".join(list(graph)[:20])
                 raise ValueError(f"--set {item!r}: no node with id or unique title {node_ref!r} (ids: {known})")
@@ -137,12 +171,15 @@ def run_submit(args: argparse.Namespace) -> int:
     if args.no_wait:
         print(pid)
         return 0
-    status, error = _follow(client, pid, len(graph))
+    status, error = _follow(client, pid, graph)
     res = client.status(pid)
     if status != "success":
         info = error or {}
-        print(f"kiln submit: prompt {status}: node {info.get('node_id')} ({info.get('node_type')}): "
-              f"{str(info.get('exception_message', '')).strip()}", file=sys.stderr)
+        print(
+            f"kiln submit: prompt {status}: node {info.get('node_id')} ({info.get('node_type')}): "
+            f"{str(info.get('exception_message', '')).strip()}",
+            file=sys.stderr,
+        )
         return 1
     print(json.dumps(res.get("outputs", {}), indent=2))
     if args.download:
@@ -151,26 +188,15 @@ def run_submit(args: argparse.Namespace) -> int:
     return 0
 
 
-def _follow(client, pid: str, n_nodes: int) -> tuple[str, dict | None]:
-    """Progress bars from the event stream: one for nodes, one for the running node's steps."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+def _follow(client, pid: str, graph: dict) -> tuple[str, dict | None]:
+    """Follow the prompt's events to its end, drawing the shared progress bars (on a terminal only)."""
+    from .progress import ProgressBars
 
     status, error = "success", None
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  transient=False, disable=not sys.stderr.isatty()) as bars:
-        nodes = bars.add_task("nodes", total=n_nodes)
-        steps = bars.add_task("steps", total=1, visible=False)
+    with ProgressBars(enabled=sys.stderr.isatty(), total=len(graph)) as bars:
         for m in client.events(pid):
+            bars.wire_message(m, graph)
             t, d = m["type"], m["data"]
-            if t == "execution_cached":
-                bars.advance(nodes, len(d.get("nodes", [])))
-            elif t == "executing" and d.get("node") is not None:
-                bars.advance(nodes)
-                bars.update(nodes, description=f"node {d['node']}")
-                bars.update(steps, visible=False, completed=0)
-            elif t == "progress":
-                bars.update(steps, visible=True, total=d["max"], completed=d["value"],
-                            description=f"  {d['node']}")
-            elif t in ("execution_error", "execution_interrupted") and d.get("exception_type") != "ExecutionBlocked":
+            if t in ("execution_error", "execution_interrupted") and d.get("exception_type") != "ExecutionBlocked":
                 status, error = ("error" if t == "execution_error" else "interrupted"), d
     return status, error

@@ -13,6 +13,7 @@ and asks the server to replay the prompt's events after the last sequence number
 lost or repeated. ``events`` needs a Kiln server (sequence numbers and replay); submitting, status,
 outputs and downloads also work against ComfyUI.
 """
+
 from __future__ import annotations
 
 import io
@@ -22,14 +23,17 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
+
+from kiln.engine.errors import ExecutionFailed, KilnError
 
 TERMINAL = ("execution_success", "execution_error", "execution_interrupted")
 
 
-class ServerError(Exception):
+class ServerError(KilnError):
     """The server refused a request; ``status`` is the HTTP status, ``body`` its JSON answer."""
 
     def __init__(self, status: int, body: Any):
@@ -50,14 +54,23 @@ class ServerError(Exception):
         return self.body.get("node_errors", {}) if isinstance(self.body, dict) else {}
 
 
-class RunFailed(Exception):
-    """The prompt ended with an error or was interrupted; ``info`` is the execution_error data."""
+class RunFailed(ExecutionFailed):
+    """The prompt ended with an error or was interrupted on the server. It is an ``ExecutionFailed``, so
+    ``except kiln.ExecutionFailed`` catches a failed run whether it ran in this process or on a server.
 
-    def __init__(self, status: str, info: dict | None):
+    ``status`` is "error" or "interrupted"; ``error`` and ``info`` are the server's ``execution_error`` (or
+    ``execution_interrupted``) data as a dict.
+    """
+
+    def __init__(self, status: str, error: dict | None):
+        # ExecutionFailed's own constructor takes the engine's typed error; a remote failure arrives as the
+        # server's JSON, so this sets the attributes itself and calls only the base KilnError constructor.
+        info = error or {}
         self.status = status
-        self.info = info or {}
-        where = f"{self.info.get('node_type')} (node {self.info.get('node_id')}): " if self.info.get("node_id") else ""
-        super().__init__(f"prompt {status}: {where}{self.info.get('exception_message', '').strip()}")
+        self.error = info
+        self.info = info
+        where = f"{info.get('node_type')} (node {info.get('node_id')}): " if info.get("node_id") else ""
+        KilnError.__init__(self, f"prompt {status}: {where}{str(info.get('exception_message', '')).strip()}")
 
 
 @dataclass
@@ -101,8 +114,14 @@ def graph_json(graph: Any) -> dict:
 
 
 class Client:
-    def __init__(self, url: str = "http://127.0.0.1:8188", token: str | None = None,
-                 client_id: str | None = None, timeout: float = 60.0, reconnect_tries: int = 20):
+    def __init__(
+        self,
+        url: str = "http://127.0.0.1:8188",
+        token: str | None = None,
+        client_id: str | None = None,
+        timeout: float = 60.0,
+        reconnect_tries: int = 20,
+    ):
         self.url = url.rstrip("/")
         self.token = token
         self.client_id = client_id or uuid.uuid4().hex
@@ -116,8 +135,15 @@ class Client:
             h["Authorization"] = f"Bearer {self.token}"
         return h
 
-    def request(self, method: str, path: str, body: Any = None, params: dict | None = None,
-                raw: bool = False, timeout: float | None = None) -> Any:
+    def request(
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        params: dict | None = None,
+        raw: bool = False,
+        timeout: float | None = None,
+    ) -> Any:
         url = self.url + path + ("?" + urllib.parse.urlencode(params) if params else "")
         data = json.dumps(body).encode() if body is not None else None
         req = urllib.request.Request(url, data=data, method=method, headers=self._headers())
@@ -135,8 +161,15 @@ class Client:
             return payload
         return json.loads(payload) if payload.strip() else None
 
-    def submit(self, graph: Any, *, prompt_id: str | None = None, extra_data: dict | None = None,
-               front: bool = False, targets: list[str] | None = None) -> str:
+    def submit(
+        self,
+        graph: Any,
+        *,
+        prompt_id: str | None = None,
+        extra_data: dict | None = None,
+        front: bool = False,
+        targets: list[str] | None = None,
+    ) -> str:
         """Queue a graph; returns its prompt id. Raises ServerError (with node_errors) if it is invalid."""
         body: dict[str, Any] = {"prompt": graph_json(graph), "client_id": self.client_id}
         if prompt_id:
@@ -152,8 +185,12 @@ class Client:
     def status(self, prompt_id: str, wait: bool = False, timeout: float = 300) -> dict:
         try:
             params = {"wait": "true", "timeout": str(timeout)} if wait else None
-            return self.request("GET", f"/api/prompt/{urllib.parse.quote(prompt_id)}", params=params,
-                                timeout=timeout + 10 if wait else None)
+            return self.request(
+                "GET",
+                f"/api/prompt/{urllib.parse.quote(prompt_id)}",
+                params=params,
+                timeout=timeout + 10 if wait else None,
+            )
         except ServerError as exc:
             if exc.status == 404 and isinstance(exc.body, dict) and exc.body.get("status") == "unknown":
                 return exc.body
@@ -234,7 +271,7 @@ class Client:
                 failures += 1
                 if failures > self.reconnect_tries:
                     raise
-                time.sleep(min(0.1 * 2 ** failures, 2.0))
+                time.sleep(min(0.1 * 2**failures, 2.0))
 
     @staticmethod
     def _final(m: dict) -> bool:
@@ -261,9 +298,16 @@ class Client:
 
     # -- outputs ------------------------------------------------------------------------------------
     def file(self, item: dict) -> bytes:
-        return self.request("GET", "/api/view", params={"filename": item["filename"],
-                                                        "subfolder": item.get("subfolder", ""),
-                                                        "type": item.get("type", "output")}, raw=True)
+        return self.request(
+            "GET",
+            "/api/view",
+            params={
+                "filename": item["filename"],
+                "subfolder": item.get("subfolder", ""),
+                "type": item.get("type", "output"),
+            },
+            raw=True,
+        )
 
     def outputs(self, prompt_id: str) -> Result:
         res = self.wait(prompt_id)
@@ -305,13 +349,18 @@ class Client:
         parts = []
         for name, value in (("subfolder", subfolder), ("type", "input"), ("overwrite", str(overwrite).lower())):
             parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n{value}\r\n'.encode())
-        parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="{path.name}"\r\n'
-                     f"Content-Type: application/octet-stream\r\n\r\n".encode() + path.read_bytes() + b"\r\n")
+        parts.append(
+            f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="{path.name}"\r\n'
+            f"Content-Type: application/octet-stream\r\n\r\n".encode()
+            + path.read_bytes()
+            + b"\r\n"
+        )
         parts.append(f"--{boundary}--\r\n".encode())
         headers = self._headers()
         headers["Content-Type"] = f"multipart/form-data; boundary={boundary}"
-        req = urllib.request.Request(self.url + "/api/upload/image", data=b"".join(parts), method="POST",
-                                     headers=headers)
+        req = urllib.request.Request(
+            self.url + "/api/upload/image", data=b"".join(parts), method="POST", headers=headers
+        )
         try:
             with urllib.request.urlopen(req, timeout=self.timeout) as resp:
                 return json.loads(resp.read())

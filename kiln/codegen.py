@@ -1,5 +1,6 @@
 """Generates :mod:`kiln.builders`: one typed builder method per registered node, so IDEs complete node
 input names and output names. Run ``kiln stubs`` after adding node packs; a test checks it is current."""
+
 from __future__ import annotations
 
 import keyword
@@ -53,17 +54,28 @@ def generate(registry: Registry) -> str:
         cls_name = f"_{spec.name}Node"
         outs_name = f"_{spec.name}Outputs"
         fields = [f"    {o.name}: Output" for o in spec.outputs if _ok(o.name)] or ["    pass"]
-        outputs_classes.append(f"class {outs_name}:\n" + "\n".join(fields) + "\n\n\n"
-                               f"class {cls_name}:\n    out: {outs_name}\n    id: str\n")
+        outputs_classes.append(
+            f"class {outs_name}:\n" + "\n".join(fields) + "\n\n\n"
+            f"class {cls_name}:\n    out: {outs_name}\n    id: str\n"
+        )
         sig = ", ".join(["self", "*", *params, "id: str | None = None", "title: str | None = None"])
-        doc = (spec.description or spec.display_name).strip().splitlines()[0].replace('"""', "'") if (
-            spec.description or spec.display_name) else spec.name
-        out.append(f"    def {spec.name}({sig}) -> \"{cls_name}\":\n"
-                   f"        \"\"\"{doc}\"\"\"\n"
-                   f"        return self._build({spec.name!r}, locals())\n")
+        doc = (
+            (spec.description or spec.display_name).strip().splitlines()[0].replace('"""', "'")
+            if (spec.description or spec.display_name)
+            else spec.name
+        )
+        out.append(
+            f'    def {spec.name}({sig}) -> "{cls_name}":\n'
+            f'        """{doc}"""\n'
+            f"        return self._build({spec.name!r}, locals())\n"
+        )
     if TYPE_CHECKING_BLOCK := outputs_classes:
-        out.append("\nif TYPE_CHECKING:\n" + "\n".join(
-            "    " + line if line else "" for block in TYPE_CHECKING_BLOCK for line in (block + "\n").splitlines()))
+        out.append(
+            "\nif TYPE_CHECKING:\n"
+            + "\n".join(
+                "    " + line if line else "" for block in TYPE_CHECKING_BLOCK for line in (block + "\n").splitlines()
+            )
+        )
     return "\n".join(out).rstrip() + "\n"
 
 

@@ -1,4 +1,5 @@
 """Assembles a working Kiln: the registry (built-in packs, entry points, custom_nodes), folders, executor."""
+
 from __future__ import annotations
 
 import os
@@ -10,6 +11,7 @@ from kiln.engine import Executor, Folders, Registry
 def default_registry(custom_nodes: str | Path | None = None, entry_points: bool = True) -> Registry:
     """Built-in nodes, installed packs (entry point group ``kiln.nodes``) and a ``custom_nodes/`` folder."""
     from kiln import nodes
+
     reg = Registry()
     nodes.register_builtin(reg)
     if entry_points:
@@ -24,8 +26,12 @@ def default_folders(base_dir: str | Path | None = None, output_dir: str | Path |
     return Folders(base, output_dir=output_dir)
 
 
-def make_executor(cache: str | None = None, base_dir: str | Path | None = None,
-                  output_dir: str | Path | None = None, registry: Registry | None = None,
-                  custom_nodes: str | Path | None = None) -> Executor:
+def make_executor(
+    cache: str | None = None,
+    base_dir: str | Path | None = None,
+    output_dir: str | Path | None = None,
+    registry: Registry | None = None,
+    custom_nodes: str | Path | None = None,
+) -> Executor:
     reg = registry or default_registry(custom_nodes)
     return Executor(reg, cache=cache, folders=default_folders(base_dir, output_dir))

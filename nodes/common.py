@@ -2,11 +2,13 @@
 
 IMAGE is float32 ``[B, H, W, C]`` in 0..1; MASK is float32 ``[B, H, W]`` in 0..1 (1 = change).
 """
+
 from __future__ import annotations
 
 import io
 import json
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import numpy as np
 import torch
@@ -47,8 +49,9 @@ def mask_from_alpha(img: Image.Image) -> torch.Tensor:
 def check_image(image: Any, node: str, input_name: str = "image") -> torch.Tensor:
     if not isinstance(image, torch.Tensor) or image.ndim != 4 or image.shape[-1] not in (1, 3, 4):
         shape = tuple(image.shape) if isinstance(image, torch.Tensor) else type(image).__name__
-        raise NodeError(f"{node} expects an IMAGE tensor [batch, height, width, channels], got {shape}",
-                        input_name=input_name)
+        raise NodeError(
+            f"{node} expects an IMAGE tensor [batch, height, width, channels], got {shape}", input_name=input_name
+        )
     return image
 
 

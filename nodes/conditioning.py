@@ -1,4 +1,5 @@
 """Text conditioning and ControlNet application."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -8,7 +9,6 @@ import torch
 
 from kiln import engine
 from kiln.engine import Float, NodeError, Output, Socket, String
-
 from kiln.nodes.common import check_image
 from kiln.nodes.sd.guidance import Control
 from kiln.nodes.sd.manager import folders
@@ -24,8 +24,11 @@ def _embedding_finder(dim: int, key: str | None):
             p = f.find_model("embeddings", name + ext)
             if p is not None and p.is_file():
                 return load_embedding(Path(p), dim, key)
-        raise PromptError(f"embedding {name!r} was not found in the embeddings folders",
-                          hint=f"put {name}.safetensors (or .pt) in models/embeddings/, or remove 'embedding:{name}'")
+        raise PromptError(
+            f"embedding {name!r} was not found in the embeddings folders",
+            hint=f"put {name}.safetensors (or .pt) in models/embeddings/, or remove 'embedding:{name}'",
+        )
+
     return find
 
 
@@ -41,8 +44,9 @@ def encode_prompt(clip: Any, text: str) -> list:
                 pad = 0 if i == 1 else None
             else:
                 layer, norm, key, pad = clip.layer, True, "clip_l", None
-            cond, pool = encode_weighted(te, tok, text, layer, norm, _embedding_finder(te.config.hidden_size, key),
-                                         pad_id=pad)
+            cond, pool = encode_weighted(
+                te, tok, text, layer, norm, _embedding_finder(te.config.hidden_size, key), pad_id=pad
+            )
             conds.append(cond)
             pooled = pool
     if len(conds) > 1:
@@ -58,19 +62,22 @@ class CLIPTextEncode(engine.Node):
 
     display_name = "CLIP Text Encode (Prompt)"
     category = "conditioning"
-    outputs = [Output("CONDITIONING", tooltip="A conditioning containing the embedded text used to guide the "
-                                               "diffusion model.")]
+    outputs = [
+        Output("CONDITIONING", tooltip="A conditioning containing the embedded text used to guide the diffusion model.")
+    ]
 
-    def run(self, text: Annotated[str, String(multiline=True, dynamic_prompts=True,
-                                              tooltip="The text to be encoded.")],
-            clip: Annotated[Any, Socket("CLIP", tooltip="The CLIP model used for encoding the text.")]):
+    def run(
+        self,
+        text: Annotated[str, String(multiline=True, dynamic_prompts=True, tooltip="The text to be encoded.")],
+        clip: Annotated[Any, Socket("CLIP", tooltip="The CLIP model used for encoding the text.")],
+    ):
         if clip is None:
-            raise NodeError("clip input is None", input_name="clip",
-                            hint="the checkpoint has no text encoder; connect the CLIP output of a checkpoint loader")
-        try:
-            return encode_prompt(clip, text)
-        except PromptError as exc:
-            raise NodeError(str(exc), input_name="text", hint=exc.hint) from exc
+            raise NodeError(
+                "clip input is None",
+                input_name="clip",
+                hint="the checkpoint has no text encoder; connect the CLIP output of a checkpoint loader",
+            )
+        return encode_prompt(clip, text)  # a PromptError names the text input itself
 
 
 def _apply(conditioning: list, make) -> list:
@@ -98,9 +105,13 @@ class ControlNetApply(engine.Node):
     deprecated = True
     outputs = ("CONDITIONING",)
 
-    def run(self, conditioning: Annotated[Any, Socket("CONDITIONING")],
-            control_net: Annotated[Any, Socket("CONTROL_NET")], image: Annotated[Any, Socket("IMAGE")],
-            strength: Annotated[float, Float(min=0.0, max=10.0, step=0.01)] = 1.0):
+    def run(
+        self,
+        conditioning: Annotated[Any, Socket("CONDITIONING")],
+        control_net: Annotated[Any, Socket("CONTROL_NET")],
+        image: Annotated[Any, Socket("IMAGE")],
+        strength: Annotated[float, Float(min=0.0, max=10.0, step=0.01)] = 1.0,
+    ):
         if strength == 0:
             return conditioning
         hint = _check_hint(image)
@@ -115,20 +126,30 @@ class ControlNetApplyAdvanced(engine.Node):
     category = "conditioning/controlnet"
     outputs = {"positive": "CONDITIONING", "negative": "CONDITIONING"}
 
-    def run(self, positive: Annotated[Any, Socket("CONDITIONING")], negative: Annotated[Any, Socket("CONDITIONING")],
-            control_net: Annotated[Any, Socket("CONTROL_NET")], image: Annotated[Any, Socket("IMAGE")],
-            strength: Annotated[float, Float(min=0.0, max=10.0, step=0.01)] = 1.0,
-            start_percent: Annotated[float, Float(min=0.0, max=1.0, step=0.001)] = 0.0,
-            end_percent: Annotated[float, Float(min=0.0, max=1.0, step=0.001)] = 1.0,
-            vae: Annotated[Any, Socket("VAE")] = None):
+    def run(
+        self,
+        positive: Annotated[Any, Socket("CONDITIONING")],
+        negative: Annotated[Any, Socket("CONDITIONING")],
+        control_net: Annotated[Any, Socket("CONTROL_NET")],
+        image: Annotated[Any, Socket("IMAGE")],
+        strength: Annotated[float, Float(min=0.0, max=10.0, step=0.01)] = 1.0,
+        start_percent: Annotated[float, Float(min=0.0, max=1.0, step=0.001)] = 0.0,
+        end_percent: Annotated[float, Float(min=0.0, max=1.0, step=0.001)] = 1.0,
+        vae: Annotated[Any, Socket("VAE")] = None,
+    ):
         if start_percent > end_percent:
-            raise NodeError(f"start_percent {start_percent} is after end_percent {end_percent}",
-                            input_name="start_percent", hint="start_percent must be <= end_percent")
+            raise NodeError(
+                f"start_percent {start_percent} is after end_percent {end_percent}",
+                input_name="start_percent",
+                hint="start_percent must be <= end_percent",
+            )
         if strength == 0:
             return positive, negative
         hint = _check_hint(image)
-        make = lambda prev: Control(control_net, hint, float(strength), float(start_percent),  # noqa: E731
-                                    float(end_percent), prev)
+
+        def make(prev: Any) -> Control:
+            return Control(control_net, hint, float(strength), float(start_percent), float(end_percent), prev)
+
         return _apply(positive, make), _apply(negative, make)
 
 

@@ -1,5 +1,6 @@
 """Image nodes with ComfyUI's names, inputs and behaviour: load, save, preview, invert, scale, crop, blur,
 blend, pad for outpainting, composite."""
+
 from __future__ import annotations
 
 import hashlib
@@ -16,13 +17,33 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps, ImageSequence
 
-from kiln.engine import (MAX_RESOLUTION, Boolean, Combo, Float, Hidden, Int, Node, NodeError, NodeResult, Socket,
-                    String, get_folders)
+from kiln.engine import (
+    MAX_RESOLUTION,
+    Boolean,
+    Combo,
+    Float,
+    Hidden,
+    Int,
+    Node,
+    NodeError,
+    NodeResult,
+    Socket,
+    String,
+    get_folders,
+)
 from kiln.engine.context import current
 from kiln.engine.folders import UnsafePath
 
-from .common import check_image, check_mask, encode_png, comfy_png_metadata, mask_from_alpha, pil_to_tensor, \
-    preview_from_image, tensor_to_pil
+from .common import (
+    check_image,
+    check_mask,
+    comfy_png_metadata,
+    encode_png,
+    mask_from_alpha,
+    pil_to_tensor,
+    preview_from_image,
+    tensor_to_pil,
+)
 
 IMAGE = Socket("IMAGE")
 MASK_IN = Socket("MASK")
@@ -37,10 +58,13 @@ class EmptyImage(Node):
     category = "image"
     outputs = ("IMAGE",)
 
-    def run(self, width: Annotated[int, Int(min=1, max=MAX_RESOLUTION, step=1)] = 512,
-            height: Annotated[int, Int(min=1, max=MAX_RESOLUTION, step=1)] = 512,
-            batch_size: Annotated[int, Int(min=1, max=4096)] = 1,
-            color: Annotated[int, Int(min=0, max=0xFFFFFF, step=1, display="color")] = 0) -> torch.Tensor:
+    def run(
+        self,
+        width: Annotated[int, Int(min=1, max=MAX_RESOLUTION, step=1)] = 512,
+        height: Annotated[int, Int(min=1, max=MAX_RESOLUTION, step=1)] = 512,
+        batch_size: Annotated[int, Int(min=1, max=4096)] = 1,
+        color: Annotated[int, Int(min=0, max=0xFFFFFF, step=1, display="color")] = 0,
+    ) -> torch.Tensor:
         rgb = torch.tensor([(color >> 16) & 0xFF, (color >> 8) & 0xFF, color & 0xFF], dtype=torch.float32) / 255.0
         return rgb.expand(batch_size, height, width, 3).contiguous()
 
@@ -69,8 +93,11 @@ class LoadImage(Node):
         try:
             img = Image.open(path)
         except FileNotFoundError:
-            raise NodeError(f"image file {image!r} not found in the input folder", input_name="image",
-                            hint="upload it or copy it into input/") from None
+            raise NodeError(
+                f"image file {image!r} not found in the input folder",
+                input_name="image",
+                hint="upload it or copy it into input/",
+            ) from None
         except Exception as exc:
             raise NodeError(f"cannot decode {image!r} as an image: {exc}", input_name="image") from None
         images, masks = [], []
@@ -85,8 +112,13 @@ class LoadImage(Node):
             elif rgb.size != size:
                 continue  # ComfyUI skips frames of another size
             images.append(pil_to_tensor(rgb))
-            mask = mask_from_alpha(frame if "A" in frame.getbands() else frame.convert("RGBA")
-                                   if frame.mode == "P" and "transparency" in frame.info else frame)
+            mask = mask_from_alpha(
+                frame
+                if "A" in frame.getbands()
+                else frame.convert("RGBA")
+                if frame.mode == "P" and "transparency" in frame.info
+                else frame
+            )
             masks.append(mask)
         return torch.cat(images, 0), torch.cat(masks, 0) if masks[0].shape[1:] == masks[-1].shape[1:] else masks[0]
 
@@ -110,9 +142,16 @@ class LoadImage(Node):
 
 def _expand_prefix(prefix: str, width: int, height: int) -> str:
     now = time.localtime()
-    tokens = {"%width%": str(width), "%height%": str(height), "%year%": str(now.tm_year),
-              "%month%": f"{now.tm_mon:02d}", "%day%": f"{now.tm_mday:02d}", "%hour%": f"{now.tm_hour:02d}",
-              "%minute%": f"{now.tm_min:02d}", "%second%": f"{now.tm_sec:02d}"}
+    tokens = {
+        "%width%": str(width),
+        "%height%": str(height),
+        "%year%": str(now.tm_year),
+        "%month%": f"{now.tm_mon:02d}",
+        "%day%": f"{now.tm_mday:02d}",
+        "%hour%": f"{now.tm_hour:02d}",
+        "%minute%": f"{now.tm_min:02d}",
+        "%second%": f"{now.tm_sec:02d}",
+    }
     for k, v in tokens.items():
         prefix = prefix.replace(k, v)
     return prefix
@@ -121,8 +160,16 @@ def _expand_prefix(prefix: str, width: int, height: int) -> str:
 _next_counter: dict[tuple[str, str], int] = {}
 
 
-def save_images(images: torch.Tensor, prefix: str, type_: str, prompt: dict | None, extra_pnginfo: dict | None,
-                compress_level: int = 4, metadata: bool = True, extra_texts: Any = None) -> list[dict]:
+def save_images(
+    images: torch.Tensor,
+    prefix: str,
+    type_: str,
+    prompt: dict | None,
+    extra_pnginfo: dict | None,
+    compress_level: int = 4,
+    metadata: bool = True,
+    extra_texts: Any = None,
+) -> list[dict]:
     """Write an IMAGE batch as ``<prefix>_<NNNNN>_.png`` (ComfyUI naming) without overwriting anything."""
     check_image(images, "SaveImage", "images")
     folders = get_folders()
@@ -134,16 +181,21 @@ def save_images(images: torch.Tensor, prefix: str, type_: str, prompt: dict | No
     try:
         folder = folders.safe_path(type_, sub) if sub else root
     except UnsafePath as exc:
-        raise NodeError(f"filename_prefix {prefix!r} would save outside the {type_} folder ({exc})",
-                        input_name="filename_prefix", hint="use a relative prefix such as 'renders/cat'") from None
+        raise NodeError(
+            f"filename_prefix {prefix!r} would save outside the {type_} folder ({exc})",
+            input_name="filename_prefix",
+            hint="use a relative prefix such as 'renders/cat'",
+        ) from None
     folder.mkdir(parents=True, exist_ok=True)
     texts = comfy_png_metadata(prompt, extra_pnginfo) if metadata else None
     counter_key = (str(folder), base)
     counter = _next_counter.get(counter_key)
     if counter is None:  # first save with this prefix here: one scan, then counted in memory
         pattern = re.compile(re.escape(base.replace("%batch_num%", "")) + r"_(\d+)_")
-        counter = 1 + max((int(m.group(1)) for f in os.listdir(folder) if (m := pattern.match(f.replace(
-            "%batch_num%", "")))), default=0)
+        counter = 1 + max(
+            (int(m.group(1)) for f in os.listdir(folder) if (m := pattern.match(f.replace("%batch_num%", "")))),
+            default=0,
+        )
     results = []
     for i, img in enumerate(tensor_to_pil(images)):
         name_base = base.replace("%batch_num%", str(i))
@@ -172,23 +224,32 @@ class SaveImage(Node):
     category = "image"
     output_node = True
 
-    def run(self, images: Annotated[torch.Tensor, IMAGE],
-            filename_prefix: Annotated[str, String(tooltip="Prefix of the file names; may contain a subfolder "
-                                                           "and %width%, %height%, %date% style tokens")] = "ComfyUI",
-            validate: Annotated[bool, Boolean(tooltip="refuse blank, single-colour or corrupt images")] = False,
-            embed_provenance: Annotated[bool, Boolean(tooltip="add a kiln_provenance chunk: graph, provider, "
-                                                              "model, revised prompt, time, content hash")] = False,
-            generation_info: Annotated[str, String(force_input=True, tooltip="a provider node's usage output")]
-            = None,
-            prompt: Annotated[dict, Hidden("PROMPT")] = None,
-            extra_pnginfo: Annotated[dict, Hidden("EXTRA_PNGINFO")] = None):
+    def run(
+        self,
+        images: Annotated[torch.Tensor, IMAGE],
+        filename_prefix: Annotated[
+            str,
+            String(
+                tooltip="Prefix of the file names; may contain a subfolder and %width%, %height%, %date% style tokens"
+            ),
+        ] = "ComfyUI",
+        validate: Annotated[bool, Boolean(tooltip="refuse blank, single-colour or corrupt images")] = False,
+        embed_provenance: Annotated[
+            bool,
+            Boolean(tooltip="add a kiln_provenance chunk: graph, provider, model, revised prompt, time, content hash"),
+        ] = False,
+        generation_info: Annotated[str, String(force_input=True, tooltip="a provider node's usage output")] = None,
+        prompt: Annotated[dict, Hidden("PROMPT")] = None,
+        extra_pnginfo: Annotated[dict, Hidden("EXTRA_PNGINFO")] = None,
+    ):
         from kiln.nodes.providers import checks, provenance  # shared helpers, loaded only when asked for
 
         if validate:
             checks.check_images(images, "SaveImage", "images")
         extra = (lambda px: provenance.png_chunks_for(px, prompt, generation_info)) if embed_provenance else None
-        return NodeResult(ui={"images": save_images(images, filename_prefix, "output", prompt, extra_pnginfo,
-                                                    extra_texts=extra)})
+        return NodeResult(
+            ui={"images": save_images(images, filename_prefix, "output", prompt, extra_pnginfo, extra_texts=extra)}
+        )
 
 
 class PreviewImage(Node):
@@ -198,12 +259,14 @@ class PreviewImage(Node):
     category = "image"
     output_node = True
 
-    def run(self, images: Annotated[torch.Tensor, IMAGE],
-            prompt: Annotated[dict, Hidden("PROMPT")] = None,
-            extra_pnginfo: Annotated[dict, Hidden("EXTRA_PNGINFO")] = None):
+    def run(
+        self,
+        images: Annotated[torch.Tensor, IMAGE],
+        prompt: Annotated[dict, Hidden("PROMPT")] = None,
+        extra_pnginfo: Annotated[dict, Hidden("EXTRA_PNGINFO")] = None,
+    ):
         prefix = "ComfyUI_temp_" + "".join(random.choice(string.ascii_lowercase) for _ in range(5))
-        return NodeResult(ui={"images": save_images(images, prefix, "temp", prompt, extra_pnginfo,
-                                                    compress_level=1)})
+        return NodeResult(ui={"images": save_images(images, prefix, "temp", prompt, extra_pnginfo, compress_level=1)})
 
 
 class SaveImageWebsocket(Node):
@@ -219,7 +282,7 @@ class SaveImageWebsocket(Node):
         ctx = current()
         n = images.shape[0]
         for i in range(n):
-            prev = preview_from_image(images[i:i + 1], max_size=1 << 30, fmt="PNG", kind="output")
+            prev = preview_from_image(images[i : i + 1], max_size=1 << 30, fmt="PNG", kind="output")
             if ctx is not None:
                 ctx.progress(i + 1, n, prev)
         return NodeResult(ui={})
@@ -252,11 +315,11 @@ def scale_image(image: torch.Tensor, width: int, height: int, method: str, crop:
         if src_ar > dst_ar:
             nw = max(1, round(h * dst_ar))
             x0 = (w - nw) // 2
-            image = image[:, :, x0:x0 + nw]
+            image = image[:, :, x0 : x0 + nw]
         elif src_ar < dst_ar:
             nh = max(1, round(w / dst_ar))
             y0 = (h - nh) // 2
-            image = image[:, y0:y0 + nh]
+            image = image[:, y0 : y0 + nh]
     return _resize(image, width, height, method)
 
 
@@ -267,11 +330,14 @@ class ImageScale(Node):
     category = "image/upscaling"
     outputs = ("IMAGE",)
 
-    def run(self, image: Annotated[torch.Tensor, IMAGE],
-            upscale_method: Annotated[str, Combo(UPSCALE_METHODS)] = "nearest-exact",
-            width: Annotated[int, Int(min=0, max=MAX_RESOLUTION, step=1)] = 512,
-            height: Annotated[int, Int(min=0, max=MAX_RESOLUTION, step=1)] = 512,
-            crop: Annotated[str, Combo(["disabled", "center"])] = "disabled") -> torch.Tensor:
+    def run(
+        self,
+        image: Annotated[torch.Tensor, IMAGE],
+        upscale_method: Annotated[str, Combo(UPSCALE_METHODS)] = "nearest-exact",
+        width: Annotated[int, Int(min=0, max=MAX_RESOLUTION, step=1)] = 512,
+        height: Annotated[int, Int(min=0, max=MAX_RESOLUTION, step=1)] = 512,
+        crop: Annotated[str, Combo(["disabled", "center"])] = "disabled",
+    ) -> torch.Tensor:
         check_image(image, "ImageScale")
         if width == 0 and height == 0:
             return image
@@ -288,9 +354,12 @@ class ImageScaleBy(Node):
     category = "image/upscaling"
     outputs = ("IMAGE",)
 
-    def run(self, image: Annotated[torch.Tensor, IMAGE],
-            upscale_method: Annotated[str, Combo(UPSCALE_METHODS)] = "nearest-exact",
-            scale_by: Annotated[float, Float(min=0.01, max=8.0, step=0.01)] = 1.0) -> torch.Tensor:
+    def run(
+        self,
+        image: Annotated[torch.Tensor, IMAGE],
+        upscale_method: Annotated[str, Combo(UPSCALE_METHODS)] = "nearest-exact",
+        scale_by: Annotated[float, Float(min=0.01, max=8.0, step=0.01)] = 1.0,
+    ) -> torch.Tensor:
         check_image(image, "ImageScaleBy")
         w = max(1, round(image.shape[2] * scale_by))
         h = max(1, round(image.shape[1] * scale_by))
@@ -302,15 +371,18 @@ class ImageCrop(Node):
     category = "image/transform"
     outputs = ("IMAGE",)
 
-    def run(self, image: Annotated[torch.Tensor, IMAGE],
-            width: Annotated[int, Int(min=1, max=MAX_RESOLUTION, step=1)] = 512,
-            height: Annotated[int, Int(min=1, max=MAX_RESOLUTION, step=1)] = 512,
-            x: Annotated[int, Int(min=0, max=MAX_RESOLUTION, step=1)] = 0,
-            y: Annotated[int, Int(min=0, max=MAX_RESOLUTION, step=1)] = 0) -> torch.Tensor:
+    def run(
+        self,
+        image: Annotated[torch.Tensor, IMAGE],
+        width: Annotated[int, Int(min=1, max=MAX_RESOLUTION, step=1)] = 512,
+        height: Annotated[int, Int(min=1, max=MAX_RESOLUTION, step=1)] = 512,
+        x: Annotated[int, Int(min=0, max=MAX_RESOLUTION, step=1)] = 0,
+        y: Annotated[int, Int(min=0, max=MAX_RESOLUTION, step=1)] = 0,
+    ) -> torch.Tensor:
         check_image(image, "ImageCrop")
         x = min(x, image.shape[2] - 1)
         y = min(y, image.shape[1] - 1)
-        return image[:, y:y + height, x:x + width, :]
+        return image[:, y : y + height, x : x + width, :]
 
 
 class ImageBlur(Node):
@@ -318,13 +390,16 @@ class ImageBlur(Node):
     category = "image/postprocessing"
     outputs = ("IMAGE",)
 
-    def run(self, image: Annotated[torch.Tensor, IMAGE],
-            blur_radius: Annotated[int, Int(min=1, max=31, step=1)] = 1,
-            sigma: Annotated[float, Float(min=0.1, max=10.0, step=0.1)] = 1.0) -> torch.Tensor:
+    def run(
+        self,
+        image: Annotated[torch.Tensor, IMAGE],
+        blur_radius: Annotated[int, Int(min=1, max=31, step=1)] = 1,
+        sigma: Annotated[float, Float(min=0.1, max=10.0, step=0.1)] = 1.0,
+    ) -> torch.Tensor:
         check_image(image, "ImageBlur")
         size = blur_radius * 2 + 1
         ax = torch.arange(size, dtype=torch.float32) - blur_radius
-        k1 = torch.exp(-(ax ** 2) / (2 * sigma ** 2))
+        k1 = torch.exp(-(ax**2) / (2 * sigma**2))
         k1 = k1 / k1.sum()
         c = image.shape[-1]
         x = image.movedim(-1, 1)
@@ -359,9 +434,13 @@ class ImageBlend(Node):
     category = "image/postprocessing"
     outputs = ("IMAGE",)
 
-    def run(self, image1: Annotated[torch.Tensor, IMAGE], image2: Annotated[torch.Tensor, IMAGE],
-            blend_factor: Annotated[float, Float(min=0.0, max=1.0, step=0.01)] = 0.5,
-            blend_mode: Annotated[str, Combo(BLEND_MODES)] = "normal") -> torch.Tensor:
+    def run(
+        self,
+        image1: Annotated[torch.Tensor, IMAGE],
+        image2: Annotated[torch.Tensor, IMAGE],
+        blend_factor: Annotated[float, Float(min=0.0, max=1.0, step=0.01)] = 0.5,
+        blend_mode: Annotated[str, Combo(BLEND_MODES)] = "normal",
+    ) -> torch.Tensor:
         check_image(image1, "ImageBlend", "image1")
         check_image(image2, "ImageBlend", "image2")
         if image1.shape[1:3] != image2.shape[1:3]:
@@ -377,16 +456,19 @@ class ImagePadForOutpaint(Node):
     category = "image"
     outputs = ("IMAGE", "MASK")
 
-    def run(self, image: Annotated[torch.Tensor, IMAGE],
-            left: Annotated[int, Int(min=0, max=MAX_RESOLUTION, step=8)] = 0,
-            top: Annotated[int, Int(min=0, max=MAX_RESOLUTION, step=8)] = 0,
-            right: Annotated[int, Int(min=0, max=MAX_RESOLUTION, step=8)] = 0,
-            bottom: Annotated[int, Int(min=0, max=MAX_RESOLUTION, step=8)] = 0,
-            feathering: Annotated[int, Int(min=0, max=MAX_RESOLUTION, step=1)] = 40):
+    def run(
+        self,
+        image: Annotated[torch.Tensor, IMAGE],
+        left: Annotated[int, Int(min=0, max=MAX_RESOLUTION, step=8)] = 0,
+        top: Annotated[int, Int(min=0, max=MAX_RESOLUTION, step=8)] = 0,
+        right: Annotated[int, Int(min=0, max=MAX_RESOLUTION, step=8)] = 0,
+        bottom: Annotated[int, Int(min=0, max=MAX_RESOLUTION, step=8)] = 0,
+        feathering: Annotated[int, Int(min=0, max=MAX_RESOLUTION, step=1)] = 40,
+    ):
         check_image(image, "ImagePadForOutpaint")
         b, h, w, c = image.shape
         out = torch.full((b, h + top + bottom, w + left + right, c), 0.5, dtype=image.dtype)
-        out[:, top:top + h, left:left + w] = image
+        out[:, top : top + h, left : left + w] = image
         mask = torch.ones((h + top + bottom, w + left + right), dtype=torch.float32)
         inner = torch.zeros((h, w), dtype=torch.float32)
         if feathering > 0 and feathering * 2 < min(h, w):
@@ -404,7 +486,7 @@ class ImagePadForOutpaint(Node):
                 d = torch.minimum(d, (w - 1 - xs).expand(h, w))
             v = ((feathering - d) / feathering).clamp(min=0) ** 2
             inner = torch.where(d < feathering, v, inner)
-        mask[top:top + h, left:left + w] = inner
+        mask[top : top + h, left : left + w] = inner
         return out, mask.unsqueeze(0)
 
 
@@ -415,11 +497,15 @@ class ImageCompositeMasked(Node):
     category = "image"
     outputs = ("IMAGE",)
 
-    def run(self, destination: Annotated[torch.Tensor, IMAGE], source: Annotated[torch.Tensor, IMAGE],
-            x: Annotated[int, Int(min=0, max=MAX_RESOLUTION, step=8)] = 0,
-            y: Annotated[int, Int(min=0, max=MAX_RESOLUTION, step=8)] = 0,
-            resize_source: Annotated[bool, Boolean()] = False,
-            mask: Annotated[Any, Socket("MASK")] = None) -> torch.Tensor:
+    def run(
+        self,
+        destination: Annotated[torch.Tensor, IMAGE],
+        source: Annotated[torch.Tensor, IMAGE],
+        x: Annotated[int, Int(min=0, max=MAX_RESOLUTION, step=8)] = 0,
+        y: Annotated[int, Int(min=0, max=MAX_RESOLUTION, step=8)] = 0,
+        resize_source: Annotated[bool, Boolean()] = False,
+        mask: Annotated[Any, Socket("MASK")] = None,
+    ) -> torch.Tensor:
         check_image(destination, "ImageCompositeMasked", "destination")
         check_image(source, "ImageCompositeMasked", "source")
         dest = destination.clone()
@@ -427,25 +513,39 @@ class ImageCompositeMasked(Node):
         if resize_source:
             src = _resize(src, dest.shape[2], dest.shape[1], "bilinear")
         if src.shape[0] < dest.shape[0]:
-            src = src.repeat((dest.shape[0] + src.shape[0] - 1) // src.shape[0], 1, 1, 1)[:dest.shape[0]]
+            src = src.repeat((dest.shape[0] + src.shape[0] - 1) // src.shape[0], 1, 1, 1)[: dest.shape[0]]
         H, W = dest.shape[1], dest.shape[2]
         x, y = min(x, W), min(y, H)
         vh, vw = min(src.shape[1], H - y), min(src.shape[2], W - x)
         if vh <= 0 or vw <= 0:
             return dest
-        region = src[:dest.shape[0], :vh, :vw]
+        region = src[: dest.shape[0], :vh, :vw]
         if mask is None:
             m = torch.ones((dest.shape[0], vh, vw, 1))
         else:
             m = check_mask(mask)
-            m = F.interpolate(m.unsqueeze(1), size=(src.shape[1], src.shape[2]), mode="bilinear",
-                              align_corners=False).squeeze(1)
+            m = F.interpolate(
+                m.unsqueeze(1), size=(src.shape[1], src.shape[2]), mode="bilinear", align_corners=False
+            ).squeeze(1)
             if m.shape[0] < dest.shape[0]:
-                m = m.repeat((dest.shape[0] + m.shape[0] - 1) // m.shape[0], 1, 1)[:dest.shape[0]]
+                m = m.repeat((dest.shape[0] + m.shape[0] - 1) // m.shape[0], 1, 1)[: dest.shape[0]]
             m = m[:, :vh, :vw].unsqueeze(-1)
-        dest[:, y:y + vh, x:x + vw] = region * m + dest[:, y:y + vh, x:x + vw] * (1 - m)
+        dest[:, y : y + vh, x : x + vw] = region * m + dest[:, y : y + vh, x : x + vw] * (1 - m)
         return dest
 
 
-NODES = [EmptyImage, LoadImage, SaveImage, PreviewImage, SaveImageWebsocket, ImageInvert, ImageScale, ImageScaleBy,
-         ImageCrop, ImageBlur, ImageBlend, ImagePadForOutpaint, ImageCompositeMasked]
+NODES = [
+    EmptyImage,
+    LoadImage,
+    SaveImage,
+    PreviewImage,
+    SaveImageWebsocket,
+    ImageInvert,
+    ImageScale,
+    ImageScaleBy,
+    ImageCrop,
+    ImageBlur,
+    ImageBlend,
+    ImagePadForOutpaint,
+    ImageCompositeMasked,
+]

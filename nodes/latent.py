@@ -3,6 +3,7 @@
 LATENT is ``{"samples": [B, 4, H/8, W/8], "noise_mask"?: [B, 1, H, W], "batch_index"?: [...]}``; samples
 are scaled by the VAE's ``scaling_factor`` as the diffusion model expects.
 """
+
 from __future__ import annotations
 
 from typing import Annotated, Any
@@ -12,7 +13,6 @@ import torch.nn.functional as F
 
 from kiln import engine
 from kiln.engine import MAX_RESOLUTION, Combo, Float, Int, NodeError, Output, Socket
-
 from kiln.nodes.common import check_image, check_mask
 
 UPSCALE_METHODS = ["nearest-exact", "bilinear", "area", "bicubic", "bislerp"]
@@ -26,10 +26,12 @@ def _check_multiple(name: str, value: int) -> str | None:
 
 
 def _latent(samples: Any, input_name: str = "samples") -> dict:
-    if not isinstance(samples, dict) or not isinstance(samples.get("samples"), torch.Tensor) \
-            or samples["samples"].ndim != 4:
-        raise NodeError("expected a LATENT ({'samples': [batch, channels, height/8, width/8]})",
-                        input_name=input_name)
+    if (
+        not isinstance(samples, dict)
+        or not isinstance(samples.get("samples"), torch.Tensor)
+        or samples["samples"].ndim != 4
+    ):
+        raise NodeError("expected a LATENT ({'samples': [batch, channels, height/8, width/8]})", input_name=input_name)
     return samples
 
 
@@ -58,10 +60,10 @@ def _resize(x: torch.Tensor, h: int, w: int, method: str, crop: str = "disabled"
         src, dst = ow / oh, w / h
         if src > dst:
             cw = round(oh * dst)
-            x = x[..., (ow - cw) // 2:(ow - cw) // 2 + cw]
+            x = x[..., (ow - cw) // 2 : (ow - cw) // 2 + cw]
         elif src < dst:
             ch = round(ow / dst)
-            x = x[..., (oh - ch) // 2:(oh - ch) // 2 + ch, :]
+            x = x[..., (oh - ch) // 2 : (oh - ch) // 2 + ch, :]
     if method == "bislerp":
         return _slerp_axis(_slerp_axis(x.float(), w, 3), h, 2)
     kw = {"align_corners": False} if method in ("bilinear", "bicubic") else {}
@@ -75,9 +77,12 @@ class EmptyLatentImage(engine.Node):
     category = "latent"
     outputs = [Output("LATENT", tooltip="The empty latent image batch.")]
 
-    def run(self, width: Annotated[int, Int(min=16, max=MAX_RESOLUTION, step=8)] = 512,
-            height: Annotated[int, Int(min=16, max=MAX_RESOLUTION, step=8)] = 512,
-            batch_size: Annotated[int, Int(min=1, max=4096)] = 1):
+    def run(
+        self,
+        width: Annotated[int, Int(min=16, max=MAX_RESOLUTION, step=8)] = 512,
+        height: Annotated[int, Int(min=16, max=MAX_RESOLUTION, step=8)] = 512,
+        batch_size: Annotated[int, Int(min=1, max=4096)] = 1,
+    ):
         return {"samples": torch.zeros([batch_size, 4, height // 8, width // 8])}
 
     @classmethod
@@ -92,11 +97,14 @@ class LatentUpscale(engine.Node):
     category = "latent"
     outputs = ("LATENT",)
 
-    def run(self, samples: Annotated[Any, Socket("LATENT")],
-            upscale_method: Annotated[str, Combo(UPSCALE_METHODS)] = "nearest-exact",
-            width: Annotated[int, Int(min=0, max=MAX_RESOLUTION, step=8)] = 512,
-            height: Annotated[int, Int(min=0, max=MAX_RESOLUTION, step=8)] = 512,
-            crop: Annotated[str, Combo(["disabled", "center"])] = "disabled"):
+    def run(
+        self,
+        samples: Annotated[Any, Socket("LATENT")],
+        upscale_method: Annotated[str, Combo(UPSCALE_METHODS)] = "nearest-exact",
+        width: Annotated[int, Int(min=0, max=MAX_RESOLUTION, step=8)] = 512,
+        height: Annotated[int, Int(min=0, max=MAX_RESOLUTION, step=8)] = 512,
+        crop: Annotated[str, Combo(["disabled", "center"])] = "disabled",
+    ):
         s = _latent(samples)
         x = s["samples"]
         if width == 0 and height == 0:
@@ -120,9 +128,12 @@ class LatentUpscaleBy(engine.Node):
     category = "latent"
     outputs = ("LATENT",)
 
-    def run(self, samples: Annotated[Any, Socket("LATENT")],
-            upscale_method: Annotated[str, Combo(UPSCALE_METHODS)] = "nearest-exact",
-            scale_by: Annotated[float, Float(min=0.01, max=8.0, step=0.01)] = 1.5):
+    def run(
+        self,
+        samples: Annotated[Any, Socket("LATENT")],
+        upscale_method: Annotated[str, Combo(UPSCALE_METHODS)] = "nearest-exact",
+        scale_by: Annotated[float, Float(min=0.01, max=8.0, step=0.01)] = 1.5,
+    ):
         s = _latent(samples)
         x = s["samples"]
         h, w = x.shape[-2:]
@@ -133,14 +144,19 @@ class LatentUpscaleBy(engine.Node):
 
 def _vae(vae: Any) -> Any:
     if vae is None or not hasattr(vae, "vae"):
-        raise NodeError("vae is not a VAE", input_name="vae", hint="connect the VAE output of a checkpoint or VAE loader")
+        raise NodeError(
+            "vae is not a VAE", input_name="vae", hint="connect the VAE output of a checkpoint or VAE loader"
+        )
     return vae
 
 
 def decode(vae: Any, latent: torch.Tensor) -> torch.Tensor:
     if latent.shape[1] != vae.latent_channels:
-        raise NodeError(f"the latent has {latent.shape[1]} channels, this VAE expects {vae.latent_channels}",
-                        input_name="samples", hint="decode with the VAE of the model that made the latent")
+        raise NodeError(
+            f"the latent has {latent.shape[1]} channels, this VAE expects {vae.latent_channels}",
+            input_name="samples",
+            hint="decode with the VAE of the model that made the latent",
+        )
     with torch.inference_mode():
         z = latent.to(vae.device, vae.dtype) / vae.scaling_factor + vae.shift_factor
         img = vae.vae.decode(z).sample
@@ -151,10 +167,13 @@ def crop_to_multiple(pixels: torch.Tensor, m: int = 8) -> torch.Tensor:
     h, w = pixels.shape[1], pixels.shape[2]
     nh, nw = h - h % m, w - w % m
     if nh == 0 or nw == 0:
-        raise NodeError(f"the image is {w}x{h}, smaller than {m} pixels", input_name="pixels",
-                        hint=f"use an image of at least {m}x{m}")
+        raise NodeError(
+            f"the image is {w}x{h}, smaller than {m} pixels",
+            input_name="pixels",
+            hint=f"use an image of at least {m}x{m}",
+        )
     oh, ow = (h - nh) // 2, (w - nw) // 2
-    return pixels[:, oh:oh + nh, ow:ow + nw]
+    return pixels[:, oh : oh + nh, ow : ow + nw]
 
 
 def encode(vae: Any, pixels: torch.Tensor) -> torch.Tensor:
@@ -172,8 +191,11 @@ class VAEDecode(engine.Node):
     category = "latent"
     outputs = [Output("IMAGE", tooltip="The decoded image.")]
 
-    def run(self, samples: Annotated[Any, Socket("LATENT", tooltip="The latent to be decoded.")],
-            vae: Annotated[Any, Socket("VAE", tooltip="The VAE model used for decoding the latent.")]):
+    def run(
+        self,
+        samples: Annotated[Any, Socket("LATENT", tooltip="The latent to be decoded.")],
+        vae: Annotated[Any, Socket("VAE", tooltip="The VAE model used for decoding the latent.")],
+    ):
         return decode(_vae(vae), _latent(samples)["samples"])
 
 
@@ -191,10 +213,11 @@ class VAEEncode(engine.Node):
 def _mask_for(mask: Any, pixels: torch.Tensor) -> torch.Tensor:
     m = check_mask(mask).float()
     if tuple(m.shape[-2:]) != tuple(pixels.shape[1:3]):
-        raise NodeError(f"the mask is {m.shape[-1]}x{m.shape[-2]} but the image is "
-                        f"{pixels.shape[2]}x{pixels.shape[1]}", input_name="mask",
-                        hint="use a mask of the image's size (e.g. the MASK output of the same LoadImage, or "
-                             "resize it first)")
+        raise NodeError(
+            f"the mask is {m.shape[-1]}x{m.shape[-2]} but the image is {pixels.shape[2]}x{pixels.shape[1]}",
+            input_name="mask",
+            hint="use a mask of the image's size (e.g. the MASK output of the same LoadImage, or resize it first)",
+        )
     return m
 
 
@@ -206,15 +229,22 @@ class VAEEncodeForInpaint(engine.Node):
     category = "latent/inpaint"
     outputs = ("LATENT",)
 
-    def run(self, pixels: Annotated[Any, Socket("IMAGE")], vae: Annotated[Any, Socket("VAE")],
-            mask: Annotated[Any, Socket("MASK")],
-            grow_mask_by: Annotated[int, Int(min=0, max=64, step=1)] = 6):
+    def run(
+        self,
+        pixels: Annotated[Any, Socket("IMAGE")],
+        vae: Annotated[Any, Socket("VAE")],
+        mask: Annotated[Any, Socket("MASK")],
+        grow_mask_by: Annotated[int, Int(min=0, max=64, step=1)] = 6,
+    ):
         vae = _vae(vae)
         pixels = check_image(pixels, "VAEEncodeForInpaint", "pixels")[..., :3]
         m = _mask_for(mask, pixels)
         if m.shape[0] != pixels.shape[0] and m.shape[0] != 1:
-            raise NodeError(f"{m.shape[0]} masks for {pixels.shape[0]} images", input_name="mask",
-                            hint="give one mask, or one per image")
+            raise NodeError(
+                f"{m.shape[0]} masks for {pixels.shape[0]} images",
+                input_name="mask",
+                hint="give one mask, or one per image",
+            )
         m = m.expand(pixels.shape[0], -1, -1)
         pixels = crop_to_multiple(pixels, vae.downscale)
         m = crop_to_multiple(m[..., None], vae.downscale)[..., 0]
@@ -240,12 +270,22 @@ class SetLatentNoiseMask(engine.Node):
         m = check_mask(mask).float()
         lh, lw = s["samples"].shape[-2:]
         if abs(m.shape[-1] / m.shape[-2] - lw / lh) > 0.02:
-            raise NodeError(f"the mask is {m.shape[-1]}x{m.shape[-2]}, the latent is for a {lw * 8}x{lh * 8} image",
-                            input_name="mask", hint="use a mask with the same size as the image")
+            raise NodeError(
+                f"the mask is {m.shape[-1]}x{m.shape[-2]}, the latent is for a {lw * 8}x{lh * 8} image",
+                input_name="mask",
+                hint="use a mask with the same size as the image",
+            )
         out = dict(s)
         out["noise_mask"] = m.reshape(-1, 1, m.shape[-2], m.shape[-1])
         return out
 
 
-NODES = [EmptyLatentImage, LatentUpscale, LatentUpscaleBy, VAEDecode, VAEEncode, VAEEncodeForInpaint,
-         SetLatentNoiseMask]
+NODES = [
+    EmptyLatentImage,
+    LatentUpscale,
+    LatentUpscaleBy,
+    VAEDecode,
+    VAEEncode,
+    VAEEncodeForInpaint,
+    SetLatentNoiseMask,
+]

@@ -3,6 +3,7 @@
 Private, loopback and link-local hosts are refused unless Kiln runs with ``KILN_ALLOW_PRIVATE_URLS=1``,
 so a shared graph cannot probe the machine's network or a cloud metadata service.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -25,15 +26,18 @@ class LoadImageURL(engine.Node):
     def fingerprint(reload: bool = False, **_: Any) -> Any:
         return math.nan if reload else 0
 
-    async def run(self, url: Annotated[str, String(tooltip="http(s) URL of a png, jpeg, webp... image")],
-                  max_bytes: Annotated[int, Int(min=1, max=1 << 31, tooltip="refuse larger files")] = 32 << 20,
-                  timeout_s: Annotated[float, Float(min=0.1, max=600.0, step=0.1)] = 30.0,
-                  reload: Annotated[bool, Boolean(tooltip="download again on every run instead of caching by "
-                                                          "URL")] = False) -> tuple:
+    async def run(
+        self,
+        url: Annotated[str, String(tooltip="http(s) URL of a png, jpeg, webp... image")],
+        max_bytes: Annotated[int, Int(min=1, max=1 << 31, tooltip="refuse larger files")] = 32 << 20,
+        timeout_s: Annotated[float, Float(min=0.1, max=600.0, step=0.1)] = 30.0,
+        reload: Annotated[bool, Boolean(tooltip="download again on every run instead of caching by URL")] = False,
+    ) -> tuple:
         url = (url or "").strip()
         got = await imageio.fetch(url, max_bytes=max_bytes, timeout_s=timeout_s, what="LoadImageURL")
-        return await asyncio.to_thread(imageio.decode, got.data, url, "url",
-                                       "the file is corrupt or not an image; check the URL")
+        return await asyncio.to_thread(
+            imageio.decode, got.data, url, "url", "the file is corrupt or not an image; check the URL"
+        )
 
 
 NODES = [LoadImageURL]

@@ -1,4 +1,5 @@
 """Mask nodes with ComfyUI's names and inputs. MASK is float32 [B, H, W] in 0..1 (1 = the area to change)."""
+
 from __future__ import annotations
 
 from typing import Annotated
@@ -15,9 +16,12 @@ class SolidMask(Node):
     category = "mask"
     outputs = ("MASK",)
 
-    def run(self, value: Annotated[float, Float(min=0.0, max=1.0, step=0.01)] = 1.0,
-            width: Annotated[int, Int(min=1, max=MAX_RESOLUTION, step=1)] = 512,
-            height: Annotated[int, Int(min=1, max=MAX_RESOLUTION, step=1)] = 512) -> torch.Tensor:
+    def run(
+        self,
+        value: Annotated[float, Float(min=0.0, max=1.0, step=0.01)] = 1.0,
+        width: Annotated[int, Int(min=1, max=MAX_RESOLUTION, step=1)] = 512,
+        height: Annotated[int, Int(min=1, max=MAX_RESOLUTION, step=1)] = 512,
+    ) -> torch.Tensor:
         return torch.full((1, height, width), value, dtype=torch.float32)
 
 
@@ -35,8 +39,11 @@ class ImageToMask(Node):
     category = "mask"
     outputs = ("MASK",)
 
-    def run(self, image: Annotated[torch.Tensor, Socket("IMAGE")],
-            channel: Annotated[str, Combo(["red", "green", "blue", "alpha"])] = "red") -> torch.Tensor:
+    def run(
+        self,
+        image: Annotated[torch.Tensor, Socket("IMAGE")],
+        channel: Annotated[str, Combo(["red", "green", "blue", "alpha"])] = "red",
+    ) -> torch.Tensor:
         check_image(image, "ImageToMask")
         idx = ["red", "green", "blue", "alpha"].index(channel)
         if idx >= image.shape[-1]:

@@ -1,4 +1,5 @@
 """Primitive value nodes: an INT, FLOAT, STRING, BOOLEAN or seed typed once and wired to many inputs."""
+
 from __future__ import annotations
 
 import sys

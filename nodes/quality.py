@@ -7,6 +7,7 @@
   paid call is made. Terms come from the node and from ``prompt_screen.block`` in Kiln's config; a term
   written ``/like this/`` is a regular expression, any other term matches whole words, ignoring case.
 """
+
 from __future__ import annotations
 
 import re
@@ -29,10 +30,14 @@ class ValidateImage(engine.Node):
     category = "image/quality"
     outputs = [engine.Output("IMAGE", "images")]
 
-    def run(self, images: Annotated[torch.Tensor, Socket("IMAGE")],
-            min_std: Annotated[float, Float(min=0.0, max=1.0, step=0.001,
-                                            tooltip="smallest pixel spread that counts as content")] = 0.004,
-            min_size: Annotated[int, Int(min=1, max=16384, tooltip="smallest width and height")] = 1) -> torch.Tensor:
+    def run(
+        self,
+        images: Annotated[torch.Tensor, Socket("IMAGE")],
+        min_std: Annotated[
+            float, Float(min=0.0, max=1.0, step=0.001, tooltip="smallest pixel spread that counts as content")
+        ] = 0.004,
+        min_size: Annotated[int, Int(min=1, max=16384, tooltip="smallest width and height")] = 1,
+    ) -> torch.Tensor:
         return check_images(images, "ValidateImage", "images", min_std, min_size)
 
 
@@ -45,21 +50,29 @@ def _pattern(term: str) -> re.Pattern:
         try:
             return re.compile(term[1:-1], re.IGNORECASE)
         except re.error as exc:
-            raise NodeError(f"block-list entry {term!r} is not a valid regular expression: {exc}",
-                            input_name="block_list", hint="fix the expression or drop the slashes") from exc
+            raise NodeError(
+                f"block-list entry {term!r} is not a valid regular expression: {exc}",
+                input_name="block_list",
+                hint="fix the expression or drop the slashes",
+            ) from exc
     return re.compile(r"(?<!\w)" + re.escape(term) + r"(?!\w)", re.IGNORECASE)
 
 
 def screen(text: str, terms: list[str], max_length: int) -> None:
     if len(text) > max_length:
-        raise NodeError(f"the prompt is {len(text)} characters, over the limit of {max_length}", input_name="text",
-                        hint="shorten the prompt or raise max_length")
+        raise NodeError(
+            f"the prompt is {len(text)} characters, over the limit of {max_length}",
+            input_name="text",
+            hint="shorten the prompt or raise max_length",
+        )
     for term in terms:
         m = _pattern(term).search(text)
         if m:
-            raise NodeError(f"the prompt contains the blocked term {m.group(0)!r} (entry {term!r}) at character "
-                            f"{m.start()}", input_name="text",
-                            hint="rephrase the prompt, or edit the block list if the term is acceptable here")
+            raise NodeError(
+                f"the prompt contains the blocked term {m.group(0)!r} (entry {term!r}) at character {m.start()}",
+                input_name="text",
+                hint="rephrase the prompt, or edit the block list if the term is acceptable here",
+            )
 
 
 class PromptScreen(engine.Node):
@@ -69,12 +82,15 @@ class PromptScreen(engine.Node):
     category = "text/quality"
     outputs = [engine.Output("STRING", "text")]
 
-    def run(self, text: Annotated[str, String(multiline=True)],
-            block_list: Annotated[str, String(multiline=True, tooltip="terms separated by commas or new lines; "
-                                                                      "/regex/ for patterns")] = "",
-            max_length: Annotated[int, Int(min=0, max=1_000_000, tooltip="0: the config's limit (default 4000)")] = 0,
-            use_config_list: Annotated[bool, Boolean(tooltip="also apply prompt_screen.block from the config")] = True
-            ) -> str:
+    def run(
+        self,
+        text: Annotated[str, String(multiline=True)],
+        block_list: Annotated[
+            str, String(multiline=True, tooltip="terms separated by commas or new lines; /regex/ for patterns")
+        ] = "",
+        max_length: Annotated[int, Int(min=0, max=1_000_000, tooltip="0: the config's limit (default 4000)")] = 0,
+        use_config_list: Annotated[bool, Boolean(tooltip="also apply prompt_screen.block from the config")] = True,
+    ) -> str:
         cfg = config.section("prompt_screen")
         terms = _terms(block_list)
         if use_config_list:

@@ -10,6 +10,7 @@ deleted, and no multipart upload is left behind. Saved objects are reported as `
 optional presigned URLs) in the outputs and in the UI dict, so clients see them in ``executed`` and
 history.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -20,6 +21,7 @@ import io
 import json
 import mimetypes
 import string
+import threading
 from typing import Annotated, Any
 
 import torch
@@ -30,8 +32,7 @@ from kiln.nodes.common import check_image, comfy_png_metadata, to_uint8
 from kiln.nodes.providers import imageio, provenance, s3io
 from kiln.nodes.providers.checks import check_images
 
-STORAGE_CLASSES = ["STANDARD", "STANDARD_IA", "ONEZONE_IA", "INTELLIGENT_TIERING", "GLACIER_IR",
-                   "REDUCED_REDUNDANCY"]
+STORAGE_CLASSES = ["STANDARD", "STANDARD_IA", "ONEZONE_IA", "INTELLIGENT_TIERING", "GLACIER_IR", "REDUCED_REDUNDANCY"]
 FIELDS = {"prefix", "prompt_id", "node", "index", "date", "time", "hash", "ext"}
 MIME = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
 
@@ -47,19 +48,31 @@ def render_key(template: str, values: dict[str, Any], *, batch: int) -> str:
     try:
         names = {f for _, f, _, _ in string.Formatter().parse(template) if f is not None}
     except ValueError as exc:
-        raise NodeError(f"key_template {template!r} is malformed: {exc}", input_name="key_template",
-                        hint="use {field} placeholders; write {{ and }} for literal braces") from exc
+        raise NodeError(
+            f"key_template {template!r} is malformed: {exc}",
+            input_name="key_template",
+            hint="use {field} placeholders; write {{ and }} for literal braces",
+        ) from exc
     unknown = names - FIELDS
     if unknown:
-        raise NodeError(f"key_template uses unknown field(s) {sorted(unknown)}", input_name="key_template",
-                        hint=f"use only {sorted(FIELDS)}")
+        raise NodeError(
+            f"key_template uses unknown field(s) {sorted(unknown)}",
+            input_name="key_template",
+            hint=f"use only {sorted(FIELDS)}",
+        )
     if batch > 1 and not names & {"index", "hash"}:
-        raise NodeError(f"key_template {template!r} gives every image of the batch of {batch} the same key",
-                        input_name="key_template", hint="add {index} or {hash} to the template")
+        raise NodeError(
+            f"key_template {template!r} gives every image of the batch of {batch} the same key",
+            input_name="key_template",
+            hint="add {index} or {hash} to the template",
+        )
     key = template.format(**values).lstrip("/")
     if not key or key.endswith("/"):
-        raise NodeError(f"key_template {template!r} produced the empty or folder-like key {key!r}",
-                        input_name="key_template", hint="end the template with a file name such as {index}.{ext}")
+        raise NodeError(
+            f"key_template {template!r} produced the empty or folder-like key {key!r}",
+            input_name="key_template",
+            hint="end the template with a file name such as {index}.{ext}",
+        )
     return key
 
 
@@ -70,8 +83,11 @@ def _now() -> _dt.datetime:
 def _target(endpoint_url: str, region: str, path_style: bool) -> s3io.Target:
     url = (endpoint_url or "").strip()
     if url and not url.startswith(("http://", "https://")):
-        raise NodeError(f"endpoint_url {url!r} needs a scheme", input_name="endpoint_url",
-                        hint="write it like https://s3.example.com or http://127.0.0.1:9000")
+        raise NodeError(
+            f"endpoint_url {url!r} needs a scheme",
+            input_name="endpoint_url",
+            hint="write it like https://s3.example.com or http://127.0.0.1:9000",
+        )
     return s3io.Target(url, (region or "").strip(), bool(path_style))
 
 
@@ -82,14 +98,21 @@ def _check_bucket(bucket: str) -> str:
     return b
 
 
-_pool: cf.ThreadPoolExecutor | None = None
+_pool: tuple[int, cf.ThreadPoolExecutor] | None = None
+_pool_lock = threading.Lock()
 
 
 def _workers() -> cf.ThreadPoolExecutor:
+    """The threads every S3 node encodes and uploads on: one pool, so concurrent nodes share the
+    ``s3.max_concurrency`` limit instead of each starting its own threads. A changed setting gets a new
+    pool; the old one is only dropped (not shut down, as a node may be submitting to it), and its idle
+    threads exit once it is garbage-collected."""
     global _pool
-    if _pool is None:
-        _pool = cf.ThreadPoolExecutor(max_workers=s3io.settings()["max_concurrency"], thread_name_prefix="kiln-s3")
-    return _pool
+    n = s3io.settings()["max_concurrency"]
+    with _pool_lock:
+        if _pool is None or _pool[0] != n:
+            _pool = (n, cf.ThreadPoolExecutor(max_workers=n, thread_name_prefix="kiln-s3"))
+        return _pool[1]
 
 
 async def _upload_all(c: Any, bucket: str, items: list[dict], storage_class: str, presign: int) -> list[dict]:
@@ -103,13 +126,26 @@ async def _upload_all(c: Any, bucket: str, items: list[dict], storage_class: str
             engine.check_interrupted()
             if "prepare" in item:  # hashing and encoding run in the worker too, overlapping other uploads
                 item.update(await asyncio.wrap_future(_workers().submit(item.pop("prepare"))))
-            fut = _workers().submit(s3io.put, c, bucket, item["key"], item["data"],
-                                    content_type=item["content_type"], metadata=item["metadata"],
-                                    storage_class=storage_class)
+            fut = _workers().submit(
+                s3io.put,
+                c,
+                bucket,
+                item["key"],
+                item["data"],
+                content_type=item["content_type"],
+                metadata=item["metadata"],
+                storage_class=storage_class,
+            )
             puts.append((item["key"], fut))
             r = await asyncio.wrap_future(fut)
-            return {"bucket": bucket, "key": item["key"], "uri": f"s3://{bucket}/{item['key']}",
-                    "size": r["size"], "etag": r["etag"], "content_type": item["content_type"]}
+            return {
+                "bucket": bucket,
+                "key": item["key"],
+                "uri": f"s3://{bucket}/{item['key']}",
+                "size": r["size"],
+                "etag": r["etag"],
+                "content_type": item["content_type"],
+            }
 
     tasks = [asyncio.ensure_future(one(i)) for i in items]
     try:
@@ -120,13 +156,16 @@ async def _upload_all(c: Any, bucket: str, items: list[dict], storage_class: str
         await asyncio.shield(_roll_back(c, bucket, tasks, puts))
         if isinstance(exc, NodeError) or not isinstance(exc, Exception):
             raise
-        failed = next((i.get("key") for i, t in zip(items, tasks) if t.done() and not t.cancelled()
-                       and t.exception() is exc), None)
+        failed = next(
+            (i.get("key") for i, t in zip(items, tasks) if t.done() and not t.cancelled() and t.exception() is exc),
+            None,
+        )
         raise s3io.to_node_error(exc, action="uploading", bucket=bucket, key=failed) from None
     for entry in results:
         if presign:
-            entry["url"] = c.generate_presigned_url("get_object", Params={"Bucket": bucket, "Key": entry["key"]},
-                                                    ExpiresIn=presign)
+            entry["url"] = c.generate_presigned_url(
+                "get_object", Params={"Bucket": bucket, "Key": entry["key"]}, ExpiresIn=presign
+            )
     return list(results)
 
 
@@ -150,6 +189,7 @@ def _ui(entries: list[dict]) -> dict:
 
 def _encoder(arr: Any, fmt: str, quality: int, record: dict | None, texts: dict | None):
     """Encoding deferred to the upload worker; ``arr`` is the HxWxC uint8 image already hashed."""
+
     def encode() -> bytes:
         from PIL import Image
 
@@ -163,6 +203,7 @@ def _encoder(arr: Any, fmt: str, quality: int, record: dict | None, texts: dict 
         else:
             pil.save(buf, format="WEBP", quality=quality, **kw)
         return buf.getvalue()
+
     return encode
 
 
@@ -174,28 +215,31 @@ class SaveImageS3(engine.Node):
     output_node = True
     outputs = [Output("STRING", "uri", is_list=True), Output("STRING", "url", is_list=True)]
 
-    async def run(self, images: Annotated[torch.Tensor, Socket("IMAGE")],
-                  bucket: Bucket,
-                  key_template: Annotated[str, String(tooltip="fields: {prefix} {prompt_id} {node} {index} {date} "
-                                                              "{time} {hash} {ext}")]
-                  = "{prefix}/{date}/{prompt_id}_{node}_{index}.{ext}",
-                  filename_prefix: Annotated[str, String()] = "kiln",
-                  format: Annotated[str, Combo(["png", "jpeg", "webp"])] = "png",
-                  quality: Annotated[int, Int(min=1, max=100, tooltip="jpeg/webp quality")] = 90,
-                  storage_class: Annotated[str, Combo(STORAGE_CLASSES)] = "STANDARD",
-                  endpoint_url: EndpointUrl = "",
-                  region: Region = "",
-                  path_style: PathStyle = False,
-                  presign_seconds: Presign = 0,
-                  embed_provenance: Annotated[bool, Boolean(tooltip="graph, provider, model, revised prompt, "
-                                                                    "time and content hash in the file")] = True,
-                  embed_workflow: Annotated[bool, Boolean(tooltip="ComfyUI's prompt/workflow PNG chunks")] = True,
-                  validate: Annotated[bool, Boolean(tooltip="refuse blank or single-colour images")] = True,
-                  metadata: Annotated[str, String(multiline=True, tooltip="extra S3 metadata as a JSON object")] = "",
-                  generation_info: Annotated[str, String(force_input=True,
-                                                         tooltip="a provider node's usage output")] = None,
-                  prompt: Annotated[dict, Hidden("PROMPT")] = None,
-                  extra_pnginfo: Annotated[dict, Hidden("EXTRA_PNGINFO")] = None) -> NodeResult:
+    async def run(
+        self,
+        images: Annotated[torch.Tensor, Socket("IMAGE")],
+        bucket: Bucket,
+        key_template: Annotated[
+            str, String(tooltip="fields: {prefix} {prompt_id} {node} {index} {date} {time} {hash} {ext}")
+        ] = "{prefix}/{date}/{prompt_id}_{node}_{index}.{ext}",
+        filename_prefix: Annotated[str, String()] = "kiln",
+        format: Annotated[str, Combo(["png", "jpeg", "webp"])] = "png",
+        quality: Annotated[int, Int(min=1, max=100, tooltip="jpeg/webp quality")] = 90,
+        storage_class: Annotated[str, Combo(STORAGE_CLASSES)] = "STANDARD",
+        endpoint_url: EndpointUrl = "",
+        region: Region = "",
+        path_style: PathStyle = False,
+        presign_seconds: Presign = 0,
+        embed_provenance: Annotated[
+            bool, Boolean(tooltip="graph, provider, model, revised prompt, time and content hash in the file")
+        ] = True,
+        embed_workflow: Annotated[bool, Boolean(tooltip="ComfyUI's prompt/workflow PNG chunks")] = True,
+        validate: Annotated[bool, Boolean(tooltip="refuse blank or single-colour images")] = True,
+        metadata: Annotated[str, String(multiline=True, tooltip="extra S3 metadata as a JSON object")] = "",
+        generation_info: Annotated[str, String(force_input=True, tooltip="a provider node's usage output")] = None,
+        prompt: Annotated[dict, Hidden("PROMPT")] = None,
+        extra_pnginfo: Annotated[dict, Hidden("EXTRA_PNGINFO")] = None,
+    ) -> NodeResult:
         check_image(images, "SaveImageS3", "images")
         if validate:
             await asyncio.to_thread(check_images, images, "SaveImageS3", "images")
@@ -207,8 +251,14 @@ class SaveImageS3(engine.Node):
         gens = provenance.parse_generation_info(generation_info)
         now = _now()
         n = int(images.shape[0])
-        fields = {"prefix": filename_prefix.strip("/") or "kiln", "prompt_id": prompt_id, "node": node_id,
-                  "date": now.strftime("%Y-%m-%d"), "time": now.strftime("%H%M%S"), "ext": format}
+        fields = {
+            "prefix": filename_prefix.strip("/") or "kiln",
+            "prompt_id": prompt_id,
+            "node": node_id,
+            "date": now.strftime("%Y-%m-%d"),
+            "time": now.strftime("%H%M%S"),
+            "ext": format,
+        }
         render_key(key_template, {**fields, "index": "00000", "hash": "0" * 16}, batch=n)  # bad templates fail now
         texts = comfy_png_metadata(prompt, extra_pnginfo) if embed_workflow and format == "png" else None
         meta = {"kiln-prompt-id": prompt_id, "kiln-node": node_id, "kiln-created": now.isoformat()}
@@ -218,11 +268,24 @@ class SaveImageS3(engine.Node):
         def prepare(i: int) -> dict:
             pixels = to_uint8(images[i])
             digest = provenance.pixel_hash(pixels)
-            record = provenance.build(pixels=pixels, graph=prompt, generations=gens, prompt_id=prompt_id,
-                                      node_id=node_id, mime=MIME[format], when=now) if embed_provenance else None
-            return {"key": render_key(key_template, {**fields, "index": f"{i:05d}", "hash": digest[:16]}, batch=n),
-                    "data": _encoder(pixels, format, quality, record, texts)(),
-                    "metadata": s3io.ascii_metadata({**meta, "kiln-sha256": digest, **user_meta})}
+            record = (
+                provenance.build(
+                    pixels=pixels,
+                    graph=prompt,
+                    generations=gens,
+                    prompt_id=prompt_id,
+                    node_id=node_id,
+                    mime=MIME[format],
+                    when=now,
+                )
+                if embed_provenance
+                else None
+            )
+            return {
+                "key": render_key(key_template, {**fields, "index": f"{i:05d}", "hash": digest[:16]}, batch=n),
+                "data": _encoder(pixels, format, quality, record, texts)(),
+                "metadata": s3io.ascii_metadata({**meta, "kiln-sha256": digest, **user_meta}),
+            }
 
         items = [{"prepare": (lambda i=i: prepare(i)), "content_type": MIME[format]} for i in range(n)]
         entries = await _upload_all(c, bucket, items, storage_class, presign_seconds)
@@ -235,8 +298,11 @@ def _user_metadata(text: str) -> dict:
     try:
         v = json.loads(text)
     except ValueError as exc:
-        raise NodeError(f"metadata is not JSON: {exc}", input_name="metadata",
-                        hint='write a JSON object such as {"project": "spring"}') from exc
+        raise NodeError(
+            f"metadata is not JSON: {exc}",
+            input_name="metadata",
+            hint='write a JSON object such as {"project": "spring"}',
+        ) from exc
     if not isinstance(v, dict):
         raise NodeError("metadata must be a JSON object", input_name="metadata", hint='e.g. {"project": "spring"}')
     return v
@@ -250,10 +316,16 @@ def _as_bytes(data: Any) -> tuple[bytes, str]:
     if isinstance(data, (dict, list, int, float, bool)) or data is None:
         return json.dumps(data, default=str).encode(), "application/json"
     if isinstance(data, torch.Tensor):
-        raise NodeError("SaveFileS3 got a tensor", input_name="data",
-                        hint="use SaveImageS3 for IMAGE data; SaveFileS3 stores bytes, text or JSON")
-    raise NodeError(f"SaveFileS3 cannot store a {type(data).__name__}", input_name="data",
-                    hint="connect bytes, text (STRING) or JSON-like values")
+        raise NodeError(
+            "SaveFileS3 got a tensor",
+            input_name="data",
+            hint="use SaveImageS3 for IMAGE data; SaveFileS3 stores bytes, text or JSON",
+        )
+    raise NodeError(
+        f"SaveFileS3 cannot store a {type(data).__name__}",
+        input_name="data",
+        hint="connect bytes, text (STRING) or JSON-like values",
+    )
 
 
 class SaveFileS3(engine.Node):
@@ -264,18 +336,21 @@ class SaveFileS3(engine.Node):
     output_node = True
     outputs = [Output("STRING", "uri"), Output("STRING", "url")]
 
-    async def run(self, data: Annotated[Any, Socket("*")],
-                  bucket: Bucket,
-                  key_template: Annotated[str, String()] = "{prefix}/{date}/{prompt_id}_{node}.{ext}",
-                  filename_prefix: Annotated[str, String()] = "kiln",
-                  extension: Annotated[str, String(tooltip="fills {ext}; also picks the content type")] = "bin",
-                  content_type: Annotated[str, String(tooltip="empty: guessed from the extension")] = "",
-                  storage_class: Annotated[str, Combo(STORAGE_CLASSES)] = "STANDARD",
-                  endpoint_url: EndpointUrl = "",
-                  region: Region = "",
-                  path_style: PathStyle = False,
-                  presign_seconds: Presign = 0,
-                  metadata: Annotated[str, String(multiline=True)] = "") -> NodeResult:
+    async def run(
+        self,
+        data: Annotated[Any, Socket("*")],
+        bucket: Bucket,
+        key_template: Annotated[str, String()] = "{prefix}/{date}/{prompt_id}_{node}.{ext}",
+        filename_prefix: Annotated[str, String()] = "kiln",
+        extension: Annotated[str, String(tooltip="fills {ext}; also picks the content type")] = "bin",
+        content_type: Annotated[str, String(tooltip="empty: guessed from the extension")] = "",
+        storage_class: Annotated[str, Combo(STORAGE_CLASSES)] = "STANDARD",
+        endpoint_url: EndpointUrl = "",
+        region: Region = "",
+        path_style: PathStyle = False,
+        presign_seconds: Presign = 0,
+        metadata: Annotated[str, String(multiline=True)] = "",
+    ) -> NodeResult:
         bucket = _check_bucket(bucket)
         body, default_type = _as_bytes(data)
         ext = (extension or "bin").lstrip(".")
@@ -284,14 +359,31 @@ class SaveFileS3(engine.Node):
         prompt_id, node_id = (ctx.prompt_id, ctx.node_id) if ctx else ("none", "none")
         now = _now()
         digest = hashlib.sha256(body).hexdigest()
-        key = render_key(key_template, {"prefix": filename_prefix.strip("/") or "kiln", "prompt_id": prompt_id,
-                                        "node": node_id, "index": "00000", "date": now.strftime("%Y-%m-%d"),
-                                        "time": now.strftime("%H%M%S"), "hash": digest[:16], "ext": ext}, batch=1)
-        meta = s3io.ascii_metadata({"kiln-prompt-id": prompt_id, "kiln-node": node_id, "kiln-sha256": digest,
-                                    **_user_metadata(metadata)})
+        key = render_key(
+            key_template,
+            {
+                "prefix": filename_prefix.strip("/") or "kiln",
+                "prompt_id": prompt_id,
+                "node": node_id,
+                "index": "00000",
+                "date": now.strftime("%Y-%m-%d"),
+                "time": now.strftime("%H%M%S"),
+                "hash": digest[:16],
+                "ext": ext,
+            },
+            batch=1,
+        )
+        meta = s3io.ascii_metadata(
+            {"kiln-prompt-id": prompt_id, "kiln-node": node_id, "kiln-sha256": digest, **_user_metadata(metadata)}
+        )
         c = s3io.client(_target(endpoint_url, region, path_style))
-        entries = await _upload_all(c, bucket, [{"key": key, "data": body, "content_type": ctype, "metadata": meta}],
-                                    storage_class, presign_seconds)
+        entries = await _upload_all(
+            c,
+            bucket,
+            [{"key": key, "data": body, "content_type": ctype, "metadata": meta}],
+            storage_class,
+            presign_seconds,
+        )
         e = entries[0]
         return NodeResult(e["uri"], e.get("url", ""), ui=_ui(entries))
 
@@ -305,21 +397,24 @@ class LoadImageS3(engine.Node):
     outputs = [Output("IMAGE", "image"), Output("MASK", "mask")]
 
     @staticmethod
-    def fingerprint(bucket: str = "", key: str = "", endpoint_url: str = "", region: str = "",
-                    path_style: bool = False, **_: Any) -> Any:
+    def fingerprint(
+        bucket: str = "", key: str = "", endpoint_url: str = "", region: str = "", path_style: bool = False, **_: Any
+    ) -> Any:
         try:
             c = s3io.client(_target(endpoint_url, region, path_style))
             return c.head_object(Bucket=bucket, Key=key)["ETag"]
         except Exception:
             return float("nan")  # unknown: load again (and report the real error when running)
 
-    async def run(self, bucket: Bucket,
-                  key: Annotated[str, String(tooltip="object key")],
-                  endpoint_url: EndpointUrl = "",
-                  region: Region = "",
-                  path_style: PathStyle = False,
-                  max_bytes: Annotated[int, Int(min=1, max=1 << 31, tooltip="refuse larger objects")] = 64 << 20
-                  ) -> tuple:
+    async def run(
+        self,
+        bucket: Bucket,
+        key: Annotated[str, String(tooltip="object key")],
+        endpoint_url: EndpointUrl = "",
+        region: Region = "",
+        path_style: PathStyle = False,
+        max_bytes: Annotated[int, Int(min=1, max=1 << 31, tooltip="refuse larger objects")] = 64 << 20,
+    ) -> tuple:
         bucket = _check_bucket(bucket)
         if not key.strip():
             raise NodeError("no key given", input_name="key", hint="set the object key to load")
@@ -331,10 +426,18 @@ class LoadImageS3(engine.Node):
         except Exception as exc:
             raise s3io.to_node_error(exc, action="loading", bucket=bucket, key=key) from None
         if ctype and ctype not in imageio.IMAGE_TYPES and ctype != "application/octet-stream":
-            raise NodeError(f"s3://{bucket}/{key} has content type {ctype!r}, not an image", input_name="key",
-                            hint="point at an image object (png, jpeg, webp...)")
-        return await asyncio.to_thread(imageio.decode, body, f"s3://{bucket}/{key}", "key",
-                                       "the object is corrupt or not an image; re-upload it or pick another key")
+            raise NodeError(
+                f"s3://{bucket}/{key} has content type {ctype!r}, not an image",
+                input_name="key",
+                hint="point at an image object (png, jpeg, webp...)",
+            )
+        return await asyncio.to_thread(
+            imageio.decode,
+            body,
+            f"s3://{bucket}/{key}",
+            "key",
+            "the object is corrupt or not an image; re-upload it or pick another key",
+        )
 
 
 NODES = [SaveImageS3, SaveFileS3, LoadImageS3]

@@ -4,6 +4,7 @@ Classifiers come from ``models/safety/<name>/``: diffusers' StableDiffusionSafet
 (``config.json`` naming it, weights, optional ``preprocessor_config.json``) or any transformers
 image-classification model whose labels include an unsafe class (nsfw, unsafe, porn, hentai, sexy).
 """
+
 from __future__ import annotations
 
 import json
@@ -15,7 +16,6 @@ from PIL import ImageFilter
 
 from kiln import engine
 from kiln.engine import Combo, NodeError, Output, Socket
-
 from kiln.nodes.common import check_image, pil_to_tensor, tensor_to_pil
 from kiln.nodes.sd.manager import file_identity, folders, get_manager
 
@@ -80,18 +80,28 @@ class ImageSafetyCheck(engine.Node):
     category = "image/safety"
     outputs = [Output("IMAGE", "images"), Output("STRING", "report", tooltip="JSON: one entry per image")]
 
-    def run(self, images: Annotated[Any, Socket("IMAGE")], model_name: Annotated[str, Combo(_choices)],
-            action: Annotated[str, Combo(["block", "blur", "pass"])] = "block"):
+    def run(
+        self,
+        images: Annotated[Any, Socket("IMAGE")],
+        model_name: Annotated[str, Combo(_choices)],
+        action: Annotated[str, Combo(["block", "blur", "pass"])] = "block",
+    ):
         images = check_image(images, "ImageSafetyCheck", "images")
         path = folders().find_model("safety", model_name)
         if path is None or not (path / "config.json").is_file():
-            raise NodeError(f"safety model {model_name!r} not found", input_name="model_name",
-                            hint="put a classifier folder (config.json + weights) in models/safety/")
+            raise NodeError(
+                f"safety model {model_name!r} not found",
+                input_name="model_name",
+                hint="put a classifier folder (config.json + weights) in models/safety/",
+            )
         try:
             clf = get_manager().get("safety", path, _Classifier)
         except (OSError, ValueError) as exc:
-            raise NodeError(f"cannot load safety model {model_name!r}: {exc}", input_name="model_name",
-                            hint="use a StableDiffusionSafetyChecker or image-classification model folder") from exc
+            raise NodeError(
+                f"cannot load safety model {model_name!r}: {exc}",
+                input_name="model_name",
+                hint="use a StableDiffusionSafetyChecker or image-classification model folder",
+            ) from exc
         verdicts = clf.flags(images)
         out = images.clone()
         report = []
@@ -101,7 +111,7 @@ class ImageSafetyCheck(engine.Node):
                 out[i] = 0
                 done = "blocked"
             elif v["flagged"] and action == "blur":
-                pil = tensor_to_pil(images[i:i + 1, ..., :3])[0]
+                pil = tensor_to_pil(images[i : i + 1, ..., :3])[0]
                 radius = max(pil.size) / 8
                 out[i, ..., :3] = pil_to_tensor(pil.filter(ImageFilter.GaussianBlur(radius)))[0]
                 done = "blurred"

@@ -29,6 +29,7 @@ Decisions beyond ComfyUI, for whoever comes next:
 - Queue-size ``status`` messages go at once to the prompt's own client; other sockets get the latest value
   at most every 50 ms, only when it changed for them.
 """
+
 from .app import ROUTES, create_app, serve
 from .config import InsecureBind, ServerConfig, is_loopback
 from .store import StoreLocked

@@ -3,59 +3,71 @@
 The server receives the executor (with its registry and folders) from its caller; it never builds one,
 so it imports neither ``kiln`` nor ``nodes``.
 """
+
 from __future__ import annotations
 
 import asyncio
 import logging
 import signal
+from collections.abc import Callable
 from contextlib import suppress
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 
-from . import files, http_api as h, ws
+from kiln.engine import get_folders
+
+from . import files, http_api, ws
 from .config import ServerConfig
 from .hub import Hub
-from .service import PromptService
 from .keys import CONFIG, FOLDERS, SERVICE
 from .security import make_middlewares
+from .service import PromptService
 from .store import Store
+
+if TYPE_CHECKING:
+    from kiln.engine import Executor, Folders
 
 log = logging.getLogger("kiln.server")
 
 # (method, path, handler); each is served at /path and /api/path
 ROUTES = [
     ("GET", "/ws", ws.websocket),
-    ("POST", "/prompt", h.post_prompt),
-    ("GET", "/prompt", h.get_prompt),
-    ("GET", "/prompt/{prompt_id}", h.prompt_status),
-    ("GET", "/prompt/{prompt_id}/events", h.prompt_events),
-    ("GET", "/queue", h.get_queue),
-    ("POST", "/queue", h.post_queue),
-    ("GET", "/history", h.get_history),
-    ("GET", "/history/{prompt_id}", h.get_history_item),
-    ("POST", "/history", h.post_history),
-    ("POST", "/interrupt", h.post_interrupt),
-    ("POST", "/free", h.post_free),
+    ("POST", "/prompt", http_api.post_prompt),
+    ("GET", "/prompt", http_api.get_prompt),
+    ("GET", "/prompt/{prompt_id}", http_api.prompt_status),
+    ("GET", "/prompt/{prompt_id}/events", http_api.prompt_events),
+    ("GET", "/queue", http_api.get_queue),
+    ("POST", "/queue", http_api.post_queue),
+    ("GET", "/history", http_api.get_history),
+    ("GET", "/history/{prompt_id}", http_api.get_history_item),
+    ("POST", "/history", http_api.post_history),
+    ("POST", "/interrupt", http_api.post_interrupt),
+    ("POST", "/free", http_api.post_free),
     ("GET", "/view", files.view),
     ("POST", "/upload/image", files.upload_image),
     ("POST", "/upload/mask", files.upload_mask),
-    ("GET", "/object_info", h.object_info),
-    ("GET", "/object_info/{node_class}", h.object_info_one),
-    ("GET", "/system_stats", h.system_stats),
-    ("GET", "/features", h.features),
-    ("GET", "/embeddings", h.embeddings),
-    ("GET", "/models", h.models),
-    ("GET", "/models/{folder}", h.models_in),
+    ("GET", "/object_info", http_api.object_info),
+    ("GET", "/object_info/{node_class}", http_api.object_info_one),
+    ("GET", "/system_stats", http_api.system_stats),
+    ("GET", "/features", http_api.features),
+    ("GET", "/embeddings", http_api.embeddings),
+    ("GET", "/models", http_api.models),
+    ("GET", "/models/{folder}", http_api.models_in),
 ]
 
 
-def create_app(executor, config: ServerConfig | None = None, folders=None) -> web.Application:
+def create_app(
+    executor: Executor, config: ServerConfig | None = None, folders: Folders | None = None
+) -> web.Application:
     """Build the application around an engine ``Executor`` (its registry and folders are used)."""
     config = config or ServerConfig()
     config.check_bind()
     app = web.Application(client_max_size=config.max_body_bytes, middlewares=make_middlewares(config))
     app[CONFIG] = config
-    app[FOLDERS] = folders if folders is not None else executor.folders
+    if folders is None:  # the executor's own, else the default it would fall back to (never None)
+        folders = executor.folders if executor.folders is not None else get_folders()
+    app[FOLDERS] = folders
     store = Store(config.data_dir)
     app[SERVICE] = PromptService(executor, store, Hub(config), config)
     for method, path, handler in ROUTES:
@@ -83,7 +95,9 @@ async def _close_sockets(app: web.Application) -> None:
     await app[SERVICE].hub.close_all()
 
 
-def serve(executor, config: ServerConfig, folders=None, print_fn=print) -> None:
+def serve(
+    executor: Executor, config: ServerConfig, folders: Folders | None = None, print_fn: Callable[..., None] = print
+) -> None:
     """Run until SIGINT/SIGTERM.
 
     The executor thread runs Python code most of the time; a short GIL switch interval lets the event loop
@@ -109,8 +123,11 @@ def serve(executor, config: ServerConfig, folders=None, print_fn=print) -> None:
         port = config.port
         if port == 0:
             port = runner.addresses[0][1]
-        print_fn(f"Kiln server listening on http://{hosts[0] if ':' not in hosts[0] else f'[{hosts[0]}]'}:{port}"
-                 f" (data in {config.data_dir})", flush=True)
+        print_fn(
+            f"Kiln server listening on http://{hosts[0] if ':' not in hosts[0] else f'[{hosts[0]}]'}:{port}"
+            f" (data in {config.data_dir})",
+            flush=True,
+        )
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):

@@ -1,28 +1,21 @@
 """Server settings, in one frozen object built by the CLI (``kiln serve``) or by tests."""
+
 from __future__ import annotations
 
-import ipaddress
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1", "[::1]", "ip6-localhost"})
+from kiln.engine import KilnError
+from kiln.engine.net import is_loopback_host
+
 DEFAULT_PORT = 8188
 MB = 1024 * 1024
 
-
-def is_loopback(host: str) -> bool:
-    """True for a name or address that only this machine can reach."""
-    h = host.strip().strip("[]").lower()
-    if h in LOOPBACK_NAMES or h.endswith(".localhost"):
-        return True
-    try:
-        return ipaddress.ip_address(h).is_loopback
-    except ValueError:
-        return False
+is_loopback = is_loopback_host  # the server's name for it (security.py and kiln.server export it)
 
 
-class InsecureBind(ValueError):
+class InsecureBind(KilnError, ValueError):
     """Listening beyond loopback was asked for without an auth token."""
 
 
@@ -62,7 +55,8 @@ class ServerConfig:
         if not self.loopback and not self.auth_token:
             raise InsecureBind(
                 f"Refusing to listen on {self.host}: anyone who can reach it could run graphs and read files. "
-                f"Pass --auth-token TOKEN (or set KILN_AUTH_TOKEN), or bind 127.0.0.1.")
+                f"Pass --auth-token TOKEN (or set KILN_AUTH_TOKEN), or bind 127.0.0.1."
+            )
 
 
 def token_from_env() -> str | None:

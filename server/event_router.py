@@ -6,6 +6,7 @@ that negotiated feature flags. Previews go out only when the prompt asked for th
 (SaveImageWebsocket) always. Plain clients get a type-1 frame after the ``progress`` message, metadata
 clients a type-4 frame before it, as ComfyUI orders them.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -14,15 +15,17 @@ import time
 
 from kiln.engine import events as ev
 
-from . import protocol as P
+from . import protocol
 from .hub import NORMAL, PREVIEW, PROGRESS, Hub, Out
 from .jobs import Job
 from .store import Store, as_json
 
-PER_PROMPT_CID_ONLY = frozenset({"execution_start", "execution_cached", "executing", "executed",
-                                 "execution_success", "execution_error"})
-HISTORY_MESSAGES = frozenset({"execution_start", "execution_cached", "execution_success", "execution_error",
-                              "execution_interrupted"})
+PER_PROMPT_CID_ONLY = frozenset(
+    {"execution_start", "execution_cached", "executing", "executed", "execution_success", "execution_error"}
+)
+HISTORY_MESSAGES = frozenset(
+    {"execution_start", "execution_cached", "execution_success", "execution_error", "execution_interrupted"}
+)
 
 
 class EventPipe:
@@ -42,7 +45,7 @@ class EventPipe:
         self.scheduled = False
         self.last = 0.0  # when the last batch was handed over (monotonic)
 
-    def put(self, job: "Job", event: ev.Event) -> None:
+    def put(self, job: Job, event: ev.Event) -> None:
         with self.lock:
             self.buf.append((job, event))
             if self.scheduled:
@@ -76,20 +79,19 @@ class EventRouter:
     def dispatch(self, job: Job, event: ev.Event) -> None:
         if self.stopping:
             return
-        t = event.comfy_type
-        data = event.comfy_data()
+        t, data = protocol.event_message(event)
         cid = job.client_id
         targets = self.hub.to_sid(cid) if cid is not None else None
         if isinstance(event, ev.NodeStarted):
-            job.last_node = data["node"]
-            self._progress_state(job, data["node"], 0, 1, "running", targets)
+            job.last_node = event.display_node
+            self._progress_state(job, event, 0, 1, "running", targets)
         elif isinstance(event, ev.Progress) and event.preview is not None:
-            self._preview(job, event, targets, before=True)
+            self._preview(job, event, event.preview, targets, before=True)
         job.seq += 1
         data_json = as_json(data)
         self.store.log_event(job.prompt_id, job.seq, t, data_json)
         if isinstance(event, ev.Progress) and event.preview is not None and event.preview.kind == "output":
-            self.store.log_frame(job.prompt_id, job.seq, event.node, event.preview.format, event.preview.data)
+            self.store.log_frame(job.prompt_id, job.seq, event.display_node, event.preview.format, event.preview.data)
         blocked = isinstance(event, ev.NodeBlocked)  # non-fatal; ComfyUI keeps it out of history
         if t in HISTORY_MESSAGES and not blocked:
             job.messages.append([t, data])
@@ -97,7 +99,7 @@ class EventRouter:
                 job.terminal = True
         if self.watchers:
             self.wake(job.prompt_id)
-        text = P.message_from_json(t, data_json, job.seq)
+        text = protocol.message_from_json(t, data_json, job.seq)
         if t == "progress":
             out = Out(text, PROGRESS)
         else:
@@ -108,12 +110,12 @@ class EventRouter:
         elif t not in PER_PROMPT_CID_ONLY or blocked:  # no client id: progress, blocks, interruptions to all
             self.hub.broadcast(out)
         if isinstance(event, ev.Progress):
-            self._progress_state(job, event.node, event.value, event.max, "running", targets, update=True)
+            self._progress_state(job, event, event.value, event.max, "running", targets, update=True)
             if event.preview is not None:
-                self._preview(job, event, targets, before=False)
+                self._preview(job, event, event.preview, targets, before=False)
         elif isinstance(event, ev.NodeOutput):
-            self._progress_state(job, data["node"], 1, 1, "finished", targets)
-            if job.open_node == data["node"]:
+            self._progress_state(job, event, 1, 1, "finished", targets)
+            if job.open_node is not None and job.open_node.node == event.node:
                 job.open_node = None
 
     def wake(self, prompt_id: str) -> None:
@@ -130,17 +132,15 @@ class EventRouter:
             frame = frames.get(seq)
             if frame is not None and client.metadata_previews:
                 node, fmt, data = frame
-                meta = {"node_id": node, "prompt_id": prompt_id, "display_node_id": node,
-                        "parent_node_id": None, "real_node_id": node}
-                client.send(Out(P.preview_frame_with_metadata(fmt, data, meta)))
-            client.send(Out(P.message_from_json(t, d, seq)))
+                meta = {"prompt_id": prompt_id, **protocol.node_ids(ev.NodeEvent(prompt_id, node=node))}
+                client.send(Out(protocol.preview_frame_with_metadata(fmt, data, meta)))
+            client.send(Out(protocol.message_from_json(t, d, seq)))
             if frame is not None and not client.metadata_previews:
-                client.send(Out(P.preview_frame(frame[1], frame[2])))
+                client.send(Out(protocol.preview_frame(frame[1], frame[2])))
             n += 1
         return n
 
-    def _preview(self, job: Job, event: ev.Progress, targets, before: bool) -> None:
-        pv = event.preview
+    def _preview(self, job: Job, event: ev.Progress, pv: ev.Preview, targets, before: bool) -> None:
         is_output = pv.kind == "output"
         if not is_output and not job.previews:
             return
@@ -150,17 +150,17 @@ class EventRouter:
         for c in clients:
             if c.metadata_previews and before:
                 if frame4 is None:
-                    node = event.node
-                    meta = {"node_id": node, "prompt_id": job.prompt_id, "display_node_id": node,
-                            "parent_node_id": None, "real_node_id": node}
-                    frame4 = Out(P.preview_frame_with_metadata(pv.format, pv.data, meta), klass)
+                    meta = {"prompt_id": job.prompt_id, **protocol.node_ids(event)}
+                    frame4 = Out(protocol.preview_frame_with_metadata(pv.format, pv.data, meta), klass)
                 c.send(frame4)
             elif not c.metadata_previews and not before:
                 if frame1 is None:
-                    frame1 = Out(P.preview_frame(pv.format, pv.data), klass)
+                    frame1 = Out(protocol.preview_frame(pv.format, pv.data), klass)
                 c.send(frame1)
 
-    def _progress_state(self, job: Job, node: str, value, max_, state: str, targets, update: bool = False) -> None:
+    def _progress_state(
+        self, job: Job, event: ev.NodeEvent, value: float, max_: float, state: str, targets, update: bool = False
+    ) -> None:
         """ComfyUI's progress_state, as a per-node delta, for clients that negotiated feature flags.
 
         ComfyUI re-sends every node's state on each change (quadratic in the node count); Kiln sends only
@@ -168,21 +168,21 @@ class EventRouter:
         """
         if state == "running" and not update:
             self.close_open_node(job, targets)
-            job.open_node = node
+            job.open_node = event
         clients = targets if targets is not None else list(self.hub.clients())
         clients = [c for c in clients if c.negotiated]
         if not clients:
             return
-        entry = {"value": value, "max": max_, "state": state, "node_id": node, "prompt_id": job.prompt_id,
-                 "display_node_id": node, "parent_node_id": None, "real_node_id": node}
-        out = Out(P.message("progress_state", {"prompt_id": job.prompt_id, "nodes": {node: entry}}), PROGRESS)
+        entry = {"value": value, "max": max_, "state": state, "prompt_id": job.prompt_id, **protocol.node_ids(event)}
+        out = Out(
+            protocol.message("progress_state", {"prompt_id": job.prompt_id, "nodes": {event.node: entry}}), PROGRESS
+        )
         for c in clients:
             c.send(out)
 
     def close_open_node(self, job: Job, targets=None) -> None:
-        node, job.open_node = job.open_node, None
-        if node is not None:
+        event, job.open_node = job.open_node, None
+        if event is not None:
             if targets is None and job.client_id is not None:
                 targets = self.hub.to_sid(job.client_id)
-            self._progress_state(job, node, 1, 1, "finished", targets)
-
+            self._progress_state(job, event, 1, 1, "finished", targets)

@@ -4,6 +4,7 @@ Every name from a request goes through ``Folders.safe_path`` (no ``..``, absolut
 backslashes or symlinks out). Uploads stream to a temporary file with a size limit, must decode as an
 image, and never overwrite unless asked: an identical file is reused, a different one gets " (n)".
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -15,7 +16,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from aiohttp import web
+from aiohttp import BodyPartReader, web
 
 from kiln.engine import UnsafePath
 
@@ -79,7 +80,7 @@ async def view(request: web.Request) -> web.StreamResponse:
 def _reencode(path: Path, preview: str | None, channel: str) -> tuple[bytes, str]:
     from PIL import Image
 
-    img = Image.open(path)
+    img: Image.Image = Image.open(path)
     if channel == "rgb":
         img, fmt = img.convert("RGB"), "png"
     elif channel == "a":
@@ -112,6 +113,10 @@ async def _read_upload(request: web.Request, limit: int) -> tuple[dict, tuple[st
         part = await reader.next()
         if part is None:
             break
+        if not isinstance(part, BodyPartReader):  # a nested multipart/* part: not a form field
+            if upload is not None:
+                upload[1].unlink()
+            raise web.HTTPBadRequest(text="nested multipart parts are not supported")
         if part.name == "image" and part.filename is not None:
             if upload is not None:
                 upload[1].unlink()

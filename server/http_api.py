@@ -1,4 +1,5 @@
 """HTTP handlers: thin wrappers that parse the request, call the prompt service and answer JSON."""
+
 from __future__ import annotations
 
 import importlib.metadata
@@ -8,13 +9,13 @@ import sys
 
 from aiohttp import web
 
-from kiln.engine import GraphFormatError
+from kiln.engine import GraphFormatError, use_folders
 from kiln.engine.graph import decode_json
 
-from . import protocol as P
-from .service import ApiError, PromptService
+from . import protocol
 from .keys import CONFIG, FOLDERS, SERVICE
 from .security import error_response
+from .service import ApiError, PromptService
 
 MAX_WAIT = 3600.0
 
@@ -46,7 +47,7 @@ async def post_prompt(request: web.Request) -> web.Response:
     svc = service(request)
     try:
         data = await read_json(request)
-        body = svc.submit(data)
+        body = await svc.submit(data)
     except ApiError as exc:
         return api_error(exc)
     if request.query.get("wait", "").lower() in ("1", "true", "yes"):
@@ -91,9 +92,15 @@ async def prompt_events(request: web.Request) -> web.Response:
     if events is None:
         return error_response(404, "prompt_not_found", f"No prompt with id {pid!r}")
     st = svc.status(pid)
-    return web.json_response({"prompt_id": pid, "status": st["status"], "events": events,
-                              "last_seq": events[-1]["seq"] if events else since,
-                              "done": st["status"] not in ("pending", "running")})
+    return web.json_response(
+        {
+            "prompt_id": pid,
+            "status": st["status"],
+            "events": events,
+            "last_seq": events[-1]["seq"] if events else since,
+            "done": st["status"] not in ("pending", "running"),
+        }
+    )
 
 
 # -- queue / history --------------------------------------------------------------------------------
@@ -109,8 +116,9 @@ def _id_list(data: dict, key: str) -> list[str]:
 
 
 def _not_found(missing: list[str]) -> web.Response:
-    return error_response(404, "prompt_not_found", "Some prompt ids were not found", ", ".join(missing),
-                          prompt_ids=missing)
+    return error_response(
+        404, "prompt_not_found", "Some prompt ids were not found", ", ".join(missing), prompt_ids=missing
+    )
 
 
 async def _clear_or_delete(request: web.Request, clear, delete) -> web.Response:
@@ -186,16 +194,18 @@ async def post_free(request: web.Request) -> web.Response:
 # -- catalogue and system ---------------------------------------------------------------------------
 async def object_info(request: web.Request) -> web.Response:
     reg = service(request).registry
-    return web.json_response(reg.object_info())
+    with use_folders(request.app[FOLDERS]):  # model choice lists come from this server's folders
+        return web.json_response(reg.object_info())
 
 
 async def object_info_one(request: web.Request) -> web.Response:
     reg = service(request).registry
-    return web.json_response(reg.object_info([request.match_info["node_class"]]))
+    with use_folders(request.app[FOLDERS]):
+        return web.json_response(reg.object_info([request.match_info["node_class"]]))
 
 
 async def features(request: web.Request) -> web.Response:
-    return web.json_response(P.server_features(request.app[CONFIG].max_upload_bytes))
+    return web.json_response(protocol.server_features(request.app[CONFIG].max_upload_bytes))
 
 
 def _meminfo() -> tuple[int, int]:
@@ -219,13 +229,33 @@ def _version(dist: str) -> str:
 
 async def system_stats(request: web.Request) -> web.Response:
     total, free = _meminfo()
-    return web.json_response({
-        "system": {"os": os.name if sys.platform != "linux" else "posix", "ram_total": total, "ram_free": free,
-                   "comfyui_version": "0.8.0", "kiln_version": _version("kiln") or "0.1.0",
-                   "python_version": sys.version, "pytorch_version": _version("torch"),
-                   "embedded_python": False, "argv": sys.argv, "platform": platform.platform()},
-        "devices": [{"name": "cpu", "type": "cpu", "index": None, "vram_total": 0, "vram_free": 0,
-                     "torch_vram_total": 0, "torch_vram_free": 0}]})
+    return web.json_response(
+        {
+            "system": {
+                "os": os.name if sys.platform != "linux" else "posix",
+                "ram_total": total,
+                "ram_free": free,
+                "comfyui_version": "0.8.0",
+                "kiln_version": _version("kiln") or "0.1.0",
+                "python_version": sys.version,
+                "pytorch_version": _version("torch"),
+                "embedded_python": False,
+                "argv": sys.argv,
+                "platform": platform.platform(),
+            },
+            "devices": [
+                {
+                    "name": "cpu",
+                    "type": "cpu",
+                    "index": None,
+                    "vram_total": 0,
+                    "vram_free": 0,
+                    "torch_vram_total": 0,
+                    "torch_vram_free": 0,
+                }
+            ],
+        }
+    )
 
 
 def _folders(request: web.Request):

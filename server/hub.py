@@ -9,16 +9,21 @@ the same clientId and replay what it missed.
 On sockets without permessage-deflate, a burst of queued messages is written as raw websocket frames in
 one transport write, so a 500-node graph costs a handful of syscalls rather than one per message.
 """
+
 from __future__ import annotations
 
 import asyncio
 import logging
 import struct
 from collections import deque
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable
+from typing import TYPE_CHECKING
 
 from aiohttp import WSCloseCode, web
+
+if TYPE_CHECKING:
+    from .config import ServerConfig
 
 log = logging.getLogger("kiln.server")
 
@@ -37,7 +42,7 @@ class Out:
 
 
 class Client:
-    def __init__(self, ws: web.WebSocketResponse, sid: str, hub: "Hub", transport=None):
+    def __init__(self, ws: web.WebSocketResponse, sid: str, hub: Hub, transport: asyncio.Transport | None = None):
         self.ws = ws
         self.transport = transport
         self.sid = sid
@@ -84,8 +89,7 @@ class Client:
             self.bytes = sum(o.size for o in kept)
             if len(self.queue) <= cfg.max_queue and self.bytes <= cfg.max_queue_bytes:
                 return
-        log.warning("websocket client %s cannot keep up (%d messages queued); disconnecting", self.sid,
-                    len(self.queue))
+        log.warning("websocket client %s cannot keep up (%d messages queued); disconnecting", self.sid, len(self.queue))
         self.close(WSCloseCode.TRY_AGAIN_LATER, "send queue full; reconnect and replay")
 
     def close(self, code: int = WSCloseCode.GOING_AWAY, message: str = "") -> None:
@@ -109,7 +113,7 @@ class Client:
     async def _sender(self) -> None:
         try:
             if self.transport is not None and not self.ws.compress:
-                await self._send_batched()
+                await self._send_batched(self.transport)
             else:
                 await self._send_each()
         except (ConnectionError, RuntimeError, asyncio.CancelledError):
@@ -134,10 +138,9 @@ class Client:
             else:
                 await ws.send_bytes(out.payload)
 
-    async def _send_batched(self) -> None:
+    async def _send_batched(self, t: asyncio.Transport) -> None:
         """Write every queued message as websocket frames in one transport write (one syscall for a burst
         of events instead of one per message), then wait while the peer's buffer is full."""
-        t = self.transport
         while not self.closed:
             if not self.queue:
                 await self._wait()
@@ -183,7 +186,7 @@ def _frame(payload: str | bytes) -> bytes:
 class Hub:
     """The registry of sockets by sid; one sid may have several sockets (a reconnect overlapping)."""
 
-    def __init__(self, config):
+    def __init__(self, config: ServerConfig):
         self.config = config
         self.by_sid: dict[str, list[Client]] = {}
 

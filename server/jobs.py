@@ -1,4 +1,5 @@
 """What the service keeps about a prompt, and the helpers that shape a submission."""
+
 from __future__ import annotations
 
 import hashlib
@@ -8,7 +9,10 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any
 
-from kiln.engine import Graph, ValidationResult
+from kiln.engine import Graph, KilnError, ValidationResult
+from kiln.engine.events import NodeEvent
+
+from .store import json_number
 
 SECRET_KEY = re.compile(r"(api[_-]?key|token|secret|password|authorization)", re.I)
 MAX_PROMPT_ID = 256
@@ -17,16 +21,29 @@ MAX_PROMPT_ID = 256
 SEQ_EPOCH = 1_000_000
 
 
-class ApiError(Exception):
+class ApiError(KilnError):
     """A request the service refuses; ``body`` is the JSON answer."""
 
-    def __init__(self, status: int, type_: str, message: str, details: str = "", node_errors: dict | None = None,
-                 body: dict | None = None, **extra: Any):
+    def __init__(
+        self,
+        status: int,
+        type_: str,
+        message: str,
+        details: str = "",
+        node_errors: dict | None = None,
+        body: dict | None = None,
+        **extra: Any,
+    ):
         super().__init__(message)
         self.status = status
-        self.body = body if body is not None else {
-            "error": {"type": type_, "message": message, "details": details, "extra_info": extra},
-            "node_errors": node_errors or {}}
+        self.body = (
+            body
+            if body is not None
+            else {
+                "error": {"type": type_, "message": message, "details": details, "extra_info": extra},
+                "node_errors": node_errors or {},
+            }
+        )
 
 
 @dataclass
@@ -47,30 +64,28 @@ class Job:
     last_node: str | None = None
     previews: bool = False
     state_nodes: dict = field(default_factory=dict)  # progress_state per node, for negotiated clients
-    open_node: str | None = None
+    open_node: NodeEvent | None = None  # the node whose progress_state is 'running'
     terminal: bool = False  # a success/error/interrupted event was dispatched
 
     @property
     def queue_item(self) -> list:
-        n = int(self.number) if float(self.number).is_integer() else self.number
-        return [n, self.prompt_id, self.prompt_json, self.extra_data, self.outputs]
+        return [json_number(self.number), self.prompt_id, self.prompt_json, self.extra_data, self.outputs]
 
 
 def body_hash(data: dict) -> str:
     """What makes two submissions of one prompt_id the same: graph, targets, extra data."""
-    key = {"prompt": data.get("prompt"), "targets": data.get("partial_execution_targets"),
-           "extra": {k: v for k, v in (data.get("extra_data") or {}).items() if not SECRET_KEY.search(str(k))}}
+    key = {
+        "prompt": data.get("prompt"),
+        "targets": data.get("partial_execution_targets"),
+        "extra": {k: v for k, v in (data.get("extra_data") or {}).items() if not SECRET_KEY.search(str(k))},
+    }
     return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def split_sensitive(extra: dict) -> tuple[dict, dict]:
     """Secrets never reach the store, history or events: they live in memory for the run only."""
-    keep, secret = {}, {}
+    keep: dict = {}
+    secret: dict = {}
     for k, v in extra.items():
         (secret if SECRET_KEY.search(str(k)) else keep)[k] = v
     return keep, secret
-
-
-def _num(n: float) -> float | int:
-    return int(n) if float(n).is_integer() else n
-

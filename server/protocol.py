@@ -7,10 +7,15 @@ negotiated ``supports_preview_metadata``.
 Per-prompt events carry a top-level ``"seq"`` (1, 2, ...) next to ``type`` and ``data``; ComfyUI clients
 ignore it, Kiln's client uses it to ask for a replay from where it stopped.
 """
+
 from __future__ import annotations
 
 import json
 import struct
+from collections.abc import Callable
+from typing import Any
+
+from kiln.engine import GraphFormatError, Issue, ValidationResult, events as ev
 
 PREVIEW_IMAGE = 1
 PREVIEW_IMAGE_WITH_METADATA = 4
@@ -33,7 +38,7 @@ def message(type_: str, data, seq: int | None = None) -> str:
 
 def message_from_json(type_: str, data_json: str, seq: int) -> str:
     """A logged event back into a message, without decoding its data."""
-    return '{"type":%s,"data":%s,"seq":%d}' % (json.dumps(type_), data_json, seq)
+    return f'{{"type":{json.dumps(type_)},"data":{data_json},"seq":{int(seq)}}}'
 
 
 def status_data(queue_remaining: int, sid: str | None = None) -> dict:
@@ -58,3 +63,121 @@ def error_message(type_: str, message_: str, details: str = "", **extra) -> str:
 
 def server_features(max_upload: int) -> dict:
     return {"supports_preview_metadata": True, "max_upload_size": max_upload, "kiln": dict(SERVER_FEATURES)}
+
+
+# -- engine events -> ComfyUI messages ---------------------------------------------------------------------
+# The engine's events are neutral; this is the one place that knows ComfyUI's message names and shapes.
+
+
+def event_message(event: ev.Event) -> tuple[str, dict]:
+    """(message type, data) of the ComfyUI websocket message for an engine event."""
+    render = _RENDER.get(type(event))
+    if render is None:
+        raise TypeError(f"no ComfyUI message for {type(event).__name__}")
+    return render(event)
+
+
+def node_ids(event: ev.NodeEvent, node: str | None = None) -> dict:
+    """ComfyUI's four node ids of a node event (preview metadata and progress_state entries)."""
+    return {
+        "node_id": node or event.node,
+        "display_node_id": event.display_node,
+        "parent_node_id": event.parent_node,
+        "real_node_id": event.real_node,
+    }
+
+
+def execution_error_data(e: ev.ExecutionError) -> dict:
+    return {
+        "prompt_id": e.prompt_id,
+        "node_id": e.node_id,
+        "node_type": e.node_type,
+        "executed": list(e.executed),
+        "exception_message": e.message,
+        "exception_type": e.exception_type,
+        "traceback": list(e.traceback),
+        "current_inputs": e.inputs,
+        "current_outputs": list(e.outputs),
+        "timestamp": e.timestamp,
+    }
+
+
+def _blocked(e: ev.NodeBlocked) -> tuple[str, dict]:
+    # ComfyUI reports a blocked call as a non-terminal execution_error of type ExecutionBlocked, without a
+    # timestamp and with lists for inputs/outputs
+    return "execution_error", {
+        "prompt_id": e.prompt_id,
+        "node_id": e.node_id,
+        "node_type": e.node_type,
+        "executed": list(e.executed),
+        "exception_message": f"Execution Blocked: {e.message}",
+        "exception_type": "ExecutionBlocked",
+        "traceback": [],
+        "current_inputs": [],
+        "current_outputs": [],
+    }
+
+
+_RENDER: dict[type, Callable[[Any], tuple[str, dict]]] = {
+    ev.ExecutionStart: lambda e: ("execution_start", {"prompt_id": e.prompt_id, "timestamp": e.timestamp}),
+    ev.ExecutionCached: lambda e: (
+        "execution_cached",
+        {"nodes": list(e.nodes), "prompt_id": e.prompt_id, "timestamp": e.timestamp},
+    ),
+    ev.NodeStarted: lambda e: (
+        "executing",
+        {"node": e.display_node, "display_node": e.display_node, "prompt_id": e.prompt_id},
+    ),
+    ev.Progress: lambda e: (
+        "progress",
+        {"value": e.value, "max": e.max, "prompt_id": e.prompt_id, "node": e.display_node},
+    ),
+    ev.NodeOutput: lambda e: (
+        "executed",
+        {"node": e.node, "display_node": e.display_node, "output": e.output, "prompt_id": e.prompt_id},
+    ),
+    ev.ExecutionSuccess: lambda e: ("execution_success", {"prompt_id": e.prompt_id, "timestamp": e.timestamp}),
+    ev.ExecutionError: lambda e: ("execution_error", execution_error_data(e)),
+    ev.NodeBlocked: _blocked,
+    ev.ExecutionInterrupted: lambda e: (
+        "execution_interrupted",
+        {
+            "prompt_id": e.prompt_id,
+            "node_id": e.node_id,
+            "node_type": e.node_type,
+            "executed": list(e.executed),
+            "timestamp": e.timestamp,
+        },
+    ),
+}
+
+
+# -- validation results -> ComfyUI's {error, node_errors} body ------------------------------------------
+
+_EXTRA_NAMES = {"error": "exception_message"}  # engine's name -> ComfyUI's extra_info key
+
+
+def issue_data(issue: Issue) -> dict:
+    extra = {_EXTRA_NAMES.get(k, k): v for k, v in issue.extra.items()}
+    return {"type": issue.kind, "message": issue.message, "details": issue.details, "extra_info": extra}
+
+
+def node_errors(result: ValidationResult) -> dict:
+    return {
+        nid: {
+            "errors": [issue_data(i) for i in p.issues],
+            "dependent_outputs": list(p.dependent_outputs),
+            "class_type": p.class_type,
+        }
+        for nid, p in result.problems.items()
+    }
+
+
+def validation_body(result: ValidationResult) -> dict:
+    """The body ComfyUI answers an invalid prompt with."""
+    return {"error": issue_data(result.error) if result.error is not None else None, "node_errors": node_errors(result)}
+
+
+def format_error_data(exc: GraphFormatError) -> dict:
+    """A submission that is not a graph, as ComfyUI's ``invalid_prompt`` error."""
+    return {"type": "invalid_prompt", "message": exc.message, "details": exc.details, "extra_info": {}}

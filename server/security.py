@@ -7,6 +7,7 @@
 - Token: when the server has one, every HTTP request needs ``Authorization: Bearer TOKEN``; the websocket
   also accepts ``?token=TOKEN`` because browsers cannot set headers on it.
 """
+
 from __future__ import annotations
 
 import hmac
@@ -16,14 +17,15 @@ from urllib.parse import urlsplit
 
 from aiohttp import web
 
-from .config import ServerConfig, is_loopback
+from kiln.engine.net import is_loopback_host
+
+from .config import ServerConfig
 
 log = logging.getLogger("kiln.server")
 
 
 def error_response(status: int, type_: str, message: str, details: str = "", **extra) -> web.Response:
-    body = {"error": {"type": type_, "message": message, "details": details, "extra_info": extra},
-            "node_errors": {}}
+    body = {"error": {"type": type_, "message": message, "details": details, "extra_info": extra}, "node_errors": {}}
     return web.json_response(body, status=status)
 
 
@@ -39,7 +41,7 @@ def check_host_origin(request: web.Request, config: ServerConfig) -> str | None:
     """A reason to refuse the request, or None."""
     host_hdr = request.headers.get("Host", "")
     host, port = _split_host(host_hdr)
-    if config.loopback and host and not is_loopback(host):
+    if config.loopback and host and not is_loopback_host(host):
         return f"Host {host_hdr!r} is not this server's name (a DNS rebinding attempt?)"
     origin = request.headers.get("Origin")
     if origin is None or origin == "null" and not config.loopback:
@@ -58,7 +60,7 @@ def check_host_origin(request: web.Request, config: ServerConfig) -> str | None:
         port = default_port.get(request.scheme, "")
     same = o_host == host and o_port == port
     if config.loopback:
-        same = same or (is_loopback(o_host) and is_loopback(host) and o_port == port)
+        same = same or (is_loopback_host(o_host) and is_loopback_host(host) and o_port == port)
     if not same:
         return f"Origin {origin!r} may not call this server (cross-site request)"
     return None
@@ -98,8 +100,12 @@ def make_middlewares(config: ServerConfig) -> list:
         if why is not None:
             return error_response(403, "forbidden_origin", "Request refused", why)
         if config.auth_token and not token_ok(request, config.auth_token):
-            resp = error_response(401, "unauthorized", "Missing or wrong auth token",
-                                  "Send 'Authorization: Bearer TOKEN' (or ?token=TOKEN on the websocket)")
+            resp = error_response(
+                401,
+                "unauthorized",
+                "Missing or wrong auth token",
+                "Send 'Authorization: Bearer TOKEN' (or ?token=TOKEN on the websocket)",
+            )
             resp.headers["WWW-Authenticate"] = "Bearer"
             return resp
         return await handler(request)

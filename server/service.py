@@ -11,6 +11,7 @@ then -- after the history entry is committed -- ``status`` and ``executing {node
 per-prompt events gets a sequence number and is logged, so a client can replay from any point and always
 gets the final event.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -20,17 +21,33 @@ import json
 import logging
 import time
 import uuid
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from kiln.engine import Graph, GraphFormatError, ValidationResult, parse_submission, validate
-from kiln.engine import events as ev
+from kiln.engine import (
+    Graph,
+    GraphFormatError,
+    Issue,
+    ValidationResult,
+    events as ev,
+    parse_submission,
+    use_folders,
+    validate,
+)
+from kiln.engine.context import RunOptions
 
-from . import protocol as P
-from .hub import Hub, Out
-from .jobs import MAX_PROMPT_ID, SEQ_EPOCH, ApiError, Job, _num, body_hash, split_sensitive
+from . import protocol
 from .event_router import EventPipe, EventRouter
-from .store import FINISHED, Store, as_json
+from .hub import Client, Hub, Out
+from .jobs import MAX_PROMPT_ID, SEQ_EPOCH, ApiError, Job, body_hash, split_sensitive
+from .store import FINISHED, PromptRow, Store, as_json, json_number
 from .webhook import post_webhook
+
+if TYPE_CHECKING:
+    import aiohttp
+
+    from kiln.engine import Executor
+
+    from .config import ServerConfig
 
 __all__ = ["PromptService", "ApiError", "Job"]
 
@@ -40,7 +57,7 @@ STATUS_INTERVAL = 0.05  # seconds between queue-size updates to sockets not invo
 
 
 class PromptService:
-    def __init__(self, executor, store: Store, hub: Hub, config):
+    def __init__(self, executor: Executor, store: Store, hub: Hub, config: ServerConfig):
         self.executor = executor
         self.registry = executor.registry
         self.store = store
@@ -55,12 +72,18 @@ class PromptService:
         self._task: asyncio.Task | None = None
         self._waiters: dict[str, list[asyncio.Future]] = {}
         self._free = {"unload_models": False, "free_memory": False}
-        self._session = None
+        self._session: aiohttp.ClientSession | None = None
         self._bg: set[asyncio.Task] = set()
         self._status_timer: asyncio.TimerHandle | None = None
         self.router = EventRouter(hub, store)
         self._finished = 0
         self.loop: asyncio.AbstractEventLoop | None = None
+
+    @property
+    def _loop(self) -> asyncio.AbstractEventLoop:
+        """The loop ``start`` bound; everything that needs it runs after ``start``."""
+        assert self.loop is not None, "PromptService.start() has not run"
+        return self.loop
 
     # -- lifecycle ----------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -68,7 +91,7 @@ class PromptService:
         self._pipe = EventPipe(self.loop, self.router.dispatch)
         self._wake = asyncio.Event()
         self.counter = int(self.store.max_number()) + 1 if self.store.max_number() >= 0 else 0
-        self.recover()
+        await self.recover()
         self._task = self.loop.create_task(self._worker(), name="kiln-prompt-worker")
 
     async def stop(self) -> None:
@@ -92,44 +115,69 @@ class PromptService:
         self._pool.shutdown(wait=False, cancel_futures=True)
         self.store.flush()
 
-    def recover(self) -> None:
+    async def recover(self) -> None:
         """Requeue what was pending; re-run or fail what was running when the server died."""
         for row in self.store.unfinished():
-            last = self.store.db.execute("SELECT MAX(seq) FROM events WHERE prompt_id=?",
-                                         (row.prompt_id,)).fetchone()[0] or 0
+            last = self.store.last_event_seq(row.prompt_id)
             if row.status == "running":
                 if self.config.on_crash == "fail" or row.attempts >= self.config.max_attempts:
-                    why = ("the server stopped while this prompt was running" if self.config.on_crash == "fail"
-                           else f"the server stopped while running this prompt {row.attempts} times")
+                    why = (
+                        "the server stopped while this prompt was running"
+                        if self.config.on_crash == "fail"
+                        else f"the server stopped while running this prompt {row.attempts} times"
+                    )
                     self._fail_unrun(row, last, "ServerStopped", why)
                     continue
                 self.store.requeue(row.prompt_id)
                 log.info("re-running prompt %s, which was running when the server stopped", row.prompt_id)
             try:
                 graph = Graph.from_json(row.prompt)
-                validation = validate(graph, self.registry, partial_execution_targets=row.outputs_to_execute)
+                validation = await self._validate(graph, row.outputs_to_execute)
             except GraphFormatError as exc:
-                validation = ValidationResult(False, exc.to_comfy())
+                validation = ValidationResult(False, Issue.of("invalid_prompt", exc.message, exc.details))
             if not validation.ok:
-                self._fail_unrun(row, last, "ValidationFailed",
-                                 "the prompt no longer validates: " + validation.summary())
+                self._fail_unrun(
+                    row, last, "ValidationFailed", "the prompt no longer validates: " + validation.summary()
+                )
                 continue
-            job = Job(row.prompt_id, row.number, graph, validation, row.prompt, row.extra_data, {},
-                      row.client_id, row.outputs_to_execute, seq=max(last, row.attempts * SEQ_EPOCH))
+            job = Job(
+                row.prompt_id,
+                row.number,
+                graph,
+                validation,
+                row.prompt,
+                row.extra_data,
+                {},
+                row.client_id,
+                row.outputs_to_execute,
+                seq=max(last, row.attempts * SEQ_EPOCH),
+            )
             self._push(job)
 
-    def _fail_unrun(self, row, last_seq: int, exc_type: str, why: str) -> None:
+    def _fail_unrun(self, row: PromptRow, last_seq: int, exc_type: str, why: str) -> None:
         last_seq = max(last_seq, row.attempts * SEQ_EPOCH)
-        data = {"prompt_id": row.prompt_id, "node_id": None, "node_type": None, "executed": [],
-                "exception_message": why, "exception_type": exc_type, "traceback": [], "current_inputs": {},
-                "current_outputs": [], "timestamp": int(time.time() * 1000)}
+        data: dict[str, Any] = {
+            "prompt_id": row.prompt_id,
+            "node_id": None,
+            "node_type": None,
+            "executed": [],
+            "exception_message": why,
+            "exception_type": exc_type,
+            "traceback": [],
+            "current_inputs": {},
+            "current_outputs": [],
+            "timestamp": int(time.time() * 1000),
+        }
         seq = last_seq + 1
         self.store.log_event(row.prompt_id, seq, "execution_error", as_json(data))
         seq += 1
         self.store.log_event(row.prompt_id, seq, "executing", as_json({"node": None, "prompt_id": row.prompt_id}))
-        history = {"prompt": row.queue_item, "outputs": {},
-                   "status": {"status_str": "error", "completed": False, "messages": [["execution_error", data]]},
-                   "meta": {}}
+        history = {
+            "prompt": row.queue_item,
+            "outputs": {},
+            "status": {"status_str": "error", "completed": False, "messages": [["execution_error", data]]},
+            "meta": {},
+        }
         self.store.finish(row.prompt_id, "error", history, seq)
         log.warning("prompt %s marked failed: %s", row.prompt_id, why)
 
@@ -138,32 +186,62 @@ class PromptService:
     def queue_remaining(self) -> int:
         return len(self.pending) + (1 if self.running is not None else 0)
 
-    def submit(self, data: Any, client_id: str | None = None, announce: bool = True) -> dict:
+    async def _validate(self, graph: Graph, targets: list[str] | None) -> ValidationResult:
+        """Validate in a worker thread, so a slow (or async) VALIDATE_INPUTS never blocks the event loop.
+
+        ``graph`` must be a fresh graph built from the submitted JSON and owned by the caller: validation
+        coerces its inputs in place, and nothing else may see it until this returns.
+        """
+
+        def check() -> ValidationResult:
+            with use_folders(self.executor.folders):  # model choices come from this server's folders
+                return validate(graph, self.registry, partial_execution_targets=targets)
+
+        return await asyncio.to_thread(check)
+
+    def _known_submission(self, prompt_id: str, digest: str) -> dict | None:
+        """The 200 body for a re-post of a stored prompt_id with the same body; 409 for another body."""
+        known = self.store.status_of(prompt_id)
+        if known is None:
+            return None
+        _status, old_digest, number = known
+        if old_digest != digest:
+            raise ApiError(
+                409,
+                "prompt_id_conflict",
+                "This prompt_id was already used for another prompt",
+                f"prompt_id {prompt_id!r} is taken; omit prompt_id or choose a new one",
+            )
+        return {"prompt_id": prompt_id, "number": json_number(number), "node_errors": {}}
+
+    async def submit(self, data: Any, client_id: str | None = None, announce: bool = True) -> dict:
         """Validate and enqueue one submission (ComfyUI's envelope). Returns the 200 body or raises ApiError."""
         if not isinstance(data, dict) or "prompt" not in data:
             raise ApiError(400, "no_prompt", "No prompt provided", "No prompt provided")
         try:
             graph, sub = parse_submission(data)
         except GraphFormatError as exc:
-            raise ApiError(400, "", "", body={"error": exc.to_comfy(), "node_errors": {}}) from exc
+            raise ApiError(400, "", "", body={"error": protocol.format_error_data(exc), "node_errors": {}}) from exc
         prompt_id = sub.prompt_id if sub.prompt_id is not None else str(uuid.uuid4())
         if not prompt_id or len(prompt_id) > MAX_PROMPT_ID or not prompt_id.isprintable():
-            raise ApiError(400, "invalid_prompt", "Invalid prompt_id",
-                           f"a prompt_id is 1 to {MAX_PROMPT_ID} printable characters")
+            raise ApiError(
+                400, "invalid_prompt", "Invalid prompt_id", f"a prompt_id is 1 to {MAX_PROMPT_ID} printable characters"
+            )
         digest = body_hash(data)
-        known = self.store.status_of(prompt_id) if sub.prompt_id is not None else None
-        if known is not None:
-            status, old_digest, number = known
-            if old_digest != digest:
-                raise ApiError(409, "prompt_id_conflict", "This prompt_id was already used for another prompt",
-                               f"prompt_id {prompt_id!r} is taken; omit prompt_id or choose a new one")
-            return {"prompt_id": prompt_id, "number": _num(number), "node_errors": {}}
+        if sub.prompt_id is not None:
+            known = self._known_submission(prompt_id, digest)
+            if known is not None:
+                return known
         hook = sub.extra_data.get("webhook")
         if hook is not None and not (isinstance(hook, str) and hook.startswith(("http://", "https://"))):
             raise ApiError(400, "invalid_webhook", "extra_data.webhook must be an http(s) URL", repr(hook)[:200])
-        validation = validate(graph, self.registry, partial_execution_targets=sub.partial_execution_targets)
+        validation = await self._validate(graph, sub.partial_execution_targets)
         if not validation.ok:
-            raise ApiError(400, "", "", body=validation.to_comfy())
+            raise ApiError(400, "", "", body=protocol.validation_body(validation))
+        if sub.prompt_id is not None:  # another request may have taken the prompt_id while this one validated
+            known = self._known_submission(prompt_id, digest)
+            if known is not None:
+                return known
         if sub.number is not None:
             number = sub.number
         else:
@@ -180,7 +258,7 @@ class PromptService:
         self._push(job)
         if announce:
             self.broadcast_status(job)
-        return {"prompt_id": prompt_id, "number": _num(number), "node_errors": validation.node_errors}
+        return {"prompt_id": prompt_id, "number": json_number(number), "node_errors": protocol.node_errors(validation)}
 
     def _push(self, job: Job) -> None:
         self.pending[job.prompt_id] = job
@@ -197,6 +275,7 @@ class PromptService:
                 if job is not None:
                     return job
             self._apply_free()
+            assert self._wake is not None  # set by start(), which starts this worker
             self._wake.clear()
             await self._wake.wait()
 
@@ -219,19 +298,27 @@ class PromptService:
         job.previews = self._wants_previews(job)
         self.store.mark_running(job.prompt_id)
         self.broadcast_status(job)
-        loop = self.loop
+        loop = self._loop
         put = self._pipe.put
 
         def sink(event: ev.Event) -> None:
             put(job, event)
 
         run_extra = {**job.extra_data, **job.sensitive}
-        if job.previews:
-            run_extra["_previews"] = True
+        options = RunOptions(previews=job.previews)
         try:
-            result = await loop.run_in_executor(self._pool, lambda: self.executor.run(
-                job.graph, prompt_id=job.prompt_id, extra_data=run_extra, sink=sink, validation=job.validation,
-                cancel=job.cancel))
+            result = await loop.run_in_executor(
+                self._pool,
+                lambda: self.executor.run(
+                    job.graph,
+                    prompt_id=job.prompt_id,
+                    extra_data=run_extra,
+                    sink=sink,
+                    validation=job.validation,
+                    cancel=job.cancel,
+                    options=options,
+                ),
+            )
             status, outputs, meta = result.status, result.outputs, result.meta
         except asyncio.CancelledError:
             raise
@@ -239,8 +326,9 @@ class PromptService:
             log.exception("executor raised for prompt %s", job.prompt_id)
             self._pipe.drain()
             if not job.terminal:
-                self.router.dispatch(job, ev.ExecutionError(job.prompt_id, exception_message=str(exc),
-                                                            exception_type=type(exc).__name__))
+                self.router.dispatch(
+                    job, ev.ExecutionError(job.prompt_id, message=str(exc), exception_type=type(exc).__name__)
+                )
             status, outputs, meta = "error", {}, {}
         self._pipe.drain()  # every event of the run is dispatched before the prompt is finished
         if self.router.stopping:
@@ -250,10 +338,12 @@ class PromptService:
     def _finish(self, job: Job, status: str, outputs: dict, meta: dict) -> None:
         self.router.close_open_node(job)
         ok = status == "success"
-        history = {"prompt": job.queue_item, "outputs": outputs,
-                   "status": {"status_str": "success" if ok else "error", "completed": ok,
-                              "messages": job.messages},
-                   "meta": meta}
+        history = {
+            "prompt": job.queue_item,
+            "outputs": outputs,
+            "status": {"status_str": "success" if ok else "error", "completed": ok, "messages": job.messages},
+            "meta": meta,
+        }
         job.seq += 1
         final = {"node": None, "prompt_id": job.prompt_id}
         final_json = as_json(final)
@@ -267,7 +357,7 @@ class PromptService:
             self.running = None
         self.broadcast_status(job)
         if job.client_id is not None:
-            out = Out(P.message_from_json("executing", final_json, job.seq))
+            out = Out(protocol.message_from_json("executing", final_json, job.seq))
             for c in self.hub.to_sid(job.client_id):
                 c.send(out)
         for fut in self._waiters.pop(job.prompt_id, ()):
@@ -300,12 +390,12 @@ class PromptService:
             return
         n = self.queue_remaining
         if job is not None and job.client_id is not None:
-            out = Out(P.message("status", P.status_data(n)))
+            out = Out(protocol.message("status", protocol.status_data(n)))
             for c in self.hub.to_sid(job.client_id):
                 c.send(out)
                 c.last_status = n
         if self._status_timer is None:
-            self._status_timer = self.loop.call_later(STATUS_INTERVAL, self._flush_status)
+            self._status_timer = self._loop.call_later(STATUS_INTERVAL, self._flush_status)
 
     def _flush_status(self) -> None:
         self._status_timer = None
@@ -313,7 +403,7 @@ class PromptService:
         out = None
         for c in self.hub.clients():
             if c.last_status != n:
-                out = out or Out(P.message("status", P.status_data(n)))
+                out = out or Out(protocol.message("status", protocol.status_data(n)))
                 c.send(out)
                 c.last_status = n
 
@@ -321,18 +411,35 @@ class PromptService:
     def status(self, prompt_id: str) -> dict:
         if self.running is not None and self.running.prompt_id == prompt_id:
             j = self.running
-            return {"prompt_id": prompt_id, "status": "running", "number": _num(j.number), "node": j.last_node,
-                    "last_seq": j.seq}
+            return {
+                "prompt_id": prompt_id,
+                "status": "running",
+                "number": json_number(j.number),
+                "node": j.last_node,
+                "last_seq": j.seq,
+            }
         if prompt_id in self.pending:
             j = self.pending[prompt_id]
             ahead = sum(1 for o in self.pending.values() if (o.number, o.prompt_id) < (j.number, j.prompt_id))
-            return {"prompt_id": prompt_id, "status": "pending", "number": _num(j.number),
-                    "queue_position": ahead + (1 if self.running else 0), "last_seq": j.seq}
+            return {
+                "prompt_id": prompt_id,
+                "status": "pending",
+                "number": json_number(j.number),
+                "queue_position": ahead + (1 if self.running else 0),
+                "last_seq": j.seq,
+            }
         row = self.store.get(prompt_id)
         if row is None:
             return {"prompt_id": prompt_id, "status": "unknown"}
-        out = {"prompt_id": prompt_id, "status": row.status, "number": _num(row.number), "last_seq": row.last_seq,
-               "created": row.created, "started": row.started, "finished": row.finished}
+        out = {
+            "prompt_id": prompt_id,
+            "status": row.status,
+            "number": json_number(row.number),
+            "last_seq": row.last_seq,
+            "created": row.created,
+            "started": row.started,
+            "finished": row.finished,
+        }
         if row.history is not None:
             out["outputs"] = row.history.get("outputs", {})
             for t, d in row.history.get("status", {}).get("messages", []):
@@ -344,7 +451,7 @@ class PromptService:
         st = self.status(prompt_id)["status"]
         if st not in ("pending", "running"):
             return
-        fut = self.loop.create_future()
+        fut = self._loop.create_future()
         self._waiters.setdefault(prompt_id, []).append(fut)
         try:
             await asyncio.wait_for(asyncio.shield(fut), timeout)
@@ -357,12 +464,12 @@ class PromptService:
 
     async def wait_events(self, prompt_id: str, since: int, timeout: float) -> None:
         """Return once the prompt has an event after ``since`` (or is done), or after ``timeout``."""
-        self.store.flush()
-        row = self.store.db.execute("SELECT 1 FROM events WHERE prompt_id=? AND seq>? LIMIT 1",
-                                    (prompt_id, since)).fetchone()
-        if row is not None or self.status(prompt_id)["status"] not in ("pending", "running"):
+        if self.store.has_events_after(prompt_id, since) or self.status(prompt_id)["status"] not in (
+            "pending",
+            "running",
+        ):
             return
-        fut = self.loop.create_future()
+        fut = self._loop.create_future()
         self.router.watchers.setdefault(prompt_id, []).append(fut)
         try:
             await asyncio.wait_for(asyncio.shield(fut), timeout)
@@ -372,10 +479,13 @@ class PromptService:
                 lst.remove(fut)
 
     def known(self, prompt_id: str) -> bool:
-        return ((self.running is not None and self.running.prompt_id == prompt_id) or prompt_id in self.pending
-                or self.store.status_of(prompt_id) is not None)
+        return (
+            (self.running is not None and self.running.prompt_id == prompt_id)
+            or prompt_id in self.pending
+            or self.store.status_of(prompt_id) is not None
+        )
 
-    def replay(self, client, prompt_id: str, since: int) -> bool:
+    def replay(self, client: Client, prompt_id: str, since: int) -> bool:
         """Queue a prompt's logged events after ``since`` on one socket; False for an unknown prompt."""
         if not self.known(prompt_id):
             return False
@@ -444,7 +554,8 @@ class PromptService:
         self.heap.clear()
 
     def delete_history(self, ids: list[str]) -> list[str]:
-        found, missing = [], []
+        found: list[str] = []
+        missing: list[str] = []
         for pid in ids:
             known = self.store.status_of(str(pid))
             (found if known is not None and known[0] in FINISHED else missing).append(str(pid))
@@ -473,7 +584,7 @@ class PromptService:
 
     # -- webhooks -----------------------------------------------------------------------------------
     def _background(self, coro) -> None:
-        t = self.loop.create_task(coro)
+        t = self._loop.create_task(coro)
         self._bg.add(t)
         t.add_done_callback(self._bg.discard)
 
@@ -482,9 +593,9 @@ class PromptService:
 
         if self._session is None:
             self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.config.webhook_timeout))
-        err = next((d for t, d in history["status"]["messages"]
-                    if t in ("execution_error", "execution_interrupted")), None)
-        await post_webhook(self._session, url, {"prompt_id": prompt_id, "status": status, "outputs": outputs,
-                                                "error": err})
-
-
+        err = next(
+            (d for t, d in history["status"]["messages"] if t in ("execution_error", "execution_interrupted")), None
+        )
+        await post_webhook(
+            self._session, url, {"prompt_id": prompt_id, "status": status, "outputs": outputs, "error": err}
+        )

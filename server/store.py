@@ -9,15 +9,19 @@ prompt is either finished (and never run again) or not. Events are buffered and 
 All methods are called from the event loop thread. With ``synchronous=NORMAL`` in WAL mode a commit
 survives the process being killed (SIGKILL); only a power loss can lose the last commits.
 """
+
 from __future__ import annotations
 
 import json
 import os
 import sqlite3
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
+
+from kiln.engine import KilnError
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS prompts (
@@ -59,7 +63,7 @@ CREATE TABLE IF NOT EXISTS frames (
 FINISHED = ("success", "error", "interrupted")
 
 
-class StoreLocked(RuntimeError):
+class StoreLocked(KilnError, RuntimeError):
     """Another server process is using this data directory."""
 
 
@@ -83,20 +87,37 @@ class PromptRow:
     @property
     def queue_item(self) -> list:
         """ComfyUI's 5-element queue item."""
-        return [_num(self.number), self.prompt_id, self.prompt, self.extra_data, self.outputs_to_execute]
+        return [json_number(self.number), self.prompt_id, self.prompt, self.extra_data, self.outputs_to_execute]
 
 
-def _num(n: float) -> float | int:
+def json_number(n: float) -> float | int:
+    """A queue number as ComfyUI writes it: an int when it is whole (numbers are stored as REAL)."""
     return int(n) if float(n).is_integer() else n
 
 
-_COLS = ("prompt_id, number, status, client_id, prompt, extra_data, outputs_to_execute, body_hash, created, "
-         "started, finished, attempts, history, last_seq")
+_COLS = (
+    "prompt_id, number, status, client_id, prompt, extra_data, outputs_to_execute, body_hash, created, "
+    "started, finished, attempts, history, last_seq"
+)
 
 
 def _row(r: tuple) -> PromptRow:
-    return PromptRow(r[0], r[1], r[2], r[3], json.loads(r[4]), json.loads(r[5]), json.loads(r[6]), r[7], r[8],
-                     r[9], r[10], r[11], json.loads(r[12]) if r[12] else None, r[13])
+    return PromptRow(
+        r[0],
+        r[1],
+        r[2],
+        r[3],
+        json.loads(r[4]),
+        json.loads(r[5]),
+        json.loads(r[6]),
+        r[7],
+        r[8],
+        r[9],
+        r[10],
+        r[11],
+        json.loads(r[12]) if r[12] else None,
+        r[13],
+    )
 
 
 class Store:
@@ -113,7 +134,7 @@ class Store:
         self._pending_events: list[tuple[str, int, str, str]] = []
         self._pending_frames: list[tuple[str, int, str, str, bytes]] = []
         row = self.db.execute("SELECT MAX(history_order) FROM prompts").fetchone()
-        self._history_order = (row[0] or 0)
+        self._history_order = row[0] or 0
 
     def close(self) -> None:
         self.flush()
@@ -123,17 +144,36 @@ class Store:
             self._lock = None
 
     # -- writes -------------------------------------------------------------------------------------
-    def add(self, prompt_id: str, number: float, client_id: str | None, prompt: dict, extra_data: dict,
-            outputs: list, body_hash: str) -> None:
+    def add(
+        self,
+        prompt_id: str,
+        number: float,
+        client_id: str | None,
+        prompt: dict,
+        extra_data: dict,
+        outputs: list,
+        body_hash: str,
+    ) -> None:
         self.db.execute(
             "INSERT INTO prompts (prompt_id, number, status, client_id, prompt, extra_data, outputs_to_execute, "
             "body_hash, created) VALUES (?, ?, 'pending', ?, ?, ?, ?, ?, ?)",
-            (prompt_id, number, client_id, json.dumps(prompt), json.dumps(extra_data), json.dumps(outputs),
-             body_hash, time.time()))
+            (
+                prompt_id,
+                number,
+                client_id,
+                json.dumps(prompt),
+                json.dumps(extra_data),
+                json.dumps(outputs),
+                body_hash,
+                time.time(),
+            ),
+        )
 
     def mark_running(self, prompt_id: str) -> None:
-        self.db.execute("UPDATE prompts SET status='running', started=?, attempts=attempts+1 WHERE prompt_id=?",
-                        (time.time(), prompt_id))
+        self.db.execute(
+            "UPDATE prompts SET status='running', started=?, attempts=attempts+1 WHERE prompt_id=?",
+            (time.time(), prompt_id),
+        )
 
     def log_event(self, prompt_id: str, seq: int, type_: str, data_json: str) -> None:
         self._pending_events.append((prompt_id, seq, type_, data_json))
@@ -164,9 +204,10 @@ class Store:
         self.db.execute("BEGIN")
         try:
             self._write_pending()
-            self.db.execute("UPDATE prompts SET status=?, history=?, finished=?, history_order=?, last_seq=? "
-                            "WHERE prompt_id=?", (status, json.dumps(history), time.time(), self._history_order,
-                                                  last_seq, prompt_id))
+            self.db.execute(
+                "UPDATE prompts SET status=?, history=?, finished=?, history_order=?, last_seq=? WHERE prompt_id=?",
+                (status, json.dumps(history), time.time(), self._history_order, last_seq, prompt_id),
+            )
             self.db.execute("COMMIT")
         except BaseException:
             self.db.execute("ROLLBACK")
@@ -190,14 +231,19 @@ class Store:
         self.flush()
         self.db.execute("BEGIN")
         for table in ("events", "frames"):
-            self.db.execute(f"DELETE FROM {table} WHERE prompt_id IN (SELECT prompt_id FROM prompts WHERE status "
-                            "IN ('success','error','interrupted'))")
+            self.db.execute(
+                f"DELETE FROM {table} WHERE prompt_id IN (SELECT prompt_id FROM prompts WHERE status "
+                "IN ('success','error','interrupted'))"
+            )
         self.db.execute("DELETE FROM prompts WHERE status IN ('success','error','interrupted')")
         self.db.execute("COMMIT")
 
     def trim_history(self, keep: int) -> None:
-        rows = self.db.execute("SELECT prompt_id FROM prompts WHERE history_order IS NOT NULL "
-                               "ORDER BY history_order DESC LIMIT -1 OFFSET ?", (keep,)).fetchall()
+        rows = self.db.execute(
+            "SELECT prompt_id FROM prompts WHERE history_order IS NOT NULL "
+            "ORDER BY history_order DESC LIMIT -1 OFFSET ?",
+            (keep,),
+        ).fetchall()
         if rows:
             self.delete(r[0] for r in rows)
 
@@ -206,15 +252,15 @@ class Store:
         r = self.db.execute(f"SELECT {_COLS} FROM prompts WHERE prompt_id=?", (prompt_id,)).fetchone()
         return _row(r) if r else None
 
-    def status_of(self, prompt_id: str) -> tuple[str, str] | None:
-        """(status, body_hash) without decoding the stored JSON."""
-        r = self.db.execute("SELECT status, body_hash, number FROM prompts WHERE prompt_id=?",
-                            (prompt_id,)).fetchone()
+    def status_of(self, prompt_id: str) -> tuple[str, str, float] | None:
+        """(status, body_hash, number) without decoding the stored JSON."""
+        r = self.db.execute("SELECT status, body_hash, number FROM prompts WHERE prompt_id=?", (prompt_id,)).fetchone()
         return (r[0], r[1], r[2]) if r else None
 
     def unfinished(self) -> list[PromptRow]:
-        rows = self.db.execute(f"SELECT {_COLS} FROM prompts WHERE status IN ('pending','running') "
-                               "ORDER BY number, prompt_id").fetchall()
+        rows = self.db.execute(
+            f"SELECT {_COLS} FROM prompts WHERE status IN ('pending','running') ORDER BY number, prompt_id"
+        ).fetchall()
         return [_row(r) for r in rows]
 
     def max_number(self) -> float:
@@ -225,27 +271,44 @@ class Store:
         """Finished prompts oldest-first; ComfyUI's max_items/offset rules."""
         if offset is not None and offset >= 0:
             lim = max_items if max_items is not None else -1
-            rows = self.db.execute(f"SELECT {_COLS} FROM prompts WHERE history_order IS NOT NULL "
-                                   "ORDER BY history_order LIMIT ? OFFSET ?", (lim, offset)).fetchall()
+            rows = self.db.execute(
+                f"SELECT {_COLS} FROM prompts WHERE history_order IS NOT NULL ORDER BY history_order LIMIT ? OFFSET ?",
+                (lim, offset),
+            ).fetchall()
             return [_row(r) for r in rows]
         if max_items is not None:
-            rows = self.db.execute(f"SELECT {_COLS} FROM prompts WHERE history_order IS NOT NULL "
-                                   "ORDER BY history_order DESC LIMIT ?", (max_items,)).fetchall()
+            rows = self.db.execute(
+                f"SELECT {_COLS} FROM prompts WHERE history_order IS NOT NULL ORDER BY history_order DESC LIMIT ?",
+                (max_items,),
+            ).fetchall()
             return [_row(r) for r in reversed(rows)]
-        rows = self.db.execute(f"SELECT {_COLS} FROM prompts WHERE history_order IS NOT NULL "
-                               "ORDER BY history_order").fetchall()
+        rows = self.db.execute(
+            f"SELECT {_COLS} FROM prompts WHERE history_order IS NOT NULL ORDER BY history_order"
+        ).fetchall()
         return [_row(r) for r in rows]
 
     def frames(self, prompt_id: str, since: int = 0) -> dict[int, tuple[str, str, bytes]]:
         self.flush()
-        rows = self.db.execute("SELECT seq, node, format, data FROM frames WHERE prompt_id=? AND seq>?",
-                               (prompt_id, since)).fetchall()
+        rows = self.db.execute(
+            "SELECT seq, node, format, data FROM frames WHERE prompt_id=? AND seq>?", (prompt_id, since)
+        ).fetchall()
         return {r[0]: (r[1], r[2], r[3]) for r in rows}
+
+    def last_event_seq(self, prompt_id: str) -> int:
+        """The highest logged event sequence number of a prompt, 0 when it has none."""
+        return self.db.execute("SELECT MAX(seq) FROM events WHERE prompt_id=?", (prompt_id,)).fetchone()[0] or 0
+
+    def has_events_after(self, prompt_id: str, since: int) -> bool:
+        """Whether the prompt has a logged event after sequence ``since`` (buffered events included)."""
+        self.flush()
+        row = self.db.execute("SELECT 1 FROM events WHERE prompt_id=? AND seq>? LIMIT 1", (prompt_id, since)).fetchone()
+        return row is not None
 
     def events(self, prompt_id: str, since: int = 0) -> list[tuple[int, str, str]]:
         self.flush()
-        return self.db.execute("SELECT seq, type, data FROM events WHERE prompt_id=? AND seq>? ORDER BY seq",
-                               (prompt_id, since)).fetchall()
+        return self.db.execute(
+            "SELECT seq, type, data FROM events WHERE prompt_id=? AND seq>? ORDER BY seq", (prompt_id, since)
+        ).fetchall()
 
 
 def _lock_dir(path: Path) -> int | None:
@@ -258,8 +321,9 @@ def _lock_dir(path: Path) -> int | None:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
         os.close(fd)
-        raise StoreLocked(f"another Kiln server is using the data directory {str(path)!r}; stop it or pass "
-                          f"a different --data-dir") from None
+        raise StoreLocked(
+            f"another Kiln server is using the data directory {str(path)!r}; stop it or pass a different --data-dir"
+        ) from None
     os.ftruncate(fd, 0)
     os.write(fd, str(os.getpid()).encode())
     return fd

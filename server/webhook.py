@@ -1,4 +1,5 @@
 """The completion webhook: one JSON POST per finished prompt, retried on network errors and 5xx."""
+
 from __future__ import annotations
 
 import asyncio
@@ -17,5 +18,5 @@ async def post_webhook(session: aiohttp.ClientSession, url: str, body: dict, att
                     return True
         except Exception as exc:
             log.warning("webhook %s for prompt %s failed: %s", url, body.get("prompt_id"), exc)
-        await asyncio.sleep(0.5 * 2 ** attempt)
+        await asyncio.sleep(0.5 * 2**attempt)
     return False

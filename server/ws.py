@@ -11,18 +11,20 @@ Client -> server messages (JSON text):
 - ``{"type": "interrupt", "data": {"prompt_id"}}``.
 Anything else gets an ``error`` message; a binary frame closes the socket (1003, unsupported data).
 """
+
 from __future__ import annotations
 
 import json
 import logging
 import uuid
+from typing import Any
 
 from aiohttp import WSCloseCode, WSMsgType, web
 
-from . import protocol as P
+from . import protocol
 from .hub import Client, Out
-from .service import ApiError, PromptService
 from .keys import CONFIG, SERVICE
+from .service import ApiError, PromptService
 
 log = logging.getLogger("kiln.server")
 
@@ -34,20 +36,21 @@ async def websocket(request: web.Request) -> web.StreamResponse:
     await ws.prepare(request)
     sid = request.query.get("clientId") or uuid.uuid4().hex
     client = Client(ws, sid, svc.hub, transport=request.transport)
-    client.send(Out(P.message("status", P.status_data(svc.queue_remaining, sid))))
+    client.send(Out(protocol.message("status", protocol.status_data(svc.queue_remaining, sid))))
     client.last_status = svc.queue_remaining
     if svc.running is not None and svc.running.client_id == sid and svc.running.last_node is not None:
-        client.send(Out(P.message("executing", {"node": svc.running.last_node})))
+        client.send(Out(protocol.message("executing", {"node": svc.running.last_node})))
     svc.hub.add(client)
     try:
         async for msg in ws:
             if msg.type == WSMsgType.TEXT:
                 try:
-                    _handle_text(client, svc, msg.data)
+                    await _handle_text(client, svc, msg.data)
                 except Exception as exc:  # a bug must not end the socket, let alone the server
                     log.exception("websocket message from %s failed", client.sid)
-                    client.send(Out(P.error_message("internal_error", "Internal server error",
-                                                    type(exc).__name__)))
+                    client.send(
+                        Out(protocol.error_message("internal_error", "Internal server error", type(exc).__name__))
+                    )
             elif msg.type == WSMsgType.BINARY:
                 await ws.close(code=WSCloseCode.UNSUPPORTED_DATA, message=b"binary messages are not accepted")
                 break
@@ -58,14 +61,14 @@ async def websocket(request: web.Request) -> web.StreamResponse:
     return ws
 
 
-def _handle_text(client: Client, svc: PromptService, text: str) -> None:
+async def _handle_text(client: Client, svc: PromptService, text: str) -> None:
     try:
         msg = json.loads(text)
     except (json.JSONDecodeError, RecursionError):
-        client.send(Out(P.error_message("invalid_json", "Message is not valid JSON")))
+        client.send(Out(protocol.error_message("invalid_json", "Message is not valid JSON")))
         return
     if not isinstance(msg, dict):
-        client.send(Out(P.error_message("bad_message", "Message must be a JSON object")))
+        client.send(Out(protocol.error_message("bad_message", "Message must be a JSON object")))
         return
     type_ = msg.get("type")
     data = msg.get("data")
@@ -74,9 +77,9 @@ def _handle_text(client: Client, svc: PromptService, text: str) -> None:
     if type_ == "feature_flags":
         if isinstance(data, dict):
             client.features = data
-        client.send(Out(P.message("feature_flags", P.server_features(svc.config.max_upload_bytes))))
+        client.send(Out(protocol.message("feature_flags", protocol.server_features(svc.config.max_upload_bytes))))
     elif type_ == "prompt":
-        _submit(client, svc, data)
+        await _submit(client, svc, data)
     elif type_ == "replay":
         _replay(client, svc, data)
     elif type_ == "interrupt":
@@ -84,37 +87,44 @@ def _handle_text(client: Client, svc: PromptService, text: str) -> None:
         try:
             svc.interrupt(str(pid) if pid is not None else None)
         except ApiError as exc:
-            client.send(Out(P.message("error", exc.body["error"])))
+            client.send(Out(protocol.message("error", exc.body["error"])))
     else:
-        client.send(Out(P.error_message("unknown_message_type", f"Unknown message type {str(type_)[:64]!r}",
-                                        "send feature_flags, prompt, replay or interrupt")))
+        client.send(
+            Out(
+                protocol.error_message(
+                    "unknown_message_type",
+                    f"Unknown message type {str(type_)[:64]!r}",
+                    "send feature_flags, prompt, replay or interrupt",
+                )
+            )
+        )
 
 
-def _submit(client: Client, svc: PromptService, data) -> None:
+async def _submit(client: Client, svc: PromptService, data: Any) -> None:
     request_id = data.get("request_id") if isinstance(data, dict) else None
     try:
         if not isinstance(data, dict):
             raise ApiError(400, "no_prompt", "No prompt provided", "No prompt provided")
         envelope = {k: v for k, v in data.items() if k != "request_id"}
         envelope.setdefault("client_id", client.sid)
-        body = svc.submit(envelope, announce=False)
+        body = await svc.submit(envelope, announce=False)
     except ApiError as exc:
-        client.send(Out(P.message("prompt_rejected", {**exc.body, "request_id": request_id})))
+        client.send(Out(protocol.message("prompt_rejected", {**exc.body, "request_id": request_id})))
         return
-    client.send(Out(P.message("prompt_queued", {**body, "request_id": request_id})))
+    client.send(Out(protocol.message("prompt_queued", {**body, "request_id": request_id})))
     job = svc.pending.get(body["prompt_id"])
     svc.broadcast_status(job)
 
 
-def _replay(client: Client, svc: PromptService, data) -> None:
+def _replay(client: Client, svc: PromptService, data: Any) -> None:
     pid = data.get("prompt_id") if isinstance(data, dict) else None
     since = data.get("since", 0) if isinstance(data, dict) else 0
     if not isinstance(pid, str) or not isinstance(since, int) or isinstance(since, bool):
-        client.send(Out(P.error_message("bad_message", "replay needs {prompt_id: str, since: int}")))
+        client.send(Out(protocol.error_message("bad_message", "replay needs {prompt_id: str, since: int}")))
         return
     if not svc.replay(client, pid, since):
-        client.send(Out(P.error_message("prompt_not_found", f"No prompt with id {pid!r}", pid)))
+        client.send(Out(protocol.error_message("prompt_not_found", f"No prompt with id {pid!r}", pid)))
         return
     st = svc.status(pid)
     last = st.get("last_seq", since)
-    client.send(Out(P.message("replay_done", {"prompt_id": pid, "status": st["status"], "last_seq": last})))
+    client.send(Out(protocol.message("replay_done", {"prompt_id": pid, "status": st["status"], "last_seq": last})))

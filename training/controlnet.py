@@ -5,7 +5,8 @@ conditioning embedding downsamples 4x (three stages, two strides) to the 16x16 l
 text encoder stay frozen. Placement is measured by the IoU between the generated object's footprint and
 the footprint the edge map outlines (:func:`placement_iou`).
 
-    python -m kiln.training.controlnet --run runs/shapes --steps 800 --out models/controlnet/kiln-shapes-edges.safetensors
+    python -m kiln.training.controlnet --run runs/shapes --steps 800 \
+        --out models/controlnet/kiln-shapes-edges.safetensors
 
 The file is diffusers' ControlNetModel state dict (the layout ComfyUI also loads as a "diffusers"
 ControlNet), with ``kiln.controlnet_config`` (the diffusers config JSON) in its metadata.
@@ -25,10 +26,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from kiln.training import data, models, sample, train
-from kiln.training import evaluate as ev
-from kiln.training import scenes as sc
-from kiln.training import tokenizer as tk
+from kiln.training import data, evaluate as ev, models, sample, scenes as sc, tokenizer as tk, train
 
 COND_CHANNELS = (16, 32, 64)
 
@@ -53,8 +51,9 @@ def off_grid(scene: sc.Scene, rng: np.random.Generator, shift: float = OFF_GRID)
         half = extent / 2 + 1
         cx = float(np.clip(o.cx + rng.uniform(-shift, shift), half, sc.SIZE - half))
         cy = float(np.clip(o.cy + rng.uniform(-shift, shift), half, sc.SIZE - half))
-        objs.append(sc.Obj(o.shape, o.color, "large" if extent >= 18 else "small", ev.grid_position(cx, cy),
-                           cx, cy, extent))
+        objs.append(
+            sc.Obj(o.shape, o.color, "large" if extent >= 18 else "small", ev.grid_position(cx, cy), cx, cy, extent)
+        )
     return sc.Scene(tuple(objs), scene.background)
 
 
@@ -68,9 +67,14 @@ def control_pool(run: Path, n: int, vae) -> dict:
     means = []
     with torch.no_grad():
         for i in range(0, n, 128):
-            means.append(vae.encode(data.to_tensor([sc.render(s) for s in scenes[i:i + 128]])).latent_dist.mean)
-    ids = tok([sc.caption(s) for s in scenes], padding="max_length", max_length=tk.MAX_LENGTH,
-              truncation=True, return_tensors="pt").input_ids
+            means.append(vae.encode(data.to_tensor([sc.render(s) for s in scenes[i : i + 128]])).latent_dist.mean)
+    ids = tok(
+        [sc.caption(s) for s in scenes],
+        padding="max_length",
+        max_length=tk.MAX_LENGTH,
+        truncation=True,
+        return_tensors="pt",
+    ).input_ids
     pool = {"mean": torch.cat(means), "ids": ids, "control": (control_tensor(scenes) * 255).to(torch.uint8)}
     torch.save(pool, path)
     return pool
@@ -125,8 +129,15 @@ def save(cn, out: Path) -> None:
     cfg = {k: v for k, v in dict(cn.config).items() if not k.startswith("_")}
     out.parent.mkdir(parents=True, exist_ok=True)
     sd = {k: v.detach().half().contiguous() for k, v in cn.state_dict().items()}  # fp16 on disk
-    save_file(sd, str(out), metadata={"kiln.format": "1", "kiln.model_family": "kiln-shapes",
-                                      "kiln.controlnet_config": json.dumps(cfg, sort_keys=True)})
+    save_file(
+        sd,
+        str(out),
+        metadata={
+            "kiln.format": "1",
+            "kiln.model_family": "kiln-shapes",
+            "kiln.controlnet_config": json.dumps(cfg, sort_keys=True),
+        },
+    )
     print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB)")
 
 
@@ -142,8 +153,16 @@ def load(path: Path):
 
 
 @torch.no_grad()
-def generate(pipe: sample.Pipeline, cn, prompts: list[str], control: torch.Tensor, seed: int = 0,
-             steps: int = 20, cfg: float = 5.0, strength: float = 1.0) -> list[np.ndarray]:
+def generate(
+    pipe: sample.Pipeline,
+    cn,
+    prompts: list[str],
+    control: torch.Tensor,
+    seed: int = 0,
+    steps: int = 20,
+    cfg: float = 5.0,
+    strength: float = 1.0,
+) -> list[np.ndarray]:
     sched = sample.make_scheduler("euler", pipe.scheduler_config)
     sched.set_timesteps(steps)
     cond, uncond = pipe.encode_prompts(prompts), pipe.encode_prompts([""] * len(prompts))

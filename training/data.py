@@ -26,8 +26,10 @@ def vae_batch(seed: int, step: int, batch: int) -> torch.Tensor:
     rng = np.random.default_rng([seed, step])
     idx = rng.integers(0, 2**40, size=batch)
     styles = rng.random(batch) < OUTLINE_FRACTION
-    imgs = [sc.render(sc.make_scene(sc.stream_seed(sc.TRAIN_STREAM, int(i))), "outline" if o else "filled")
-            for i, o in zip(idx, styles)]
+    imgs = [
+        sc.render(sc.make_scene(sc.stream_seed(sc.TRAIN_STREAM, int(i))), "outline" if o else "filled")
+        for i, o in zip(idx, styles)
+    ]
     return to_tensor(imgs)
 
 
@@ -48,5 +50,5 @@ def pool_indices(seed: int, step: int, batch: int, n: int) -> np.ndarray:
         epoch, offset = divmod(start + len(out), n)
         order = epoch_order(seed, epoch, n)
         take = min(batch - len(out), n - offset)
-        out.extend(order[offset:offset + take].tolist())
+        out.extend(order[offset : offset + take].tolist())
     return np.array(out)

@@ -4,8 +4,8 @@
 foreground as the pixels far from it, the largest connected foreground region as "the" object, its
 dominant colour (nearest palette entry to the median), its shape from which corners of its bounding box it
 fills (:func:`corner_occupancy`) and how much of the box it fills (square ~1.0, circle ~0.8, triangle
-~0.56), its size from the bounding box, its position from the bounding-box centre on the 3x3 grid. :func:`score` compares that with the
-prompted :class:`~training.scenes.Obj`.
+~0.56), its size from the bounding box, its position from the bounding-box centre on the 3x3 grid.
+:func:`score` compares that with the prompted :class:`~training.scenes.Obj`.
 
 ``python -m kiln.training.evaluate --weights runs/shapes/unet/latest.pt`` (or ``--real`` / ``--noise``)
 prints per-attribute accuracies; the real scenes score ~100% and noise images ~chance, which is what
@@ -96,8 +96,9 @@ def _shape(mask: np.ndarray, fill: float) -> str:
 def _foreground(img: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(background RGB from the border, foreground mask: pixels far from it)."""
     f = img.astype(np.float32)
-    border = np.concatenate([f[:2].reshape(-1, 3), f[-2:].reshape(-1, 3), f[:, :2].reshape(-1, 3),
-                             f[:, -2:].reshape(-1, 3)])
+    border = np.concatenate(
+        [f[:2].reshape(-1, 3), f[-2:].reshape(-1, 3), f[:, :2].reshape(-1, 3), f[:, -2:].reshape(-1, 3)]
+    )
     bg_rgb = np.median(border, axis=0)
     dist = np.sqrt(((f - bg_rgb) ** 2).sum(axis=2))
     return bg_rgb, (dist > 60).astype(np.uint8)
@@ -135,8 +136,7 @@ def analyse(img: np.ndarray) -> Reading:
     area = int(stats[i, cv2.CC_STAT_AREA])
     if area < 20:
         return Reading(background, None, None, None, None, area=area)
-    x, y, w, h = (int(stats[i, k]) for k in (cv2.CC_STAT_LEFT, cv2.CC_STAT_TOP, cv2.CC_STAT_WIDTH,
-                                              cv2.CC_STAT_HEIGHT))
+    x, y, w, h = (int(stats[i, k]) for k in (cv2.CC_STAT_LEFT, cv2.CC_STAT_TOP, cv2.CC_STAT_WIDTH, cv2.CC_STAT_HEIGHT))
     obj = labels == i
     # colour from the object's core, away from anti-aliased edges
     core = cv2.erode(obj.astype(np.uint8), np.ones((3, 3), np.uint8)).astype(bool)
@@ -214,8 +214,9 @@ def main(argv: list[str] | None = None) -> None:
             pipe = sample.Pipeline.untrained(args.run)
         else:
             pipe = sample.Pipeline.from_run(args.run)
-        imgs = pipe.generate([sc.caption(s) for s in targets], seed=0, steps=args.steps, cfg=args.cfg,
-                             sampler=args.sampler)
+        imgs = pipe.generate(
+            [sc.caption(s) for s in targets], seed=0, steps=args.steps, cfg=args.cfg, sampler=args.sampler
+        )
         name = "untrained" if args.untrained else f"{args.sampler} {args.steps} steps cfg {args.cfg:g}"
         print(format_row(name, accuracy(imgs, targets)))
 

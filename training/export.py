@@ -17,8 +17,9 @@ its own configs in the safetensors ``__metadata__`` (all values strings):
 ``kiln.tokenizer_merges``   the tokenizer's ``merges.txt`` text
 ==========================  =====================================================================
 
-The conversion is written here from the layouts' structure; :func:`check_round_trip` converts the result
-back with diffusers' own single-file converters and requires every tensor to come back bit-identical.
+The key names come from :mod:`kiln.nodes.sd.ldm_keys`, the map the checkpoint loader inverts, so there is one
+definition of the layout; :func:`check_round_trip` converts the result back with diffusers' own single-file
+converters and requires every tensor to come back bit-identical.
 
     python -m kiln.training.export --run runs/shapes --out models/checkpoints/kiln-shapes.safetensors
 """
@@ -27,93 +28,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-UNET_PREFIX = "model.diffusion_model."
-VAE_PREFIX = "first_stage_model."
-CLIP_PREFIX = "cond_stage_model.transformer."
+from kiln.nodes.sd import ldm_keys
 
-_UNET_RESNET = (("norm1", "in_layers.0"), ("conv1", "in_layers.2"), ("norm2", "out_layers.0"),
-                ("conv2", "out_layers.3"), ("time_emb_proj", "emb_layers.1"), ("conv_shortcut", "skip_connection"))
-_UNET_FIXED = {"time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
-               "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2"}
-
-
-def _resnet_tail(tail: str) -> str:
-    for new, old in _UNET_RESNET:
-        if tail.startswith(new + "."):
-            return old + tail[len(new):]
-    raise KeyError(f"unexpected resnet parameter {tail!r}")
-
-
-def unet_key_to_ldm(key: str, config: dict) -> str:
-    """One diffusers UNet2DConditionModel key -> its LDM ``model.diffusion_model.*`` name."""
-    lpb = config["layers_per_block"]
-    up_has_attn = ["CrossAttn" in t for t in config["up_block_types"]]
-    for new, old in _UNET_FIXED.items():
-        if key.startswith(new + "."):
-            return UNET_PREFIX + old + key[len(new):]
-    if m := re.match(r"down_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.*)", key):
-        b, kind, i, tail = int(m[1]), m[2], int(m[3]), m[4]
-        idx = 1 + b * (lpb + 1) + i
-        if kind == "resnets":
-            return f"{UNET_PREFIX}input_blocks.{idx}.0.{_resnet_tail(tail)}"
-        return f"{UNET_PREFIX}input_blocks.{idx}.1.{tail}"
-    if m := re.match(r"down_blocks\.(\d+)\.downsamplers\.0\.conv\.(.*)", key):
-        return f"{UNET_PREFIX}input_blocks.{(int(m[1]) + 1) * (lpb + 1)}.0.op.{m[2]}"
-    if m := re.match(r"mid_block\.(resnets|attentions)\.(\d+)\.(.*)", key):
-        kind, i, tail = m[1], int(m[2]), m[3]
-        if kind == "resnets":
-            return f"{UNET_PREFIX}middle_block.{2 * i}.{_resnet_tail(tail)}"
-        return f"{UNET_PREFIX}middle_block.1.{tail}"
-    if m := re.match(r"up_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.*)", key):
-        b, kind, i, tail = int(m[1]), m[2], int(m[3]), m[4]
-        idx = b * (lpb + 1) + i
-        if kind == "resnets":
-            return f"{UNET_PREFIX}output_blocks.{idx}.0.{_resnet_tail(tail)}"
-        return f"{UNET_PREFIX}output_blocks.{idx}.1.{tail}"
-    if m := re.match(r"up_blocks\.(\d+)\.upsamplers\.0\.conv\.(.*)", key):
-        b = int(m[1])
-        slot = 2 if up_has_attn[b] else 1
-        return f"{UNET_PREFIX}output_blocks.{b * (lpb + 1) + lpb}.{slot}.conv.{m[2]}"
-    raise KeyError(f"no LDM name for UNet parameter {key!r}")
-
-
-_VAE_ATTN = (("group_norm", "norm"), ("to_q", "q"), ("to_k", "k"), ("to_v", "v"), ("to_out.0", "proj_out"))
-
-
-def vae_key_to_ldm(key: str, config: dict) -> str:
-    n_up = len(config["up_block_types"])
-    fixed = {"encoder.conv_norm_out": "encoder.norm_out", "decoder.conv_norm_out": "decoder.norm_out"}
-    for new, old in fixed.items():
-        if key.startswith(new + "."):
-            return VAE_PREFIX + old + key[len(new):]
-    if m := re.match(r"(encoder|decoder)\.mid_block\.resnets\.(\d+)\.(.*)", key):
-        return f"{VAE_PREFIX}{m[1]}.mid.block_{int(m[2]) + 1}.{m[3].replace('conv_shortcut', 'nin_shortcut')}"
-    if m := re.match(r"(encoder|decoder)\.mid_block\.attentions\.0\.(.*)", key):
-        tail = m[2]
-        for new, old in _VAE_ATTN:
-            if tail.startswith(new + "."):
-                tail = old + tail[len(new):]
-                break
-        return f"{VAE_PREFIX}{m[1]}.mid.attn_1.{tail}"
-    if m := re.match(r"encoder\.down_blocks\.(\d+)\.resnets\.(\d+)\.(.*)", key):
-        return f"{VAE_PREFIX}encoder.down.{m[1]}.block.{m[2]}.{m[3].replace('conv_shortcut', 'nin_shortcut')}"
-    if m := re.match(r"encoder\.down_blocks\.(\d+)\.downsamplers\.0\.conv\.(.*)", key):
-        return f"{VAE_PREFIX}encoder.down.{m[1]}.downsample.conv.{m[2]}"
-    if m := re.match(r"decoder\.up_blocks\.(\d+)\.resnets\.(\d+)\.(.*)", key):
-        return (f"{VAE_PREFIX}decoder.up.{n_up - 1 - int(m[1])}.block.{m[2]}."
-                f"{m[3].replace('conv_shortcut', 'nin_shortcut')}")
-    if m := re.match(r"decoder\.up_blocks\.(\d+)\.upsamplers\.0\.conv\.(.*)", key):
-        return f"{VAE_PREFIX}decoder.up.{n_up - 1 - int(m[1])}.upsample.conv.{m[2]}"
-    if re.match(r"(encoder|decoder)\.(conv_in|conv_out)\.|(post_)?quant_conv\.", key):
-        return VAE_PREFIX + key
-    raise KeyError(f"no LDM name for VAE parameter {key!r}")
+UNET_PREFIX, VAE_PREFIX, CLIP_PREFIX = ldm_keys.UNET_PREFIX, ldm_keys.VAE_PREFIX, ldm_keys.CLIP_PREFIX
 
 
 def text_key_to_ldm(key: str) -> str:
@@ -122,16 +45,22 @@ def text_key_to_ldm(key: str) -> str:
 
 
 def text_key_from_ldm(key: str) -> str:
-    return key[len("text_model."):] if key.startswith("text_model.") else key
+    return key[len("text_model.") :] if key.startswith("text_model.") else key
 
 
 def to_ldm(unet_sd: dict, unet_config: dict, vae_sd: dict, vae_config: dict, text_sd: dict) -> dict:
+    """diffusers/transformers state dicts -> one LDM state dict, through the key map the loader inverts
+    (:mod:`kiln.nodes.sd.ldm_keys`)."""
     out: dict[str, torch.Tensor] = {}
-    for k, v in unet_sd.items():
-        out[unet_key_to_ldm(k, unet_config)] = v
-    for k, v in vae_sd.items():
-        name = vae_key_to_ldm(k, vae_config)
-        if ".mid.attn_1." in name and name.endswith("weight") and v.ndim == 2:
+    for k, name in ldm_keys.build_map(
+        unet_sd, ldm_keys.unet_key_to_ldm, UNET_PREFIX, layout=ldm_keys.UnetLayout(unet_config)
+    ).items():
+        out[name] = unet_sd[k]
+    for k, name in ldm_keys.build_map(
+        vae_sd, ldm_keys.vae_key_to_ldm, VAE_PREFIX, n_blocks=len(vae_config["block_out_channels"])
+    ).items():
+        v = vae_sd[k]
+        if ldm_keys.is_vae_attn_linear(name) and v.ndim == 2:
             v = v[:, :, None, None]  # LDM's VAE attention projections are 1x1 convolutions
         out[name] = v
     for k, v in text_sd.items():
@@ -157,8 +86,9 @@ def from_ldm(sd: dict, unet_config: dict, vae_config: dict) -> tuple[dict, dict,
     return unet, vae, text
 
 
-def check_round_trip(ldm: dict, unet_sd: dict, unet_config: dict, vae_sd: dict, vae_config: dict,
-                     text_sd: dict) -> None:
+def check_round_trip(
+    ldm: dict, unet_sd: dict, unet_config: dict, vae_sd: dict, vae_config: dict, text_sd: dict
+) -> None:
     """Raise unless diffusers' converters give back exactly ``unet_sd``, ``vae_sd`` and ``text_sd``."""
     unet, vae, text = from_ldm(ldm, unet_config, vae_config)
     text_sd = {text_key_to_ldm(k): v for k, v in text_sd.items() if not k.endswith("position_ids")}
@@ -171,8 +101,9 @@ def check_round_trip(ldm: dict, unet_sd: dict, unet_config: dict, vae_sd: dict, 
                 raise AssertionError(f"{name}: tensor {k} differs after the round trip")
 
 
-def metadata(unet_config: dict, vae_config: dict, text_config: dict, scheduler_config: dict,
-             tokenizer_dir: Path) -> dict[str, str]:
+def metadata(
+    unet_config: dict, vae_config: dict, text_config: dict, scheduler_config: dict, tokenizer_dir: Path
+) -> dict[str, str]:
     return {
         "kiln.format": "1",
         "kiln.model_family": "kiln-shapes",
@@ -199,8 +130,10 @@ def export_run(run: Path, out: Path, dtype: torch.dtype = torch.float16, ema: bo
     text_cfg = _plain(pipe.text_encoder.config)
     unet_sd = {k: v.detach().to(dtype).contiguous() for k, v in pipe.unet.state_dict().items()}
     vae_sd = {k: v.detach().to(dtype).contiguous() for k, v in pipe.vae.state_dict().items()}
-    text_sd = {k: v.detach().contiguous() if k.endswith("position_ids") else v.detach().to(dtype).contiguous()
-               for k, v in pipe.text_encoder.state_dict().items()}
+    text_sd = {
+        k: v.detach().contiguous() if k.endswith("position_ids") else v.detach().to(dtype).contiguous()
+        for k, v in pipe.text_encoder.state_dict().items()
+    }
     ldm = to_ldm(unet_sd, unet_cfg, vae_sd, vae_cfg, text_sd)
     check_round_trip(ldm, unet_sd, unet_cfg, vae_sd, vae_cfg, text_sd)
     meta = metadata(unet_cfg, vae_cfg, text_cfg, pipe.scheduler_config, run / "tokenizer")
@@ -249,8 +182,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--no-ema", action="store_true")
     args = p.parse_args(argv)
     export_run(args.run, args.out, torch.float32 if args.fp32 else torch.float16, ema=not args.no_ema)
-    print(f"wrote {args.out} ({args.out.stat().st_size / 1e6:.1f} MB); round trip through diffusers' "
-          "converters is exact")
+    print(
+        f"wrote {args.out} ({args.out.stat().st_size / 1e6:.1f} MB); round trip through diffusers' converters is exact"
+    )
 
 
 if __name__ == "__main__":

@@ -24,14 +24,23 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from kiln.training import data, models, sample, train
-from kiln.training import scenes as sc
-from kiln.training import tokenizer as tk
+from kiln.training import data, models, sample, scenes as sc, tokenizer as tk, train
 
 # Attention and transformer projections (what SD LoRAs usually adapt) plus every ResNet convolution (LoCon):
 # the 16x16 level, where an outline is drawn, has no attention, so an attention-only LoRA barely moved it.
-TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
-           "conv1", "conv2", "conv_shortcut"]
+TARGETS = [
+    "to_q",
+    "to_k",
+    "to_v",
+    "to_out.0",
+    "proj_in",
+    "proj_out",
+    "ff.net.0.proj",
+    "ff.net.2",
+    "conv1",
+    "conv2",
+    "conv_shortcut",
+]
 
 
 def outline_pool(run: Path, n: int, vae) -> dict:
@@ -43,10 +52,15 @@ def outline_pool(run: Path, n: int, vae) -> dict:
     means = []
     with torch.no_grad():
         for i in range(0, n, 128):
-            x = data.to_tensor([sc.render(s, "outline") for s in scenes[i:i + 128]])
+            x = data.to_tensor([sc.render(s, "outline") for s in scenes[i : i + 128]])
             means.append(vae.encode(x).latent_dist.mean)
-    ids = tok([sc.caption(s) for s in scenes], padding="max_length", max_length=tk.MAX_LENGTH,
-              truncation=True, return_tensors="pt").input_ids
+    ids = tok(
+        [sc.caption(s) for s in scenes],
+        padding="max_length",
+        max_length=tk.MAX_LENGTH,
+        truncation=True,
+        return_tensors="pt",
+    ).input_ids
     pool = {"mean": torch.cat(means), "ids": ids}
     torch.save(pool, path)
     return pool
@@ -91,8 +105,7 @@ def unapply(unet, saved: dict[str, torch.Tensor]) -> None:
             modules[base].weight.copy_(w)
 
 
-def train_lora(run: Path, out: Path, steps: int, batch: int, lr: float, rank: int, seed: int,
-               pool_size: int) -> None:
+def train_lora(run: Path, out: Path, steps: int, batch: int, lr: float, rank: int, seed: int, pool_size: int) -> None:
     from peft import LoraConfig, inject_adapter_in_model
 
     pipe = sample.Pipeline.from_run(run)
@@ -102,8 +115,9 @@ def train_lora(run: Path, out: Path, steps: int, batch: int, lr: float, rank: in
     for p in list(unet.parameters()) + list(te.parameters()):
         p.requires_grad_(False)
     torch.manual_seed(seed)
-    unet = inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=rank, target_modules=TARGETS,
-                                              init_lora_weights=True), unet)
+    unet = inject_adapter_in_model(
+        LoraConfig(r=rank, lora_alpha=rank, target_modules=TARGETS, init_lora_weights=True), unet
+    )
     params = [p for n, p in unet.named_parameters() if "lora_" in n]
     for p in params:
         p.requires_grad_(True)
@@ -134,9 +148,17 @@ def train_lora(run: Path, out: Path, steps: int, batch: int, lr: float, rank: in
     print(f"lora: {steps * batch / (time.time() - t0):.1f} samples/s, final loss {loss.item():.4f}")
     sd = kohya_state_dict(unet, rank, rank)
     out.parent.mkdir(parents=True, exist_ok=True)
-    save_file(sd, str(out), metadata={"kiln.model_family": "kiln-shapes", "kiln.lora_style": "outline",
-                                      "ss_network_dim": str(rank), "ss_network_alpha": str(rank),
-                                      "kiln.lora_targets": json.dumps(TARGETS)})
+    save_file(
+        sd,
+        str(out),
+        metadata={
+            "kiln.model_family": "kiln-shapes",
+            "kiln.lora_style": "outline",
+            "ss_network_dim": str(rank),
+            "ss_network_alpha": str(rank),
+            "kiln.lora_targets": json.dumps(TARGETS),
+        },
+    )
     print(f"wrote {out} ({len(sd) // 3} modules)")
 
 

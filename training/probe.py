@@ -59,9 +59,12 @@ def main(argv: list[str] | None = None) -> None:
             cols.append(f"{col} [{', '.join(f'{v:+.2f}' for v in rgb)}]")
         bgs = []
         for bg in ("white", "black"):
-            bgs.append(f"{bg} {estimate(f'a large red circle in the center on a {bg} background', t)[:, :, :4].mean():+.2f}")
-        print(f"t={t}: position centroid: {'; '.join(cells)} | colour: {'; '.join(cols)} | background: "
-              f"{'; '.join(bgs)}")
+            bgs.append(
+                f"{bg} {estimate(f'a large red circle in the center on a {bg} background', t)[:, :, :4].mean():+.2f}"
+            )
+        print(
+            f"t={t}: position centroid: {'; '.join(cells)} | colour: {'; '.join(cols)} | background: {'; '.join(bgs)}"
+        )
 
 
 if __name__ == "__main__":

@@ -41,10 +41,28 @@ def main(argv: list[str] | None = None) -> None:
     ckpt = MODELS / "checkpoints" / "kiln-shapes.safetensors"
     export.export_run(run, ckpt)
     print(f"wrote {ckpt}")
-    lora.main(["--run", str(run), "--steps", str(LORA_STEPS), "--out", str(MODELS / "loras" / "kiln-outline.safetensors"),
-               *threads])
-    controlnet.main(["--run", str(run), "--steps", str(CONTROLNET_STEPS),
-                     "--out", str(MODELS / "controlnet" / "kiln-shapes-edges.safetensors"), *threads])
+    lora.main(
+        [
+            "--run",
+            str(run),
+            "--steps",
+            str(LORA_STEPS),
+            "--out",
+            str(MODELS / "loras" / "kiln-outline.safetensors"),
+            *threads,
+        ]
+    )
+    controlnet.main(
+        [
+            "--run",
+            str(run),
+            "--steps",
+            str(CONTROLNET_STEPS),
+            "--out",
+            str(MODELS / "controlnet" / "kiln-shapes-edges.safetensors"),
+            *threads,
+        ]
+    )
 
 
 if __name__ == "__main__":

@@ -40,11 +40,10 @@ class Pipeline:
     scheduler_config: dict
 
     @classmethod
-    def from_run(cls, run: str | Path, ema: bool = True, phase: str | None = None) -> "Pipeline":
+    def from_run(cls, run: str | Path, ema: bool = True, phase: str | None = None) -> Pipeline:
         """The latest UNet checkpoint of a training run folder (EMA weights by default); ``phase`` is the
         checkpoint folder (``unet`` or ``unet-v``), by default the v phase when it has started."""
-        from kiln.training import tokenizer as tk
-        from kiln.training import train
+        from kiln.training import tokenizer as tk, train
 
         run = Path(run)
         from diffusers import UNet2DConditionModel
@@ -63,18 +62,18 @@ class Pipeline:
         return cls(tk.load(run / "tokenizer"), te.eval(), unet.eval(), vae.eval(), sched_cfg)
 
     @classmethod
-    def untrained(cls, run: str | Path) -> "Pipeline":
-        from kiln.training import tokenizer as tk
-        from kiln.training import train
+    def untrained(cls, run: str | Path) -> Pipeline:
+        from kiln.training import tokenizer as tk, train
 
         run = Path(run)
         torch.manual_seed(0)
         te, unet = train.build_unet_stack(run)
-        return cls(tk.load(run / "tokenizer"), te.eval(), unet.eval(), train.load_vae(run).eval(),
-                   models.SCHEDULER_CONFIG)
+        return cls(
+            tk.load(run / "tokenizer"), te.eval(), unet.eval(), train.load_vae(run).eval(), models.SCHEDULER_CONFIG
+        )
 
     @classmethod
-    def from_single_file(cls, path: str | Path) -> "Pipeline":
+    def from_single_file(cls, path: str | Path) -> Pipeline:
         from kiln.training import export
 
         return export.load_pipeline(path)
@@ -83,16 +82,24 @@ class Pipeline:
     def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
         from kiln.training.tokenizer import MAX_LENGTH
 
-        ids = self.tokenizer(prompts, padding="max_length", max_length=MAX_LENGTH, truncation=True,
-                             return_tensors="pt").input_ids
+        ids = self.tokenizer(
+            prompts, padding="max_length", max_length=MAX_LENGTH, truncation=True, return_tensors="pt"
+        ).input_ids
         return self.text_encoder(ids)[0]
 
     @torch.no_grad()
-    def generate(self, prompts: list[str], seed: int = 0, steps: int = 20, cfg: float = 5.0,
-                 sampler: str = "euler", batch: int = 50) -> list[np.ndarray]:
+    def generate(
+        self,
+        prompts: list[str],
+        seed: int = 0,
+        steps: int = 20,
+        cfg: float = 5.0,
+        sampler: str = "euler",
+        batch: int = 50,
+    ) -> list[np.ndarray]:
         out: list[np.ndarray] = []
         for i in range(0, len(prompts), batch):
-            out.extend(self._generate(prompts[i:i + batch], seed + i, steps, cfg, sampler))
+            out.extend(self._generate(prompts[i : i + batch], seed + i, steps, cfg, sampler))
         return out
 
     def _generate(self, prompts, seed, steps, cfg, sampler):
@@ -120,7 +127,7 @@ def save_grid(images: list[np.ndarray], path: str | Path, cols: int = 10, scale:
     grid = np.zeros((rows * 64, cols * 64, 3), np.uint8)
     for k, im in enumerate(images):
         r, c = divmod(k, cols)
-        grid[r * 64:(r + 1) * 64, c * 64:(c + 1) * 64] = im
+        grid[r * 64 : (r + 1) * 64, c * 64 : (c + 1) * 64] = im
     Image.fromarray(grid).resize((cols * 64 * scale, rows * 64 * scale), Image.NEAREST).save(path)
 
 

@@ -41,9 +41,15 @@ BACKGROUNDS: dict[str, tuple[int, int, int]] = {
 SIZES = {"small": 12, "large": 24}  # nominal extent in pixels (side, diameter, triangle width/height)
 # Row-major 3x3 grid; the phrase is what follows "at the" / "in the".
 POSITIONS = (
-    "top left", "top", "top right",
-    "left", "center", "right",
-    "bottom left", "bottom", "bottom right",
+    "top left",
+    "top",
+    "top right",
+    "left",
+    "center",
+    "right",
+    "bottom left",
+    "bottom",
+    "bottom right",
 )
 CELL_CENTRES = (16, 32, 48)
 JITTER = 2  # max pixels of random offset from the cell centre

@@ -24,8 +24,24 @@ SPECIALS = ["<|startoftext|>", "<|endoftext|>"]
 def corpus(n: int = 4000) -> list[str]:
     lines = [sc.caption(sc.make_scene(sc.stream_seed(sc.TRAIN_STREAM, i))) for i in range(n)]
     # make sure every word of the grammar appears, whatever n is
-    lines.append(" ".join([*sc.SHAPES, *sc.COLORS, *sc.BACKGROUNDS, *sc.SIZES, *sc.POSITIONS,
-                           "a", "at", "the", "in", "on", "and", "background"]))
+    lines.append(
+        " ".join(
+            [
+                *sc.SHAPES,
+                *sc.COLORS,
+                *sc.BACKGROUNDS,
+                *sc.SIZES,
+                *sc.POSITIONS,
+                "a",
+                "at",
+                "the",
+                "in",
+                "on",
+                "and",
+                "background",
+            ]
+        )
+    )
     return lines
 
 
@@ -36,8 +52,13 @@ def train_tokenizer(out_dir: Path, vocab_size: int = 256) -> tuple[Path, Path]:
     tok.normalizer = normalizers.Lowercase()
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     alphabet = list(string.ascii_lowercase + string.digits)
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIALS, initial_alphabet=alphabet,
-                                  end_of_word_suffix="</w>", show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIALS,
+        initial_alphabet=alphabet,
+        end_of_word_suffix="</w>",
+        show_progress=False,
+    )
     tok.train_from_iterator(corpus(), trainer)
     bpe = json.loads(tok.to_str())["model"]
     vocab: dict[str, int] = bpe["vocab"]

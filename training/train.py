@@ -27,9 +27,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from kiln.training import data, models
-from kiln.training import scenes as sc
-from kiln.training import tokenizer as tk
+from kiln.training import data, models, scenes as sc, tokenizer as tk
 
 CAPTION_DROPOUT = 0.1
 V_STEPS = 6000  # the v-prediction fine-tune of the shipped weights
@@ -140,7 +138,9 @@ def stage_vae(out: Path, seed: int, steps: int, batch: int, lr: float, resume: b
         step += 1
         ema_loss = rec.item() if ema_loss is None else 0.98 * ema_loss + 0.02 * rec.item()
         bar.update(1)
-        bar.set_postfix(rec=f"{ema_loss:.4f}", samples_s=f"{(bar.format_dict['rate'] or 0.0) * batch:.1f}", refresh=False)
+        bar.set_postfix(
+            rec=f"{ema_loss:.4f}", samples_s=f"{(bar.format_dict['rate'] or 0.0) * batch:.1f}", refresh=False
+        )
         if time.time() - last > ckpt_every or step == steps:
             save_atomic({"model": vae.state_dict(), "opt": opt.state_dict(), "step": step}, ckpt)
             last = time.time()
@@ -174,12 +174,17 @@ def stage_latents(out: Path, pool: int, batch: int = 256) -> None:
     means, stds = [], []
     with torch.no_grad():
         for i in tqdm(range(0, pool, batch), desc="encode pool", unit="batch", mininterval=10):
-            x = data.to_tensor([sc.render(s) for s in scenes[i:i + batch]])
+            x = data.to_tensor([sc.render(s) for s in scenes[i : i + batch]])
             d = vae.encode(x).latent_dist
             means.append(d.mean.half())
             stds.append(d.std.half())
-    ids = tok([sc.caption(s) for s in scenes], padding="max_length", max_length=tk.MAX_LENGTH,
-              truncation=True, return_tensors="pt").input_ids
+    ids = tok(
+        [sc.caption(s) for s in scenes],
+        padding="max_length",
+        max_length=tk.MAX_LENGTH,
+        truncation=True,
+        return_tensors="pt",
+    ).input_ids
     save_atomic({"mean": torch.cat(means), "std": torch.cat(stds), "ids": ids.to(torch.int16)}, path)
     print(f"latents: {pool} scenes -> {path}")
 
@@ -269,10 +274,22 @@ def scheduler_config(prediction: str) -> dict:
     return {**models.SCHEDULER_CONFIG, "prediction_type": prediction}
 
 
-def stage_unet(out: Path, seed: int, steps: int, batch: int, lr: float, resume: bool, ckpt_every: float,
-               eval_every: int, unet_config: dict | None = None, warmup: int = 300,
-               max_minutes: float | None = None, max_steps: int | None = None,
-               prediction: str = "epsilon", init: Path | None = None) -> list[float]:
+def stage_unet(
+    out: Path,
+    seed: int,
+    steps: int,
+    batch: int,
+    lr: float,
+    resume: bool,
+    ckpt_every: float,
+    eval_every: int,
+    unet_config: dict | None = None,
+    warmup: int = 300,
+    max_minutes: float | None = None,
+    max_steps: int | None = None,
+    prediction: str = "epsilon",
+    init: Path | None = None,
+) -> list[float]:
     """Train (or resume) to ``steps``; ``max_minutes`` / ``max_steps`` stop early without changing the
     schedule, so a later ``--resume`` carries on as if never stopped. Returns this call's losses.
 
@@ -310,17 +327,25 @@ def stage_unet(out: Path, seed: int, steps: int, batch: int, lr: float, resume: 
     abar = sched.alphas_cumprod.float()
     tok = tk.load(out / "tokenizer")
     empty = tok([""], padding="max_length", max_length=tk.MAX_LENGTH, return_tensors="pt").input_ids[0]
-    print(f"unet: {models.n_params(unet) / 1e6:.2f}M params, text encoder {models.n_params(te) / 1e6:.2f}M, "
-          f"pool {n}, {steps} steps of {batch}, lr {lr}")
+    print(
+        f"unet: {models.n_params(unet) / 1e6:.2f}M params, text encoder {models.n_params(te) / 1e6:.2f}M, "
+        f"pool {n}, {steps} steps of {batch}, lr {lr}"
+    )
 
     def state() -> dict:
         split = {"text_encoder": {}, "unet": {}}
         for k, v in ema.items():
             part, name = k.split(".", 1)
             split[part][name] = v
-        return {"model": {"text_encoder": te.state_dict(), "unet": unet.state_dict()}, "ema": split,
-                "opt": opt.state_dict(), "step": step, "seed": seed, "unet_config": dict(unet.config),
-                "scheduler_config": scheduler_config(prediction)}
+        return {
+            "model": {"text_encoder": te.state_dict(), "unet": unet.state_dict()},
+            "ema": split,
+            "opt": opt.state_dict(),
+            "step": step,
+            "seed": seed,
+            "unet_config": dict(unet.config),
+            "scheduler_config": scheduler_config(prediction),
+        }
 
     losses = []
     t_start = last = time.time()
@@ -357,8 +382,11 @@ def stage_unet(out: Path, seed: int, steps: int, batch: int, lr: float, resume: 
         bar.update(1)
         rate = bar.format_dict["rate"] or 0.0
         bar.set_postfix(loss=f"{ema_loss:.4f}", samples_s=f"{rate * batch:.1f}", lr=f"{g_lr(opt):.2e}", refresh=False)
-        done = (step == steps or (max_minutes is not None and time.time() - t_start > max_minutes * 60)
-                or (max_steps is not None and step >= max_steps))
+        done = (
+            step == steps
+            or (max_minutes is not None and time.time() - t_start > max_minutes * 60)
+            or (max_steps is not None and step >= max_steps)
+        )
         if time.time() - last > ckpt_every or done:
             save_atomic(state(), ckpt)
             last = time.time()
@@ -384,8 +412,10 @@ def quick_eval(out: Path, step: int, phase: str = "unet", n: int = 50) -> dict:
     t0 = time.time()
     imgs = pipe.generate([sc.caption(s) for s in targets], seed=0, steps=20, cfg=5.0, sampler="euler")
     acc = evaluate.accuracy(imgs, targets)
-    tqdm.write(f"eval step {step} ({time.time() - t0:.0f}s, euler 20 cfg 5, {n} prompts): "
-               + " ".join(f"{k} {v * 100:.0f}%" for k, v in acc.items()))
+    tqdm.write(
+        f"eval step {step} ({time.time() - t0:.0f}s, euler 20 cfg 5, {n} prompts): "
+        + " ".join(f"{k} {v * 100:.0f}%" for k, v in acc.items())
+    )
     sample.save_grid(imgs, out / phase / f"samples-{step:06d}.png")
     with open(out / "eval.jsonl", "a") as f:
         f.write(json.dumps({"phase": phase, "step": step, **acc}) + "\n")
@@ -413,8 +443,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--eval-every", type=int, default=250)
     p.add_argument("--max-minutes", type=float, default=None, help="stop the UNet stage after this long")
-    p.add_argument("--stop-before", choices=["vae", "latents", "unet", "unet-v"], default=None,
-                   help="with 'all': run the stages before this one only")
+    p.add_argument(
+        "--stop-before",
+        choices=["vae", "latents", "unet", "unet-v"],
+        default=None,
+        help="with 'all': run the stages before this one only",
+    )
     p.add_argument("--unet-config", type=json.loads, default=None, help="JSON overrides of UNET_CONFIG")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -435,12 +469,34 @@ def main(argv: list[str] | None = None) -> None:
         stage_latents(out, args.pool)
     v_ckpt = out / PHASES["v_prediction"] / "latest.pt"
     if "unet" in wanted and not (args.stage == "all" and args.resume and v_ckpt.exists()):
-        stage_unet(out, args.seed, args.steps, args.batch, args.lr, args.resume, args.ckpt_every,
-                   args.eval_every, unet_config, max_minutes=args.max_minutes)
+        stage_unet(
+            out,
+            args.seed,
+            args.steps,
+            args.batch,
+            args.lr,
+            args.resume,
+            args.ckpt_every,
+            args.eval_every,
+            unet_config,
+            max_minutes=args.max_minutes,
+        )
     if "unet-v" in wanted:
-        stage_unet(out, args.seed + 1, args.v_steps, args.batch, args.v_lr, args.resume, args.ckpt_every,
-                   args.eval_every, unet_config, warmup=200, max_minutes=args.max_minutes,
-                   prediction="v_prediction", init=out / PHASES["epsilon"] / "latest.pt")
+        stage_unet(
+            out,
+            args.seed + 1,
+            args.v_steps,
+            args.batch,
+            args.v_lr,
+            args.resume,
+            args.ckpt_every,
+            args.eval_every,
+            unet_config,
+            warmup=200,
+            max_minutes=args.max_minutes,
+            prediction="v_prediction",
+            init=out / PHASES["epsilon"] / "latest.pt",
+        )
 
 
 if __name__ == "__main__":

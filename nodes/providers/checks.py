@@ -1,5 +1,6 @@
 """Output validation shared by ValidateImage and the sinks' ``validate`` option: reject blank,
 single-colour, corrupt (NaN, out of range) or too small images with an error that names the image."""
+
 from __future__ import annotations
 
 import torch
@@ -33,13 +34,17 @@ def describe_problem(img: torch.Tensor, min_std: float, min_size: int) -> str | 
     return None
 
 
-def check_images(images: torch.Tensor, node: str, input_name: str = "images", min_std: float = 0.004,
-                 min_size: int = 1) -> torch.Tensor:
+def check_images(
+    images: torch.Tensor, node: str, input_name: str = "images", min_std: float = 0.004, min_size: int = 1
+) -> torch.Tensor:
     check_image(images, node, input_name)
     for i in range(images.shape[0]):
         problem = describe_problem(images[i], min_std, min_size)
         if problem:
-            raise NodeError(f"image {i} of {images.shape[0]} {problem}", input_name=input_name,
-                            hint="the generator returned an unusable image: change the prompt or seed and run again, "
-                                 "or lower min_std if flat images are intended")
+            raise NodeError(
+                f"image {i} of {images.shape[0]} {problem}",
+                input_name=input_name,
+                hint="the generator returned an unusable image: change the prompt or seed and run again, "
+                "or lower min_std if flat images are intended",
+            )
     return images

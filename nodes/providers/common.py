@@ -1,4 +1,5 @@
 """Pieces every provider node shares: the generation record, the UI entry, the re-run switch."""
+
 from __future__ import annotations
 
 import datetime as _dt
@@ -7,13 +8,27 @@ import math
 from typing import Any
 
 
-def generation_record(*, provider: str, model: str, usd: float, estimated: bool, usage: dict | None = None,
-                      request_id: str | None = None, revised_prompts: list[str] | None = None,
-                      **extra: Any) -> dict:
+def generation_record(
+    *,
+    provider: str,
+    model: str,
+    usd: float,
+    estimated: bool,
+    usage: dict | None = None,
+    request_id: str | None = None,
+    revised_prompts: list[str] | None = None,
+    **extra: Any,
+) -> dict:
     """What a provider node's ``usage`` output holds (JSON) and what sinks embed as provenance."""
-    rec = {"provider": provider, "model": model, "usd": round(float(usd), 6), "estimated": estimated,
-           "usage": usage or None, "request_id": request_id,
-           "created": _dt.datetime.now(_dt.timezone.utc).isoformat()}
+    rec = {
+        "provider": provider,
+        "model": model,
+        "usd": round(float(usd), 6),
+        "estimated": estimated,
+        "usage": usage or None,
+        "request_id": request_id,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(),
+    }
     if revised_prompts:
         rec["revised_prompt"] = revised_prompts[0]
         if len(revised_prompts) > 1:

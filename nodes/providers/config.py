@@ -22,31 +22,49 @@ A profile's base URL can also come from ``KILN_<PROFILE>_BASE_URL`` (and ``OPENA
 to the origin its profile names: an override pointing elsewhere must be a configured profile of its own,
 so a shared graph can never redirect someone's key to another host.
 """
+
 from __future__ import annotations
 
-import ipaddress
+import functools
 import os
-import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 from kiln.engine import NodeError
+from kiln.engine.net import is_loopback_host
 
 from .retry import RetryPolicy
 
 _BUILTIN: dict[str, dict[str, Any]] = {
-    "openai": {"kind": "openai", "base_url": "https://api.openai.com/v1", "api_key_env": ["OPENAI_API_KEY"],
-               "base_url_env": ["OPENAI_BASE_URL"]},
-    "together": {"kind": "openai", "base_url": "https://api.together.xyz/v1", "api_key_env": ["TOGETHER_API_KEY"],
-                 "default_model": "black-forest-labs/FLUX.1-schnell"},
-    "fireworks": {"kind": "openai", "base_url": "https://api.fireworks.ai/inference/v1",
-                  "api_key_env": ["FIREWORKS_API_KEY"]},
-    "replicate": {"kind": "replicate", "base_url": "https://api.replicate.com/v1",
-                  "api_key_env": ["REPLICATE_API_TOKEN"]},
-    "google": {"kind": "google", "base_url": "https://generativelanguage.googleapis.com/v1beta",
-               "api_key_env": ["GEMINI_API_KEY", "GOOGLE_API_KEY"]},
+    "openai": {
+        "kind": "openai",
+        "base_url": "https://api.openai.com/v1",
+        "api_key_env": ["OPENAI_API_KEY"],
+        "base_url_env": ["OPENAI_BASE_URL"],
+    },
+    "together": {
+        "kind": "openai",
+        "base_url": "https://api.together.xyz/v1",
+        "api_key_env": ["TOGETHER_API_KEY"],
+        "default_model": "black-forest-labs/FLUX.1-schnell",
+    },
+    "fireworks": {
+        "kind": "openai",
+        "base_url": "https://api.fireworks.ai/inference/v1",
+        "api_key_env": ["FIREWORKS_API_KEY"],
+    },
+    "replicate": {
+        "kind": "replicate",
+        "base_url": "https://api.replicate.com/v1",
+        "api_key_env": ["REPLICATE_API_TOKEN"],
+    },
+    "google": {
+        "kind": "google",
+        "base_url": "https://generativelanguage.googleapis.com/v1beta",
+        "api_key_env": ["GEMINI_API_KEY", "GOOGLE_API_KEY"],
+    },
 }
 
 
@@ -79,9 +97,11 @@ class Profile:
         if not required:
             return None
         env = " or ".join(self.api_key_env) or f"KILN_{self.name.upper()}_API_KEY"
-        raise NodeError(f"no API key for provider profile '{self.name}'",
-                        hint=f"set the environment variable {env}, or providers.{self.name}.api_key in "
-                             f"{config_path()}; keys are never taken from the graph")
+        raise NodeError(
+            f"no API key for provider profile '{self.name}'",
+            hint=f"set the environment variable {env}, or providers.{self.name}.api_key in "
+            f"{config_path()}; keys are never taken from the graph",
+        )
 
 
 @dataclass
@@ -91,8 +111,6 @@ class Config:
     path: Path | None
 
 
-_lock = threading.Lock()
-_cache: dict[tuple, Config] = {}
 _SECRETS: set[str] = set()
 
 
@@ -109,8 +127,9 @@ def _read_file(path: Path) -> dict:
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as exc:
-        raise NodeError(f"Kiln config file {path} is not valid YAML: {exc}",
-                        hint="fix the file or point KILN_CONFIG elsewhere") from exc
+        raise NodeError(
+            f"Kiln config file {path} is not valid YAML: {exc}", hint="fix the file or point KILN_CONFIG elsewhere"
+        ) from exc
     if not isinstance(data, dict):
         raise NodeError(f"Kiln config file {path} must hold a mapping at the top level")
     return data
@@ -118,10 +137,12 @@ def _read_file(path: Path) -> dict:
 
 def _retry_policy(d: dict) -> RetryPolicy:
     base = RetryPolicy()
-    return RetryPolicy(max_attempts=int(d.get("max_attempts", base.max_attempts)),
-                       budget_s=float(d.get("budget_s", base.budget_s)),
-                       base_delay_s=float(d.get("base_delay_s", base.base_delay_s)),
-                       max_delay_s=float(d.get("max_delay_s", base.max_delay_s)))
+    return RetryPolicy(
+        max_attempts=int(d.get("max_attempts", base.max_attempts)),
+        budget_s=float(d.get("budget_s", base.budget_s)),
+        base_delay_s=float(d.get("base_delay_s", base.base_delay_s)),
+        max_delay_s=float(d.get("max_delay_s", base.max_delay_s)),
+    )
 
 
 def _env_names(v: Any) -> tuple[str, ...]:
@@ -130,45 +151,72 @@ def _env_names(v: Any) -> tuple[str, ...]:
     return (v,) if isinstance(v, str) else tuple(str(x) for x in v)
 
 
-def _profile(name: str, d: dict) -> Profile:
-    envs = _env_names(d.get("base_url_env")) + (f"KILN_{name.upper()}_BASE_URL",)
-    base = next((os.environ[e] for e in envs if os.environ.get(e)), None) or d.get("base_url")
+def _base_url_envs(name: str, d: dict) -> tuple[str, ...]:
+    return _env_names(d.get("base_url_env")) + (f"KILN_{name.upper()}_BASE_URL",)
+
+
+def _profile(name: str, d: dict, env: dict[str, str | None]) -> Profile:
+    base = next((env[e] for e in _base_url_envs(name, d) if env.get(e)), None) or d.get("base_url")
     kind = d.get("kind", "openai")
     if not base:
-        raise NodeError(f"provider profile '{name}' has no base_url", hint=f"add providers.{name}.base_url "
-                                                                           f"to {config_path()}")
-    return Profile(name=name, kind=str(kind), base_url=str(base).rstrip("/"),
-                   api_key_env=_env_names(d.get("api_key_env")), api_key_in_file=bool(d.get("api_key")),
-                   default_model=d.get("default_model"), timeout_s=float(d.get("timeout_s", 120.0)),
-                   retry=_retry_policy(d.get("retries") or {}),
-                   max_download_bytes=int(d.get("max_download_bytes", 64 * 1024 * 1024)))
+        raise NodeError(
+            f"provider profile '{name}' has no base_url", hint=f"add providers.{name}.base_url to {config_path()}"
+        )
+    return Profile(
+        name=name,
+        kind=str(kind),
+        base_url=str(base).rstrip("/"),
+        api_key_env=_env_names(d.get("api_key_env")),
+        api_key_in_file=bool(d.get("api_key")),
+        default_model=d.get("default_model"),
+        timeout_s=float(d.get("timeout_s", 120.0)),
+        retry=_retry_policy(d.get("retries") or {}),
+        max_download_bytes=int(d.get("max_download_bytes", 64 * 1024 * 1024)),
+    )
 
 
-def load() -> Config:
-    """The current config (re-read when the file or the relevant environment changes)."""
-    path = config_path()
+def _stamp(path: Path) -> tuple[int, int] | None:
+    """(mtime in ns, size) of the config file, None when it is absent: part of every cache key below."""
     try:
-        mtime = path.stat().st_mtime_ns
+        st = path.stat()
     except OSError:
-        mtime = None
-    env_sig = tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith("KILN_") or k == "OPENAI_BASE_URL"))
-    key = (str(path), mtime, env_sig)
-    with _lock:
-        cfg = _cache.get(key)
-        if cfg is not None:
-            return cfg
-    raw = _read_file(path)
+        return None
+    return st.st_mtime_ns, st.st_size
+
+
+@functools.lru_cache(maxsize=4)
+def _read_cached(path: str, stamp: tuple[int, int] | None) -> dict:
+    """The parsed file, cached because :func:`load` runs for every provider call and every redaction, and
+    parsing YAML each time would dominate; keyed by path and (mtime, size), so an edit is seen at once."""
+    return _read_file(Path(path)) if stamp is not None else {}
+
+
+def _merged(raw: dict, path: str) -> dict[str, dict]:
     merged: dict[str, dict] = {k: dict(v) for k, v in _BUILTIN.items()}
     for name, d in (raw.get("providers") or {}).items():
         if not isinstance(d, dict):
             raise NodeError(f"providers.{name} in {path} must be a mapping")
         merged.setdefault(name, {}).update(d)
-    profiles = {name: _profile(name, d) for name, d in merged.items()}
-    cfg = Config(raw=raw, profiles=profiles, path=path if mtime is not None else None)
-    with _lock:
-        _cache.clear()
-        _cache[key] = cfg
-    return cfg
+    return merged
+
+
+@functools.lru_cache(maxsize=4)
+def _build(path: str, stamp: tuple[int, int] | None, env: tuple[tuple[str, str | None], ...]) -> Config:
+    """The Config for one file version and the values of the environment variables it reads (``env``);
+    a pure function of its key, so caching it can never serve a stale profile."""
+    merged = _merged(_read_cached(path, stamp), path)
+    profiles = {name: _profile(name, d, dict(env)) for name, d in merged.items()}
+    return Config(raw=_read_cached(path, stamp), profiles=profiles, path=Path(path) if stamp is not None else None)
+
+
+def load() -> Config:
+    """The current config: re-read when the file (path, mtime, size) or an environment variable it reads
+    (a profile's base-URL variables) changes; API keys are read from the environment at call time."""
+    path = config_path()
+    stamp = _stamp(path)
+    merged = _merged(_read_cached(str(path), stamp), str(path))
+    env = tuple(sorted({(e, os.environ.get(e)) for name, d in merged.items() for e in _base_url_envs(name, d)}))
+    return _build(str(path), stamp, env)
 
 
 def profile_names(kind: str) -> list[str]:
@@ -184,8 +232,11 @@ def get_profile(name: str, kind: str, input_name: str = "endpoint") -> Profile:
     p = cfg.profiles.get(name)
     if p is None or p.kind != kind:
         choices = [n for n, q in cfg.profiles.items() if q.kind == kind]
-        raise NodeError(f"unknown {kind} endpoint profile '{name}'", input_name=input_name,
-                        hint=f"choose one of {choices} or add providers.{name} (kind: {kind}) to {config_path()}")
+        raise NodeError(
+            f"unknown {kind} endpoint profile '{name}'",
+            input_name=input_name,
+            hint=f"choose one of {choices} or add providers.{name} (kind: {kind}) to {config_path()}",
+        )
     return p
 
 
@@ -196,13 +247,8 @@ def _origin(url: str) -> tuple[str, str, int | None]:
 
 
 def is_loopback(url: str) -> bool:
-    host = urlsplit(url).hostname or ""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
+    """True when the URL's host is one only this machine can reach (see ``kiln.engine.net``)."""
+    return is_loopback_host(urlsplit(url).hostname or "")
 
 
 def resolve_endpoint(profile: Profile, base_url_override: str, input_name: str = "base_url") -> tuple[str, str | None]:
@@ -213,8 +259,11 @@ def resolve_endpoint(profile: Profile, base_url_override: str, input_name: str =
         return profile.base_url, profile.api_key()
     u = urlsplit(override)
     if u.scheme not in ("http", "https") or not u.hostname:
-        raise NodeError(f"base_url {override!r} is not an http(s) URL", input_name=input_name,
-                        hint="write it like https://api.example.com/v1, or leave it empty to use the profile's")
+        raise NodeError(
+            f"base_url {override!r} is not an http(s) URL",
+            input_name=input_name,
+            hint="write it like https://api.example.com/v1, or leave it empty to use the profile's",
+        )
     if _origin(override) == _origin(profile.base_url):
         return override, profile.api_key()
     for other in load().profiles.values():
@@ -222,10 +271,12 @@ def resolve_endpoint(profile: Profile, base_url_override: str, input_name: str =
             return override, other.api_key()
     if is_loopback(override):
         return override, None
-    raise NodeError(f"base_url {override!r} is not the origin of endpoint profile '{profile.name}' "
-                    f"({profile.base_url})", input_name=input_name,
-                    hint=f"Kiln only sends a key to the host its profile names: add a profile with this "
-                         f"base_url and its api_key_env to {config_path()} and select it as the endpoint")
+    raise NodeError(
+        f"base_url {override!r} is not the origin of endpoint profile '{profile.name}' ({profile.base_url})",
+        input_name=input_name,
+        hint=f"Kiln only sends a key to the host its profile names: add a profile with this "
+        f"base_url and its api_key_env to {config_path()} and select it as the endpoint",
+    )
 
 
 def section(name: str) -> dict:

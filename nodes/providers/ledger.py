@@ -1,10 +1,11 @@
-"""The per-run cost ledger and budget, on top of the engine's ``RunContext.record_cost``.
+"""The per-run cost ledger and budget, kept in the run's ``costs`` annotation channel.
 
 Before a paid call a node *reserves* its estimate: an entry goes into the run's cost list at once, so
 concurrent nodes see each other's spending and the budget (``extra_data.max_cost``, else the config
 file's ``budget.max_cost``) cannot be overrun by calls that start together. When the call ends the entry
 is settled to the actual figure (token usage where the API returned it) or to zero if nothing was billed.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -15,6 +16,17 @@ from kiln import engine
 from kiln.engine import NodeError
 
 from . import config
+
+COSTS = "costs"  # the annotation channel this module owns: one dict per paid call
+
+
+def costs_of(annotations: dict) -> list[dict]:
+    """The cost entries of a finished run, from ``RunResult.annotations``."""
+    return list(annotations.get(COSTS, ()))
+
+
+def total_usd(entries: list[dict]) -> float:
+    return float(sum(e.get("usd", 0.0) or 0.0 for e in entries))
 
 
 def max_cost() -> float | None:
@@ -62,19 +74,28 @@ def reserve(provider: str, model: str, estimate: float | None, what: str) -> Res
     budget = max_cost()
     if budget is not None:
         if estimate is None:
-            raise NodeError(f"no price is known for {provider} model '{model}', so Kiln cannot keep this run "
-                            f"within max_cost={budget:g}",
-                            hint=f"add prices.{model} to {config.config_path()} or run without max_cost")
-        spent = ctx.run.total_cost if ctx is not None else 0.0
+            raise NodeError(
+                f"no price is known for {provider} model '{model}', so Kiln cannot keep this run "
+                f"within max_cost={budget:g}",
+                hint=f"add prices.{model} to {config.config_path()} or run without max_cost",
+            )
+        spent = total_usd(ctx.run.annotations_of(COSTS)) if ctx is not None else 0.0
         if spent + estimate > budget + 1e-9:
-            raise NodeError(f"{what} would cost about ${estimate:.4f}, and this run has spent ${spent:.4f} of "
-                            f"its max_cost ${budget:.4f}; the call was not made",
-                            hint="raise extra_data.max_cost (or budget.max_cost in the config), or lower n, "
-                                 "size or quality")
+            raise NodeError(
+                f"{what} would cost about ${estimate:.4f}, and this run has spent ${spent:.4f} of "
+                f"its max_cost ${budget:.4f}; the call was not made",
+                hint="raise extra_data.max_cost (or budget.max_cost in the config), or lower n, size or quality",
+            )
     if ctx is None:
         return Reservation(None)
-    call_id = uuid.uuid4().hex
-    ctx.run.record_cost(node=ctx.node_id, provider=provider, model=model, usd=float(estimate or 0.0),
-                        estimated=True, status="reserved", call_id=call_id)
-    entry = next((e for e in reversed(ctx.run.costs) if e.get("call_id") == call_id), None)
+    entry = {
+        "node": ctx.node_id,
+        "provider": provider,
+        "model": model,
+        "usd": float(estimate or 0.0),
+        "estimated": True,
+        "status": "reserved",
+        "call_id": uuid.uuid4().hex,
+    }
+    ctx.run.annotate(COSTS, entry)  # the ledger keeps this dict and settles it in place
     return Reservation(entry)

@@ -7,18 +7,21 @@
 - SDK errors become :class:`engine.NodeError` messages that name the endpoint, the HTTP status and the
   request id and say what to change; keys are redacted from anything surfaced.
 """
+
 from __future__ import annotations
 
 import asyncio
 import weakref
-from typing import Any, Awaitable, Callable
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 from kiln.engine import NodeError
 
 from .config import Profile, redact
+from .http import status_hint
 from .retry import Transient, parse_retry_after, with_retries
 
-_clients: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[tuple, Any]]" = weakref.WeakKeyDictionary()
+_clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[tuple, Any]] = weakref.WeakKeyDictionary()
 
 CONTENT_POLICY_CODES = {"content_policy_violation", "moderation_blocked", "content_filter", "safety_violation"}
 
@@ -38,8 +41,9 @@ def client(base_url: str, api_key: str | None, timeout_s: float) -> Any:
     key = (base_url, api_key, timeout_s)
     c = per_loop.get(key)
     if c is None:
-        c = openai.AsyncOpenAI(api_key=api_key or "no-key-for-local-endpoint", base_url=base_url,
-                               max_retries=0, timeout=timeout_s)
+        c = openai.AsyncOpenAI(
+            api_key=api_key or "no-key-for-local-endpoint", base_url=base_url, max_retries=0, timeout=timeout_s
+        )
         per_loop[key] = c
     return c
 
@@ -80,8 +84,9 @@ def _error_body(exc: Any) -> dict:
     return {}
 
 
-def to_node_error(exc: BaseException, *, endpoint: str, base_url: str, inputs: set[str],
-                  what: str = "request") -> NodeError:
+def to_node_error(
+    exc: BaseException, *, endpoint: str, base_url: str, inputs: set[str], what: str = "request"
+) -> NodeError:
     """A NodeError that says what went wrong and what to change."""
     openai = sdk()
     attempts = getattr(exc, "attempts", 1)
@@ -91,11 +96,15 @@ def to_node_error(exc: BaseException, *, endpoint: str, base_url: str, inputs: s
         tries += f" (gave up rather than wait {wait:.0f}s more, past the retry budget)"
     where = f"endpoint '{endpoint}' ({base_url})"
     if isinstance(exc, openai.APITimeoutError):
-        return NodeError(f"{what} to {where} timed out{tries}",
-                         hint=f"raise providers.{endpoint}.timeout_s in the config, or try again later")
+        return NodeError(
+            f"{what} to {where} timed out{tries}",
+            hint=f"raise providers.{endpoint}.timeout_s in the config, or try again later",
+        )
     if isinstance(exc, openai.APIConnectionError):
-        return NodeError(redact(f"{what} to {where} could not connect{tries}: {exc.__cause__ or exc}"),
-                         hint="check the base_url and your network")
+        return NodeError(
+            redact(f"{what} to {where} could not connect{tries}: {exc.__cause__ or exc}"),
+            hint="check the base_url and your network",
+        )
     if isinstance(exc, openai.APIStatusError):
         info = _error_body(exc)
         status = exc.status_code
@@ -104,32 +113,31 @@ def to_node_error(exc: BaseException, *, endpoint: str, base_url: str, inputs: s
         code = info.get("code") or ""
         param = info.get("param")
         head = f"{where} answered HTTP {status} (request id {rid}){tries}: {msg}"
-        if status == 401:
-            return NodeError(head, hint=f"the API key was rejected: set a valid key for profile '{endpoint}' "
-                                        f"in its environment variable or the config file")
-        if status == 403:
-            return NodeError(head, hint="this key's organisation lacks access to the model or feature "
-                                        "(some models need a verified organisation)")
+        known = status_hint(status, endpoint)
+        if known is not None and status in (401, 402, 403):  # these win over a policy code in the body
+            return NodeError(head, input_name=known[0], hint=known[1])
         if code in CONTENT_POLICY_CODES or "safety system" in msg.lower():
-            return NodeError(head, input_name="prompt",
-                             hint="the provider's content policy refused it: rephrase the prompt or change the "
-                                  "input images (gpt-image-1 also accepts moderation=low)")
-        if status == 404:
-            return NodeError(head, input_name="model", hint="check the model name (model or model_override) "
-                                                            "exists on this endpoint")
-        if status in (429,) or status >= 500:
-            return NodeError(head, hint=f"the provider is overloaded or failing; try again later or raise "
-                                        f"providers.{endpoint}.retries in the config")
+            return NodeError(
+                head,
+                input_name="prompt",
+                hint="the provider's content policy refused it: rephrase the prompt or change the "
+                "input images (gpt-image-1 also accepts moderation=low)",
+            )
+        if known is not None:
+            return NodeError(head, input_name=known[0], hint=known[1])
         input_name = param if isinstance(param, str) and param in inputs else None
         return NodeError(head, input_name=input_name, hint="change the input the provider names above")
     if isinstance(exc, (openai.APIError, ValueError)):  # includes JSON decode and response validation errors
-        return NodeError(redact(f"{where} sent a response Kiln cannot read: {type(exc).__name__}: {exc}"),
-                         hint="the endpoint may not implement this API; check base_url")
+        return NodeError(
+            redact(f"{where} sent a response Kiln cannot read: {type(exc).__name__}: {exc}"),
+            hint="the endpoint may not implement this API; check base_url",
+        )
     return NodeError(redact(f"{what} to {where} failed: {type(exc).__name__}: {exc}"))
 
 
-async def call(fn: Callable[[], Awaitable[Any]], profile: Profile, *, endpoint: str, base_url: str,
-               inputs: set[str], what: str) -> Any:
+async def call(
+    fn: Callable[[], Awaitable[Any]], profile: Profile, *, endpoint: str, base_url: str, inputs: set[str], what: str
+) -> Any:
     """Run ``fn`` with retries; map the final failure to a NodeError."""
     try:
         return await with_retries(fn, profile.retry, classify, what=f"{what} to {endpoint}")

@@ -11,6 +11,7 @@ file's ``prices:`` section overrides or extends it per model::
 ``per_image`` keys are ``"<quality>/<size>"``, ``"<size>"``, ``"<quality>"`` or ``"*"``, most specific
 first. When a response carries token usage, the token prices give the figure; otherwise the per-image one.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -19,9 +20,15 @@ from . import config
 
 _GPT_IMAGE_1 = {
     "per_image": {
-        "low/1024x1024": 0.011, "low/1024x1536": 0.016, "low/1536x1024": 0.016,
-        "medium/1024x1024": 0.042, "medium/1024x1536": 0.063, "medium/1536x1024": 0.063,
-        "high/1024x1024": 0.167, "high/1024x1536": 0.25, "high/1536x1024": 0.25,
+        "low/1024x1024": 0.011,
+        "low/1024x1536": 0.016,
+        "low/1536x1024": 0.016,
+        "medium/1024x1024": 0.042,
+        "medium/1024x1536": 0.063,
+        "medium/1536x1024": 0.063,
+        "high/1024x1024": 0.167,
+        "high/1024x1536": 0.25,
+        "high/1536x1024": 0.25,
         # auto quality or size: the dearest it can be, so a budget check never under-estimates
         "*": 0.25,
     },
@@ -30,8 +37,17 @@ _GPT_IMAGE_1 = {
 
 BUILTIN: dict[str, dict[str, Any]] = {
     "gpt-image-1": _GPT_IMAGE_1,
-    "dall-e-3": {"per_image": {"standard/1024x1024": 0.04, "standard/1024x1792": 0.08, "standard/1792x1024": 0.08,
-                               "hd/1024x1024": 0.08, "hd/1024x1792": 0.12, "hd/1792x1024": 0.12, "*": 0.12}},
+    "dall-e-3": {
+        "per_image": {
+            "standard/1024x1024": 0.04,
+            "standard/1024x1792": 0.08,
+            "standard/1792x1024": 0.08,
+            "hd/1024x1024": 0.08,
+            "hd/1024x1792": 0.12,
+            "hd/1792x1024": 0.12,
+            "*": 0.12,
+        }
+    },
     "dall-e-2": {"per_image": {"256x256": 0.016, "512x512": 0.018, "1024x1024": 0.02, "*": 0.02}},
     "gpt-4.1": {"tokens_per_million": {"text_in": 2.0, "text_out": 8.0}},
     "gpt-4.1-mini": {"tokens_per_million": {"text_in": 0.4, "text_out": 1.6}},

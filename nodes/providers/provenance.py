@@ -12,6 +12,7 @@ The record is shaped like a C2PA manifest definition (claim generator, assertion
 PNG carries it as the ``kiln_provenance`` text chunk (next to ComfyUI's ``prompt``/``workflow``); JPEG
 and WebP carry it as an XMP packet, plus EXIF Software and ImageDescription.
 """
+
 from __future__ import annotations
 
 import datetime as _dt
@@ -54,29 +55,52 @@ def parse_generation_info(text: str | None) -> list[dict]:
     return [x for x in v if isinstance(x, dict)] if isinstance(v, list) else []
 
 
-def build(*, pixels: np.ndarray, graph: dict | None, generations: list[dict], prompt_id: str | None,
-          node_id: str | None, mime: str, when: _dt.datetime | None = None) -> dict:
+def build(
+    *,
+    pixels: np.ndarray,
+    graph: dict | None,
+    generations: list[dict],
+    prompt_id: str | None,
+    node_id: str | None,
+    mime: str,
+    when: _dt.datetime | None = None,
+) -> dict:
     when = when or _dt.datetime.now(_dt.timezone.utc)
     actions = []
     for g in generations or [{}]:
-        params = {k: g[k] for k in ("provider", "model", "revised_prompt", "request_id", "response_id", "usd")
-                  if g.get(k) is not None}
-        actions.append({"action": "c2pa.created", "when": g.get("created") or when.isoformat(),
-                        "digitalSourceType": SOURCE_TYPE if g.get("provider") else None,
-                        "softwareAgent": {"name": "Kiln", "version": GENERATOR.split("/")[1]},
-                        "parameters": params})
+        params = {
+            k: g[k]
+            for k in ("provider", "model", "revised_prompt", "request_id", "response_id", "usd")
+            if g.get(k) is not None
+        }
+        actions.append(
+            {
+                "action": "c2pa.created",
+                "when": g.get("created") or when.isoformat(),
+                "digitalSourceType": SOURCE_TYPE if g.get("provider") else None,
+                "softwareAgent": {"name": "Kiln", "version": GENERATOR.split("/")[1]},
+                "parameters": params,
+            }
+        )
     for a in actions:
         if a["digitalSourceType"] is None:
             del a["digitalSourceType"]
     assertions: list[dict[str, Any]] = [
         {"label": "c2pa.actions.v2", "data": {"actions": actions}},
-        {"label": "kiln.content_hash", "data": {"alg": "sha256", "hash": pixel_hash(pixels),
-                                                "over": "decoded pixels HxWxC uint8"}},
+        {
+            "label": "kiln.content_hash",
+            "data": {"alg": "sha256", "hash": pixel_hash(pixels), "over": "decoded pixels HxWxC uint8"},
+        },
     ]
     if graph is not None:
         assertions.append({"label": "kiln.graph", "data": graph})
-    return {"claim_generator": GENERATOR, "format": mime, "created": when.isoformat(),
-            "kiln": {"prompt_id": prompt_id, "node": node_id}, "assertions": assertions}
+    return {
+        "claim_generator": GENERATOR,
+        "format": mime,
+        "created": when.isoformat(),
+        "kiln": {"prompt_id": prompt_id, "node": node_id},
+        "assertions": assertions,
+    }
 
 
 def dumps(record: dict) -> str:
@@ -86,14 +110,16 @@ def dumps(record: dict) -> str:
 
 def xmp_packet(record: dict) -> bytes:
     gens = [a for a in record["assertions"] if a["label"] == "c2pa.actions.v2"]
-    first = (gens[0]["data"]["actions"][0].get("parameters", {}) if gens else {})
+    first = gens[0]["data"]["actions"][0].get("parameters", {}) if gens else {}
     desc = ", ".join(f"{k}={first[k]}" for k in ("provider", "model") if k in first) or "Kiln output"
-    body = (f'<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#">'
-            f'<rdf:Description rdf:about="" xmlns:dc="http://purl.org/dc/elements/1.1/" '
-            f'xmlns:xmp="http://ns.adobe.com/xap/1.0/" xmlns:kiln="{_XMP_NS}" '
-            f'xmp:CreatorTool="{GENERATOR}" kiln:manifest={quoteattr(dumps(record))}>'
-            f'<dc:description><rdf:Alt><rdf:li xml:lang="x-default">{escape(desc)}</rdf:li></rdf:Alt>'
-            f'</dc:description></rdf:Description></rdf:RDF></x:xmpmeta>')
+    body = (
+        f'<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#">'
+        f'<rdf:Description rdf:about="" xmlns:dc="http://purl.org/dc/elements/1.1/" '
+        f'xmlns:xmp="http://ns.adobe.com/xap/1.0/" xmlns:kiln="{_XMP_NS}" '
+        f'xmp:CreatorTool="{GENERATOR}" kiln:manifest={quoteattr(dumps(record))}>'
+        f'<dc:description><rdf:Alt><rdf:li xml:lang="x-default">{escape(desc)}</rdf:li></rdf:Alt>'
+        f"</dc:description></rdf:Description></rdf:RDF></x:xmpmeta>"
+    )
     return ('<?xpacket begin="\ufeff" id="W5M0MpCehiHzreSzNTczkc9d"?>' + body + '<?xpacket end="w"?>').encode()
 
 
@@ -145,7 +171,14 @@ def read(data: bytes) -> dict | None:
 def png_chunks_for(pixels: np.ndarray, graph: dict | None, generation_info: str | None) -> dict[str, str]:
     """The ``kiln_provenance`` PNG text chunk for one image saved by the running node (SaveImage's option)."""
     from kiln import engine
+
     ctx = engine.current()
-    rec = build(pixels=pixels, graph=graph, generations=parse_generation_info(generation_info),
-                prompt_id=ctx.prompt_id if ctx else None, node_id=ctx.node_id if ctx else None, mime="image/png")
+    rec = build(
+        pixels=pixels,
+        graph=graph,
+        generations=parse_generation_info(generation_info),
+        prompt_id=ctx.prompt_id if ctx else None,
+        node_id=ctx.node_id if ctx else None,
+        mime="image/png",
+    )
     return {CHUNK: dumps(rec)}

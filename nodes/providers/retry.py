@@ -7,6 +7,7 @@ run out or when the next wait would end past the budget; the last error is then 
 ``attempts`` (and ``gave_up_wait_s`` when a wait did not fit the budget) set on it, so the node can name
 the provider, status and request id.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -14,8 +15,9 @@ import email.utils
 import logging
 import random
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, Awaitable, Callable
+from typing import Any
 
 log = logging.getLogger("kiln.providers")
 
@@ -63,10 +65,15 @@ def backoff_delay(attempt: int, policy: RetryPolicy, retry_after: float | None, 
     return delay
 
 
-async def with_retries(call: Callable[[], Awaitable[Any]], policy: RetryPolicy,
-                       classify: Callable[[BaseException], Transient | None], *, what: str = "call",
-                       rng: Callable[[], float] = random.random,
-                       on_retry: Callable[[int, BaseException, float], None] | None = None) -> Any:
+async def with_retries(
+    call: Callable[[], Awaitable[Any]],
+    policy: RetryPolicy,
+    classify: Callable[[BaseException], Transient | None],
+    *,
+    what: str = "call",
+    rng: Callable[[], float] = random.random,
+    on_retry: Callable[[int, BaseException, float], None] | None = None,
+) -> Any:
     start = time.monotonic()
     attempt = 0
     while True:
@@ -85,8 +92,14 @@ async def with_retries(call: Callable[[], Awaitable[Any]], policy: RetryPolicy,
                 exc.budget_exhausted = True  # type: ignore[attr-defined]
                 exc.gave_up_wait_s = delay  # type: ignore[attr-defined]
                 raise
-            log.info("%s failed (%s); retry %d/%d in %.2fs", what, verdict.reason or type(exc).__name__,
-                     attempt, policy.max_attempts - 1, delay)
+            log.info(
+                "%s failed (%s); retry %d/%d in %.2fs",
+                what,
+                verdict.reason or type(exc).__name__,
+                attempt,
+                policy.max_attempts - 1,
+                delay,
+            )
             if on_retry is not None:
                 on_retry(attempt, exc, delay)
             await asyncio.sleep(delay)

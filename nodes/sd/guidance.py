@@ -5,11 +5,13 @@ CONDITIONING is ComfyUI's list of ``[embedding, options]``. Options used here: `
 ``control`` (a :class:`Control` chain from ControlNetApply*). Every entry of the positive and negative
 lists is evaluated in one batched UNet call per step; entries of one list are averaged.
 """
+
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -27,9 +29,9 @@ class Control:
     strength: float
     start_percent: float = 0.0
     end_percent: float = 1.0
-    previous: "Control | None" = None
+    previous: Control | None = None
 
-    def chain(self) -> list["Control"]:
+    def chain(self) -> list[Control]:
         out, c = [], self
         while c is not None:
             out.append(c)
@@ -63,8 +65,15 @@ def _batch_to(t: torch.Tensor, n: int) -> torch.Tensor:
 class Guider:
     """The guided denoiser for one KSampler run."""
 
-    def __init__(self, model: ModelHandle, unet: torch.nn.Module, positive: list, negative: list, cfg: float,
-                 latent_shape: tuple[int, ...]):
+    def __init__(
+        self,
+        model: ModelHandle,
+        unet: torch.nn.Module,
+        positive: list,
+        negative: list,
+        cfg: float,
+        latent_shape: tuple[int, ...],
+    ):
         self.model = model
         self.unet = unet
         self.ms = model.sampling
@@ -80,7 +89,8 @@ class Guider:
         length = math.lcm(*[e.shape[1] for e, _, _ in self.units])
         b = self.batch
         self.context = torch.cat([_batch_to(_repeat_to(e, length), b) for e, _, _ in self.units]).to(
-            self.device, self.dtype)
+            self.device, self.dtype
+        )
         self.added = self._sdxl_kwargs(b) if model.family == "sdxl" else None
         self.controls = [o.get("control") for _, o, _ in self.units]
         self._hints: dict[int, torch.Tensor] = {}
@@ -93,11 +103,25 @@ class Guider:
             if p is None:
                 raise ValueError("SDXL conditioning lacks pooled_output; encode the prompt with this model's CLIP")
             pooled.append(_batch_to(p, b))
-            ids.append(torch.tensor([[o.get("height", h), o.get("width", w), o.get("crop_h", 0), o.get("crop_w", 0),
-                                      o.get("target_height", h), o.get("target_width", w)]], dtype=torch.float32)
-                       .repeat(b, 1))
-        return {"text_embeds": torch.cat(pooled).to(self.device, self.dtype),
-                "time_ids": torch.cat(ids).to(self.device, self.dtype)}
+            ids.append(
+                torch.tensor(
+                    [
+                        [
+                            o.get("height", h),
+                            o.get("width", w),
+                            o.get("crop_h", 0),
+                            o.get("crop_w", 0),
+                            o.get("target_height", h),
+                            o.get("target_width", w),
+                        ]
+                    ],
+                    dtype=torch.float32,
+                ).repeat(b, 1)
+            )
+        return {
+            "text_embeds": torch.cat(pooled).to(self.device, self.dtype),
+            "time_ids": torch.cat(ids).to(self.device, self.dtype),
+        }
 
     def _hint(self, c: Control) -> torch.Tensor:
         key = id(c)
@@ -115,13 +139,18 @@ class Guider:
         for u, control in enumerate(self.controls):
             sl = slice(u * b, (u + 1) * b)
             down, mid = None, None
-            for c in (control.chain() if control is not None else []):
+            for c in control.chain() if control is not None else []:
                 hi, lo = self.ms.percent_to_sigma(c.start_percent), self.ms.percent_to_sigma(c.end_percent)
                 if not (lo <= sigma <= hi) or c.strength == 0:
                     continue
-                d, m = c.net.model(xin[sl], t[sl], encoder_hidden_states=self.context[sl],
-                                   controlnet_cond=self._hint(c), conditioning_scale=float(c.strength),
-                                   return_dict=False)
+                d, m = c.net.model(
+                    xin[sl],
+                    t[sl],
+                    encoder_hidden_states=self.context[sl],
+                    controlnet_cond=self._hint(c),
+                    conditioning_scale=float(c.strength),
+                    return_dict=False,
+                )
                 down = list(d) if down is None else [a + x for a, x in zip(down, d)]
                 mid = m if mid is None else mid + m
             per_unit.append((down, mid))
@@ -130,8 +159,9 @@ class Guider:
             return None, None
         down_all = []
         for k in range(len(template[0])):
-            down_all.append(torch.cat([p[0][k] if p[0] is not None else torch.zeros_like(template[0][k])
-                                       for p in per_unit]))
+            down_all.append(
+                torch.cat([p[0][k] if p[0] is not None else torch.zeros_like(template[0][k]) for p in per_unit])
+            )
         mid_all = torch.cat([p[1] if p[1] is not None else torch.zeros_like(template[1]) for p in per_unit])
         return down_all, mid_all
 
@@ -157,10 +187,10 @@ class Guider:
             x0 = xf - out * s
         b = self.batch
         parts = x0.split(b)
-        cond = torch.stack(parts[:self.n_pos]).mean(0)
+        cond = torch.stack(parts[: self.n_pos]).mean(0)
         if self.skip_uncond:
             return cond.to(x.device)
-        uncond = torch.stack(parts[self.n_pos:]).mean(0)
+        uncond = torch.stack(parts[self.n_pos :]).mean(0)
         return (uncond + self.cfg * (cond - uncond)).to(x.device)
 
 
@@ -197,8 +227,14 @@ def make_noise(seed: int, shape: tuple[int, ...], batch_index: list[int] | None 
     return full[list(batch_index)]
 
 
-def run_sampler(name: str, denoise: Callable, x: torch.Tensor, sigmas: torch.Tensor, seed: int,
-                callback: Callable[[int, torch.Tensor], None]) -> torch.Tensor:
+def run_sampler(
+    name: str,
+    denoise: Callable,
+    x: torch.Tensor,
+    sigmas: torch.Tensor,
+    seed: int,
+    callback: Callable[[int, torch.Tensor], None],
+) -> torch.Tensor:
     g = torch.Generator("cpu").manual_seed((int(seed) + 0x9E3779B9) % 2**64)
     shape = x.shape
 

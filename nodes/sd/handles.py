@@ -8,25 +8,34 @@ back afterwards, so a graph without the LoRA sees bit-identical weights.
 Each handle fingerprints as (file identity, dtype, device, patches), which keeps nodes downstream of a
 loader cacheable.
 """
+
 from __future__ import annotations
 
 import contextlib
 import hashlib
 import threading
+import weakref
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 
 from .samplers import ModelSampling
 
-_PATCH_LOCKS: dict[int, threading.RLock] = {}
+# One lock per shared module, so two handles never swap tensors in the same module at once. Keyed weakly by
+# the module itself: an entry goes when its module is freed (the model manager evicts models), and a new
+# module can never inherit a dead one's lock, as it could through a reused id().
+_PATCH_LOCKS: weakref.WeakKeyDictionary[torch.nn.Module, threading.RLock] = weakref.WeakKeyDictionary()
 _PATCH_LOCKS_GUARD = threading.Lock()
 
 
 def _lock_for(module: torch.nn.Module) -> threading.RLock:
     with _PATCH_LOCKS_GUARD:
-        return _PATCH_LOCKS.setdefault(id(module), threading.RLock())
+        lock = _PATCH_LOCKS.get(module)
+        if lock is None:
+            lock = _PATCH_LOCKS[module] = threading.RLock()
+        return lock
 
 
 @dataclass(frozen=True)
@@ -85,8 +94,16 @@ def _digest(*parts: Any) -> bytes:
 class ModelHandle:
     """MODEL: a diffusion UNet, its noise schedule, and patches."""
 
-    def __init__(self, unet: torch.nn.Module, scheduler_config: dict, family: str, source: str,
-                 patches: tuple[WeightPatch, ...] = (), preview_vae: Any = None, name: str = ""):
+    def __init__(
+        self,
+        unet: torch.nn.Module,
+        scheduler_config: dict,
+        family: str,
+        source: str,
+        patches: tuple[WeightPatch, ...] = (),
+        preview_vae: Any = None,
+        name: str = "",
+    ):
         self.unet = unet
         self.scheduler_config = scheduler_config
         self.sampling = ModelSampling(scheduler_config)
@@ -104,9 +121,16 @@ class ModelHandle:
     def dtype(self) -> torch.dtype:
         return next(self.unet.parameters()).dtype
 
-    def with_patch(self, patch: WeightPatch) -> "ModelHandle":
-        return ModelHandle(self.unet, self.scheduler_config, self.family, self.source, self.patches + (patch,),
-                           self.preview_vae, self.name)
+    def with_patch(self, patch: WeightPatch) -> ModelHandle:
+        return ModelHandle(
+            self.unet,
+            self.scheduler_config,
+            self.family,
+            self.source,
+            self.patches + (patch,),
+            self.preview_vae,
+            self.name,
+        )
 
     def patched(self):
         return apply_patches(self.unet, self.patches)
@@ -124,8 +148,16 @@ class ModelHandle:
 class ClipHandle:
     """CLIP: text encoder(s) and tokenizer(s), the layer to read (CLIPSetLastLayer), and patches."""
 
-    def __init__(self, text_encoders: list, tokenizers: list, family: str, source: str,
-                 patches: tuple[WeightPatch, ...] = (), layer: int = -1, name: str = ""):
+    def __init__(
+        self,
+        text_encoders: list,
+        tokenizers: list,
+        family: str,
+        source: str,
+        patches: tuple[WeightPatch, ...] = (),
+        layer: int = -1,
+        name: str = "",
+    ):
         self.text_encoders = text_encoders
         self.tokenizers = tokenizers
         self.family = family
@@ -134,24 +166,37 @@ class ClipHandle:
         self.layer = layer
         self.name = name
 
-    def _copy(self, **kw: Any) -> "ClipHandle":
-        args = dict(text_encoders=self.text_encoders, tokenizers=self.tokenizers, family=self.family,
-                    source=self.source, patches=self.patches, layer=self.layer, name=self.name)
+    def _copy(self, **kw: Any) -> ClipHandle:
+        args = dict(
+            text_encoders=self.text_encoders,
+            tokenizers=self.tokenizers,
+            family=self.family,
+            source=self.source,
+            patches=self.patches,
+            layer=self.layer,
+            name=self.name,
+        )
         args.update(kw)
         return ClipHandle(**args)
 
-    def with_patch(self, patch: WeightPatch) -> "ClipHandle":
+    def with_patch(self, patch: WeightPatch) -> ClipHandle:
         return self._copy(patches=self.patches + (patch,))
 
-    def with_layer(self, layer: int) -> "ClipHandle":
+    def with_layer(self, layer: int) -> ClipHandle:
         return self._copy(layer=layer)
 
     @contextlib.contextmanager
     def patched(self) -> Iterator[list]:
         with contextlib.ExitStack() as stack:
             for i, te in enumerate(self.text_encoders):
-                mine = tuple(WeightPatch(p.source, p.strength, {k[len(f"{i}."):]: v for k, v in p.deltas.items()
-                                                                 if k.startswith(f"{i}.")}) for p in self.patches)
+                mine = tuple(
+                    WeightPatch(
+                        p.source,
+                        p.strength,
+                        {k[len(f"{i}.") :]: v for k, v in p.deltas.items() if k.startswith(f"{i}.")},
+                    )
+                    for p in self.patches
+                )
                 stack.enter_context(apply_patches(te, tuple(p for p in mine if p.deltas)))
             yield self.text_encoders
 

@@ -13,10 +13,11 @@ LDM layout, as SD1.x/SDXL single files ship:
 - CLIP-L ``cond_stage_model.transformer.`` (SD1) / ``conditioner.embedders.0.transformer.`` (SDXL):
   transformers' own names; OpenCLIP-G ``conditioner.embedders.1.model.`` (SDXL) has fused attention.
 """
+
 from __future__ import annotations
 
 import re
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 
@@ -26,11 +27,26 @@ CLIP_PREFIX = "cond_stage_model.transformer."
 SDXL_CLIP_L_PREFIX = "conditioner.embedders.0.transformer."
 SDXL_CLIP_G_PREFIX = "conditioner.embedders.1.model."
 
-_RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
-           "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
+_RESNET = {
+    "norm1": "in_layers.0",
+    "conv1": "in_layers.2",
+    "time_emb_proj": "emb_layers.1",
+    "norm2": "out_layers.0",
+    "conv2": "out_layers.3",
+    "conv_shortcut": "skip_connection",
+}
 _VAE_RESNET = {"conv_shortcut": "nin_shortcut"}
-_VAE_ATTN = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out",
-             "query": "q", "key": "k", "value": "v", "proj_attn": "proj_out"}
+_VAE_ATTN = {
+    "group_norm": "norm",
+    "to_q": "q",
+    "to_k": "k",
+    "to_v": "v",
+    "to_out.0": "proj_out",
+    "query": "q",
+    "key": "k",
+    "value": "v",
+    "proj_attn": "proj_out",
+}
 
 
 class UnetLayout:
@@ -67,18 +83,24 @@ class UnetLayout:
 def _resnet(rest: str, table: dict) -> str:
     for k, v in table.items():
         if rest == k or rest.startswith(k + "."):
-            return v + rest[len(k):]
+            return v + rest[len(k) :]
     return rest
 
 
 def unet_key_to_ldm(key: str, layout: UnetLayout) -> str:
     """A diffusers UNet2DConditionModel key to its LDM name (without the ``model.diffusion_model.`` prefix)."""
-    simple = {"time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
-              "add_embedding.linear_1": "label_emb.0.0", "add_embedding.linear_2": "label_emb.0.2",
-              "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2"}
+    simple = {
+        "time_embedding.linear_1": "time_embed.0",
+        "time_embedding.linear_2": "time_embed.2",
+        "add_embedding.linear_1": "label_emb.0.0",
+        "add_embedding.linear_2": "label_emb.0.2",
+        "conv_in": "input_blocks.0.0",
+        "conv_norm_out": "out.0",
+        "conv_out": "out.2",
+    }
     for k, v in simple.items():
         if key.startswith(k + "."):
-            return v + key[len(k):]
+            return v + key[len(k) :]
     m = re.match(r"down_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.+)", key)
     if m:
         i, kind, j, rest = int(m[1]), m[2], int(m[3]), m[4]
@@ -124,7 +146,7 @@ def controlnet_key_to_ldm(key: str, layout: UnetLayout) -> str:
     if m:
         return f"zero_convs.{m[1]}.0.{m[2]}"
     if key.startswith("controlnet_mid_block."):
-        return "middle_block_out.0." + key[len("controlnet_mid_block."):]
+        return "middle_block_out.0." + key[len("controlnet_mid_block.") :]
     return unet_key_to_ldm(key, layout)
 
 
@@ -133,9 +155,9 @@ def vae_key_to_ldm(key: str, n_blocks: int) -> str:
     for part in ("encoder", "decoder"):
         if not key.startswith(part + "."):
             continue
-        rest = key[len(part) + 1:]
+        rest = key[len(part) + 1 :]
         if rest.startswith("conv_norm_out."):
-            return f"{part}.norm_out." + rest[len("conv_norm_out."):]
+            return f"{part}.norm_out." + rest[len("conv_norm_out.") :]
         m = re.match(r"(down|up)_blocks\.(\d+)\.resnets\.(\d+)\.(.+)", rest)
         if m:
             i = int(m[2]) if m[1] == "down" else n_blocks - 1 - int(m[2])
@@ -168,29 +190,36 @@ def build_map(keys: Iterable[str], fn, prefix: str = "", **kw) -> dict[str, str]
 def controlnet_map(keys: Iterable[str], layout: UnetLayout, prefix: str = "control_model.") -> dict[str, str]:
     keys = list(keys)
     mapping = {k: controlnet_key_to_ldm(k, layout) for k in keys}
-    hint = sorted({int(v.split(".")[1]) for v in mapping.values()
-                   if v.startswith("input_hint_block.") and "@" not in v})
+    hint = sorted(
+        {int(v.split(".")[1]) for v in mapping.values() if v.startswith("input_hint_block.") and "@" not in v}
+    )
     last = (max(hint) + 2) if hint else 0
     return {k: prefix + v.replace("input_hint_block.@out", f"input_hint_block.{last}") for k, v in mapping.items()}
 
 
 # -- OpenCLIP (SDXL's second text encoder) -> transformers CLIPTextModelWithProjection -------------------
 
+
 def open_clip_to_transformers(sd: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
     """Convert an OpenCLIP text tower (fused qkv, ``resblocks``) to transformers' CLIP names."""
     out: dict[str, torch.Tensor] = {}
-    ren = {"ln_1": "layer_norm1", "ln_2": "layer_norm2", "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2",
-           "attn.out_proj": "self_attn.out_proj"}
+    ren = {
+        "ln_1": "layer_norm1",
+        "ln_2": "layer_norm2",
+        "mlp.c_fc": "mlp.fc1",
+        "mlp.c_proj": "mlp.fc2",
+        "attn.out_proj": "self_attn.out_proj",
+    }
     for key, t in sd.items():
         if not key.startswith(prefix):
             continue
-        k = key[len(prefix):]
+        k = key[len(prefix) :]
         if k == "token_embedding.weight":
             out["text_model.embeddings.token_embedding.weight"] = t
         elif k == "positional_embedding":
             out["text_model.embeddings.position_embedding.weight"] = t
         elif k.startswith("ln_final."):
-            out["text_model.final_layer_norm." + k[len("ln_final."):]] = t
+            out["text_model.final_layer_norm." + k[len("ln_final.") :]] = t
         elif k == "text_projection":
             out["text_projection.weight"] = t.T.contiguous()
         elif k.startswith("transformer.resblocks."):
@@ -205,7 +234,7 @@ def open_clip_to_transformers(sd: dict[str, torch.Tensor], prefix: str) -> dict[
                 continue
             for a, b in ren.items():
                 if rest.startswith(a + "."):
-                    rest = b + rest[len(a):]
+                    rest = b + rest[len(a) :]
                     break
             out[base + rest] = t
     return out

@@ -6,6 +6,7 @@ for text encoders, and the dotted diffusers/PEFT names (``unet.<path>``, ``text_
 ``...processor.to_q_lora.down``). A key that matches none is reported, so a LoRA for another architecture
 is an error that says which keys did not fit, instead of a silent no-op.
 """
+
 from __future__ import annotations
 
 import re
@@ -13,17 +14,28 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import ldm_keys as L
+from kiln.engine import NodeError
 
-_SUFFIXES = (("lora_down.weight", "down"), ("lora_up.weight", "up"), ("lora_A.weight", "down"),
-             ("lora_B.weight", "up"), ("lora.down.weight", "down"), ("lora.up.weight", "up"),
-             ("down.weight", "down"), ("up.weight", "up"), ("alpha", "alpha"))
+from . import ldm_keys
+
+_SUFFIXES = (
+    ("lora_down.weight", "down"),
+    ("lora_up.weight", "up"),
+    ("lora_A.weight", "down"),
+    ("lora_B.weight", "up"),
+    ("lora.down.weight", "down"),
+    ("lora.up.weight", "up"),
+    ("down.weight", "down"),
+    ("up.weight", "up"),
+    ("alpha", "alpha"),
+)
 
 
-class LoraError(ValueError):
-    def __init__(self, message: str, hint: str | None = None):
-        super().__init__(message)
-        self.hint = hint
+class LoraError(NodeError, ValueError):
+    """A LoRA file does not fit the model; it names the LoRA loaders' ``lora_name`` input by default."""
+
+    def __init__(self, message: str, hint: str | None = None, *, input_name: str | None = "lora_name"):
+        super().__init__(message, input_name=input_name, hint=hint)
 
 
 @dataclass
@@ -34,30 +46,35 @@ class ParsedLora:
 
 
 def _split(key: str) -> tuple[str, str] | None:
-    k = key[len("base_model.model."):] if key.startswith("base_model.model.") else key
+    k = key[len("base_model.model.") :] if key.startswith("base_model.model.") else key
     m = re.match(r"(.*)\.processor\.(to_[qkv]|to_out)_lora\.(down|up)\.weight$", k)
     if m:
         mod = m[2] + (".0" if m[2] == "to_out" else "")
         return f"{m[1]}.{mod}", m[3]
     for suffix, part in _SUFFIXES:
         if k.endswith("." + suffix):
-            return k[:-len(suffix) - 1], part
+            return k[: -len(suffix) - 1], part
     return None
 
 
 def _module_names(model: torch.nn.Module) -> list[str]:
-    return [n for n, m in model.named_modules() if n and isinstance(getattr(m, "weight", None), torch.Tensor)
-            and isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
+    return [
+        n
+        for n, m in model.named_modules()
+        if n
+        and isinstance(getattr(m, "weight", None), torch.Tensor)
+        and isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))
+    ]
 
 
 def _unet_aliases(unet: torch.nn.Module) -> dict[str, str]:
-    layout = L.UnetLayout(dict(unet.config))
+    layout = ldm_keys.UnetLayout(dict(unet.config))
     out = {}
     for name in _module_names(unet):
         for alias in (f"lora_unet_{name.replace('.', '_')}", f"unet.{name}", name):
             out[alias] = name
         try:
-            ldm = L.unet_key_to_ldm(name + ".weight", layout)[:-len(".weight")]
+            ldm = ldm_keys.unet_key_to_ldm(name + ".weight", layout)[: -len(".weight")]
             out[f"lora_unet_{ldm.replace('.', '_')}"] = name
         except KeyError:
             pass
@@ -108,7 +125,8 @@ def parse_lora(sd: dict[str, torch.Tensor], unet: torch.nn.Module | None, encode
             _check(base, mod.weight, up, down)
             result.clip[f"{idx}.{name}.weight"] = (up, down, scale)
         elif (unet is None and base.startswith(("lora_unet", "unet."))) or (
-                not encoders and base.startswith(("lora_te", "text_encoder"))):
+            not encoders and base.startswith(("lora_te", "text_encoder"))
+        ):
             continue  # a UNet key when only the CLIP is being patched, or the reverse
         else:
             result.unmatched.append(base)
@@ -117,6 +135,8 @@ def parse_lora(sd: dict[str, torch.Tensor], unet: torch.nn.Module | None, encode
 
 def _check(base: str, weight: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> None:
     if up.shape[0] != weight.shape[0] or down.flatten(1).shape[1] != weight[0].numel():
-        raise LoraError(f"LoRA module {base} has shape {tuple(up.shape[:1]) + tuple(down.shape[1:])}, the model's "
-                        f"weight is {tuple(weight.shape)}",
-                        hint="this LoRA was trained for another model architecture; pick one made for this checkpoint")
+        raise LoraError(
+            f"LoRA module {base} has shape {tuple(up.shape[:1]) + tuple(down.shape[1:])}, the model's "
+            f"weight is {tuple(weight.shape)}",
+            hint="this LoRA was trained for another model architecture; pick one made for this checkpoint",
+        )

@@ -8,20 +8,29 @@ Defaults: CUDA when present, else CPU; fp16 on CUDA, fp32 on CPU. Override with 
 ``KILN_DTYPE`` (fp32, fp16, bf16) and ``KILN_MODEL_MEMORY_GB``, or by constructing a manager and putting it
 in the executor's ``services["model_manager"]``.
 """
+
 from __future__ import annotations
 
 import os
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
 from kiln import engine
-_DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
-           "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+
+_DTYPES = {
+    "fp32": torch.float32,
+    "float32": torch.float32,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+}
 
 
 def default_device() -> torch.device:
@@ -107,8 +116,12 @@ class _Entry:
 
 
 class ModelManager:
-    def __init__(self, budget_bytes: int | None = None, device: str | torch.device | None = None,
-                 dtype: torch.dtype | None = None):
+    def __init__(
+        self,
+        budget_bytes: int | None = None,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype | None = None,
+    ):
         self.budget = budget_bytes if budget_bytes is not None else _default_budget()
         self.device = torch.device(device) if device is not None else default_device()
         self.dtype = dtype if dtype is not None else default_dtype(self.device)
@@ -121,13 +134,18 @@ class ModelManager:
     def used_bytes(self) -> int:
         return sum(e.size for e in self._entries.values())
 
-    def key(self, kind: str, path: Path, dtype: torch.dtype | None = None,
-            device: torch.device | None = None) -> tuple:
+    def key(self, kind: str, path: Path, dtype: torch.dtype | None = None, device: torch.device | None = None) -> tuple:
         ident = file_identity(path)
         return (kind, *ident, str(dtype or self.dtype), str(device or self.device))
 
-    def get(self, kind: str, path: Path, loader: Callable[[Path, torch.dtype, torch.device], Any],
-            dtype: torch.dtype | None = None, device: torch.device | None = None) -> Any:
+    def get(
+        self,
+        kind: str,
+        path: Path,
+        loader: Callable[[Path, torch.dtype, torch.device], Any],
+        dtype: torch.dtype | None = None,
+        device: torch.device | None = None,
+    ) -> Any:
         """The loaded model for ``path``: from memory, else ``loader(path, dtype, device)``."""
         dtype, device = dtype or self.dtype, device or self.device
         key = self.key(kind, path, dtype, device)

@@ -3,6 +3,7 @@
 The map is the least-squares fit of a few decoded random latents (downsampled to latent resolution),
 so it works for any VAE, including the project's own, with no table of magic numbers.
 """
+
 from __future__ import annotations
 
 import threading
@@ -19,8 +20,9 @@ def _fit(vae_handle) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(0)
     z = torch.randn(4, c, 8, 8, generator=g)
     with torch.inference_mode():
-        img = vae.decode((z / vae_handle.scaling_factor + vae_handle.shift_factor).to(vae_handle.device,
-                                                                                     vae_handle.dtype)).sample
+        img = vae.decode(
+            (z / vae_handle.scaling_factor + vae_handle.shift_factor).to(vae_handle.device, vae_handle.dtype)
+        ).sample
     img = ((img.float().cpu() + 1) / 2).clamp(0, 1)
     small = F.adaptive_avg_pool2d(img, (8, 8))
     a = torch.cat([z.permute(0, 2, 3, 1).reshape(-1, c), torch.ones(4 * 64, 1)], dim=1)

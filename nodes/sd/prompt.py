@@ -10,24 +10,29 @@ in one batch and concatenated along the sequence, so long prompts keep every tok
 ``w`` is moved away from the empty prompt's encoding at its position: ``z = z_empty + w * (z - z_empty)``
 (ComfyUI's default weighting).
 """
+
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
+
+from kiln.engine import NodeError
 
 CHUNK = 75
 _WEIGHT_RE = re.compile(r"^(.*):\s*([+-]?(?:\d+\.?\d*|\.\d+))\s*$", re.S)
 EMBEDDING_RE = re.compile(r"embedding:([^\s,()\[\]]+)")
 
 
-class PromptError(ValueError):
-    def __init__(self, message: str, hint: str | None = None):
-        super().__init__(message)
-        self.hint = hint
+class PromptError(NodeError, ValueError):
+    """The prompt cannot be encoded (a missing or mismatched embedding); it names the ``text`` input by
+    default, as CLIPTextEncode calls it."""
+
+    def __init__(self, message: str, hint: str | None = None, *, input_name: str | None = "text"):
+        super().__init__(message, input_name=input_name, hint=hint)
 
 
 @dataclass
@@ -92,6 +97,7 @@ def parse_weights(text: str) -> list[tuple[str, float]]:
 
 # -- textual inversion ---------------------------------------------------------------------------------------
 
+
 def load_embedding(path: Path, dim: int, key_hint: str | None = None) -> torch.Tensor:
     """The vectors ``[n, dim]`` of a textual-inversion file (A1111 .pt/.safetensors, ``emb_params``, SDXL keys)."""
     if path.suffix.lower() in (".safetensors", ".sft"):
@@ -114,11 +120,14 @@ def load_embedding(path: Path, dim: int, key_hint: str | None = None) -> torch.T
         if t.ndim == 2 and t.shape[-1] == dim:
             return t.float()
     shapes = [tuple(t.shape) for t in candidates]
-    raise PromptError(f"embedding {path.name} has no vectors of size {dim} (found {shapes})",
-                      hint="the embedding was trained for another model family; use one made for this checkpoint")
+    raise PromptError(
+        f"embedding {path.name} has no vectors of size {dim} (found {shapes})",
+        hint="the embedding was trained for another model family; use one made for this checkpoint",
+    )
 
 
 # -- tokenising ---------------------------------------------------------------------------------------------
+
 
 @dataclass
 class Token:
@@ -132,7 +141,7 @@ def tokenize(text: str, tokenizer, find_embedding: Callable[[str], torch.Tensor]
     for segment, weight in parse_weights(text):
         pos = 0
         for m in EMBEDDING_RE.finditer(segment):
-            tokens += _plain(segment[pos:m.start()], weight, tokenizer)
+            tokens += _plain(segment[pos : m.start()], weight, tokenizer)
             if find_embedding is None:
                 raise PromptError("textual inversion is not available here")
             vecs = find_embedding(m.group(1))
@@ -153,7 +162,7 @@ def _plain(text: str, weight: float, tokenizer) -> list[Token]:
 def chunk(tokens: list[Token], bos: int, eos: int, pad: int, length: int = CHUNK + 2) -> list[list[Token]]:
     """Chunks of ``length`` tokens: start, up to 75 prompt tokens, end, padding; at least one chunk."""
     body = length - 2
-    groups = [tokens[i:i + body] for i in range(0, len(tokens), body)] or [[]]
+    groups = [tokens[i : i + body] for i in range(0, len(tokens), body)] or [[]]
     out = []
     for g in groups:
         row = [Token(bos, 1.0)] + g + [Token(eos, 1.0)]
@@ -163,6 +172,7 @@ def chunk(tokens: list[Token], bos: int, eos: int, pad: int, length: int = CHUNK
 
 
 # -- encoding ---------------------------------------------------------------------------------------------
+
 
 def _eos_positions(rows: list[list[Token]], eos: int) -> list[int]:
     pos = []
@@ -174,14 +184,16 @@ def _eos_positions(rows: list[list[Token]], eos: int) -> list[int]:
     return pos
 
 
-def encode_rows(text_encoder, rows: list[list[Token]], layer: int, final_norm: bool,
-                eos: int) -> tuple[torch.Tensor, torch.Tensor]:
+def encode_rows(
+    text_encoder, rows: list[list[Token]], layer: int, final_norm: bool, eos: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Hidden states ``[chunks, 77, D]`` of the chosen layer and the pooled (projected if available) output."""
     device = next(text_encoder.parameters()).device
     ids = torch.tensor([[t.id for t in row] for row in rows], device=device)
     overrides = [(r, c, t.vector) for r, row in enumerate(rows) for c, t in enumerate(row) if t.vector is not None]
     hook = None
     if overrides:
+
         def replace(module, args, output):
             output = output.clone()
             for r, c, v in overrides:
@@ -211,9 +223,15 @@ def encode_rows(text_encoder, rows: list[list[Token]], layer: int, final_norm: b
     return hidden.float(), pooled.float()
 
 
-def encode_weighted(text_encoder, tokenizer, text: str, layer: int, final_norm: bool,
-                    find_embedding: Callable[[str], torch.Tensor] | None,
-                    pad_id: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def encode_weighted(
+    text_encoder,
+    tokenizer,
+    text: str,
+    layer: int,
+    final_norm: bool,
+    find_embedding: Callable[[str], torch.Tensor] | None,
+    pad_id: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``([1, L * chunks, D], [1, P])`` for one prompt with ComfyUI weighting (L = 77 for CLIP)."""
     bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
     pad = eos if pad_id is None else pad_id

@@ -12,10 +12,11 @@ clean latent, ``noise()`` returns fresh unit noise (from a seeded CPU generator)
 One module, past the usual size, because the two tables (schedules and samplers) are read together and
 every sampler shares the same few step helpers.
 """
+
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -25,6 +26,7 @@ Denoise = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 # -- the discrete model's sigmas ------------------------------------------------------------------------
 
+
 class ModelSampling:
     """The sigma table of a DDPM-trained model, from its scheduler config."""
 
@@ -33,7 +35,7 @@ class ModelSampling:
         b0, b1 = float(config.get("beta_start", 0.00085)), float(config.get("beta_end", 0.012))
         kind = config.get("beta_schedule", "scaled_linear")
         if kind == "scaled_linear":
-            betas = np.linspace(b0 ** 0.5, b1 ** 0.5, n, dtype=np.float64) ** 2
+            betas = np.linspace(b0**0.5, b1**0.5, n, dtype=np.float64) ** 2
         elif kind == "linear":
             betas = np.linspace(b0, b1, n, dtype=np.float64)
         elif kind == "squaredcos_cap_v2":
@@ -81,6 +83,7 @@ class ModelSampling:
 
 
 # -- schedules: n steps -> n + 1 decreasing sigmas ending in 0 -------------------------------------------------
+
 
 def _with_zero(s: torch.Tensor) -> torch.Tensor:
     return torch.cat([s.float(), s.new_zeros(1)])
@@ -132,13 +135,18 @@ def sched_beta(ms: ModelSampling, n: int, alpha: float = 0.6, beta: float = 0.6)
 
 
 SCHEDULERS: dict[str, Callable[[ModelSampling, int], torch.Tensor]] = {
-    "simple": sched_simple, "sgm_uniform": sched_sgm_uniform, "karras": sched_karras,
-    "exponential": sched_exponential, "ddim_uniform": sched_ddim_uniform, "beta": sched_beta,
+    "simple": sched_simple,
+    "sgm_uniform": sched_sgm_uniform,
+    "karras": sched_karras,
+    "exponential": sched_exponential,
+    "ddim_uniform": sched_ddim_uniform,
+    "beta": sched_beta,
     "normal": sched_normal,
 }
 
 
 # -- samplers -----------------------------------------------------------------------------------------------
+
 
 def _s(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
     return sigma.to(x.dtype).expand(x.shape[0])
@@ -154,8 +162,8 @@ def _ancestral(s: float, s_next: float, eta: float = 1.0) -> tuple[float, float]
     """Split a step into a deterministic part down to ``sigma_down`` plus fresh noise of size ``sigma_up``."""
     if s_next == 0 or eta == 0:
         return s_next, 0.0
-    up = min(s_next, eta * math.sqrt(max(s_next ** 2 * (s ** 2 - s_next ** 2) / s ** 2, 0.0)))
-    return math.sqrt(s_next ** 2 - up ** 2), up
+    up = min(s_next, eta * math.sqrt(max(s_next**2 * (s**2 - s_next**2) / s**2, 0.0)))
+    return math.sqrt(s_next**2 - up**2), up
 
 
 def sample_euler(denoise: Denoise, x, sigmas, noise, callback):
@@ -398,22 +406,51 @@ def sample_uni_pc_bh2(denoise: Denoise, x, sigmas, noise, callback):
 
 
 SAMPLERS: dict[str, Callable] = {
-    "euler": sample_euler, "euler_ancestral": sample_euler_ancestral, "heun": sample_heun,
-    "dpm_2": sample_dpm_2, "dpm_2_ancestral": sample_dpm_2_ancestral, "lms": sample_lms,
-    "dpmpp_2s_ancestral": sample_dpmpp_2s_ancestral, "dpmpp_sde": sample_dpmpp_sde,
-    "dpmpp_2m": sample_dpmpp_2m, "dpmpp_2m_sde": sample_dpmpp_2m_sde, "lcm": sample_lcm,
+    "euler": sample_euler,
+    "euler_ancestral": sample_euler_ancestral,
+    "heun": sample_heun,
+    "dpm_2": sample_dpm_2,
+    "dpm_2_ancestral": sample_dpm_2_ancestral,
+    "lms": sample_lms,
+    "dpmpp_2s_ancestral": sample_dpmpp_2s_ancestral,
+    "dpmpp_sde": sample_dpmpp_sde,
+    "dpmpp_2m": sample_dpmpp_2m,
+    "dpmpp_2m_sde": sample_dpmpp_2m_sde,
+    "lcm": sample_lcm,
     "ddim": sample_euler,  # DDIM (eta 0) is exactly the first-order step above in sigma space
-    "uni_pc": sample_uni_pc, "uni_pc_bh2": sample_uni_pc_bh2,
+    "uni_pc": sample_uni_pc,
+    "uni_pc_bh2": sample_uni_pc_bh2,
     # ComfyUI's *_gpu variants only move noise generation to the GPU; Kiln always draws noise on the CPU
     # from the seed, so they are the same samplers (and give the same image on every device).
-    "dpmpp_sde_gpu": sample_dpmpp_sde, "dpmpp_2m_sde_gpu": sample_dpmpp_2m_sde,
+    "dpmpp_sde_gpu": sample_dpmpp_sde,
+    "dpmpp_2m_sde_gpu": sample_dpmpp_2m_sde,
 }
 # ComfyUI's order, restricted to what is implemented, so the combo lists only working choices.
-SAMPLER_NAMES = [n for n in ("euler", "euler_ancestral", "heun", "dpm_2", "dpm_2_ancestral", "lms",
-                             "dpmpp_2s_ancestral", "dpmpp_sde", "dpmpp_sde_gpu", "dpmpp_2m", "dpmpp_2m_sde",
-                             "dpmpp_2m_sde_gpu", "lcm", "ddim", "uni_pc", "uni_pc_bh2") if n in SAMPLERS]
-SCHEDULER_NAMES = [n for n in ("simple", "sgm_uniform", "karras", "exponential", "ddim_uniform", "beta", "normal")
-                   if n in SCHEDULERS]
+SAMPLER_NAMES = [
+    n
+    for n in (
+        "euler",
+        "euler_ancestral",
+        "heun",
+        "dpm_2",
+        "dpm_2_ancestral",
+        "lms",
+        "dpmpp_2s_ancestral",
+        "dpmpp_sde",
+        "dpmpp_sde_gpu",
+        "dpmpp_2m",
+        "dpmpp_2m_sde",
+        "dpmpp_2m_sde_gpu",
+        "lcm",
+        "ddim",
+        "uni_pc",
+        "uni_pc_bh2",
+    )
+    if n in SAMPLERS
+]
+SCHEDULER_NAMES = [
+    n for n in ("simple", "sgm_uniform", "karras", "exponential", "ddim_uniform", "beta", "normal") if n in SCHEDULERS
+]
 
 
 def calculate_sigmas(ms: ModelSampling, scheduler: str, steps: int) -> torch.Tensor:
@@ -427,4 +464,4 @@ def sigmas_for(ms: ModelSampling, scheduler: str, steps: int, denoise: float = 1
     if denoise <= 0:
         return torch.zeros(0)
     total = int(steps / denoise)
-    return calculate_sigmas(ms, scheduler, total)[-(steps + 1):]
+    return calculate_sigmas(ms, scheduler, total)[-(steps + 1) :]

@@ -4,6 +4,7 @@ The standard 49,408-token CLIP vocabulary ships as ``configs/bpe_simple_vocab_16
 licence beside it). The vocabulary is derived from the merge list: 256 byte symbols, the same with the
 end-of-word marker, one entry per merge, then the two special tokens.
 """
+
 from __future__ import annotations
 
 import functools
@@ -30,7 +31,7 @@ def byte_symbols() -> list[str]:
 @functools.lru_cache(maxsize=1)
 def standard_vocab() -> tuple[dict[str, int], list[tuple[str, str]]]:
     lines = gzip.open(BPE_FILE).read().decode("utf-8").split("\n")
-    merges = [tuple(line.split()) for line in lines[1:1 + N_MERGES]]
+    merges = [tuple(line.split()) for line in lines[1 : 1 + N_MERGES]]
     symbols = byte_symbols()
     tokens = symbols + [s + "</w>" for s in symbols] + ["".join(m) for m in merges]
     tokens += ["<|startoftext|>", "<|endoftext|>"]

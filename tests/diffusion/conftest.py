@@ -1,8 +1,8 @@
 """Session fixtures: a Kiln base folder with tiny random models in every format the loaders read."""
+
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -13,12 +13,11 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-import tiny_models as T  # noqa: E402
+import tiny_models  # noqa: E402
 
 torch.set_num_threads(1)
 
-from kiln import engine  # noqa: E402
-from kiln import nodes  # noqa: E402
+from kiln import engine, nodes  # noqa: E402
 from kiln.nodes.sd.manager import ModelManager  # noqa: E402
 
 GRAPHS = Path(__file__).resolve().parents[2] / "graphs"
@@ -30,23 +29,23 @@ class World:
     def __init__(self, base: Path):
         self.base = base
         self.models = base / "models"
-        self.comps = T.build_components(seed=0)
+        self.comps = tiny_models.build_components(seed=0)
         unet, vae, te, tok = self.comps
         ck = self.models / "checkpoints"
-        self.ckpt = T.write_ldm(ck / "tiny.safetensors", self.comps)
-        self.folder = T.write_diffusers(ck / "tiny_diffusers", self.comps)
-        self.lora_a = T.make_lora(unet, te, seed=1)
-        self.lora_b = T.make_lora(unet, te, seed=2)
+        self.ckpt = tiny_models.write_ldm(ck / "tiny.safetensors", self.comps)
+        self.folder = tiny_models.write_diffusers(ck / "tiny_diffusers", self.comps)
+        self.lora_a = tiny_models.make_lora(unet, te, seed=1)
+        self.lora_b = tiny_models.make_lora(unet, te, seed=2)
         lo = self.models / "loras"
         lo.mkdir(parents=True)
-        T.write_lora_kohya(lo / "a_kohya.safetensors", self.lora_a)
-        T.write_lora_diffusers(lo / "a_diffusers.safetensors", self.lora_a)
-        T.write_lora_kohya(lo / "b_kohya.safetensors", self.lora_b)
+        tiny_models.write_lora_kohya(lo / "a_kohya.safetensors", self.lora_a)
+        tiny_models.write_lora_diffusers(lo / "a_diffusers.safetensors", self.lora_a)
+        tiny_models.write_lora_kohya(lo / "b_kohya.safetensors", self.lora_b)
         cn = self.models / "controlnet"
         cn.mkdir(parents=True)
-        self.controlnet = T.make_controlnet(unet)
-        T.write_controlnet(cn / "tiny_cn.safetensors", self.controlnet)
-        T.write_controlnet(cn / "tiny_cn_ldm.safetensors", self.controlnet, layout="ldm")
+        self.controlnet = tiny_models.make_controlnet(unet)
+        tiny_models.write_controlnet(cn / "tiny_cn.safetensors", self.controlnet)
+        tiny_models.write_controlnet(cn / "tiny_cn_ldm.safetensors", self.controlnet, layout="ldm")
         inp = base / "input"
         inp.mkdir(parents=True)
         rng = np.random.default_rng(0)
@@ -61,8 +60,9 @@ class World:
     def executor(self, cache: str | None = None) -> engine.Executor:
         reg = engine.Registry()
         nodes.register_builtin(reg)
-        return engine.Executor(reg, cache=cache, folders=engine.Folders(self.base),
-                               services={"model_manager": self.manager})
+        return engine.Executor(
+            reg, cache=cache, folders=engine.Folders(self.base), services={"model_manager": self.manager}
+        )
 
     def graph(self, name: str, **subst) -> dict:
         g = json.loads((GRAPHS / name).read_text())

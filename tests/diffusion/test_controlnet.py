@@ -1,4 +1,5 @@
 """ControlNet loading (both layouts), application window and strength; the Canny preprocessor."""
+
 from __future__ import annotations
 
 import pytest
@@ -16,14 +17,33 @@ def _graph(cn="tiny_cn.safetensors", strength=1.0, start=0.0, end=1.0, use_cn=Tr
         "10": {"class_type": "LoadImage", "inputs": {"image": "example.png"}},
         "11": {"class_type": "Canny", "inputs": {"image": ["10", 0], "low_threshold": 0.2, "high_threshold": 0.5}},
         "12": {"class_type": "ControlNetLoader", "inputs": {"control_net_name": cn}},
-        "13": {"class_type": "ControlNetApplyAdvanced",
-               "inputs": {"positive": ["2", 0], "negative": ["3", 0], "control_net": ["12", 0], "image": ["11", 0],
-                          "strength": strength, "start_percent": start, "end_percent": end}},
-        "5": {"class_type": "KSampler", "inputs": {"seed": 3, "steps": 4, "cfg": 4.0, "sampler_name": "euler",
-                                                    "scheduler": "normal", "denoise": 1.0, "model": ["1", 0],
-                                                    "positive": ["13", 0] if use_cn else ["2", 0],
-                                                    "negative": ["13", 1] if use_cn else ["3", 0],
-                                                    "latent_image": ["4", 0]}},
+        "13": {
+            "class_type": "ControlNetApplyAdvanced",
+            "inputs": {
+                "positive": ["2", 0],
+                "negative": ["3", 0],
+                "control_net": ["12", 0],
+                "image": ["11", 0],
+                "strength": strength,
+                "start_percent": start,
+                "end_percent": end,
+            },
+        },
+        "5": {
+            "class_type": "KSampler",
+            "inputs": {
+                "seed": 3,
+                "steps": 4,
+                "cfg": 4.0,
+                "sampler_name": "euler",
+                "scheduler": "normal",
+                "denoise": 1.0,
+                "model": ["1", 0],
+                "positive": ["13", 0] if use_cn else ["2", 0],
+                "negative": ["13", 1] if use_cn else ["3", 0],
+                "latent_image": ["4", 0],
+            },
+        },
     }
     return g
 
@@ -80,7 +100,7 @@ def test_start_after_end_is_an_error(world, ex):
 def test_checkpoint_as_controlnet_is_rejected(world, ex):
     (world.models / "controlnet" / "not_cn.safetensors").write_bytes(world.ckpt.read_bytes())
     res = world.run(_graph(cn="not_cn.safetensors"), ["5"], ex)
-    assert res.status == "error" and "not a ControlNet" in res.error["exception_message"]
+    assert res.status == "error" and "not a ControlNet" in res.error.message
 
 
 def test_canny_finds_the_square_edges(world):

@@ -1,19 +1,25 @@
 """Every workflow in graphs/ runs on the tiny model."""
+
 from __future__ import annotations
 
 import pytest
 import torch
 
-SUBST = {"ckpt_name": "tiny.safetensors", "lora_name": "a_kohya.safetensors",
-         "control_net_name": "tiny_cn.safetensors", "image": "example.png"}
+SUBST = {
+    "ckpt_name": "tiny.safetensors",
+    "lora_name": "a_kohya.safetensors",
+    "control_net_name": "tiny_cn.safetensors",
+    "image": "example.png",
+}
 
 
 def _decoder(graph: dict) -> str:
     return next(k for k, v in graph.items() if v["class_type"] == "VAEDecode")
 
 
-@pytest.mark.parametrize("name", ["txt2img.json", "img2img.json", "inpaint.json", "outpaint.json", "lora.json",
-                                  "controlnet_canny.json"])
+@pytest.mark.parametrize(
+    "name", ["txt2img.json", "img2img.json", "inpaint.json", "outpaint.json", "lora.json", "controlnet_canny.json"]
+)
 def test_graph_runs(world, name):
     g = world.graph(name, **SUBST)
     out = _decoder(g)
@@ -30,7 +36,6 @@ def test_graph_runs(world, name):
 
 def test_graphs_use_core_class_names_and_titles(world):
     import json
-
     from pathlib import Path
 
     GRAPHS = Path(__file__).resolve().parents[2] / "graphs"

@@ -1,4 +1,5 @@
 """Checkpoint formats, detection, the model manager and loader errors."""
+
 from __future__ import annotations
 
 import json
@@ -7,9 +8,14 @@ import pytest
 import torch
 
 from kiln import engine
-from kiln.nodes.sd import ldm_keys as L
-from kiln.nodes.sd.checkpoint import (CheckpointError, detect_family, export_ldm_checkpoint, load_checkpoint,
-                                 read_state_dict)
+from kiln.nodes.sd import ldm_keys
+from kiln.nodes.sd.checkpoint import (
+    CheckpointError,
+    detect_family,
+    export_ldm_checkpoint,
+    load_checkpoint,
+    read_state_dict,
+)
 from kiln.nodes.sd.manager import ModelManager
 from kiln.nodes.sd.tokenizer import make_tokenizer
 
@@ -17,8 +23,10 @@ CPU = torch.device("cpu")
 
 
 def _graph(ckpt: str) -> dict:
-    return {"1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": ckpt}},
-            "2": {"class_type": "CLIPTextEncode", "inputs": {"text": "a red circle", "clip": ["1", 1]}}}
+    return {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": ckpt}},
+        "2": {"class_type": "CLIPTextEncode", "inputs": {"text": "a red circle", "clip": ["1", 1]}},
+    }
 
 
 def test_ldm_file_roundtrips_every_weight(world):
@@ -31,8 +39,8 @@ def test_ldm_file_roundtrips_every_weight(world):
         assert all(torch.equal(sa[k], sb[k]) for k in sb)
     assert c.tokenizers[0]("a red circle").input_ids == tok("a red circle").input_ids
     sd, _ = read_state_dict(world.ckpt)  # the LDM names real SD1.5 files use
-    assert f"{L.CLIP_PREFIX}text_model.embeddings.token_embedding.weight" in sd
-    assert f"{L.CLIP_PREFIX}text_model.final_layer_norm.weight" in sd
+    assert f"{ldm_keys.CLIP_PREFIX}text_model.embeddings.token_embedding.weight" in sd
+    assert f"{ldm_keys.CLIP_PREFIX}text_model.final_layer_norm.weight" in sd
 
 
 def test_ldm_key_map_agrees_with_diffusers_converter(world):
@@ -53,13 +61,19 @@ def test_vae_attention_maps_to_ldm_convolutions():
     from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
 
     torch.manual_seed(0)
-    vae = AutoencoderKL(block_out_channels=(8, 16), layers_per_block=1, latent_channels=4, norm_num_groups=4,
-                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2)
+    vae = AutoencoderKL(
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=4,
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+    )
     sd = vae.state_dict()
     ldm = {}
-    for k, v in L.build_map(sd, L.vae_key_to_ldm, L.VAE_PREFIX, n_blocks=2).items():
-        ldm[v] = sd[k][:, :, None, None] if L.is_vae_attn_linear(v) else sd[k]
-    assert f"{L.VAE_PREFIX}encoder.mid.attn_1.q.weight" in ldm
+    for k, v in ldm_keys.build_map(sd, ldm_keys.vae_key_to_ldm, ldm_keys.VAE_PREFIX, n_blocks=2).items():
+        ldm[v] = sd[k][:, :, None, None] if ldm_keys.is_vae_attn_linear(v) else sd[k]
+    assert f"{ldm_keys.VAE_PREFIX}encoder.mid.attn_1.q.weight" in ldm
     theirs = convert_ldm_vae_checkpoint(ldm, dict(vae.config))
     assert all(torch.equal(theirs[k].reshape(v.shape), v) for k, v in sd.items())
     from kiln.nodes.sd.checkpoint import vae_from_ldm
@@ -95,20 +109,21 @@ def test_checkpoint_choices_list_files_and_diffusers_folders(world):
 
 
 def test_family_detection_from_keys():
-    probe = f"{L.UNET_PREFIX}input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
-    sd15 = {probe: torch.zeros(320, 768), L.CLIP_PREFIX + "text_model.x": torch.zeros(1)}
+    probe = f"{ldm_keys.UNET_PREFIX}input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
+    sd15 = {probe: torch.zeros(320, 768), ldm_keys.CLIP_PREFIX + "text_model.x": torch.zeros(1)}
     assert detect_family(sd15) == "sd15"
-    sdxl = {f"{L.UNET_PREFIX}label_emb.0.0.weight": torch.zeros(1), probe: torch.zeros(640, 2048)}
+    sdxl = {f"{ldm_keys.UNET_PREFIX}label_emb.0.0.weight": torch.zeros(1), probe: torch.zeros(640, 2048)}
     assert detect_family(sdxl) == "sdxl"
     with pytest.raises(CheckpointError, match="2.x"):
         detect_family({probe: torch.zeros(320, 1024), "cond_stage_model.model.ln_final.weight": torch.zeros(1)})
 
 
 def test_open_clip_conversion_splits_fused_attention():
-    p = L.SDXL_CLIP_G_PREFIX
+    p = ldm_keys.SDXL_CLIP_G_PREFIX
     w = torch.arange(12.0).reshape(6, 2)
-    out = L.open_clip_to_transformers({p + "transformer.resblocks.0.attn.in_proj_weight": w,
-                                       p + "text_projection": torch.ones(2, 3)}, p)
+    out = ldm_keys.open_clip_to_transformers(
+        {p + "transformer.resblocks.0.attn.in_proj_weight": w, p + "text_projection": torch.ones(2, 3)}, p
+    )
     assert torch.equal(out["text_model.encoder.layers.0.self_attn.k_proj.weight"], w[2:4])
     assert out["text_projection.weight"].shape == (3, 2)
 
@@ -117,7 +132,17 @@ def test_standard_clip_tokenizer_ships_offline():
     tok = make_tokenizer()
     assert len(tok) == 49408
     assert tok("a photo of an astronaut riding a horse").input_ids == [
-        49406, 320, 1125, 539, 550, 18376, 6765, 320, 4558, 49407]
+        49406,
+        320,
+        1125,
+        539,
+        550,
+        18376,
+        6765,
+        320,
+        4558,
+        49407,
+    ]
 
 
 def test_manager_loads_once_and_evicts_least_recently_used(world, tmp_path):
@@ -139,6 +164,7 @@ def test_manager_loads_once_and_evicts_least_recently_used(world, tmp_path):
     n = m.loads
     copy.write_bytes(world.ckpt.read_bytes())
     import os
+
     os.utime(copy, ns=(1, 1))
     m.get("checkpoint", copy, load_checkpoint)
     assert m.loads == n + 1
@@ -158,7 +184,8 @@ def test_extra_model_paths_yaml_adds_folders(world, tmp_path):
     other.mkdir(parents=True)
     (other / "far.safetensors").write_bytes(world.ckpt.read_bytes())
     (tmp_path / "extra_model_paths.yaml").write_text(
-        f"mine:\n  base_path: {tmp_path / 'elsewhere'}\n  checkpoints: ckpts\n")
+        f"mine:\n  base_path: {tmp_path / 'elsewhere'}\n  checkpoints: ckpts\n"
+    )
     ex = world.executor()
     ex.folders = engine.Folders(tmp_path)
     res = world.run(_graph("far.safetensors"), ["2"], ex)
@@ -166,6 +193,7 @@ def test_extra_model_paths_yaml_adds_folders(world, tmp_path):
 
 
 # -- errors -----------------------------------------------------------------------------------------------
+
 
 def _error(world, ckpt: str, folder_file=None):
     res = world.run(_graph(ckpt), ["2"])
@@ -176,16 +204,16 @@ def _error(world, ckpt: str, folder_file=None):
 def test_missing_checkpoint_is_a_validation_error(world):
     with pytest.raises(engine.ValidationFailed) as e:
         world.run(_graph("nope.safetensors"), ["2"])
-    errs = e.value.node_errors["1"]["errors"]
-    assert errs[0]["type"] == "value_not_in_list" and errs[0]["extra_info"]["input_name"] == "ckpt_name"
+    errs = e.value.result.problems["1"].issues
+    assert errs[0].kind == "value_not_in_list" and errs[0].extra["input_name"] == "ckpt_name"
 
 
 def test_corrupt_checkpoint_names_the_input(world):
     p = world.models / "checkpoints" / "corrupt.safetensors"
     p.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all" + b"\0" * 64)
     err = _error(world, "corrupt.safetensors")
-    assert "not a readable safetensors file" in err["exception_message"]
-    assert "ckpt_name" in json.dumps(err)
+    assert "not a readable safetensors file" in err.message
+    assert "ckpt_name" in err.message
 
 
 def test_unknown_architecture(world, tmp_path):
@@ -193,14 +221,15 @@ def test_unknown_architecture(world, tmp_path):
 
     write_sd15_layout_without_metadata(world.models / "checkpoints" / "nometa.safetensors", world.comps)
     err = _error(world, "nometa.safetensors")
-    assert "unknown checkpoint architecture" in err["exception_message"]
+    assert "unknown checkpoint architecture" in err.message
 
 
 def test_lora_in_checkpoint_folder_says_which_loader(world):
     (world.models / "checkpoints" / "actually_lora.safetensors").write_bytes(
-        (world.models / "loras" / "a_kohya.safetensors").read_bytes())
+        (world.models / "loras" / "a_kohya.safetensors").read_bytes()
+    )
     err = _error(world, "actually_lora.safetensors")
-    assert "LoRA" in err["exception_message"]
+    assert "LoRA" in err.message
 
 
 def test_outputs_are_cached_until_the_file_changes(world, tmp_path):

@@ -1,4 +1,5 @@
 """LoRA: both file formats, exact on/off, strength, stacking, the base never mutated, wrong-architecture errors."""
+
 from __future__ import annotations
 
 import pytest
@@ -10,9 +11,21 @@ BASE = {
     "2": {"class_type": "CLIPTextEncode", "inputs": {"text": "a red circle", "clip": ["1", 1]}},
     "3": {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": ["1", 1]}},
     "4": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
-    "5": {"class_type": "KSampler", "inputs": {"seed": 1, "steps": 3, "cfg": 4.0, "sampler_name": "euler",
-                                                "scheduler": "normal", "denoise": 1.0, "model": ["1", 0],
-                                                "positive": ["2", 0], "negative": ["3", 0], "latent_image": ["4", 0]}},
+    "5": {
+        "class_type": "KSampler",
+        "inputs": {
+            "seed": 1,
+            "steps": 3,
+            "cfg": 4.0,
+            "sampler_name": "euler",
+            "scheduler": "normal",
+            "denoise": 1.0,
+            "model": ["1", 0],
+            "positive": ["2", 0],
+            "negative": ["3", 0],
+            "latent_image": ["4", 0],
+        },
+    },
 }
 
 
@@ -23,12 +36,16 @@ def _with_loras(*loras, model_only=False):
         sc = rest[0] if rest else 0.0
         nid = f"L{i}"
         if model_only:
-            g[nid] = {"class_type": "LoraLoaderModelOnly",
-                      "inputs": {"model": model, "lora_name": name, "strength_model": sm}}
+            g[nid] = {
+                "class_type": "LoraLoaderModelOnly",
+                "inputs": {"model": model, "lora_name": name, "strength_model": sm},
+            }
             model = [nid, 0]
         else:
-            g[nid] = {"class_type": "LoraLoader", "inputs": {"model": model, "clip": clip, "lora_name": name,
-                                                            "strength_model": sm, "strength_clip": sc}}
+            g[nid] = {
+                "class_type": "LoraLoader",
+                "inputs": {"model": model, "clip": clip, "lora_name": name, "strength_model": sm, "strength_clip": sc},
+            }
             model, clip = [nid, 0], [nid, 1]
     g["5"]["inputs"]["model"] = model
     g["2"]["inputs"]["clip"] = clip
@@ -80,8 +97,9 @@ def test_kohya_and_diffusers_formats_agree(world, ex):
 
 
 def test_patched_weights_are_base_plus_scaled_delta(world):
-    from kiln.nodes.loaders import load_checkpoint_handles, _lora_patches
     from kiln import engine
+    from kiln.nodes.loaders import _lora_patches, load_checkpoint_handles
+
     h = load_checkpoint_handles(world.ckpt, "tiny")
     with engine.use_folders(engine.Folders(world.base)):
         mp, cp = _lora_patches("a_kohya.safetensors", h.model, h.clip, 0.5, 1.0)
@@ -115,21 +133,30 @@ def test_model_only_leaves_the_text_encoder_alone(world, ex):
 
 
 def test_lora_for_another_architecture_lists_the_keys(world, ex):
-    save_file({"lora_unet_input_blocks_4_1_proj_in.lora_down.weight": torch.zeros(4, 640),
-               "lora_unet_input_blocks_4_1_proj_in.lora_up.weight": torch.zeros(640, 4),
-               "lora_unet_something_sdxl_only.lora_down.weight": torch.zeros(4, 8),
-               "lora_unet_something_sdxl_only.lora_up.weight": torch.zeros(8, 4)},
-              str(world.models / "loras" / "xl_style.safetensors"))
+    save_file(
+        {
+            "lora_unet_input_blocks_4_1_proj_in.lora_down.weight": torch.zeros(4, 640),
+            "lora_unet_input_blocks_4_1_proj_in.lora_up.weight": torch.zeros(640, 4),
+            "lora_unet_something_sdxl_only.lora_down.weight": torch.zeros(4, 8),
+            "lora_unet_something_sdxl_only.lora_up.weight": torch.zeros(8, 4),
+        },
+        str(world.models / "loras" / "xl_style.safetensors"),
+    )
     res = world.run(_with_loras(("xl_style.safetensors", 1.0, 1.0)), ["5"], ex)
     assert res.status == "error"
-    msg = res.error["exception_message"]
+    msg = res.error.message
     assert "lora_unet_something_sdxl_only" in msg and "lora_name" in str(res.error)
 
 
 def test_lora_with_wrong_shapes_is_an_error(world, ex):
-    save_file({"lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.lora_down.weight":
-               torch.zeros(4, 320),
-               "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.lora_up.weight":
-               torch.zeros(320, 4)}, str(world.models / "loras" / "sd15_real.safetensors"))
+    save_file(
+        {
+            "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.lora_down.weight": torch.zeros(
+                4, 320
+            ),
+            "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.lora_up.weight": torch.zeros(320, 4),
+        },
+        str(world.models / "loras" / "sd15_real.safetensors"),
+    )
     res = world.run(_with_loras(("sd15_real.safetensors", 1.0, 1.0)), ["5"], ex)
     assert res.status == "error" and "another model architecture" in str(res.error)

@@ -1,4 +1,5 @@
 """ComfyUI prompt syntax, chunking of long prompts, emphasis arithmetic, textual inversion."""
+
 from __future__ import annotations
 
 import pytest
@@ -47,7 +48,7 @@ def test_emphasis_moves_tokens_away_from_the_empty_prompt(clip):
     body = slice(1, 1 + n_tok)
     expect = empty[:, body] + 1.5 * (plain[:, body] - empty[:, body])
     assert torch.allclose(strong[:, body], expect, atol=1e-5)
-    assert torch.allclose(strong[:, 1 + n_tok:], plain[:, 1 + n_tok:], atol=1e-6)
+    assert torch.allclose(strong[:, 1 + n_tok :], plain[:, 1 + n_tok :], atol=1e-6)
     assert not torch.allclose(strong, plain)
 
 
@@ -78,8 +79,9 @@ def test_clip_set_last_layer_changes_the_encoding(clip):
 
 
 def test_textual_inversion_embedding(world, clip):
-    from kiln import engine
     from safetensors.torch import save_file
+
+    from kiln import engine
 
     emb_dir = world.models / "embeddings"
     emb_dir.mkdir(exist_ok=True)
@@ -105,7 +107,9 @@ def test_textual_inversion_embedding(world, clip):
 
 
 def test_missing_embedding_is_a_node_error(world):
-    g = {"1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "tiny.safetensors"}},
-         "2": {"class_type": "CLIPTextEncode", "inputs": {"text": "embedding:nothere", "clip": ["1", 1]}}}
+    g = {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "tiny.safetensors"}},
+        "2": {"class_type": "CLIPTextEncode", "inputs": {"text": "embedding:nothere", "clip": ["1", 1]}},
+    }
     res = world.run(g, ["2"])
-    assert res.status == "error" and "nothere" in res.error["exception_message"]
+    assert res.status == "error" and "nothere" in res.error.message

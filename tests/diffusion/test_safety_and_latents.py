@@ -1,4 +1,5 @@
 """ImageSafetyCheck with a tiny random checker whose threshold is forced; latent/VAE nodes and their errors."""
+
 from __future__ import annotations
 
 import json
@@ -7,16 +8,27 @@ import pytest
 import torch
 
 from kiln import engine
+
+
 def _checker(path, flag_all: bool):
     from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
     from transformers import CLIPConfig, CLIPImageProcessor
 
     torch.manual_seed(0)
-    cfg = CLIPConfig(text_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                      num_attention_heads=2, vocab_size=64),
-                     vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                        num_attention_heads=2, image_size=32, patch_size=8),
-                     projection_dim=8)
+    cfg = CLIPConfig(
+        text_config=dict(
+            hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, vocab_size=64
+        ),
+        vision_config=dict(
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            image_size=32,
+            patch_size=8,
+        ),
+        projection_dim=8,
+    )
     model = StableDiffusionSafetyChecker(cfg).eval()
     with torch.no_grad():  # cosine similarity is in [-1, 1]: a threshold of -2 flags all, +2 flags none
         model.concept_embeds_weights.fill_(-2.0 if flag_all else 2.0)
@@ -34,9 +46,13 @@ def checkers(world):
 
 
 def _run(world, model_name, action):
-    g = {"10": {"class_type": "LoadImage", "inputs": {"image": "example.png"}},
-         "1": {"class_type": "ImageSafetyCheck", "inputs": {"images": ["10", 0], "model_name": model_name,
-                                                            "action": action}}}
+    g = {
+        "10": {"class_type": "LoadImage", "inputs": {"image": "example.png"}},
+        "1": {
+            "class_type": "ImageSafetyCheck",
+            "inputs": {"images": ["10", 0], "model_name": model_name, "action": action},
+        },
+    }
     res = world.run(g, ["1", "10"])
     assert res.status == "success", res.error
     (images, report), src = res.values["1"], res.values["10"][0]
@@ -63,15 +79,20 @@ def test_clean_images_pass_untouched(world, checkers):
 
 
 def test_missing_safety_model_is_a_validation_error(world, checkers):
-    g = {"10": {"class_type": "LoadImage", "inputs": {"image": "example.png"}},
-         "1": {"class_type": "ImageSafetyCheck", "inputs": {"images": ["10", 0], "model_name": "nothing_here",
-                                                            "action": "block"}}}
+    g = {
+        "10": {"class_type": "LoadImage", "inputs": {"image": "example.png"}},
+        "1": {
+            "class_type": "ImageSafetyCheck",
+            "inputs": {"images": ["10", 0], "model_name": "nothing_here", "action": "block"},
+        },
+    }
     with pytest.raises(engine.ValidationFailed) as e:
         world.run(g, ["1"])
-    assert e.value.node_errors["1"]["errors"][0]["type"] == "value_not_in_list"
+    assert e.value.result.problems["1"].issues[0].kind == "value_not_in_list"
 
 
 # -- latents and the VAE ---------------------------------------------------------------------------------
+
 
 def _nodes():
     from kiln.nodes import latent
@@ -89,7 +110,12 @@ def test_latent_upscale_and_by():
     x = {"samples": torch.randn(1, 4, 8, 8)}
     assert L.LatentUpscale().run(samples=x, width=128, height=0)["samples"].shape == (1, 4, 16, 16)
     assert L.LatentUpscale().run(samples=x, width=96, height=64, crop="center")["samples"].shape == (1, 4, 8, 12)
-    assert L.LatentUpscaleBy().run(samples=x, upscale_method="bilinear", scale_by=1.5)["samples"].shape == (1, 4, 12, 12)
+    assert L.LatentUpscaleBy().run(samples=x, upscale_method="bilinear", scale_by=1.5)["samples"].shape == (
+        1,
+        4,
+        12,
+        12,
+    )
 
 
 def test_bislerp_keeps_vector_lengths_and_matches_bilinear_on_parallel_vectors():

@@ -1,18 +1,19 @@
 """Samplers, schedules, determinism, img2img, inpainting, progress previews, KSampler validation."""
+
 from __future__ import annotations
 
 import math
 
 import pytest
 import torch
+from tiny_models import SCHEDULER_CONFIG
 
 from kiln import engine
 from kiln.nodes.conditioning import encode_prompt
 from kiln.nodes.loaders import load_checkpoint_handles
 from kiln.nodes.sampling import sample
 from kiln.nodes.sd.guidance import run_sampler
-from kiln.nodes.sd.samplers import (SAMPLER_NAMES, SCHEDULER_NAMES, ModelSampling, calculate_sigmas, sigmas_for)
-from tiny_models import SCHEDULER_CONFIG
+from kiln.nodes.sd.samplers import SAMPLER_NAMES, SCHEDULER_NAMES, ModelSampling, calculate_sigmas, sigmas_for
 
 DETERMINISTIC = ["euler", "heun", "dpm_2", "lms", "dpmpp_2m", "ddim", "uni_pc", "uni_pc_bh2"]
 
@@ -34,6 +35,7 @@ def _txt2img(loaded, seed=1, steps=4, sampler="euler", scheduler="normal", cfg=5
 
 # -- the numerical core, on a denoiser with a known exact answer ----------------------------------------
 
+
 def _gaussian_problem():
     """Data ~ N(mu, s^2): the ideal denoiser, and the exact probability-flow ODE solution
     x(sigma) = mu + sqrt(s^2 + sigma^2) / sqrt(s^2 + sigma_T^2) * (x_T - mu)."""
@@ -45,7 +47,7 @@ def _gaussian_problem():
         return mu + (s * s / (s * s + sg * sg)) * (x - mu)
 
     def exact(x_t, sigma_t, sigma_end):
-        return mu + math.sqrt(s * s + sigma_end ** 2) / math.sqrt(s * s + sigma_t ** 2) * (x_t - mu)
+        return mu + math.sqrt(s * s + sigma_end**2) / math.sqrt(s * s + sigma_t**2) * (x_t - mu)
 
     return ms, denoise, exact
 
@@ -79,7 +81,7 @@ def test_higher_order_samplers_beat_euler():
 def test_convergence_order(name, order):
     """Tripling the steps divides the error by about 3^order."""
     ratio = _solve(name, 30) / _solve(name, 90)
-    assert ratio > 0.6 * 3 ** order, (name, ratio)
+    assert ratio > 0.6 * 3**order, (name, ratio)
 
 
 @pytest.mark.parametrize("name", SCHEDULER_NAMES)
@@ -132,8 +134,16 @@ def test_advanced_split_equals_one_pass(loaded):
 
     ks = KSamplerAdvanced()
     lat = {"samples": torch.zeros(1, 4, 8, 8)}
-    common = dict(model=h.model, noise_seed=3, steps=6, cfg=4.0, sampler_name="euler", scheduler="karras",
-                  positive=pos, negative=neg)
+    common = dict(
+        model=h.model,
+        noise_seed=3,
+        steps=6,
+        cfg=4.0,
+        sampler_name="euler",
+        scheduler="karras",
+        positive=pos,
+        negative=neg,
+    )
     full = ks.run(**common, latent_image=lat)
     first = ks.run(**common, latent_image=lat, end_at_step=3, return_with_leftover_noise="enable")
     second = ks.run(**common, latent_image=first, add_noise="disable", start_at_step=3)
@@ -179,8 +189,9 @@ def test_progress_every_step_with_previews_only_when_asked(world):
     for previews in (False, True):
         events = []
         ex = world.executor(cache="none")
-        res = world.run(g, ["8"], ex, extra_data={"preview_method": "latent2rgb" if previews else "none"},
-                        sink=events.append)
+        res = world.run(
+            g, ["8"], ex, extra_data={"preview_method": "latent2rgb" if previews else "none"}, sink=events.append
+        )
         assert res.status == "success"
         prog = [e for e in events if type(e).__name__ == "Progress" and e.node == "3"]
         assert [p.value for p in prog] == [1, 2, 3, 4, 5] and all(p.max == 5 for p in prog)
@@ -206,18 +217,23 @@ def test_interrupt_stops_sampling(world):
     assert res.status == "interrupted" and max(seen) <= 4
 
 
-@pytest.mark.parametrize("field,value,code", [("sampler_name", "euler_magic", "value_not_in_list"),
-                                              ("scheduler", "linear_quadratic", "value_not_in_list"),
-                                              ("steps", 0, "value_smaller_than_min"),
-                                              ("cfg", 1000.0, "value_bigger_than_max"),
-                                              ("denoise", 1.5, "value_bigger_than_max")])
+@pytest.mark.parametrize(
+    "field,value,code",
+    [
+        ("sampler_name", "euler_magic", "value_not_in_list"),
+        ("scheduler", "linear_quadratic", "value_not_in_list"),
+        ("steps", 0, "value_smaller_than_min"),
+        ("cfg", 1000.0, "value_bigger_than_max"),
+        ("denoise", 1.5, "value_bigger_than_max"),
+    ],
+)
 def test_bad_ksampler_values_fail_validation(world, field, value, code):
     g = world.graph("txt2img.json", ckpt_name="tiny.safetensors")
     g["3"]["inputs"][field] = value
     with pytest.raises(engine.ValidationFailed) as e:
         world.run(g, ["8"])
-    errs = e.value.node_errors["3"]["errors"]
-    assert errs[0]["type"] == code and errs[0]["extra_info"]["input_name"] == field
+    errs = e.value.result.problems["3"].issues
+    assert errs[0].kind == code and errs[0].extra["input_name"] == field
 
 
 def test_latent_size_not_multiple_of_8(world):
@@ -225,7 +241,7 @@ def test_latent_size_not_multiple_of_8(world):
     g["5"]["inputs"]["width"] = 100
     with pytest.raises(engine.ValidationFailed) as e:
         world.run(g, ["8"])
-    msg = e.value.node_errors["5"]["errors"][0]["details"]
+    msg = e.value.result.problems["5"].issues[0].details
     assert "width 100 is not a multiple of 8" in msg and "96" in msg
 
 
@@ -233,8 +249,16 @@ def test_conditioning_from_another_model_is_rejected(loaded):
     h, pos, neg = loaded
     wrong = [[torch.zeros(1, 77, 768), {}]]
     with pytest.raises(engine.NodeError) as e:
-        sample(h.model, 0, 5.0, "euler", sigmas_for(h.model.sampling, "normal", 2), wrong, neg,
-               {"samples": torch.zeros(1, 4, 8, 8)})
+        sample(
+            h.model,
+            0,
+            5.0,
+            "euler",
+            sigmas_for(h.model.sampling, "normal", 2),
+            wrong,
+            neg,
+            {"samples": torch.zeros(1, 4, 8, 8)},
+        )
     assert e.value.input_name == "positive" and "768" in str(e.value)
 
 
@@ -254,16 +278,22 @@ def test_multistep_samplers_match_diffusers_on_the_same_sigmas(name, order):
 
     from diffusers import DPMSolverMultistepScheduler, UniPCMultistepScheduler
 
-    from kiln.nodes.sd import samplers as S
+    from kiln.nodes.sd import samplers
 
-    cfg = dict(num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule="linear",
-               prediction_type="sample", timestep_spacing="trailing")
+    cfg = dict(
+        num_train_timesteps=1000,
+        beta_start=0.0001,
+        beta_end=0.02,
+        beta_schedule="linear",
+        prediction_type="sample",
+        timestep_spacing="trailing",
+    )
     if name == "dpmpp_2m":
-        ref = DPMSolverMultistepScheduler.from_config(cfg, algorithm_type="dpmsolver++", solver_order=2,
-                                                      final_sigmas_type="zero")
+        ref = DPMSolverMultistepScheduler.from_config(
+            cfg, algorithm_type="dpmsolver++", solver_order=2, final_sigmas_type="zero"
+        )
     else:
-        ref = UniPCMultistepScheduler.from_config(cfg, solver_order=order, solver_type="bh2",
-                                                  final_sigmas_type="zero")
+        ref = UniPCMultistepScheduler.from_config(cfg, solver_order=order, solver_type="bh2", final_sigmas_type="zero")
     ref.set_timesteps(20)
     abar = ref.alphas_cumprod
     sig = [float(((1 - abar[t]) / abar[t]).sqrt()) for t in ref.timesteps] + [0.0]
@@ -279,8 +309,9 @@ def test_multistep_samplers_match_diffusers_on_the_same_sigmas(name, order):
     for t, s in zip(ref.timesteps, sig):
         xv = ref.step(denoise(xv * math.sqrt(1 + s * s), s), t, xv).prev_sample
     if name == "dpmpp_2m":
-        ours = S.SAMPLERS[name](denoise, x.clone(), torch.tensor(sig), None, lambda i, m: None)
+        ours = samplers.SAMPLERS[name](denoise, x.clone(), torch.tensor(sig), None, lambda i, m: None)
     else:
-        ours = S.sample_uni_pc(denoise, x.clone(), torch.tensor(sig), None, lambda i, m: None, order=order,
-                               variant="bh2")
+        ours = samplers.sample_uni_pc(
+            denoise, x.clone(), torch.tensor(sig), None, lambda i, m: None, order=order, variant="bh2"
+        )
     assert torch.allclose(ours, xv, atol=1e-4), (ours - xv).abs().max()

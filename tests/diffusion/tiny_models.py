@@ -3,6 +3,7 @@
 Nothing here downloads anything: configs are spelled out, the tokenizer is trained on a small corpus
 with ``tokenizers``, weights come from a seeded generator.
 """
+
 from __future__ import annotations
 
 import json
@@ -10,30 +11,58 @@ from pathlib import Path
 
 import torch
 
-from kiln.nodes.sd import ldm_keys as L
+from kiln.nodes.sd import ldm_keys
 from kiln.nodes.sd.checkpoint import export_ldm_checkpoint
 from kiln.nodes.sd.tokenizer import byte_symbols, make_tokenizer
 
-CORPUS = """a photo of a red circle on a blue background
+CORPUS = (
+    """a photo of a red circle on a blue background
 a green square in the top left corner, high quality
 an orange triangle at the bottom right of a white canvas
 two yellow stars and a purple heart on black
 a small cat sitting next to a large dog in a garden
 masterpiece best quality detailed painting of mountains at sunset
 portrait of an astronaut riding a horse on the moon
-""" * 4
+"""
+    * 4
+)
 
-UNET_CONFIG = dict(sample_size=8, in_channels=4, out_channels=4, block_out_channels=[32, 64], layers_per_block=1,
-                   cross_attention_dim=32, attention_head_dim=8, norm_num_groups=8,
-                   down_block_types=["CrossAttnDownBlock2D", "DownBlock2D"],
-                   up_block_types=["UpBlock2D", "CrossAttnUpBlock2D"])
-VAE_CONFIG = dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=[8, 8, 16, 16],
-                  layers_per_block=1, norm_num_groups=4, sample_size=64, scaling_factor=0.18215,
-                  mid_block_add_attention=False,  # local receptive field: inpainting is checkable in pixels
-                  down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4)
-SCHEDULER_CONFIG = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                        prediction_type="epsilon", clip_sample=False, set_alpha_to_one=False, steps_offset=1,
-                        timestep_spacing="leading")
+UNET_CONFIG = dict(
+    sample_size=8,
+    in_channels=4,
+    out_channels=4,
+    block_out_channels=[32, 64],
+    layers_per_block=1,
+    cross_attention_dim=32,
+    attention_head_dim=8,
+    norm_num_groups=8,
+    down_block_types=["CrossAttnDownBlock2D", "DownBlock2D"],
+    up_block_types=["UpBlock2D", "CrossAttnUpBlock2D"],
+)
+VAE_CONFIG = dict(
+    in_channels=3,
+    out_channels=3,
+    latent_channels=4,
+    block_out_channels=[8, 8, 16, 16],
+    layers_per_block=1,
+    norm_num_groups=4,
+    sample_size=64,
+    scaling_factor=0.18215,
+    mid_block_add_attention=False,  # local receptive field: inpainting is checkable in pixels
+    down_block_types=["DownEncoderBlock2D"] * 4,
+    up_block_types=["UpDecoderBlock2D"] * 4,
+)
+SCHEDULER_CONFIG = dict(
+    num_train_timesteps=1000,
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    prediction_type="epsilon",
+    clip_sample=False,
+    set_alpha_to_one=False,
+    steps_offset=1,
+    timestep_spacing="leading",
+)
 
 
 def train_tokenizer(vocab_size: int = 400):
@@ -43,8 +72,12 @@ def train_tokenizer(vocab_size: int = 400):
     tok = Tokenizer(models.BPE(end_of_word_suffix="</w>"))
     tok.normalizer = normalizers.Lowercase()
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, end_of_word_suffix="</w>", show_progress=False,
-                                  initial_alphabet=[c for c in byte_symbols()[:94]])
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        end_of_word_suffix="</w>",
+        show_progress=False,
+        initial_alphabet=[c for c in byte_symbols()[:94]],
+    )
     tok.train_from_iterator(CORPUS.splitlines(), trainer)
     merges = json.loads(tok.to_str())["model"]["merges"]
     merges = [tuple(m.split()) if isinstance(m, str) else tuple(m) for m in merges]
@@ -58,9 +91,19 @@ def train_tokenizer(vocab_size: int = 400):
 
 
 def text_config(vocab_size: int) -> dict:
-    return dict(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                num_attention_heads=4, max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=32,
-                bos_token_id=vocab_size - 2, eos_token_id=vocab_size - 1, pad_token_id=vocab_size - 1)
+    return dict(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=77,
+        hidden_act="quick_gelu",
+        projection_dim=32,
+        bos_token_id=vocab_size - 2,
+        eos_token_id=vocab_size - 1,
+        pad_token_id=vocab_size - 1,
+    )
 
 
 def build_components(seed: int = 0, unet_config: dict | None = None):
@@ -81,8 +124,9 @@ def build_components(seed: int = 0, unet_config: dict | None = None):
 
 def write_ldm(path: Path, comps, family: str = "kiln-shapes", **kw) -> Path:
     unet, vae, te, tok = comps
-    return export_ldm_checkpoint(path, unet, vae, te, tokenizer=tok, scheduler_config=SCHEDULER_CONFIG,
-                                 model_family=family, **kw)
+    return export_ldm_checkpoint(
+        path, unet, vae, te, tokenizer=tok, scheduler_config=SCHEDULER_CONFIG, model_family=family, **kw
+    )
 
 
 def write_diffusers(folder: Path, comps) -> Path:
@@ -95,10 +139,18 @@ def write_diffusers(folder: Path, comps) -> Path:
     te.save_pretrained(folder / "text_encoder")
     tok.save_pretrained(folder / "tokenizer")
     EulerDiscreteScheduler.from_config(SCHEDULER_CONFIG).save_pretrained(folder / "scheduler")
-    (folder / "model_index.json").write_text(json.dumps({
-        "_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"],
-        "vae": ["diffusers", "AutoencoderKL"], "text_encoder": ["transformers", "CLIPTextModel"],
-        "tokenizer": ["transformers", "CLIPTokenizer"], "scheduler": ["diffusers", "EulerDiscreteScheduler"]}))
+    (folder / "model_index.json").write_text(
+        json.dumps(
+            {
+                "_class_name": "StableDiffusionPipeline",
+                "unet": ["diffusers", "UNet2DConditionModel"],
+                "vae": ["diffusers", "AutoencoderKL"],
+                "text_encoder": ["transformers", "CLIPTextModel"],
+                "tokenizer": ["transformers", "CLIPTokenizer"],
+                "scheduler": ["diffusers", "EulerDiscreteScheduler"],
+            }
+        )
+    )
     return folder
 
 
@@ -133,7 +185,7 @@ def write_controlnet(path: Path, cn, layout: str = "diffusers") -> Path:
     sd = {k: v.contiguous() for k, v in cn.state_dict().items()}
     cfg = {k: (list(v) if isinstance(v, tuple) else v) for k, v in dict(cn.config).items() if not k.startswith("_")}
     if layout == "ldm":
-        mapping = L.controlnet_map(sd, L.UnetLayout(cfg))
+        mapping = ldm_keys.controlnet_map(sd, ldm_keys.UnetLayout(cfg))
         sd = {mapping[k]: v for k, v in sd.items()}
     save_file(sd, str(path), metadata={"kiln.controlnet_config": json.dumps(cfg)})
     return path
@@ -142,8 +194,10 @@ def write_controlnet(path: Path, cn, layout: str = "diffusers") -> Path:
 def lora_targets(unet, te):
     """(module name, in, out) of the attention projections a typical LoRA trains."""
     out = []
-    for prefix, model, names in (("unet", unet, ("to_q", "to_k", "to_v", "to_out.0")),
-                                 ("te", te, ("q_proj", "k_proj", "v_proj", "out_proj"))):
+    for prefix, model, names in (
+        ("unet", unet, ("to_q", "to_k", "to_v", "to_out.0")),
+        ("te", te, ("q_proj", "k_proj", "v_proj", "out_proj")),
+    ):
         for name, mod in model.named_modules():
             if isinstance(mod, torch.nn.Linear) and any(name.endswith(n) for n in names):
                 if prefix == "te" and not name.startswith("text_model."):
@@ -189,9 +243,14 @@ def write_lora_diffusers(path: Path, lora) -> Path:
     return path
 
 
-SDXL_UNET_CONFIG = {**UNET_CONFIG, "cross_attention_dim": 64, "addition_embed_type": "text_time",
-                    "addition_time_embed_dim": 8, "projection_class_embeddings_input_dim": 32 + 6 * 8,
-                    "use_linear_projection": True}
+SDXL_UNET_CONFIG = {
+    **UNET_CONFIG,
+    "cross_attention_dim": 64,
+    "addition_embed_type": "text_time",
+    "addition_time_embed_dim": 8,
+    "projection_class_embeddings_input_dim": 32 + 6 * 8,
+    "use_linear_projection": True,
+}
 
 
 def build_tiny_sdxl(seed: int = 0):
@@ -217,8 +276,14 @@ def write_tiny_sdxl_folder(folder: Path, seed: int = 0) -> Path:
 
     unet, vae, te1, te2, tok = build_tiny_sdxl(seed)
     folder.mkdir(parents=True, exist_ok=True)
-    for name, obj in (("unet", unet), ("vae", vae), ("text_encoder", te1), ("text_encoder_2", te2),
-                      ("tokenizer", tok), ("tokenizer_2", tok)):
+    for name, obj in (
+        ("unet", unet),
+        ("vae", vae),
+        ("text_encoder", te1),
+        ("text_encoder_2", te2),
+        ("tokenizer", tok),
+        ("tokenizer_2", tok),
+    ):
         obj.save_pretrained(folder / name)
     EulerDiscreteScheduler.from_config(SCHEDULER_CONFIG).save_pretrained(folder / "scheduler")
     (folder / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionXLPipeline"}))
@@ -228,9 +293,14 @@ def write_tiny_sdxl_folder(folder: Path, seed: int = 0) -> Path:
 def to_open_clip(sd: dict, prefix: str) -> dict:
     """transformers CLIP text weights in OpenCLIP's layout (fused attention), as SDXL single files carry."""
     out = {}
-    sd = {k[len("text_model."):] if k.startswith("text_model.") else k: v for k, v in sd.items()}
-    ren = {"layer_norm1": "ln_1", "layer_norm2": "ln_2", "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj",
-           "self_attn.out_proj": "attn.out_proj"}
+    sd = {k[len("text_model.") :] if k.startswith("text_model.") else k: v for k, v in sd.items()}
+    ren = {
+        "layer_norm1": "ln_1",
+        "layer_norm2": "ln_2",
+        "mlp.fc1": "mlp.c_fc",
+        "mlp.fc2": "mlp.c_proj",
+        "self_attn.out_proj": "attn.out_proj",
+    }
     for k, v in sd.items():
         if k == "embeddings.token_embedding.weight":
             out["token_embedding.weight"] = v
@@ -250,7 +320,7 @@ def to_open_clip(sd: dict, prefix: str) -> dict:
                 continue
             for a, b in ren.items():
                 if rest.startswith(a + "."):
-                    rest = b + rest[len(a):]
+                    rest = b + rest[len(a) :]
             out[f"transformer.resblocks.{n}.{rest}"] = v
     return {prefix + k: v for k, v in out.items()}
 
@@ -262,16 +332,23 @@ def write_sdxl_ldm(path: Path, comps) -> Path:
     unet, vae, te1, te2, _ = comps
     out = {}
     usd = unet.state_dict()
-    for k, v in L.build_map(usd, L.unet_key_to_ldm, L.UNET_PREFIX, layout=L.UnetLayout(dict(unet.config))).items():
+    for k, v in ldm_keys.build_map(
+        usd, ldm_keys.unet_key_to_ldm, ldm_keys.UNET_PREFIX, layout=ldm_keys.UnetLayout(dict(unet.config))
+    ).items():
         out[v] = usd[k]
     vsd = vae.state_dict()
-    for k, v in L.build_map(vsd, L.vae_key_to_ldm, L.VAE_PREFIX, n_blocks=len(vae.config.block_out_channels)).items():
+    for k, v in ldm_keys.build_map(
+        vsd, ldm_keys.vae_key_to_ldm, ldm_keys.VAE_PREFIX, n_blocks=len(vae.config.block_out_channels)
+    ).items():
         out[v] = vsd[k]
     for k, v in te1.state_dict().items():
         if not k.endswith("position_ids"):
-            out[L.SDXL_CLIP_L_PREFIX + (k if k.startswith("text_model.") else "text_model." + k)] = v
-    out.update(to_open_clip({k: v for k, v in te2.state_dict().items() if not k.endswith("position_ids")},
-                            L.SDXL_CLIP_G_PREFIX))
+            out[ldm_keys.SDXL_CLIP_L_PREFIX + (k if k.startswith("text_model.") else "text_model." + k)] = v
+    out.update(
+        to_open_clip(
+            {k: v for k, v in te2.state_dict().items() if not k.endswith("position_ids")}, ldm_keys.SDXL_CLIP_G_PREFIX
+        )
+    )
     save_file({k: v.contiguous() for k, v in out.items()}, str(path))
     return path
 
@@ -282,8 +359,10 @@ def write_vae_file(path: Path, vae) -> Path:
 
     sd = vae.state_dict()
     out = {}
-    for k, v in L.build_map(sd, L.vae_key_to_ldm, "", n_blocks=len(vae.config.block_out_channels)).items():
-        out[v] = sd[k][:, :, None, None] if L.is_vae_attn_linear(v) and sd[k].ndim == 2 else sd[k]
+    for k, v in ldm_keys.build_map(
+        sd, ldm_keys.vae_key_to_ldm, "", n_blocks=len(vae.config.block_out_channels)
+    ).items():
+        out[v] = sd[k][:, :, None, None] if ldm_keys.is_vae_attn_linear(v) and sd[k].ndim == 2 else sd[k]
     cfg = {k: (list(x) if isinstance(x, tuple) else x) for k, x in dict(vae.config).items() if not k.startswith("_")}
     save_file({k: v.contiguous() for k, v in out.items()}, str(path), metadata={"kiln.vae_config": json.dumps(cfg)})
     return path
@@ -291,16 +370,41 @@ def write_vae_file(path: Path, vae) -> Path:
 
 # The project's own model family ("kiln-shapes"): a 4x VAE (3 blocks), a text encoder with 32 positions,
 # linear betas with trailing timesteps. Same structure as the trained model, much smaller.
-SHAPES_UNET_CONFIG = dict(sample_size=16, in_channels=4, out_channels=4, block_out_channels=[16, 32, 32],
-                          down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
-                          up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
-                          layers_per_block=1, attention_head_dim=4, cross_attention_dim=32, norm_num_groups=8)
-SHAPES_VAE_CONFIG = dict(in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 3,
-                         up_block_types=["UpDecoderBlock2D"] * 3, block_out_channels=[8, 8, 16], layers_per_block=1,
-                         latent_channels=4, norm_num_groups=4, sample_size=64, scaling_factor=0.7)
-SHAPES_SCHEDULER_CONFIG = dict(num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule="linear",
-                               prediction_type="epsilon", clip_sample=False, set_alpha_to_one=False, steps_offset=0,
-                               timestep_spacing="trailing")
+SHAPES_UNET_CONFIG = dict(
+    sample_size=16,
+    in_channels=4,
+    out_channels=4,
+    block_out_channels=[16, 32, 32],
+    down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+    up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+    layers_per_block=1,
+    attention_head_dim=4,
+    cross_attention_dim=32,
+    norm_num_groups=8,
+)
+SHAPES_VAE_CONFIG = dict(
+    in_channels=3,
+    out_channels=3,
+    down_block_types=["DownEncoderBlock2D"] * 3,
+    up_block_types=["UpDecoderBlock2D"] * 3,
+    block_out_channels=[8, 8, 16],
+    layers_per_block=1,
+    latent_channels=4,
+    norm_num_groups=4,
+    sample_size=64,
+    scaling_factor=0.7,
+)
+SHAPES_SCHEDULER_CONFIG = dict(
+    num_train_timesteps=1000,
+    beta_start=0.0001,
+    beta_end=0.02,
+    beta_schedule="linear",
+    prediction_type="epsilon",
+    clip_sample=False,
+    set_alpha_to_one=False,
+    steps_offset=0,
+    timestep_spacing="trailing",
+)
 
 
 def write_shapes_like(path: Path, seed: int = 0) -> Path:
@@ -312,5 +416,13 @@ def write_shapes_like(path: Path, seed: int = 0) -> Path:
     te = CLIPTextModel(CLIPTextConfig(**{**text_config(len(tok)), "max_position_embeddings": 32})).eval()
     unet = UNet2DConditionModel(**SHAPES_UNET_CONFIG).eval()
     vae = AutoencoderKL(**SHAPES_VAE_CONFIG).eval()
-    return export_ldm_checkpoint(path, unet, vae, te, tokenizer=tok, scheduler_config=SHAPES_SCHEDULER_CONFIG,
-                                 model_family="kiln-shapes", dtype=torch.float16)
+    return export_ldm_checkpoint(
+        path,
+        unet,
+        vae,
+        te,
+        tokenizer=tok,
+        scheduler_config=SHAPES_SCHEDULER_CONFIG,
+        model_family="kiln-shapes",
+        dtype=torch.float16,
+    )

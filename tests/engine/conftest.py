@@ -1,4 +1,5 @@
 """Fixtures for the engine suite: a registry of test-only nodes and helpers to build and run graphs."""
+
 from __future__ import annotations
 
 import os
@@ -12,8 +13,9 @@ for p in (HERE, ROOT):
     if p not in sys.path:
         sys.path.insert(0, p)
 
-from kiln import engine  # noqa: E402
 import engine_testnodes as tn  # noqa: E402
+
+from kiln import engine  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -38,9 +40,11 @@ def ex(reg) -> engine.Executor:
 @pytest.fixture
 def run(ex):
     """run(graph_dict, **kw) -> RunResult with the events collected in result.events."""
+
     def _run(data, executor=None, **kw):
         events = []
         res = (executor or ex).run(tn.G(data) if isinstance(data, dict) else data, sink=events.append, **kw)
         res.events = events
         return res
+
     return _run

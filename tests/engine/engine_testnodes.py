@@ -3,6 +3,7 @@
 Every node appends to ``CALLS`` when its function runs, so tests can check what really executed
 independently of what the executor reports.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -11,8 +12,19 @@ import weakref
 from typing import Annotated, Any
 
 from kiln import engine
-from kiln.engine import (Boolean, Combo, ExecutionBlocker, Float, GraphBuilder, Hidden, Int, Node, NodeResult,
-                    Output, Socket, String)
+from kiln.engine import (
+    Boolean,
+    Combo,
+    ExecutionBlocker,
+    Float,
+    GraphBuilder,
+    Hidden,
+    Int,
+    Node,
+    NodeResult,
+    Socket,
+    String,
+)
 
 CALLS: list[tuple[str, Any]] = []
 STATE: dict[str, Any] = {}
@@ -40,6 +52,7 @@ class Payload:
 
 class Const(Node):
     """An integer source."""
+
     outputs = {"INT": "INT"}
     category = "test"
 
@@ -90,6 +103,7 @@ class Flag(Node):
 
 class MakeImage(Node):
     """Produces an IMAGE-typed object (a Payload)."""
+
     outputs = {"IMAGE": "IMAGE"}
 
     def run(self, seed: Annotated[int, Int(min=0, max=10**9)] = 0):
@@ -109,6 +123,7 @@ class Invert(Node):
 
 class Show(Node):
     """Output node: reports what it received as UI."""
+
     output_node = True
     outputs = ()
 
@@ -128,6 +143,7 @@ class ShowImage(Node):
 
 class Pair(Node):
     """Two named outputs."""
+
     outputs = {"first": "INT", "second": "STRING"}
 
     def run(self, n: Annotated[int, Int()] = 3):
@@ -137,10 +153,15 @@ class Pair(Node):
 
 class Boom(Node):
     """Fails when asked to."""
+
     outputs = ("INT",)
 
-    def run(self, x: Annotated[int, Socket("INT")], fail: Annotated[bool, Boolean()] = True,
-            note: Annotated[str, String()] = ""):
+    def run(
+        self,
+        x: Annotated[int, Socket("INT")],
+        fail: Annotated[bool, Boolean()] = True,
+        note: Annotated[str, String()] = "",
+    ):
         _log("Boom", x)
         if fail:
             raise ValueError(f"boom on {x}")
@@ -149,6 +170,7 @@ class Boom(Node):
 
 class Checked(Node):
     """Custom validation: value must be even; hint text returned on failure."""
+
     outputs = ("INT",)
 
     @classmethod
@@ -162,15 +184,19 @@ class Checked(Node):
 
 class Lazy(Node):
     """Picks one of two lazy inputs; only the chosen branch should run."""
+
     outputs = {"out": "*"}
 
     def check_lazy_status(self, use_first, first=None, second=None):
         _log("Lazy.check", use_first)
         return ["first"] if use_first else ["second"]
 
-    def run(self, use_first: Annotated[bool, Boolean()] = True,
-            first: Annotated[Any, Socket("*", lazy=True)] = None,
-            second: Annotated[Any, Socket("*", lazy=True)] = None):
+    def run(
+        self,
+        use_first: Annotated[bool, Boolean()] = True,
+        first: Annotated[Any, Socket("*", lazy=True)] = None,
+        second: Annotated[Any, Socket("*", lazy=True)] = None,
+    ):
         _log("Lazy", use_first)
         return first if use_first else second
 
@@ -187,10 +213,15 @@ class Sleep(Node):
 
 class SlowTicks(Node):
     """Sync node that sleeps in ticks and reports progress at each."""
+
     outputs = ("INT",)
 
-    def run(self, value: Annotated[int, Int()] = 0, ticks: Annotated[int, Int(min=1)] = 5,
-            tick_seconds: Annotated[float, Float(min=0)] = 0.05):
+    def run(
+        self,
+        value: Annotated[int, Int()] = 0,
+        ticks: Annotated[int, Int(min=1)] = 5,
+        tick_seconds: Annotated[float, Float(min=0)] = 0.05,
+    ):
         _log("SlowTicks", value)
         ev = STATE.get("started_event")
         for i in range(ticks):
@@ -203,6 +234,7 @@ class SlowTicks(Node):
 
 class Gate(Node):
     """Waits on an event without ticking (cancellation has to happen between nodes)."""
+
     outputs = ("INT",)
 
     def run(self, value: Annotated[int, Int()] = 0):
@@ -215,8 +247,12 @@ class Gate(Node):
 class Block(Node):
     outputs = ("INT",)
 
-    def run(self, value: Annotated[int, Socket("INT")], block: Annotated[bool, Boolean()] = True,
-            message: Annotated[str, String()] = ""):
+    def run(
+        self,
+        value: Annotated[int, Socket("INT")],
+        block: Annotated[bool, Boolean()] = True,
+        message: Annotated[str, String()] = "",
+    ):
         _log("Block", value)
         if block:
             return ExecutionBlocker(message or None)
@@ -225,6 +261,7 @@ class Block(Node):
 
 class Doubler(Node):
     """Expands into two Add nodes built with GraphBuilder: out = (x + 1) + 1 ... by ``times``."""
+
     outputs = ("INT",)
 
     def run(self, x: Annotated[int, Socket("INT")], times: Annotated[int, Int(min=1, max=20)] = 2):
@@ -239,14 +276,20 @@ class Doubler(Node):
 class Hidden3(Node):
     output_node = True
 
-    def run(self, x: Annotated[int, Int()] = 0, prompt: Hidden("PROMPT") = None,
-            png: Hidden("EXTRA_PNGINFO") = None, uid: Hidden("UNIQUE_ID") = None):
+    def run(
+        self,
+        x: Annotated[int, Int()] = 0,
+        prompt: Hidden("PROMPT") = None,
+        png: Hidden("EXTRA_PNGINFO") = None,
+        uid: Hidden("UNIQUE_ID") = None,
+    ):
         _log("Hidden3", (uid, sorted(prompt) if prompt else None, png))
         return NodeResult(ui={"uid": [uid], "png": [png], "nodes": [sorted(prompt)]})
 
 
 class Fingerprinted(Node):
     """fingerprint() returns STATE['fp'] (NaN forces a re-run)."""
+
     outputs = ("INT",)
 
     @classmethod
@@ -260,6 +303,7 @@ class Fingerprinted(Node):
 
 class AnyLiteral(Node):
     """Takes any literal (e.g. an object that cannot be fingerprinted)."""
+
     outputs = ("*",)
 
     def run(self, value: Annotated[Any, Socket("*")] = None):
@@ -287,10 +331,15 @@ class Uncacheable(Node):
 
 class Big(Node):
     """An entry of a declared size, cheap or slow to make (for the RAM budget cache)."""
+
     outputs = ("*",)
 
-    def run(self, tag: Annotated[str, String()] = "", size: Annotated[int, Int(min=0)] = 0,
-            seconds: Annotated[float, Float(min=0)] = 0.0):
+    def run(
+        self,
+        tag: Annotated[str, String()] = "",
+        size: Annotated[int, Int(min=0)] = 0,
+        seconds: Annotated[float, Float(min=0)] = 0.0,
+    ):
         _log("Big", tag)
         if seconds:
             time.sleep(seconds)
@@ -299,6 +348,7 @@ class Big(Node):
 
 class Holder(Node):
     """Consumes a payload, checks earlier payloads were freed, returns a small value."""
+
     outputs = ("INT",)
 
     def run(self, value: Annotated[Any, Socket("*")]):
@@ -308,19 +358,47 @@ class Holder(Node):
 
 class Probe(Node):
     """Output node that records which Payloads made so far are still alive."""
+
     output_node = True
 
     def run(self, value: Annotated[Any, Socket("*")]):
         import gc
+
         gc.collect()
         alive = [r() is not None for r in STATE.get("made", [])]
         _log("Probe", alive)
         return NodeResult(ui={"alive": alive})
 
 
-TEST_NODES = [Const, Add, FloatIn, TextIn, Pick, Flag, MakeImage, Invert, Show, ShowImage, Pair, Boom, Checked,
-              Lazy, Sleep, SlowTicks, Gate, Block, Doubler, Hidden3, Fingerprinted, AnyLiteral, Random,
-              Uncacheable, Big, Holder, Probe]
+TEST_NODES = [
+    Const,
+    Add,
+    FloatIn,
+    TextIn,
+    Pick,
+    Flag,
+    MakeImage,
+    Invert,
+    Show,
+    ShowImage,
+    Pair,
+    Boom,
+    Checked,
+    Lazy,
+    Sleep,
+    SlowTicks,
+    Gate,
+    Block,
+    Doubler,
+    Hidden3,
+    Fingerprinted,
+    AnyLiteral,
+    Random,
+    Uncacheable,
+    Big,
+    Holder,
+    Probe,
+]
 
 
 def make_registry() -> engine.Registry:
@@ -344,4 +422,5 @@ def chain_graph(n: int, *, out: str = "Show", start: int = 0) -> dict:
 def G(data: dict) -> engine.Graph:
     """A Graph from an API-format dict (deep-copied so tests can reuse the dict)."""
     import copy
+
     return engine.Graph.from_json(copy.deepcopy(data))

@@ -1,4 +1,5 @@
 """Caching between runs: hits, misses, partial re-execution, each cache policy, fingerprints and keys."""
+
 from __future__ import annotations
 
 import json
@@ -6,14 +7,15 @@ import os
 import subprocess
 import sys
 
+import engine_testnodes as tn
 import pytest
+from engine_testnodes import CALLS, G, calls_of, chain_graph
 
 from kiln import engine
 from kiln.engine import Executor
 from kiln.engine.cache import KeepCurrentCache, LRUCache, NoCache, RAMBudgetCache, make_cache, parse_size
 from kiln.engine.events import ExecutionCached, NodeOutput, NodeStarted
-import engine_testnodes as tn
-from engine_testnodes import CALLS, G, calls_of, chain_graph
+from kiln.server.protocol import event_message
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 
@@ -81,10 +83,12 @@ def test_renumbered_ids_still_hit(run):
 
 
 def test_two_identical_branches_share_one_entry(run):
-    g = {"1": {"class_type": "Const", "inputs": {"value": 3}},
-         "2": {"class_type": "Const", "inputs": {"value": 3}},
-         "3": {"class_type": "Show", "inputs": {"value": ["1", 0]}},
-         "4": {"class_type": "Show", "inputs": {"value": ["2", 0]}}}
+    g = {
+        "1": {"class_type": "Const", "inputs": {"value": 3}},
+        "2": {"class_type": "Const", "inputs": {"value": 3}},
+        "3": {"class_type": "Show", "inputs": {"value": ["1", 0]}},
+        "4": {"class_type": "Show", "inputs": {"value": ["2", 0]}},
+    }
     r = run(g)
     assert r.ok
     # the second copy is served from the first one's entry when it comes up (ComfyUI: two identical
@@ -101,24 +105,31 @@ def test_two_identical_branches_share_one_entry(run):
 
 
 def test_identical_branches_both_run_without_a_cache(reg, run):
-    g = {"1": {"class_type": "Const", "inputs": {"value": 3}},
-         "2": {"class_type": "Const", "inputs": {"value": 3}},
-         "3": {"class_type": "Show", "inputs": {"value": ["1", 0]}},
-         "4": {"class_type": "Show", "inputs": {"value": ["2", 0]}}}
+    g = {
+        "1": {"class_type": "Const", "inputs": {"value": 3}},
+        "2": {"class_type": "Const", "inputs": {"value": 3}},
+        "3": {"class_type": "Show", "inputs": {"value": ["1", 0]}},
+        "4": {"class_type": "Show", "inputs": {"value": ["2", 0]}},
+    }
     r = run(g, executor=Executor(reg, cache="none"))
     assert len(calls_of("Const")) == 2 and len(calls_of("Show")) == 2 and r.cached == []
 
 
 def test_cached_output_node_reports_ui_in_events_and_result(run):
-    g = {"1": {"class_type": "MakeImage", "inputs": {"seed": 1}},
-         "2": {"class_type": "ShowImage", "inputs": {"image": ["1", 0]}}}
+    g = {
+        "1": {"class_type": "MakeImage", "inputs": {"seed": 1}},
+        "2": {"class_type": "ShowImage", "inputs": {"image": ["1", 0]}},
+    }
     first = run(g)
     second = run(g)
     assert second.ran == []
-    assert second.outputs == first.outputs == {"2": {"images": [{"filename": "('img', 1).png", "subfolder": "",
-                                                                 "type": "temp"}]}}
+    assert (
+        second.outputs
+        == first.outputs
+        == {"2": {"images": [{"filename": "('img', 1).png", "subfolder": "", "type": "temp"}]}}
+    )
     ev = [e for e in second.events if isinstance(e, NodeOutput)]
-    assert len(ev) == 1 and ev[0].cached and ev[0].comfy_data()["output"] == first.outputs["2"]
+    assert len(ev) == 1 and ev[0].cached and event_message(ev[0])[1]["output"] == first.outputs["2"]
 
 
 def test_adding_an_output_reuses_shared_upstream(run):
@@ -147,10 +158,21 @@ def test_undeclared_literal_is_ignored_for_keys(run):
 
 # -- policies -----------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("policy,cls", [("keep-current", KeepCurrentCache), (None, KeepCurrentCache),
-                                        ("classic", KeepCurrentCache), ("lru:5", LRUCache), ("LRU:7", LRUCache),
-                                        ("ram:1GB", RAMBudgetCache), ("ram:512MiB", RAMBudgetCache),
-                                        ("ram", RAMBudgetCache), ("none", NoCache)])
+
+@pytest.mark.parametrize(
+    "policy,cls",
+    [
+        ("keep-current", KeepCurrentCache),
+        (None, KeepCurrentCache),
+        ("classic", KeepCurrentCache),
+        ("lru:5", LRUCache),
+        ("LRU:7", LRUCache),
+        ("ram:1GB", RAMBudgetCache),
+        ("ram:512MiB", RAMBudgetCache),
+        ("ram", RAMBudgetCache),
+        ("none", NoCache),
+    ],
+)
 def test_policy_strings(reg, policy, cls):
     ex = Executor(reg, cache=policy)
     assert isinstance(ex.cache, cls)
@@ -160,8 +182,8 @@ def test_policy_strings(reg, policy, cls):
 
 def test_policy_parameters():
     assert make_cache("lru:5").max_entries == 5
-    assert make_cache("ram:1GB").budget == 10 ** 9
-    assert make_cache("ram:512MiB").budget == 512 * 1024 ** 2
+    assert make_cache("ram:1GB").budget == 10**9
+    assert make_cache("ram:512MiB").budget == 512 * 1024**2
     assert parse_size("1.5k") == 1500
     assert make_cache("lru:3").describe() == "lru:3"
 
@@ -240,10 +262,12 @@ def test_lru_recently_used_survives(reg, run):
 def test_ram_budget_evicts_big_cheap_first(reg):
     cache = RAMBudgetCache(1000)
     ex = Executor(reg, cache=cache)
-    g = {"big": {"class_type": "Big", "inputs": {"tag": "big", "size": 600, "seconds": 0.0}},
-         "slow": {"class_type": "Big", "inputs": {"tag": "slow", "size": 300, "seconds": 0.05}},
-         "o1": {"class_type": "Show", "inputs": {"value": ["big", 0]}},
-         "o2": {"class_type": "Show", "inputs": {"value": ["slow", 0]}}}
+    g = {
+        "big": {"class_type": "Big", "inputs": {"tag": "big", "size": 600, "seconds": 0.0}},
+        "slow": {"class_type": "Big", "inputs": {"tag": "slow", "size": 300, "seconds": 0.05}},
+        "o1": {"class_type": "Show", "inputs": {"value": ["big", 0]}},
+        "o2": {"class_type": "Show", "inputs": {"value": ["slow", 0]}},
+    }
     ex.run(G(g))
     assert cache.total_size() <= 1000
     g2 = dict(g)
@@ -252,8 +276,7 @@ def test_ram_budget_evicts_big_cheap_first(reg):
     CALLS.clear()
     ex.run(G(g2))
     assert cache.total_size() <= 1000
-    kept = {e.outputs[0][0].value for e in cache._d.values()
-            if e.outputs and isinstance(e.outputs[0][0], tn.Payload)}
+    kept = {e.outputs[0][0].value for e in cache._d.values() if e.outputs and isinstance(e.outputs[0][0], tn.Payload)}
     # the slow (expensive to recompute) entry survived; the big cheap one was evicted
     assert kept == {"slow", "new"}
 
@@ -280,11 +303,13 @@ def test_none_reruns_everything(reg, run):
 
 def test_none_still_runs_shared_node_once_per_run(reg, run):
     ex = Executor(reg, cache="none")
-    g = {"1": {"class_type": "Const", "inputs": {"value": 4}},
-         "2": {"class_type": "Add", "inputs": {"a": ["1", 0], "b": 1}},
-         "3": {"class_type": "Add", "inputs": {"a": ["1", 0], "b": 2}},
-         "4": {"class_type": "Show", "inputs": {"value": ["2", 0]}},
-         "5": {"class_type": "Show", "inputs": {"value": ["3", 0]}}}
+    g = {
+        "1": {"class_type": "Const", "inputs": {"value": 4}},
+        "2": {"class_type": "Add", "inputs": {"a": ["1", 0], "b": 1}},
+        "3": {"class_type": "Add", "inputs": {"a": ["1", 0], "b": 2}},
+        "4": {"class_type": "Show", "inputs": {"value": ["2", 0]}},
+        "5": {"class_type": "Show", "inputs": {"value": ["3", 0]}},
+    }
     r = run(g, executor=ex)
     assert r.ok and len(calls_of("Const")) == 1
     assert r.outputs["4"]["value"] == ["5"] and r.outputs["5"]["value"] == ["6"]
@@ -292,10 +317,13 @@ def test_none_still_runs_shared_node_once_per_run(reg, run):
 
 # -- fingerprints / IS_CHANGED / keys -----------------------------------------------------------------------
 
+
 def fp_graph():
-    return {"1": {"class_type": "Fingerprinted", "inputs": {"value": 1}},
-            "2": {"class_type": "Add", "inputs": {"a": ["1", 0]}},
-            "3": {"class_type": "Show", "inputs": {"value": ["2", 0]}}}
+    return {
+        "1": {"class_type": "Fingerprinted", "inputs": {"value": 1}},
+        "2": {"class_type": "Add", "inputs": {"a": ["1", 0]}},
+        "3": {"class_type": "Show", "inputs": {"value": ["2", 0]}},
+    }
 
 
 def test_fingerprint_same_value_hits(run):
@@ -330,8 +358,12 @@ def test_fingerprint_exception_means_rerun(reg, run):
 
         def run(self, value: engine.Int() = 0):
             return value
+
     reg.register(BadFp)
-    g = {"1": {"class_type": "BadFp", "inputs": {"value": 1}}, "2": {"class_type": "Show", "inputs": {"value": ["1", 0]}}}
+    g = {
+        "1": {"class_type": "BadFp", "inputs": {"value": 1}},
+        "2": {"class_type": "Show", "inputs": {"value": ["1", 0]}},
+    }
     assert run(g).ok
     assert ran_ids(run(g)) == ["1", "2"]
 
@@ -348,10 +380,13 @@ def test_is_changed_in_prompt_is_reused(run):
 def test_unfingerprintable_literal_makes_node_uncacheable(run):
     class Opaque:
         pass
-    g = {"1": {"class_type": "AnyLiteral", "inputs": {"value": Opaque()}},
-         "2": {"class_type": "Show", "inputs": {"value": ["1", 0]}},
-         "3": {"class_type": "Const", "inputs": {"value": 2}},
-         "4": {"class_type": "Show", "inputs": {"value": ["3", 0]}}}
+
+    g = {
+        "1": {"class_type": "AnyLiteral", "inputs": {"value": Opaque()}},
+        "2": {"class_type": "Show", "inputs": {"value": ["1", 0]}},
+        "3": {"class_type": "Const", "inputs": {"value": 2}},
+        "4": {"class_type": "Show", "inputs": {"value": ["3", 0]}},
+    }
     graph = G({k: v for k, v in g.items() if k != "1"})
     graph.nodes["1"] = engine.NodeEntry("1", "AnyLiteral", {"value": Opaque()})
     run(graph)
@@ -361,8 +396,11 @@ def test_unfingerprintable_literal_makes_node_uncacheable(run):
     assert [c for c, _ in CALLS] == ["AnyLiteral", "Show"]
 
 
-@pytest.mark.parametrize("value", [float("nan"), [1, float("nan")], [[[1]]] * 2 + [json.loads("[" * 80 + "]" * 80)]],
-                         ids=["nan", "nan-in-list", "too-deep"])
+@pytest.mark.parametrize(
+    "value",
+    [float("nan"), [1, float("nan")], [[[1]]] * 2 + [json.loads("[" * 80 + "]" * 80)]],
+    ids=["nan", "nan-in-list", "too-deep"],
+)
 def test_nan_or_oversize_literal_is_uncacheable(run, value):
     graph = G({"2": {"class_type": "Show", "inputs": {"value": ["1", 0]}}})
     graph.nodes["1"] = engine.NodeEntry("1", "AnyLiteral", {"value": value})
@@ -371,8 +409,10 @@ def test_nan_or_oversize_literal_is_uncacheable(run, value):
 
 
 def test_not_idempotent_uses_node_id(run):
-    g = {"1": {"class_type": "Random", "inputs": {"value": 1}},
-         "2": {"class_type": "Show", "inputs": {"value": ["1", 0]}}}
+    g = {
+        "1": {"class_type": "Random", "inputs": {"value": 1}},
+        "2": {"class_type": "Show", "inputs": {"value": ["1", 0]}},
+    }
     run(g)
     assert run(g).ran == []  # same id, same inputs: hit
     renum = {"9": g["1"], "2": {"class_type": "Show", "inputs": {"value": ["9", 0]}}}
@@ -380,10 +420,12 @@ def test_not_idempotent_uses_node_id(run):
 
 
 def test_uncacheable_node_always_runs(run):
-    g = {"1": {"class_type": "Uncacheable", "inputs": {"value": 1}},
-         "2": {"class_type": "Show", "inputs": {"value": ["1", 0]}},
-         "3": {"class_type": "Const", "inputs": {"value": 1}},
-         "4": {"class_type": "Show", "inputs": {"value": ["3", 0]}}}
+    g = {
+        "1": {"class_type": "Uncacheable", "inputs": {"value": 1}},
+        "2": {"class_type": "Show", "inputs": {"value": ["1", 0]}},
+        "3": {"class_type": "Const", "inputs": {"value": 1}},
+        "4": {"class_type": "Show", "inputs": {"value": ["3", 0]}},
+    }
     run(g)
     assert ran_ids(run(g)) == ["1", "2"]
 
@@ -391,11 +433,14 @@ def test_uncacheable_node_always_runs(run):
 def _keys(reg, data):
     from kiln.engine.executor import _Run
     from kiln.engine.validation import upstream_order
+
     ex = Executor(reg)
     graph = G(data)
     res = engine.validate(graph, reg)
     import threading
+
     from kiln.engine import context
+
     rc = context.RunContext("p", lambda e: None, threading.Event())
     r = _Run(ex, graph, rc, res.outputs, None)
     r.compute_keys(upstream_order(graph, res.outputs))
@@ -404,25 +449,33 @@ def _keys(reg, data):
 
 def test_keys_never_use_node_ids(reg):
     a = _keys(reg, chain_graph(3))
-    renum = {f"x{k}": {"class_type": v["class_type"],
-                       "inputs": {n: ([f"x{i[0]}", i[1]] if isinstance(i, list) else i) for n, i in v["inputs"].items()}}
-             for k, v in chain_graph(3).items()}
+    renum = {
+        f"x{k}": {
+            "class_type": v["class_type"],
+            "inputs": {n: ([f"x{i[0]}", i[1]] if isinstance(i, list) else i) for n, i in v["inputs"].items()},
+        }
+        for k, v in chain_graph(3).items()
+    }
     b = _keys(reg, renum)
     assert all(a[k] == b[f"x{k}"] for k in a)
     assert len(set(a.values())) == len(a)
 
 
 def test_keys_depend_on_slot_and_input_name(reg):
-    g1 = {"1": {"class_type": "Pair", "inputs": {"n": 3}},
-          "2": {"class_type": "Show", "inputs": {"value": ["1", 0]}},
-          "3": {"class_type": "Show", "inputs": {"value": ["1", 1]}}}
+    g1 = {
+        "1": {"class_type": "Pair", "inputs": {"n": 3}},
+        "2": {"class_type": "Show", "inputs": {"value": ["1", 0]}},
+        "3": {"class_type": "Show", "inputs": {"value": ["1", 1]}},
+    }
     k = _keys(reg, g1)
     assert k["2"] != k["3"]
 
 
 def test_keys_distinguish_types_of_literals(reg):
-    base = {"1": {"class_type": "AnyLiteral", "inputs": {"value": 1}},
-            "2": {"class_type": "Show", "inputs": {"value": ["1", 0]}}}
+    base = {
+        "1": {"class_type": "AnyLiteral", "inputs": {"value": 1}},
+        "2": {"class_type": "Show", "inputs": {"value": ["1", 0]}},
+    }
     seen = set()
     for v in (1, 1.0, "1", True, {"__value__": [1]}, {"a": 1}, None, {"__value__": [[1]]}, {"__value__": []}):
         d = json.loads(json.dumps(base))
@@ -444,12 +497,14 @@ print(json.dumps({k: v.hex() for k, v in keys.items()}))
 def test_keys_stable_across_processes(reg):
     here = os.path.dirname(__file__)
     env = dict(os.environ, PYTHONHASHSEED="12345")
-    out1 = subprocess.run([sys.executable, "-c", KEY_SCRIPT, here, ROOT], capture_output=True, text=True,
-                          env=env, cwd=ROOT, timeout=60)
+    out1 = subprocess.run(
+        [sys.executable, "-c", KEY_SCRIPT, here, ROOT], capture_output=True, text=True, env=env, cwd=ROOT, timeout=60
+    )
     assert out1.returncode == 0, out1.stderr
     env["PYTHONHASHSEED"] = "999"
-    out2 = subprocess.run([sys.executable, "-c", KEY_SCRIPT, here, ROOT], capture_output=True, text=True,
-                          env=env, cwd=ROOT, timeout=60)
+    out2 = subprocess.run(
+        [sys.executable, "-c", KEY_SCRIPT, here, ROOT], capture_output=True, text=True, env=env, cwd=ROOT, timeout=60
+    )
     mine = {k: v.hex() for k, v in _keys(reg, chain_graph(5)).items()}
     assert json.loads(out1.stdout) == json.loads(out2.stdout) == mine
 
@@ -459,6 +514,7 @@ def test_node_version_is_in_the_key(reg):
 
     class Const(tn.Const):
         version = "2"
+
     reg.register(Const, "Const", replace=True)
     k2 = _keys(reg, chain_graph(1))
     assert k1["1"] != k2["1"] and k1["2"] != k2["2"]
@@ -476,6 +532,7 @@ def _blob_chain(reg, n):
 
         def run(self, x: engine.Socket("*", optional=True) = None, i: engine.Int() = 0):
             return tn.Payload(i, 50_000)
+
     reg.register(Blob, replace=True)
     g = {"0": {"class_type": "Blob", "inputs": {"i": 0}}}
     for i in range(1, n):
@@ -487,22 +544,25 @@ def _blob_chain(reg, n):
 def test_ram_budget_full_cache_eviction_is_cheap(reg):
     """At its budget the cache must not rank every entry on every put (that is O(nodes x entries))."""
     import time
+
     g = _blob_chain(reg, 5000)
     times = {}
-    for budget in (10 ** 12, 150_000_000):  # never full / full after 3000 entries
+    for budget in (10**12, 150_000_000):  # never full / full after 3000 entries
         cache = RAMBudgetCache(budget)
         ex = Executor(reg, cache=cache)
         t0 = time.process_time()
         r = ex.run(G(g))
         times[budget] = time.process_time() - t0
         assert r.ok and cache.total_size() <= budget
-    assert times[150_000_000] < 3 * times[10 ** 12] + 0.2, times
+    assert times[150_000_000] < 3 * times[10**12] + 0.2, times
 
 
 def test_execution_cached_follows_prompt_key_order(run):
-    g = {"out": {"class_type": "Show", "inputs": {"value": ["b", 0]}},
-         "b": {"class_type": "Add", "inputs": {"a": ["a", 0]}},
-         "a": {"class_type": "Const", "inputs": {"value": 1}}}
+    g = {
+        "out": {"class_type": "Show", "inputs": {"value": ["b", 0]}},
+        "b": {"class_type": "Add", "inputs": {"a": ["a", 0]}},
+        "a": {"class_type": "Const", "inputs": {"value": 1}},
+    }
     run(g)
     ev = [e for e in run(g).events if isinstance(e, ExecutionCached)][0]
     assert ev.nodes == ["out", "b", "a"]
@@ -510,7 +570,8 @@ def test_execution_cached_follows_prompt_key_order(run):
 
 def test_fingerprint_of_values():
     from kiln.engine.fingerprint import Unfingerprintable, fingerprint
-    big = 10 ** 5000  # past Python's decimal conversion limit
+
+    big = 10**5000  # past Python's decimal conversion limit
     assert fingerprint(big) != fingerprint(big + 1) and fingerprint(-big) != fingerprint(big)
     assert fingerprint({"b": 1, "a": [1, 2]}) == fingerprint({"a": [1, 2], "b": 1})
     assert fingerprint([1, 2]) != fingerprint((1, 2)) != fingerprint([2, 1])
@@ -523,10 +584,12 @@ def test_fingerprint_of_values():
     class Custom:
         def __kiln_fingerprint__(self):
             return "v1"
+
     assert fingerprint(Custom()) == fingerprint(Custom())
 
     class Broken:
         def __kiln_fingerprint__(self):
             raise OSError("file gone")
+
     with pytest.raises(Unfingerprintable):
         fingerprint(Broken())

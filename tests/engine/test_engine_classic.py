@@ -1,4 +1,5 @@
 """ComfyUI's classic node contract: a custom_nodes/ pack written here, list semantics, object_info shape."""
+
 from __future__ import annotations
 
 import json
@@ -6,10 +7,10 @@ import sys
 import textwrap
 
 import pytest
+from engine_testnodes import CALLS, G, make_registry
 
 from kiln import engine
 from kiln.engine import Executor, Registry
-from engine_testnodes import CALLS, G, make_registry
 
 PACK_INIT = '''
 import json
@@ -77,16 +78,16 @@ NODE_CLASS_MAPPINGS = {"ClassicScale": ClassicScale, "ClassicSave": ClassicSave}
 NODE_DISPLAY_NAME_MAPPINGS = {"ClassicScale": "Classic Scale (x2)"}
 '''
 
-HELPERS = '''
+HELPERS = """
 def double(x):
     return x * 2
-'''
+"""
 
-BROKEN = '''
+BROKEN = """
 raise ImportError("needs a package that is not installed")
-'''
+"""
 
-SINGLE_FILE = '''
+SINGLE_FILE = """
 class OneFileNode:
     @classmethod
     def INPUT_TYPES(cls):
@@ -104,12 +105,12 @@ class NoFunction:
     FUNCTION = "missing"
 
 NODE_CLASS_MAPPINGS = {"OneFileNode": OneFileNode, "NoFunction": NoFunction}
-'''
+"""
 
-EXITS = '''
+EXITS = """
 import sys
 sys.exit(3)
-'''
+"""
 
 
 @pytest.fixture
@@ -139,16 +140,19 @@ def pack_module():
 
 
 def classic_graph(value=3, mode="times", token=None, prefix="kiln"):
-    return {"1": {"class_type": "Const", "inputs": {"value": 5}},
-            "2": {"class_type": "ClassicScale", "inputs": {"value": value, "mode": mode, "extra": ["1", 0]}},
-            "3": {"class_type": "ClassicSave", "inputs": {"number": ["2", 0], "label": ["2", 1], "prefix": prefix}}}
+    return {
+        "1": {"class_type": "Const", "inputs": {"value": 5}},
+        "2": {"class_type": "ClassicScale", "inputs": {"value": value, "mode": mode, "extra": ["1", 0]}},
+        "3": {"class_type": "ClassicSave", "inputs": {"number": ["2", 0], "label": ["2", 1], "prefix": prefix}},
+    }
 
 
 def test_pack_loads_and_failures_are_reported(pack):
     assert "ClassicScale" in pack and "ClassicSave" in pack and "OneFileNode" in pack
     sources = {e.source.split("/")[-1].split(":")[-1]: e for e in pack.load_errors}
-    assert any("broken_pack" in e.source and "ImportError" in e.error and "not installed" in e.error
-               for e in pack.load_errors)
+    assert any(
+        "broken_pack" in e.source and "ImportError" in e.error and "not installed" in e.error for e in pack.load_errors
+    )
     assert any("exits.py" in e.source and "SystemExit" in e.error for e in pack.load_errors)
     assert any("empty_pack" in e.source and "NODE_CLASS_MAPPINGS" in e.error for e in pack.load_errors)
     assert any("NoFunction" in e.source and "FUNCTION" in e.error for e in pack.load_errors)
@@ -165,8 +169,10 @@ def test_classic_pack_runs(pack):
     events = []
     r = ex.run(G(classic_graph()), sink=events.append, extra_data={"extra_pnginfo": {"workflow": "w"}})
     assert r.ok, r.error
-    assert r.outputs["3"] == {"images": [{"filename": "kiln_11.png", "subfolder": "", "type": "output"}],
-                              "text": ["times:11"]}
+    assert r.outputs["3"] == {
+        "images": [{"filename": "kiln_11.png", "subfolder": "", "type": "output"}],
+        "text": ["times:11"],
+    }
     log = pack_module().LOG
     assert log[0] == ("scale", 3, "times", 5, "2", ["1", "2", "3"], {"workflow": "w"})
     assert log[1] == ("save", 11, "times:11", "kiln")
@@ -198,24 +204,25 @@ def test_classic_hidden_unique_id_keys_by_node_id(pack):
 def test_classic_validate_inputs(pack):
     res = engine.validate(G(classic_graph(prefix="a/b")), pack)
     assert not res.ok
-    e = res.node_errors["3"]["errors"][0]
-    assert e["type"] == "custom_validation_failed"
-    assert e["details"] == "prefix - prefix must not contain '/'"
+    e = res.problems["3"].issues[0]
+    assert e.kind == "custom_validation_failed"
+    assert e.details == "prefix - prefix must not contain '/'"
 
 
 def test_classic_range_and_combo_checks(pack):
     res = engine.validate(G(classic_graph(value=500, mode="divide")), pack)
-    types = sorted(e["type"] for e in res.node_errors["2"]["errors"])
+    types = sorted(e.kind for e in res.problems["2"].issues)
     assert types == ["value_bigger_than_max", "value_not_in_list"]
 
 
 def test_classic_object_info_exact_shape(pack):
     info = json.loads(json.dumps(pack.object_info(["ClassicScale", "ClassicSave"])))
     assert info["ClassicScale"] == {
-        "input": {"required": {"value": ["INT", {"default": 1, "min": 0, "max": 100}],
-                               "mode": [["times", "plus"]]},
-                  "optional": {"extra": ["INT", {"forceInput": True}]},
-                  "hidden": {"prompt": "PROMPT", "png": "EXTRA_PNGINFO", "uid": "UNIQUE_ID"}},
+        "input": {
+            "required": {"value": ["INT", {"default": 1, "min": 0, "max": 100}], "mode": [["times", "plus"]]},
+            "optional": {"extra": ["INT", {"forceInput": True}]},
+            "hidden": {"prompt": "PROMPT", "png": "EXTRA_PNGINFO", "uid": "UNIQUE_ID"},
+        },
         "input_order": {"required": ["value", "mode"], "optional": ["extra"], "hidden": ["prompt", "png", "uid"]},
         "output": ["INT", "STRING"],
         "output_is_list": [False, False],
@@ -238,11 +245,13 @@ def test_classic_defaults_category_sd():
         @classmethod
         def INPUT_TYPES(cls):
             return {"required": {"x": ("FLOAT", {"default": 0.5})}}
+
         RETURN_TYPES = ("FLOAT",)
         FUNCTION = "f"
 
         def f(self, x):
             return (x,)
+
     reg = Registry()
     reg.register(Bare)
     info = reg.object_info()["Bare"]
@@ -253,33 +262,46 @@ def test_classic_defaults_category_sd():
 def test_native_object_info_exact_shape():
     class Blend(engine.Node):
         """Blends two images."""
+
         display_name = "Blend Images"
         category = "image/test"
         outputs = {"IMAGE": engine.Output("IMAGE", tooltip="the result")}
         output_node = False
 
-        def run(self, image1: engine.Socket("IMAGE"), image2: engine.Socket("IMAGE", optional=True) = None,
-                blend_factor: engine.Float(min=0.0, max=1.0, step=0.01) = 0.5,
-                blend_mode: engine.Combo(["normal", "multiply"]) = "normal",
-                count: engine.Int(min=1, max=10) = 1,
-                note: engine.String(multiline=True) = "",
-                flag: bool = False,
-                uid: engine.Hidden("UNIQUE_ID") = None):
+        def run(
+            self,
+            image1: engine.Socket("IMAGE"),
+            image2: engine.Socket("IMAGE", optional=True) = None,
+            blend_factor: engine.Float(min=0.0, max=1.0, step=0.01) = 0.5,
+            blend_mode: engine.Combo(["normal", "multiply"]) = "normal",
+            count: engine.Int(min=1, max=10) = 1,
+            note: engine.String(multiline=True) = "",
+            flag: bool = False,
+            uid: engine.Hidden("UNIQUE_ID") = None,
+        ):
             return image1
+
     reg = Registry()
     reg.register(Blend, python_module="nodes")
     info = json.loads(json.dumps(reg.object_info(["Blend"])))["Blend"]
     assert info == {
-        "input": {"required": {"image1": ["IMAGE"],
-                               "blend_factor": ["FLOAT", {"min": 0.0, "max": 1.0, "step": 0.01, "default": 0.5}],
-                               "blend_mode": [["normal", "multiply"], {"default": "normal"}],
-                               "count": ["INT", {"min": 1, "max": 10, "default": 1}],
-                               "note": ["STRING", {"multiline": True, "default": ""}],
-                               "flag": ["BOOLEAN", {"default": False}]},
-                  "optional": {"image2": ["IMAGE"]},
-                  "hidden": {"uid": "UNIQUE_ID"}},
-        "input_order": {"required": ["image1", "blend_factor", "blend_mode", "count", "note", "flag"],
-                        "optional": ["image2"], "hidden": ["uid"]},
+        "input": {
+            "required": {
+                "image1": ["IMAGE"],
+                "blend_factor": ["FLOAT", {"min": 0.0, "max": 1.0, "step": 0.01, "default": 0.5}],
+                "blend_mode": [["normal", "multiply"], {"default": "normal"}],
+                "count": ["INT", {"min": 1, "max": 10, "default": 1}],
+                "note": ["STRING", {"multiline": True, "default": ""}],
+                "flag": ["BOOLEAN", {"default": False}],
+            },
+            "optional": {"image2": ["IMAGE"]},
+            "hidden": {"uid": "UNIQUE_ID"},
+        },
+        "input_order": {
+            "required": ["image1", "blend_factor", "blend_mode", "count", "note", "flag"],
+            "optional": ["image2"],
+            "hidden": ["uid"],
+        },
         "output": ["IMAGE"],
         "output_is_list": [False],
         "output_name": ["IMAGE"],
@@ -309,16 +331,20 @@ def test_classic_combo_reread_on_validation(tmp_path):
         @classmethod
         def INPUT_TYPES(cls):
             return {"required": {"name": (sorted(p.name for p in folder.iterdir()),)}}
+
         RETURN_TYPES = ("STRING",)
         FUNCTION = "f"
 
         def f(self, name):
             return (name,)
+
     reg = make_registry()
     reg.register(LoadFile)
     (folder / "b.png").write_text("")
-    g = {"1": {"class_type": "LoadFile", "inputs": {"name": "b.png"}},
-         "2": {"class_type": "Show", "inputs": {"value": ["1", 0]}}}
+    g = {
+        "1": {"class_type": "LoadFile", "inputs": {"name": "b.png"}},
+        "2": {"class_type": "Show", "inputs": {"value": ["1", 0]}},
+    }
     res = engine.validate(G(g), reg)
     assert res.ok, res.summary()
     info = json.loads(json.dumps(reg.object_info(["LoadFile"])))
@@ -327,10 +353,12 @@ def test_classic_combo_reread_on_validation(tmp_path):
 
 # -- list semantics ----------------------------------------------------------------------------------------------
 
+
 class MakeList:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {"n": ("INT", {"default": 3})}}
+
     RETURN_TYPES = ("INT", "STRING")
     OUTPUT_IS_LIST = (True, False)
     FUNCTION = "f"
@@ -344,6 +372,7 @@ class PerItem:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {"x": ("INT", {"forceInput": True}), "y": ("INT", {"forceInput": True})}}
+
     RETURN_TYPES = ("INT",)
     FUNCTION = "f"
 
@@ -358,6 +387,7 @@ class WholeList:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {"xs": ("INT", {"forceInput": True}), "k": ("INT", {"default": 1})}}
+
     RETURN_TYPES = ("INT",)
     FUNCTION = "f"
     OUTPUT_NODE = True
@@ -371,6 +401,7 @@ class UiPerCall:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {"x": ("INT", {"forceInput": True})}}
+
     RETURN_TYPES = ()
     FUNCTION = "f"
     OUTPUT_NODE = True
@@ -383,6 +414,7 @@ class Pair2:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {"n": ("INT", {"default": 2})}}
+
     RETURN_TYPES = ("INT",)
     OUTPUT_IS_LIST = (True,)
     FUNCTION = "f"
@@ -400,10 +432,12 @@ def listreg():
 
 
 def test_list_mapping_shortest_repeats_last(listreg):
-    g = {"l": {"class_type": "MakeList", "inputs": {"n": 4}},
-         "p": {"class_type": "Pair2", "inputs": {"n": 2}},
-         "m": {"class_type": "PerItem", "inputs": {"x": ["l", 0], "y": ["p", 0]}},
-         "u": {"class_type": "UiPerCall", "inputs": {"x": ["m", 0]}}}
+    g = {
+        "l": {"class_type": "MakeList", "inputs": {"n": 4}},
+        "p": {"class_type": "Pair2", "inputs": {"n": 2}},
+        "m": {"class_type": "PerItem", "inputs": {"x": ["l", 0], "y": ["p", 0]}},
+        "u": {"class_type": "UiPerCall", "inputs": {"x": ["m", 0]}},
+    }
     r = Executor(listreg).run(G(g))
     assert r.ok, r.error
     calls = [v for c, v in CALLS if c == "PerItem"]
@@ -413,8 +447,10 @@ def test_list_mapping_shortest_repeats_last(listreg):
 
 
 def test_input_is_list_gets_whole_lists(listreg):
-    g = {"l": {"class_type": "MakeList", "inputs": {"n": 5}},
-         "w": {"class_type": "WholeList", "inputs": {"xs": ["l", 0], "k": 2}}}
+    g = {
+        "l": {"class_type": "MakeList", "inputs": {"n": 5}},
+        "w": {"class_type": "WholeList", "inputs": {"xs": ["l", 0], "k": 2}},
+    }
     r = Executor(listreg).run(G(g))
     assert r.ok, r.error
     assert [v for c, v in CALLS if c == "WholeList"] == [([0, 1, 2, 3, 4], [2])]
@@ -422,16 +458,20 @@ def test_input_is_list_gets_whole_lists(listreg):
 
 
 def test_non_list_output_of_list_node_is_one_element(listreg):
-    g = {"l": {"class_type": "MakeList", "inputs": {"n": 3}},
-         "s": {"class_type": "Show", "inputs": {"value": ["l", 1]}}}
+    g = {
+        "l": {"class_type": "MakeList", "inputs": {"n": 3}},
+        "s": {"class_type": "Show", "inputs": {"value": ["l", 1]}},
+    }
     r = Executor(listreg).run(G(g))
     assert r.outputs["s"]["value"] == ["'tag'"]
 
 
 def test_native_node_gets_list_mapping(listreg):
-    g = {"l": {"class_type": "MakeList", "inputs": {"n": 3}},
-         "a": {"class_type": "Add", "inputs": {"a": ["l", 0], "b": 1}},
-         "s": {"class_type": "Show", "inputs": {"value": ["a", 0]}}}
+    g = {
+        "l": {"class_type": "MakeList", "inputs": {"n": 3}},
+        "a": {"class_type": "Add", "inputs": {"a": ["l", 0], "b": 1}},
+        "s": {"class_type": "Show", "inputs": {"value": ["a", 0]}},
+    }
     r = Executor(listreg).run(G(g))
     assert r.outputs["s"]["value"] == ["1", "2", "3"]
     assert r.outputs["s"]["tag"] == ["", "", ""]
@@ -442,15 +482,19 @@ def test_blocker_in_list_blocks_only_that_element(listreg):
         @classmethod
         def INPUT_TYPES(cls):
             return {"required": {"x": ("INT", {"forceInput": True})}}
+
         RETURN_TYPES = ("INT",)
         FUNCTION = "f"
 
         def f(self, x):
             return (engine.ExecutionBlocker(None) if x == 1 else x,)
+
     listreg.register(MaybeBlock)
-    g = {"l": {"class_type": "MakeList", "inputs": {"n": 3}},
-         "b": {"class_type": "MaybeBlock", "inputs": {"x": ["l", 0]}},
-         "u": {"class_type": "UiPerCall", "inputs": {"x": ["b", 0]}}}
+    g = {
+        "l": {"class_type": "MakeList", "inputs": {"n": 3}},
+        "b": {"class_type": "MaybeBlock", "inputs": {"x": ["l", 0]}},
+        "u": {"class_type": "UiPerCall", "inputs": {"x": ["b", 0]}},
+    }
     r = Executor(listreg).run(G(g))
     assert r.ok, r.error
     assert r.outputs["u"]["items"] == [0, 2]  # like a preview of [black, BLOCKED, black] showing 2 images
@@ -461,15 +505,19 @@ def test_blocker_blocks_input_is_list_node(listreg):
         @classmethod
         def INPUT_TYPES(cls):
             return {"required": {"x": ("INT", {"forceInput": True})}}
+
         RETURN_TYPES = ("INT",)
         FUNCTION = "f"
 
         def f(self, x):
             return (engine.ExecutionBlocker(None) if x == 1 else x,)
+
     listreg.register(BlockAll)
-    g = {"l": {"class_type": "MakeList", "inputs": {"n": 3}},
-         "b": {"class_type": "BlockAll", "inputs": {"x": ["l", 0]}},
-         "w": {"class_type": "WholeList", "inputs": {"xs": ["b", 0]}}}
+    g = {
+        "l": {"class_type": "MakeList", "inputs": {"n": 3}},
+        "b": {"class_type": "BlockAll", "inputs": {"x": ["l", 0]}},
+        "w": {"class_type": "WholeList", "inputs": {"xs": ["b", 0]}},
+    }
     r = Executor(listreg).run(G(g))
     assert r.ok, r.error
     assert not [v for c, v in CALLS if c == "WholeList"]
@@ -477,6 +525,7 @@ def test_blocker_blocks_input_is_list_node(listreg):
 
 
 # -- registration errors ---------------------------------------------------------------------------------------
+
 
 def _bad_classes():
     class NoRun(engine.Node):
@@ -585,20 +634,51 @@ def test_malformed_native_node_raises_precise_error(cls, msg):
     assert cls.__name__ not in reg
 
 
-@pytest.mark.parametrize("attrs,msg", [
-    ({"INPUT_TYPES": classmethod(lambda c: {"required": {}}), "RETURN_TYPES": ("INT",), "FUNCTION": "nope"},
-     "FUNCTION 'nope' is not a method"),
-    ({"INPUT_TYPES": classmethod(lambda c: {"required": {}}), "RETURN_TYPES": ("INT",), "RETURN_NAMES": ("a", "b"),
-      "FUNCTION": "f", "f": lambda self: (1,)}, "RETURN_NAMES has 2 names for 1 RETURN_TYPES"),
-    ({"INPUT_TYPES": classmethod(lambda c: 5), "RETURN_TYPES": (), "FUNCTION": "f", "f": lambda self: ()},
-     "INPUT_TYPES() must return a dict"),
-    ({"INPUT_TYPES": classmethod(lambda c: 1 / 0), "RETURN_TYPES": (), "FUNCTION": "f", "f": lambda self: ()},
-     "INPUT_TYPES() raised ZeroDivisionError"),
-    ({"INPUT_TYPES": classmethod(lambda c: {"required": {"x": 5}}), "RETURN_TYPES": (), "FUNCTION": "f",
-      "f": lambda self: ()}, "input 'x' must be (TYPE,)"),
-    ({"INPUT_TYPES": classmethod(lambda c: {"hidden": {"x": "NOPE"}}), "RETURN_TYPES": (), "FUNCTION": "f",
-      "f": lambda self: ()}, "hidden input 'x' has unknown kind 'NOPE'"),
-])
+@pytest.mark.parametrize(
+    "attrs,msg",
+    [
+        (
+            {"INPUT_TYPES": classmethod(lambda c: {"required": {}}), "RETURN_TYPES": ("INT",), "FUNCTION": "nope"},
+            "FUNCTION 'nope' is not a method",
+        ),
+        (
+            {
+                "INPUT_TYPES": classmethod(lambda c: {"required": {}}),
+                "RETURN_TYPES": ("INT",),
+                "RETURN_NAMES": ("a", "b"),
+                "FUNCTION": "f",
+                "f": lambda self: (1,),
+            },
+            "RETURN_NAMES has 2 names for 1 RETURN_TYPES",
+        ),
+        (
+            {"INPUT_TYPES": classmethod(lambda c: 5), "RETURN_TYPES": (), "FUNCTION": "f", "f": lambda self: ()},
+            "INPUT_TYPES() must return a dict",
+        ),
+        (
+            {"INPUT_TYPES": classmethod(lambda c: 1 / 0), "RETURN_TYPES": (), "FUNCTION": "f", "f": lambda self: ()},
+            "INPUT_TYPES() raised ZeroDivisionError",
+        ),
+        (
+            {
+                "INPUT_TYPES": classmethod(lambda c: {"required": {"x": 5}}),
+                "RETURN_TYPES": (),
+                "FUNCTION": "f",
+                "f": lambda self: (),
+            },
+            "input 'x' must be (TYPE,)",
+        ),
+        (
+            {
+                "INPUT_TYPES": classmethod(lambda c: {"hidden": {"x": "NOPE"}}),
+                "RETURN_TYPES": (),
+                "FUNCTION": "f",
+                "f": lambda self: (),
+            },
+            "hidden input 'x' has unknown kind 'NOPE'",
+        ),
+    ],
+)
 def test_malformed_classic_node(attrs, msg):
     cls = type("BadClassic", (), attrs)
     with pytest.raises(engine.NodeDefinitionError) as ei:
@@ -620,6 +700,7 @@ def test_duplicate_name_rejected_unless_replace():
 
         def run(self):
             return 1
+
     with pytest.raises(engine.NodeDefinitionError) as ei:
         reg.register(Const)
     assert "already registered" in str(ei.value)
@@ -642,6 +723,7 @@ def test_validate_inputs_with_input_types_skips_type_check():
         @classmethod
         def INPUT_TYPES(cls):
             return {"required": {"x": ("FLOAT", {"forceInput": True}), "scale": ("INT", {"default": 1, "max": 5})}}
+
         RETURN_TYPES = ("FLOAT",)
         FUNCTION = "f"
 
@@ -652,11 +734,14 @@ def test_validate_inputs_with_input_types_skips_type_check():
 
         def f(self, x, scale):
             return (x * scale,)
+
     reg = make_registry()
     reg.register(Typed)
-    g = {"t": {"class_type": "TextIn", "inputs": {"text": "s"}},
-         "y": {"class_type": "Typed", "inputs": {"x": ["t", 0], "scale": 9}},
-         "o": {"class_type": "Show", "inputs": {"value": ["y", 0]}}}
+    g = {
+        "t": {"class_type": "TextIn", "inputs": {"text": "s"}},
+        "y": {"class_type": "Typed", "inputs": {"x": ["t", 0], "scale": 9}},
+        "o": {"class_type": "Show", "inputs": {"value": ["y", 0]}},
+    }
     res = engine.validate(G(g), reg)
     assert res.ok, res.summary()  # STRING into FLOAT allowed: the node checks types itself; max off too
     assert seen == {"types": {"x": "STRING"}, "x": None, "scale": 9}
@@ -666,9 +751,14 @@ def test_classic_lazy_and_metadata():
     class ClassicSwitch:
         @classmethod
         def INPUT_TYPES(cls):
-            return {"required": {"on": ("BOOLEAN", {"default": True}),
-                                 "a": ("INT", {"lazy": True, "forceInput": True}),
-                                 "b": ("INT", {"lazy": True, "forceInput": True})}}
+            return {
+                "required": {
+                    "on": ("BOOLEAN", {"default": True}),
+                    "a": ("INT", {"lazy": True, "forceInput": True}),
+                    "b": ("INT", {"lazy": True, "forceInput": True}),
+                }
+            }
+
         RETURN_TYPES = ("INT",)
         FUNCTION = "f"
         DEPRECATED = True
@@ -681,12 +771,15 @@ def test_classic_lazy_and_metadata():
 
         def f(self, on, a, b):
             return (a if on else b,)
+
     reg = make_registry()
     reg.register(ClassicSwitch)
-    g = {"1": {"class_type": "Const", "inputs": {"value": 1}},
-         "2": {"class_type": "Const", "inputs": {"value": 2}},
-         "s": {"class_type": "ClassicSwitch", "inputs": {"on": False, "a": ["1", 0], "b": ["2", 0]}},
-         "o": {"class_type": "Show", "inputs": {"value": ["s", 0]}}}
+    g = {
+        "1": {"class_type": "Const", "inputs": {"value": 1}},
+        "2": {"class_type": "Const", "inputs": {"value": 2}},
+        "s": {"class_type": "ClassicSwitch", "inputs": {"on": False, "a": ["1", 0], "b": ["2", 0]}},
+        "o": {"class_type": "Show", "inputs": {"value": ["s", 0]}},
+    }
     r = Executor(reg).run(G(g))
     assert r.ok and r.outputs["o"]["value"] == ["2"] and "1" not in r.ran
     info = reg.object_info(["ClassicSwitch"])["ClassicSwitch"]
@@ -697,7 +790,8 @@ def test_classic_lazy_and_metadata():
 def test_pack_cannot_replace_a_builtin_node(tmp_path):
     cn = tmp_path / "custom_nodes"
     cn.mkdir()
-    (cn / "hijack.py").write_text(textwrap.dedent('''
+    (cn / "hijack.py").write_text(
+        textwrap.dedent("""
         class Const:
             @classmethod
             def INPUT_TYPES(cls):
@@ -711,7 +805,8 @@ def test_pack_cannot_replace_a_builtin_node(tmp_path):
             pass
 
         NODE_CLASS_MAPPINGS = {"Const": Const, "ExtraNode": Extra}
-    '''))
+    """)
+    )
     reg = make_registry()
     before = reg["Const"].cls
     reg.load_custom_nodes(cn)
@@ -724,7 +819,8 @@ def test_pack_cannot_replace_a_builtin_node(tmp_path):
 def test_native_pack_with_one_bad_class_keeps_the_others(tmp_path):
     cn = tmp_path / "custom_nodes"
     cn.mkdir()
-    (cn / "native_pack.py").write_text(textwrap.dedent('''
+    (cn / "native_pack.py").write_text(
+        textwrap.dedent("""
         from typing import Annotated
         from kiln import engine
         class GoodOne(engine.Node):
@@ -737,13 +833,20 @@ def test_native_pack_with_one_bad_class_keeps_the_others(tmp_path):
                 return x
 
         NODES = [GoodOne, BadOne]
-    '''))
+    """)
+    )
     reg = make_registry()
     reg.load_custom_nodes(cn)
     assert "GoodOne" in reg and "BadOne" not in reg
     assert any("BadOne" in e.source and "no annotation" in e.error for e in reg.load_errors)
-    r = Executor(reg).run(G({"g": {"class_type": "GoodOne", "inputs": {"x": 4}},
-                             "o": {"class_type": "Show", "inputs": {"value": ["g", 0]}}}))
+    r = Executor(reg).run(
+        G(
+            {
+                "g": {"class_type": "GoodOne", "inputs": {"x": 4}},
+                "o": {"class_type": "Show", "inputs": {"value": ["g", 0]}},
+            }
+        )
+    )
     assert r.outputs["o"]["value"] == ["4"]
     assert reg["GoodOne"].python_module == "custom_nodes.native_pack"
     sys.modules.pop("custom_nodes.native_pack", None)
@@ -754,6 +857,7 @@ def test_classic_combo_output_in_object_info_and_links():
         @classmethod
         def INPUT_TYPES(cls):
             return {"required": {}}
+
         RETURN_TYPES = (["euler", "ddim"], "INT")
         RETURN_NAMES = ("sampler_name", "steps")
         FUNCTION = "f"
@@ -765,22 +869,26 @@ def test_classic_combo_output_in_object_info_and_links():
         @classmethod
         def INPUT_TYPES(cls):
             return {"required": {"sampler_name": (["euler", "ddim"],)}}
+
         RETURN_TYPES = ("STRING",)
         FUNCTION = "f"
 
         def f(self, sampler_name):
             return (sampler_name,)
+
     reg = make_registry()
     reg.register(Sampler)
     reg.register(UseSampler)
     info = json.loads(json.dumps(reg.object_info(["Sampler"])))["Sampler"]
     assert info["output"] == [["euler", "ddim"], "INT"]
     assert info["output_name"] == ["sampler_name", "steps"]
-    g = {"s": {"class_type": "Sampler", "inputs": {}},
-         "u": {"class_type": "UseSampler", "inputs": {"sampler_name": ["s", 0]}},
-         "o": {"class_type": "Show", "inputs": {"value": ["u", 0]}}}
+    g = {
+        "s": {"class_type": "Sampler", "inputs": {}},
+        "u": {"class_type": "UseSampler", "inputs": {"sampler_name": ["s", 0]}},
+        "o": {"class_type": "Show", "inputs": {"value": ["u", 0]}},
+    }
     r = Executor(reg).run(G(g))
     assert r.ok and r.outputs["o"]["value"] == ["'ddim'"]
     bad = dict(g, u={"class_type": "UseSampler", "inputs": {"sampler_name": ["s", 1]}})
     res = engine.validate(G(bad), reg)
-    assert res.node_errors["u"]["errors"][0]["type"] == "return_type_mismatch"
+    assert res.problems["u"].issues[0].kind == "return_type_mismatch"

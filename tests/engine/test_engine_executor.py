@@ -1,19 +1,26 @@
 """Executor semantics: lazy inputs, expansion, async overlap, cancellation, node errors, hidden inputs,
 ExecutionBlocker, releasing intermediates, event size, and speed."""
+
 from __future__ import annotations
 
 import json
 import threading
 import time
 
+import engine_testnodes as tn
 import pytest
+from engine_testnodes import CALLS, G, calls_of, chain_graph
 
 from kiln import engine
 from kiln.engine import Executor, NodeResult
-from kiln.engine.events import (ExecutionCached, ExecutionError, ExecutionInterrupted, ExecutionStart,
-                           ExecutionSuccess, NodeOutput, NodeStarted, Progress)
-import engine_testnodes as tn
-from engine_testnodes import CALLS, G, calls_of, chain_graph
+from kiln.engine.events import (
+    ExecutionError,
+    ExecutionInterrupted,
+    ExecutionSuccess,
+    NodeStarted,
+    Progress,
+)
+from kiln.server.protocol import event_message
 
 
 def types(events):
@@ -27,10 +34,15 @@ def test_event_order_for_a_simple_run(run):
     assert t.count("NodeStarted") == 3 and t.count("NodeOutput") == 1
     assert all(e.prompt_id == r.prompt_id for e in r.events)
     for e in r.events:
-        data = json.loads(json.dumps(e.comfy_data()))
+        data = json.loads(json.dumps(event_message(e)[1]))
         assert data["prompt_id"] == r.prompt_id
-        assert e.comfy_type in ("execution_start", "execution_cached", "executing", "executed",
-                                "execution_success")
+        assert event_message(e)[0] in (
+            "execution_start",
+            "execution_cached",
+            "executing",
+            "executed",
+            "execution_success",
+        )
 
 
 def test_prompt_id_and_targets(run):
@@ -50,13 +62,16 @@ def test_demand_driven_skips_unneeded(run):
 
 # -- lazy inputs --------------------------------------------------------------------------------------------
 
+
 def lazy_graph(use_first: bool):
-    return {"a": {"class_type": "Const", "inputs": {"value": 1}},
-            "b": {"class_type": "Const", "inputs": {"value": 2}},
-            "a2": {"class_type": "Add", "inputs": {"a": ["a", 0], "b": 10}},
-            "b2": {"class_type": "Add", "inputs": {"a": ["b", 0], "b": 20}},
-            "sw": {"class_type": "Lazy", "inputs": {"use_first": use_first, "first": ["a2", 0], "second": ["b2", 0]}},
-            "out": {"class_type": "Show", "inputs": {"value": ["sw", 0]}}}
+    return {
+        "a": {"class_type": "Const", "inputs": {"value": 1}},
+        "b": {"class_type": "Const", "inputs": {"value": 2}},
+        "a2": {"class_type": "Add", "inputs": {"a": ["a", 0], "b": 10}},
+        "b2": {"class_type": "Add", "inputs": {"a": ["b", 0], "b": 20}},
+        "sw": {"class_type": "Lazy", "inputs": {"use_first": use_first, "first": ["a2", 0], "second": ["b2", 0]}},
+        "out": {"class_type": "Show", "inputs": {"value": ["sw", 0]}},
+    }
 
 
 @pytest.mark.parametrize("use_first,value,unused", [(True, 11, {"b", "b2"}), (False, 22, {"a", "a2"})])
@@ -82,12 +97,14 @@ def test_lazy_switching_branch_reuses_cache(reg, run):
 
 def test_lazy_input_already_available_is_not_released_early(run):
     """A node with a lazy link to X must not free X's result while another consumer still needs it."""
-    g = {"x": {"class_type": "Const", "inputs": {"value": 5}},
-         "other": {"class_type": "Const", "inputs": {"value": 7}},
-         "sw": {"class_type": "Lazy", "inputs": {"use_first": True, "first": ["x", 0], "second": ["other", 0]}},
-         "late": {"class_type": "Add", "inputs": {"a": ["x", 0], "b": 100}},
-         "o1": {"class_type": "Show", "inputs": {"value": ["sw", 0]}},
-         "o2": {"class_type": "Show", "inputs": {"value": ["late", 0]}}}
+    g = {
+        "x": {"class_type": "Const", "inputs": {"value": 5}},
+        "other": {"class_type": "Const", "inputs": {"value": 7}},
+        "sw": {"class_type": "Lazy", "inputs": {"use_first": True, "first": ["x", 0], "second": ["other", 0]}},
+        "late": {"class_type": "Add", "inputs": {"a": ["x", 0], "b": 100}},
+        "o1": {"class_type": "Show", "inputs": {"value": ["sw", 0]}},
+        "o2": {"class_type": "Show", "inputs": {"value": ["late", 0]}},
+    }
     for policy in ("none", "keep-current"):
         ex = Executor(tn.make_registry(), cache=policy)
         r = run(g, executor=ex)
@@ -98,10 +115,13 @@ def test_lazy_input_already_available_is_not_released_early(run):
 
 # -- expansion ----------------------------------------------------------------------------------------------
 
+
 def expand_graph(times=2):
-    return {"1": {"class_type": "Const", "inputs": {"value": 5}},
-            "2": {"class_type": "Doubler", "inputs": {"x": ["1", 0], "times": times}},
-            "3": {"class_type": "Show", "inputs": {"value": ["2", 0]}}}
+    return {
+        "1": {"class_type": "Const", "inputs": {"value": 5}},
+        "2": {"class_type": "Doubler", "inputs": {"x": ["1", 0], "times": times}},
+        "3": {"class_type": "Show", "inputs": {"value": ["2", 0]}},
+    }
 
 
 def test_expansion_runs_subgraph(run):
@@ -140,10 +160,11 @@ def test_expansion_with_output_node_and_override_display(reg, run):
             c = b.node("Const", value=x * 10)
             b.node("Show", value=c.out(0), tag="inner")
             sub = b.finalize()
-            for nid, n in sub.items():
+            for n in sub.values():
                 if n["class_type"] == "Show":
                     n["override_display_id"] = "shown-here"
             return NodeResult(result=(c.out(0),), expand=sub)
+
     reg.register(Exp)
     g = {"e": {"class_type": "Exp", "inputs": {"x": 4}}, "o": {"class_type": "Show", "inputs": {"value": ["e", 0]}}}
     r = run(g, executor=Executor(reg))
@@ -165,8 +186,12 @@ def test_classic_expansion_dict(reg, run):
 
         def go(self, x):
             return {"result": (["k1", 0],), "expand": {"k1": {"class_type": "Const", "inputs": {"value": x + 1}}}}
+
     reg.register(ClassicExp)
-    g = {"e": {"class_type": "ClassicExp", "inputs": {"x": 4}}, "o": {"class_type": "Show", "inputs": {"value": ["e", 0]}}}
+    g = {
+        "e": {"class_type": "ClassicExp", "inputs": {"x": 4}},
+        "o": {"class_type": "Show", "inputs": {"value": ["e", 0]}},
+    }
     r = run(g, executor=Executor(reg))
     assert r.ok, r.error and r.outputs["o"]["value"] == ["5"]
 
@@ -179,11 +204,12 @@ def test_expansion_into_unknown_class_is_a_node_error(reg, run):
             b = engine.GraphBuilder()
             n = b.node("NoSuchNode")
             return NodeResult(result=(n.out(0),), expand=b.finalize())
+
     reg.register(BadExp)
     g = {"e": {"class_type": "BadExp", "inputs": {}}, "o": {"class_type": "Show", "inputs": {"value": ["e", 0]}}}
     r = run(g, executor=Executor(reg))
-    assert r.status == "error" and r.error["node_id"] == "e"
-    assert "NoSuchNode" in r.error["exception_message"]
+    assert r.status == "error" and r.error.node_id == "e"
+    assert "NoSuchNode" in r.error.message
 
 
 def test_graphbuilder_ids_unique():
@@ -195,6 +221,7 @@ def test_graphbuilder_ids_unique():
 
 
 # -- async ----------------------------------------------------------------------------------------------------
+
 
 def test_async_nodes_overlap(run):
     g = {f"s{i}": {"class_type": "Sleep", "inputs": {"value": i, "seconds": 0.3}} for i in range(3)}
@@ -210,10 +237,12 @@ def test_async_nodes_overlap(run):
 
 
 def test_async_node_overlaps_sync_work(run):
-    g = {"s": {"class_type": "Sleep", "inputs": {"value": 1, "seconds": 0.3}},
-         "t": {"class_type": "SlowTicks", "inputs": {"value": 2, "ticks": 6, "tick_seconds": 0.05}},
-         "o1": {"class_type": "Show", "inputs": {"value": ["s", 0]}},
-         "o2": {"class_type": "Show", "inputs": {"value": ["t", 0]}}}
+    g = {
+        "s": {"class_type": "Sleep", "inputs": {"value": 1, "seconds": 0.3}},
+        "t": {"class_type": "SlowTicks", "inputs": {"value": 2, "ticks": 6, "tick_seconds": 0.05}},
+        "o1": {"class_type": "Show", "inputs": {"value": ["s", 0]}},
+        "o2": {"class_type": "Show", "inputs": {"value": ["t", 0]}},
+    }
     t0 = time.perf_counter()
     r = run(g)
     assert r.ok and time.perf_counter() - t0 < 0.55
@@ -225,11 +254,12 @@ def test_async_exception_is_node_error(reg, run):
 
         async def run(self, x: engine.Int() = 0):
             raise RuntimeError("remote said no")
+
     reg.register(AFail)
     g = {"a": {"class_type": "AFail", "inputs": {}}, "o": {"class_type": "Show", "inputs": {"value": ["a", 0]}}}
     r = run(g, executor=Executor(reg))
-    assert r.status == "error" and r.error["node_id"] == "a" and r.error["exception_type"] == "RuntimeError"
-    assert "remote said no" in r.error["exception_message"]
+    assert r.status == "error" and r.error.node_id == "a" and r.error.exception_type == "RuntimeError"
+    assert "remote said no" in r.error.message
 
 
 def test_async_classic_node(reg, run):
@@ -243,27 +273,36 @@ def test_async_classic_node(reg, run):
 
         async def go(self, x):
             import asyncio
+
             await asyncio.sleep(0.01)
             return (x * 2,)
+
     reg.register(AClassic)
-    g = {"a": {"class_type": "AClassic", "inputs": {"x": 4}}, "o": {"class_type": "Show", "inputs": {"value": ["a", 0]}}}
+    g = {
+        "a": {"class_type": "AClassic", "inputs": {"x": 4}},
+        "o": {"class_type": "Show", "inputs": {"value": ["a", 0]}},
+    }
     r = run(g, executor=Executor(reg))
     assert r.ok and r.outputs["o"]["value"] == ["8"]
 
 
 # -- cancellation ---------------------------------------------------------------------------------------------
 
+
 def test_cancel_at_progress_tick_from_another_thread(ex, run):
     tn.STATE["started_event"] = threading.Event()
-    g = {"1": {"class_type": "Const", "inputs": {"value": 1}},
-         "t": {"class_type": "SlowTicks", "inputs": {"value": 1, "ticks": 200, "tick_seconds": 0.01}},
-         "after": {"class_type": "Add", "inputs": {"a": ["t", 0]}},
-         "o": {"class_type": "Show", "inputs": {"value": ["after", 0]}},
-         "o1": {"class_type": "Show", "inputs": {"value": ["1", 0]}}}
+    g = {
+        "1": {"class_type": "Const", "inputs": {"value": 1}},
+        "t": {"class_type": "SlowTicks", "inputs": {"value": 1, "ticks": 200, "tick_seconds": 0.01}},
+        "after": {"class_type": "Add", "inputs": {"a": ["t", 0]}},
+        "o": {"class_type": "Show", "inputs": {"value": ["after", 0]}},
+        "o1": {"class_type": "Show", "inputs": {"value": ["1", 0]}},
+    }
     box = {}
 
     def worker():
         box["r"] = run(g, executor=ex)
+
     th = threading.Thread(target=worker)
     t0 = time.perf_counter()
     th.start()
@@ -273,7 +312,7 @@ def test_cancel_at_progress_tick_from_another_thread(ex, run):
     r = box["r"]
     assert time.perf_counter() - t0 < 1.5  # did not wait for 200 ticks (2 s)
     assert r.status == "interrupted"
-    assert r.error["node_id"] == "t" and r.error["node_type"] == "SlowTicks"
+    assert r.error.node_id == "t" and r.error.node_type == "SlowTicks"
     assert "after" not in r.ran and not calls_of("Add")
     ev = [e for e in r.events if isinstance(e, ExecutionInterrupted)]
     assert len(ev) == 1 and ev[0].node_id == "t"
@@ -293,9 +332,11 @@ def test_cancel_at_progress_tick_from_another_thread(ex, run):
 def test_cancel_between_nodes(ex, run):
     tn.STATE["gate_entered"] = threading.Event()
     tn.STATE["gate_release"] = threading.Event()
-    g = {"gate": {"class_type": "Gate", "inputs": {"value": 3}},
-         "next": {"class_type": "Add", "inputs": {"a": ["gate", 0]}},
-         "o": {"class_type": "Show", "inputs": {"value": ["next", 0]}}}
+    g = {
+        "gate": {"class_type": "Gate", "inputs": {"value": 3}},
+        "next": {"class_type": "Add", "inputs": {"a": ["gate", 0]}},
+        "o": {"class_type": "Show", "inputs": {"value": ["next", 0]}},
+    }
     box = {}
     th = threading.Thread(target=lambda: box.setdefault("r", run(g, executor=ex)))
     th.start()
@@ -315,8 +356,10 @@ def test_cancel_between_nodes(ex, run):
 
 def test_cancel_async_in_flight(reg, run):
     ex = Executor(reg)
-    g = {"s": {"class_type": "Sleep", "inputs": {"value": 1, "seconds": 5}},
-         "o": {"class_type": "Show", "inputs": {"value": ["s", 0]}}}
+    g = {
+        "s": {"class_type": "Sleep", "inputs": {"value": 1, "seconds": 5}},
+        "o": {"class_type": "Show", "inputs": {"value": ["s", 0]}},
+    }
     box = {}
     th = threading.Thread(target=lambda: box.setdefault("r", run(g, executor=ex)))
     t0 = time.perf_counter()
@@ -341,35 +384,51 @@ def test_cancel_event_passed_in(ex, run):
 
 # -- node errors ------------------------------------------------------------------------------------------------
 
+
 def error_graph(fail=True):
-    return {"1": {"class_type": "Const", "inputs": {"value": 7}},
-            "2": {"class_type": "Add", "inputs": {"a": ["1", 0], "b": 1}},
-            "3": {"class_type": "Boom", "inputs": {"x": ["2", 0], "fail": fail, "note": "n" * 5000},
-                  "_meta": {"title": "Exploder"}},
-            "4": {"class_type": "Show", "inputs": {"value": ["3", 0]}}}
+    return {
+        "1": {"class_type": "Const", "inputs": {"value": 7}},
+        "2": {"class_type": "Add", "inputs": {"a": ["1", 0], "b": 1}},
+        "3": {
+            "class_type": "Boom",
+            "inputs": {"x": ["2", 0], "fail": fail, "note": "n" * 5000},
+            "_meta": {"title": "Exploder"},
+        },
+        "4": {"class_type": "Show", "inputs": {"value": ["3", 0]}},
+    }
 
 
 def test_node_exception_is_typed_error(run):
     r = run(error_graph())
     assert r.status == "error"
     e = r.error
-    assert e["node_id"] == "3" and e["node_type"] == "Boom"
-    assert e["exception_type"] == "ValueError"
-    assert e["exception_message"] == "boom on 8"
-    assert any("boom on 8" in line for line in e["traceback"])
-    assert any("engine_testnodes.py" in line for line in e["traceback"])
-    assert e["current_inputs"]["x"] == ["8"]
-    assert len(e["current_inputs"]["note"][0]) <= 200  # truncated
-    assert set(e["executed"]) == {"1", "2"}
+    assert e.node_id == "3" and e.node_type == "Boom"
+    assert e.exception_type == "ValueError"
+    assert e.message == "boom on 8"
+    assert any("boom on 8" in line for line in e.traceback)
+    assert any("engine_testnodes.py" in line for line in e.traceback)
+    assert e.inputs["x"] == ["8"]
+    assert len(e.inputs["note"][0]) <= 200  # truncated
+    assert set(e.executed) == {"1", "2"}
     assert r.skipped == ["4"]
     ev = [x for x in r.events if isinstance(x, ExecutionError)]
-    assert len(ev) == 1 and ev[0].comfy_type == "execution_error"
-    data = json.loads(json.dumps(ev[0].comfy_data()))
-    assert set(data) == {"prompt_id", "node_id", "node_type", "executed", "exception_message",
-                         "exception_type", "traceback", "current_inputs", "current_outputs", "timestamp"}
+    assert len(ev) == 1 and event_message(ev[0])[0] == "execution_error"
+    data = json.loads(json.dumps(event_message(ev[0])[1]))
+    assert set(data) == {
+        "prompt_id",
+        "node_id",
+        "node_type",
+        "executed",
+        "exception_message",
+        "exception_type",
+        "traceback",
+        "current_inputs",
+        "current_outputs",
+        "timestamp",
+    }
     with pytest.raises(engine.ExecutionFailed) as ei:
         r.raise_for_status()
-    assert ei.value.info["node_id"] == "3" and "Boom" in str(ei.value)
+    assert ei.value.error.node_id == "3" and "Boom" in str(ei.value)
 
 
 def test_rerun_after_fix_skips_finished(run):
@@ -387,11 +446,12 @@ def test_node_error_class_gives_clean_message(reg, run):
 
         def run(self, v: engine.Int() = 0):
             raise engine.NodeError("must be positive", input_name="v", hint="set v >= 1")
+
     reg.register(Picky)
     g = {"p": {"class_type": "Picky", "inputs": {}}, "o": {"class_type": "Show", "inputs": {"value": ["p", 0]}}}
     r = run(g, executor=Executor(reg))
-    assert r.error["exception_message"] == "input 'v': must be positive (set v >= 1)"
-    assert r.error["traceback"] == []
+    assert r.error.message == "input 'v': must be positive (set v >= 1)"
+    assert r.error.traceback == []
 
 
 @pytest.mark.parametrize("ret,msg", [((1, 2), "returned 2 value"), ("notatuple", "must return a tuple")])
@@ -401,11 +461,12 @@ def test_wrong_return_arity(reg, run, ret, msg):
 
         def run(self, v: engine.Int() = 0):
             return ret if ret != (1, 2) else (1, 2, 3)[:2] + (3,)
+
     reg.register(Two)
     g = {"p": {"class_type": "Two", "inputs": {}}, "o": {"class_type": "Show", "inputs": {"value": ["p", 0]}}}
     r = run(g, executor=Executor(reg))
     assert r.status == "error"
-    assert "Two" in r.error["exception_message"]
+    assert "Two" in r.error.message
 
 
 def test_base_exception_in_node_is_reported_then_raised(reg, run):
@@ -414,6 +475,7 @@ def test_base_exception_in_node_is_reported_then_raised(reg, run):
 
         def run(self, v: engine.Int() = 0):
             raise KeyboardInterrupt()
+
     reg.register(Quit)
     g = {"p": {"class_type": "Quit", "inputs": {}}, "o": {"class_type": "Show", "inputs": {"value": ["p", 0]}}}
     events = []
@@ -424,9 +486,9 @@ def test_base_exception_in_node_is_reported_then_raised(reg, run):
 
 # -- hidden inputs ---------------------------------------------------------------------------------------------
 
+
 def test_hidden_inputs(run):
-    g = {"h": {"class_type": "Hidden3", "inputs": {"x": 2}},
-         "z": {"class_type": "Const", "inputs": {"value": 1}}}
+    g = {"h": {"class_type": "Hidden3", "inputs": {"x": 2}}, "z": {"class_type": "Const", "inputs": {"value": 1}}}
     r = run(g, extra_data={"extra_pnginfo": {"workflow": {"v": 1}}})
     assert r.ok
     ui = r.outputs["h"]
@@ -444,6 +506,7 @@ def test_hidden_prompt_is_json_of_the_graph(reg, run):
         def run(self, x: engine.Int() = 0, prompt: engine.Hidden("PROMPT") = None):
             seen["p"] = prompt
             return NodeResult(ui={"ok": [True]})
+
     reg.register(P)
     g = {"p": {"class_type": "P", "inputs": {"x": 3}, "_meta": {"title": "T"}}}
     run(g, executor=Executor(reg))
@@ -453,15 +516,20 @@ def test_hidden_prompt_is_json_of_the_graph(reg, run):
 
 def test_unique_id_node_not_shared_between_ids(reg, run):
     """Two nodes that differ only by id must not share a cache entry when they read their UNIQUE_ID."""
+
     class WhoAmI(engine.Node):
         outputs = ("STRING",)
 
         def run(self, x: engine.Int() = 0, uid: engine.Hidden("UNIQUE_ID") = None):
             return uid
+
     reg.register(WhoAmI)
-    g = {"a": {"class_type": "WhoAmI", "inputs": {}}, "b": {"class_type": "WhoAmI", "inputs": {}},
-         "oa": {"class_type": "Show", "inputs": {"value": ["a", 0]}},
-         "ob": {"class_type": "Show", "inputs": {"value": ["b", 0]}}}
+    g = {
+        "a": {"class_type": "WhoAmI", "inputs": {}},
+        "b": {"class_type": "WhoAmI", "inputs": {}},
+        "oa": {"class_type": "Show", "inputs": {"value": ["a", 0]}},
+        "ob": {"class_type": "Show", "inputs": {"value": ["b", 0]}},
+    }
     ex = Executor(reg)
     r = run(g, executor=ex)
     assert r.outputs["oa"]["value"] == ["'a'"] and r.outputs["ob"]["value"] == ["'b'"]
@@ -471,12 +539,15 @@ def test_unique_id_node_not_shared_between_ids(reg, run):
 
 # -- ExecutionBlocker ---------------------------------------------------------------------------------------------
 
+
 def block_graph(block, message=""):
-    return {"1": {"class_type": "Const", "inputs": {"value": 4}},
-            "b": {"class_type": "Block", "inputs": {"value": ["1", 0], "block": block, "message": message}},
-            "after": {"class_type": "Add", "inputs": {"a": ["b", 0]}},
-            "o": {"class_type": "Show", "inputs": {"value": ["after", 0]}},
-            "o2": {"class_type": "Show", "inputs": {"value": ["1", 0]}}}
+    return {
+        "1": {"class_type": "Const", "inputs": {"value": 4}},
+        "b": {"class_type": "Block", "inputs": {"value": ["1", 0], "block": block, "message": message}},
+        "after": {"class_type": "Add", "inputs": {"a": ["b", 0]}},
+        "o": {"class_type": "Show", "inputs": {"value": ["after", 0]}},
+        "o2": {"class_type": "Show", "inputs": {"value": ["1", 0]}},
+    }
 
 
 def test_execution_blocker_blocks_downstream(run):
@@ -495,15 +566,23 @@ def test_execution_blocker_off(run):
 def test_execution_blocker_with_message_reports_non_fatal_error(run):
     r = run(block_graph(True, "filtered by safety check"))
     assert r.ok  # non-fatal
-    errs = [e for e in r.events if e.comfy_type == "execution_error"]
+    errs = [e for e in r.events if event_message(e)[0] == "execution_error"]
     assert len(errs) == 1
-    d = errs[0].comfy_data()
+    d = event_message(errs[0])[1]
     assert d["exception_type"] == "ExecutionBlocked"
     assert "filtered by safety check" in d["exception_message"]
     assert d["node_id"] == "after"
-    assert d == {"prompt_id": r.prompt_id, "node_id": "after", "node_type": "Add", "executed": d["executed"],
-                 "exception_message": "Execution Blocked: filtered by safety check",
-                 "exception_type": "ExecutionBlocked", "traceback": [], "current_inputs": [], "current_outputs": []}
+    assert d == {
+        "prompt_id": r.prompt_id,
+        "node_id": "after",
+        "node_type": "Add",
+        "executed": d["executed"],
+        "exception_message": "Execution Blocked: filtered by safety check",
+        "exception_type": "ExecutionBlocked",
+        "traceback": [],
+        "current_inputs": [],
+        "current_outputs": [],
+    }
     assert isinstance(r.events[-1], ExecutionSuccess)
 
 
@@ -515,12 +594,15 @@ def test_blocked_result_not_cached(run):
 
 # -- releasing intermediates ----------------------------------------------------------------------------------------
 
+
 def test_intermediates_released_with_cache_none(reg, run):
     ex = Executor(reg, cache="none")
-    g = {"m": {"class_type": "MakeImage", "inputs": {"seed": 1}},
-         "i": {"class_type": "Invert", "inputs": {"image": ["m", 0]}},
-         "h": {"class_type": "Holder", "inputs": {"value": ["i", 0]}},
-         "p": {"class_type": "Probe", "inputs": {"value": ["h", 0]}}}
+    g = {
+        "m": {"class_type": "MakeImage", "inputs": {"seed": 1}},
+        "i": {"class_type": "Invert", "inputs": {"image": ["m", 0]}},
+        "h": {"class_type": "Holder", "inputs": {"value": ["i", 0]}},
+        "p": {"class_type": "Probe", "inputs": {"value": ["h", 0]}},
+    }
     r = run(g, executor=ex)
     assert r.ok, r.error
     assert r.outputs["p"]["alive"] == [False]  # MakeImage's payload was freed once Invert finished
@@ -528,30 +610,35 @@ def test_intermediates_released_with_cache_none(reg, run):
 
 def test_intermediates_kept_while_a_consumer_is_pending(reg, run):
     ex = Executor(reg, cache="none")
-    g = {"m": {"class_type": "MakeImage", "inputs": {"seed": 1}},
-         "h": {"class_type": "Holder", "inputs": {"value": ["m", 0]}},
-         "p": {"class_type": "Probe", "inputs": {"value": ["h", 0]}},
-         "i": {"class_type": "Invert", "inputs": {"image": ["m", 0]}},
-         "o": {"class_type": "ShowImage", "inputs": {"image": ["i", 0]}}}
+    g = {
+        "m": {"class_type": "MakeImage", "inputs": {"seed": 1}},
+        "h": {"class_type": "Holder", "inputs": {"value": ["m", 0]}},
+        "p": {"class_type": "Probe", "inputs": {"value": ["h", 0]}},
+        "i": {"class_type": "Invert", "inputs": {"image": ["m", 0]}},
+        "o": {"class_type": "ShowImage", "inputs": {"image": ["i", 0]}},
+    }
     r = run(g, executor=ex)
     assert r.ok, r.error
     assert r.outputs["o"]["images"][0]["filename"] == "('inv', ('img', 1)).png"
 
 
 def test_keep_current_cache_keeps_intermediates(reg, run):
-    g = {"m": {"class_type": "MakeImage", "inputs": {"seed": 1}},
-         "h": {"class_type": "Holder", "inputs": {"value": ["m", 0]}},
-         "p": {"class_type": "Probe", "inputs": {"value": ["h", 0]}}}
+    g = {
+        "m": {"class_type": "MakeImage", "inputs": {"seed": 1}},
+        "h": {"class_type": "Holder", "inputs": {"value": ["m", 0]}},
+        "p": {"class_type": "Probe", "inputs": {"value": ["h", 0]}},
+    }
     r = run(g)
     assert r.outputs["p"]["alive"] == [True]
 
 
 # -- size and speed --------------------------------------------------------------------------------------------------
 
+
 def event_bytes(run, n):
     r = run(chain_graph(n), executor=Executor(tn.make_registry()))
     assert r.ok
-    return sum(len(json.dumps(e.comfy_data())) for e in r.events)
+    return sum(len(json.dumps(event_message(e)[1])) for e in r.events)
 
 
 def test_events_grow_linearly(run):
@@ -568,7 +655,8 @@ def test_error_event_size_is_linear(reg):
         del g[str(n + 2)]
         events = []
         Executor(tn.make_registry()).run(G(g), sink=events.append)
-        return sum(len(json.dumps(e.comfy_data())) for e in events)
+        return sum(len(json.dumps(event_message(e)[1])) for e in events)
+
     assert size(1000) / size(100) < 12.5
 
 

@@ -1,4 +1,5 @@
 """Folders: ComfyUI's layout, safe joins, model lookup through symlinks."""
+
 from __future__ import annotations
 
 import os

@@ -1,24 +1,70 @@
 """Random graphs and random JSON: the engine answers with a typed error or a result, never a crash."""
+
 from __future__ import annotations
 
 import json
 
+import engine_testnodes as tn
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from kiln import engine
 from kiln.engine import Executor, GraphFormatError, ValidationFailed
-import engine_testnodes as tn
+from kiln.server.protocol import event_message, format_error_data, validation_body
 
-SAFE_CLASSES = ["Const", "Add", "FloatIn", "TextIn", "Pick", "Flag", "MakeImage", "Invert", "Show", "ShowImage",
-                "Pair", "Checked", "Lazy", "Doubler", "Fingerprinted", "AnyLiteral", "Random", "Block", "Nope"]
-INPUT_NAMES = ["value", "a", "b", "x", "text", "mode", "on", "seed", "image", "n", "use_first", "first", "second",
-               "times", "block", "message", "tag", "zz"]
+SAFE_CLASSES = [
+    "Const",
+    "Add",
+    "FloatIn",
+    "TextIn",
+    "Pick",
+    "Flag",
+    "MakeImage",
+    "Invert",
+    "Show",
+    "ShowImage",
+    "Pair",
+    "Checked",
+    "Lazy",
+    "Doubler",
+    "Fingerprinted",
+    "AnyLiteral",
+    "Random",
+    "Block",
+    "Nope",
+]
+INPUT_NAMES = [
+    "value",
+    "a",
+    "b",
+    "x",
+    "text",
+    "mode",
+    "on",
+    "seed",
+    "image",
+    "n",
+    "use_first",
+    "first",
+    "second",
+    "times",
+    "block",
+    "message",
+    "tag",
+    "zz",
+]
 
-json_scalars = st.one_of(st.none(), st.booleans(), st.integers(-10 ** 6, 10 ** 6),
-                         st.floats(allow_nan=False, allow_infinity=False), st.text(max_size=8))
-json_values = st.recursive(json_scalars, lambda c: st.one_of(st.lists(c, max_size=3),
-                                                             st.dictionaries(st.text(max_size=4), c, max_size=3)),
-                           max_leaves=6)
+json_scalars = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-(10**6), 10**6),
+    st.floats(allow_nan=False, allow_infinity=False),
+    st.text(max_size=8),
+)
+json_values = st.recursive(
+    json_scalars,
+    lambda c: st.one_of(st.lists(c, max_size=3), st.dictionaries(st.text(max_size=4), c, max_size=3)),
+    max_leaves=6,
+)
 
 
 @st.composite
@@ -51,28 +97,34 @@ def test_random_graphs_never_crash(g):
     assert json.loads(graph.dumps()) == g  # round trip holds for every graph
     reg = tn.make_registry()
     res = engine.validate(graph, reg)
-    json.dumps(res.to_comfy())
+    json.dumps(validation_body(res))
     if not res.ok:
         assert res.error is not None
         return
     r = Executor(reg).run(graph, validation=res)
     assert r.status in ("success", "error")
     if r.status == "error":
-        json.dumps(r.error)
-        assert r.error["node_id"] is not None
+        json.dumps(event_message(r.error))
+        assert r.error.node_id is not None
 
 
 @settings(max_examples=60, deadline=None, database=None)
-@given(st.one_of(st.binary(max_size=64), st.text(max_size=64),
-                 json_values.map(json.dumps), graphs().map(lambda g: json.dumps({"prompt": g}))))
+@given(
+    st.one_of(
+        st.binary(max_size=64),
+        st.text(max_size=64),
+        json_values.map(json.dumps),
+        graphs().map(lambda g: json.dumps({"prompt": g})),
+    )
+)
 def test_random_text_is_a_graph_or_a_format_error(data):
     try:
         graph = engine.Graph.loads(data)
     except GraphFormatError as exc:
         assert exc.message
-        json.dumps(exc.to_comfy())
+        json.dumps(format_error_data(exc))
         return
     try:
         Executor(tn.make_registry()).run(graph)
     except ValidationFailed as exc:
-        json.dumps({"error": exc.error, "node_errors": exc.node_errors})
+        json.dumps(validation_body(exc.result))

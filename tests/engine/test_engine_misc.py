@@ -1,4 +1,5 @@
 """Purity of engine/, progress reporting, raw links, expansion cycles, run context."""
+
 from __future__ import annotations
 
 import json
@@ -6,29 +7,40 @@ import os
 import subprocess
 import sys
 
+import engine_testnodes as tn
+from engine_testnodes import G
+
 from kiln import engine
 from kiln.engine import Executor, NodeResult
 from kiln.engine.events import Preview, Progress
-import engine_testnodes as tn
-from engine_testnodes import G
+from kiln.server.protocol import event_message
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 
 
 def test_engine_imports_no_heavy_or_upper_layers():
-    code = ("import sys, kiln.engine, kiln.engine.executor, kiln.engine.validation, kiln.engine.cache, "
-            "kiln.engine.classic, kiln.engine.registry, kiln.engine.graph, kiln.engine.events, kiln.engine.context, "
-            "kiln.engine.folders, kiln.engine.fingerprint;"
-            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'aiohttp', 'numpy', 'PIL', 'diffusers')"
-            " or (m.startswith('kiln.') and not m.startswith('kiln.engine'))))")
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60,
-                         env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
+    code = (
+        "import sys, kiln.engine, kiln.engine.executor, kiln.engine.validation, kiln.engine.cache, "
+        "kiln.engine.classic, kiln.engine.registry, kiln.engine.graph, kiln.engine.events, kiln.engine.context, "
+        "kiln.engine.folders, kiln.engine.fingerprint;"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'aiohttp', 'numpy', 'PIL', 'diffusers')"
+        " or (m.startswith('kiln.') and not m.startswith('kiln.engine'))))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"},
+    )
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout.strip().replace("'", '"')) == []
 
 
 def test_engine_source_does_not_import_upper_layers():
     import ast
+
     bad = []
     for fn in sorted(os.listdir(os.path.join(ROOT, "engine"))):
         if not fn.endswith(".py"):
@@ -42,7 +54,9 @@ def test_engine_source_does_not_import_upper_layers():
                 names = [node.module]
             for n in names:
                 top = n.split(".")[0]
-                if top in ("torch", "aiohttp", "nodes", "server") or (top == "kiln" and not n.startswith("kiln.engine")):
+                if top in ("torch", "aiohttp", "nodes", "server") or (
+                    top == "kiln" and not n.startswith("kiln.engine")
+                ):
                     bad.append((fn, n))
     assert bad == []
 
@@ -66,7 +80,7 @@ def test_progress_events(reg):
     prog = [e for e in events if isinstance(e, Progress)]
     assert [(e.value, e.max) for e in prog] == [(1, 3), (2, 3), (3, 3), (3, 3)]
     assert prog[0].preview.data.startswith(b"\xff\xd8") and prog[1].preview is None
-    assert all(e.comfy_data() == {"value": e.value, "max": 3, "prompt_id": e.prompt_id, "node": "t"} for e in prog)
+    assert all(event_message(e)[1] == {"value": e.value, "max": 3, "prompt_id": e.prompt_id, "node": "t"} for e in prog)
 
 
 def test_progress_outside_a_run_is_a_noop():
@@ -82,10 +96,13 @@ def test_raw_link_input(reg):
 
         def run(self, src: engine.Socket("*", raw_link=True)):
             return json.dumps(src)
+
     reg.register(Raw)
-    g = {"1": {"class_type": "Const", "inputs": {"value": 1}},
-         "r": {"class_type": "Raw", "inputs": {"src": ["1", 0]}},
-         "o": {"class_type": "Show", "inputs": {"value": ["r", 0]}}}
+    g = {
+        "1": {"class_type": "Const", "inputs": {"value": 1}},
+        "r": {"class_type": "Raw", "inputs": {"src": ["1", 0]}},
+        "o": {"class_type": "Show", "inputs": {"value": ["r", 0]}},
+    }
     r = Executor(reg).run(G(g))
     assert r.ok and r.outputs["o"]["value"] == [repr('["1", 0]')]
     assert reg["Raw"].object_info()["input"]["required"]["src"] == ["*", {"rawLink": True}]
@@ -98,14 +115,17 @@ def test_expansion_cycle_is_a_node_error(reg):
         def run(self, x: engine.Int() = 0):
             b = engine.GraphBuilder()
             a_id, c_id = b.prefix + "a", b.prefix + "c"
-            sub = {a_id: {"class_type": "Add", "inputs": {"a": [c_id, 0]}},
-                   c_id: {"class_type": "Add", "inputs": {"a": [a_id, 0]}}}
+            sub = {
+                a_id: {"class_type": "Add", "inputs": {"a": [c_id, 0]}},
+                c_id: {"class_type": "Add", "inputs": {"a": [a_id, 0]}},
+            }
             return NodeResult(result=([a_id, 0],), expand=sub)
+
     reg.register(Loop)
     g = {"l": {"class_type": "Loop", "inputs": {}}, "o": {"class_type": "Show", "inputs": {"value": ["l", 0]}}}
     r = Executor(reg).run(G(g))
     assert r.status == "error"
-    assert "cycle" in r.error["exception_message"].lower()
+    assert "cycle" in r.error.message.lower()
 
 
 def test_run_context_exposes_prompt_and_extra(reg):
@@ -118,6 +138,7 @@ def test_run_context_exposes_prompt_and_extra(reg):
             c = engine.current()
             seen.update(node=c.node_id, prompt=c.prompt_id, extra=c.extra_data, cls=c.class_type)
             return NodeResult(ui={"x": [x]})
+
     reg.register(Ctx)
     Executor(reg).run(G({"c": {"class_type": "Ctx", "inputs": {}}}), prompt_id="P", extra_data={"k": 1})
     assert seen == {"node": "c", "prompt": "P", "extra": {"k": 1}, "cls": "Ctx"}
@@ -134,6 +155,7 @@ def test_instances_persist_per_id_and_class(reg):
         def run(self, x: engine.Int() = 0):
             self.n += 1
             return self.n
+
     reg.register(Counter)
     ex = Executor(reg)
     g = {"c": {"class_type": "Counter", "inputs": {}}, "o": {"class_type": "Show", "inputs": {"value": ["c", 0]}}}

@@ -31,14 +31,14 @@ def test_round_trip_with_api_format(tmp_path):
     g = build()
     g.save(tmp_path / "g.json")
     data = json.loads((tmp_path / "g.json").read_text())
-    assert data["2"] == {"inputs": {"image": ["1", 0]}, "class_type": "ImageInvert",
-                         "_meta": {"title": "Invert Image"}}
+    assert data["2"] == {"inputs": {"image": ["1", 0]}, "class_type": "ImageInvert", "_meta": {"title": "Invert Image"}}
     again = Graph.load(tmp_path / "g.json")
     assert again.to_json() == g.to_json()
 
 
 def test_shipped_graph_loads_edits_and_resaves(tmp_path):
     from pathlib import Path
+
     src = Path(__file__).resolve().parents[2] / "graphs" / "demo.json"
     g = Graph.load(src)
     g["Orange"]["color"] = 0x00FF00  # by title
@@ -49,15 +49,18 @@ def test_shipped_graph_loads_edits_and_resaves(tmp_path):
     assert res.images[0].size == (192, 128)
 
 
-@pytest.mark.parametrize("make,msg", [
-    (lambda g, i: g.node("ImageInvert", imag=i.out.IMAGE), "did you mean 'image'"),
-    (lambda g, i: g.ImageInvert(image=g.SolidMask().out.MASK), "expects IMAGE but got output MASK"),
-    (lambda g, i: g.EmptyImage(width=0), "outside [1, 16384]"),
-    (lambda g, i: g.ImageScale(image=i, upscale_method="cubic"), "not one of the choices"),
-    (lambda g, i: g.ImageInvert(image=5), "takes a IMAGE from another node's output"),
-    (lambda g, i: g.node("KSamplr"), "Unknown node type"),
-    (lambda g, i: i.out.LATENT, "has no output 'LATENT'"),
-])
+@pytest.mark.parametrize(
+    "make,msg",
+    [
+        (lambda g, i: g.node("ImageInvert", imag=i.out.IMAGE), "did you mean 'image'"),
+        (lambda g, i: g.ImageInvert(image=g.SolidMask().out.MASK), "expects IMAGE but got output MASK"),
+        (lambda g, i: g.EmptyImage(width=0), "outside [1, 16384]"),
+        (lambda g, i: g.ImageScale(image=i, upscale_method="cubic"), "not one of the choices"),
+        (lambda g, i: g.ImageInvert(image=5), "takes a IMAGE from another node's output"),
+        (lambda g, i: g.node("KSamplr"), "Unknown node type"),
+        (lambda g, i: i.out.LATENT, "has no output 'LATENT'"),
+    ],
+)
 def test_wrong_wiring_fails_at_the_line(make, msg):
     g = Graph()
     img = g.EmptyImage()
@@ -68,6 +71,7 @@ def test_wrong_wiring_fails_at_the_line(make, msg):
 
 def test_generated_builders_are_current():
     from kiln import codegen
+
     reg = default_registry(entry_points=False, custom_nodes="/nonexistent")
     assert codegen.generate(reg) == codegen.TARGET.read_text(), "run `kiln stubs` to regenerate kiln/builders.py"
 

@@ -12,24 +12,40 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def kiln_cli(*args, cwd):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.run([sys.executable, "-m", "kiln", *args], cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=240)
+    return subprocess.run(
+        [sys.executable, "-m", "kiln", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=240
+    )
 
 
 @pytest.fixture
 def graph_file(tmp_path):
-    g = {"1": {"class_type": "EmptyImage", "inputs": {"width": 8, "height": 8, "batch_size": 1, "color": 0},
-               "_meta": {"title": "Base"}},
-         "2": {"class_type": "ImageInvert", "inputs": {"image": ["1", 0]}},
-         "3": {"class_type": "SaveImage", "inputs": {"images": ["2", 0], "filename_prefix": "cli"}}}
+    g = {
+        "1": {
+            "class_type": "EmptyImage",
+            "inputs": {"width": 8, "height": 8, "batch_size": 1, "color": 0},
+            "_meta": {"title": "Base"},
+        },
+        "2": {"class_type": "ImageInvert", "inputs": {"image": ["1", 0]}},
+        "3": {"class_type": "SaveImage", "inputs": {"images": ["2", 0], "filename_prefix": "cli"}},
+    }
     p = tmp_path / "g.json"
     p.write_text(json.dumps(g))
     return p
 
 
 def test_run_sets_combinations_and_shares_cache(tmp_path, graph_file):
-    r = kiln_cli("run", str(graph_file), "-q", "--set", "Base.color=255", "--set", "Base.color=65280",
-                 "--set", "3.filename_prefix=a", cwd=tmp_path)
+    r = kiln_cli(
+        "run",
+        str(graph_file),
+        "-q",
+        "--set",
+        "Base.color=255",
+        "--set",
+        "Base.color=65280",
+        "--set",
+        "3.filename_prefix=a",
+        cwd=tmp_path,
+    )
     assert r.returncode == 0, r.stderr
     assert r.stdout.count("wrote") == 2
     assert sorted(p.name for p in (tmp_path / "output").iterdir()) == ["a_00001_.png", "a_00002_.png"]
@@ -42,10 +58,11 @@ def test_batch_csv_rows_and_cache_hits(tmp_path, graph_file):
         w.writerow(["1.color", "3.filename_prefix"])
         w.writerow([255, "x"])
         w.writerow([255, "y"])  # same image: only the save re-runs
-    r = kiln_cli("run", str(graph_file), "-q", "--batch", str(rows), "--output-dir", str(tmp_path / "out"),
-                 cwd=tmp_path)
+    r = kiln_cli(
+        "run", str(graph_file), "-q", "--batch", str(rows), "--output-dir", str(tmp_path / "out"), cwd=tmp_path
+    )
     assert r.returncode == 0, r.stderr
-    lines = [l for l in r.stdout.splitlines() if "ran" in l]
+    lines = [line for line in r.stdout.splitlines() if "ran" in line]
     assert "ran 3 node(s), 0 from cache" in lines[0]
     assert "ran 1 node(s), 1 from cache" in lines[1]
     assert (tmp_path / "out" / "y_00001_.png").is_file()

@@ -1,4 +1,5 @@
 """The README's Python example is executed, so it cannot rot."""
+
 import re
 from pathlib import Path
 
@@ -10,6 +11,7 @@ def test_readme_python_example_runs(tmp_path, monkeypatch):
     blocks = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
     assert blocks, "README has no python example"
     import kiln
+
     kiln.executor(base_dir=tmp_path)
     exec(compile(blocks[0], "README.md", "exec"), {})
     assert (tmp_path / "inverted.json").is_file()

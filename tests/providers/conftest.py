@@ -2,6 +2,7 @@
 
 Everything listens on 127.0.0.1 only.
 """
+
 from __future__ import annotations
 
 import os
@@ -14,8 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from kiln import engine
-from kiln import nodes
+from kiln import engine, nodes
 from tests.providers.fake_providers import FakeProviders
 
 API_KEY = "sk-test-kiln-secret-7f3a9c"
@@ -52,8 +52,9 @@ def write_config(path: Path, base_url: str, extra: str = "", timeout_s: float = 
         f"    base_url: {base_url.removesuffix('/v1')}/google/v1beta\n"
         "    api_key_env: KILN_TEST_OPENAI_KEY\n"
         f"    timeout_s: {timeout_s}\n"
-        "    retries: {max_attempts: 3, budget_s: 5, base_delay_s: 0.01, max_delay_s: 0.3}\n"
-        + extra, encoding="utf-8")
+        "    retries: {max_attempts: 3, budget_s: 5, base_delay_s: 0.01, max_delay_s: 0.3}\n" + extra,
+        encoding="utf-8",
+    )
     return path
 
 
@@ -98,6 +99,7 @@ def run_graph(executor):
 
 # -- S3 ---------------------------------------------------------------------------------------------
 
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -108,8 +110,12 @@ def _free_port() -> int:
 def moto_url():
     port = _free_port()
     env = dict(os.environ, AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing-secret-key")
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=env,
+    )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
@@ -140,8 +146,9 @@ def s3(moto_url, aws_env, request):
     import boto3
     from botocore.config import Config
 
-    client = boto3.client("s3", endpoint_url=moto_url, region_name="us-east-1",
-                          config=Config(s3={"addressing_style": "path"}))
+    client = boto3.client(
+        "s3", endpoint_url=moto_url, region_name="us-east-1", config=Config(s3={"addressing_style": "path"})
+    )
     import hashlib
 
     bucket = "kiln-" + hashlib.sha1(request.node.nodeid.encode()).hexdigest()[:16]

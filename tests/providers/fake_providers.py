@@ -6,6 +6,7 @@ and the Gemini API's Imagen ``:predict`` under ``/google/v1beta``. It returns re
 rendered from the request, records every request, and plays back injected faults: HTTP statuses with
 headers, stalls longer than the client's timeout, content-policy refusals and malformed bodies.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -82,7 +83,7 @@ class FakeProviders:
         self.port = 0
 
     # -- lifecycle ----------------------------------------------------------------------------------
-    def start(self) -> "FakeProviders":
+    def start(self) -> FakeProviders:
         ready = threading.Event()
 
         def main() -> None:
@@ -165,13 +166,23 @@ class FakeProviders:
         auth = request.headers.get("Authorization", "")
         if request.path.startswith("/google/"):
             if request.headers.get("x-goog-api-key") != self.api_key:
-                body = {"error": {"code": 400, "message": "API key not valid. Please pass a valid API key.",
-                                  "status": "INVALID_ARGUMENT"}}
+                body = {
+                    "error": {
+                        "code": 400,
+                        "message": "API key not valid. Please pass a valid API key.",
+                        "status": "INVALID_ARGUMENT",
+                    }
+                }
                 return web.json_response(body, status=400, headers={"x-request-id": rid})
         elif auth != f"Bearer {self.api_key}":
             given = auth.removeprefix("Bearer ")
-            return self._error(401, f"Incorrect API key provided: {given}. You can find your API key at the "
-                                    f"dashboard.", "invalid_api_key", None, rid)
+            return self._error(
+                401,
+                f"Incorrect API key provided: {given}. You can find your API key at the dashboard.",
+                "invalid_api_key",
+                None,
+                rid,
+            )
         fault = self._take_fault(request.path)
         record["fault"] = fault.kind if fault else None
         if fault is None:
@@ -179,26 +190,34 @@ class FakeProviders:
         if fault.kind == "status":
             return self._error(fault.status, fault.message, "injected", None, rid, fault.headers)
         if fault.kind == "policy":
-            return self._error(400, "Your request was rejected as a result of our safety system.",
-                               "moderation_blocked", None, rid)
+            return self._error(
+                400, "Your request was rejected as a result of our safety system.", "moderation_blocked", None, rid
+            )
         if fault.kind == "bad_size":
-            return self._error(400, "Invalid value: '999x999'. Supported values are: '1024x1024'.",
-                               "invalid_value", "size", rid)
+            return self._error(
+                400, "Invalid value: '999x999'. Supported values are: '1024x1024'.", "invalid_value", "size", rid
+            )
         if fault.kind == "stall":
             await self._stall(request, fault.seconds)
             return web.json_response({"created": 0, "data": []}, headers={"x-request-id": rid})
         if fault.kind == "not_json":
-            return web.Response(text="<html>502 upstream hiccup</html>", status=200, content_type="application/json",
-                                headers={"x-request-id": rid})
+            return web.Response(
+                text="<html>502 upstream hiccup</html>",
+                status=200,
+                content_type="application/json",
+                headers={"x-request-id": rid},
+            )
         if fault.kind == "no_data":
             return web.json_response({"created": int(time.time()), "data": []}, headers={"x-request-id": rid})
         if fault.kind == "bad_b64":
-            return web.json_response({"created": int(time.time()), "data": [{"b64_json": "!!!not base64!!!"}]},
-                                     headers={"x-request-id": rid})
+            return web.json_response(
+                {"created": int(time.time()), "data": [{"b64_json": "!!!not base64!!!"}]}, headers={"x-request-id": rid}
+            )
         if fault.kind == "not_image":
-            return web.json_response({"created": int(time.time()),
-                                      "data": [{"b64_json": base64.b64encode(b"GIF89a garbage").decode()}]},
-                                     headers={"x-request-id": rid})
+            return web.json_response(
+                {"created": int(time.time()), "data": [{"b64_json": base64.b64encode(b"GIF89a garbage").decode()}]},
+                headers={"x-request-id": rid},
+            )
         record["pending_fault"] = fault  # stream faults are played by the responses handler
         return None
 
@@ -210,8 +229,9 @@ class FakeProviders:
                 return
             await asyncio.sleep(0.02)
 
-    def _error(self, status: int, message: str, code: str, param: str | None, rid: str,
-               headers: dict | None = None) -> web.Response:
+    def _error(
+        self, status: int, message: str, code: str, param: str | None, rid: str, headers: dict | None = None
+    ) -> web.Response:
         body = {"error": {"message": message, "type": "invalid_request_error", "param": param, "code": code}}
         return web.json_response(body, status=status, headers={"x-request-id": rid, **(headers or {})})
 
@@ -236,8 +256,12 @@ class FakeProviders:
             data.append(item)
         body: dict[str, Any] = {"created": int(time.time()), "data": data}
         if model == "gpt-image-1":
-            body["usage"] = {"input_tokens": 50, "input_tokens_details": {"image_tokens": 40, "text_tokens": 10},
-                             "output_tokens": 4160 * n, "total_tokens": 50 + 4160 * n}
+            body["usage"] = {
+                "input_tokens": 50,
+                "input_tokens_details": {"image_tokens": 40, "text_tokens": 10},
+                "output_tokens": 4160 * n,
+                "total_tokens": 50 + 4160 * n,
+            }
         return web.json_response(body, headers={"x-request-id": rid})
 
     # -- handlers -----------------------------------------------------------------------------------
@@ -251,15 +275,21 @@ class FakeProviders:
             return await self._images_stream(request, p, rec["request_id"], p.get("prompt", ""), "image_generation")
         return self._images_response(request, p, rec["request_id"], p.get("prompt", ""))
 
-    async def _images_stream(self, request: web.Request, p: dict, rid: str, prompt: str,
-                             kind: str) -> web.StreamResponse:
+    async def _images_stream(
+        self, request: web.Request, p: dict, rid: str, prompt: str, kind: str
+    ) -> web.StreamResponse:
         """Images API streaming: partial images, then one completed event per image."""
         stream = web.StreamResponse(headers={"Content-Type": "text/event-stream", "x-request-id": rid})
         await stream.prepare(request)
         fmt = p.get("output_format") or "png"
         size = p.get("size") or "auto"
-        common = {"background": p.get("background") or "auto", "output_format": fmt, "quality": p.get("quality")
-                  or "auto", "size": size, "created_at": int(time.time())}
+        common = {
+            "background": p.get("background") or "auto",
+            "output_format": fmt,
+            "quality": p.get("quality") or "auto",
+            "size": size,
+            "created_at": int(time.time()),
+        }
 
         async def send(event: dict) -> None:
             await stream.write(f"event: {event['type']}\ndata: {json.dumps(event)}\n\n".encode())
@@ -268,12 +298,28 @@ class FakeProviders:
             for k in range(int(p.get("partial_images") or 0)):
                 await asyncio.sleep(0.01)
                 blob = self._image("64x64", f"{prompt}#partial{k}", fmt, False, i)
-                await send({"type": f"{kind}.partial_image", "partial_image_index": k,
-                            "b64_json": base64.b64encode(blob).decode(), **common})
+                await send(
+                    {
+                        "type": f"{kind}.partial_image",
+                        "partial_image_index": k,
+                        "b64_json": base64.b64encode(blob).decode(),
+                        **common,
+                    }
+                )
             final = self._image(size, prompt, fmt, p.get("background") == "transparent", i)
-            await send({"type": f"{kind}.completed", "b64_json": base64.b64encode(final).decode(),
-                        "usage": {"input_tokens": 50, "input_tokens_details": {"image_tokens": 40, "text_tokens": 10},
-                                  "output_tokens": 4160, "total_tokens": 4210}, **common})
+            await send(
+                {
+                    "type": f"{kind}.completed",
+                    "b64_json": base64.b64encode(final).decode(),
+                    "usage": {
+                        "input_tokens": 50,
+                        "input_tokens_details": {"image_tokens": 40, "text_tokens": 10},
+                        "output_tokens": 4160,
+                        "total_tokens": 4210,
+                    },
+                    **common,
+                }
+            )
         await stream.write_eof()
         return stream
 
@@ -284,7 +330,8 @@ class FakeProviders:
         for k, v in form.items():
             if hasattr(v, "file"):
                 files.setdefault(k.removesuffix("[]"), []).append(
-                    {"filename": v.filename, "content_type": v.content_type, "data": v.file.read()})
+                    {"filename": v.filename, "content_type": v.content_type, "data": v.file.read()}
+                )
             else:
                 fields[k] = v
         return fields, files
@@ -299,8 +346,7 @@ class FakeProviders:
             return self._error(400, "image is required", "missing", "image", rec["request_id"])
         if fields.get("stream") == "true":
             fields = {**fields, "n": int(fields.get("n", 1)), "partial_images": int(fields.get("partial_images", 0))}
-            return await self._images_stream(request, fields, rec["request_id"], fields.get("prompt", ""),
-                                             "image_edit")
+            return await self._images_stream(request, fields, rec["request_id"], fields.get("prompt", ""), "image_edit")
         return self._images_response(request, fields, rec["request_id"], fields.get("prompt", ""))
 
     async def variations(self, request: web.Request) -> web.StreamResponse:
@@ -334,21 +380,36 @@ class FakeProviders:
         resp_id = "resp_" + uuid.uuid4().hex[:20]
         tool = (p.get("tools") or [{}])[0]
         fmt = tool.get("output_format", "png")
-        prompt = "".join(c.get("text", "") for m in p.get("input", []) for c in m.get("content", [])
-                         if c.get("type") == "input_text")
+        prompt = "".join(
+            c.get("text", "") for m in p.get("input", []) for c in m.get("content", []) if c.get("type") == "input_text"
+        )
         prev = p.get("previous_response_id")
         if prev and prev not in self.responses:
-            return self._error(400, f"Previous response with id '{prev}' not found.", "previous_response_not_found",
-                               "previous_response_id", rid)
+            return self._error(
+                400,
+                f"Previous response with id '{prev}' not found.",
+                "previous_response_not_found",
+                "previous_response_id",
+                rid,
+            )
         history = (self.responses.get(prev, {}).get("prompt", "") + " / ") if prev else ""
         full_prompt = history + prompt
         self.responses[resp_id] = {"prompt": full_prompt}
         stream = web.StreamResponse(headers={"Content-Type": "text/event-stream", "x-request-id": rid})
         await stream.prepare(request)
         seq = iter(range(10_000))
-        base_resp = {"id": resp_id, "object": "response", "created_at": int(time.time()), "model": p.get("model"),
-                     "status": "in_progress", "output": [], "parallel_tool_calls": True, "tool_choice": "auto",
-                     "tools": p.get("tools", []), "previous_response_id": prev}
+        base_resp = {
+            "id": resp_id,
+            "object": "response",
+            "created_at": int(time.time()),
+            "model": p.get("model"),
+            "status": "in_progress",
+            "output": [],
+            "parallel_tool_calls": True,
+            "tool_choice": "auto",
+            "tools": p.get("tools", []),
+            "previous_response_id": prev,
+        }
 
         async def send(event: dict) -> None:
             event["sequence_number"] = next(seq)
@@ -358,15 +419,25 @@ class FakeProviders:
         await send({"type": "response.in_progress", "response": base_resp})
         item_id = "ig_" + uuid.uuid4().hex[:16]
         if fault is not None and fault.kind == "text_only":
-            msg = {"id": "msg_1", "type": "message", "role": "assistant", "status": "completed",
-                   "content": [{"type": "output_text", "text": "I cannot draw that.", "annotations": []}]}
+            msg = {
+                "id": "msg_1",
+                "type": "message",
+                "role": "assistant",
+                "status": "completed",
+                "content": [{"type": "output_text", "text": "I cannot draw that.", "annotations": []}],
+            }
             await send({"type": "response.output_item.done", "output_index": 0, "item": msg})
             done = dict(base_resp, status="completed", output=[msg], usage=_text_usage())
             await send({"type": "response.completed", "response": done})
             await stream.write_eof()
             return stream
-        await send({"type": "response.output_item.added", "output_index": 0,
-                    "item": {"id": item_id, "type": "image_generation_call", "status": "in_progress"}})
+        await send(
+            {
+                "type": "response.output_item.added",
+                "output_index": 0,
+                "item": {"id": item_id, "type": "image_generation_call", "status": "in_progress"},
+            }
+        )
         await send({"type": "response.image_generation_call.in_progress", "output_index": 0, "item_id": item_id})
         await send({"type": "response.image_generation_call.generating", "output_index": 0, "item_id": item_id})
         size = tool.get("size", "auto")
@@ -375,23 +446,38 @@ class FakeProviders:
         for i in range(partials):
             await asyncio.sleep(0.01)
             blob = self._image("64x64", f"{full_prompt}#partial{i}", fmt, False, i)
-            await send({"type": "response.image_generation_call.partial_image", "output_index": 0,
-                        "item_id": item_id, "partial_image_index": i,
-                        "partial_image_b64": base64.b64encode(blob).decode(), "output_format": fmt})
+            await send(
+                {
+                    "type": "response.image_generation_call.partial_image",
+                    "output_index": 0,
+                    "item_id": item_id,
+                    "partial_image_index": i,
+                    "partial_image_b64": base64.b64encode(blob).decode(),
+                    "output_format": fmt,
+                }
+            )
         if fault is not None and fault.kind == "stream_cut":
             await stream.write_eof()
             return stream
         if fault is not None and fault.kind == "stream_fail":
-            failed = dict(base_resp, status="failed",
-                          error={"code": "moderation_blocked", "message": "Your request was rejected by the safety "
-                                                                          "system."})
+            failed = dict(
+                base_resp,
+                status="failed",
+                error={"code": "moderation_blocked", "message": "Your request was rejected by the safety system."},
+            )
             await send({"type": "response.failed", "response": failed})
             await stream.write_eof()
             return stream
         final = self._image(size, full_prompt, fmt, tool.get("background") == "transparent", 0)
-        item = {"id": item_id, "type": "image_generation_call", "status": "completed",
-                "result": base64.b64encode(final).decode(), "revised_prompt": f"Revised: {full_prompt}",
-                "output_format": fmt, "size": size}
+        item = {
+            "id": item_id,
+            "type": "image_generation_call",
+            "status": "completed",
+            "result": base64.b64encode(final).decode(),
+            "revised_prompt": f"Revised: {full_prompt}",
+            "output_format": fmt,
+            "size": size,
+        }
         await send({"type": "response.output_item.done", "output_index": 0, "item": item})
         done = dict(base_resp, status="completed", output=[item], usage=_text_usage())
         await send({"type": "response.completed", "response": done})
@@ -426,8 +512,11 @@ class FakeProviders:
             name = f"rep_{pid}_{i}.png"
             self.files[name] = self._image("96x64", f"{prompt}|{p['input'].get('seed')}", "png", False, i)
             urls.append(f"http://127.0.0.1:{self.port}/files/{name}")
-        p.update(status="succeeded", output=urls if len(urls) > 1 or p["input"].get("as_list") else urls[0],
-                 metrics={"predict_time": 0.42})
+        p.update(
+            status="succeeded",
+            output=urls if len(urls) > 1 or p["input"].get("as_list") else urls[0],
+            metrics={"predict_time": 0.42},
+        )
 
     async def replicate_create(self, request: web.Request) -> web.StreamResponse:
         body = await request.json()
@@ -437,14 +526,26 @@ class FakeProviders:
             return early
         inp = body.get("input") or {}
         if not inp.get("prompt") and not inp.get("image"):
-            return web.json_response({"detail": "- input: prompt is required", "status": 422,
-                                      "title": "Input validation failed"}, status=422,
-                                     headers={"x-request-id": rec["request_id"]})
+            return web.json_response(
+                {"detail": "- input: prompt is required", "status": 422, "title": "Input validation failed"},
+                status=422,
+                headers={"x-request-id": rec["request_id"]},
+            )
         pid = uuid.uuid4().hex[:20]
         model = "/".join(request.path.split("/")[4:6]) if "/models/" in request.path else None
-        self.predictions[pid] = {"id": pid, "model": model, "version": body.get("version"), "input": inp,
-                                 "status": "starting", "logs": "", "output": None, "error": None, "metrics": {},
-                                 "steps": self.replicate_steps, "total": self.replicate_steps}
+        self.predictions[pid] = {
+            "id": pid,
+            "model": model,
+            "version": body.get("version"),
+            "input": inp,
+            "status": "starting",
+            "logs": "",
+            "output": None,
+            "error": None,
+            "metrics": {},
+            "steps": self.replicate_steps,
+            "total": self.replicate_steps,
+        }
         if "wait" in request.headers.get("Prefer", "") and self.replicate_steps == 0:
             self._advance(pid)
         return web.json_response(self._prediction_json(pid), status=201, headers={"x-request-id": rec["request_id"]})
@@ -480,26 +581,43 @@ class FakeProviders:
             return web.json_response({"error": {"code": 404, "message": "not found", "status": "NOT_FOUND"}}, 404)
         params = body.get("parameters") or {}
         if int(params.get("sampleCount", 1)) > 4:
-            return web.json_response({"error": {"code": 400, "message": "sampleCount must be between 1 and 4.",
-                                                "status": "INVALID_ARGUMENT"}}, status=400)
+            return web.json_response(
+                {
+                    "error": {
+                        "code": 400,
+                        "message": "sampleCount must be between 1 and 4.",
+                        "status": "INVALID_ARGUMENT",
+                    }
+                },
+                status=400,
+            )
         prompt = body["instances"][0]["prompt"]
         aw, ah = (int(x) for x in params.get("aspectRatio", "1:1").split(":"))
         size = f"{32 * aw}x{32 * ah}"
         preds = []
         for i in range(int(params.get("sampleCount", 1))):
             if "blocked" in prompt or ("half" in prompt and i % 2):
-                preds.append({"raiFilteredReason": "The prompt could not be submitted: it may violate the "
-                                                   "usage guidelines."})
+                preds.append(
+                    {"raiFilteredReason": "The prompt could not be submitted: it may violate the usage guidelines."}
+                )
             else:
-                preds.append({"bytesBase64Encoded": base64.b64encode(self._image(size, prompt, "png", False,
-                                                                                   i)).decode(),
-                              "mimeType": "image/png"})
+                preds.append(
+                    {
+                        "bytesBase64Encoded": base64.b64encode(self._image(size, prompt, "png", False, i)).decode(),
+                        "mimeType": "image/png",
+                    }
+                )
         return web.json_response({"predictions": preds}, headers={"x-request-id": rec["request_id"]})
 
 
 def _text_usage() -> dict:
-    return {"input_tokens": 1000, "input_tokens_details": {"cached_tokens": 0}, "output_tokens": 200,
-            "output_tokens_details": {"reasoning_tokens": 0}, "total_tokens": 1200}
+    return {
+        "input_tokens": 1000,
+        "input_tokens_details": {"cached_tokens": 0},
+        "output_tokens": 200,
+        "output_tokens_details": {"reasoning_tokens": 0},
+        "total_tokens": 1200,
+    }
 
 
 def main() -> None:

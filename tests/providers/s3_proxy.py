@@ -3,6 +3,7 @@
 Requests pass through unchanged (Host header kept, so signatures still hold) unless a rule matches:
 then the proxy answers with an S3-style XML error instead, ``times`` times (or forever with -1).
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -33,7 +34,7 @@ class S3FaultProxy:
         self.log: list[tuple[str, str, int]] = []
         self.port = 0
 
-    def start(self) -> "S3FaultProxy":
+    def start(self) -> S3FaultProxy:
         ready = threading.Event()
 
         def main() -> None:
@@ -91,13 +92,24 @@ class S3FaultProxy:
             rule = None
         if rule is not None:
             self.log.append((request.method, request.path_qs, rule.status))
-            xml = (f'<?xml version="1.0" encoding="UTF-8"?><Error><Code>{rule.code}</Code>'
-                   f'<Message>injected {rule.code}</Message><RequestId>FAULT123</RequestId></Error>')
-            return web.Response(status=rule.status, body=xml.encode(), content_type="application/xml",
-                                headers={"x-amz-request-id": "FAULT123"})
+            xml = (
+                f'<?xml version="1.0" encoding="UTF-8"?><Error><Code>{rule.code}</Code>'
+                f"<Message>injected {rule.code}</Message><RequestId>FAULT123</RequestId></Error>"
+            )
+            return web.Response(
+                status=rule.status,
+                body=xml.encode(),
+                content_type="application/xml",
+                headers={"x-amz-request-id": "FAULT123"},
+            )
         headers = {k: v for k, v in request.headers.items() if k.lower() not in _HOP}
-        async with self.session.request(request.method, self.upstream + request.path_qs, headers=headers,
-                                        data=body if body else None, allow_redirects=False) as up:
+        async with self.session.request(
+            request.method,
+            self.upstream + request.path_qs,
+            headers=headers,
+            data=body if body else None,
+            allow_redirects=False,
+        ) as up:
             data = await up.read()
             self.log.append((request.method, request.path_qs, up.status))
             out_headers = {k: v for k, v in up.headers.items() if k.lower() not in _HOP}

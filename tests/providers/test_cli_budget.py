@@ -1,4 +1,5 @@
 """`kiln run --max-cost` against the fake OpenAI server, through a real subprocess."""
+
 import json
 import os
 import subprocess
@@ -10,14 +11,24 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def kiln_run(tmp_path, *args):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.run([sys.executable, "-m", "kiln", "run", *args, "-q"], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=240)
+    return subprocess.run(
+        [sys.executable, "-m", "kiln", "run", *args, "-q"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
 
 
 def test_max_cost_flag_stops_and_allows(tmp_path, openai_server):
-    g = {"1": {"class_type": "OpenAIImageGenerate",
-               "inputs": {"prompt": "a red fox", "model": "dall-e-3", "quality": "hd", "size": "1024x1024"}},
-         "2": {"class_type": "PreviewImage", "inputs": {"images": ["1", 0]}}}
+    g = {
+        "1": {
+            "class_type": "OpenAIImageGenerate",
+            "inputs": {"prompt": "a red fox", "model": "dall-e-3", "quality": "hd", "size": "1024x1024"},
+        },
+        "2": {"class_type": "PreviewImage", "inputs": {"images": ["1", 0]}},
+    }
     path = tmp_path / "g.json"
     path.write_text(json.dumps(g))
     r = kiln_run(tmp_path, str(path), "--max-cost", "0.01")

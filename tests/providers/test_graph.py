@@ -1,4 +1,5 @@
 """graphs/provider_to_s3.json, run end to end against the fake OpenAI server and moto."""
+
 from __future__ import annotations
 
 import json
@@ -7,6 +8,8 @@ from pathlib import Path
 
 from kiln import engine
 from kiln.nodes.providers import provenance
+from kiln.nodes.providers.ledger import costs_of
+from kiln.server.protocol import event_message
 from tests.providers.conftest import API_KEY
 
 GRAPH = Path(__file__).resolve().parents[2] / "graphs" / "provider_to_s3.json"
@@ -40,13 +43,19 @@ def test_provider_to_s3_graph(run_graph, openai_server, s3, moto_url):
     head = s3.head_object(Bucket=s3.bucket, Key=key)["Metadata"]
     assert head["kiln-provider"] == "openai" and head["kiln-model"] == "gpt-image-1"
     local = run_graph.ex.folders.output_dir / "provider" / r.outputs["5"]["images"][0]["filename"]
-    assert provenance.read(local.read_bytes())["assertions"][1]["data"]["hash"] == \
-        next(a for a in rec["assertions"] if a["label"] == "kiln.content_hash")["data"]["hash"]
+    assert (
+        provenance.read(local.read_bytes())["assertions"][1]["data"]["hash"]
+        == next(a for a in rec["assertions"] if a["label"] == "kiln.content_hash")["data"]["hash"]
+    )
     # cost: in the run ledger, in the provider node's UI (history), and in the usage output
-    assert len(r.costs) == 1 and r.costs[0]["usd"] > 0 and r.outputs["2"]["kiln_cost"][0]["usd"] == r.costs[0]["usd"]
+    assert (
+        len(costs_of(r.annotations)) == 1
+        and costs_of(r.annotations)[0]["usd"] > 0
+        and r.outputs["2"]["kiln_cost"][0]["usd"] == costs_of(r.annotations)[0]["usd"]
+    )
     # the key is nowhere: file bytes (PNG chunks), S3 metadata, history, events
     everything = body + json.dumps(head).encode() + json.dumps(r.outputs).encode()
-    everything += json.dumps([e.comfy_data() for e in run_graph.events], default=str).encode()
+    everything += json.dumps([event_message(e)[1] for e in run_graph.events], default=str).encode()
     assert API_KEY.encode() not in everything
 
     # running it again reuses the paid result and the stored object
@@ -60,8 +69,8 @@ def test_provider_to_s3_graph_stops_on_a_blocked_term(run_graph, openai_server, 
     g = load_graph(s3.bucket, moto_url)
     g["1"]["inputs"]["block_list"] = "watercolor, oil"
     r = run_graph(g)
-    msg = r.error["exception_message"]
-    assert r.error["node_id"] == "1" and "blocked term 'watercolor'" in msg and msg.startswith("input 'text'")
+    msg = r.error.message
+    assert r.error.node_id == "1" and "blocked term 'watercolor'" in msg and msg.startswith("input 'text'")
     assert openai_server.requests == []
 
 

@@ -1,4 +1,5 @@
 """OpenAI image nodes through the official SDK against the loopback fake server."""
+
 from __future__ import annotations
 
 import base64
@@ -13,6 +14,8 @@ import pytest
 import torch
 from PIL import Image
 
+from kiln.nodes.providers.ledger import costs_of
+from kiln.server.protocol import event_message
 from tests.providers.conftest import API_KEY, write_config
 from tests.providers.fake_providers import Fault
 
@@ -24,37 +27,65 @@ def gen(node_id="1", **inputs):
 
 
 def run_node(run_graph, graph, target="1", **extra):
-    r = run_graph.ex.run(__import__("kiln.engine", fromlist=["Graph"]).Graph.from_json(graph), sink=run_graph.events.append,
-                         extra_data=extra, targets=[target])
+    r = run_graph.ex.run(
+        __import__("kiln.engine", fromlist=["Graph"]).Graph.from_json(graph),
+        sink=run_graph.events.append,
+        extra_data=extra,
+        targets=[target],
+    )
     return r
 
 
 def error_message(r) -> str:
     assert r.status == "error", r.status
-    return r.error["exception_message"]
+    return r.error.message
 
 
 # -- requests and outputs --------------------------------------------------------------------------
 
+
 def test_gpt_image_1_generate_sends_its_parameters_and_prices_from_tokens(run_graph, openai_server):
-    r = run_node(run_graph, gen(model="gpt-image-1", size="1024x1024", quality="low", background="transparent",
-                                output_format="webp", output_compression=80, moderation="low", n=2))
+    r = run_node(
+        run_graph,
+        gen(
+            model="gpt-image-1",
+            size="1024x1024",
+            quality="low",
+            background="transparent",
+            output_format="webp",
+            output_compression=80,
+            moderation="low",
+            n=2,
+        ),
+    )
     assert r.status == "success", r.error
     images, mask, revised, usage = r.values["1"]
     assert images.shape == (2, 1024, 1024, 3) and images.dtype == torch.float32
     assert float(mask[:, :256].mean()) > 0.99 and float(mask[:, 512:].mean()) < 0.01  # alpha came through
     sent = openai_server.requests[0]
     assert sent["headers"]["Authorization"] == f"Bearer {API_KEY}"
-    assert {k: sent["json"][k] for k in ("model", "quality", "background", "output_format", "output_compression",
-                                         "moderation", "n", "size")} == {
-        "model": "gpt-image-1", "quality": "low", "background": "transparent", "output_format": "webp",
-        "output_compression": 80, "moderation": "low", "n": 2, "size": "1024x1024"}
+    assert {
+        k: sent["json"][k]
+        for k in ("model", "quality", "background", "output_format", "output_compression", "moderation", "n", "size")
+    } == {
+        "model": "gpt-image-1",
+        "quality": "low",
+        "background": "transparent",
+        "output_format": "webp",
+        "output_compression": 80,
+        "moderation": "low",
+        "n": 2,
+        "size": "1024x1024",
+    }
     assert "response_format" not in sent["json"]  # gpt-image-1 rejects it
     rec = json.loads(usage)
     # 10 text + 40 image input tokens, 8320 output tokens at 5/10/40 USD per million
     assert rec["usd"] == pytest.approx((10 * 5 + 40 * 10 + 8320 * 40) / 1e6)
     assert rec["estimated"] is False and rec["request_id"] == sent["request_id"]
-    assert r.costs[0]["usd"] == pytest.approx(rec["usd"]) and r.costs[0]["status"] == "billed"
+    assert (
+        costs_of(r.annotations)[0]["usd"] == pytest.approx(rec["usd"])
+        and costs_of(r.annotations)[0]["status"] == "billed"
+    )
     assert r.outputs["1"]["kiln_cost"][0]["usd"] == pytest.approx(rec["usd"])
     assert revised == "a red fox in snow"
 
@@ -87,28 +118,34 @@ def test_pixels_match_what_the_server_sent(run_graph, openai_server):
     assert np.array_equal(got, expected)
 
 
-@pytest.mark.parametrize("inputs,input_name", [
-    ({"model": "dall-e-3", "n": 2, "size": "1024x1024"}, "n"),
-    ({"model": "dall-e-3", "size": "256x256"}, "size"),
-    ({"model": "gpt-image-1", "style": "vivid", "size": "1024x1024"}, "style"),
-    ({"model": "gpt-image-1", "size": "1792x1024"}, "size"),
-    ({"model": "gpt-image-1", "size": "1024x1024", "background": "transparent", "output_format": "jpeg"},
-     "output_format"),
-    ({"model": "gpt-image-1", "size": "1024x1024", "output_compression": 50}, "output_compression"),
-    ({"model": "dall-e-2", "quality": "hd"}, "quality"),
-    ({"model": "dall-e-2", "background": "opaque"}, "background"),
-    ({"prompt": "   "}, "prompt"),
-])
+@pytest.mark.parametrize(
+    "inputs,input_name",
+    [
+        ({"model": "dall-e-3", "n": 2, "size": "1024x1024"}, "n"),
+        ({"model": "dall-e-3", "size": "256x256"}, "size"),
+        ({"model": "gpt-image-1", "style": "vivid", "size": "1024x1024"}, "style"),
+        ({"model": "gpt-image-1", "size": "1792x1024"}, "size"),
+        (
+            {"model": "gpt-image-1", "size": "1024x1024", "background": "transparent", "output_format": "jpeg"},
+            "output_format",
+        ),
+        ({"model": "gpt-image-1", "size": "1024x1024", "output_compression": 50}, "output_compression"),
+        ({"model": "dall-e-2", "quality": "hd"}, "quality"),
+        ({"model": "dall-e-2", "background": "opaque"}, "background"),
+        ({"prompt": "   "}, "prompt"),
+    ],
+)
 def test_model_rules_are_enforced_before_any_request(run_graph, openai_server, inputs, input_name):
     r = run_node(run_graph, gen(**inputs))
     msg = error_message(r)
     assert msg.startswith(f"input '{input_name}'"), msg
     assert "(" in msg and ")" in msg  # carries a hint
-    assert r.error["node_type"] == "OpenAIImageGenerate"
+    assert r.error.node_type == "OpenAIImageGenerate"
     assert openai_server.requests == []
 
 
 # -- retries and failures --------------------------------------------------------------------------
+
 
 def test_429_with_retry_after_is_retried(run_graph, openai_server):
     openai_server.inject(Fault("status", status=429, headers={"Retry-After": "0.05"}, message="slow down"))
@@ -141,7 +178,7 @@ def test_persistent_500_names_provider_status_request_id_and_attempts(run_graph,
     assert len(openai_server.requests) == 3
     assert "endpoint 'openai'" in msg and "HTTP 500" in msg and last_id in msg and "after 3 attempts" in msg
     assert "upstream exploded" in msg
-    assert r.costs[0]["usd"] == 0.0 and r.costs[0]["status"] == "failed"
+    assert costs_of(r.annotations)[0]["usd"] == 0.0 and costs_of(r.annotations)[0]["status"] == "failed"
 
 
 def test_timeouts_are_retried_then_reported(run_graph, openai_server, tmp_path, monkeypatch):
@@ -181,7 +218,7 @@ def test_auth_failure_says_what_to_set_and_never_echoes_the_key(run_graph, opena
     r = run_node(run_graph, gen())
     msg = error_message(r)
     assert "HTTP 401" in msg and "API key was rejected" in msg
-    assert wrong not in json.dumps(r.error) and "***" in msg
+    assert wrong not in str(r.error) and "***" in msg
     assert len(openai_server.requests) == 1  # 401 is not retried
 
 
@@ -192,12 +229,15 @@ def test_missing_key_fails_before_any_request(run_graph, openai_server, monkeypa
     assert openai_server.requests == []
 
 
-@pytest.mark.parametrize("kind,expect", [
-    ("not_json", "cannot read"),
-    ("no_data", "held no images"),
-    ("bad_b64", "not valid base64"),
-    ("not_image", "not an image Kiln can decode"),
-])
+@pytest.mark.parametrize(
+    "kind,expect",
+    [
+        ("not_json", "cannot read"),
+        ("no_data", "held no images"),
+        ("bad_b64", "not valid base64"),
+        ("not_image", "not an image Kiln can decode"),
+    ],
+)
 def test_malformed_responses_give_clear_errors(run_graph, openai_server, kind, expect):
     openai_server.inject(Fault(kind))
     msg = error_message(run_node(run_graph, gen()))
@@ -206,11 +246,12 @@ def test_malformed_responses_give_clear_errors(run_graph, openai_server, kind, e
 
 # -- caching, budget, concurrency ------------------------------------------------------------------
 
+
 def test_rerunning_never_repeats_a_paid_call_unless_inputs_change(run_graph, openai_server):
     g = gen()
     assert run_node(run_graph, g).status == "success"
     r2 = run_node(run_graph, g)
-    assert r2.cached == ["1"] and r2.costs == []
+    assert r2.cached == ["1"] and costs_of(r2.annotations) == []
     assert len(openai_server.requests) == 1
     g["1"]["inputs"]["seed"] = 7  # a new seed asks for a fresh image
     assert run_node(run_graph, g).ran == ["1"]
@@ -240,18 +281,24 @@ def test_budget_holds_across_concurrent_nodes(run_graph, openai_server):
         graph.update(gen(str(i), prompt=f"fox {i}", size="1024x1024"))  # 0.02 USD each
     graph["sink"] = {"class_type": "ValidateImage", "inputs": {"images": ["0", 0]}}
     from kiln import engine
-    r = run_graph.ex.run(engine.Graph.from_json(graph), sink=run_graph.events.append, extra_data={"max_cost": 0.05},
-                         targets=["0", "1", "2", "3"])
+
+    r = run_graph.ex.run(
+        engine.Graph.from_json(graph),
+        sink=run_graph.events.append,
+        extra_data={"max_cost": 0.05},
+        targets=["0", "1", "2", "3"],
+    )
     # nodes start together; the ones that would pass the budget are refused before sending anything
-    assert r.status == "error" and "max_cost" in r.error["exception_message"]
+    assert r.status == "error" and "max_cost" in r.error.message
     assert len(openai_server.requests) <= 2
-    held = [c for c in r.costs if c["status"] in ("billed", "cancelled", "reserved")]
-    assert 1 <= len(held) <= 2 and sum(c["usd"] for c in r.costs) <= 0.05 + 1e-9
+    held = [c for c in costs_of(r.annotations) if c["status"] in ("billed", "cancelled", "reserved")]
+    assert 1 <= len(held) <= 2 and sum(c["usd"] for c in costs_of(r.annotations)) <= 0.05 + 1e-9
 
 
 def test_async_provider_nodes_overlap(run_graph, openai_server):
     openai_server.latency = 0.3
     from kiln import engine
+
     graph = {}
     for i in range(3):
         graph.update(gen(str(i), prompt=f"overlap {i}"))
@@ -292,13 +339,13 @@ def test_interrupt_cancels_the_in_flight_request(run_graph, openai_server, tmp_p
 
 # -- edit, variation -------------------------------------------------------------------------------
 
+
 def _img(b, h, w, value=0.5):
     x = torch.linspace(0, 1, w).view(1, 1, w, 1).expand(b, h, w, 3).clone()
     return x * value
 
 
 def test_edit_sends_every_reference_and_the_mask_as_alpha(run_graph, openai_server):
-    from kiln import engine
     from kiln.engine import Node, Output
 
     class Inputs(Node):
@@ -310,10 +357,20 @@ def test_edit_sends_every_reference_and_the_mask_as_alpha(run_graph, openai_serv
             return _img(2, 64, 64), _img(1, 32, 48), m
 
     run_graph.ex.registry.register(Inputs, "TestEditInputs")
-    g = {"i": {"class_type": "TestEditInputs", "inputs": {}},
-         "1": {"class_type": "OpenAIImageEdit", "inputs": {"image": ["i", 0], "image_2": ["i", 1], "mask": ["i", 2],
-                                                           "prompt": "make it blue", "size": "1024x1024",
-                                                           "quality": "low"}}}
+    g = {
+        "i": {"class_type": "TestEditInputs", "inputs": {}},
+        "1": {
+            "class_type": "OpenAIImageEdit",
+            "inputs": {
+                "image": ["i", 0],
+                "image_2": ["i", 1],
+                "mask": ["i", 2],
+                "prompt": "make it blue",
+                "size": "1024x1024",
+                "quality": "low",
+            },
+        },
+    }
     r = run_node(run_graph, g)
     assert r.status == "success", r.error
     sent = openai_server.requests[0]
@@ -333,8 +390,10 @@ def test_edit_rejects_a_mask_of_another_size(run_graph, openai_server):
             return _img(1, 64, 64), torch.zeros(1, 32, 32)
 
     run_graph.ex.registry.register(Inputs, "TestEditInputs2")
-    g = {"i": {"class_type": "TestEditInputs2", "inputs": {}},
-         "1": {"class_type": "OpenAIImageEdit", "inputs": {"image": ["i", 0], "mask": ["i", 1], "prompt": "x"}}}
+    g = {
+        "i": {"class_type": "TestEditInputs2", "inputs": {}},
+        "1": {"class_type": "OpenAIImageEdit", "inputs": {"image": ["i", 0], "mask": ["i", 1], "prompt": "x"}},
+    }
     msg = error_message(run_node(run_graph, g))
     assert msg.startswith("input 'mask'") and "32x32" in msg and "64x64" in msg and "resize" in msg
     assert openai_server.requests == []
@@ -350,9 +409,13 @@ def test_dalle2_edit_needs_a_square_image(run_graph, openai_server):
             return _img(1, 64, 96)
 
     run_graph.ex.registry.register(Inputs, "TestEditInputs3")
-    g = {"i": {"class_type": "TestEditInputs3", "inputs": {}},
-         "1": {"class_type": "OpenAIImageEdit", "inputs": {"image": ["i", 0], "prompt": "x", "model": "dall-e-2",
-                                                           "size": "256x256"}}}
+    g = {
+        "i": {"class_type": "TestEditInputs3", "inputs": {}},
+        "1": {
+            "class_type": "OpenAIImageEdit",
+            "inputs": {"image": ["i", 0], "prompt": "x", "model": "dall-e-2", "size": "256x256"},
+        },
+    }
     msg = error_message(run_node(run_graph, g))
     assert msg.startswith("input 'image'") and "square" in msg
 
@@ -367,8 +430,10 @@ def test_variation_makes_n_images(run_graph, openai_server):
             return _img(1, 64, 64)
 
     run_graph.ex.registry.register(Inputs, "TestVarInputs")
-    g = {"i": {"class_type": "TestVarInputs", "inputs": {}},
-         "1": {"class_type": "OpenAIImageVariation", "inputs": {"image": ["i", 0], "size": "256x256", "n": 2}}}
+    g = {
+        "i": {"class_type": "TestVarInputs", "inputs": {}},
+        "1": {"class_type": "OpenAIImageVariation", "inputs": {"image": ["i", 0], "size": "256x256", "n": 2}},
+    }
     r = run_node(run_graph, g)
     assert r.status == "success", r.error
     assert r.values["1"][0].shape == (2, 256, 256, 3)
@@ -390,9 +455,13 @@ def test_gpt_image_1_streams_partial_images_as_previews(run_graph, openai_server
                 return _img(1, 32, 32)
 
         run_graph.ex.registry.register(Inputs, "TestStreamEditInputs")
-        g = {"i": {"class_type": "TestStreamEditInputs", "inputs": {}},
-             "1": {"class_type": "OpenAIImageEdit", "inputs": {"image": ["i", 0], "prompt": "bluer", "n": 2,
-                                                               "size": "1024x1024", "partial_images": 2}}}
+        g = {
+            "i": {"class_type": "TestStreamEditInputs", "inputs": {}},
+            "1": {
+                "class_type": "OpenAIImageEdit",
+                "inputs": {"image": ["i", 0], "prompt": "bluer", "n": 2, "size": "1024x1024", "partial_images": 2},
+            },
+        }
     r = run_node(run_graph, g)
     assert r.status == "success", r.error
     previews = [e for e in run_graph.events if type(e).__name__ == "Progress" and e.preview is not None]
@@ -410,6 +479,7 @@ def test_partial_images_need_gpt_image_1(run_graph, openai_server):
 
 
 # -- Responses API ----------------------------------------------------------------------------------
+
 
 def resp_node(node_id="r1", **inputs):
     base = {"prompt": "a lighthouse", "size": "1024x1024", "quality": "low", "partial_images": 3}
@@ -434,8 +504,10 @@ def test_responses_streams_partial_images_as_previews(run_graph, openai_server):
 
 
 def test_responses_chain_multi_turn_edits(run_graph, openai_server):
-    g = {**resp_node("a", prompt="a lighthouse"),
-         **resp_node("b", prompt="now at night", previous_response_id=["a", 3], partial_images=0)}
+    g = {
+        **resp_node("a", prompt="a lighthouse"),
+        **resp_node("b", prompt="now at night", previous_response_id=["a", 3], partial_images=0),
+    }
     r = run_node(run_graph, g, target="b")
     assert r.status == "success", r.error
     first, second = openai_server.requests
@@ -463,11 +535,14 @@ def test_responses_sends_input_images(run_graph, openai_server):
     assert Image.open(io.BytesIO(png)).size == (32, 32)
 
 
-@pytest.mark.parametrize("kind,expect", [
-    ("stream_fail", "rephrase the prompt"),
-    ("stream_cut", "ended before response.completed"),
-    ("text_only", "answered without an image. It said: I cannot draw that."),
-])
+@pytest.mark.parametrize(
+    "kind,expect",
+    [
+        ("stream_fail", "rephrase the prompt"),
+        ("stream_cut", "ended before response.completed"),
+        ("text_only", "answered without an image. It said: I cannot draw that."),
+    ],
+)
 def test_responses_stream_failures(run_graph, openai_server, kind, expect):
     openai_server.inject(Fault(kind, path="/responses"))
     msg = error_message(run_node(run_graph, resp_node(), target="r1"))
@@ -481,21 +556,39 @@ def test_responses_unknown_previous_id_names_the_input(run_graph, openai_server)
 
 # -- compatible endpoints and key safety -----------------------------------------------------------
 
+
 def test_compatible_endpoint_profile_and_model_override(run_graph, openai_server, tmp_path, monkeypatch):
-    extra = (f"  together:\n    base_url: {openai_server.base_url}\n    api_key_env: KILN_TEST_TOGETHER_KEY\n"
-             f"prices:\n  black-forest-labs/FLUX.1-schnell: {{per_image: {{'*': 0.003}}}}\n")
+    extra = (
+        f"  together:\n    base_url: {openai_server.base_url}\n    api_key_env: KILN_TEST_TOGETHER_KEY\n"
+        f"prices:\n  black-forest-labs/FLUX.1-schnell: {{per_image: {{'*': 0.003}}}}\n"
+    )
     monkeypatch.setenv("KILN_CONFIG", str(write_config(tmp_path / "c.yaml", openai_server.base_url, extra)))
     monkeypatch.setenv("KILN_TEST_TOGETHER_KEY", API_KEY)
-    r = run_node(run_graph, gen(endpoint="together", model_override="black-forest-labs/FLUX.1-schnell",
-                                size="512x512", n=2))
+    r = run_node(
+        run_graph, gen(endpoint="together", model_override="black-forest-labs/FLUX.1-schnell", size="512x512", n=2)
+    )
     assert r.status == "success", r.error
-    assert openai_server.requests[0]["json"] == {"prompt": "a red fox in snow",
-                                                 "model": "black-forest-labs/FLUX.1-schnell", "n": 2,
-                                                 "size": "512x512", "response_format": "b64_json"}
-    assert r.costs[0]["provider"] == "together" and r.costs[0]["usd"] == pytest.approx(0.006)
+    assert openai_server.requests[0]["json"] == {
+        "prompt": "a red fox in snow",
+        "model": "black-forest-labs/FLUX.1-schnell",
+        "n": 2,
+        "size": "512x512",
+        "response_format": "b64_json",
+    }
+    assert costs_of(r.annotations)[0]["provider"] == "together" and costs_of(r.annotations)[0]["usd"] == pytest.approx(
+        0.006
+    )
     # options the user set are passed on for the endpoint to judge, not dropped
-    r = run_node(run_graph, gen(endpoint="together", model_override="black-forest-labs/FLUX.1-schnell",
-                                size="512x512", quality="high", output_format="jpeg"))
+    r = run_node(
+        run_graph,
+        gen(
+            endpoint="together",
+            model_override="black-forest-labs/FLUX.1-schnell",
+            size="512x512",
+            quality="high",
+            output_format="jpeg",
+        ),
+    )
     assert r.status == "success", r.error
     sent = openai_server.requests[-1]["json"]
     assert sent["quality"] == "high" and sent["output_format"] == "jpeg" and "style" not in sent
@@ -521,8 +614,12 @@ def test_keys_never_reach_graph_history_events_or_logs(run_graph, openai_server,
     assert r.status == "success"
     r2 = run_node(run_graph, resp_node(), target="r1")
     assert r2.status == "success"
-    blob = json.dumps([e.comfy_data() for e in run_graph.events], default=str)
-    blob += json.dumps(r.outputs) + json.dumps(r2.outputs) + json.dumps(r.costs + r2.costs, default=str)
+    blob = json.dumps([event_message(e)[1] for e in run_graph.events], default=str)
+    blob += (
+        json.dumps(r.outputs)
+        + json.dumps(r2.outputs)
+        + json.dumps(costs_of(r.annotations) + costs_of(r2.annotations), default=str)
+    )
     blob += json.dumps([v for v in r.values["1"] if isinstance(v, str)])
     blob += caplog.text
     assert caplog.text  # the SDK and the retry loop did log

@@ -1,4 +1,5 @@
 """Kiln loads and explains itself when the optional openai / boto3 packages are not installed."""
+
 from __future__ import annotations
 
 import json
@@ -20,14 +21,18 @@ ex = engine.Executor(reg)
 for g in ({"1": {"class_type": "OpenAIImageGenerate", "inputs": {"prompt": "x", "model": "dall-e-2"}}},
           {"1": {"class_type": "SaveFileS3", "inputs": {"data": "x", "bucket": "b"}}}):
     r = ex.run(engine.Graph.from_json(g), targets=["1"])
-    out.setdefault("errors", []).append(r.error["exception_message"])
+    out.setdefault("errors", []).append(r.error.message)
 print(json.dumps(out))
 """
 
 
 def test_nodes_load_without_optional_packages_and_say_what_to_install(tmp_path):
-    env = {"PATH": "/usr/bin:/bin", "KILN_CONFIG": str(tmp_path / "none.yaml"), "OPENAI_API_KEY": "sk-unused-000000",
-           "HOME": str(tmp_path)}
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "KILN_CONFIG": str(tmp_path / "none.yaml"),
+        "OPENAI_API_KEY": "sk-unused-000000",
+        "HOME": str(tmp_path),
+    }
     p = subprocess.run([sys.executable, "-c", CODE], cwd=ROOT, capture_output=True, text=True, env=env, timeout=120)
     assert p.returncode == 0, p.stderr
     out = json.loads(p.stdout.strip().splitlines()[-1])

@@ -1,4 +1,5 @@
 """S3 sinks and loaders against a real S3-compatible server (moto, server mode, 127.0.0.1, path-style)."""
+
 from __future__ import annotations
 
 import io
@@ -12,7 +13,7 @@ import torch
 from PIL import Image
 
 from kiln import engine
-from kiln.engine import Node, Output
+from kiln.engine import Node
 from kiln.nodes.providers import provenance
 from tests.providers.s3_proxy import Rule, S3FaultProxy
 
@@ -57,11 +58,19 @@ def proxy(moto_url):
 
 
 def save_graph(bucket, endpoint, batch=2, **inputs):
-    base = {"images": ["g", 0], "bucket": bucket, "endpoint_url": endpoint, "path_style": True,
-            "region": "us-east-1", "key_template": "{prefix}/{prompt_id}/{index}.{ext}"}
+    base = {
+        "images": ["g", 0],
+        "bucket": bucket,
+        "endpoint_url": endpoint,
+        "path_style": True,
+        "region": "us-east-1",
+        "key_template": "{prefix}/{prompt_id}/{index}.{ext}",
+    }
     base.update(inputs)
-    return {"g": {"class_type": "TestGradient", "inputs": {"batch": batch}},
-            "s": {"class_type": "SaveImageS3", "inputs": base}}
+    return {
+        "g": {"class_type": "TestGradient", "inputs": {"batch": batch}},
+        "s": {"class_type": "SaveImageS3", "inputs": base},
+    }
 
 
 def objects(s3, prefix=""):
@@ -126,11 +135,20 @@ def small_parts(tmp_path, monkeypatch, kiln_config):
 
 
 def file_graph(bucket, endpoint, size, **inputs):
-    base = {"data": ["b", 0], "bucket": bucket, "endpoint_url": endpoint, "path_style": True, "region": "us-east-1",
-            "key_template": "files/{hash}.{ext}", "extension": "bin"}
+    base = {
+        "data": ["b", 0],
+        "bucket": bucket,
+        "endpoint_url": endpoint,
+        "path_style": True,
+        "region": "us-east-1",
+        "key_template": "files/{hash}.{ext}",
+        "extension": "bin",
+    }
     base.update(inputs)
-    return {"b": {"class_type": "TestBlob", "inputs": {"size": size}},
-            "f": {"class_type": "SaveFileS3", "inputs": base}}
+    return {
+        "b": {"class_type": "TestBlob", "inputs": {"size": size}},
+        "f": {"class_type": "SaveFileS3", "inputs": base},
+    }
 
 
 def test_large_files_go_up_in_parts(runner, s3, proxy, small_parts):
@@ -156,7 +174,7 @@ def test_failed_multipart_upload_leaves_nothing(runner, s3, proxy, small_parts):
     proxy.rules.append(Rule("PUT", query_has="partNumber=2", status=500, times=-1))
     r = runner(file_graph(s3.bucket, proxy.url, 11 * 1024 * 1024))
     assert r.status == "error"
-    msg = r.error["exception_message"]
+    msg = r.error.message
     assert "S3 InternalError (HTTP 500, request id FAULT123) after 3 attempts" in msg and "s3://" in msg
     assert objects(s3) == []
     assert s3.list_multipart_uploads(Bucket=s3.bucket).get("Uploads", []) == []
@@ -166,7 +184,7 @@ def test_batch_is_all_or_nothing(runner, s3, proxy, small_parts):
     proxy.rules.append(Rule("PUT", path_has="/00003.png", status=503, code="SlowDown", times=-1))
     r = runner(save_graph(s3.bucket, proxy.url, batch=5))
     assert r.status == "error"
-    assert "00003.png" in r.error["exception_message"]
+    assert "00003.png" in r.error.message
     assert objects(s3) == []
 
 
@@ -193,33 +211,40 @@ def test_interrupt_mid_batch_leaves_nothing(runner, s3, proxy):
     assert objects(s3) == []
 
 
-@pytest.mark.parametrize("inputs,input_name,expect", [
-    ({"key_template": "{prefix}/{nope}.png"}, "key_template", "unknown field"),
-    ({"key_template": "{prefix}/same.{ext}"}, "key_template", "same key"),
-    ({"bucket": "no-such-bucket-here"}, "bucket", "NoSuchBucket"),
-    ({"bucket": ""}, "bucket", "no bucket"),
-    ({"endpoint_url": "127.0.0.1:9"}, "endpoint_url", "scheme"),
-    ({"metadata": "{not json"}, "metadata", "not JSON"),
-])
+@pytest.mark.parametrize(
+    "inputs,input_name,expect",
+    [
+        ({"key_template": "{prefix}/{nope}.png"}, "key_template", "unknown field"),
+        ({"key_template": "{prefix}/same.{ext}"}, "key_template", "same key"),
+        ({"bucket": "no-such-bucket-here"}, "bucket", "NoSuchBucket"),
+        ({"bucket": ""}, "bucket", "no bucket"),
+        ({"endpoint_url": "127.0.0.1:9"}, "endpoint_url", "scheme"),
+        ({"metadata": "{not json"}, "metadata", "not JSON"),
+    ],
+)
 def test_bad_sink_inputs_name_the_input(runner, s3, moto_url, inputs, input_name, expect):
     g = save_graph(s3.bucket, moto_url)
     g["s"]["inputs"].update(inputs)
-    msg = runner(g).error["exception_message"]
+    msg = runner(g).error.message
     assert msg.startswith(f"input '{input_name}'") and expect in msg, msg
 
 
 def test_blank_images_are_refused_before_upload(runner, s3, moto_url):
     g = save_graph(s3.bucket, moto_url)
     g["g"]["inputs"]["flat"] = True
-    msg = runner(g).error["exception_message"]
+    msg = runner(g).error.message
     assert msg.startswith("input 'images'") and "single colour" in msg
     assert objects(s3) == []
 
 
 def test_load_image_s3_round_trip_and_etag_cache(runner, s3, moto_url):
     assert runner(save_graph(s3.bucket, moto_url, batch=1, key_template="in/{index}.{ext}")).status == "success"
-    load = {"l": {"class_type": "LoadImageS3", "inputs": {"bucket": s3.bucket, "key": "in/00000.png",
-                                                          "endpoint_url": moto_url, "path_style": True}}}
+    load = {
+        "l": {
+            "class_type": "LoadImageS3",
+            "inputs": {"bucket": s3.bucket, "key": "in/00000.png", "endpoint_url": moto_url, "path_style": True},
+        }
+    }
     ex = runner.ex
     r = ex.run(engine.Graph.from_json(load), targets=["l"])
     assert r.status == "success", r.error
@@ -238,20 +263,27 @@ def _png(w, h):
     return buf.getvalue()
 
 
-@pytest.mark.parametrize("setup,inputs,input_name,expect", [
-    (("a.txt", b"hello", "text/plain"), {"key": "a.txt"}, "key", "not an image"),
-    (("big.png", None, "image/png"), {"key": "big.png", "max_bytes": 100}, "max_bytes", "over max_bytes"),
-    (None, {"key": "missing.png"}, "key", "404"),
-    (("junk.png", b"\x89PNG broken", "image/png"), {"key": "junk.png"}, "key", "not an image Kiln can decode"),
-])
+@pytest.mark.parametrize(
+    "setup,inputs,input_name,expect",
+    [
+        (("a.txt", b"hello", "text/plain"), {"key": "a.txt"}, "key", "not an image"),
+        (("big.png", None, "image/png"), {"key": "big.png", "max_bytes": 100}, "max_bytes", "over max_bytes"),
+        (None, {"key": "missing.png"}, "key", "404"),
+        (("junk.png", b"\x89PNG broken", "image/png"), {"key": "junk.png"}, "key", "not an image Kiln can decode"),
+    ],
+)
 def test_load_image_s3_errors(runner, s3, moto_url, setup, inputs, input_name, expect):
     if setup:
         name, body, ctype = setup
         s3.put_object(Bucket=s3.bucket, Key=name, Body=body if body is not None else _png(64, 64), ContentType=ctype)
-    g = {"l": {"class_type": "LoadImageS3", "inputs": {"bucket": s3.bucket, "endpoint_url": moto_url,
-                                                       "path_style": True, **inputs}}}
+    g = {
+        "l": {
+            "class_type": "LoadImageS3",
+            "inputs": {"bucket": s3.bucket, "endpoint_url": moto_url, "path_style": True, **inputs},
+        }
+    }
     r = runner.ex.run(engine.Graph.from_json(g), targets=["l"])
-    msg = r.error["exception_message"]
+    msg = r.error.message
     assert expect in msg, msg
     if input_name:
         assert msg.startswith(f"input '{input_name}'"), msg

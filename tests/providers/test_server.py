@@ -3,6 +3,7 @@
 Costs and S3 URIs reach clients in ``executed`` and history; partial images arrive as binary preview
 frames; the API key appears in no websocket message, no history entry and nothing the server stores.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -56,8 +57,11 @@ class Server:
         client_id = uuid.uuid4().hex
         texts, frames = [], []
         with connect(f"ws://127.0.0.1:{self.port}/ws?clientId={client_id}", open_timeout=10, max_size=None) as ws:
-            r = requests.post(self.url + "/prompt", timeout=30, data=json.dumps(
-                {"prompt": graph, "client_id": client_id, "extra_data": extra_data}))
+            r = requests.post(
+                self.url + "/prompt",
+                timeout=30,
+                data=json.dumps({"prompt": graph, "client_id": client_id, "extra_data": extra_data}),
+            )
             assert r.status_code == 200, r.text
             pid = r.json()["prompt_id"]
             while True:
@@ -80,8 +84,11 @@ def server(registry, tmp_path):
 
 def test_costs_uris_and_no_keys_over_the_protocol(server, openai_server, s3, moto_url):
     pid, texts, frames = server.run(load_graph(s3.bucket, moto_url), max_cost=1.0)
-    executed = {json.loads(t)["data"]["node"]: json.loads(t)["data"]["output"] for t in texts
-                if json.loads(t)["type"] == "executed"}
+    executed = {
+        json.loads(t)["data"]["node"]: json.loads(t)["data"]["output"]
+        for t in texts
+        if json.loads(t)["type"] == "executed"
+    }
     assert executed["2"]["kiln_cost"][0]["model"] == "gpt-image-1" and executed["2"]["kiln_cost"][0]["usd"] > 0
     assert executed["4"]["s3"][0]["uri"].startswith(f"s3://{s3.bucket}/kiln/")
     hist = requests.get(f"{server.url}/history/{pid}", timeout=30).json()[pid]
@@ -95,9 +102,13 @@ def test_costs_uris_and_no_keys_over_the_protocol(server, openai_server, s3, mot
 
 
 def test_partial_images_arrive_as_preview_frames(server, openai_server):
-    g = {"r": {"class_type": "OpenAIResponsesImage", "inputs": {"prompt": "a kettle", "size": "1024x1024",
-                                                                "quality": "low", "partial_images": 2}},
-         "s": {"class_type": "PreviewImage", "inputs": {"images": ["r", 0]}}}
+    g = {
+        "r": {
+            "class_type": "OpenAIResponsesImage",
+            "inputs": {"prompt": "a kettle", "size": "1024x1024", "quality": "low", "partial_images": 2},
+        },
+        "s": {"class_type": "PreviewImage", "inputs": {"images": ["r", 0]}},
+    }
     pid, texts, frames = server.run(g, preview_method="auto")
     types = [json.loads(t)["type"] for t in texts]
     assert "execution_success" in types, texts[-3:]

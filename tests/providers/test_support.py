@@ -1,4 +1,5 @@
 """The support package: retry timing rules, prices, profiles and key routing, redaction, provenance."""
+
 from __future__ import annotations
 
 import asyncio
@@ -16,8 +17,8 @@ from kiln.engine import NodeError
 from kiln.nodes.providers import config, pricing, provenance
 from kiln.nodes.providers.retry import RetryPolicy, Transient, backoff_delay, parse_retry_after, with_retries
 
-
 # -- retry ---------------------------------------------------------------------------------------------
+
 
 def test_parse_retry_after_seconds_and_http_dates():
     assert parse_retry_after("2") == 2.0 and parse_retry_after("0.5") == 0.5
@@ -33,7 +34,7 @@ def test_backoff_is_jittered_capped_and_honours_retry_after(attempt, rnd, ra):
     d = backoff_delay(attempt, p, ra, rnd)
     assert d >= 0
     if ra is None:
-        assert d <= min(p.max_delay_s, 0.5 * 2 ** attempt)
+        assert d <= min(p.max_delay_s, 0.5 * 2**attempt)
     else:
         assert d == max(ra, d) and d <= max(ra, p.max_delay_s)  # never shorter than the server asked
 
@@ -71,6 +72,7 @@ def test_with_retries_does_not_retry_permanent_errors():
 
 # -- pricing -------------------------------------------------------------------------------------------
 
+
 def test_per_image_prices_most_specific_first(kiln_config):
     assert pricing.per_image("dall-e-3", "1792x1024", "hd") == 0.12
     assert pricing.per_image("dall-e-2", "512x512", "standard") == 0.018
@@ -79,17 +81,24 @@ def test_per_image_prices_most_specific_first(kiln_config):
 
 
 def test_token_pricing_and_config_overrides(kiln_config):
-    usage = {"input_tokens": 100, "input_tokens_details": {"image_tokens": 60, "text_tokens": 40},
-             "output_tokens": 1000}
+    usage = {
+        "input_tokens": 100,
+        "input_tokens_details": {"image_tokens": 60, "text_tokens": 40},
+        "output_tokens": 1000,
+    }
     assert pricing.from_usage("gpt-image-1", usage) == pytest.approx((40 * 5 + 60 * 10 + 1000 * 40) / 1e6)
     assert pricing.from_usage("gpt-4.1", {"input_tokens": 1000, "output_tokens": 500}) == pytest.approx(
-        (1000 * 2 + 500 * 8) / 1e6)
-    kiln_config.write_text(kiln_config.read_text() + "prices:\n  dall-e-2: {per_image: {'256x256': 0.5}}\n"
-                                                      "  my/model: {per_image: {'*': 0.07}}\n")
+        (1000 * 2 + 500 * 8) / 1e6
+    )
+    kiln_config.write_text(
+        kiln_config.read_text() + "prices:\n  dall-e-2: {per_image: {'256x256': 0.5}}\n"
+        "  my/model: {per_image: {'*': 0.07}}\n"
+    )
     assert pricing.per_image("dall-e-2", "256x256") == 0.5 and pricing.per_image("my/model") == 0.07
 
 
 # -- profiles, keys, redaction -------------------------------------------------------------------------
+
 
 def test_profiles_come_from_config_and_environment(kiln_config, monkeypatch):
     p = config.get_profile("openai", "openai")
@@ -140,6 +149,7 @@ def test_keys_only_go_to_their_profile_origin(kiln_config, monkeypatch):
 
 # -- provenance ----------------------------------------------------------------------------------------
 
+
 def _pixels():
     return np.random.default_rng(1).integers(0, 255, (20, 30, 3), dtype=np.uint8)
 
@@ -147,10 +157,20 @@ def _pixels():
 @pytest.mark.parametrize("fmt", ["PNG", "JPEG", "WEBP"])
 def test_provenance_round_trips_through_each_format(fmt):
     px = _pixels()
-    gen = {"provider": "openai", "model": "gpt-image-1", "revised_prompt": 'a "quoted" <tag> & more\nline',
-           "request_id": "req_1"}
-    rec = provenance.build(pixels=px, graph={"1": {"class_type": "X", "inputs": {}}}, generations=[gen],
-                           prompt_id="p1", node_id="9", mime=f"image/{fmt.lower()}")
+    gen = {
+        "provider": "openai",
+        "model": "gpt-image-1",
+        "revised_prompt": 'a "quoted" <tag> & more\nline',
+        "request_id": "req_1",
+    }
+    rec = provenance.build(
+        pixels=px,
+        graph={"1": {"class_type": "X", "inputs": {}}},
+        generations=[gen],
+        prompt_id="p1",
+        node_id="9",
+        mime=f"image/{fmt.lower()}",
+    )
     buf = io.BytesIO()
     Image.fromarray(px).save(buf, format=fmt, **provenance.save_kwargs(fmt, rec, {"prompt": {"a": 1}}))
     back = provenance.read(buf.getvalue())
@@ -164,6 +184,7 @@ def test_provenance_redacts_known_secrets(kiln_config):
     from tests.providers.conftest import API_KEY
 
     config.get_profile("openai", "openai").api_key()
-    rec = provenance.build(pixels=_pixels(), graph={"leak": API_KEY}, generations=[], prompt_id=None,
-                           node_id=None, mime="image/png")
+    rec = provenance.build(
+        pixels=_pixels(), graph={"leak": API_KEY}, generations=[], prompt_id=None, node_id=None, mime="image/png"
+    )
     assert API_KEY not in provenance.dumps(rec)

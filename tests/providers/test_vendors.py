@@ -1,4 +1,5 @@
 """ReplicateRun and GoogleImagenGenerate over plain HTTP against the loopback fake server."""
+
 from __future__ import annotations
 
 import json
@@ -8,29 +9,36 @@ import pytest
 import torch
 
 from kiln import engine
+from kiln.nodes.providers.ledger import costs_of
 from tests.providers.conftest import API_KEY
 from tests.providers.fake_providers import Fault
 
 
 def run_target(run_graph, graph, target, **extra):
     run_graph.events = []
-    return run_graph.ex.run(engine.Graph.from_json(graph), sink=run_graph.events.append, extra_data=extra,
-                            targets=[target])
+    return run_graph.ex.run(
+        engine.Graph.from_json(graph), sink=run_graph.events.append, extra_data=extra, targets=[target]
+    )
 
 
 def rep(**inputs):
-    base = {"model": "black-forest-labs/flux-1.1-pro", "prompt": "a kite over dunes", "seed": 5,
-            "input_json": '{"aspect_ratio": "3:2", "output_format": "png"}'}
+    base = {
+        "model": "black-forest-labs/flux-1.1-pro",
+        "prompt": "a kite over dunes",
+        "seed": 5,
+        "input_json": '{"aspect_ratio": "3:2", "output_format": "png"}',
+    }
     base.update(inputs)
     return {"r": {"class_type": "ReplicateRun", "inputs": base}}
 
 
 def err(r) -> str:
     assert r.status == "error", r.status
-    return r.error["exception_message"]
+    return r.error.message
 
 
 # -- Replicate ---------------------------------------------------------------------------------------
+
 
 def test_replicate_runs_polls_and_downloads(run_graph, openai_server):
     r = run_target(run_graph, rep(), "r")
@@ -39,8 +47,12 @@ def test_replicate_runs_polls_and_downloads(run_graph, openai_server):
     assert images.shape == (1, 64, 96, 3) and mask.shape == (1, 64, 96)
     create = openai_server.requests[0]
     assert create["path"] == "/replicate/v1/models/black-forest-labs/flux-1.1-pro/predictions"
-    assert create["json"]["input"] == {"aspect_ratio": "3:2", "output_format": "png", "prompt": "a kite over dunes",
-                                       "seed": 5}
+    assert create["json"]["input"] == {
+        "aspect_ratio": "3:2",
+        "output_format": "png",
+        "prompt": "a kite over dunes",
+        "seed": 5,
+    }
     assert create["headers"]["Prefer"].startswith("wait") and create["headers"]["Authorization"] == f"Bearer {API_KEY}"
     polls = [q for q in openai_server.requests if q["path"].endswith(pid)]
     assert len(polls) == 3
@@ -48,7 +60,7 @@ def test_replicate_runs_polls_and_downloads(run_graph, openai_server):
     assert progress[0] == 0 and progress[-1] == 100 and any(0 < v < 100 for v in progress)
     rec = json.loads(usage)
     assert rec["usd"] == pytest.approx(0.04) and rec["prediction_id"] == pid and rec["usage"] == {"predict_time": 0.42}
-    assert r.costs[0]["usd"] == pytest.approx(0.04)
+    assert costs_of(r.annotations)[0]["usd"] == pytest.approx(0.04)
 
 
 def test_replicate_version_ids_and_multiple_outputs(run_graph, openai_server):
@@ -73,11 +85,14 @@ def test_replicate_sends_a_connected_image_as_data_uri(run_graph, openai_server)
     assert openai_server.requests[0]["json"]["input"]["input_image"].startswith("data:image/png;base64,")
 
 
-@pytest.mark.parametrize("inputs,input_name,expect", [
-    ({"model": "not a model"}, "model", "not a Replicate model id"),
-    ({"input_json": "{oops"}, "input_json", "not JSON"),
-    ({"input_json": "[1]"}, "input_json", "JSON object"),
-])
+@pytest.mark.parametrize(
+    "inputs,input_name,expect",
+    [
+        ({"model": "not a model"}, "model", "not a Replicate model id"),
+        ({"input_json": "{oops"}, "input_json", "not JSON"),
+        ({"input_json": "[1]"}, "input_json", "JSON object"),
+    ],
+)
 def test_replicate_bad_inputs_fail_before_any_request(run_graph, openai_server, inputs, input_name, expect):
     msg = err(run_target(run_graph, rep(**inputs), "r"))
     assert msg.startswith(f"input '{input_name}'") and expect in msg
@@ -121,6 +136,7 @@ def test_replicate_max_wait_cancels_and_names_the_input(run_graph, openai_server
 
 # -- Google Imagen -----------------------------------------------------------------------------------
 
+
 def imagen(**inputs):
     base = {"prompt": "a tide pool at noon", "model": "imagen-4.0-generate-001", "n": 2, "aspect_ratio": "16:9"}
     base.update(inputs)
@@ -135,9 +151,10 @@ def test_imagen_generates_with_the_key_in_a_header(run_graph, openai_server):
     q = openai_server.requests[0]
     assert q["path"] == "/google/v1beta/models/imagen-4.0-generate-001:predict"
     assert q["headers"]["x-goog-api-key"] == API_KEY and API_KEY not in q["path"]
-    assert q["json"] == {"instances": [{"prompt": "a tide pool at noon"}],
-                         "parameters": {"sampleCount": 2, "aspectRatio": "16:9", "personGeneration": "allow_adult",
-                                        "imageSize": "1K"}}
+    assert q["json"] == {
+        "instances": [{"prompt": "a tide pool at noon"}],
+        "parameters": {"sampleCount": 2, "aspectRatio": "16:9", "personGeneration": "allow_adult", "imageSize": "1K"},
+    }
     assert json.loads(usage)["usd"] == pytest.approx(0.08)
 
 
@@ -162,8 +179,9 @@ def test_imagen_bad_key(run_graph, openai_server, monkeypatch):
 def test_imagen_rules_and_server_validation(run_graph, openai_server):
     msg = err(run_target(run_graph, imagen(model="imagen-4.0-fast-generate-001", image_size="2K"), "g"))
     assert msg.startswith("input 'image_size'") and openai_server.requests == []
-    openai_server.inject(Fault("status", status=400, message="aspectRatio 16:9 is not supported by this model",
-                               path="/google/"))
+    openai_server.inject(
+        Fault("status", status=400, message="aspectRatio 16:9 is not supported by this model", path="/google/")
+    )
     msg = err(run_target(run_graph, imagen(), "g"))
     assert msg.startswith("input 'aspect_ratio'") and "HTTP 400" in msg and "not supported" in msg
 

@@ -1,4 +1,5 @@
 """Server test fixtures (defined in srv_helpers so test modules can import the helpers too)."""
+
 import os
 import sys
 

@@ -1,5 +1,6 @@
 """Helpers and fixtures: a real server on loopback (in-process, in its own thread and loop, or a `kiln serve`
 subprocess), real websocket clients, the test node pack."""
+
 from __future__ import annotations
 
 import asyncio
@@ -33,6 +34,7 @@ def make_registry(image_nodes: bool = False) -> Registry:
         reg.register(cls, python_module="custom_nodes.kiln_testnodes")
     if image_nodes:
         from kiln import nodes
+
         nodes.register_builtin(reg)
     return reg
 
@@ -132,9 +134,11 @@ def chain(n: int = 3, value: int = 1, out: str = "TShow") -> dict:
 
 
 def sleeper(seconds: float = 1.0, steps: int = 10, value: int = 7, out: str = "TShow", **out_inputs) -> dict:
-    return {"1": {"class_type": "TConst", "inputs": {"value": value}},
-            "2": {"class_type": "TSleep", "inputs": {"value": ["1", 0], "seconds": seconds, "steps": steps}},
-            "out": {"class_type": out, "inputs": {"value": ["2", 0], **out_inputs}}}
+    return {
+        "1": {"class_type": "TConst", "inputs": {"value": value}},
+        "2": {"class_type": "TSleep", "inputs": {"value": ["1", 0], "seconds": seconds, "steps": steps}},
+        "out": {"class_type": out, "inputs": {"value": ["2", 0], **out_inputs}},
+    }
 
 
 def recv_until_done(ws, prompt_id: str, timeout: float = 20) -> list:
@@ -184,15 +188,22 @@ class ServeProcess:
         self.base = base
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.args = ["serve", "--port", str(self.port), "--base-dir", str(base),
-                     "--custom-nodes", str(custom_nodes), *extra]
+        self.args = [
+            "serve",
+            "--port",
+            str(self.port),
+            "--base-dir",
+            str(base),
+            "--custom-nodes",
+            str(custom_nodes),
+            *extra,
+        ]
         self.proc = None
 
-    def start(self, timeout: float = 60) -> "ServeProcess":
+    def start(self, timeout: float = 60) -> ServeProcess:
         env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
         self.log = open(self.base / f"serve-{time.time():.0f}.log", "ab")
-        self.proc = subprocess.Popen(kiln_cmd(*self.args), cwd=ROOT, env=env, stdout=self.log,
-                                     stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(kiln_cmd(*self.args), cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT)
         deadline = time.time() + timeout
         while time.time() < deadline:
             if self.proc.poll() is not None:

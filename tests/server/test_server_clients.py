@@ -1,6 +1,7 @@
 """Clients: a third-party ComfyUI client from PyPI (comfy-api-simplified) against a real `kiln serve`,
 kiln.Client (submit, events, images, download, cancel, reconnect + replay across a server restart), and
 the `kiln submit` subcommand."""
+
 from __future__ import annotations
 
 import io
@@ -20,11 +21,17 @@ from kiln.client import Client, RunFailed, ServerError
 pytestmark = pytest.mark.timeout(180)
 
 IMAGE_GRAPH = {
-    "1": {"class_type": "EmptyImage", "inputs": {"width": 16, "height": 8, "batch_size": 1, "color": 0x336699},
-          "_meta": {"title": "Empty"}},
+    "1": {
+        "class_type": "EmptyImage",
+        "inputs": {"width": 16, "height": 8, "batch_size": 1, "color": 0x336699},
+        "_meta": {"title": "Empty"},
+    },
     "2": {"class_type": "ImageInvert", "inputs": {"image": ["1", 0]}, "_meta": {"title": "Invert"}},
-    "9": {"class_type": "SaveImage", "inputs": {"images": ["2", 0], "filename_prefix": "kiln"},
-          "_meta": {"title": "Save Image"}},
+    "9": {
+        "class_type": "SaveImage",
+        "inputs": {"images": ["2", 0], "filename_prefix": "kiln"},
+        "_meta": {"title": "Save Image"},
+    },
 }
 
 
@@ -59,8 +66,10 @@ def test_kiln_client_run_images_download_cancel(live, tmp_path):
     g.SaveImage(images=g.ImageInvert(image=g.EmptyImage(width=4, height=4, color=0)), filename_prefix="authored")
     [authored] = c.images(c.submit(g))
     assert authored.size == (4, 4) and authored.convert("RGB").getpixel((0, 0)) == (255, 255, 255)
-    ws_graph = {"1": {"class_type": "EmptyImage", "inputs": {"width": 5, "height": 3, "batch_size": 2, "color": 0}},
-                "2": {"class_type": "SaveImageWebsocket", "inputs": {"images": ["1", 0]}}}
+    ws_graph = {
+        "1": {"class_type": "EmptyImage", "inputs": {"width": 5, "height": 3, "batch_size": 2, "color": 0}},
+        "2": {"class_type": "SaveImageWebsocket", "inputs": {"images": ["1", 0]}},
+    }
     ws_images = c.images(c.submit(ws_graph))  # sent only over the socket, replayed for this call
     assert [im.size for im in ws_images] == [(5, 3), (5, 3)]
     pid = c.submit(IMAGE_GRAPH)
@@ -80,9 +89,13 @@ def test_kiln_client_run_images_download_cancel(live, tmp_path):
     rest = [e["type"] for e in it]
     assert "execution_interrupted" in rest and rest[-1] == "executing"
     with pytest.raises(RunFailed):
-        c.run({"1": {"class_type": "TConst", "inputs": {"value": 1}},
-               "2": {"class_type": "TFail", "inputs": {"value": ["1", 0]}},
-               "3": {"class_type": "TShow", "inputs": {"value": ["2", 0]}}})
+        c.run(
+            {
+                "1": {"class_type": "TConst", "inputs": {"value": 1}},
+                "2": {"class_type": "TFail", "inputs": {"value": ["1", 0]}},
+                "3": {"class_type": "TShow", "inputs": {"value": ["2", 0]}},
+            }
+        )
     with pytest.raises(ServerError) as exc:
         c.submit({"1": {"class_type": "TShow", "inputs": {}}})
     assert exc.value.status == 400 and "1" in exc.value.node_errors
@@ -92,8 +105,14 @@ def test_kiln_client_run_images_download_cancel(live, tmp_path):
 def test_no_token_or_api_key_in_png_metadata_history_or_events(live):
     s = live(registry=make_registry(image_nodes=True), auth_token="server-TOKEN-xyz")
     c = Client(s.url, token="server-TOKEN-xyz")
-    pid = c.submit(IMAGE_GRAPH, extra_data={"api_key_comfy_org": "sk-LEAK-1", "auth_token_comfy_org": "LEAK-2",
-                                            "extra_pnginfo": {"workflow": {"note": "hello"}}})
+    pid = c.submit(
+        IMAGE_GRAPH,
+        extra_data={
+            "api_key_comfy_org": "sk-LEAK-1",
+            "auth_token_comfy_org": "LEAK-2",
+            "extra_pnginfo": {"workflow": {"note": "hello"}},
+        },
+    )
     [img] = c.images(pid)
     assert img.text.get("workflow") == '{"note": "hello"}' and "prompt" in img.text
     texts = json.dumps(img.text)
@@ -138,15 +157,30 @@ def test_kiln_submit_subcommand(server, tmp_path):
     g = tmp_path / "g.json"
     g.write_text(json.dumps(chain(2)))
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    r = subprocess.run(kiln_cmd("submit", str(g), "--server", server.url, "--set", "1.value=40"),
-                       capture_output=True, text=True, env=env, timeout=60)
+    r = subprocess.run(
+        kiln_cmd("submit", str(g), "--server", server.url, "--set", "1.value=40"),
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout) == {"out": {"text": ["41"]}}
-    r = subprocess.run(kiln_cmd("submit", str(g), "--server", server.url, "--set", "1.value=abc"),
-                       capture_output=True, text=True, env=env, timeout=60)
+    r = subprocess.run(
+        kiln_cmd("submit", str(g), "--server", server.url, "--set", "1.value=abc"),
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
     assert r.returncode == 1 and "invalid_input_type" in r.stderr or "convert" in r.stderr
-    r = subprocess.run(kiln_cmd("submit", str(g), "--server", server.url, "--set", "nope.value=1"),
-                       capture_output=True, text=True, env=env, timeout=60)
+    r = subprocess.run(
+        kiln_cmd("submit", str(g), "--server", server.url, "--set", "nope.value=1"),
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
     assert r.returncode == 2 and "no node" in r.stderr
 
 
@@ -156,11 +190,14 @@ def test_comfyui_ws_images_script_flow(live):
     from websockets.sync.client import connect
 
     s = live(registry=make_registry(image_nodes=True))
-    graph = {"1": {"class_type": "EmptyImage", "inputs": {"width": 12, "height": 6, "batch_size": 2, "color": 255}},
-             "save_image_websocket_node": {"class_type": "SaveImageWebsocket", "inputs": {"images": ["1", 0]}}}
+    graph = {
+        "1": {"class_type": "EmptyImage", "inputs": {"width": 12, "height": 6, "batch_size": 2, "color": 255}},
+        "save_image_websocket_node": {"class_type": "SaveImageWebsocket", "inputs": {"images": ["1", 0]}},
+    }
     with connect(s.ws_url + "?clientId=scriptclient", open_timeout=10, max_size=None) as ws:
-        pid = requests.post(s.url + "/prompt", data=json.dumps({"prompt": graph, "client_id": "scriptclient"}),
-                            timeout=10).json()["prompt_id"]
+        pid = requests.post(
+            s.url + "/prompt", data=json.dumps({"prompt": graph, "client_id": "scriptclient"}), timeout=10
+        ).json()["prompt_id"]
         current, images = "", []
         while True:
             out = ws.recv(timeout=20)
@@ -199,10 +236,12 @@ def test_async_client(live):
 
 
 def test_a_blocked_branch_is_not_a_failure(server):
-    g = {"1": {"class_type": "TConst", "inputs": {"value": 4}},
-         "b": {"class_type": "TBlock", "inputs": {"value": ["1", 0]}},
-         "shown": {"class_type": "TShow", "inputs": {"value": ["1", 0]}},
-         "blocked": {"class_type": "TShow", "inputs": {"value": ["b", 0]}}}
+    g = {
+        "1": {"class_type": "TConst", "inputs": {"value": 4}},
+        "b": {"class_type": "TBlock", "inputs": {"value": ["1", 0]}},
+        "shown": {"class_type": "TShow", "inputs": {"value": ["1", 0]}},
+        "blocked": {"class_type": "TShow", "inputs": {"value": ["b", 0]}},
+    }
     c = Client(server.url)
     pid = c.submit(g)
     kinds = [(e["type"], e["data"].get("exception_type")) for e in c.events(pid)]

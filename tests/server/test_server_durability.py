@@ -1,4 +1,5 @@
 """Nothing accepted is lost: a real `kiln serve` subprocess killed with SIGKILL mid-run and restarted."""
+
 from __future__ import annotations
 
 import json
@@ -12,8 +13,10 @@ pytestmark = pytest.mark.timeout(180)
 
 
 def writer(value: int, seconds: float, prefix: str = "out") -> dict:
-    return {"1": {"class_type": "TConst", "inputs": {"value": value}},
-            "w": {"class_type": "TWriteFile", "inputs": {"value": ["1", 0], "prefix": prefix, "seconds": seconds}}}
+    return {
+        "1": {"class_type": "TConst", "inputs": {"value": value}},
+        "w": {"class_type": "TWriteFile", "inputs": {"value": ["1", 0], "prefix": prefix, "seconds": seconds}},
+    }
 
 
 def wait_status(url, pid, want, timeout=60):
@@ -83,10 +86,17 @@ def test_on_crash_fail_marks_the_running_prompt_failed(tmp_path, serve_proc):
 def test_client_disconnect_mid_run_loses_nothing(server):
     with server.ws("leaver") as ws:
         json.loads(ws.recv(timeout=5))
-        pid = server.post("/prompt", {"prompt": {
-            "1": {"class_type": "TConst", "inputs": {"value": 3}},
-            "2": {"class_type": "TSleep", "inputs": {"value": ["1", 0], "seconds": 0.6, "steps": 6}},
-            "out": {"class_type": "TShow", "inputs": {"value": ["2", 0]}}}, "client_id": "leaver"}).json()["prompt_id"]
+        pid = server.post(
+            "/prompt",
+            {
+                "prompt": {
+                    "1": {"class_type": "TConst", "inputs": {"value": 3}},
+                    "2": {"class_type": "TSleep", "inputs": {"value": ["1", 0], "seconds": 0.6, "steps": 6}},
+                    "out": {"class_type": "TShow", "inputs": {"value": ["2", 0]}},
+                },
+                "client_id": "leaver",
+            },
+        ).json()["prompt_id"]
         seen = []
         while len(seen) < 4:
             m = json.loads(ws.recv(timeout=5))
@@ -113,22 +123,29 @@ def test_one_client_cannot_keep_up_others_unaffected(live):
     # a raw client that completes the handshake, then never reads
     raw = socket.create_connection(("127.0.0.1", s.port))
     raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    raw.sendall((f"GET /ws?clientId=lazy HTTP/1.1\r\nHost: 127.0.0.1:{s.port}\r\nUpgrade: websocket\r\n"
-                 "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
-                 "Sec-WebSocket-Version: 13\r\n\r\n").encode())
+    raw.sendall(
+        (
+            f"GET /ws?clientId=lazy HTTP/1.1\r\nHost: 127.0.0.1:{s.port}\r\nUpgrade: websocket\r\n"
+            "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+            "Sec-WebSocket-Version: 13\r\n\r\n"
+        ).encode()
+    )
     time.sleep(0.2)
     hub = s.service.hub
     assert hub.to_sid("lazy")
-    heavy = {"1": {"class_type": "TConst", "inputs": {"value": 1}},
-             "out": {"class_type": "TBigShow", "inputs": {"value": ["1", 0], "size": 400_000}}}
+    heavy = {
+        "1": {"class_type": "TConst", "inputs": {"value": 1}},
+        "out": {"class_type": "TBigShow", "inputs": {"value": ["1", 0], "size": 400_000}},
+    }
     with s.ws("busy") as ws:
         json.loads(ws.recv(timeout=5))
         deadline = time.time() + 30
         while hub.to_sid("lazy") and time.time() < deadline:
             # 400 KB 'executed' messages for the lazy client, a small prompt for the busy one
             s.post("/prompt", {"prompt": heavy, "client_id": "lazy"})
-            pid = s.post("/prompt", {"prompt": chain(3, value=int(time.time() * 1e6) % 100000),
-                                     "client_id": "busy"}).json()["prompt_id"]
+            pid = s.post(
+                "/prompt", {"prompt": chain(3, value=int(time.time() * 1e6) % 100000), "client_id": "busy"}
+            ).json()["prompt_id"]
             assert types(recv_until_done(ws, pid))[-1] == "executing"
     assert not hub.to_sid("lazy")  # disconnected
     raw.close()
@@ -141,12 +158,15 @@ def test_one_client_cannot_keep_up_others_unaffected(live):
 def test_lagging_client_loses_previews_first_and_keeps_every_event(live):
     """Previews past a small backlog are dropped for a slow reader; every numbered event still arrives."""
     s = live(preview_backlog=2)
-    g = {"1": {"class_type": "TConst", "inputs": {"value": 1}},
-         "p": {"class_type": "TPreview", "inputs": {"value": ["1", 0], "steps": 400}}}
+    g = {
+        "1": {"class_type": "TConst", "inputs": {"value": 1}},
+        "p": {"class_type": "TPreview", "inputs": {"value": ["1", 0], "steps": 400}},
+    }
     with s.ws("slowpoke") as ws:
         json.loads(ws.recv(timeout=5))
-        pid = s.post("/prompt", {"prompt": g, "client_id": "slowpoke",
-                                 "extra_data": {"preview_method": "auto"}}).json()["prompt_id"]
+        pid = s.post(
+            "/prompt", {"prompt": g, "client_id": "slowpoke", "extra_data": {"preview_method": "auto"}}
+        ).json()["prompt_id"]
         s.get(f"/api/prompt/{pid}", params={"wait": "1", "timeout": "30"})  # not reading meanwhile
         msgs = recv_until_done(ws, pid)
     frames = [m for m in msgs if isinstance(m, bytes)]
@@ -200,6 +220,11 @@ def test_a_second_server_on_the_same_data_dir_refuses_to_start(tmp_path, serve_p
     serve_proc()
     import os
 
-    r = subprocess.run(kiln_cmd("serve", "--port", "0", "--base-dir", str(tmp_path)), capture_output=True,
-                       text=True, timeout=120, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    r = subprocess.run(
+        kiln_cmd("serve", "--port", "0", "--base-dir", str(tmp_path)),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=dict(os.environ, PYTHONPATH=str(ROOT)),
+    )
     assert r.returncode == 2 and "another Kiln server" in r.stderr

@@ -1,38 +1,58 @@
 """Property-based fuzzing of POST /prompt and the websocket: whatever arrives, the server answers with
 a typed 4xx (or accepts), or closes that one socket, and keeps serving."""
+
 from __future__ import annotations
 
 import json
 
 import pytest
 import requests
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
+from hypothesis import HealthCheck, given, settings, strategies as st
 from srv_helpers import LiveServer, chain, recv_until_done
 
 pytestmark = pytest.mark.timeout(300)
 
-json_leaf = st.one_of(st.none(), st.booleans(), st.integers(-2 ** 70, 2 ** 70),
-                      st.floats(allow_nan=False, allow_infinity=False), st.text(max_size=20))
-json_value = st.recursive(json_leaf, lambda kids: st.one_of(st.lists(kids, max_size=4),
-                                                            st.dictionaries(st.text(max_size=8), kids, max_size=4)),
-                          max_leaves=20)
+json_leaf = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-(2**70), 2**70),
+    st.floats(allow_nan=False, allow_infinity=False),
+    st.text(max_size=20),
+)
+json_value = st.recursive(
+    json_leaf,
+    lambda kids: st.one_of(st.lists(kids, max_size=4), st.dictionaries(st.text(max_size=8), kids, max_size=4)),
+    max_leaves=20,
+)
 class_types = st.sampled_from(["TConst", "TAdd", "TShow", "TFail", "Nope", "", 3, None])
-node = st.fixed_dictionaries({"class_type": class_types},
-                             optional={"inputs": st.dictionaries(st.sampled_from(["value", "a", "b", "seconds",
-                                                                                  "steps", "zz"]),
-                                                                 st.one_of(json_leaf, st.tuples(
-                                                                     st.sampled_from(["1", "2", "9", 1]),
-                                                                     st.integers(-1, 3)).map(list)),
-                                                                 max_size=4),
-                                       "_meta": json_value})
+node = st.fixed_dictionaries(
+    {"class_type": class_types},
+    optional={
+        "inputs": st.dictionaries(
+            st.sampled_from(["value", "a", "b", "seconds", "steps", "zz"]),
+            st.one_of(json_leaf, st.tuples(st.sampled_from(["1", "2", "9", 1]), st.integers(-1, 3)).map(list)),
+            max_size=4,
+        ),
+        "_meta": json_value,
+    },
+)
 graph = st.dictionaries(st.sampled_from(["1", "2", "3", "out", "x.y"]), node, max_size=5)
-envelope = st.fixed_dictionaries({"prompt": st.one_of(graph, json_value)},
-                                 optional={"client_id": json_value, "prompt_id": json_value,
-                                           "extra_data": json_value, "front": json_value, "number": json_value,
-                                           "partial_execution_targets": json_value})
-bodies = st.one_of(envelope.map(lambda d: json.dumps(d).encode()), json_value.map(lambda d: json.dumps(d).encode()),
-                   st.binary(max_size=200))
+envelope = st.fixed_dictionaries(
+    {"prompt": st.one_of(graph, json_value)},
+    optional={
+        "client_id": json_value,
+        "prompt_id": json_value,
+        "extra_data": json_value,
+        "front": json_value,
+        "number": json_value,
+        "partial_execution_targets": json_value,
+    },
+)
+bodies = st.one_of(
+    envelope.map(lambda d: json.dumps(d).encode()),
+    json_value.map(lambda d: json.dumps(d).encode()),
+    st.binary(max_size=200),
+)
 
 
 @pytest.fixture(scope="module")
@@ -58,8 +78,12 @@ socket_messages = st.one_of(
     st.binary(max_size=64),
     st.text(max_size=64),
     json_value.map(json.dumps),
-    st.fixed_dictionaries({"type": st.sampled_from(["prompt", "replay", "feature_flags", "interrupt", "x", ""]),
-                           "data": st.one_of(json_value, envelope)}).map(json.dumps),
+    st.fixed_dictionaries(
+        {
+            "type": st.sampled_from(["prompt", "replay", "feature_flags", "interrupt", "x", ""]),
+            "data": st.one_of(json_value, envelope),
+        }
+    ).map(json.dumps),
 )
 
 
@@ -80,10 +104,21 @@ def test_socket_never_breaks(fuzz_server, msgs):
                 reply = json.loads(ws.recv(timeout=10))
                 if reply["type"] == "feature_flags":
                     break
-                assert reply["type"] in ("error", "prompt_queued", "prompt_rejected", "replay_done", "status",
-                                         "execution_start", "execution_cached", "executing", "executed",
-                                         "progress", "execution_success", "execution_error",
-                                         "execution_interrupted"), reply
+                assert reply["type"] in (
+                    "error",
+                    "prompt_queued",
+                    "prompt_rejected",
+                    "replay_done",
+                    "status",
+                    "execution_start",
+                    "execution_cached",
+                    "executing",
+                    "executed",
+                    "progress",
+                    "execution_success",
+                    "execution_error",
+                    "execution_interrupted",
+                ), reply
         except ConnectionClosed as exc:
             assert any(isinstance(m, bytes) for m in msgs) and exc.rcvd.code == 1003
     # the server still works for everyone

@@ -1,12 +1,14 @@
 """HTTP routes: ComfyUI's shapes at /x and /api/x, validation errors, queue and history semantics,
 idempotent prompt ids, bad bodies."""
+
 from __future__ import annotations
 
 import json
+import threading
 import time
 
 import pytest
-from srv_helpers import chain, sleeper
+from srv_helpers import chain, make_registry, sleeper
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -40,8 +42,14 @@ def test_post_prompt_any_content_type_and_validation_errors(server):
     assert r.status_code == 200 and set(r.json()) == {"prompt_id", "number", "node_errors"}
     r = server.post("/prompt", {"client_id": "x"})
     assert r.status_code == 400 and r.json() == {
-        "error": {"type": "no_prompt", "message": "No prompt provided", "details": "No prompt provided",
-                  "extra_info": {}}, "node_errors": {}}
+        "error": {
+            "type": "no_prompt",
+            "message": "No prompt provided",
+            "details": "No prompt provided",
+            "extra_info": {},
+        },
+        "node_errors": {},
+    }
     g = chain(2)
     g["2"]["class_type"] = "NoSuchNode"
     r = server.post("/prompt", {"prompt": g})
@@ -141,9 +149,17 @@ def test_history_paging_and_delete(server):
 
 def test_secrets_never_stored(server):
     g = chain(1, out="TSecret")
-    pid = server.post("/prompt", {"prompt": g, "extra_data": {"api_key_comfy_org": "sk-SECRET-123",
-                                                              "auth_token_comfy_org": "tok-SECRET-456",
-                                                              "extra_pnginfo": {"workflow": {}}}}).json()["prompt_id"]
+    pid = server.post(
+        "/prompt",
+        {
+            "prompt": g,
+            "extra_data": {
+                "api_key_comfy_org": "sk-SECRET-123",
+                "auth_token_comfy_org": "tok-SECRET-456",
+                "extra_pnginfo": {"workflow": {}},
+            },
+        },
+    ).json()["prompt_id"]
     done = wait_done(server, pid)
     assert done["outputs"] == {"out": {"text": ["has key"]}}  # the run had it
     dump = server.get("/history").text + server.get(f"/api/prompt/{pid}/events").text
@@ -161,3 +177,63 @@ def test_history_limit_drops_the_oldest(live):
     s.call(s.service.store.trim_history, 3)  # the service trims every 64 prompts; force it here
     assert list(s.get("/history").json()) == ids[2:]
     assert s.get(f"/api/prompt/{ids[0]}").json()["status"] == "unknown"
+
+
+class SlowCheck:
+    """A classic node whose VALIDATE_INPUTS is slow (or async) and records the thread it ran on."""
+
+    threads: list = []
+    RETURN_TYPES = ("INT",)
+    FUNCTION = "run"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"value": ("INT", {"default": 0})}}
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, value):
+        cls.threads.append(threading.get_ident())
+        time.sleep(1.0)
+        return True
+
+    def run(self, value):
+        return (value,)
+
+
+class AsyncCheck(SlowCheck):
+    @classmethod
+    async def VALIDATE_INPUTS(cls, value):
+        cls.threads.append(threading.get_ident())
+        return value >= 0 or "value must not be negative"
+
+
+def test_validation_runs_off_the_event_loop(live):
+    reg = make_registry()
+    reg.register(SlowCheck)
+    reg.register(AsyncCheck)
+    s = live(registry=reg)
+    SlowCheck.threads.clear()
+
+    def graph(cls, value=3):
+        return {
+            "prompt": {
+                "1": {"class_type": cls, "inputs": {"value": value}},
+                "out": {"class_type": "TShow", "inputs": {"value": ["1", 0]}},
+            }
+        }
+
+    slow: list = []
+    t = threading.Thread(target=lambda: slow.append(s.post("/prompt", graph("SlowCheck"))))
+    t.start()
+    deadline = time.monotonic() + 10
+    while not SlowCheck.threads and time.monotonic() < deadline:
+        time.sleep(0.01)
+    t0 = time.monotonic()
+    assert s.get("/prompt").status_code == 200  # the loop answers while the slow validator runs
+    assert time.monotonic() - t0 < 0.5
+    t.join(10)
+    assert slow[0].status_code == 200 and slow[0].json()["node_errors"] == {}
+    assert s.post("/prompt", graph("AsyncCheck")).status_code == 200
+    r = s.post("/prompt", graph("AsyncCheck", -1))
+    assert r.status_code == 400 and r.json()["node_errors"]["1"]["errors"][0]["type"] == "custom_validation_failed"
+    assert s.thread.ident not in SlowCheck.threads + AsyncCheck.threads

@@ -1,4 +1,5 @@
 """Safe by default: token auth, Host/Origin checks, /view and upload confinement, size limits."""
+
 from __future__ import annotations
 
 import io
@@ -30,11 +31,13 @@ def test_non_loopback_bind_needs_a_token():
 
     env = {k: v for k, v in os.environ.items() if k != "KILN_AUTH_TOKEN"}
     env["PYTHONPATH"] = str(__import__("srv_helpers").ROOT)
-    r = subprocess.run(kiln_cmd("serve", "--host", "0.0.0.0", "--port", "1"), capture_output=True, text=True,
-                       env=env, timeout=60)
+    r = subprocess.run(
+        kiln_cmd("serve", "--host", "0.0.0.0", "--port", "1"), capture_output=True, text=True, env=env, timeout=60
+    )
     assert r.returncode == 2 and "--auth-token" in r.stderr
-    r = subprocess.run(kiln_cmd("serve", "--port", "1", "--cache", "bogus"), capture_output=True, text=True,
-                       env=env, timeout=60)
+    r = subprocess.run(
+        kiln_cmd("serve", "--port", "1", "--cache", "bogus"), capture_output=True, text=True, env=env, timeout=60
+    )
     assert r.returncode == 2 and "cache policy" in r.stderr
 
 
@@ -88,11 +91,18 @@ def test_view_confinement(server):
     assert server.get("/view", params={"filename": "page.html"}).headers["Content-Type"] == "application/octet-stream"
     r = server.get("/view", params={"filename": "a.png [output]", "subfolder": "sub", "type": "input"})
     assert r.status_code == 200
-    bad = [({"filename": "../secret.txt"}, 400), ({"filename": "/etc/passwd"}, 400),
-           ({"filename": "a.png\0"}, 400), ({"filename": "..\\secret.txt"}, 400),
-           ({"filename": "secret.txt", "subfolder": ".."}, 403), ({"filename": "passwd", "subfolder": "/etc"}, 403),
-           ({"filename": "link.txt"}, 403), ({"filename": "a.png", "type": "models"}, 400),
-           ({"filename": "missing.png"}, 404), ({}, 400)]
+    bad = [
+        ({"filename": "../secret.txt"}, 400),
+        ({"filename": "/etc/passwd"}, 400),
+        ({"filename": "a.png\0"}, 400),
+        ({"filename": "..\\secret.txt"}, 400),
+        ({"filename": "secret.txt", "subfolder": ".."}, 403),
+        ({"filename": "passwd", "subfolder": "/etc"}, 403),
+        ({"filename": "link.txt"}, 403),
+        ({"filename": "a.png", "type": "models"}, 400),
+        ({"filename": "missing.png"}, 404),
+        ({}, 400),
+    ]
     for params, status in bad:
         r = server.get("/view", params=params)
         assert r.status_code == status, (params, r.status_code, r.text)
@@ -102,8 +112,12 @@ def test_view_confinement(server):
 
 
 def _upload(server, name, data, path="/upload/image", **fields):
-    return requests.post(server.url + path, files={"image": (name, data, "image/png")},
-                         data={k: v for k, v in fields.items()}, timeout=30)
+    return requests.post(
+        server.url + path,
+        files={"image": (name, data, "image/png")},
+        data={k: v for k, v in fields.items()},
+        timeout=30,
+    )
 
 
 def test_upload_names_collisions_and_confinement(server):
@@ -117,8 +131,13 @@ def test_upload_names_collisions_and_confinement(server):
     r = _upload(server, "dog.png", png_bytes(), subfolder="pets", type="temp")
     assert r.json() == {"name": "dog.png", "subfolder": "pets", "type": "temp"}
     assert (server.folders.temp_dir / "pets" / "dog.png").is_file()
-    for name, fields in [("../evil.png", {}), ("a/b.png", {}), ("ok.png", {"subfolder": "../.."}),
-                         ("ok.png", {"subfolder": "/tmp"}), ("ok.png", {"type": "models"})]:
+    for name, fields in [
+        ("../evil.png", {}),
+        ("a/b.png", {}),
+        ("ok.png", {"subfolder": "../.."}),
+        ("ok.png", {"subfolder": "/tmp"}),
+        ("ok.png", {"type": "models"}),
+    ]:
         r = _upload(server, name, png_bytes(), **fields)
         assert r.status_code == 400, (name, fields, r.text)
     r = _upload(server, "fake.png", b"MZ\x90\x00 not an image")
@@ -126,11 +145,18 @@ def test_upload_names_collisions_and_confinement(server):
     assert not (server.folders.input_dir / "fake.png").exists()
     r = requests.post(server.url + "/upload/image", data={"subfolder": ""}, timeout=10)
     assert r.status_code == 400
-    r = requests.post(server.url + "/upload/image", files={"image": ("a.png", png_bytes())},
-                      data={"subfolder": "x" * 200_000}, timeout=10)
+    r = requests.post(
+        server.url + "/upload/image",
+        files={"image": ("a.png", png_bytes())},
+        data={"subfolder": "x" * 200_000},
+        timeout=10,
+    )
     assert r.status_code == 413
-    r = requests.post(server.url + "/upload/image", files=[("image", ("a.png", png_bytes())),
-                                                           ("image", ("b.png", png_bytes()))], timeout=10)
+    r = requests.post(
+        server.url + "/upload/image",
+        files=[("image", ("a.png", png_bytes())), ("image", ("b.png", png_bytes()))],
+        timeout=10,
+    )
     assert r.status_code == 400
     import glob
     import tempfile
@@ -147,8 +173,13 @@ def test_upload_size_limit_and_mask(live):
     assert not list(s.folders.input_dir.glob("big*")) if s.folders.input_dir.exists() else True
     assert _upload(s, "base.png", png_bytes(size=(8, 8))).status_code == 200
     mask = png_bytes((0, 0, 0, 0), size=(8, 8), mode="RGBA")
-    r = _upload(s, "base_mask.png", mask, path="/upload/mask",
-                original_ref=json.dumps({"filename": "base.png", "type": "input"}))
+    r = _upload(
+        s,
+        "base_mask.png",
+        mask,
+        path="/upload/mask",
+        original_ref=json.dumps({"filename": "base.png", "type": "input"}),
+    )
     assert r.status_code == 200, r.text
     with Image.open(s.folders.input_dir / r.json()["name"]) as im:
         assert im.mode == "RGBA" and im.getpixel((0, 0))[3] == 0

@@ -3,6 +3,7 @@ Kiln and compare the answers and the websocket message sequences (types, order a
 
 ``progress_state`` is left out of the comparison: Kiln sends it only to clients that negotiated feature
 flags, one node per message (see server/__init__.py)."""
+
 from __future__ import annotations
 
 import json

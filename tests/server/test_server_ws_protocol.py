@@ -1,5 +1,6 @@
 """The websocket protocol against real clients: ComfyUI's message order, previews, socket submission,
 replay, status and waiting."""
+
 from __future__ import annotations
 
 import json
@@ -10,7 +11,6 @@ import time
 from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import pytest
-
 from srv_helpers import chain, recv_until_done, sleeper, types
 
 pytestmark = pytest.mark.timeout(60)
@@ -41,8 +41,20 @@ def test_success_order_matches_comfyui_and_history_is_written_first(server, defl
         msgs = recv_until_done(ws, "p-1")
         # history must exist when executing null arrives (ComfyUI's script examples rely on it)
         assert "p-1" in server.get("/history/p-1").json()
-    assert types(msgs) == ["status", "status", "execution_start", "execution_cached", "executing", "executing",
-                           "executing", "executing", "executed", "execution_success", "status", "executing"]
+    assert types(msgs) == [
+        "status",
+        "status",
+        "execution_start",
+        "execution_cached",
+        "executing",
+        "executing",
+        "executing",
+        "executing",
+        "executed",
+        "execution_success",
+        "status",
+        "executing",
+    ]
     ex = [m for m in msgs if m["type"] == "executing"]
     assert [m["data"]["node"] for m in ex] == ["1", "2", "3", "out", None]
     assert all(m["data"]["prompt_id"] == "p-1" for m in ex)
@@ -65,8 +77,16 @@ def test_cached_rerun_sends_executed_but_no_executing(server):
         recv_until_done(ws, "a")
         server.post("/prompt", {"prompt": chain(3), "client_id": "c1", "prompt_id": "b"})
         msgs = recv_until_done(ws, "b")
-    assert types(msgs) == ["status", "status", "execution_start", "execution_cached", "executed",
-                           "execution_success", "status", "executing"]
+    assert types(msgs) == [
+        "status",
+        "status",
+        "execution_start",
+        "execution_cached",
+        "executed",
+        "execution_success",
+        "status",
+        "executing",
+    ]
     assert sorted(msgs[3]["data"]["nodes"]) == ["1", "2", "3", "out"]
 
 
@@ -142,9 +162,11 @@ def test_prompt_without_client_id_broadcasts_only_progress(server):
 
 
 def _preview_graph():
-    return {"1": {"class_type": "TConst", "inputs": {"value": 1}},
-            "p": {"class_type": "TPreview", "inputs": {"value": ["1", 0], "steps": 2}},
-            "w": {"class_type": "TWsOut", "inputs": {"value": ["1", 0]}}}
+    return {
+        "1": {"class_type": "TConst", "inputs": {"value": 1}},
+        "p": {"class_type": "TPreview", "inputs": {"value": ["1", 0], "steps": 2}},
+        "w": {"class_type": "TWsOut", "inputs": {"value": ["1", 0]}},
+    }
 
 
 def test_previews_only_when_asked_and_output_frames_always(server):
@@ -161,12 +183,14 @@ def test_preview_frames_type1_and_type4(server):
     g = _preview_graph()
     with server.ws("plain") as ws:
         first(ws)
-        pid = server.post("/prompt", {"prompt": g, "client_id": "plain",
-                                      "extra_data": {"preview_method": "auto"}}).json()["prompt_id"]
+        pid = server.post(
+            "/prompt", {"prompt": g, "client_id": "plain", "extra_data": {"preview_method": "auto"}}
+        ).json()["prompt_id"]
         msgs = recv_until_done(ws, pid)
     t = types(msgs)
-    i = next(k for k, m in enumerate(msgs) if isinstance(m, dict) and m["type"] == "progress"
-             and m["data"]["node"] == "p")
+    i = next(
+        k for k, m in enumerate(msgs) if isinstance(m, dict) and m["type"] == "progress" and m["data"]["node"] == "p"
+    )
     assert t[i + 1] == "bin1"  # ComfyUI order for plain clients: progress, then the frame
     f = msgs[i + 1]
     assert struct.unpack(">II", f[:8]) == (1, 1) and f[8:10] == b"\xff\xd8"
@@ -178,8 +202,9 @@ def test_preview_frames_type1_and_type4(server):
         assert flags["type"] == "feature_flags" and flags["data"]["supports_preview_metadata"] is True
         assert flags["data"]["max_upload_size"] == server.config.max_upload_bytes
         g["1"]["inputs"]["value"] = 2  # not a cache hit
-        pid = server.post("/prompt", {"prompt": g, "client_id": "meta",
-                                      "extra_data": {"preview_method": "auto"}}).json()["prompt_id"]
+        pid = server.post(
+            "/prompt", {"prompt": g, "client_id": "meta", "extra_data": {"preview_method": "auto"}}
+        ).json()["prompt_id"]
         msgs = recv_until_done(ws, pid)
     msgs2 = [m for m in msgs if isinstance(m, bytes) or m["type"] != "progress_state"]
     frames = [m for m in msgs2 if isinstance(m, bytes)]
@@ -188,10 +213,16 @@ def test_preview_frames_type1_and_type4(server):
     i = next(k for k, m in enumerate(msgs2) if m is f)
     assert msgs2[i + 1]["type"] == "progress"  # ComfyUI order with metadata: the frame, then progress
     n = struct.unpack(">I", f[4:8])[0]
-    meta = json.loads(f[8:8 + n])
-    assert meta == {"node_id": "p", "prompt_id": pid, "display_node_id": "p", "parent_node_id": None,
-                    "real_node_id": "p", "image_type": "image/jpeg"}
-    assert f[8 + n:10 + n] == b"\xff\xd8"
+    meta = json.loads(f[8 : 8 + n])
+    assert meta == {
+        "node_id": "p",
+        "prompt_id": pid,
+        "display_node_id": "p",
+        "parent_node_id": None,
+        "real_node_id": "p",
+        "image_type": "image/jpeg",
+    }
+    assert f[8 + n : 10 + n] == b"\xff\xd8"
     assert "progress_state" in types(msgs)  # negotiated clients get progress_state deltas
 
 
@@ -257,7 +288,9 @@ def test_replay_over_socket_and_http(server):
     assert replayed[-1]["type"] == "executing" and replayed[-1]["data"]["node"] is None
     body = server.get(f"/api/prompt/{pid}/events", params={"since": 0}).json()
     assert body["done"] and body["status"] == "success"
-    assert [(e["seq"], e["type"], e["data"]) for e in body["events"]] == [(m["seq"], m["type"], m["data"]) for m in live]
+    assert [(e["seq"], e["type"], e["data"]) for e in body["events"]] == [
+        (m["seq"], m["type"], m["data"]) for m in live
+    ]
     assert server.get("/api/prompt/nope/events").status_code == 404
 
 
@@ -309,8 +342,10 @@ def test_webhook_gets_a_post_on_completion(server):
 
 
 def test_output_frames_are_replayed_in_place(server):
-    g = {"1": {"class_type": "TConst", "inputs": {"value": 1}},
-         "w": {"class_type": "TWsOut", "inputs": {"value": ["1", 0]}}}
+    g = {
+        "1": {"class_type": "TConst", "inputs": {"value": 1}},
+        "w": {"class_type": "TWsOut", "inputs": {"value": ["1", 0]}},
+    }
     with server.ws("frames") as ws:
         first(ws)
         pid = server.post("/prompt", {"prompt": g, "client_id": "frames"}).json()["prompt_id"]
@@ -330,8 +365,7 @@ def test_events_long_poll_follows_a_run_to_its_final_event(server):
     pid = server.post("/prompt", {"prompt": sleeper(0.6, 6)}).json()["prompt_id"]
     since, seen, polls = 0, [], 0
     while True:
-        body = server.get(f"/api/prompt/{pid}/events", params={"since": since, "wait": "true",
-                                                                "timeout": "10"}).json()
+        body = server.get(f"/api/prompt/{pid}/events", params={"since": since, "wait": "true", "timeout": "10"}).json()
         polls += 1
         seen += body["events"]
         since = body["last_seq"]

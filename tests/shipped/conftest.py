@@ -1,4 +1,5 @@
 """Session fixture: one executor over the shipped models (see shipped_harness.py)."""
+
 from __future__ import annotations
 
 import sys

@@ -3,6 +3,7 @@
 The pictures are read back by the training side's pixel checker (:mod:`training.evaluate`), so these tests
 fail on a broken sampler, scheduler, CFG, LoRA or ControlNet path, not only on a crash.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -12,8 +13,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from kiln import engine
-from kiln import nodes
+from kiln import engine, nodes
 from kiln.nodes.sd.manager import ModelManager
 from kiln.training import scenes as sc
 
@@ -73,9 +73,16 @@ class Shapes:
         for i, j in enumerate(jobs):
             model, clip = ["ckpt", 0], ["ckpt", 1]
             if j.lora is not None:
-                g[f"lora{i}"] = {"class_type": "LoraLoader", "inputs": {
-                    "model": model, "clip": clip, "lora_name": LORA, "strength_model": j.lora,
-                    "strength_clip": j.lora}}
+                g[f"lora{i}"] = {
+                    "class_type": "LoraLoader",
+                    "inputs": {
+                        "model": model,
+                        "clip": clip,
+                        "lora_name": LORA,
+                        "strength_model": j.lora,
+                        "strength_clip": j.lora,
+                    },
+                }
                 model, clip = [f"lora{i}", 0], [f"lora{i}", 1]
             g[f"pos{i}"] = {"class_type": "CLIPTextEncode", "inputs": {"text": j.prompt, "clip": clip}}
             g[f"neg{i}"] = {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": clip}}
@@ -83,24 +90,53 @@ class Shapes:
             if j.control is not None:
                 g["cn"] = {"class_type": "ControlNetLoader", "inputs": {"control_net_name": CONTROLNET}}
                 g[f"cimg{i}"] = {"class_type": "LoadImage", "inputs": {"image": j.control}}
-                g[f"apply{i}"] = {"class_type": "ControlNetApplyAdvanced", "inputs": {
-                    "positive": pos, "negative": neg, "control_net": ["cn", 0], "image": [f"cimg{i}", 0],
-                    "strength": j.control_strength, "start_percent": 0.0, "end_percent": 1.0}}
+                g[f"apply{i}"] = {
+                    "class_type": "ControlNetApplyAdvanced",
+                    "inputs": {
+                        "positive": pos,
+                        "negative": neg,
+                        "control_net": ["cn", 0],
+                        "image": [f"cimg{i}", 0],
+                        "strength": j.control_strength,
+                        "start_percent": 0.0,
+                        "end_percent": 1.0,
+                    },
+                }
                 pos, neg = [f"apply{i}", 0], [f"apply{i}", 1]
             if j.init is None:
-                g[f"lat{i}"] = {"class_type": "EmptyLatentImage",
-                                "inputs": {"width": 128, "height": 128, "batch_size": j.batch}}
+                g[f"lat{i}"] = {
+                    "class_type": "EmptyLatentImage",
+                    "inputs": {"width": 128, "height": 128, "batch_size": j.batch},
+                }
             else:
                 g[f"img{i}"] = {"class_type": "LoadImage", "inputs": {"image": j.init}}
                 if j.inpaint:
-                    g[f"lat{i}"] = {"class_type": "VAEEncodeForInpaint", "inputs": {
-                        "pixels": [f"img{i}", 0], "vae": ["ckpt", 2], "mask": [f"img{i}", 1], "grow_mask_by": 0}}
+                    g[f"lat{i}"] = {
+                        "class_type": "VAEEncodeForInpaint",
+                        "inputs": {
+                            "pixels": [f"img{i}", 0],
+                            "vae": ["ckpt", 2],
+                            "mask": [f"img{i}", 1],
+                            "grow_mask_by": 0,
+                        },
+                    }
                 else:
                     g[f"lat{i}"] = {"class_type": "VAEEncode", "inputs": {"pixels": [f"img{i}", 0], "vae": ["ckpt", 2]}}
-            g[f"k{i}"] = {"class_type": "KSampler", "inputs": {
-                "seed": j.seed, "steps": j.steps, "cfg": j.cfg, "sampler_name": j.sampler, "scheduler": j.scheduler,
-                "denoise": j.denoise, "model": model, "positive": pos, "negative": neg,
-                "latent_image": [f"lat{i}", 0]}}
+            g[f"k{i}"] = {
+                "class_type": "KSampler",
+                "inputs": {
+                    "seed": j.seed,
+                    "steps": j.steps,
+                    "cfg": j.cfg,
+                    "sampler_name": j.sampler,
+                    "scheduler": j.scheduler,
+                    "denoise": j.denoise,
+                    "model": model,
+                    "positive": pos,
+                    "negative": neg,
+                    "latent_image": [f"lat{i}", 0],
+                },
+            }
             g[f"dec{i}"] = {"class_type": "VAEDecode", "inputs": {"samples": [f"k{i}", 0], "vae": ["ckpt", 2]}}
             outs.append(f"dec{i}")
         return g, outs
@@ -109,11 +145,13 @@ class Shapes:
         """For each job, its decoded images as uint8 ``[64, 64, 3]`` arrays. ``cached=False`` runs every
         node again (same loaded models, no output cache)."""
         g, outs = self.graph(jobs)
-        ex = self.ex if cached else engine.Executor(self.ex.registry, cache="none", folders=self.ex.folders,
-                                                    services={"model_manager": self.manager})
+        ex = (
+            self.ex
+            if cached
+            else engine.Executor(
+                self.ex.registry, cache="none", folders=self.ex.folders, services={"model_manager": self.manager}
+            )
+        )
         res = ex.run(engine.Graph.from_json(g), targets=outs)
         assert res.status == "success", res.error
-        return [[(im.numpy() * 255).round().clip(0, 255).astype(np.uint8) for im in res.values[o][0]]
-                for o in outs]
-
-
+        return [[(im.numpy() * 255).round().clip(0, 255).astype(np.uint8) for im in res.values[o][0]] for o in outs]

@@ -4,6 +4,7 @@ Every sampler and scheduler, CFG, the shipped LoRA and ControlNet, img2img and i
 reading the pictures (:mod:`training.evaluate`). The bars sit well below what the model reaches
 (``benchmarks/fidelity.py`` prints the full figures) and far above what noise or a broken path gives.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -11,9 +12,8 @@ import pytest
 from shipped_harness import Job, test_scenes
 
 from kiln.nodes.sd.samplers import SAMPLER_NAMES, SCHEDULER_NAMES
-from kiln.training import evaluate as ev
+from kiln.training import evaluate as ev, scenes as sc
 from kiln.training.controlnet import placement_iou
-from kiln.training import scenes as sc
 
 # Three held-out prompts, two seeds each: 6 images per sampler.
 PROMPTS = test_scenes(3)
@@ -72,17 +72,19 @@ def test_cfg_trades_diversity_for_fidelity(shapes):
 
 # -- LoRA -------------------------------------------------------------------------------------------------
 
+
 def _hollowness(images: list[np.ndarray]) -> float:
     return float(np.mean([ev.hollowness(im) for im in images]))
 
 
 def test_lora_draws_outlines_in_proportion_to_strength(shapes):
     scenes = [s for s in test_scenes(12, offset=200) if s.objects[0].size == "large"][:4]
-    jobs = [Job(sc.caption(s), seed=i, batch=2, lora=strength) for strength in (0.0, 0.5, 1.0)
-            for i, s in enumerate(scenes)]
+    jobs = [
+        Job(sc.caption(s), seed=i, batch=2, lora=strength) for strength in (0.0, 0.5, 1.0) for i, s in enumerate(scenes)
+    ]
     out = shapes.images(jobs)
     n = len(scenes)
-    off, half, full = (_hollowness([im for ims in out[k * n:(k + 1) * n] for im in ims]) for k in range(3))
+    off, half, full = (_hollowness([im for ims in out[k * n : (k + 1) * n] for im in ims]) for k in range(3))
     real = _hollowness([sc.render(s, "outline") for s in scenes])
     # hollowness: share of the object's outline-enclosed area that is background (filled 0, real
     # outlines ~0.5); the LoRA's outlines keep some colour inside, so it reaches ~0.19 here
@@ -102,6 +104,7 @@ def test_lora_unloads_exactly(shapes):
 
 
 # -- ControlNet --------------------------------------------------------------------------------------------
+
 
 def _iou(images: list[np.ndarray], scenes: list[sc.Scene]) -> float:
     return float(np.mean([placement_iou(im, s.objects[0]) for im, s in zip(images, scenes)]))
@@ -126,8 +129,10 @@ def test_controlnet_follows_the_edge_map_off_the_grid(shapes):
 
     rng = np.random.default_rng(3)
     scenes = [off_grid(s, rng) for s in test_scenes(6, offset=700)]
-    jobs = [Job(sc.caption(s), seed=i, control=shapes.save_input(f"moved_{i}.png", sc.edge_map(s)))
-            for i, s in enumerate(scenes)]
+    jobs = [
+        Job(sc.caption(s), seed=i, control=shapes.save_input(f"moved_{i}.png", sc.edge_map(s)))
+        for i, s in enumerate(scenes)
+    ]
     with_cn = [ims[0] for ims in shapes.images(jobs)]
     without = [ims[0] for ims in shapes.images([Job(j.prompt, seed=j.seed) for j in jobs])]
     iou, iou0 = _iou(with_cn, scenes), _iou(without, scenes)
@@ -135,6 +140,7 @@ def test_controlnet_follows_the_edge_map_off_the_grid(shapes):
 
 
 # -- img2img and inpainting --------------------------------------------------------------------------------
+
 
 def test_img2img_at_low_denoise_keeps_the_picture(shapes):
     scenes = [s for s in test_scenes(12, offset=500) if s.objects[0].size == "large"][:4]

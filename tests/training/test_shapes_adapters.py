@@ -4,8 +4,7 @@ import torch
 
 from kiln.training import controlnet, lora, models
 
-TINY_UNET = {**models.UNET_CONFIG, "block_out_channels": [16, 16, 32], "norm_num_groups": 4,
-             "cross_attention_dim": 32}
+TINY_UNET = {**models.UNET_CONFIG, "block_out_channels": [16, 16, 32], "norm_num_groups": 4, "cross_attention_dim": 32}
 
 
 def _inputs():
@@ -19,8 +18,9 @@ def test_kohya_lora_merge_matches_peft_and_unloads_exactly():
     torch.manual_seed(0)
     base = models.build_unet(TINY_UNET).eval()
     torch.manual_seed(0)
-    peft_unet = inject_adapter_in_model(LoraConfig(r=4, lora_alpha=4, target_modules=lora.TARGETS),
-                                        models.build_unet(TINY_UNET)).eval()
+    peft_unet = inject_adapter_in_model(
+        LoraConfig(r=4, lora_alpha=4, target_modules=lora.TARGETS), models.build_unet(TINY_UNET)
+    ).eval()
     with torch.no_grad():
         for n, p in peft_unet.named_parameters():
             if "lora_B" in n:

@@ -2,8 +2,7 @@
 
 import numpy as np
 
-from kiln.training import evaluate as ev
-from kiln.training import scenes as sc
+from kiln.training import evaluate as ev, scenes as sc
 
 
 def test_real_scenes_score_near_100():
@@ -24,8 +23,9 @@ def test_noise_and_blank_images_score_low():
 def test_wrong_prompt_is_caught():
     s = sc.eval_scenes(1)[0]
     o = s.objects[0]
-    other = sc.Obj(o.shape, o.color, o.size, sc.POSITIONS[(sc.POSITIONS.index(o.position) + 4) % 9],
-                   o.cx, o.cy, o.extent)
+    other = sc.Obj(
+        o.shape, o.color, o.size, sc.POSITIONS[(sc.POSITIONS.index(o.position) + 4) % 9], o.cx, o.cy, o.extent
+    )
     r = ev.score(sc.render(s), other, s.background)
     assert not r["position"] and r["color"] and r["shape"]
 

@@ -5,14 +5,17 @@ import json
 import torch
 from safetensors import safe_open
 
-from kiln.training import export as ex
-from kiln.training import models
+from kiln.training import export as ex, models
 
-TINY_UNET = {**models.UNET_CONFIG, "block_out_channels": [8, 16, 16], "norm_num_groups": 4,
-             "cross_attention_dim": 32}
+TINY_UNET = {**models.UNET_CONFIG, "block_out_channels": [8, 16, 16], "norm_num_groups": 4, "cross_attention_dim": 32}
 TINY_VAE = {**models.VAE_CONFIG, "block_out_channels": [8, 8, 8], "norm_num_groups": 4}
-TINY_TEXT = {**models.TEXT_CONFIG, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
-             "projection_dim": 32}
+TINY_TEXT = {
+    **models.TEXT_CONFIG,
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 1,
+    "projection_dim": 32,
+}
 
 
 def _stack(unet_cfg=TINY_UNET):
@@ -22,9 +25,11 @@ def _stack(unet_cfg=TINY_UNET):
 
 
 def test_round_trip_is_exact_for_several_layouts():
-    variants = [TINY_UNET, {**TINY_UNET, "layers_per_block": 2},
-                {**TINY_UNET, "down_block_types": ["CrossAttnDownBlock2D"] * 3,
-                 "up_block_types": ["CrossAttnUpBlock2D"] * 3}]
+    variants = [
+        TINY_UNET,
+        {**TINY_UNET, "layers_per_block": 2},
+        {**TINY_UNET, "down_block_types": ["CrossAttnDownBlock2D"] * 3, "up_block_types": ["CrossAttnUpBlock2D"] * 3},
+    ]
     for cfg in variants:
         u, v, t = _stack(cfg)
         ucfg, vcfg = ex._plain(u.config), ex._plain(v.config)
@@ -36,12 +41,17 @@ def test_round_trip_is_exact_for_several_layouts():
 def test_ldm_names_match_sd15():
     u, v, t = _stack()
     ldm = ex.to_ldm(u.state_dict(), ex._plain(u.config), v.state_dict(), ex._plain(v.config), t.state_dict())
-    for key in ("model.diffusion_model.input_blocks.0.0.weight", "model.diffusion_model.time_embed.0.weight",
-                "model.diffusion_model.input_blocks.1.0.in_layers.2.weight",
-                "model.diffusion_model.input_blocks.3.1.transformer_blocks.0.attn2.to_k.weight",
-                "model.diffusion_model.middle_block.1.proj_in.weight", "model.diffusion_model.out.2.weight",
-                "first_stage_model.encoder.mid.attn_1.q.weight", "first_stage_model.decoder.up.0.block.0.conv1.weight",
-                "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight"):
+    for key in (
+        "model.diffusion_model.input_blocks.0.0.weight",
+        "model.diffusion_model.time_embed.0.weight",
+        "model.diffusion_model.input_blocks.1.0.in_layers.2.weight",
+        "model.diffusion_model.input_blocks.3.1.transformer_blocks.0.attn2.to_k.weight",
+        "model.diffusion_model.middle_block.1.proj_in.weight",
+        "model.diffusion_model.out.2.weight",
+        "first_stage_model.encoder.mid.attn_1.q.weight",
+        "first_stage_model.decoder.up.0.block.0.conv1.weight",
+        "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight",
+    ):
         assert key in ldm, key
     assert ldm["first_stage_model.encoder.mid.attn_1.q.weight"].ndim == 4
 
@@ -66,8 +76,9 @@ def test_metadata_contract(tmp_path):
 
     tk.train_tokenizer(tmp_path / "tok")
     u, v, t = _stack()
-    meta = ex.metadata(ex._plain(u.config), ex._plain(v.config), ex._plain(t.config), models.SCHEDULER_CONFIG,
-                       tmp_path / "tok")
+    meta = ex.metadata(
+        ex._plain(u.config), ex._plain(v.config), ex._plain(t.config), models.SCHEDULER_CONFIG, tmp_path / "tok"
+    )
     ldm = ex.to_ldm(u.state_dict(), ex._plain(u.config), v.state_dict(), ex._plain(v.config), t.state_dict())
     save_file(ldm, str(tmp_path / "m.safetensors"), metadata=meta)
     with safe_open(str(tmp_path / "m.safetensors"), "pt") as f:

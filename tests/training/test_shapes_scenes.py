@@ -4,11 +4,9 @@ import re
 
 import numpy as np
 
-from kiln.training import evaluate as ev
-from kiln.training import scenes as sc
+from kiln.training import evaluate as ev, scenes as sc
 
-CAPTION = re.compile(
-    r"a (small|large) (\w+) (circle|square|triangle) (?:at the|in the) ([a-z ]+?)(?= and a | on a )")
+CAPTION = re.compile(r"a (small|large) (\w+) (circle|square|triangle) (?:at the|in the) ([a-z ]+?)(?= and a | on a )")
 
 
 def test_same_seed_same_scene_and_pixels():
@@ -45,7 +43,12 @@ def test_rendered_object_is_where_the_caption_says():
         r = ev.analyse(sc.render(s))
         o = s.objects[0]
         assert (r.color, r.shape, r.size, r.position, r.background) == (
-            o.color, o.shape, o.size, o.position, s.background)
+            o.color,
+            o.shape,
+            o.size,
+            o.position,
+            s.background,
+        )
 
 
 def test_outline_style_and_edge_map():

@@ -21,8 +21,18 @@ def _prepare(out, monkeypatch, pool=48):
 def test_twenty_unet_steps_decrease_the_loss(tmp_path, monkeypatch):
     out = tmp_path / "run"
     _prepare(out, monkeypatch)
-    losses = train.stage_unet(out, seed=0, steps=20, batch=16, lr=3e-3, resume=False, ckpt_every=1e9,
-                              eval_every=0, unet_config=TINY_UNET, warmup=2)
+    losses = train.stage_unet(
+        out,
+        seed=0,
+        steps=20,
+        batch=16,
+        lr=3e-3,
+        resume=False,
+        ckpt_every=1e9,
+        eval_every=0,
+        unet_config=TINY_UNET,
+        warmup=2,
+    )
     assert len(losses) == 20
     assert np.mean(losses[-5:]) < 0.8 * np.mean(losses[:5]), losses
 
@@ -66,8 +76,9 @@ def test_v_phase_starts_from_the_epsilon_weights_and_records_its_target(tmp_path
     kw = dict(batch=8, lr=1e-3, ckpt_every=1e9, eval_every=0, unet_config=TINY_UNET, warmup=2, resume=False)
     train.stage_unet(out, seed=0, steps=3, **kw)
     eps = torch.load(out / "unet" / "latest.pt", weights_only=False)
-    losses = train.stage_unet(out, seed=1, steps=3, max_steps=1, prediction="v_prediction",
-                              init=out / "unet" / "latest.pt", **kw)
+    losses = train.stage_unet(
+        out, seed=1, steps=3, max_steps=1, prediction="v_prediction", init=out / "unet" / "latest.pt", **kw
+    )
     v = torch.load(out / "unet-v" / "latest.pt", weights_only=False)
     assert len(losses) == 1 and v["step"] == 1
     assert v["scheduler_config"]["prediction_type"] == "v_prediction"

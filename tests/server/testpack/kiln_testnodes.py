@@ -3,6 +3,7 @@
 No torch: constants, arithmetic, a sleeper that ticks progress, a failing node, preview emitters, and a
 file writer that never overwrites (exclusive create) and records each completed run.
 """
+
 from __future__ import annotations
 
 import io
@@ -48,8 +49,12 @@ class TSleep(Node):
 
     outputs = ("INT",)
 
-    def run(self, value: Annotated[int, Socket("INT")], seconds: Annotated[float, Float(min=0, max=60)] = 0.1,
-            steps: Annotated[int, Int(min=1, max=1000)] = 5):
+    def run(
+        self,
+        value: Annotated[int, Socket("INT")],
+        seconds: Annotated[float, Float(min=0, max=60)] = 0.1,
+        steps: Annotated[int, Int(min=1, max=1000)] = 5,
+    ):
         ctx = current()
         for i in range(steps):
             time.sleep(seconds / steps)
@@ -132,8 +137,12 @@ class TWriteFile(Node):
     output_node = True
     cacheable = False
 
-    def run(self, value: Annotated[int, Socket("INT")], prefix: Annotated[str, String()] = "out",
-            seconds: Annotated[float, Float(min=0, max=60)] = 0.0):
+    def run(
+        self,
+        value: Annotated[int, Socket("INT")],
+        prefix: Annotated[str, String()] = "out",
+        seconds: Annotated[float, Float(min=0, max=60)] = 0.0,
+    ):
         ctx = current()
         out = ctx.folders.output_dir
         out.mkdir(parents=True, exist_ok=True)
