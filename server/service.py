@@ -51,6 +51,7 @@ if TYPE_CHECKING:
 
 __all__ = ["PromptService", "ApiError", "Job"]
 
+INLINE_VALIDATION_NODES = 64  # graphs up to this size, with declared checks only, validate on the loop
 log = logging.getLogger("kiln.server")
 
 STATUS_INTERVAL = 0.05  # seconds between queue-size updates to sockets not involved in the change
@@ -187,17 +188,32 @@ class PromptService:
         return len(self.pending) + (1 if self.running is not None else 0)
 
     async def _validate(self, graph: Graph, targets: list[str] | None) -> ValidationResult:
-        """Validate in a worker thread, so a slow (or async) VALIDATE_INPUTS never blocks the event loop.
+        """Validate without blocking the event loop on node code.
 
-        ``graph`` must be a fresh graph built from the submitted JSON and owned by the caller: validation
-        coerces its inputs in place, and nothing else may see it until this returns.
+        A graph whose nodes all use declared checks only (no custom validator) and that is small is checked
+        on the loop: that costs less than the hand-over to a thread. Anything else (a node's own, possibly
+        slow or async, VALIDATE_INPUTS, or a large graph) is checked in a worker thread. ``graph`` must be a
+        fresh graph built from the submitted JSON and owned by the caller: validation coerces its inputs in
+        place, and nothing else may see it until this returns.
         """
 
         def check() -> ValidationResult:
             with use_folders(self.executor.folders):  # model choices come from this server's folders
                 return validate(graph, self.registry, partial_execution_targets=targets)
 
+        if len(graph.nodes) <= INLINE_VALIDATION_NODES and not self._runs_node_code(graph):
+            return check()
         return await asyncio.to_thread(check)
+
+    def _runs_node_code(self, graph: Graph) -> bool:
+        """True if validating ``graph`` would call a node's own validator or read a choice list from disk."""
+        for node in graph.nodes.values():
+            spec = self.registry.get(node.class_type) if isinstance(node.class_type, str) else None
+            if spec is None:
+                continue
+            if spec.validate is not None or any(callable(i.choices) for i in spec.inputs.values()):
+                return True
+        return False
 
     def _known_submission(self, prompt_id: str, digest: str) -> dict | None:
         """The 200 body for a re-post of a stored prompt_id with the same body; 409 for another body."""
