@@ -18,7 +18,7 @@ from .errors import (
 from .events import Preview
 from .executor import Executor, RunResult
 from .expansion import GraphBuilder
-from .folders import Folders, UnsafePath, get_folders, safe_join, set_default as set_default_folders
+from .folders import Folders, UnsafePath, get_folders, safe_join
 from .graph import BadLink, Graph, Link, NodeEntry, Submission, parse_submission
 from .issues import Issue, NodeProblems
 from .node import ExecutionBlocker, Node, NodeResult, NodeSpec

@@ -37,6 +37,7 @@ class RunContext:
     services: dict = field(default_factory=dict)  # shared objects nodes may look up (model manager, ...)
     options: RunOptions = field(default_factory=RunOptions)
     annotations: dict[str, list] = field(default_factory=dict)
+    _annotate_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def annotate(self, channel: str, entry: Any) -> None:
         """Attach ``entry`` to this run under ``channel``; the run's result carries every channel.
@@ -44,19 +45,16 @@ class RunContext:
         A generic per-run channel that nodes write to (a node pack owns the meaning of its channels,
         e.g. a pack's ledger of paid API calls). Safe to call from async nodes running concurrently.
         """
-        with _ANNOTATE_LOCK:
+        with self._annotate_lock:
             self.annotations.setdefault(channel, []).append(entry)
 
     def annotations_of(self, channel: str) -> list:
-        with _ANNOTATE_LOCK:
+        with self._annotate_lock:
             return list(self.annotations.get(channel, ()))
 
     def check_interrupted(self) -> None:
         if self.cancel.is_set():
             raise Interrupted("Run was interrupted")
-
-
-_ANNOTATE_LOCK = threading.Lock()
 
 
 @dataclass

@@ -299,17 +299,9 @@ class _Run:
                 self._serve_cached(nid, node, entry)
                 return
         inputs = self._gather(nid, node, spec)
-        disp = node.display_id or nid
-        self.ctx.emit(
-            NodeStarted(
-                self.ctx.prompt_id,
-                node=nid,
-                display_node=disp,
-                parent_node=node.parent,
-                real_node=self._real_id(nid),
-                class_type=node.class_type,
-            )
-        )
+        ids = self._ids(nid)
+        disp = ids["display_node"]
+        self.ctx.emit(NodeStarted(self.ctx.prompt_id, **ids, class_type=node.class_type))
         if spec.has_lazy_check:
             if self._request_lazy(nid, node, spec, inputs):
                 self.restaged.add(nid)
@@ -317,7 +309,7 @@ class _Run:
             inputs = self._gather(nid, node, spec)
         obj = self._instance(nid, spec)
         fn = getattr(obj, spec.function)
-        nctx = _ctx.NodeContext(self.ctx, nid, disp, node.class_type, node.parent, self._real_id(nid))
+        nctx = _ctx.NodeContext(self.ctx, nid, disp, node.class_type, ids["parent_node"], ids["real_node"])
         token = _ctx._current.set(nctx)
         started = time.perf_counter()
         try:
@@ -459,7 +451,6 @@ class _Run:
         self._store(nid, spec, slots, ui)
 
     def _store(self, nid: str, spec: NodeSpec, slots: list[list], ui: dict | None) -> None:
-        node = self.nodes[nid]
         seconds = time.perf_counter() - self.timings.get(nid, time.perf_counter())
         self.results[nid] = (slots, ui)
         key = self.keys.get(nid)
@@ -467,43 +458,25 @@ class _Run:
             self.cache.put(key, CacheEntry(slots, ui, seconds, estimate_size(slots)))
         self.result.ran.append(nid)
         if ui is not None:
-            disp = node.display_id or nid
+            ids = self._ids(nid)
+            disp = ids["display_node"]
             self.result.outputs[disp] = ui
             self.result.meta[disp] = {
                 "node_id": nid,
                 "display_node": disp,
-                "parent_node": node.parent,
-                "real_node_id": self._real_id(nid),
+                "parent_node": ids["parent_node"],
+                "real_node_id": ids["real_node"],
             }
-            self.ctx.emit(
-                NodeOutput(
-                    self.ctx.prompt_id,
-                    node=nid,
-                    display_node=disp,
-                    parent_node=node.parent,
-                    real_node=self._real_id(nid),
-                    output=ui,
-                )
-            )
+            self.ctx.emit(NodeOutput(self.ctx.prompt_id, **ids, output=ui))
         self._finish(nid)
 
     def _serve_cached(self, nid: str, node: NodeEntry, entry: CacheEntry) -> None:
         self.results[nid] = (entry.outputs, entry.ui)
         self.result.cached.append(nid)
         if entry.ui is not None and self.spec(nid).output_node:
-            disp = node.display_id or nid
-            self.result.outputs[disp] = entry.ui
-            self.ctx.emit(
-                NodeOutput(
-                    self.ctx.prompt_id,
-                    node=nid,
-                    display_node=disp,
-                    parent_node=node.parent,
-                    real_node=self._real_id(nid),
-                    output=entry.ui,
-                    cached=True,
-                )
-            )
+            ids = self._ids(nid)
+            self.result.outputs[ids["display_node"]] = entry.ui
+            self.ctx.emit(NodeOutput(self.ctx.prompt_id, **ids, output=entry.ui, cached=True))
         self._finish(nid)
 
     def _finish(self, nid: str) -> None:
@@ -522,11 +495,12 @@ class _Run:
             if self.consumers_left[src] <= 0 and src not in self.targets and src not in self.output_set:
                 self.results.pop(src, None)  # intermediates nobody needs are released
 
-    def _real_id(self, nid: str) -> str:
-        node = self.nodes[nid]
-        while node.parent is not None:
-            node = self.nodes[node.parent]
-        return node.id
+    def _ids(self, nid: str) -> dict[str, Any]:
+        """The four ids a node event carries (see kiln.engine.events)."""
+        node = top = self.nodes[nid]
+        while top.parent is not None:
+            top = self.nodes[top.parent]
+        return {"node": nid, "display_node": node.display_id or nid, "parent_node": node.parent, "real_node": top.id}
 
     # -- expansion --------------------------------------------------------------------------------
     def _expand(self, nid: str, spec: NodeSpec, subgraphs: list, results: list, ui: dict | None) -> None:
@@ -641,9 +615,10 @@ class Executor:
         node errors and interruptions come back as the result's status."""
         with _ctx.use_folders(self.folders):
             if validation is None:
-                validation = validate(graph, self.registry, targets, partial_execution_targets)
+                validation = self.validate(graph, targets, partial_execution_targets)
                 validation.raise_for_errors()
-            validation.check_belongs_to(graph)
+            else:
+                validation.check_belongs_to(graph)
             with self._lock:
                 return self._run(
                     graph,

@@ -184,15 +184,10 @@ def safe_join(root: str | Path, rel: str, allow_links: bool = False) -> Path:
 _default: Folders | None = None
 
 
-def set_default(folders: Folders) -> None:
-    """Set the process-wide folders used outside a run (validation, /object_info, choice lists)."""
-    global _default
-    _default = folders
-
-
 def get_folders() -> Folders:
-    """The running node's folders, else those of the executor validating now, else the process default,
-    else folders under the current directory."""
+    """The running node's folders, else those of the executor validating now (``use_folders``), else
+    folders under ``KILN_BASE_DIR`` or the current directory. Nothing sets a process-wide default: callers
+    pass their folders to the executor or scope them with ``use_folders``."""
     from .context import active_folders
 
     f = active_folders()

@@ -6,6 +6,7 @@ Consumers render these in their own format: the server as ComfyUI's error body
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -48,7 +49,7 @@ class ValidationResult:
     problems: dict[str, NodeProblems] = field(default_factory=dict)  # node id -> its problems
     outputs: list[str] = field(default_factory=list)
     order: list[str] = field(default_factory=list)  # nodes upstream of the outputs, sources first
-    graph_token: tuple | None = None  # identifies the graph this result is for (see check_belongs_to)
+    graph: weakref.ref | None = field(default=None, repr=False, compare=False)  # the graph validated (see below)
 
     def messages(self) -> list[str]:
         """Readable lines, one per problem."""
@@ -68,13 +69,12 @@ class ValidationResult:
         if not self.ok:
             raise ValidationFailed(self, self.summary())
 
+    def bind(self, graph: Graph) -> ValidationResult:
+        self.graph = weakref.ref(graph)
+        return self
+
     def check_belongs_to(self, graph: Graph) -> None:
-        """Refuse to run ``graph`` from a validation of another graph (its coercions and order would not
-        apply). A result made without a token (by hand) is trusted."""
-        if self.graph_token is not None and self.graph_token != graph_token(graph):
+        """Refuse to run ``graph`` from a validation of another graph object (its coercions and order would
+        not apply). A result made by hand, not by ``validate``, is trusted."""
+        if self.graph is not None and self.graph() is not graph:
             raise ValueError("this validation result was made for another graph; validate the graph you run")
-
-
-def graph_token(graph: Graph) -> tuple:
-    """The graph object and its node ids and classes: cheap, and changes when nodes are added or swapped."""
-    return (id(graph), len(graph.nodes), hash(tuple((k, str(n.class_type)) for k, n in graph.nodes.items())))

@@ -108,7 +108,7 @@ class Registry:
                     )
                 )
             except Exception as exc:
-                self._record(f"{python_module}:{name}", exc)
+                self.record_load_error(f"{python_module}:{name}", exc)
         return out
 
     def register_module(
@@ -126,7 +126,7 @@ class Registry:
                 try:
                     specs.append(self.register(c, python_module=pm))
                 except Exception as exc:
-                    self._record(f"{pm}:{getattr(c, '__name__', c)}", exc)
+                    self.record_load_error(f"{pm}:{getattr(c, '__name__', c)}", exc)
         self.packs.append(pm)
         return specs
 
@@ -134,9 +134,6 @@ class Registry:
         """Report that a pack, or one class of it, failed to load: appended to ``load_errors`` (with the
         traceback of the exception being handled) and logged. Loaders outside the registry (such as
         ``kiln.nodes.register_builtin``) call this from their ``except`` block and carry on."""
-        self._record(source, exc)
-
-    def _record(self, source: str, exc: BaseException) -> None:
         err = PackLoadError(source, f"{type(exc).__name__}: {exc}", traceback.format_exc())
         self.load_errors.append(err)
         log.warning("Skipped node pack %s: %s", source, err.error)
@@ -169,7 +166,7 @@ class Registry:
                 self.register_module(module, python_module=mod_name, protected=protected)
             except BaseException as exc:  # a pack's failure is never fatal, even SystemExit
                 sys.modules.pop(mod_name, None)
-                self._record(str(entry), exc)
+                self.record_load_error(str(entry), exc)
 
     def load_entry_points(self, group: str = ENTRY_POINT_GROUP) -> None:
         """Load node packs installed as Python distributions (entry point group ``kiln.nodes``).
@@ -186,7 +183,7 @@ class Registry:
                     obj(self)
                     self.packs.append(ep.value)
             except Exception as exc:
-                self._record(f"entry point {ep.name} = {ep.value}", exc)
+                self.record_load_error(f"entry point {ep.name} = {ep.value}", exc)
 
     # -- lookup -------------------------------------------------------------------------------------
     def get(self, name: str) -> NodeSpec | None:

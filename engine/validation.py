@@ -17,7 +17,7 @@ import traceback
 from typing import Any
 
 from .graph import BadLink, Graph, Link, NodeEntry
-from .issues import Issue, NodeProblems, ValidationResult, graph_token
+from .issues import Issue, NodeProblems, ValidationResult
 from .node import NodeSpec
 from .registry import Registry
 from .topology import acyclic_part, dependent_outputs, find_cycle, upstream_order
@@ -477,9 +477,7 @@ def validate(
     refuses to run another graph with it. Safe to call from any thread, with or without a running event
     loop (async ``VALIDATE_INPUTS`` run on a private loop).
     """
-    result = _check(graph, registry, targets, partial_execution_targets)
-    result.graph_token = graph_token(graph)
-    return result
+    return _check(graph, registry, targets, partial_execution_targets).bind(graph)
 
 
 def _check(

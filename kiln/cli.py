@@ -112,6 +112,7 @@ def _print_node_error(err: Any, stream=sys.stderr) -> None:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from kiln.engine import Graph, GraphFormatError
+    from kiln.nodes.providers.ledger import total_usd
 
     from . import api
 
@@ -155,7 +156,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         if res.status == "interrupted":
             return EXIT_INTERRUPTED
         costs = result.costs
-        cost = sum(c.get("usd", 0.0) or 0.0 for c in costs)
+        cost = total_usd(costs)
         total_cost += cost
         head = f"{label}{' '.join(f'{k}={v!r}' for k, v in settings.items())}".strip()
         print(

@@ -101,11 +101,9 @@ class ProgressBars:
             self.start()
         elif isinstance(ev, events.NodeStarted):
             node = graph.nodes.get(ev.node) if graph is not None else None
-            self.node_started(
-                getattr(ev, "display_node", None) or ev.node, (node.title if node else None) or ev.class_type
-            )
+            self.node_started(ev.display_node, (node.title if node else None) or ev.class_type)
         elif isinstance(ev, events.Progress):
-            self.step(getattr(ev, "display_node", None) or ev.node, ev.value, ev.max)
+            self.step(ev.display_node, ev.value, ev.max)
         elif isinstance(ev, events.TERMINAL):
             self.finish()
 

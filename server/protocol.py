@@ -77,10 +77,10 @@ def event_message(event: ev.Event) -> tuple[str, dict]:
     return render(event)
 
 
-def node_ids(event: ev.NodeEvent, node: str | None = None) -> dict:
+def node_ids(event: ev.NodeEvent) -> dict:
     """ComfyUI's four node ids of a node event (preview metadata and progress_state entries)."""
     return {
-        "node_id": node or event.node,
+        "node_id": event.node,
         "display_node_id": event.display_node,
         "parent_node_id": event.parent_node,
         "real_node_id": event.real_node,

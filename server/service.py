@@ -157,18 +157,7 @@ class PromptService:
 
     def _fail_unrun(self, row: PromptRow, last_seq: int, exc_type: str, why: str) -> None:
         last_seq = max(last_seq, row.attempts * SEQ_EPOCH)
-        data: dict[str, Any] = {
-            "prompt_id": row.prompt_id,
-            "node_id": None,
-            "node_type": None,
-            "executed": [],
-            "exception_message": why,
-            "exception_type": exc_type,
-            "traceback": [],
-            "current_inputs": {},
-            "current_outputs": [],
-            "timestamp": int(time.time() * 1000),
-        }
+        data = protocol.execution_error_data(ev.ExecutionError(row.prompt_id, message=why, exception_type=exc_type))
         seq = last_seq + 1
         self.store.log_event(row.prompt_id, seq, "execution_error", as_json(data))
         seq += 1
