@@ -58,17 +58,17 @@ class RunFailed(ExecutionFailed):
     """The prompt ended with an error or was interrupted on the server. It is an ``ExecutionFailed``, so
     ``except kiln.ExecutionFailed`` catches a failed run whether it ran in this process or on a server.
 
-    ``status`` is "error" or "interrupted"; ``error`` and ``info`` are the server's ``execution_error`` (or
-    ``execution_interrupted``) data as a dict.
+    ``status`` is "error" or "interrupted"; ``error`` is the engine's typed ``ExecutionError``, as for a local
+    run, and ``info`` the server's ``execution_error`` (or ``execution_interrupted``) data as it arrived.
     """
 
     def __init__(self, status: str, error: dict | None):
-        # ExecutionFailed's own constructor takes the engine's typed error; a remote failure arrives as the
-        # server's JSON, so this sets the attributes itself and calls only the base KilnError constructor.
+        from kiln.server.protocol import execution_error_from_data
+
         info = error or {}
         self.status = status
-        self.error = info
         self.info = info
+        self.error = execution_error_from_data(info, default_message=status)
         where = f"{info.get('node_type')} (node {info.get('node_id')}): " if info.get("node_id") else ""
         KilnError.__init__(self, f"prompt {status}: {where}{str(info.get('exception_message', '')).strip()}")
 

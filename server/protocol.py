@@ -102,6 +102,21 @@ def execution_error_data(e: ev.ExecutionError) -> dict:
     }
 
 
+def execution_error_from_data(data: dict, default_message: str = "") -> ev.ExecutionError:
+    """The engine's typed error from a server's ``execution_error`` (or ``execution_interrupted``) data."""
+    return ev.ExecutionError(
+        str(data.get("prompt_id") or ""),
+        node_id=data.get("node_id"),
+        node_type=data.get("node_type"),
+        executed=list(data.get("executed") or []),
+        message=str(data.get("exception_message") or default_message),
+        exception_type=str(data.get("exception_type") or ""),
+        traceback=list(data.get("traceback") or []),
+        inputs=dict(data.get("current_inputs") or {}),
+        outputs=list(data.get("current_outputs") or []),
+    )
+
+
 def _blocked(e: ev.NodeBlocked) -> tuple[str, dict]:
     # ComfyUI reports a blocked call as a non-terminal execution_error of type ExecutionBlocked, without a
     # timestamp and with lists for inputs/outputs

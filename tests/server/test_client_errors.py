@@ -24,7 +24,8 @@ def test_remote_failure_is_an_execution_failed(live):
         Client(s.url).run(FAILING)
     err = exc.value
     assert isinstance(err, RunFailed) and isinstance(err, kiln.KilnError)
-    assert err.status == "error" and err.error["node_id"] == "2" and err.info is err.error
+    assert err.status == "error" and err.info["node_id"] == "2"
+    assert err.error.node_id == "2" and err.error.message == err.info["exception_message"]  # typed, as locally
     assert "node 2" in str(err)
 
 
