@@ -127,6 +127,7 @@ def Int(
     control_after_generate: bool = False,
     display: str | None = None,
     force_input: bool = False,
+    extra: dict | None = None,
 ) -> InputSpec:
     return InputSpec(
         type=INT,
@@ -138,7 +139,8 @@ def Int(
             control_after_generate=control_after_generate,
             display=display,
             forceInput=force_input,
-        ),
+        )
+        | dict(extra or {}),
         optional=optional,
         lazy=lazy,
     )
@@ -155,12 +157,14 @@ def Float(
     lazy: bool = False,
     display: str | None = None,
     force_input: bool = False,
+    extra: dict | None = None,
 ) -> InputSpec:
     return InputSpec(
         type=FLOAT,
         options=_opts(
             min=min, max=max, step=step, round=round, tooltip=tooltip, display=display, forceInput=force_input
-        ),
+        )
+        | dict(extra or {}),
         optional=optional,
         lazy=lazy,
     )
@@ -175,10 +179,12 @@ def String(
     optional: bool = False,
     lazy: bool = False,
     force_input: bool = False,
+    extra: dict | None = None,
 ) -> InputSpec:
     opts = _opts(multiline=multiline, placeholder=placeholder, tooltip=tooltip, forceInput=force_input)
     if dynamic_prompts is not None:
         opts["dynamicPrompts"] = dynamic_prompts
+    opts.update(extra or {})
     return InputSpec(type=STRING, options=opts, optional=optional, lazy=lazy)
 
 
@@ -190,10 +196,12 @@ def Boolean(
     optional: bool = False,
     lazy: bool = False,
     force_input: bool = False,
+    extra: dict | None = None,
 ) -> InputSpec:
     return InputSpec(
         type=BOOLEAN,
-        options=_opts(label_on=label_on, label_off=label_off, tooltip=tooltip, forceInput=force_input),
+        options=_opts(label_on=label_on, label_off=label_off, tooltip=tooltip, forceInput=force_input)
+        | dict(extra or {}),
         optional=optional,
         lazy=lazy,
     )
@@ -206,15 +214,19 @@ def Combo(
     optional: bool = False,
     lazy: bool = False,
     image_upload: bool = False,
+    v3: bool = False,
+    extra: dict | None = None,
 ) -> InputSpec:
-    """A choice among values; ``choices`` may be a callable, read afresh at validation (e.g. files)."""
-    return InputSpec(
-        type=COMBO,
-        choices=choices,
-        options=_opts(tooltip=tooltip, image_upload=image_upload),
-        optional=optional,
-        lazy=lazy,
-    )
+    """A choice among values; ``choices`` may be a callable, read afresh at validation (e.g. files).
+
+    ``v3=True`` declares it the way ComfyUI's newer nodes do in ``/object_info``:
+    ``["COMBO", {"multiselect": false, "options": [...]}]`` instead of a bare list.
+    """
+    opts = _opts(tooltip=tooltip, image_upload=image_upload)
+    if v3:
+        opts["multiselect"] = False
+    opts.update(extra or {})
+    return InputSpec(type=COMBO, choices=choices, options=opts, optional=optional, lazy=lazy, v1_combo=not v3)
 
 
 @dataclass(frozen=True)

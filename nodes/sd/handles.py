@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from .model_patch import ModelPatch
 from .samplers import ModelSampling
 
 # One lock per shared module, so two handles never swap tensors in the same module at once. Keyed weakly by
@@ -103,6 +104,7 @@ class ModelHandle:
         patches: tuple[WeightPatch, ...] = (),
         preview_vae: Any = None,
         name: str = "",
+        model_patches: tuple[ModelPatch, ...] = (),
     ):
         self.unet = unet
         self.scheduler_config = scheduler_config
@@ -112,6 +114,7 @@ class ModelHandle:
         self.patches = patches
         self.preview_vae = preview_vae  # a VaeHandle from the same checkpoint, for latent previews
         self.name = name
+        self.model_patches = model_patches  # run-time patches (FreeU, RescaleCFG, ...): model_patch.py
 
     @property
     def device(self) -> torch.device:
@@ -130,13 +133,28 @@ class ModelHandle:
             self.patches + (patch,),
             self.preview_vae,
             self.name,
+            self.model_patches,
+        )
+
+    def with_model_patch(self, patch: ModelPatch) -> ModelHandle:
+        return ModelHandle(
+            self.unet,
+            self.scheduler_config,
+            self.family,
+            self.source,
+            self.patches,
+            self.preview_vae,
+            self.name,
+            self.model_patches + (patch,),
         )
 
     def patched(self):
         return apply_patches(self.unet, self.patches)
 
     def __kiln_fingerprint__(self) -> bytes:
-        return _digest("MODEL", self.source, *[p.token() for p in self.patches])
+        return _digest(
+            "MODEL", self.source, *[p.token() for p in self.patches], "|", *[p.token() for p in self.model_patches]
+        )
 
     def __kiln_sizeof__(self) -> int:
         return 1024  # the module is owned by the model manager, not by the output cache
