@@ -78,3 +78,11 @@ class ModelPatch:
 
     def denoise_mask(self, sigma: torch.Tensor, mask: torch.Tensor, state: StepState) -> torch.Tensor:
         return mask
+
+
+def effective_sampling(model: Any) -> Any:
+    """The model's sigma table after its run-time patches (what schedulers and the guider must use)."""
+    ms = model.sampling
+    for patch in getattr(model, "model_patches", ()):
+        ms = patch.sampling(ms)
+    return ms
