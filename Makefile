@@ -1,15 +1,16 @@
-# The two set-up commands. Each installs what it needs (torch pinned to the CPU build 2.13.0 first, so pip
-# never pulls CUDA packages) and then does its job.
+# The two set-up commands. Each installs what it needs (torch 2.13.0 first, the build chosen for this machine by
+# tools/install_torch.py: CPU wheels without an NVIDIA GPU, CUDA with one, KILN_TORCH=cpu|cuda|URL|skip to
+# choose) and then does its job.
 PY ?= python3
 
 .PHONY: demo test install install-dev
 
 install:
-	$(PY) -m pip install -q torch==2.13.0
+	$(PY) tools/install_torch.py
 	$(PY) -m pip install -q -e .
 
 install-dev:
-	$(PY) -m pip install -q torch==2.13.0
+	$(PY) tools/install_torch.py
 	$(PY) -m pip install -q -e ".[dev]"
 
 demo: install

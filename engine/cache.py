@@ -274,13 +274,21 @@ def make_cache(policy: str | Cache | None) -> Cache:
         return KeepCurrentCache()
     if p == "none":
         return NoCache()
-    if p.startswith("lru"):
-        _, _, n = p.partition(":")
+    kind, colon, arg = p.partition(":")
+    if kind == "lru":
         try:
-            return LRUCache(int(n or 100))
-        except ValueError as exc:
-            raise ValueError(f"bad cache policy {policy!r}: write lru:N with N >= 1") from exc
-    if p.startswith("ram"):
-        _, _, s = p.partition(":")
-        return RAMBudgetCache(parse_size(s or "4GB"))
+            n = int(arg)
+            if n < 1:
+                raise ValueError(n)
+        except ValueError:
+            raise ValueError(
+                f"bad cache policy {policy!r}: write lru:N with a whole number N >= 1, e.g. lru:100"
+            ) from None
+        return LRUCache(n)
+    if kind == "ram":
+        try:
+            size = parse_size(arg)
+        except ValueError:
+            raise ValueError(f"bad cache policy {policy!r}: write ram:SIZE, e.g. ram:4GB or ram:512MB") from None
+        return RAMBudgetCache(size)
     raise ValueError(f"unknown cache policy {policy!r}; use keep-current, lru:N, ram:SIZE or none")

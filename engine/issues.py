@@ -50,17 +50,22 @@ class ValidationResult:
     outputs: list[str] = field(default_factory=list)
     order: list[str] = field(default_factory=list)  # nodes upstream of the outputs, sources first
     graph: weakref.ref | None = field(default=None, repr=False, compare=False)  # the graph validated (see below)
+    # node id -> things that do not stop the run but are probably mistakes (an input the node does not have)
+    warnings: dict[str, list[Issue]] = field(default_factory=dict)
 
     def messages(self) -> list[str]:
         """Readable lines, one per problem."""
         lines = []
-        if self.error and not self.problems:
+        if self.error and (not self.problems or self.error.kind != "prompt_outputs_failed_validation"):
             d = self.error.details
-            lines.append(self.error.message + (f": {d}" if d else ""))
+            lines.append(self.error.hint or self.error.message + (f": {d}" if d else ""))
         for node in self.problems.values():
             for e in node.issues:
                 lines.append(e.hint or f"{e.message}: {e.details}")
         return lines
+
+    def warning_messages(self) -> list[str]:
+        return [w.hint or f"{w.message}: {w.details}" for ws in self.warnings.values() for w in ws]
 
     def summary(self) -> str:
         return "\n".join(self.messages())

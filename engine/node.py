@@ -158,7 +158,8 @@ class Node:
     - ``name`` (default: the class name), ``display_name``, ``category``, ``description`` (default: the
       docstring), ``output_node``, ``cacheable``, ``not_idempotent``, ``version``, ``input_is_list``
     - classmethods ``fingerprint(**inputs)`` (like ComfyUI's IS_CHANGED) and ``validate(**inputs)``
-      (return True or a message), method ``check_lazy_status(**inputs)`` (names of lazy inputs needed).
+      (return True, a message, or ``{input name: message}`` naming only the wrong inputs), method
+      ``check_lazy_status(**inputs)`` (names of lazy inputs needed).
     """
 
     name: str | None = None

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import difflib
 import inspect
 import json
 import math
@@ -109,6 +110,22 @@ def coerce_literal(spec: InputSpec, value: Any) -> Any:
     return value
 
 
+def _empty_choices_hint(ispec: InputSpec) -> str:
+    """Where an empty choice list comes from: a choices callable may say (``choices.where()``)."""
+    where = getattr(ispec.choices, "where", None)
+    try:
+        place = where() if callable(where) else where
+    except Exception:
+        place = None
+    if place:
+        return f"nothing found in {place}; add files there, or point Kiln at the folder holding models/ with --base-dir"
+    return "the list is empty; if it lists files, add them, or point Kiln at your folders with --base-dir"
+
+
+def _article(word: str) -> str:
+    return "an" if word[:1] in "aeiou" else "a"
+
+
 def _combo_expected(spec: InputSpec) -> Any:
     if spec.type == COMBO and spec.v1_combo:
         return spec.resolve_choices() or []
@@ -120,6 +137,7 @@ class _Validator:
         self.graph = graph
         self.registry = registry
         self.problems: dict[str, list[Issue]] = {}
+        self.warnings: dict[str, list[Issue]] = {}
         self.valid: dict[str, bool] = {}
         self._choices: dict[int, list] = {}
 
@@ -181,8 +199,24 @@ class _Validator:
             # point somewhere real, or the node would fail at run time with no useful message
             if name not in spec.inputs and isinstance(value, Link):
                 self.check_link_target(node, name, value)
+            elif name not in spec.inputs and name not in spec.hidden and spec.kind == "native":
+                self.warn_unknown(node, spec, name)
         if spec.validate is not None and len(self.problems.get(node.id, ())) == before:
             self.custom_validate(node, spec)
+
+    def warn_unknown(self, node: NodeEntry, spec: NodeSpec, name: str) -> None:
+        """An input the node does not declare is ignored (ComfyUI's clients may send extras): say so."""
+        near = difflib.get_close_matches(str(name), list(spec.inputs), n=1, cutoff=0.6)
+        fix = f"did you mean {near[0]!r}?" if near else f"its inputs are {', '.join(spec.inputs) or 'none'}"
+        self.warnings.setdefault(node.id, []).append(
+            Issue.of(
+                "unknown_input",
+                "Input is not declared by the node and is ignored",
+                str(name),
+                input_name=str(name),
+                hint=f"{_where(node, str(name))} is not an input of {spec.name} and is ignored; {fix}",
+            )
+        )
 
     def check_link(self, node: NodeEntry, name: str, ispec: InputSpec, link: Link, spec: NodeSpec) -> None:
         src_spec = self.check_link_target(node, name, link, ispec)
@@ -296,7 +330,7 @@ class _Validator:
                         received_value=_safe_json(value),
                         error=_clip(exc),
                         hint=f"{_where(node, name)}: {_short(value)} is not a valid {t} ({_clip(exc)}); "
-                        f"give a {t.lower()} value",
+                        f"give {_article(t.lower())} {t.lower()} value",
                     ),
                 )
                 return
@@ -353,7 +387,7 @@ class _Validator:
                             if near
                             else f"; choose one of {shown}"
                             if choices
-                            else "; there are no choices available (is the model folder empty?)"
+                            else f"; there are no choices available ({_empty_choices_hint(ispec)})"
                         ),
                     ),
                 )
@@ -393,6 +427,19 @@ class _Validator:
             )
             return
         if r is True:
+            return
+        if isinstance(r, dict) and r:  # {input name: message}: only the inputs that are wrong
+            for name, msg in r.items():
+                self.add(
+                    node,
+                    Issue.of(
+                        "custom_validation_failed",
+                        "Custom validation failed for node",
+                        f"{name} - {msg}",
+                        input_name=name,
+                        hint=f"{_where(node, str(name))}: {msg}",
+                    ),
+                )
             return
         for name in [n for n in args if n != "input_types"] or [""]:
             details = name if r is False or r is None else f"{name} - {r}"
@@ -537,6 +584,12 @@ def _check(
             and (partial_execution_targets is None or nid in partial_execution_targets)
         ]
     if not outputs:
+        # still check every node, so the other mistakes are reported at once, not one round trip later
+        for node in graph.nodes.values():
+            try:
+                v.check_node(node)
+            except Exception:  # reported as the run's error below; no outputs is the graph's first problem
+                continue
         return ValidationResult(
             False,
             Issue.of(
@@ -546,7 +599,8 @@ def _check(
                 hint="The graph has no output node (such as SaveImage or "
                 "PreviewImage); add one so there is something to produce",
             ),
-            {},
+            _per_node(v.problems, graph, {}),
+            warnings=v.warnings,
         )
     # 3. cycles
     cycles = find_cycle(graph, outputs)
@@ -606,12 +660,13 @@ def _check(
     dependents = dependent_outputs(graph, outputs, v.problems)
     problems = _per_node(v.problems, graph, dependents)
     if good:
-        return ValidationResult(True, None, problems, good, order if good == outputs else [])
+        return ValidationResult(True, None, problems, good, order if good == outputs else [], warnings=v.warnings)
     reasons = [f"{e.message}: {e.details}" for errs in v.problems.values() for e in errs]
     return ValidationResult(
         False,
         Issue.of("prompt_outputs_failed_validation", "Prompt outputs failed validation", "\n".join(reasons)),
         problems,
+        warnings=v.warnings,
     )
 
 

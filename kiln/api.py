@@ -85,11 +85,15 @@ class Result:
         return f"<kiln.Result {self.raw.status}: {len(self.raw.outputs)} output node(s), {len(self.files)} file(s)>"
 
 
-def apply_settings(graph: EngineGraph, settings: dict[str, Any]) -> None:
+def apply_settings(graph: EngineGraph, settings: dict[str, Any], registry: Any = None) -> None:
     """Apply ``{"NODE.INPUT": value}`` edits; NODE is an id or a title. Raises with the fix on a bad key.
 
     A value is a literal, or a :class:`kiln.engine.graph.Link` to connect the input to another node's output.
+    With a ``registry``, an INPUT the node does not declare is an error (with the nearest name), never a value
+    silently ignored.
     """
+    import difflib
+
     from kiln.engine import GraphFormatError
 
     for key, value in settings.items():
@@ -100,6 +104,14 @@ def apply_settings(graph: EngineGraph, settings: dict[str, Any]) -> None:
         if node is None:
             known = ", ".join(f"{n.id} ({n.title or n.class_type})" for n in graph.nodes.values())
             raise GraphFormatError(f"--set {key!r}: no node with id or title {ref!r}", f"nodes: {known}")
+        spec = registry.get(node.class_type) if registry is not None else None
+        if spec is not None and spec.kind == "native" and inp not in spec.inputs:
+            near = difflib.get_close_matches(inp, list(spec.inputs), n=1, cutoff=0.6)
+            raise GraphFormatError(
+                f"--set {key!r}: node {ref} ({node.class_type}) has no input {inp!r}"
+                + (f"; did you mean {ref}.{near[0]}?" if near else ""),
+                f"its inputs: {', '.join(spec.inputs) or 'none'}",
+            )
         # Past the loader a link is a Link object, never a list of a certain shape: a list (even ["4", 0] or
         # ["a", True]) is a literal value. The CLI turns JSON [id, slot] text into a Link at its boundary.
         node.inputs[inp] = value
@@ -124,10 +136,10 @@ def run(
     output values in ``result.values``.
     """
     g = as_engine_graph(graph)
+    ex = executor(cache=cache, base_dir=base_dir, output_dir=output_dir)
     if set:
         g = g.copy()
-        apply_settings(g, set)
-    ex = executor(cache=cache, base_dir=base_dir, output_dir=output_dir)
+        apply_settings(g, set, ex.registry)
     res = ex.run(g, targets=list(targets) if targets else None, sink=on_event, extra_data=extra_data)
     if raise_on_error:
         res.raise_for_status()

@@ -15,6 +15,7 @@ import itertools
 import json
 import os
 import sys
+import textwrap
 import time
 from pathlib import Path
 from typing import Any
@@ -98,6 +99,11 @@ def _print_validation(res, stream=sys.stderr) -> None:
         print(f"  - {line}", file=stream)
 
 
+def _print_warnings(res, stream=sys.stderr) -> None:
+    for line in res.warning_messages():
+        print(f"warning: {line}", file=stream)
+
+
 def _print_node_error(err: Any, stream=sys.stderr) -> None:
     """Render the engine's ExecutionError for a terminal."""
     print(f"Node {err.node_id} ({err.node_type}) failed: {err.message}", file=stream)
@@ -123,17 +129,21 @@ def cmd_run(args: argparse.Namespace) -> int:
         return EXIT_INVALID
     combos = combinations(parse_sets(args.set or []), read_batch(args.batch) if args.batch else [])
     ex = api.executor(cache=args.cache, base_dir=args.base_dir, output_dir=args.output_dir)
+    warned = False
     worst = EXIT_OK
     total_cost = 0.0
     for i, settings in enumerate(combos, 1):
         g = base.copy()
         label = f"[{i}/{len(combos)}] " if len(combos) > 1 else ""
         try:
-            api.apply_settings(g, {k: wire_value(v) for k, v in settings.items()})
+            api.apply_settings(g, {k: wire_value(v) for k, v in settings.items()}, ex.registry)
         except GraphFormatError as exc:
             _print_format_error(exc)
             return EXIT_INVALID
         v = ex.validate(g)
+        if not warned:
+            _print_warnings(v)
+            warned = True
         if not v.ok:
             if label:
                 print(f"{label}{settings}", file=sys.stderr)
@@ -189,7 +199,10 @@ def cmd_validate(args: argparse.Namespace) -> int:
     if args.json:
         from kiln.server.protocol import validation_body
 
-        print(json.dumps(validation_body(res) | {"outputs": res.outputs}, indent=2))
+        body = {"warnings": res.warning_messages()} if res.warnings else {}
+        print(json.dumps(validation_body(res) | {"outputs": res.outputs} | body, indent=2))
+    else:
+        _print_warnings(res)
     if not res.ok:
         if not args.json:
             _print_validation(res)
@@ -220,12 +233,11 @@ def cmd_nodes(args: argparse.Namespace) -> int:
         for n, i in spec.inputs.items():
             extra = {k: v for k, v in i.options.items() if k in ("default", "min", "max", "step")}
             choices = i.resolve_choices() if i.type == "COMBO" else None
-            t = (
-                f"one of {choices[:12]}{'...' if choices and len(choices) > 12 else ''}"
-                if choices is not None
-                else i.type
-            )
+            t = "one of:" if choices is not None else i.type
             print(f"  {n:24} {t}{' (optional)' if i.optional else ''}{' ' + json.dumps(extra) if extra else ''}")
+            if choices is not None:
+                for line in textwrap.wrap(", ".join(map(str, choices)) or "(none available)", 90):
+                    print(f"  {'':24}   {line}")
         print("outputs:")
         for o in spec.outputs:
             print(f"  {o.name:24} {o.type}{' (list)' if o.is_list else ''}")
@@ -251,13 +263,35 @@ def cmd_stubs(args: argparse.Namespace) -> int:
     from . import codegen
     from .runtime import default_registry
 
-    path = codegen.write(default_registry(entry_points=False, custom_nodes="/nonexistent"))
+    # the same nodes `kiln run` sees: built-in, installed packs and the custom_nodes/ folder
+    path = codegen.write(default_registry(custom_nodes=args.custom_nodes))
     print(f"wrote {path}")
     return EXIT_OK
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("kiln")
+    except PackageNotFoundError:
+        return "(not installed)"
+
+
+def cache_policy(text: str) -> str:
+    """argparse type: a cache policy string that the engine accepts (a clean usage error otherwise)."""
+    from kiln.engine.cache import make_cache
+
+    try:
+        make_cache(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="kiln", description="Run image-generation node graphs (ComfyUI API format).")
+    ap.add_argument("--version", action="version", version=f"kiln {_version()}")
     sub = ap.add_subparsers(dest="command", required=True)
 
     r = sub.add_parser("run", help="run a graph in this process")
@@ -271,7 +305,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--batch", metavar="ROWS", help="CSV or JSONL of NODE.INPUT parameter rows, one run each")
     r.add_argument("--output-dir", help="where SaveImage writes (default ./output)")
     r.add_argument("--base-dir", help="folder holding models/, input/, output/ (default: current directory)")
-    r.add_argument("--cache", default=None, help="keep-current (default), lru:N, ram:SIZE or none")
+    r.add_argument("--cache", default=None, type=cache_policy, help="keep-current (default), lru:N, ram:SIZE or none")
     r.add_argument(
         "--max-cost",
         type=float,
@@ -293,6 +327,12 @@ def build_parser() -> argparse.ArgumentParser:
     n.set_defaults(fn=cmd_nodes)
 
     s = sub.add_parser("stubs", help="regenerate kiln/builders.py (typed node builders) from the registry")
+    s.add_argument(
+        "--custom-nodes",
+        default=None,
+        metavar="DIR",
+        help="custom node folder to include (default: ./custom_nodes or KILN_CUSTOM_NODES)",
+    )
     s.set_defaults(fn=cmd_stubs)
 
     try:

@@ -30,7 +30,10 @@ def sdk():
     try:
         import openai
     except ImportError as exc:  # pragma: no cover - exercised only without the extra
-        raise NodeError("the OpenAI nodes need the 'openai' package", hint="pip install 'kiln[openai]'") from exc
+        raise NodeError(
+            "the OpenAI nodes need the 'openai' package",
+            hint='pip install -e ".[openai]" from your Kiln checkout (or pip install openai)',
+        ) from exc
     return openai
 
 

@@ -97,7 +97,9 @@ def client(t: Target) -> Any:
     try:
         import boto3  # noqa: F401
     except ImportError as exc:  # pragma: no cover - only without the extra
-        raise NodeError("the S3 nodes need boto3", hint="pip install 'kiln[s3]'") from exc
+        raise NodeError(
+            "the S3 nodes need boto3", hint='pip install -e ".[s3]" from your Kiln checkout (or pip install boto3)'
+        ) from exc
     s = settings()
     return _client(
         t, s["max_attempts"], s["connect_timeout_s"], s["read_timeout_s"], s["max_concurrency"], credentials_identity()

@@ -37,5 +37,5 @@ def test_nodes_load_without_optional_packages_and_say_what_to_install(tmp_path):
     assert p.returncode == 0, p.stderr
     out = json.loads(p.stdout.strip().splitlines()[-1])
     assert out["load_errors"] == [] and len(out["have"]) == 3
-    assert "pip install 'kiln[openai]'" in out["errors"][0]
-    assert "pip install 'kiln[s3]'" in out["errors"][1]
+    assert 'pip install -e ".[openai]"' in out["errors"][0]
+    assert 'pip install -e ".[s3]"' in out["errors"][1]
