@@ -65,6 +65,9 @@ class NodeContext:
     class_type: str
     parent_id: str | None = None
     real_id: str = ""
+    # the node's cache key in this run (content-derived: the same class, inputs and upstream give the same
+    # bytes in any process), None when the node is not cacheable; lets a node keep its own durable results
+    cache_key: bytes | None = None
 
     @property
     def prompt_id(self) -> str:

@@ -309,7 +309,9 @@ class _Run:
             inputs = self._gather(nid, node, spec)
         obj = self._instance(nid, spec)
         fn = getattr(obj, spec.function)
-        nctx = _ctx.NodeContext(self.ctx, nid, disp, node.class_type, ids["parent_node"], ids["real_node"])
+        nctx = _ctx.NodeContext(
+            self.ctx, nid, disp, node.class_type, ids["parent_node"], ids["real_node"], self.keys.get(nid)
+        )
         token = _ctx._current.set(nctx)
         started = time.perf_counter()
         try:

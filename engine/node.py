@@ -90,6 +90,9 @@ class NodeSpec:
     validate: Callable[..., Any] | None = None
     validate_params: frozenset[str] | None = None  # None: takes **kwargs (all inputs)
     validate_wants_types: bool = False
+    # checks of the world outside the graph (a key configured, a bucket reachable, an extra installed), run
+    # at validation so a run that cannot finish is refused before any paid or slow work starts
+    preflight: Callable[..., Any] | None = None
     has_lazy_check: bool = False
     raw_input_types: dict | None = None  # classic: INPUT_TYPES() as declared, for object_info
     input_types_fn: Callable[[], dict] | None = None  # classic: re-read for object_info (file lists change)
@@ -160,6 +163,11 @@ class Node:
     - classmethods ``fingerprint(**inputs)`` (like ComfyUI's IS_CHANGED) and ``validate(**inputs)``
       (return True, a message, or ``{input name: message}`` naming only the wrong inputs), method
       ``check_lazy_status(**inputs)`` (names of lazy inputs needed).
+    - classmethod ``preflight(**inputs)``: checks of the world outside the graph (credentials configured, a
+      bucket reachable, an optional package installed), called at validation with the node's literal inputs
+      (a linked input is None) once its inputs are valid; returns True or a message like ``validate``.
+      A node that pays for a call or writes somewhere remote declares one, so nothing is paid for a run
+      that would fail later.
     """
 
     name: str | None = None
@@ -297,7 +305,8 @@ def spec_from_native(cls: type, name: str | None = None) -> NodeSpec:
     # bound through the class: a classmethod read from __dict__ is not callable
     fingerprint = getattr(cls, "fingerprint", None)
     validate = getattr(cls, "validate", None)
-    for hook_name, hook in (("fingerprint", fingerprint), ("validate", validate)):
+    preflight = getattr(cls, "preflight", None)
+    for hook_name, hook in (("fingerprint", fingerprint), ("validate", validate), ("preflight", preflight)):
         if hook is None:
             continue
         if not callable(hook):
@@ -347,6 +356,7 @@ def spec_from_native(cls: type, name: str | None = None) -> NodeSpec:
         validate=validate,
         validate_params=vparams,
         validate_wants_types=wants_types,
+        preflight=preflight,
         has_lazy_check=callable(getattr(cls, "check_lazy_status", None)),
         output_tooltips=[o.tooltip for o in outputs] if any(o.tooltip for o in outputs) else None,
     )

@@ -204,6 +204,32 @@ class _Validator:
         if spec.validate is not None and len(self.problems.get(node.id, ())) == before:
             self.custom_validate(node, spec)
 
+    def preflight(self, node: NodeEntry) -> None:
+        spec = self.registry[node.class_type]
+        if spec.preflight is None:
+            return
+        args = {n: (None if isinstance(v, (Link, BadLink)) else v) for n, v in node.inputs.items() if n in spec.inputs}
+        try:
+            r = spec.preflight(**args)
+            if inspect.isawaitable(r):
+                r = _await(r)
+        except Exception as exc:
+            r = f"its preflight check raised {type(exc).__name__}: {_clip(exc)}"
+        if r is True or r is None:
+            return
+        items = r.items() if isinstance(r, dict) else [("", r)]
+        for name, msg in items:
+            self.add(
+                node,
+                Issue.of(
+                    "preflight_failed",
+                    "The node cannot run here",
+                    f"{name} - {msg}" if name else str(msg),
+                    input_name=name,
+                    hint=f"{_where(node, name) if name else _where(node)}: {msg}",
+                ),
+            )
+
     def warn_unknown(self, node: NodeEntry, spec: NodeSpec, name: str) -> None:
         """An input the node does not declare is ignored (ComfyUI's clients may send extras): say so."""
         near = difflib.get_close_matches(str(name), list(spec.inputs), n=1, cutoff=0.6)
@@ -656,6 +682,16 @@ def _check(
         v.valid[nid] = ok
     for nid in in_cycle:
         v.valid[nid] = False
+    # 5. preflight checks of the outside world, only for nodes whose own inputs are fine, and only when
+    # everything upstream of the outputs is (no point asking a bucket about a graph that cannot run)
+    if not v.problems:
+        for nid in order:
+            v.preflight(graph.nodes[nid])
+        if v.problems:
+            # the outside world is not ready (no key, no bucket): refuse the whole run, not only the outputs
+            # downstream, so nothing is paid for or written before the user fixes it
+            for nid in order:
+                v.valid[nid] = False
     good = [o for o in outputs if v.valid.get(o, False)]
     dependents = dependent_outputs(graph, outputs, v.problems)
     problems = _per_node(v.problems, graph, dependents)

@@ -129,6 +129,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         return EXIT_INVALID
     combos = combinations(parse_sets(args.set or []), read_batch(args.batch) if args.batch else [])
     ex = api.executor(cache=args.cache, base_dir=args.base_dir, output_dir=args.output_dir)
+    if args.no_provider_cache:
+        from kiln.nodes.providers.result_cache import SERVICE
+
+        ex.services.pop(SERVICE, None)
     warned = False
     worst = EXIT_OK
     total_cost = 0.0
@@ -312,6 +316,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         metavar="USD",
         help="per-run budget for hosted-provider calls; a call that would exceed it fails first",
+    )
+    r.add_argument(
+        "--no-provider-cache",
+        action="store_true",
+        help="call paid providers again even when this graph's result is kept on disk (cache/provider-results)",
     )
     r.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     r.set_defaults(fn=cmd_run)

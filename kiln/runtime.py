@@ -32,6 +32,14 @@ def make_executor(
     output_dir: str | Path | None = None,
     registry: Registry | None = None,
     custom_nodes: str | Path | None = None,
+    provider_cache: bool = True,
 ) -> Executor:
+    """An executor with the default registry and folders. ``provider_cache``: keep paid provider results on
+    disk under the base folder (``cache/provider-results``), so a re-run in a new process does not pay again."""
     reg = registry or default_registry(custom_nodes)
-    return Executor(reg, cache=cache, folders=default_folders(base_dir, output_dir))
+    ex = Executor(reg, cache=cache, folders=default_folders(base_dir, output_dir))
+    if provider_cache:
+        from kiln.nodes.providers.result_cache import ProviderResultCache
+
+        ProviderResultCache().install(ex)
+    return ex

@@ -15,7 +15,7 @@ from typing import Annotated, Any
 
 from kiln import engine
 from kiln.engine import SEED_MAX, Boolean, Combo, Int, NodeError, NodeResult, Output, String
-from kiln.nodes.providers import config, http, imageio, ledger, pricing
+from kiln.nodes.providers import config, http, imageio, ledger, preflight, pricing, result_cache
 from kiln.nodes.providers.common import dumps, generation_record, rerun_fingerprint, ui_for
 
 MODELS = [
@@ -58,6 +58,7 @@ def _describe(exc: http.HttpFailure) -> NodeError | None:
     return None
 
 
+@result_cache.keeps_results
 class GoogleImagenGenerate(engine.Node):
     """Generate images with Google Imagen (Gemini API)."""
 
@@ -66,6 +67,11 @@ class GoogleImagenGenerate(engine.Node):
     api_node = True
     outputs = [Output("IMAGE", "images"), Output("MASK", "mask"), Output("STRING", "usage")]
     fingerprint = staticmethod(rerun_fingerprint)
+
+    @classmethod
+    def preflight(cls, endpoint: Any = "google", **_: Any) -> bool | dict:
+        """Before any paid call: the endpoint profile and its key."""
+        return preflight.endpoint_ready("google", endpoint)
 
     async def run(
         self,

@@ -24,7 +24,7 @@ import torch
 from kiln import engine
 from kiln.engine import SEED_MAX, Boolean, Combo, Int, NodeError, NodeResult, Output, Socket, String
 from kiln.nodes.common import check_image
-from kiln.nodes.providers import config, imageio, ledger, openai_client, pricing
+from kiln.nodes.providers import config, imageio, ledger, openai_client, preflight, pricing, result_cache
 from kiln.nodes.providers.common import dumps, generation_record, rerun_fingerprint, ui_for
 
 IMAGE_MODELS = ["gpt-image-1", "dall-e-3", "dall-e-2"]
@@ -254,6 +254,11 @@ async def _image_bytes(items: list, profile: config.Profile, what: str) -> list[
     return blobs
 
 
+def _preflight(cls: type, endpoint: Any = "openai", base_url: Any = "", **_: Any) -> bool | dict:
+    """Before any paid call: the openai package, the endpoint profile and its key."""
+    return preflight.endpoint_ready("openai", endpoint, base_url, package="openai")
+
+
 class _Call:
     """One paid request: endpoint resolution, budget reservation, retries, decoding, the usage record."""
 
@@ -414,6 +419,7 @@ _GENERATE_PARAMS = {
 }
 
 
+@result_cache.keeps_results
 class OpenAIImageGenerate(engine.Node):
     """Generate images from a prompt with OpenAI (gpt-image-1, dall-e-3, dall-e-2) or an OpenAI-compatible
     endpoint."""
@@ -424,6 +430,8 @@ class OpenAIImageGenerate(engine.Node):
     outputs = _OUT
 
     fingerprint = staticmethod(rerun_fingerprint)
+
+    preflight = classmethod(_preflight)
 
     async def run(
         self,
@@ -470,6 +478,7 @@ def _png_upload(image: torch.Tensor, name: str, alpha: Any = None) -> tuple[str,
     return (name, imageio.encode_png(image, alpha), "image/png")
 
 
+@result_cache.keeps_results
 class OpenAIImageEdit(engine.Node):
     """Edit or combine images with a prompt (gpt-image-1: up to 16 reference images; dall-e-2: one square
     image). An optional MASK (1 = change) becomes the transparent-where-to-edit PNG the API wants."""
@@ -480,6 +489,8 @@ class OpenAIImageEdit(engine.Node):
     outputs = _OUT
 
     fingerprint = staticmethod(rerun_fingerprint)
+
+    preflight = classmethod(_preflight)
 
     async def run(
         self,
@@ -578,6 +589,7 @@ class OpenAIImageEdit(engine.Node):
         return _result(images, out_mask, revised, prompt, rec)
 
 
+@result_cache.keeps_results
 class OpenAIImageVariation(engine.Node):
     """Variations of one square image (dall-e-2)."""
 
@@ -587,6 +599,8 @@ class OpenAIImageVariation(engine.Node):
     outputs = _OUT
 
     fingerprint = staticmethod(rerun_fingerprint)
+
+    preflight = classmethod(_preflight)
 
     async def run(
         self,
@@ -642,6 +656,7 @@ def _preview(b64: str, fmt: str) -> engine.Preview | None:
     return engine.Preview("JPEG", buf.getvalue())
 
 
+@result_cache.keeps_results
 class OpenAIResponsesImage(engine.Node):
     """Generate or edit an image through the Responses API image tool. Partial images stream in as the
     node's preview frames; chain turns by linking response_id into the next node's previous_response_id."""
@@ -656,6 +671,8 @@ class OpenAIResponsesImage(engine.Node):
     ]
 
     fingerprint = staticmethod(rerun_fingerprint)
+
+    preflight = classmethod(_preflight)
 
     async def run(
         self,

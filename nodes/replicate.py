@@ -22,7 +22,7 @@ import torch
 from kiln import engine
 from kiln.engine import Boolean, Combo, Int, NodeError, NodeResult, Output, Socket, String
 from kiln.nodes.common import check_image
-from kiln.nodes.providers import config, http, imageio, ledger, pricing
+from kiln.nodes.providers import config, http, imageio, ledger, preflight, pricing, result_cache
 from kiln.nodes.providers.common import dumps, generation_record, rerun_fingerprint, ui_for
 
 _MODEL_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]*/[a-z0-9][a-z0-9_.-]*(:[0-9a-f]{64})?$", re.IGNORECASE)
@@ -87,6 +87,7 @@ def _describe(exc: http.HttpFailure) -> NodeError | None:
     return None
 
 
+@result_cache.keeps_results
 class ReplicateRun(engine.Node):
     """Run a Replicate model (e.g. black-forest-labs/flux-1.1-pro) with an input dict and return its images."""
 
@@ -100,6 +101,11 @@ class ReplicateRun(engine.Node):
         Output("STRING", "usage", tooltip="JSON: provider, model, cost, metrics, prediction id"),
     ]
     fingerprint = staticmethod(rerun_fingerprint)
+
+    @classmethod
+    def preflight(cls, endpoint: Any = "replicate", **_: Any) -> bool | dict:
+        """Before any paid call: the endpoint profile and its key."""
+        return preflight.endpoint_ready("replicate", endpoint)
 
     async def run(
         self,

@@ -29,7 +29,7 @@ import torch
 from kiln import engine
 from kiln.engine import Boolean, Combo, Hidden, Int, NodeError, NodeResult, Output, Socket, String
 from kiln.nodes.common import check_image, comfy_png_metadata, to_uint8
-from kiln.nodes.providers import imageio, provenance, s3io
+from kiln.nodes.providers import imageio, preflight, provenance, s3io
 from kiln.nodes.providers.checks import check_images
 
 STORAGE_CLASSES = ["STANDARD", "STANDARD_IA", "ONEZONE_IA", "INTELLIGENT_TIERING", "GLACIER_IR", "REDUCED_REDUNDANCY"]
@@ -78,6 +78,13 @@ def render_key(template: str, values: dict[str, Any], *, batch: int) -> str:
 
 def _now() -> _dt.datetime:
     return _dt.datetime.now(_dt.timezone.utc)
+
+
+def _bucket_preflight(
+    cls: type, bucket: Any = None, endpoint_url: Any = "", region: Any = "", path_style: Any = False, **_: Any
+) -> bool | dict:
+    """Before anything runs: boto3 installed, credentials found, the bucket answers."""
+    return preflight.bucket_ready(bucket, endpoint_url, region, path_style)
 
 
 def _target(endpoint_url: str, region: str, path_style: bool) -> s3io.Target:
@@ -215,6 +222,8 @@ class SaveImageS3(engine.Node):
     output_node = True
     outputs = [Output("STRING", "uri", is_list=True), Output("STRING", "url", is_list=True)]
 
+    preflight = classmethod(_bucket_preflight)
+
     async def run(
         self,
         images: Annotated[torch.Tensor, Socket("IMAGE")],
@@ -336,6 +345,8 @@ class SaveFileS3(engine.Node):
     output_node = True
     outputs = [Output("STRING", "uri"), Output("STRING", "url")]
 
+    preflight = classmethod(_bucket_preflight)
+
     async def run(
         self,
         data: Annotated[Any, Socket("*")],
@@ -405,6 +416,8 @@ class LoadImageS3(engine.Node):
             return c.head_object(Bucket=bucket, Key=key)["ETag"]
         except Exception:
             return float("nan")  # unknown: load again (and report the real error when running)
+
+    preflight = classmethod(_bucket_preflight)
 
     async def run(
         self,

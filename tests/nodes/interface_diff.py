@@ -67,10 +67,12 @@ def diff_class(name: str, ours: dict | None, ref: dict) -> list[str]:
         return [f"{name}: missing"]
     out = []
     ours = dict(ours)
-    ours["input_order"] = {
-        sec: [n for n in names if (name, n) not in KILN_EXTRAS] for sec, names in ours.get("input_order", {}).items()
-    }
-    ours["input_order"] = {sec: names for sec, names in ours["input_order"].items() if names}
+    order = {}
+    for sec, names in ours.get("input_order", {}).items():
+        kept = [n for n in names if (name, n) not in KILN_EXTRAS]
+        if kept or len(kept) == len(names):  # drop a section only when Kiln's extras were all it held
+            order[sec] = kept
+    ours["input_order"] = order
     for key in TOP_LEVEL:
         if key == "display_name" and ref.get(key) is None:
             continue  # ComfyUI declares none (its editor shows the class name); Kiln may give a readable one

@@ -6,6 +6,8 @@ import json
 import urllib.request
 from pathlib import Path
 
+import pytest
+
 from kiln import engine
 from kiln.nodes.providers import provenance
 from kiln.nodes.providers.ledger import costs_of
@@ -74,6 +76,46 @@ def test_provider_to_s3_graph_stops_on_a_blocked_term(run_graph, openai_server, 
     assert openai_server.requests == []
 
 
-def test_shipped_graph_validates(registry):
-    v = engine.validate(engine.Graph.load(GRAPH), registry)
+def test_shipped_graph_validates_with_credentials(registry, openai_server, s3, moto_url):
+    v = engine.validate(engine.Graph.from_json(load_graph(s3.bucket, moto_url)), registry)
     assert v.ok, v.messages()
+
+
+def test_without_credentials_the_graph_is_refused_before_any_paid_call(run_graph, openai_server, monkeypatch, tmp_path):
+    # the provider profile has a key, but there are no AWS credentials: nothing may be paid for
+    for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    g = load_graph("kiln-outputs", "http://127.0.0.1:9")
+    v = run_graph.ex.validate(engine.Graph.from_json(g))
+    assert not v.ok
+    messages = " | ".join(v.messages())
+    assert "SaveImageS3" in messages and "no AWS credentials" in messages and "bucket" in messages
+    with pytest.raises(engine.ValidationFailed):
+        run_graph(g)
+    assert openai_server.requests == []  # refused at validation: the provider was never called
+
+
+def test_a_rerun_in_a_new_process_does_not_pay_again(openai_server, s3, moto_url, tmp_path):
+    from kiln.nodes.providers.result_cache import ProviderResultCache
+    from kiln.runtime import make_executor
+
+    g = load_graph(s3.bucket, moto_url)
+    first = make_executor(base_dir=tmp_path)
+    assert isinstance(first.services["provider_results"], ProviderResultCache)
+    r1 = first.run(engine.Graph.from_json(g))
+    assert r1.status == "success", r1.error
+    assert len(openai_server.requests) == 1
+    # a new executor stands for a new process: its memory cache is empty, the disk cache is not
+    second = make_executor(base_dir=tmp_path)
+    r2 = second.run(engine.Graph.from_json(g))
+    assert r2.status == "success", r2.error
+    assert len(openai_server.requests) == 1 and "2" in r2.ran
+    assert costs_of(r2.annotations) == []  # nothing was paid the second time
+    assert r2.outputs.get("2") == r1.outputs.get("2")  # the same result, as the provider gave it
+    # opting out calls the provider again
+    third = make_executor(base_dir=tmp_path, provider_cache=False)
+    assert third.run(engine.Graph.from_json(g)).status == "success"
+    assert len(openai_server.requests) == 2

@@ -222,10 +222,15 @@ def test_auth_failure_says_what_to_set_and_never_echoes_the_key(run_graph, opena
     assert len(openai_server.requests) == 1  # 401 is not retried
 
 
-def test_missing_key_fails_before_any_request(run_graph, openai_server, monkeypatch):
+def test_missing_key_fails_at_validation_before_any_request(run_graph, openai_server, monkeypatch):
+    from kiln.engine import ValidationFailed
+
     monkeypatch.delenv("KILN_TEST_OPENAI_KEY")
-    msg = error_message(run_node(run_graph, gen()))
+    with pytest.raises(ValidationFailed) as ei:
+        run_node(run_graph, gen())
+    msg = str(ei.value)
     assert "no API key for provider profile 'openai'" in msg and "KILN_TEST_OPENAI_KEY" in msg
+    assert "input 'endpoint'" in msg
     assert openai_server.requests == []
 
 
@@ -595,8 +600,12 @@ def test_compatible_endpoint_profile_and_model_override(run_graph, openai_server
 
 
 def test_base_url_override_to_an_unconfigured_host_is_refused(run_graph, openai_server):
-    msg = error_message(run_node(run_graph, gen(base_url="https://collector.example.net/v1")))
-    assert msg.startswith("input 'base_url'") and "only sends a key" in msg
+    from kiln.engine import ValidationFailed
+
+    with pytest.raises(ValidationFailed) as ei:
+        run_node(run_graph, gen(base_url="https://collector.example.net/v1"))
+    msg = str(ei.value)
+    assert "input 'base_url'" in msg and "only sends a key" in msg
     assert openai_server.requests == []
 
 

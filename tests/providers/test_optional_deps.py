@@ -20,8 +20,8 @@ out = {"load_errors": [str(e) for e in reg.load_errors],
 ex = engine.Executor(reg)
 for g in ({"1": {"class_type": "OpenAIImageGenerate", "inputs": {"prompt": "x", "model": "dall-e-2"}}},
           {"1": {"class_type": "SaveFileS3", "inputs": {"data": "x", "bucket": "b"}}}):
-    r = ex.run(engine.Graph.from_json(g), targets=["1"])
-    out.setdefault("errors", []).append(r.error.message)
+    v = ex.validate(engine.Graph.from_json(g), targets=["1"])
+    out.setdefault("errors", []).append(" ".join(v.messages()))
 print(json.dumps(out))
 """
 

@@ -223,9 +223,18 @@ def test_interrupt_mid_batch_leaves_nothing(runner, s3, proxy):
     ],
 )
 def test_bad_sink_inputs_name_the_input(runner, s3, moto_url, inputs, input_name, expect):
+    from kiln.engine import ValidationFailed
+
     g = save_graph(s3.bucket, moto_url)
     g["s"]["inputs"].update(inputs)
-    msg = runner(g).error.message
+    try:
+        msg = runner(g).error.message
+    except ValidationFailed as exc:  # found by the node's preflight check, before anything ran
+        issues = exc.result.problems["s"].issues
+        assert [i.extra.get("input_name") for i in issues] == [input_name], issues
+        msg = issues[0].details
+        assert expect in msg, msg
+        return
     assert msg.startswith(f"input '{input_name}'") and expect in msg, msg
 
 
