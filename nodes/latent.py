@@ -2,6 +2,10 @@
 
 LATENT is ``{"samples": [B, 4, H/8, W/8], "noise_mask"?: [B, 1, H, W], "batch_index"?: [...]}``; samples
 are scaled by the VAE's ``scaling_factor`` as the diffusion model expects.
+
+The helpers other families share live here: ``check_latent``, ``check_vae``, ``resize_latent`` (ComfyUI's
+``common_upscale``), and the VAE steps ``encode``/``decode`` with their raw halves ``encode_raw``/``decode_raw``
+(``vae_tiled`` runs those per tile).
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ def _check_multiple(name: str, value: int) -> str | None:
     return None
 
 
-def _latent(samples: Any, input_name: str = "samples") -> dict:
+def check_latent(samples: Any, input_name: str = "samples") -> dict:
     if (
         not isinstance(samples, dict)
         or not isinstance(samples.get("samples"), torch.Tensor)
@@ -54,7 +58,8 @@ def _slerp_axis(x: torch.Tensor, size: int, dim: int) -> torch.Tensor:
     return (wa * na + wb * nb) * (la + (lb - la) * t)
 
 
-def _resize(x: torch.Tensor, h: int, w: int, method: str, crop: str = "disabled") -> torch.Tensor:
+def resize_latent(x: torch.Tensor, h: int, w: int, method: str, crop: str = "disabled") -> torch.Tensor:
+    """ComfyUI's ``common_upscale`` for latents: optional centre crop to the new aspect ratio, then resize."""
     if crop == "center":
         oh, ow = x.shape[-2:]
         src, dst = ow / oh, w / h
@@ -105,7 +110,7 @@ class LatentUpscale(engine.Node):
         height: Annotated[int, Int(min=0, max=MAX_RESOLUTION, step=8)] = 512,
         crop: Annotated[str, Combo(["disabled", "center"])] = "disabled",
     ):
-        s = _latent(samples)
+        s = check_latent(samples)
         x = s["samples"]
         if width == 0 and height == 0:
             return s
@@ -113,7 +118,7 @@ class LatentUpscale(engine.Node):
         lw = width // 8 if width else max(1, round(w * (height // 8) / h))
         lh = height // 8 if height else max(1, round(h * (width // 8) / w))
         out = dict(s)
-        out["samples"] = _resize(x, lh, lw, upscale_method, crop)
+        out["samples"] = resize_latent(x, lh, lw, upscale_method, crop)
         return out
 
     @classmethod
@@ -134,15 +139,15 @@ class LatentUpscaleBy(engine.Node):
         upscale_method: Annotated[str, Combo(UPSCALE_METHODS)] = "nearest-exact",
         scale_by: Annotated[float, Float(min=0.01, max=8.0, step=0.01)] = 1.5,
     ):
-        s = _latent(samples)
+        s = check_latent(samples)
         x = s["samples"]
         h, w = x.shape[-2:]
         out = dict(s)
-        out["samples"] = _resize(x, max(1, round(h * scale_by)), max(1, round(w * scale_by)), upscale_method)
+        out["samples"] = resize_latent(x, max(1, round(h * scale_by)), max(1, round(w * scale_by)), upscale_method)
         return out
 
 
-def _vae(vae: Any) -> Any:
+def check_vae(vae: Any) -> Any:
     if vae is None or not hasattr(vae, "vae"):
         raise NodeError(
             "vae is not a VAE", input_name="vae", hint="connect the VAE output of a checkpoint or VAE loader"
@@ -150,17 +155,30 @@ def _vae(vae: Any) -> Any:
     return vae
 
 
-def decode(vae: Any, latent: torch.Tensor) -> torch.Tensor:
+def check_vae_channels(vae: Any, latent: torch.Tensor) -> None:
     if latent.shape[1] != vae.latent_channels:
         raise NodeError(
             f"the latent has {latent.shape[1]} channels, this VAE expects {vae.latent_channels}",
             input_name="samples",
             hint="decode with the VAE of the model that made the latent",
         )
+
+
+def decode_raw(vae: Any, latent: torch.Tensor) -> torch.Tensor:
+    """Scaled latents ``[B, C, h, w]`` to the VAE's raw output ``[B, 3, H, W]`` (about -1..1, float, CPU)."""
     with torch.inference_mode():
         z = latent.to(vae.device, vae.dtype) / vae.scaling_factor + vae.shift_factor
-        img = vae.vae.decode(z).sample
-    return ((img.float().cpu() + 1) / 2).clamp(0, 1).permute(0, 2, 3, 1).contiguous()
+        return vae.vae.decode(z).sample.float().cpu()
+
+
+def to_image(raw: torch.Tensor) -> torch.Tensor:
+    """The VAE's raw output ``[B, 3, H, W]`` in -1..1 to an IMAGE ``[B, H, W, 3]`` in 0..1."""
+    return ((raw + 1) / 2).clamp(0, 1).permute(0, 2, 3, 1).contiguous()
+
+
+def decode(vae: Any, latent: torch.Tensor) -> torch.Tensor:
+    check_vae_channels(vae, latent)
+    return to_image(decode_raw(vae, latent))
 
 
 def crop_to_multiple(pixels: torch.Tensor, m: int = 8) -> torch.Tensor:
@@ -176,12 +194,20 @@ def crop_to_multiple(pixels: torch.Tensor, m: int = 8) -> torch.Tensor:
     return pixels[:, oh : oh + nh, ow : ow + nw]
 
 
-def encode(vae: Any, pixels: torch.Tensor) -> torch.Tensor:
-    pixels = crop_to_multiple(pixels[..., :3], vae.downscale)
+def encode_raw(vae: Any, x: torch.Tensor) -> torch.Tensor:
+    """Pixels ``[B, 3, H, W]`` in -1..1 (sides a multiple of ``vae.downscale``) to scaled latents (CPU)."""
     with torch.inference_mode():
-        x = pixels.permute(0, 3, 1, 2).to(vae.device, vae.dtype) * 2 - 1
-        z = vae.vae.encode(x).latent_dist.mean
+        z = vae.vae.encode(x.to(vae.device, vae.dtype)).latent_dist.mean
     return ((z.float() - vae.shift_factor) * vae.scaling_factor).cpu()
+
+
+def from_image(pixels: torch.Tensor, multiple: int) -> torch.Tensor:
+    """An IMAGE, centre-cropped to a multiple of ``multiple``, as ``[B, 3, H, W]`` in -1..1."""
+    return crop_to_multiple(pixels[..., :3], multiple).permute(0, 3, 1, 2).float() * 2 - 1
+
+
+def encode(vae: Any, pixels: torch.Tensor) -> torch.Tensor:
+    return encode_raw(vae, from_image(pixels, vae.downscale))
 
 
 class VAEDecode(engine.Node):
@@ -196,7 +222,7 @@ class VAEDecode(engine.Node):
         samples: Annotated[Any, Socket("LATENT", tooltip="The latent to be decoded.")],
         vae: Annotated[Any, Socket("VAE", tooltip="The VAE model used for decoding the latent.")],
     ):
-        return decode(_vae(vae), _latent(samples)["samples"])
+        return decode(check_vae(vae), check_latent(samples)["samples"])
 
 
 class VAEEncode(engine.Node):
@@ -207,7 +233,7 @@ class VAEEncode(engine.Node):
     outputs = ("LATENT",)
 
     def run(self, pixels: Annotated[Any, Socket("IMAGE")], vae: Annotated[Any, Socket("VAE")]):
-        return {"samples": encode(_vae(vae), check_image(pixels, "VAEEncode", "pixels"))}
+        return {"samples": encode(check_vae(vae), check_image(pixels, "VAEEncode", "pixels"))}
 
 
 def _mask_for(mask: Any, pixels: torch.Tensor) -> torch.Tensor:
@@ -236,7 +262,7 @@ class VAEEncodeForInpaint(engine.Node):
         mask: Annotated[Any, Socket("MASK")],
         grow_mask_by: Annotated[int, Int(min=0, max=64, step=1)] = 6,
     ):
-        vae = _vae(vae)
+        vae = check_vae(vae)
         pixels = check_image(pixels, "VAEEncodeForInpaint", "pixels")[..., :3]
         m = _mask_for(mask, pixels)
         if m.shape[0] != pixels.shape[0] and m.shape[0] != 1:
@@ -266,7 +292,7 @@ class SetLatentNoiseMask(engine.Node):
     outputs = ("LATENT",)
 
     def run(self, samples: Annotated[Any, Socket("LATENT")], mask: Annotated[Any, Socket("MASK")]):
-        s = _latent(samples)
+        s = check_latent(samples)
         m = check_mask(mask).float()
         lh, lw = s["samples"].shape[-2:]
         if abs(m.shape[-1] / m.shape[-2] - lw / lh) > 0.02:
