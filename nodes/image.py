@@ -4,6 +4,7 @@ blend, pad for outpainting, composite."""
 from __future__ import annotations
 
 import hashlib
+import itertools
 import os
 import random
 import re
@@ -44,6 +45,7 @@ from .common import (
     preview_from_image,
     tensor_to_pil,
 )
+from .outputs import write_output
 
 IMAGE = Socket("IMAGE")
 MASK_IN = Socket("MASK")
@@ -140,6 +142,79 @@ class LoadImage(Node):
         return True
 
 
+_ANNOTATION = re.compile(r" \[(input|output|temp)\]$")
+
+
+def _as_output_name(name: str) -> str:
+    """A plain name read by LoadImageOutput means a file in output/; explicit annotations are kept."""
+    return name if _ANNOTATION.search(name) else f"{name} [output]"
+
+
+def _output_choices() -> list[str]:
+    """Images in the output folder, newest first, annotated ``[output]`` as ComfyUI's editor sends them."""
+    root = get_folders().output_dir
+    if not root.is_dir():
+        return []
+    found = []
+    for dirpath, _dirnames, filenames in os.walk(root):
+        for f in filenames:
+            if f.lower().endswith(IMAGE_EXTENSIONS):
+                p = Path(dirpath) / f
+                try:
+                    found.append((p.stat().st_mtime, p.relative_to(root).as_posix()))
+                except OSError:
+                    continue
+    return [f"{name} [output]" for _, name in sorted(found, key=lambda t: (-t[0], t[1]))]
+
+
+class LoadImageOutput(LoadImage):
+    """Load an image from the output folder (a plain name means output/; ``[input]``/``[temp]`` still work),
+    e.g. to feed a saved result back into a graph."""
+
+    display_name = "Load Image (from Outputs)"
+    category = "image"
+    experimental = True
+    outputs = ("IMAGE", "MASK")
+
+    def run(  # type: ignore[override]
+        self,
+        image: Annotated[
+            str,
+            Combo(
+                _output_choices,
+                v3=True,
+                image_upload=True,
+                extra={
+                    "image_folder": "output",
+                    "remote": {
+                        "route": "/internal/files/output",
+                        "refresh_button": True,
+                        "control_after_refresh": "first",
+                    },
+                },
+            ),
+        ],
+    ):
+        try:
+            return super().run(_as_output_name(image))
+        except NodeError as exc:
+            if "not found" in str(exc):
+                raise NodeError(
+                    f"image file {image!r} not found in the output folder",
+                    input_name="image",
+                    hint="pick a file listed under output/ (e.g. one a SaveImage node wrote)",
+                ) from None
+            raise
+
+    @classmethod
+    def fingerprint(cls, image: str) -> str:
+        return LoadImage.fingerprint(_as_output_name(image))
+
+    @classmethod
+    def validate(cls, image: str) -> bool | str:
+        return LoadImage.validate(_as_output_name(image))
+
+
 def _expand_prefix(prefix: str, width: int, height: int) -> str:
     now = time.localtime()
     tokens = {
@@ -201,16 +276,19 @@ def save_images(
         name_base = base.replace("%batch_num%", str(i))
         chunks = {**(texts or {}), **extra_texts(np.asarray(img))} if extra_texts else texts  # e.g. provenance
         data = encode_png(img, chunks, compress_level)
-        while True:
-            fname = f"{name_base}_{counter:05d}_.png"
-            try:
-                with open(folder / fname, "xb") as fh:  # never overwrite an existing output
-                    fh.write(data)
-                break
-            except FileExistsError:
-                counter += 1
+        tried: list[int] = []
+
+        def candidates(start: int = counter, name_base: str = name_base, tried: list[int] = tried):
+            for n in itertools.count(start):
+                tried.append(n)
+                yield f"{name_base}_{n:05d}_.png"
+
+        # atomic (temporary name, then moved into place), never over an existing output, and journaled
+        # so a re-run after a crash rewrites this same file
+        fname = write_output(folder, data, candidates())
         results.append({"filename": fname, "subfolder": sub, "type": type_})
-        counter += 1
+        if tried:
+            counter = tried[-1] + 1
     if len(_next_counter) > 4096:  # PreviewImage's random prefixes would otherwise accumulate
         _next_counter.clear()
     _next_counter[counter_key] = counter  # a stale value is harmless: the exclusive create skips taken names
@@ -233,10 +311,15 @@ class SaveImage(Node):
                 tooltip="Prefix of the file names; may contain a subfolder and %width%, %height%, %date% style tokens"
             ),
         ] = "ComfyUI",
-        validate: Annotated[bool, Boolean(tooltip="refuse blank, single-colour or corrupt images")] = False,
+        validate: Annotated[
+            bool, Boolean(optional=True, tooltip="refuse blank, single-colour or corrupt images")
+        ] = False,
         embed_provenance: Annotated[
             bool,
-            Boolean(tooltip="add a kiln_provenance chunk: graph, provider, model, revised prompt, time, content hash"),
+            Boolean(
+                optional=True,
+                tooltip="add a kiln_provenance chunk: graph, provider, model, revised prompt, time, content hash",
+            ),
         ] = False,
         generation_info: Annotated[str, String(force_input=True, tooltip="a provider node's usage output")] = None,
         prompt: Annotated[dict, Hidden("PROMPT")] = None,
@@ -439,7 +522,7 @@ class ImageBlend(Node):
         image1: Annotated[torch.Tensor, IMAGE],
         image2: Annotated[torch.Tensor, IMAGE],
         blend_factor: Annotated[float, Float(min=0.0, max=1.0, step=0.01)] = 0.5,
-        blend_mode: Annotated[str, Combo(BLEND_MODES)] = "normal",
+        blend_mode: Annotated[str, Combo(BLEND_MODES, v3=True)] = "normal",
     ) -> torch.Tensor:
         check_image(image1, "ImageBlend", "image1")
         check_image(image2, "ImageBlend", "image2")
@@ -501,8 +584,8 @@ class ImageCompositeMasked(Node):
         self,
         destination: Annotated[torch.Tensor, IMAGE],
         source: Annotated[torch.Tensor, IMAGE],
-        x: Annotated[int, Int(min=0, max=MAX_RESOLUTION, step=8)] = 0,
-        y: Annotated[int, Int(min=0, max=MAX_RESOLUTION, step=8)] = 0,
+        x: Annotated[int, Int(min=0, max=MAX_RESOLUTION, step=1)] = 0,
+        y: Annotated[int, Int(min=0, max=MAX_RESOLUTION, step=1)] = 0,
         resize_source: Annotated[bool, Boolean()] = False,
         mask: Annotated[Any, Socket("MASK")] = None,
     ) -> torch.Tensor:
@@ -537,6 +620,7 @@ class ImageCompositeMasked(Node):
 NODES = [
     EmptyImage,
     LoadImage,
+    LoadImageOutput,
     SaveImage,
     PreviewImage,
     SaveImageWebsocket,
