@@ -25,7 +25,13 @@ UPSCALE_METHODS = ["nearest-exact", "bilinear", "area", "bicubic", "bislerp"]
 def _check_multiple(name: str, value: int) -> str | None:
     if value % 8:
         lo = value - value % 8
-        return f"{name} {value} is not a multiple of 8 (latents are 1/8 of the image size); use {lo} or {lo + 8}"
+        return f"{name} {value} is not a multiple of 8 (latents here are 1/8 of the pixel size); use {lo} or {lo + 8}"
+
+
+def check_size(width: int, height: int) -> bool | dict:
+    """True, or a message for each of width/height that is not a multiple of 8 (only the wrong ones)."""
+    wrong = {n: m for n, v in (("width", width), ("height", height)) if (m := _check_multiple(n, v))}
+    return wrong or True
     return None
 
 
@@ -91,8 +97,8 @@ class EmptyLatentImage(engine.Node):
         return {"samples": torch.zeros([batch_size, 4, height // 8, width // 8])}
 
     @classmethod
-    def validate(cls, width: int = 512, height: int = 512) -> bool | str:
-        return _check_multiple("width", width) or _check_multiple("height", height) or True
+    def validate(cls, width: int = 512, height: int = 512) -> bool | dict:
+        return check_size(width, height)
 
 
 class LatentUpscale(engine.Node):
@@ -122,8 +128,8 @@ class LatentUpscale(engine.Node):
         return out
 
     @classmethod
-    def validate(cls, width: int = 512, height: int = 512) -> bool | str:
-        return _check_multiple("width", width) or _check_multiple("height", height) or True
+    def validate(cls, width: int = 512, height: int = 512) -> bool | dict:
+        return check_size(width, height)
 
 
 class LatentUpscaleBy(engine.Node):
