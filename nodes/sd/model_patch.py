@@ -19,12 +19,17 @@ The guider (``guidance.Guider``) consults every patch, in order, at fixed points
 
 Everything is in the *denoised* (x0) parametrisation: ``args.cond_denoised`` and ``args.uncond_denoised``
 are the model's x0 predictions for the positive and negative conditioning.
+
+Below the contract: helpers that patches share to change a diffusers UNet for one run and put it back
+exactly, also when the run raises: :func:`swap_attention` (attention processors), :func:`module_hooks`
+(forward hooks and pre-hooks), :func:`attention_modules` and :func:`find_attention` (which ``attn1``/``attn2``
+modules an LDM block name such as ``"middle"`` 0 means).
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,6 +45,7 @@ class StepState:
     percent: float = 0.0  # 0 at sigma_max, 1 at sigma 0 (from the model's sigma table)
     units: list[str] = field(default_factory=list)  # "positive"/"negative"/... for each chunk of the UNet batch
     extra: dict[str, Any] = field(default_factory=dict)  # scratch space for hooks (keyed by the patch)
+    sampling: Any = None  # the run's ModelSampling after the patches' ``sampling``, when the guider sets it
 
 
 @dataclass
@@ -52,8 +58,9 @@ class CfgArgs:
     uncond_denoised: torch.Tensor | None  # None when cfg == 1 skips the negative pass
     cfg: float
     state: StepState
-    # Runs the model once more on (x, sigma) for one conditioning ("positive"/"negative"), optionally inside an
-    # extra context (for instance with self-attention replaced), and returns its x0 prediction.
+    # ``predict(x, sigma, which, context=None)``: runs the model once more on (x, sigma) for one conditioning
+    # (``which``: "positive"/"negative", or a CONDITIONING list), inside ``context`` when given (for instance
+    # with self-attention replaced), and returns its x0 prediction.
     predict: Callable[..., torch.Tensor]
 
 
@@ -86,3 +93,72 @@ def effective_sampling(model: Any) -> Any:
     for patch in getattr(model, "model_patches", ()):
         ms = patch.sampling(ms)
     return ms
+
+
+# -- helpers for patches that change the UNet for one run -------------------------------------------------
+
+
+def attention_modules(unet: torch.nn.Module, kind: str) -> dict[str, torch.nn.Module]:
+    """``{module name: Attention}`` of every transformer block's ``attn1`` (self) or ``attn2`` (cross)."""
+    return {n: m for n, m in unet.named_modules() if n.endswith("." + kind) and hasattr(m, "set_processor")}
+
+
+def find_attention(unet: Any, block: str, index: int, kind: str = "attn1") -> list[str]:
+    """Names of the ``kind`` attention modules of one LDM block: ``("middle", 0)`` is the middle block's
+    transformer; ``("input", n)`` / ``("output", n)`` the transformer of ``input_blocks.n`` / ``output_blocks.n``.
+    Every transformer layer of the block is included (SDXL stacks several)."""
+    from .ldm_keys import UnetLayout
+
+    if block == "middle":
+        prefix = "mid_block.attentions.0."
+    else:
+        layout = UnetLayout(dict(unet.config))
+        starts = layout.down_start if block == "input" else layout.up_start
+        counts = layout.layers if block == "input" else layout.up_layers
+        prefix = ""
+        for i, start in enumerate(starts):
+            if start <= index < start + counts[i]:
+                prefix = f"{'down' if block == 'input' else 'up'}_blocks.{i}.attentions.{index - start}."
+        if not prefix:
+            return []
+    return [n for n in attention_modules(unet, kind) if n.startswith(prefix)]
+
+
+@contextlib.contextmanager
+def swap_attention(unet: torch.nn.Module, processors: Mapping[str, Any]) -> Iterator[None]:
+    """Attention modules (by name) use the given processors inside the block; the previous processor
+    objects are put back on exit, also when the block raises."""
+    modules = dict(unet.named_modules())
+    saved: list[tuple[Any, Any]] = []
+    try:
+        for name, proc in processors.items():
+            attn = modules[name]
+            saved.append((attn, attn.processor))
+            attn.set_processor(proc)
+        yield
+    finally:
+        for attn, proc in reversed(saved):
+            attn.set_processor(proc)
+
+
+@contextlib.contextmanager
+def module_hooks(
+    hooks: Iterable[tuple[torch.nn.Module, str, Callable[..., Any]]],
+) -> Iterator[None]:
+    """Registers ``(module, kind, fn)`` hooks for the block (``kind``: "forward", "pre", or "pre_kwargs" for a
+    pre-hook that receives and returns ``(args, kwargs)``) and removes every one of them on exit."""
+    handles: list[Any] = []
+    try:
+        for module, kind, fn in hooks:
+            if kind == "forward":
+                handles.append(module.register_forward_hook(fn))
+            elif kind == "pre":
+                handles.append(module.register_forward_pre_hook(fn))
+            elif kind == "pre_kwargs":
+                handles.append(module.register_forward_pre_hook(fn, with_kwargs=True))
+            else:
+                raise ValueError(f"unknown hook kind {kind!r}")
+        yield
+    finally:
+        for h in reversed(handles):
+            h.remove()
