@@ -99,7 +99,8 @@ def _print_validation(res, stream=sys.stderr) -> None:
         print(f"  - {line}", file=stream)
 
 
-def _print_warnings(res, stream=sys.stderr) -> None:
+def _print_warnings(res, stream=None) -> None:
+    stream = stream or sys.stderr
     for line in res.warning_messages():
         print(f"warning: {line}", file=stream)
 
@@ -122,13 +123,13 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     from . import api
 
-    try:
-        base = Graph.load(args.graph)
+    ex = api.executor(cache=args.cache, base_dir=args.base_dir, output_dir=args.output_dir)
+    try:  # an API graph, an editor (UI-format) workflow or a PNG that carries either
+        base = Graph.load(args.graph, registry=ex.registry)
     except GraphFormatError as exc:
         _print_format_error(exc, args.graph)
         return EXIT_INVALID
     combos = combinations(parse_sets(args.set or []), read_batch(args.batch) if args.batch else [])
-    ex = api.executor(cache=args.cache, base_dir=args.base_dir, output_dir=args.output_dir)
     if args.no_provider_cache:
         from kiln.nodes.providers.result_cache import SERVICE
 
@@ -193,13 +194,16 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
     from .runtime import default_registry
 
-    try:
-        g = Graph.load(args.graph)
+    reg = default_registry()
+    try:  # an API graph, an editor (UI-format) workflow or a PNG that carries either
+        g = Graph.load(args.graph, registry=reg)
     except GraphFormatError as exc:
         _print_format_error(exc, args.graph)
         return EXIT_INVALID
-    reg = default_registry()
     res = validate(g, reg)
+    from .cli_provenance import unsigned_warnings
+
+    unsigned_warnings(g, reg, res)  # savers with embed_provenance on and no C2PA signing key
     if args.json:
         from kiln.server.protocol import validation_body
 
@@ -299,7 +303,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="command", required=True)
 
     r = sub.add_parser("run", help="run a graph in this process")
-    r.add_argument("graph", help="API-format graph JSON")
+    r.add_argument("graph", help="graph JSON (API or editor format), or a PNG with an embedded workflow")
     r.add_argument(
         "--set",
         action="append",
@@ -326,7 +330,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.set_defaults(fn=cmd_run)
 
     v = sub.add_parser("validate", help="check a graph without running it")
-    v.add_argument("graph")
+    v.add_argument("graph", help="graph JSON (API or editor format), or a PNG with an embedded workflow")
     v.add_argument("--json", action="store_true", help="print ComfyUI's {error, node_errors} JSON")
     v.set_defaults(fn=cmd_validate)
 
@@ -351,6 +355,9 @@ def build_parser() -> argparse.ArgumentParser:
     if cli_server is not None:
         cli_server.add_serve_parser(sub)
         cli_server.add_submit_parser(sub)
+    from . import cli_provenance
+
+    cli_provenance.add_parser(sub)
     return ap
 
 

@@ -244,6 +244,7 @@ def save_images(
     compress_level: int = 4,
     metadata: bool = True,
     extra_texts: Any = None,
+    sign: Any = None,
 ) -> list[dict]:
     """Write an IMAGE batch as ``<prefix>_<NNNNN>_.png`` (ComfyUI naming) without overwriting anything."""
     check_image(images, "SaveImage", "images")
@@ -276,6 +277,8 @@ def save_images(
         name_base = base.replace("%batch_num%", str(i))
         chunks = {**(texts or {}), **extra_texts(np.asarray(img))} if extra_texts else texts  # e.g. provenance
         data = encode_png(img, chunks, compress_level)
+        if sign is not None:  # a signed C2PA manifest (nodes/providers/c2pa_sign.py)
+            data = sign(data, "PNG", np.asarray(img))
         tried: list[int] = []
 
         def candidates(start: int = counter, name_base: str = name_base, tried: list[int] = tried):
@@ -291,7 +294,7 @@ def save_images(
             counter = tried[-1] + 1
     if len(_next_counter) > 4096:  # PreviewImage's random prefixes would otherwise accumulate
         _next_counter.clear()
-    _next_counter[counter_key] = counter  # a stale value is harmless: the exclusive create skips taken names
+    _next_counter[counter_key] = counter  # a stale value is harmless: write_output skips taken names
     return results
 
 
@@ -325,14 +328,14 @@ class SaveImage(Node):
         prompt: Annotated[dict, Hidden("PROMPT")] = None,
         extra_pnginfo: Annotated[dict, Hidden("EXTRA_PNGINFO")] = None,
     ):
-        from kiln.nodes.providers import checks, provenance  # shared helpers, loaded only when asked for
+        from kiln.nodes.providers import c2pa_sign, checks, provenance  # shared helpers, loaded when asked for
 
         if validate:
             checks.check_images(images, "SaveImage", "images")
         extra = (lambda px: provenance.png_chunks_for(px, prompt, generation_info)) if embed_provenance else None
-        return NodeResult(
-            ui={"images": save_images(images, filename_prefix, "output", prompt, extra_pnginfo, extra_texts=extra)}
-        )
+        sign = c2pa_sign.signer_for(prompt, generation_info) if embed_provenance else None  # None: no key set
+        saved = save_images(images, filename_prefix, "output", prompt, extra_pnginfo, extra_texts=extra, sign=sign)
+        return NodeResult(ui={"images": saved})
 
 
 class PreviewImage(Node):

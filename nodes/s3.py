@@ -29,7 +29,7 @@ import torch
 from kiln import engine
 from kiln.engine import Boolean, Combo, Hidden, Int, NodeError, NodeResult, Output, Socket, String
 from kiln.nodes.common import check_image, comfy_png_metadata, to_uint8
-from kiln.nodes.providers import imageio, preflight, provenance, s3io
+from kiln.nodes.providers import c2pa_sign, imageio, preflight, provenance, s3io
 from kiln.nodes.providers.checks import check_images
 
 STORAGE_CLASSES = ["STANDARD", "STANDARD_IA", "ONEZONE_IA", "INTELLIGENT_TIERING", "GLACIER_IR", "REDUCED_REDUNDANCY"]
@@ -194,8 +194,9 @@ def _ui(entries: list[dict]) -> dict:
     return {"s3": entries, "text": [e.get("url") or e["uri"] for e in entries]}
 
 
-def _encoder(arr: Any, fmt: str, quality: int, record: dict | None, texts: dict | None):
-    """Encoding deferred to the upload worker; ``arr`` is the HxWxC uint8 image already hashed."""
+def _encoder(arr: Any, fmt: str, quality: int, record: dict | None, texts: dict | None, sign: Any = None):
+    """Encoding deferred to the upload worker; ``arr`` is the HxWxC uint8 image already hashed; ``sign``
+    (c2pa_sign.signer_for) embeds a signed C2PA manifest in the encoded file."""
 
     def encode() -> bytes:
         from PIL import Image
@@ -209,7 +210,7 @@ def _encoder(arr: Any, fmt: str, quality: int, record: dict | None, texts: dict 
             pil.convert("RGB").save(buf, format="JPEG", quality=quality, **kw)
         else:
             pil.save(buf, format="WEBP", quality=quality, **kw)
-        return buf.getvalue()
+        return sign(buf.getvalue(), fmt, arr) if sign is not None else buf.getvalue()
 
     return encode
 
@@ -271,6 +272,8 @@ class SaveImageS3(engine.Node):
         render_key(key_template, {**fields, "index": "00000", "hash": "0" * 16}, batch=n)  # bad templates fail now
         texts = comfy_png_metadata(prompt, extra_pnginfo) if embed_workflow and format == "png" else None
         meta = {"kiln-prompt-id": prompt_id, "kiln-node": node_id, "kiln-created": now.isoformat()}
+        # C2PA: a signing function when a key is configured (hashing model files may take a moment)
+        sign = await asyncio.to_thread(c2pa_sign.signer_for, prompt, generation_info) if embed_provenance else None
         if gens:
             meta.update({"kiln-provider": gens[0].get("provider"), "kiln-model": gens[0].get("model")})
 
@@ -292,7 +295,7 @@ class SaveImageS3(engine.Node):
             )
             return {
                 "key": render_key(key_template, {**fields, "index": f"{i:05d}", "hash": digest[:16]}, batch=n),
-                "data": _encoder(pixels, format, quality, record, texts)(),
+                "data": _encoder(pixels, format, quality, record, texts, sign)(),
                 "metadata": s3io.ascii_metadata({**meta, "kiln-sha256": digest, **user_meta}),
             }
 
@@ -361,9 +364,11 @@ class SaveFileS3(engine.Node):
         path_style: PathStyle = False,
         presign_seconds: Presign = 0,
         metadata: Annotated[str, String(multiline=True)] = "",
+        prompt: Annotated[dict, Hidden("PROMPT")] = None,
     ) -> NodeResult:
         bucket = _check_bucket(bucket)
         body, default_type = _as_bytes(data)
+        body = await asyncio.to_thread(c2pa_sign.sign_file, body, prompt)  # image bytes: signed when a key is set
         ext = (extension or "bin").lstrip(".")
         ctype = content_type.strip() or mimetypes.guess_type(f"x.{ext}")[0] or default_type
         ctx = engine.current()

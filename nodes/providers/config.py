@@ -285,6 +285,11 @@ def section(name: str) -> dict:
     return v if isinstance(v, dict) else {}
 
 
+def add_secret(*values: str) -> None:
+    """Values that must never appear in output, events or logs (redacted by :func:`redact`)."""
+    _SECRETS.update(v for v in values if v)
+
+
 def known_secrets() -> set[str]:
     """Every key value read so far (for redaction)."""
     out = set(_SECRETS)

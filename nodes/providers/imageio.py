@@ -44,6 +44,10 @@ def decode(
         ) from exc
     has_alpha = img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info)
     arr = np.asarray(img.convert("RGBA" if has_alpha else "RGB"))
+    if b"c2pa" in data:  # a provider's own C2PA manifest: kept for the saver (c2pa_sign.remember_source)
+        from . import c2pa_sign
+
+        c2pa_sign.remember_source(data, arr)
     # one pass to float32 (same values as nodes.common.pil_to_tensor, a third of its time)
     image = torch.from_numpy(np.divide(arr[..., :3], np.float32(255), dtype=np.float32)).unsqueeze(0)
     if has_alpha:

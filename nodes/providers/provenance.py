@@ -11,6 +11,9 @@ The record is shaped like a C2PA manifest definition (claim generator, assertion
 
 PNG carries it as the ``kiln_provenance`` text chunk (next to ComfyUI's ``prompt``/``workflow``); JPEG
 and WebP carry it as an XMP packet, plus EXIF Software and ImageDescription.
+
+This record is unsigned and only Kiln reads it. With a signing key configured, the savers also embed a real,
+signed C2PA manifest store that every C2PA reader verifies: see :mod:`.c2pa_sign` and ``kiln provenance``.
 """
 
 from __future__ import annotations
