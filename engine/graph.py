@@ -117,18 +117,27 @@ class Graph:
 
     # -- reading ------------------------------------------------------------------------------------
     @classmethod
-    def from_json(cls, data: Any) -> Graph:
-        """Build from a decoded API-format prompt (not the envelope: see :func:`parse_submission`)."""
+    def from_json(cls, data: Any, registry: Any = None) -> Graph:
+        """Build from a decoded API-format prompt (not the envelope: see :func:`parse_submission`).
+
+        An editor (UI-format) workflow is converted when ``registry`` (the node declarations, or a function
+        that returns them, called only then) is given, and refused with the way out otherwise.
+        """
         if not isinstance(data, dict):
             raise GraphFormatError(
                 "A graph must be a JSON object mapping node ids to nodes", f"got {type(data).__name__}"
             )
         if _looks_like_ui_workflow(data):
-            raise GraphFormatError(
-                "This is a UI-format workflow (it has 'nodes' and 'links' arrays), not an API-format graph",
-                "In ComfyUI, enable dev mode options and use 'Export (API)' (Workflow > Export (API)), "
-                "then submit that file.",
-            )
+            if registry is None:
+                raise GraphFormatError(
+                    "This is a UI-format workflow (it has 'nodes' and 'links' arrays), not an API-format graph",
+                    "Kiln converts it when it knows the nodes: run it with 'kiln run'/'kiln validate', load it "
+                    "with kiln.Graph.load, or pass registry= to Graph.load/loads/from_json. Or, in ComfyUI, use "
+                    "'Export (API)' (Workflow > Export (API)) and submit that file.",
+                )
+            from .ui_workflow import workflow_to_prompt
+
+            data = workflow_to_prompt(data, registry() if callable(registry) else registry)
         nodes: dict[str, NodeEntry] = {}
         for nid, obj in data.items():
             nid = str(nid)
@@ -166,17 +175,24 @@ class Graph:
         return cls(nodes)
 
     @classmethod
-    def loads(cls, text: str | bytes) -> Graph:
-        return parse_submission(decode_json(text))[0]
+    def loads(cls, text: str | bytes, registry: Any = None) -> Graph:
+        """From JSON text, or the bytes of a PNG that carries a workflow (its ``prompt`` chunk preferred).
+        With ``registry``, editor (UI-format) workflows are converted (see :mod:`.ui_workflow`)."""
+        if isinstance(text, (bytes, bytearray)) and bytes(text[:8]) == b"\x89PNG\r\n\x1a\n":
+            from .ui_workflow import graph_data_from_png
+
+            return parse_submission(graph_data_from_png(bytes(text)), registry)[0]
+        return parse_submission(decode_json(text), registry)[0]
 
     @classmethod
-    def load(cls, path: str | Path) -> Graph:
+    def load(cls, path: str | Path, registry: Any = None) -> Graph:
+        """From a JSON file or a PNG with an embedded workflow; ``registry`` as in :meth:`loads`."""
         p = Path(path)
         try:
             raw = p.read_bytes()
         except OSError as exc:
             raise GraphFormatError(f"Cannot read graph file {str(p)!r}: {exc.strerror or exc}") from exc
-        return cls.loads(raw)
+        return cls.loads(raw, registry)
 
     # -- writing ------------------------------------------------------------------------------------
     def to_json(self) -> dict:
@@ -271,8 +287,11 @@ class Submission:
     number: float | None = None
 
 
-def parse_submission(data: Any) -> tuple[Graph, Submission]:
-    """Accept a bare API graph or ComfyUI's ``{"prompt": {...}, "client_id", ...}`` envelope."""
+def parse_submission(data: Any, registry: Any = None) -> tuple[Graph, Submission]:
+    """Accept a bare API graph or ComfyUI's ``{"prompt": {...}, "client_id", ...}`` envelope.
+
+    With ``registry`` (the node declarations), an editor (UI-format) workflow in either place is converted.
+    """
     if (
         isinstance(data, dict)
         and "prompt" in data
@@ -281,7 +300,7 @@ def parse_submission(data: Any) -> tuple[Graph, Submission]:
     ):
         if data["prompt"] is None:
             raise GraphFormatError("No prompt provided", "The 'prompt' field is empty")
-        g = Graph.from_json(data["prompt"])
+        g = Graph.from_json(data["prompt"], registry)
         extra = data.get("extra_data")
         extra = {} if extra is None else extra
         if not isinstance(extra, dict):
@@ -301,7 +320,7 @@ def parse_submission(data: Any) -> tuple[Graph, Submission]:
             front=bool(data.get("front", False)),
             number=number if isinstance(number, (int, float)) and not isinstance(number, bool) else None,
         )
-    g = Graph.from_json(data)
+    g = Graph.from_json(data, registry)
     return g, Submission(g)
 
 

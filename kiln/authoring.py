@@ -272,13 +272,13 @@ class Graph(NodeBuilders):
         from kiln.engine import parse_submission
 
         g = cls(registry_)
-        g._g = parse_submission(data)[0]
+        g._g = parse_submission(data, g.registry)[0]  # an editor (UI-format) workflow is converted
         return g
 
     @classmethod
     def load(cls, path: str | Path, registry_: Registry | None = None) -> Graph:
         g = cls(registry_)
-        g._g = _EngineGraph.load(path)
+        g._g = _EngineGraph.load(path, g.registry)  # API or editor JSON, or a PNG that carries a workflow
         return g
 
     @property
@@ -298,9 +298,9 @@ def as_engine_graph(graph: Any) -> _EngineGraph:
     if isinstance(graph, _EngineGraph):
         return graph
     if isinstance(graph, (str, Path)):
-        return _EngineGraph.load(graph)
+        return _EngineGraph.load(graph, registry)  # the registry is built only for a UI workflow
     if isinstance(graph, dict):
         from kiln.engine import parse_submission
 
-        return parse_submission(graph)[0]
+        return parse_submission(graph, registry)[0]
     raise GraphFormatError(f"cannot run a {type(graph).__name__}; pass a kiln.Graph, a dict or a JSON path")
