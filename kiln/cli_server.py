@@ -1,6 +1,6 @@
 """``kiln serve`` and ``kiln submit``: subcommands added to the CLI's argparse subparsers.
 
-kiln serve [--host 127.0.0.1] [--port 8188] [--data-dir DIR] [--auth-token TOKEN] [--cache POLICY] ...
+kiln serve [--host 127.0.0.1] [--port 8188] [--data-dir DIR] [--cache POLICY] ...   (token: $KILN_AUTH_TOKEN)
 kiln submit GRAPH.json --server URL [--set NODE.INPUT=VALUE ...] [--download DIR]
 """
 
@@ -29,7 +29,10 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--output-dir", default=None)
     p.add_argument("--data-dir", default=None, help="where the queue/history database lives (default BASE/data)")
     p.add_argument(
-        "--auth-token", default=None, help="require this bearer token on every request (default: $KILN_AUTH_TOKEN)"
+        "--auth-token",
+        default=None,
+        help="require this bearer token on every request; prefer $KILN_AUTH_TOKEN, which other users of the "
+        "machine cannot read from the process list",
     )
     p.add_argument("--cache", default=None, help="keep-current (default), lru:N, ram:SIZE or none")
     p.add_argument(
@@ -47,6 +50,19 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
         type=int,
         default=10000,
         help="finished prompts kept in history (0: keep all); the oldest go first",
+    )
+    p.add_argument(
+        "--max-string-bytes",
+        type=int,
+        default=1024 * 1024,
+        help="longest string accepted in a submitted graph (an input, a title), in bytes (default 1 MiB)",
+    )
+    p.add_argument(
+        "--late-delivery-window",
+        type=float,
+        default=300.0,
+        help="a websocket that connects gets the final events of its clientId's prompts that finished this many "
+        "seconds ago or less while it was away (default 300; 0 turns it off)",
     )
     p.set_defaults(func=run_serve, fn=run_serve)
     return p
@@ -73,6 +89,8 @@ def run_serve(args: argparse.Namespace) -> int:
             max_upload_bytes=int(args.max_upload_size * 1024 * 1024),
             allowed_origins=tuple(args.allow_origin),
             history_limit=args.history_limit or None,
+            max_string_bytes=args.max_string_bytes,
+            late_delivery_window=args.late_delivery_window,
         )
         config.check_bind()
         from kiln.engine import make_cache

@@ -28,6 +28,17 @@ Decisions beyond ComfyUI, for whoever comes next:
 - One server per data directory (an advisory lock), so two processes never run one queue.
 - Queue-size ``status`` messages go at once to the prompt's own client; other sockets get the latest value
   at most every 50 ms, only when it changed for them.
+- Strict JSON both ways (``params``): NaN, Infinity, floats that overflow and integers over 40 digits are a
+  typed 400; every query parameter goes through one parser; answers and logged events write non-finite
+  numbers as ``null``. A submission's strings are capped (``max_string_bytes``); a large body is read,
+  decoded, checked and encoded in a worker thread with the cyclic GC paused, so the loop keeps answering.
+- A stored row that cannot be read is moved to the ``quarantine`` table and logged; it never stops start-up.
+- Output files are journaled per (prompt, node, n-th output) through the executor service
+  ``output_files`` (``journal``), so a re-run after a crash rewrites the same file: one file per output.
+- Tracebacks sent to clients name files relative to the package or the node pack; libraries and Python
+  itself appear as ``<module>``. The full traceback is logged. ``/system_stats`` hides secret arguments.
+- A socket that connects with its clientId gets the final events of that client's prompts that finished in
+  the last ``late_delivery_window`` seconds while none of its sockets was connected, once.
 """
 
 from .app import ROUTES, create_app, serve

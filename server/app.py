@@ -21,6 +21,7 @@ from . import files, http_api, ws
 from .config import ServerConfig
 from .hub import Hub
 from .keys import CONFIG, FOLDERS, SERVICE
+from .params import json_response
 from .security import make_middlewares
 from .service import PromptService
 from .store import Store
@@ -80,7 +81,7 @@ def create_app(
 
 
 async def _index(request: web.Request) -> web.Response:
-    return web.json_response({"server": "kiln", "docs": "ComfyUI-compatible API at /api; websocket at /ws"})
+    return json_response({"server": "kiln", "docs": "ComfyUI-compatible API at /api; websocket at /ws"})
 
 
 async def _service_ctx(app: web.Application):

@@ -31,12 +31,17 @@ class ServerConfig:
     max_body_bytes: int = 64 * MB  # JSON request bodies (graphs)
     max_upload_bytes: int = 100 * MB
     max_ws_message_bytes: int = 64 * MB
+    max_string_bytes: int = 1 * MB  # one string in a submission (an input, a title): longer ones are refused
     preview_method: str = "none"  # server default; a prompt may override with extra_data.preview_method
     # per-socket send queue: previews are dropped past preview_backlog queued messages; past max_queue
     # messages (or max_queue_bytes) droppable messages go, and if that is not enough the client is closed
     preview_backlog: int = 32
     max_queue: int = 4096
     max_queue_bytes: int = 64 * MB
+    # a socket whose queue is over its bounds (after coalescing) and that has not taken any data for this
+    # many seconds has stopped reading and is disconnected; a slow reader that keeps reading never is
+    stall_timeout: float = 10.0
+    late_delivery_window: float = 300.0  # a socket connecting gets its client's prompts finished this recently
     allowed_origins: tuple[str, ...] = ()
     history_limit: int | None = 10000  # like ComfyUI; None or 0 keeps every entry (they are on disk)
     webhook_timeout: float = 10.0
@@ -45,6 +50,10 @@ class ServerConfig:
         object.__setattr__(self, "data_dir", Path(self.data_dir))
         if self.on_crash not in ("rerun", "fail"):
             raise ValueError(f"on_crash must be 'rerun' or 'fail', not {self.on_crash!r}")
+        if self.max_string_bytes < 1:
+            raise ValueError(f"max_string_bytes must be at least 1, not {self.max_string_bytes}")
+        if not 0 <= self.late_delivery_window < float("inf"):
+            raise ValueError(f"late_delivery_window must be finite seconds >= 0, not {self.late_delivery_window}")
 
     @property
     def loopback(self) -> bool:

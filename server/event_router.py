@@ -10,6 +10,7 @@ clients a type-4 frame before it, as ComfyUI orders them.
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 import time
 
@@ -19,6 +20,8 @@ from . import protocol
 from .hub import NORMAL, PREVIEW, PROGRESS, Hub, Out
 from .jobs import Job
 from .store import Store, as_json
+
+log = logging.getLogger("kiln.server")
 
 PER_PROMPT_CID_ONLY = frozenset(
     {"execution_start", "execution_cached", "executing", "executed", "execution_success", "execution_error"}
@@ -80,6 +83,15 @@ class EventRouter:
         if self.stopping:
             return
         t, data = protocol.event_message(event)
+        if isinstance(event, ev.ExecutionError) and event.traceback:  # clients get it without local paths
+            log.warning(
+                "prompt %s: node %s (%s) failed: %s\n%s",
+                job.prompt_id,
+                event.node_id,
+                event.node_type,
+                event.message,
+                "".join(map(str, event.traceback)),
+            )
         cid = job.client_id
         targets = self.hub.to_sid(cid) if cid is not None else None
         if isinstance(event, ev.NodeStarted):
@@ -100,8 +112,10 @@ class EventRouter:
         if self.watchers:
             self.wake(job.prompt_id)
         text = protocol.message_from_json(t, data_json, job.seq)
-        if t == "progress":
-            out = Out(text, PROGRESS)
+        if isinstance(event, ev.Progress):
+            out = Out(text, PROGRESS, ("progress", job.prompt_id, event.node))
+        elif isinstance(event, ev.NodeStarted):  # superseded by the next node's (never the final executing)
+            out = Out(text, NORMAL, ("executing", job.prompt_id))
         else:
             out = Out(text, NORMAL)
         if targets is not None:
@@ -145,17 +159,18 @@ class EventRouter:
         if not is_output and not job.previews:
             return
         klass = NORMAL if is_output else PREVIEW
+        key = None if is_output else ("preview", job.prompt_id)
         clients = targets if targets is not None else list(self.hub.clients())
         frame1 = frame4 = None
         for c in clients:
             if c.metadata_previews and before:
                 if frame4 is None:
                     meta = {"prompt_id": job.prompt_id, **protocol.node_ids(event)}
-                    frame4 = Out(protocol.preview_frame_with_metadata(pv.format, pv.data, meta), klass)
+                    frame4 = Out(protocol.preview_frame_with_metadata(pv.format, pv.data, meta), klass, key)
                 c.send(frame4)
             elif not c.metadata_previews and not before:
                 if frame1 is None:
-                    frame1 = Out(protocol.preview_frame(pv.format, pv.data), klass)
+                    frame1 = Out(protocol.preview_frame(pv.format, pv.data), klass, key)
                 c.send(frame1)
 
     def _progress_state(
@@ -175,7 +190,9 @@ class EventRouter:
             return
         entry = {"value": value, "max": max_, "state": state, "prompt_id": job.prompt_id, **protocol.node_ids(event)}
         out = Out(
-            protocol.message("progress_state", {"prompt_id": job.prompt_id, "nodes": {event.node: entry}}), PROGRESS
+            protocol.message("progress_state", {"prompt_id": job.prompt_id, "nodes": {event.node: entry}}),
+            PROGRESS,
+            ("progress_state", job.prompt_id, event.node),
         )
         for c in clients:
             c.send(out)

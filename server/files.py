@@ -16,11 +16,14 @@ import os
 import tempfile
 from pathlib import Path
 
+import aiohttp
 from aiohttp import BodyPartReader, web
 
 from kiln.engine import UnsafePath
 
+from . import params
 from .keys import CONFIG, FOLDERS
+from .params import json_response
 from .security import error_response
 
 FOLDER_TYPES = ("output", "input", "temp")
@@ -45,7 +48,7 @@ def _split_annotation(filename: str, type_: str | None) -> tuple[str, str]:
 
 async def view(request: web.Request) -> web.StreamResponse:
     folders = request.app[FOLDERS]
-    q = request.query
+    q = {k: params.query_str(request, k) for k in ("filename", "type", "subfolder", "preview", "channel")}
     raw = q.get("filename", "")
     if not raw:
         return error_response(400, "bad_request", "filename is required")
@@ -62,7 +65,7 @@ async def view(request: web.Request) -> web.StreamResponse:
     if not path.is_file():
         return error_response(404, "not_found", "File not found", name)
     headers = {"Content-Disposition": f'filename="{name}"'}
-    preview, channel = q.get("preview"), q.get("channel", "rgba")
+    preview, channel = q.get("preview") or None, q.get("channel") or "rgba"
     if preview or channel in ("rgb", "a"):
         try:
             body, ctype = await asyncio.to_thread(_reencode, path, preview, channel)
@@ -105,6 +108,23 @@ def _reencode(path: Path, preview: str | None, channel: str) -> tuple[bytes, str
 
 
 async def _read_upload(request: web.Request, limit: int) -> tuple[dict, tuple[str, Path] | None]:
+    """Form fields and (filename, temp path) of the ``image`` part; a malformed body is a typed 400 and
+    leaves no temporary file behind."""
+    temps: list[Path] = []
+    try:
+        return await _read_parts(request, limit, temps)
+    except BaseException as exc:
+        for tmp in temps:
+            tmp.unlink(missing_ok=True)
+        if isinstance(exc, (ValueError, AssertionError, LookupError, TypeError, aiohttp.ClientError)):
+            # no or an empty boundary, a boundary that never comes, a part without Content-Disposition, ...
+            raise params.BadParam(
+                "Malformed multipart body", f"{type(exc).__name__}: {str(exc)[:200]}", "bad_multipart"
+            ) from None
+        raise
+
+
+async def _read_parts(request: web.Request, limit: int, temps: list[Path]) -> tuple[dict, tuple[str, Path] | None]:
     """Form fields and (filename, temp path) of the ``image`` part, streamed with a size limit."""
     fields: dict[str, str] = {}
     upload = None
@@ -114,33 +134,28 @@ async def _read_upload(request: web.Request, limit: int) -> tuple[dict, tuple[st
         if part is None:
             break
         if not isinstance(part, BodyPartReader):  # a nested multipart/* part: not a form field
-            if upload is not None:
-                upload[1].unlink()
             raise web.HTTPBadRequest(text="nested multipart parts are not supported")
         if part.name == "image" and part.filename is not None:
             if upload is not None:
-                upload[1].unlink()
                 raise web.HTTPBadRequest(text="only one 'image' file per upload")
-            fd, tmp = tempfile.mkstemp(prefix="kiln-upload-")
+            fd, name = tempfile.mkstemp(prefix="kiln-upload-")
+            tmp = Path(name)
+            temps.append(tmp)
             size = 0
             with os.fdopen(fd, "wb") as f:
                 while chunk := await part.read_chunk(1 << 16):
                     size += len(chunk)
                     if size > limit:
-                        f.close()
-                        os.unlink(tmp)
                         raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=size)
                     f.write(chunk)
-            upload = (part.filename, Path(tmp))
+            upload = (params.check_text(part.filename, "the file name"), tmp)
         elif part.name:
             buf = bytearray()
             while chunk := await part.read_chunk(4096):
                 buf += chunk
                 if len(buf) > MAX_FIELD:
-                    if upload is not None:
-                        upload[1].unlink()
                     raise web.HTTPRequestEntityTooLarge(max_size=MAX_FIELD, actual_size=len(buf))
-            fields[part.name] = buf.decode("utf-8", "replace")
+            fields[params.check_text(part.name, "a form field name")] = buf.decode("utf-8", "replace")
     return fields, upload
 
 
@@ -223,11 +238,16 @@ async def _upload(request: web.Request, mask: bool) -> web.Response:
                 await asyncio.to_thread(_apply_mask, folders, fields.get("original_ref", ""), tmp)
             except UnsafePath as exc:
                 return error_response(400, "unsafe_path", "Path not allowed", str(exc))
-            except (ValueError, OSError) as exc:
-                return error_response(400, "bad_request", "Cannot apply the mask", str(exc))
+            except Exception as exc:  # anything about the reference or the images themselves
+                return error_response(400, "bad_request", "Cannot apply the mask", f"{type(exc).__name__}: {exc}")
         overwrite = fields.get("overwrite", "").lower() in ("true", "1")
-        final = await asyncio.to_thread(_place, Path(folder), name, tmp, overwrite)
-        return web.json_response({"name": final, "subfolder": subfolder, "type": type_})
+        try:
+            final = await asyncio.to_thread(_place, Path(folder), name, tmp, overwrite)
+        except OSError as exc:  # the name is a folder, the folder is a file, ...
+            return error_response(
+                400, "invalid_target", "Cannot store the upload under this name", exc.strerror or type(exc).__name__
+            )
+        return json_response({"name": final, "subfolder": subfolder, "type": type_})
     finally:
         if tmp.exists():
             tmp.unlink()

@@ -7,17 +7,25 @@ import os
 import platform
 import sys
 
+import aiohttp
 from aiohttp import web
 
-from kiln.engine import GraphFormatError, use_folders
-from kiln.engine.graph import decode_json
+from kiln.engine import use_folders
 
-from . import protocol
+from . import params, protocol
 from .keys import CONFIG, FOLDERS, SERVICE
-from .security import error_response
-from .service import ApiError, PromptService
+from .params import json_response, query_bool, query_float, query_int
+from .security import error_response, redact_argv
+from .service import LARGE_BODY, ApiError, PromptService
 
-MAX_WAIT = 3600.0
+MAX_WAIT = 3600.0  # a longer wait is cut to this
+MAX_SEQ = 2**53
+MAX_ITEMS = 10**9
+
+
+def wait_timeout(request: web.Request, default: float) -> float:
+    """The ``timeout`` query parameter of a wait: finite seconds >= 0, cut to MAX_WAIT."""
+    return min(query_float(request, "timeout", default, 0.0, 1e12), MAX_WAIT)
 
 
 def service(request: web.Request) -> PromptService:
@@ -25,74 +33,101 @@ def service(request: web.Request) -> PromptService:
 
 
 async def read_json(request: web.Request, optional: bool = False):
-    """The body as JSON whatever the Content-Type (ComfyUI's clients often send none)."""
-    raw = await request.read()
-    if not raw.strip():
+    """The body as strict JSON whatever the Content-Type (ComfyUI's clients often send none).
+
+    A large body is decoded in a worker thread, so other clients' requests are answered meanwhile.
+    """
+    raw = await read_body(request)
+    if len(raw) < 256 and not raw.strip():
         if optional:
             return None
         raise ApiError(400, "bad_request", "Empty request body", "send a JSON object")
+    limit = request.app[CONFIG].max_string_bytes
     try:
-        return decode_json(raw)
-    except GraphFormatError as exc:
-        raise ApiError(400, "invalid_json", exc.message, exc.details) from exc
+        if len(raw) > LARGE_BODY:
+            return await params.off_loop(params.loads, raw, limit)
+        return params.loads(raw, limit)
+    except params.BadParam as exc:
+        raise ApiError(400, exc.type_, exc.message, exc.details) from exc
+
+
+async def read_body(request: web.Request) -> bytes | bytearray:
+    """The request body; a large one is read into one buffer of its announced size, with no copy and no
+    re-growing on the loop (``request.read()`` copies 50 MB twice, holding the loop meanwhile)."""
+    limit = request.app[CONFIG].max_body_bytes
+    n = request.content_length
+    if n is not None and n > limit:
+        raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=n)
+    if n is None or n <= LARGE_BODY:
+        return await request.read()
+    buf = bytearray(n)
+    with memoryview(buf) as view:
+        pos = 0
+        try:
+            async for chunk in request.content.iter_any():
+                end = pos + len(chunk)
+                if end > n:
+                    raise ApiError(400, "bad_request", "The body is longer than its Content-Length")
+                view[pos:end] = chunk
+                pos = end
+        except aiohttp.ClientPayloadError as exc:
+            raise ApiError(400, "bad_request", "The body could not be read", str(exc)[:200]) from None
+    if pos != n:
+        raise ApiError(400, "bad_request", "The body is shorter than its Content-Length")
+    return buf
 
 
 def api_error(exc: ApiError) -> web.Response:
-    return web.json_response(exc.body, status=exc.status)
+    return json_response(exc.body, status=exc.status)
 
 
 # -- prompts ----------------------------------------------------------------------------------------
 async def post_prompt(request: web.Request) -> web.Response:
     """ComfyUI's POST /prompt; with ``?wait=true`` (Kiln) it answers when the prompt is done, with its result."""
     svc = service(request)
+    wait = query_bool(request, "wait")
+    timeout = wait_timeout(request, 300.0)  # checked before the prompt is accepted
+    heavy = (request.content_length or 0) > LARGE_BODY
     try:
         data = await read_json(request)
-        body = await svc.submit(data)
+        body = await svc.submit(data, heavy=heavy)
     except ApiError as exc:
+        if heavy:  # a huge graph can fail on every node: encode that answer off the loop too
+            text = await params.off_loop(params.strict_text, exc.body)
+            return web.Response(text=text, status=exc.status, content_type="application/json")
         return api_error(exc)
-    if request.query.get("wait", "").lower() in ("1", "true", "yes"):
-        try:
-            timeout = min(float(request.query.get("timeout", "300")), MAX_WAIT)
-        except ValueError:
-            timeout = 300.0
+    if wait:
         await svc.wait(body["prompt_id"], timeout)
         st = svc.status(body["prompt_id"])
         body = {**body, **{k: v for k, v in st.items() if k in ("status", "outputs", "error")}}
-    return web.json_response(body)
+    return json_response(body)
 
 
 async def get_prompt(request: web.Request) -> web.Response:
-    return web.json_response({"exec_info": {"queue_remaining": service(request).queue_remaining}})
+    return json_response({"exec_info": {"queue_remaining": service(request).queue_remaining}})
 
 
 async def prompt_status(request: web.Request) -> web.Response:
     svc = service(request)
     pid = request.match_info["prompt_id"]
-    if request.query.get("wait", "").lower() in ("1", "true", "yes"):
-        try:
-            timeout = min(float(request.query.get("timeout", "300")), MAX_WAIT)
-        except ValueError:
-            return error_response(400, "bad_request", "timeout must be a number of seconds")
-        await svc.wait(pid, timeout)
+    if query_bool(request, "wait"):
+        await svc.wait(pid, wait_timeout(request, 300.0))
     body = svc.status(pid)
-    return web.json_response(body, status=404 if body["status"] == "unknown" else 200)
+    return json_response(body, status=404 if body["status"] == "unknown" else 200)
 
 
 async def prompt_events(request: web.Request) -> web.Response:
     svc = service(request)
     pid = request.match_info["prompt_id"]
-    try:
-        since = int(request.query.get("since", "0"))
-        timeout = min(float(request.query.get("timeout", "30")), MAX_WAIT)
-    except ValueError:
-        return error_response(400, "bad_request", "since must be an integer sequence number, timeout seconds")
-    if request.query.get("wait", "").lower() in ("1", "true", "yes") and svc.known(pid):
+    since = query_int(request, "since", 0, -MAX_SEQ, MAX_SEQ) or 0
+    timeout = wait_timeout(request, 30.0)
+    if query_bool(request, "wait") and svc.known(pid):
         await svc.wait_events(pid, since, timeout)  # long-poll: answer as soon as there is something new
     events = svc.events(pid, since)
     if events is None:
         return error_response(404, "prompt_not_found", f"No prompt with id {pid!r}")
     st = svc.status(pid)
-    return web.json_response(
+    return json_response(
         {
             "prompt_id": pid,
             "status": st["status"],
@@ -105,7 +140,7 @@ async def prompt_events(request: web.Request) -> web.Response:
 
 # -- queue / history --------------------------------------------------------------------------------
 async def get_queue(request: web.Request) -> web.Response:
-    return web.json_response(service(request).queue())
+    return web.Response(text=service(request).queue_json(), content_type="application/json")
 
 
 def _id_list(data: dict, key: str) -> list[str]:
@@ -145,21 +180,18 @@ async def post_queue(request: web.Request) -> web.Response:
 
 async def get_history(request: web.Request) -> web.Response:
     store = service(request).store
-    try:
-        max_items = int(request.query["max_items"]) if "max_items" in request.query else None
-        offset = int(request.query["offset"]) if "offset" in request.query else None
-    except ValueError:
-        return error_response(400, "bad_request", "max_items and offset must be integers")
+    max_items = query_int(request, "max_items", None, -MAX_ITEMS, MAX_ITEMS)
+    offset = query_int(request, "offset", None, -MAX_ITEMS, MAX_ITEMS)
     rows = store.history(max_items, offset)
-    return web.json_response({r.prompt_id: r.history for r in rows if r.history is not None})
+    return json_response({r.prompt_id: r.history for r in rows if r.history is not None})
 
 
 async def get_history_item(request: web.Request) -> web.Response:
     pid = request.match_info["prompt_id"]
     row = service(request).store.get(pid)
     if row is None or row.history is None:
-        return web.json_response({})
-    return web.json_response({pid: row.history})
+        return json_response({})
+    return json_response({pid: row.history})
 
 
 async def post_history(request: web.Request) -> web.Response:
@@ -195,17 +227,17 @@ async def post_free(request: web.Request) -> web.Response:
 async def object_info(request: web.Request) -> web.Response:
     reg = service(request).registry
     with use_folders(request.app[FOLDERS]):  # model choice lists come from this server's folders
-        return web.json_response(reg.object_info())
+        return json_response(reg.object_info())
 
 
 async def object_info_one(request: web.Request) -> web.Response:
     reg = service(request).registry
     with use_folders(request.app[FOLDERS]):
-        return web.json_response(reg.object_info([request.match_info["node_class"]]))
+        return json_response(reg.object_info([request.match_info["node_class"]]))
 
 
 async def features(request: web.Request) -> web.Response:
-    return web.json_response(protocol.server_features(request.app[CONFIG].max_upload_bytes))
+    return json_response(protocol.server_features(request.app[CONFIG].max_upload_bytes))
 
 
 def _meminfo() -> tuple[int, int]:
@@ -229,7 +261,7 @@ def _version(dist: str) -> str:
 
 async def system_stats(request: web.Request) -> web.Response:
     total, free = _meminfo()
-    return web.json_response(
+    return json_response(
         {
             "system": {
                 "os": os.name if sys.platform != "linux" else "posix",
@@ -240,7 +272,7 @@ async def system_stats(request: web.Request) -> web.Response:
                 "python_version": sys.version,
                 "pytorch_version": _version("torch"),
                 "embedded_python": False,
-                "argv": sys.argv,
+                "argv": redact_argv(sys.argv),
                 "platform": platform.platform(),
             },
             "devices": [
@@ -264,11 +296,11 @@ def _folders(request: web.Request):
 
 async def embeddings(request: web.Request) -> web.Response:
     names = _folders(request).list_models("embeddings")
-    return web.json_response([os.path.splitext(n)[0] for n in names])
+    return json_response([os.path.splitext(n)[0] for n in names])
 
 
 async def models(request: web.Request) -> web.Response:
-    return web.json_response(sorted(_folders(request).models))
+    return json_response(sorted(_folders(request).models))
 
 
 async def models_in(request: web.Request) -> web.Response:
@@ -276,4 +308,4 @@ async def models_in(request: web.Request) -> web.Response:
     f = _folders(request)
     if folder not in f.models:
         return error_response(404, "not_found", f"Unknown model folder {folder!r}")
-    return web.json_response(f.list_models(folder))
+    return json_response(f.list_models(folder))

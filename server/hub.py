@@ -1,10 +1,17 @@
 """Connected websocket clients, each with its own bounded send queue and sender task.
 
 A slow client never stalls the others or the executor: messages are queued per socket and written by
-that socket's task. When a client falls behind, previews are dropped first (past ``preview_backlog``
-queued messages), then progress messages; terminal and other events are never dropped. A client whose
-queue still exceeds its bound is disconnected (close code 1013, "try again later"); it can reconnect with
-the same clientId and replay what it missed.
+that socket's task. Previews past ``preview_backlog`` queued messages are dropped. A client that is behind
+(more than ``max_queue`` messages or a sixteenth of ``max_queue_bytes`` queued) has its queue coalesced:
+a message with a coalescing key (progress and progress_state of one node, the preview of a prompt,
+``executing`` of a prompt's nodes other than the final ``executing null``) supersedes the queued one with
+the same key, so a reading client that is merely slower than a 10,000-node run receives a shorter stream
+and is never cut off. Terminal events, ``executed`` and every other message are never dropped.
+
+Past ``max_queue_bytes`` (after coalescing), previews then progress messages are shed; a client still over
+it is disconnected (close code 1013, "try again later") if it has taken no data for ``stall_timeout``
+seconds (it stopped reading) or if its queue reaches four times the bound. It can reconnect with the same
+clientId and replay what it missed.
 
 On sockets without permessage-deflate, a burst of queued messages is written as raw websocket frames in
 one transport write, so a 500-node graph costs a handful of syscalls rather than one per message.
@@ -15,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import struct
+import time
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -31,10 +39,11 @@ log = logging.getLogger("kiln.server")
 PREVIEW, PROGRESS, NORMAL = 0, 1, 2
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False)
 class Out:
     payload: str | bytes
     klass: int = NORMAL
+    key: tuple | None = None  # messages with one key supersede each other when the client is behind
 
     @property
     def size(self) -> int:
@@ -49,8 +58,13 @@ class Client:
         self.hub = hub
         self.features: dict = {}
         self.queue: deque[Out] = deque()
-        self.bytes = 0
+        self.bytes = 0  # bytes of the live (not superseded) queued messages
         self.dropped = 0
+        self.coalesced = 0
+        self.latest: dict[tuple, Out] = {}  # key -> newest queued message with it
+        self.dead: set[int] = set()  # ids of queued messages superseded by a newer one (skipped)
+        self.last_progress = time.monotonic()  # when the peer last took data (or had nothing pending)
+        self.blocked = False  # the sender waits for the peer to take what was written
         self.last_status: int | None = None  # queue size last sent to this socket
         self.closed = False
         self._wake = asyncio.Event()
@@ -67,36 +81,85 @@ class Client:
     def start(self) -> None:
         self.task = asyncio.get_running_loop().create_task(self._sender(), name=f"ws-send-{self.sid}")
 
+    @property
+    def behind(self) -> bool:
+        cfg = self.hub.config
+        return len(self.queue) - len(self.dead) > cfg.max_queue or self.bytes > cfg.max_queue_bytes // 16
+
     def send(self, out: Out) -> None:
         if self.closed:
             return
         cfg = self.hub.config
-        if out.klass == PREVIEW and len(self.queue) >= cfg.preview_backlog:
+        if out.klass == PREVIEW and len(self.queue) - len(self.dead) >= cfg.preview_backlog:
             self.dropped += 1
             return
+        if not self.queue and not self.blocked:
+            self.last_progress = time.monotonic()  # nothing was pending: the clock of a stall starts now
+        key = out.key
+        if key is not None:
+            old = self.latest.get(key)
+            if old is not None and self.behind:
+                self.dead.add(id(old))
+                self.bytes -= old.size
+                self.coalesced += 1
+            self.latest[key] = out
         self.queue.append(out)
         self.bytes += out.size
-        if len(self.queue) > cfg.max_queue or self.bytes > cfg.max_queue_bytes:
+        if len(self.dead) > 1024 and len(self.dead) * 2 > len(self.queue):
+            self._compact(())
+        if self.bytes > cfg.max_queue_bytes:
             self._shed()
         self._wake.set()
 
+    def _compact(self, drop: tuple[int, ...]) -> None:
+        """Rebuild the queue without superseded messages and without the classes in ``drop``."""
+        dead = self.dead
+        kept = deque(o for o in self.queue if id(o) not in dead and o.klass not in drop)
+        self.dropped += len(self.queue) - len(dead) - len(kept)
+        self.queue = kept
+        self.dead = set()
+        ids = {id(o) for o in kept}
+        self.latest = {k: o for k, o in self.latest.items() if id(o) in ids}
+        self.bytes = sum(o.size for o in kept)
+
     def _shed(self) -> None:
         cfg = self.hub.config
-        for klass in (PREVIEW, PROGRESS):
-            kept = deque(o for o in self.queue if o.klass != klass)
-            self.dropped += len(self.queue) - len(kept)
-            self.queue = kept
-            self.bytes = sum(o.size for o in kept)
-            if len(self.queue) <= cfg.max_queue and self.bytes <= cfg.max_queue_bytes:
+        for drop in ((PREVIEW,), (PREVIEW, PROGRESS)):
+            self._compact(drop)
+            if self.bytes <= cfg.max_queue_bytes:
                 return
-        log.warning("websocket client %s cannot keep up (%d messages queued); disconnecting", self.sid, len(self.queue))
+        stalled = time.monotonic() - self.last_progress > cfg.stall_timeout
+        if not stalled and self.bytes <= 4 * cfg.max_queue_bytes:
+            return  # slow but reading: it keeps its (bounded) backlog
+        log.warning(
+            "websocket client %s cannot keep up (%d messages, %d bytes queued%s); disconnecting",
+            self.sid,
+            len(self.queue),
+            self.bytes,
+            ", not reading" if stalled else "",
+        )
         self.close(WSCloseCode.TRY_AGAIN_LATER, "send queue full; reconnect and replay")
+
+    def _pop(self) -> Out | None:
+        """The next live message (superseded ones are skipped), or None when the queue is empty."""
+        while self.queue:
+            out = self.queue.popleft()
+            if self.dead and id(out) in self.dead:
+                self.dead.discard(id(out))
+                continue
+            self.bytes -= out.size
+            if out.key is not None and self.latest.get(out.key) is out:
+                del self.latest[out.key]
+            return out
+        return None
 
     def close(self, code: int = WSCloseCode.GOING_AWAY, message: str = "") -> None:
         if self.closed:
             return
         self.closed = True
         self.queue.clear()
+        self.latest.clear()
+        self.dead.clear()
         self.hub.remove(self)
         if self.task is not None:
             self.task.cancel()
@@ -128,38 +191,46 @@ class Client:
     async def _send_each(self) -> None:
         ws = self.ws
         while not self.closed:
-            if not self.queue:
+            out = self._pop()
+            if out is None:
                 await self._wait()
                 continue
-            out = self.queue.popleft()
-            self.bytes -= out.size
+            self.blocked = True
             if isinstance(out.payload, str):
                 await ws.send_str(out.payload)
             else:
                 await ws.send_bytes(out.payload)
+            self.blocked = False
+            self.last_progress = time.monotonic()
 
     async def _send_batched(self, t: asyncio.Transport) -> None:
         """Write every queued message as websocket frames in one transport write (one syscall for a burst
         of events instead of one per message), then wait while the peer's buffer is full."""
         while not self.closed:
-            if not self.queue:
-                await self._wait()
-                continue
             parts: list[bytes] = []
             size = 0
-            while self.queue and size < BATCH_BYTES:
-                out = self.queue.popleft()
-                self.bytes -= out.size
+            while size < BATCH_BYTES and (out := self._pop()) is not None:
                 frame = _frame(out.payload)
                 parts.append(frame)
                 size += len(frame)
+            if not parts:
+                await self._wait()
+                continue
             if self.ws.closed or t.is_closing():
                 return
             t.write(b"".join(parts))
-            while t.get_write_buffer_size() > HIGH_WATER:
+            buffered = t.get_write_buffer_size()
+            self.blocked = buffered > HIGH_WATER
+            while buffered > HIGH_WATER:
                 if self.closed or t.is_closing():
                     return
                 await asyncio.sleep(0.005)
+                now = t.get_write_buffer_size()
+                if now < buffered:  # the peer took some: it is reading
+                    self.last_progress = time.monotonic()
+                buffered = now
+            self.blocked = False
+            self.last_progress = time.monotonic()
             await asyncio.sleep(0)
 
 

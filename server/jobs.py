@@ -12,7 +12,8 @@ from typing import Any
 from kiln.engine import Graph, KilnError, ValidationResult
 from kiln.engine.events import NodeEvent
 
-from .store import json_number
+from .params import TOO_LONG, dumps_in_pieces
+from .store import encode, json_number
 
 SECRET_KEY = re.compile(r"(api[_-]?key|token|secret|password|authorization)", re.I)
 MAX_PROMPT_ID = 256
@@ -66,10 +67,23 @@ class Job:
     state_nodes: dict = field(default_factory=dict)  # progress_state per node, for negotiated clients
     open_node: NodeEvent | None = None  # the node whose progress_state is 'running'
     terminal: bool = False  # a success/error/interrupted event was dispatched
+    watched: bool = False  # a socket of its client was connected when it started (no late delivery needed)
+    prompt_text: str | None = None  # prompt_json as stored (encoded once, off the loop for a large graph)
+    queue_text_cache: str | None = field(default=None, repr=False)
 
     @property
     def queue_item(self) -> list:
         return [json_number(self.number), self.prompt_id, self.prompt_json, self.extra_data, self.outputs]
+
+    @property
+    def queue_text(self) -> str:
+        """``queue_item`` as JSON text, built once: a large graph is then never re-encoded on the loop."""
+        if self.queue_text_cache is None:
+            if self.prompt_text is None:
+                self.prompt_text = encode(self.prompt_json)
+            parts = [json.dumps(json_number(self.number)), json.dumps(self.prompt_id), self.prompt_text]
+            self.queue_text_cache = "[" + ", ".join([*parts, encode(self.extra_data), encode(self.outputs)]) + "]"
+        return self.queue_text_cache
 
 
 def body_hash(data: dict) -> str:
@@ -79,7 +93,8 @@ def body_hash(data: dict) -> str:
         "targets": data.get("partial_execution_targets"),
         "extra": {k: v for k, v in (data.get("extra_data") or {}).items() if not SECRET_KEY.search(str(k))},
     }
-    return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()
+    text = dumps_in_pieces(key, sort_keys=True, default=str)  # the text of json.dumps(key, sort_keys=True, ...)
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
 
 
 def split_sensitive(extra: dict) -> tuple[dict, dict]:
@@ -89,3 +104,57 @@ def split_sensitive(extra: dict) -> tuple[dict, dict]:
     for k, v in extra.items():
         (secret if SECRET_KEY.search(str(k)) else keep)[k] = v
     return keep, secret
+
+
+def check_strings(data: dict, limit: int) -> None:
+    """Refuse a submission with a string longer than ``limit`` bytes (UTF-8), naming the node and input."""
+    prompt = data.get("prompt")
+    if isinstance(prompt, dict):
+        for nid, node in prompt.items():
+            if not isinstance(node, dict):
+                continue
+            for key, value in node.items():
+                if key == "inputs" and isinstance(value, dict):
+                    for name, v in value.items():
+                        if _too_long(v, limit):
+                            _refuse(str(nid), node.get("class_type"), str(name), limit)
+                elif _too_long(value, limit):
+                    _refuse(str(nid), node.get("class_type"), str(key), limit)
+    for key, value in data.items():
+        if key != "prompt" and _too_long(value, limit):
+            _refuse(None, None, str(key), limit)
+
+
+def _too_long(value: Any, limit: int) -> bool:
+    stack = [value]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, str):
+            if (
+                len(v) > limit
+                or v.startswith(TOO_LONG)
+                or (len(v) * 4 > limit and len(v.encode("utf-8", "surrogatepass")) > limit)
+            ):
+                return True
+        elif isinstance(v, dict):
+            stack.extend(v.keys())
+            stack.extend(v.values())
+        elif isinstance(v, list):
+            stack.extend(v)
+    return False
+
+
+def _refuse(node_id: str | None, class_type: Any, name: str, limit: int) -> None:
+    where = f"input {name!r} of node {node_id!r} ({class_type})" if node_id is not None else f"field {name!r}"
+    message = f"Value too long: {where} is longer than {limit} bytes"
+    details = f"the server's limit for one string is {limit} bytes (kiln serve --max-string-bytes)"
+    issue = {"type": "value_too_long", "message": message, "details": details, "extra_info": {"input_name": name}}
+    node_errors = {}
+    if node_id is not None:
+        node_errors[node_id] = {"errors": [issue], "dependent_outputs": [], "class_type": str(class_type)}
+    raise ApiError(
+        400,
+        "",
+        "",
+        body={"error": {**issue, "extra_info": {"node_id": node_id, "input_name": name}}, "node_errors": node_errors},
+    )

@@ -11,11 +11,18 @@ ignore it, Kiln's client uses it to ask for a replay from where it stopped.
 from __future__ import annotations
 
 import json
+import os
+import re
 import struct
+import sysconfig
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
+import kiln.engine
 from kiln.engine import GraphFormatError, Issue, ValidationResult, events as ev
+
+from . import params
 
 PREVIEW_IMAGE = 1
 PREVIEW_IMAGE_WITH_METADATA = 4
@@ -27,7 +34,7 @@ SERVER_FEATURES = {"submit_on_socket": True, "replay": True, "event_seq": True}
 
 
 def dumps(obj) -> str:
-    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False)
+    return params.dumps(obj)
 
 
 def message(type_: str, data, seq: int | None = None) -> str:
@@ -95,7 +102,7 @@ def execution_error_data(e: ev.ExecutionError) -> dict:
         "executed": list(e.executed),
         "exception_message": e.message,
         "exception_type": e.exception_type,
-        "traceback": list(e.traceback),
+        "traceback": public_traceback(e.traceback),
         "current_inputs": e.inputs,
         "current_outputs": list(e.outputs),
         "timestamp": e.timestamp,
@@ -174,6 +181,8 @@ _EXTRA_NAMES = {"error": "exception_message"}  # engine's name -> ComfyUI's extr
 
 def issue_data(issue: Issue) -> dict:
     extra = {_EXTRA_NAMES.get(k, k): v for k, v in issue.extra.items()}
+    if isinstance(extra.get("traceback"), list):
+        extra["traceback"] = public_traceback(extra["traceback"])
     return {"type": issue.kind, "message": issue.message, "details": issue.details, "extra_info": extra}
 
 
@@ -196,3 +205,67 @@ def validation_body(result: ValidationResult) -> dict:
 def format_error_data(exc: GraphFormatError) -> dict:
     """A submission that is not a graph, as ComfyUI's ``invalid_prompt`` error."""
     return {"type": "invalid_prompt", "message": exc.message, "details": exc.details, "extra_info": {}}
+
+
+# -- tracebacks as clients see them ------------------------------------------------------------------
+# ComfyUI sends a failing node's traceback to clients. Kiln keeps the field but never shows where the server
+# keeps its files: Kiln's own frames are relative to the package, a node pack's to its custom_nodes folder,
+# and a frame of an installed library or of Python itself is reduced to its module name. The full traceback
+# goes to the server log.
+
+PACKAGE_ROOT = Path(kiln.engine.__file__).resolve().parents[1]
+_LIBRARY_ROOTS = sorted(
+    {
+        os.path.realpath(p)
+        for key in ("purelib", "platlib", "stdlib", "platstdlib")
+        if (p := sysconfig.get_paths().get(key))
+    },
+    key=len,
+    reverse=True,
+)
+_FILE = re.compile(r'File "([^"]+)"')
+
+
+def _module_name(rel: str) -> str:
+    rel = rel.replace(os.sep, "/")
+    if rel.endswith(".py"):
+        rel = rel[:-3]
+    if rel.endswith("/__init__"):
+        rel = rel[: -len("/__init__")]
+    return rel.replace("/", ".")
+
+
+def public_path(path: str) -> str:
+    """How a source file is named to clients (see above)."""
+    if path.startswith("<"):  # <frozen ...>, <string>
+        return path
+    real = os.path.realpath(path)
+    parts = Path(real).parts
+    for marker in ("site-packages", "dist-packages"):
+        if marker in parts:
+            return "<" + _module_name("/".join(parts[len(parts) - parts[::-1].index(marker) :])) + ">"
+    if "custom_nodes" in parts:
+        return "/".join(parts[len(parts) - 1 - parts[::-1].index("custom_nodes") :])
+    try:
+        return Path(real).relative_to(PACKAGE_ROOT).as_posix()
+    except ValueError:
+        pass
+    for root in _LIBRARY_ROOTS:
+        if real.startswith(root + os.sep):
+            return "<" + _module_name(real[len(root) + 1 :]) + ">"
+    return "<" + Path(real).name + ">"
+
+
+def public_traceback(lines: Any) -> list:
+    """A traceback (``traceback.format_exception`` chunks) with every path made public (see above)."""
+    if not isinstance(lines, (list, tuple)):
+        return []
+    prefixes = [str(PACKAGE_ROOT) + os.sep, *(r + os.sep for r in _LIBRARY_ROOTS)]
+    out = []
+    for chunk in lines:
+        text = _FILE.sub(lambda m: f'File "{public_path(m.group(1))}"', str(chunk))
+        for prefix in prefixes:  # a path inside a message (a FileNotFoundError, say)
+            if prefix in text:
+                text = text.replace(prefix, "")
+        out.append(text)
+    return out

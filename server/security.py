@@ -13,6 +13,7 @@ from __future__ import annotations
 import hmac
 import json
 import logging
+import re
 from urllib.parse import urlsplit
 
 from aiohttp import web
@@ -20,13 +21,38 @@ from aiohttp import web
 from kiln.engine.net import is_loopback_host
 
 from .config import ServerConfig
+from .params import BadParam, json_response
 
 log = logging.getLogger("kiln.server")
+
+SECRET_OPTION = re.compile(r"^--?[\w-]*(token|key|secret|password|passwd|credential)[\w-]*$", re.I)
+REDACTED = "<redacted>"
 
 
 def error_response(status: int, type_: str, message: str, details: str = "", **extra) -> web.Response:
     body = {"error": {"type": type_, "message": message, "details": details, "extra_info": extra}, "node_errors": {}}
-    return web.json_response(body, status=status)
+    return json_response(body, status=status)
+
+
+def redact_argv(argv: list[str]) -> list[str]:
+    """The command line with the values of secret-looking options hidden (``--auth-token X``, ``--api-key=X``)."""
+    out: list[str] = []
+    hide_next = False
+    for arg in argv:
+        if hide_next:
+            out.append(REDACTED)
+            hide_next = False
+            continue
+        name, eq, _value = arg.partition("=")
+        if SECRET_OPTION.match(name):
+            if eq:
+                out.append(f"{name}={REDACTED}")
+            else:
+                out.append(arg)
+                hide_next = True
+            continue
+        out.append(arg)
+    return out
 
 
 def _split_host(value: str) -> tuple[str, str]:
@@ -81,6 +107,8 @@ def make_middlewares(config: ServerConfig) -> list:
     async def errors(request: web.Request, handler):
         try:
             return await handler(request)
+        except BadParam as exc:
+            return error_response(400, exc.type_, exc.message, exc.details)
         except web.HTTPRequestEntityTooLarge as exc:
             return error_response(413, "body_too_large", "Request body is too large", exc.text or "")
         except web.HTTPException as exc:
@@ -90,6 +118,8 @@ def make_middlewares(config: ServerConfig) -> list:
             return error_response(exc.status, reasons.get(exc.status, "http_error"), exc.reason, exc.text or "")
         except (ConnectionResetError, json.JSONDecodeError) as exc:
             return error_response(400, "bad_request", "Malformed request", str(exc))
+        except UnicodeError as exc:  # a lone surrogate in a path segment, say: the request's fault
+            return error_response(400, "bad_request", "Request contains text that is not valid Unicode", str(exc))
         except Exception as exc:  # one bad request never takes the server down
             log.exception("unhandled error for %s %s", request.method, request.path)
             return error_response(500, "internal_error", "Internal server error", type(exc).__name__)

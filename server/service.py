@@ -35,11 +35,12 @@ from kiln.engine import (
 )
 from kiln.engine.context import RunOptions
 
-from . import protocol
+from . import params, protocol
 from .event_router import EventPipe, EventRouter
 from .hub import Client, Hub, Out
-from .jobs import MAX_PROMPT_ID, SEQ_EPOCH, ApiError, Job, body_hash, split_sensitive
-from .store import FINISHED, PromptRow, Store, as_json, json_number
+from .jobs import MAX_PROMPT_ID, SEQ_EPOCH, ApiError, Job, body_hash, check_strings, split_sensitive
+from .journal import OutputJournal
+from .store import FINISHED, MAX_NUMBER, DuplicatePrompt, PromptRow, Store, as_json, encode, json_number
 from .webhook import post_webhook
 
 if TYPE_CHECKING:
@@ -52,6 +53,8 @@ if TYPE_CHECKING:
 __all__ = ["PromptService", "ApiError", "Job"]
 
 INLINE_VALIDATION_NODES = 64  # graphs up to this size, with declared checks only, validate on the loop
+LARGE_BODY = 256 * 1024  # a submission at least this big is decoded and prepared in a worker thread
+LATE_TYPES = ("executed", "execution_success", "execution_error", "execution_interrupted", "executing")
 log = logging.getLogger("kiln.server")
 
 STATUS_INTERVAL = 0.05  # seconds between queue-size updates to sockets not involved in the change
@@ -79,6 +82,8 @@ class PromptService:
         self.router = EventRouter(hub, store)
         self._finished = 0
         self.loop: asyncio.AbstractEventLoop | None = None
+        self.journal = OutputJournal(store)
+        self.journal.install(executor)
 
     @property
     def _loop(self) -> asyncio.AbstractEventLoop:
@@ -91,8 +96,13 @@ class PromptService:
         self.loop = asyncio.get_running_loop()
         self._pipe = EventPipe(self.loop, self.router.dispatch)
         self._wake = asyncio.Event()
-        self.counter = int(self.store.max_number()) + 1 if self.store.max_number() >= 0 else 0
+        self.journal.loop = self.loop
+        for pid, why in self.store.quarantine_unreadable():
+            log.error("prompt %r cannot be read (%s): moved to the quarantine table", pid, why)
+        top = self.store.max_number()
+        self.counter = int(top) + 1 if top >= 0 else 0
         await self.recover()
+        self._log_quarantined()
         self._task = self.loop.create_task(self._worker(), name="kiln-prompt-worker")
 
     async def stop(self) -> None:
@@ -116,44 +126,57 @@ class PromptService:
         self._pool.shutdown(wait=False, cancel_futures=True)
         self.store.flush()
 
+    def _log_quarantined(self) -> None:
+        for pid, why in self.store.quarantined:
+            log.error("prompt %r cannot be read (%s): moved to the quarantine table", pid, why)
+        self.store.quarantined.clear()
+
     async def recover(self) -> None:
-        """Requeue what was pending; re-run or fail what was running when the server died."""
+        """Requeue what was pending; re-run or fail what was running when the server died.
+
+        A row that cannot be read is quarantined (and logged) rather than stopping the server.
+        """
         for row in self.store.unfinished():
-            last = self.store.last_event_seq(row.prompt_id)
-            if row.status == "running":
-                if self.config.on_crash == "fail" or row.attempts >= self.config.max_attempts:
-                    why = (
-                        "the server stopped while this prompt was running"
-                        if self.config.on_crash == "fail"
-                        else f"the server stopped while running this prompt {row.attempts} times"
-                    )
-                    self._fail_unrun(row, last, "ServerStopped", why)
-                    continue
-                self.store.requeue(row.prompt_id)
-                log.info("re-running prompt %s, which was running when the server stopped", row.prompt_id)
             try:
-                graph = Graph.from_json(row.prompt)
-                validation = await self._validate(graph, row.outputs_to_execute)
-            except GraphFormatError as exc:
-                validation = ValidationResult(False, Issue.of("invalid_prompt", exc.message, exc.details))
-            if not validation.ok:
-                self._fail_unrun(
-                    row, last, "ValidationFailed", "the prompt no longer validates: " + validation.summary()
+                await self._recover_row(row)
+            except Exception as exc:  # a stored prompt the engine cannot even load
+                log.exception("prompt %r could not be recovered", row.prompt_id)
+                self.store.quarantine(row.prompt_id, f"recovery failed: {type(exc).__name__}: {str(exc)[:200]}")
+
+    async def _recover_row(self, row: PromptRow) -> None:
+        last = self.store.last_event_seq(row.prompt_id)
+        if row.status == "running":
+            if self.config.on_crash == "fail" or row.attempts >= self.config.max_attempts:
+                why = (
+                    "the server stopped while this prompt was running"
+                    if self.config.on_crash == "fail"
+                    else f"the server stopped while running this prompt {row.attempts} times"
                 )
-                continue
-            job = Job(
-                row.prompt_id,
-                row.number,
-                graph,
-                validation,
-                row.prompt,
-                row.extra_data,
-                {},
-                row.client_id,
-                row.outputs_to_execute,
-                seq=max(last, row.attempts * SEQ_EPOCH),
-            )
-            self._push(job)
+                self._fail_unrun(row, last, "ServerStopped", why)
+                return
+            self.store.requeue(row.prompt_id)
+            log.info("re-running prompt %s, which was running when the server stopped", row.prompt_id)
+        try:
+            graph = Graph.from_json(row.prompt)
+            validation = await self._validate(graph, row.outputs_to_execute)
+        except GraphFormatError as exc:
+            validation = ValidationResult(False, Issue.of("invalid_prompt", exc.message, exc.details))
+        if not validation.ok:
+            self._fail_unrun(row, last, "ValidationFailed", "the prompt no longer validates: " + validation.summary())
+            return
+        job = Job(
+            row.prompt_id,
+            row.number,
+            graph,
+            validation,
+            row.prompt,
+            row.extra_data,
+            {},
+            row.client_id,
+            row.outputs_to_execute,
+            seq=max(last, row.attempts * SEQ_EPOCH),
+        )
+        self._push(job)
 
     def _fail_unrun(self, row: PromptRow, last_seq: int, exc_type: str, why: str) -> None:
         last_seq = max(last_seq, row.attempts * SEQ_EPOCH)
@@ -176,7 +199,7 @@ class PromptService:
     def queue_remaining(self) -> int:
         return len(self.pending) + (1 if self.running is not None else 0)
 
-    async def _validate(self, graph: Graph, targets: list[str] | None) -> ValidationResult:
+    async def _validate(self, graph: Graph, targets: list[str] | None, heavy: bool = False) -> ValidationResult:
         """Validate without blocking the event loop on node code.
 
         A graph whose nodes all use declared checks only (no custom validator) and that is small is checked
@@ -190,8 +213,10 @@ class PromptService:
             with use_folders(self.executor.folders):  # model choices come from this server's folders
                 return validate(graph, self.registry, partial_execution_targets=targets)
 
-        if len(graph.nodes) <= INLINE_VALIDATION_NODES and not self._runs_node_code(graph):
+        if not heavy and len(graph.nodes) <= INLINE_VALIDATION_NODES and not self._runs_node_code(graph):
             return check()
+        if heavy or len(graph.nodes) > INLINE_VALIDATION_NODES:
+            return await params.off_loop(check)
         return await asyncio.to_thread(check)
 
     def _runs_node_code(self, graph: Graph) -> bool:
@@ -219,10 +244,12 @@ class PromptService:
             )
         return {"prompt_id": prompt_id, "number": json_number(number), "node_errors": {}}
 
-    async def submit(self, data: Any, client_id: str | None = None, announce: bool = True) -> dict:
-        """Validate and enqueue one submission (ComfyUI's envelope). Returns the 200 body or raises ApiError."""
+    def _prepare(self, data: Any) -> tuple[Graph, Any, str, str, int | float | None]:
+        """Check and parse a submission: (graph, submission, prompt_id, digest, number). Pure CPU work on
+        data nobody else holds, so a large one runs in a worker thread. Raises ApiError."""
         if not isinstance(data, dict) or "prompt" not in data:
             raise ApiError(400, "no_prompt", "No prompt provided", "No prompt provided")
+        check_strings(data, self.config.max_string_bytes)
         try:
             graph, sub = parse_submission(data)
         except GraphFormatError as exc:
@@ -232,24 +259,45 @@ class PromptService:
             raise ApiError(
                 400, "invalid_prompt", "Invalid prompt_id", f"a prompt_id is 1 to {MAX_PROMPT_ID} printable characters"
             )
-        digest = body_hash(data)
+        try:
+            params.check_text(prompt_id, "prompt_id")
+            if sub.client_id is not None:
+                params.check_text(sub.client_id, "client_id")
+        except params.BadParam as exc:
+            raise ApiError(400, "invalid_prompt", exc.message, exc.details) from None
+        number = sub.number
+        if number is not None and not (isinstance(number, (int, float)) and abs(number) <= MAX_NUMBER):
+            raise ApiError(
+                400, "invalid_prompt", "Invalid number", "a queue number is a finite number of magnitude <= 2**53"
+            )
+        hook = sub.extra_data.get("webhook")
+        if hook is not None and not (isinstance(hook, str) and hook.startswith(("http://", "https://"))):
+            raise ApiError(400, "invalid_webhook", "extra_data.webhook must be an http(s) URL", repr(hook)[:200])
+        return graph, sub, prompt_id, body_hash(data), number
+
+    async def submit(self, data: Any, client_id: str | None = None, announce: bool = True, heavy: bool = False) -> dict:
+        """Validate and enqueue one submission (ComfyUI's envelope). Returns the 200 body or raises ApiError.
+
+        ``heavy`` (a large body): parsing, hashing and encoding run in a worker thread, so the loop keeps
+        answering other clients meanwhile.
+        """
+        if heavy:
+            graph, sub, prompt_id, digest, number = await params.off_loop(self._prepare, data)
+        else:
+            graph, sub, prompt_id, digest, number = self._prepare(data)
         if sub.prompt_id is not None:
             known = self._known_submission(prompt_id, digest)
             if known is not None:
                 return known
-        hook = sub.extra_data.get("webhook")
-        if hook is not None and not (isinstance(hook, str) and hook.startswith(("http://", "https://"))):
-            raise ApiError(400, "invalid_webhook", "extra_data.webhook must be an http(s) URL", repr(hook)[:200])
-        validation = await self._validate(graph, sub.partial_execution_targets)
+        validation = await self._validate(graph, sub.partial_execution_targets, heavy)
         if not validation.ok:
+            self._log_validation(prompt_id, validation)
             raise ApiError(400, "", "", body=protocol.validation_body(validation))
         if sub.prompt_id is not None:  # another request may have taken the prompt_id while this one validated
             known = self._known_submission(prompt_id, digest)
             if known is not None:
                 return known
-        if sub.number is not None:
-            number = sub.number
-        else:
+        if number is None:
             number = -self.counter if sub.front else self.counter
             self.counter += 1
         cid = sub.client_id if sub.client_id is not None else client_id
@@ -257,13 +305,37 @@ class PromptService:
         if cid is not None:
             extra["client_id"] = cid
         extra["create_time"] = int(time.time() * 1000)
-        prompt_json = graph.to_json()
-        self.store.add(prompt_id, float(number), cid, prompt_json, extra, validation.outputs, digest)
+        if heavy:
+            prompt_json, prompt_text = await params.off_loop(_encoded, graph)
+        else:
+            prompt_json, prompt_text = _encoded(graph)
+        args = (prompt_id, float(number), cid, prompt_json, extra, validation.outputs, digest, prompt_text)
+        try:
+            if len(prompt_text) > LARGE_BODY:  # a huge row: written from a worker thread, off the loop
+                await asyncio.to_thread(self.store.add, *args, True)
+            else:
+                self.store.add(*args)
+        except DuplicatePrompt:  # the same prompt_id was accepted meanwhile
+            known = self._known_submission(prompt_id, digest)
+            if known is not None:
+                return known
+            raise ApiError(409, "prompt_id_conflict", "This prompt_id was already used", prompt_id) from None
         job = Job(prompt_id, number, graph, validation, prompt_json, extra, sensitive, cid, list(validation.outputs))
+        job.prompt_text = prompt_text
         self._push(job)
         if announce:
             self.broadcast_status(job)
         return {"prompt_id": prompt_id, "number": json_number(number), "node_errors": protocol.node_errors(validation)}
+
+    def _log_validation(self, prompt_id: str, validation: ValidationResult) -> None:
+        """Full tracebacks of a failed validation go to the log (clients get them without local paths)."""
+        issues = [validation.error] if validation.error is not None else []
+        for p in validation.problems.values():
+            issues.extend(p.issues)
+        for issue in issues:
+            tb = issue.extra.get("traceback") if isinstance(issue.extra, dict) else None
+            if tb:
+                log.warning("prompt %s failed validation: %s\n%s", prompt_id, issue.message, "".join(map(str, tb)))
 
     def _push(self, job: Job) -> None:
         self.pending[job.prompt_id] = job
@@ -301,7 +373,12 @@ class PromptService:
         self.running = job
         job.status = "running"
         job.previews = self._wants_previews(job)
-        self.store.mark_running(job.prompt_id)
+        if job.prompt_text is not None and len(job.prompt_text) > LARGE_BODY:
+            await asyncio.to_thread(self.store.mark_running, job.prompt_id, True)  # a huge row: off the loop
+        else:
+            self.store.mark_running(job.prompt_id)
+        # a client with a socket at the start follows the run (and replays what it misses): no late delivery
+        job.watched = job.client_id is None or bool(self.hub.to_sid(job.client_id))
         self.broadcast_status(job)
         loop = self._loop
         put = self._pipe.put
@@ -311,6 +388,7 @@ class PromptService:
 
         run_extra = {**job.extra_data, **job.sensitive}
         options = RunOptions(previews=job.previews)
+        self.journal.begin(job.prompt_id)
         try:
             result = await loop.run_in_executor(
                 self._pool,
@@ -335,6 +413,8 @@ class PromptService:
                     job, ev.ExecutionError(job.prompt_id, message=str(exc), exception_type=type(exc).__name__)
                 )
             status, outputs, meta = "error", {}, {}
+        finally:
+            self.journal.end(job.prompt_id)
         self._pipe.drain()  # every event of the run is dispatched before the prompt is finished
         if self.router.stopping:
             return
@@ -349,11 +429,17 @@ class PromptService:
             "status": {"status_str": "success" if ok else "error", "completed": ok, "messages": job.messages},
             "meta": meta,
         }
+        # the stored text of ``history``, around the queue item's text encoded once at submission
+        history_text = (
+            f'{{"prompt": {job.queue_text}, "outputs": {encode(outputs)}, '
+            f'"status": {encode(history["status"])}, "meta": {encode(meta)}}}'
+        )
         job.seq += 1
         final = {"node": None, "prompt_id": job.prompt_id}
         final_json = as_json(final)
         self.store.log_event(job.prompt_id, job.seq, "executing", final_json)
-        self.store.finish(job.prompt_id, status, history, job.seq)
+        sockets = self.hub.to_sid(job.client_id) if job.client_id is not None else []
+        self.store.finish(job.prompt_id, status, history_text, job.seq, delivered=job.watched or bool(sockets))
         self._finished += 1
         if self.config.history_limit and self._finished % 64 == 1:  # trimming is a scan: not every time
             self.store.trim_history(self.config.history_limit)
@@ -361,9 +447,9 @@ class PromptService:
         if self.running is job:
             self.running = None
         self.broadcast_status(job)
-        if job.client_id is not None:
+        if sockets:
             out = Out(protocol.message_from_json("executing", final_json, job.seq))
-            for c in self.hub.to_sid(job.client_id):
+            for c in sockets:
                 c.send(out)
         for fut in self._waiters.pop(job.prompt_id, ()):
             if not fut.done():
@@ -497,6 +583,22 @@ class PromptService:
         self.router.replay(client, prompt_id, since)
         return True
 
+    def deliver_late(self, client: Client) -> int:
+        """Send a socket that just connected the final events of its client's prompts that finished, within
+        ``late_delivery_window`` seconds, while no socket of that client was connected; in finishing order,
+        each prompt once. Returns how many prompts were delivered."""
+        window = self.config.late_delivery_window
+        if not window or window <= 0:
+            return 0
+        pids = self.store.undelivered(client.sid, time.time() - window)
+        for pid in pids:
+            for seq, t, d in self.store.events(pid, 0):
+                if t in LATE_TYPES and (t != "executing" or d.startswith('{"node":null')):
+                    client.send(Out(protocol.message_from_json(t, d, seq)))
+        if pids:
+            self.store.mark_delivered(pids)
+        return len(pids)
+
     def events(self, prompt_id: str, since: int) -> list[dict] | None:
         if not self.known(prompt_id):
             return None
@@ -513,6 +615,12 @@ class PromptService:
         running = [self.running.queue_item] if self.running is not None else []
         pending = [j.queue_item for j in sorted(self.pending.values(), key=lambda j: (j.number, j.prompt_id))]
         return {"queue_running": running, "queue_pending": pending}
+
+    def queue_json(self) -> str:
+        """``queue()`` as JSON text, from each job's cached queue item text (cheap with huge graphs)."""
+        running = [self.running.queue_text] if self.running is not None else []
+        pending = [j.queue_text for j in sorted(self.pending.values(), key=lambda j: (j.number, j.prompt_id))]
+        return f'{{"queue_running": [{", ".join(running)}], "queue_pending": [{", ".join(pending)}]}}'
 
     # -- control ------------------------------------------------------------------------------------
     def interrupt(self, prompt_id: str | None) -> None:
@@ -604,3 +712,9 @@ class PromptService:
         await post_webhook(
             self._session, url, {"prompt_id": prompt_id, "status": status, "outputs": outputs, "error": err}
         )
+
+
+def _encoded(graph: Graph) -> tuple[dict, str]:
+    """The graph's JSON and its stored text (CPU work a large graph does in a worker thread)."""
+    prompt_json = graph.to_json()
+    return prompt_json, encode(prompt_json, in_pieces=len(prompt_json) > INLINE_VALIDATION_NODES)

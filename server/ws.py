@@ -14,17 +14,19 @@ Anything else gets an ``error`` message; a binary frame closes the socket (1003,
 
 from __future__ import annotations
 
-import json
 import logging
 import uuid
 from typing import Any
 
 from aiohttp import WSCloseCode, WSMsgType, web
 
-from . import protocol
+from . import params, protocol
 from .hub import Client, Out
 from .keys import CONFIG, SERVICE
-from .service import ApiError, PromptService
+from .security import error_response
+from .service import LARGE_BODY, ApiError, PromptService
+
+MAX_CLIENT_ID = 256
 
 log = logging.getLogger("kiln.server")
 
@@ -32,15 +34,19 @@ log = logging.getLogger("kiln.server")
 async def websocket(request: web.Request) -> web.StreamResponse:
     config = request.app[CONFIG]
     svc: PromptService = request.app[SERVICE]
+    sid = params.query_str(request, "clientId", limit=MAX_CLIENT_ID) or uuid.uuid4().hex
+    if not sid.isprintable():
+        return error_response(400, "bad_request", "clientId must be printable text")
     ws = web.WebSocketResponse(max_msg_size=config.max_ws_message_bytes, heartbeat=30.0)
     await ws.prepare(request)
-    sid = request.query.get("clientId") or uuid.uuid4().hex
     client = Client(ws, sid, svc.hub, transport=request.transport)
     client.send(Out(protocol.message("status", protocol.status_data(svc.queue_remaining, sid))))
     client.last_status = svc.queue_remaining
     if svc.running is not None and svc.running.client_id == sid and svc.running.last_node is not None:
         client.send(Out(protocol.message("executing", {"node": svc.running.last_node})))
     svc.hub.add(client)
+    if request.query.get("clientId"):
+        svc.deliver_late(client)  # its prompts that finished while it was away
     try:
         async for msg in ws:
             if msg.type == WSMsgType.TEXT:
@@ -62,10 +68,12 @@ async def websocket(request: web.Request) -> web.StreamResponse:
 
 
 async def _handle_text(client: Client, svc: PromptService, text: str) -> None:
+    heavy = len(text) > LARGE_BODY
     try:
-        msg = json.loads(text)
-    except (json.JSONDecodeError, RecursionError):
-        client.send(Out(protocol.error_message("invalid_json", "Message is not valid JSON")))
+        limit = svc.config.max_string_bytes
+        msg = await params.off_loop(params.loads, text, limit) if heavy else params.loads(text, limit)
+    except params.BadParam as exc:
+        client.send(Out(protocol.error_message(exc.type_, "Message is not valid JSON: " + exc.message, exc.details)))
         return
     if not isinstance(msg, dict):
         client.send(Out(protocol.error_message("bad_message", "Message must be a JSON object")))
@@ -79,7 +87,7 @@ async def _handle_text(client: Client, svc: PromptService, text: str) -> None:
             client.features = data
         client.send(Out(protocol.message("feature_flags", protocol.server_features(svc.config.max_upload_bytes))))
     elif type_ == "prompt":
-        await _submit(client, svc, data)
+        await _submit(client, svc, data, heavy)
     elif type_ == "replay":
         _replay(client, svc, data)
     elif type_ == "interrupt":
@@ -100,14 +108,14 @@ async def _handle_text(client: Client, svc: PromptService, text: str) -> None:
         )
 
 
-async def _submit(client: Client, svc: PromptService, data: Any) -> None:
+async def _submit(client: Client, svc: PromptService, data: Any, heavy: bool = False) -> None:
     request_id = data.get("request_id") if isinstance(data, dict) else None
     try:
         if not isinstance(data, dict):
             raise ApiError(400, "no_prompt", "No prompt provided", "No prompt provided")
         envelope = {k: v for k, v in data.items() if k != "request_id"}
         envelope.setdefault("client_id", client.sid)
-        body = await svc.submit(envelope, announce=False)
+        body = await svc.submit(envelope, announce=False, heavy=heavy)
     except ApiError as exc:
         client.send(Out(protocol.message("prompt_rejected", {**exc.body, "request_id": request_id})))
         return
@@ -119,7 +127,12 @@ async def _submit(client: Client, svc: PromptService, data: Any) -> None:
 def _replay(client: Client, svc: PromptService, data: Any) -> None:
     pid = data.get("prompt_id") if isinstance(data, dict) else None
     since = data.get("since", 0) if isinstance(data, dict) else 0
-    if not isinstance(pid, str) or not isinstance(since, int) or isinstance(since, bool):
+    if (
+        not isinstance(pid, str)
+        or not isinstance(since, int)
+        or isinstance(since, bool)
+        or not -(2**53) <= since <= 2**53
+    ):
         client.send(Out(protocol.error_message("bad_message", "replay needs {prompt_id: str, since: int}")))
         return
     if not svc.replay(client, pid, since):
