@@ -181,7 +181,8 @@ def run_submit(args: argparse.Namespace) -> int:
         pid = client.submit(graph, prompt_id=args.prompt_id)
     except ServerError as exc:
         print(f"kiln submit: the server refused the graph:\n{exc}", file=sys.stderr)
-        return 1
+        # a graph the server finds invalid (a 4xx) is the user's input, as `kiln run` says with 2
+        return 2 if 400 <= exc.status < 500 else 1
     except OSError as exc:
         print(f"kiln submit: cannot reach {args.server}: {exc}", file=sys.stderr)
         return 1

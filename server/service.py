@@ -225,7 +225,11 @@ class PromptService:
             spec = self.registry.get(node.class_type) if isinstance(node.class_type, str) else None
             if spec is None:
                 continue
-            if spec.validate is not None or any(callable(i.choices) for i in spec.inputs.values()):
+            if (
+                spec.validate is not None
+                or spec.preflight is not None  # asks the outside world (a bucket, a key store)
+                or any(callable(i.choices) for i in spec.inputs.values())
+            ):
                 return True
         return False
 
