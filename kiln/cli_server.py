@@ -64,6 +64,12 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
         help="a websocket that connects gets the final events of its clientId's prompts that finished this many "
         "seconds ago or less while it was away (default 300; 0 turns it off)",
     )
+    p.add_argument(
+        "--front-end-root",
+        default=None,
+        metavar="DIR",
+        help="serve this ComfyUI frontend build at / (default: the installed 'kiln[ui]' extra, if any)",
+    )
     p.set_defaults(func=run_serve, fn=run_serve)
     return p
 
@@ -72,12 +78,17 @@ def run_serve(args: argparse.Namespace) -> int:
     import logging
 
     from kiln.server import InsecureBind, ServerConfig, StoreLocked, serve
+    from kiln.server.frontend import installed_front_end
 
     from .runtime import make_executor
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     base = Path(args.base_dir or os.environ.get("KILN_BASE_DIR") or Path.cwd())
     token = args.auth_token or os.environ.get("KILN_AUTH_TOKEN") or None
+    front_end = Path(args.front_end_root) if args.front_end_root else installed_front_end()
+    if front_end is not None and not (front_end / "index.html").is_file():
+        print(f"kiln serve: --front-end-root {str(front_end)!r} has no index.html", file=sys.stderr)
+        return 2
     try:
         config = ServerConfig(
             host=args.host,
@@ -91,6 +102,7 @@ def run_serve(args: argparse.Namespace) -> int:
             history_limit=args.history_limit or None,
             max_string_bytes=args.max_string_bytes,
             late_delivery_window=args.late_delivery_window,
+            front_end_root=front_end,
         )
         config.check_bind()
         from kiln.engine import make_cache

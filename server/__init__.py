@@ -5,7 +5,9 @@
 Modules: ``app`` (route table, lifecycle), ``http_api`` and ``files`` (handlers), ``ws`` (the socket),
 ``service`` (queue, worker, recovery, control), ``event_router`` (events to sockets and to the log), ``jobs``
 (the job model), ``hub`` (sockets and their bounded send queues), ``store`` (SQLite), ``security``
-(middlewares), ``protocol`` (wire format), ``webhook``, ``config``, ``keys`` (typed app state).
+(middlewares), ``protocol`` (wire format), ``webhook``, ``config``, ``keys`` (typed app state). For the
+graph editor: ``frontend`` (the editor at ``/``, packs' web files), ``userdata`` (users, settings, user
+files), ``catalogue`` (model folders and metadata, empty catalogues), ``job_routes`` (the Jobs API).
 
 Decisions beyond ComfyUI, for whoever comes next:
 

@@ -17,11 +17,10 @@ from aiohttp import web
 
 from kiln.engine import get_folders
 
-from . import files, http_api, ws
+from . import catalogue, files, frontend, http_api, job_routes, userdata, ws
 from .config import ServerConfig
 from .hub import Hub
-from .keys import CONFIG, FOLDERS, SERVICE
-from .params import json_response
+from .keys import CONFIG, FOLDERS, SERVICE, SETTINGS_LOCK
 from .security import make_middlewares
 from .service import PromptService
 from .store import Store
@@ -55,6 +54,30 @@ ROUTES = [
     ("GET", "/embeddings", http_api.embeddings),
     ("GET", "/models", http_api.models),
     ("GET", "/models/{folder}", http_api.models_in),
+    # the graph editor (ComfyUI's frontend): user files, catalogue, the Jobs API
+    ("GET", "/users", userdata.get_users),
+    ("GET", "/settings", userdata.get_settings),
+    ("POST", "/settings", userdata.post_settings),
+    ("GET", "/settings/{setting_id}", userdata.get_setting),
+    ("POST", "/settings/{setting_id}", userdata.post_setting),
+    ("GET", "/userdata", userdata.list_userdata),
+    ("GET", "/userdata/{file}", userdata.get_userdata),
+    ("POST", "/userdata/{file}", userdata.post_userdata),
+    ("DELETE", "/userdata/{file}", userdata.delete_userdata),
+    ("POST", "/userdata/{file}/move/{dest}", userdata.move_userdata),
+    ("GET", "/extensions", frontend.extensions),
+    ("GET", "/i18n", catalogue.i18n),
+    ("GET", "/experiment/models", catalogue.experiment_models),
+    ("GET", "/experiment/models/{folder}", catalogue.experiment_models_in),
+    ("GET", "/view_metadata/{folder}", catalogue.view_metadata),
+    ("GET", "/global_subgraphs", catalogue.global_subgraphs),
+    ("GET", "/workflow_templates", catalogue.workflow_templates),
+    ("GET", "/node_replacements", catalogue.node_replacements),
+    ("GET", "/jobs", job_routes.list_jobs),
+    ("POST", "/jobs/cancel", job_routes.cancel_jobs),
+    ("GET", "/jobs/{job_id}", job_routes.get_job),
+    ("POST", "/jobs/{job_id}/cancel", job_routes.cancel_job),
+    ("GET", "/internal/files/{directory_type}", files.internal_files),
 ]
 
 
@@ -69,19 +92,20 @@ def create_app(
     if folders is None:  # the executor's own, else the default it would fall back to (never None)
         folders = executor.folders if executor.folders is not None else get_folders()
     app[FOLDERS] = folders
-    store = Store(config.data_dir)
+    app[SETTINGS_LOCK] = asyncio.Lock()
+    store = Store(config.data_dir)  # holds the data dir's lock: nothing else uses its folders now
+    files.clear_upload_tmp(config.upload_tmp_dir)
     app[SERVICE] = PromptService(executor, store, Hub(config), config)
     for method, path, handler in ROUTES:
         for prefix in ("", "/api"):
             app.router.add_route(method, prefix + path, handler)
-    app.router.add_get("/", _index)
+    app.router.add_get("/", frontend.index)
+    app.router.add_get("/extensions/{pack}/{tail:.+}", frontend.extension_file)
+    if config.front_end_root is not None:  # last: any other GET is a file of the editor's build
+        app.router.add_get("/{tail:.+}", frontend.static)
     app.cleanup_ctx.append(_service_ctx)
     app.on_shutdown.append(_close_sockets)
     return app
-
-
-async def _index(request: web.Request) -> web.Response:
-    return json_response({"server": "kiln", "docs": "ComfyUI-compatible API at /api; websocket at /ws"})
 
 
 async def _service_ctx(app: web.Application):
@@ -129,6 +153,10 @@ def serve(
             f" (data in {config.data_dir})",
             flush=True,
         )
+        if config.front_end_root is not None:
+            print_fn(f"Graph editor at / (files from {config.front_end_root})", flush=True)
+        else:
+            print_fn("No graph editor installed: pip install 'kiln[ui]' to edit graphs in the browser", flush=True)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):

@@ -45,15 +45,31 @@ class ServerConfig:
     allowed_origins: tuple[str, ...] = ()
     history_limit: int | None = 10000  # like ComfyUI; None or 0 keeps every entry (they are on disk)
     webhook_timeout: float = 10.0
+    # the editor served at "/": a built ComfyUI frontend (a folder with index.html); None serves a short page
+    # that says how to install one (``kiln serve`` fills this in from the ``ui`` extra when it is installed)
+    front_end_root: Path | None = None
+    max_userdata_bytes: int = 32 * MB  # one file stored through /userdata (a workflow, a settings file)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "data_dir", Path(self.data_dir))
+        if self.front_end_root is not None:
+            object.__setattr__(self, "front_end_root", Path(self.front_end_root))
         if self.on_crash not in ("rerun", "fail"):
             raise ValueError(f"on_crash must be 'rerun' or 'fail', not {self.on_crash!r}")
         if self.max_string_bytes < 1:
             raise ValueError(f"max_string_bytes must be at least 1, not {self.max_string_bytes}")
         if not 0 <= self.late_delivery_window < float("inf"):
             raise ValueError(f"late_delivery_window must be finite seconds >= 0, not {self.late_delivery_window}")
+
+    @property
+    def userdata_dir(self) -> Path:
+        """Where the editor's user files live (settings, saved workflows): ``DATA_DIR/userdata``."""
+        return self.data_dir / "userdata"
+
+    @property
+    def upload_tmp_dir(self) -> Path:
+        """Private folder for uploads in flight (emptied at start-up: only this server uses it)."""
+        return self.data_dir / "tmp-uploads"
 
     @property
     def loopback(self) -> bool:

@@ -3,6 +3,10 @@
 Every name from a request goes through ``Folders.safe_path`` (no ``..``, absolute paths, NUL bytes,
 backslashes or symlinks out). Uploads stream to a temporary file with a size limit, must decode as an
 image, and never overwrite unless asked: an identical file is reused, a different one gets " (n)".
+Temporary files live in the server's private ``DATA_DIR/tmp-uploads`` (never the shared temp dir), are
+removed on every path, and whatever a killed server left there is removed at the next start-up.
+
+Also ``/internal/files/{type}``: the image names of a folder, newest first (the editor's output picker).
 """
 
 from __future__ import annotations
@@ -138,7 +142,9 @@ async def _read_parts(request: web.Request, limit: int, temps: list[Path]) -> tu
         if part.name == "image" and part.filename is not None:
             if upload is not None:
                 raise web.HTTPBadRequest(text="only one 'image' file per upload")
-            fd, name = tempfile.mkstemp(prefix="kiln-upload-")
+            tmp_dir = request.app[CONFIG].upload_tmp_dir
+            tmp_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+            fd, name = tempfile.mkstemp(prefix="kiln-upload-", dir=tmp_dir)
             tmp = Path(name)
             temps.append(tmp)
             size = 0
@@ -229,28 +235,80 @@ async def _upload(request: web.Request, mask: bool) -> web.Response:
             folders.safe_path(type_, name, subfolder)
         except UnsafePath as exc:
             return error_response(400, "unsafe_path", "Path not allowed", str(exc))
+        overwrite = fields.get("overwrite", "").lower() in ("true", "1")
+        ref = fields.get("original_ref", "") if mask else None
+        # one worker-thread call that removes the temporary file itself: a request cancelled meanwhile
+        # (the client went away) cannot leave a file that the thread writes after this coroutine is gone
+        answer = await asyncio.to_thread(_store_upload, folders, Path(folder), name, tmp, ref, overwrite)
+        if isinstance(answer, web.Response):
+            return answer
+        return json_response({"name": answer, "subfolder": subfolder, "type": type_})
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _store_upload(
+    folders, folder: Path, name: str, tmp: Path, original_ref: str | None, overwrite: bool
+) -> str | web.Response:
+    """Check the image, apply a mask, move it into place; the final name or an error answer. The temporary
+    file is gone when this returns, whatever happened."""
+    try:
         try:
-            await asyncio.to_thread(_check_image, tmp)
+            _check_image(tmp)
         except Exception as exc:
             return error_response(415, "not_an_image", "The upload is not an image Kiln can read", str(exc))
-        if mask:
+        if original_ref is not None:
             try:
-                await asyncio.to_thread(_apply_mask, folders, fields.get("original_ref", ""), tmp)
+                _apply_mask(folders, original_ref, tmp)
             except UnsafePath as exc:
                 return error_response(400, "unsafe_path", "Path not allowed", str(exc))
             except Exception as exc:  # anything about the reference or the images themselves
                 return error_response(400, "bad_request", "Cannot apply the mask", f"{type(exc).__name__}: {exc}")
-        overwrite = fields.get("overwrite", "").lower() in ("true", "1")
         try:
-            final = await asyncio.to_thread(_place, Path(folder), name, tmp, overwrite)
+            return _place(folder, name, tmp, overwrite)
         except OSError as exc:  # the name is a folder, the folder is a file, ...
             return error_response(
                 400, "invalid_target", "Cannot store the upload under this name", exc.strerror or type(exc).__name__
             )
-        return json_response({"name": final, "subfolder": subfolder, "type": type_})
     finally:
-        if tmp.exists():
-            tmp.unlink()
+        tmp.unlink(missing_ok=True)
+
+
+def clear_upload_tmp(folder: Path) -> int:
+    """Remove what a server that was killed mid-upload left in its private upload folder; returns how many
+    files went. Called at start-up, once the data dir's lock is held (no other server uses the folder)."""
+    n = 0
+    if folder.is_dir():
+        for entry in folder.iterdir():
+            if entry.name.startswith("kiln-upload-") and entry.is_file():
+                entry.unlink(missing_ok=True)
+                n += 1
+    return n
+
+
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".tif", ".tiff")
+
+
+async def internal_files(request: web.Request) -> web.Response:
+    """The image file names directly in the output (or input, temp) folder, newest first."""
+    type_ = request.match_info["directory_type"]
+    if type_ not in FOLDER_TYPES:
+        return error_response(400, "bad_request", f"unknown folder {type_!r}", "use output, input or temp")
+    folder = request.app[FOLDERS].dir_for(type_)
+    return json_response(await asyncio.to_thread(_images_newest_first, Path(folder)))
+
+
+def _images_newest_first(folder: Path) -> list[str]:
+    found = []
+    try:
+        with os.scandir(folder) as it:
+            for e in it:
+                if e.name.lower().endswith(IMAGE_EXTS) and e.is_file(follow_symlinks=False):
+                    found.append((e.stat().st_mtime, e.name))
+    except FileNotFoundError:
+        return []
+    found.sort(key=lambda t: (-t[0], t[1]))
+    return [name for _, name in found]
 
 
 def _apply_mask(folders, original_ref: str, tmp: Path) -> None:

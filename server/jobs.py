@@ -109,7 +109,14 @@ def split_sensitive(extra: dict) -> tuple[dict, dict]:
 def check_strings(data: dict, limit: int) -> None:
     """Refuse a submission with a string longer than ``limit`` bytes (UTF-8), naming the node and input."""
     prompt = data.get("prompt")
-    if isinstance(prompt, dict):
+    if isinstance(prompt, dict) and isinstance(prompt.get("nodes"), list):  # an editor (UI-format) workflow
+        for node in prompt["nodes"]:
+            if _too_long(node, limit):
+                n = node if isinstance(node, dict) else {}
+                _refuse(str(n.get("id")), n.get("type"), "widgets_values", limit)
+        if _too_long({k: v for k, v in prompt.items() if k != "nodes"}, limit):
+            _refuse(None, None, "prompt", limit)
+    elif isinstance(prompt, dict):
         for nid, node in prompt.items():
             if not isinstance(node, dict):
                 continue

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from aiohttp import web
 
 from kiln.engine import Folders
@@ -12,3 +14,4 @@ from .service import PromptService
 CONFIG = web.AppKey("kiln_config", ServerConfig)
 SERVICE = web.AppKey("kiln_service", PromptService)
 FOLDERS = web.AppKey("kiln_folders", Folders)
+SETTINGS_LOCK = web.AppKey("kiln_settings_lock", asyncio.Lock)  # one settings update at a time

@@ -251,11 +251,16 @@ class PromptService:
     def _prepare(self, data: Any) -> tuple[Graph, Any, str, str, int | float | None]:
         """Check and parse a submission: (graph, submission, prompt_id, digest, number). Pure CPU work on
         data nobody else holds, so a large one runs in a worker thread. Raises ApiError."""
+        if isinstance(data, dict) and "prompt" not in data and isinstance(data.get("workflow"), dict):
+            # an editor (UI-format) workflow sent as {"workflow": {...}}: the same as sending it as the prompt
+            data = {"prompt": data["workflow"], **{k: v for k, v in data.items() if k != "workflow"}}
         if not isinstance(data, dict) or "prompt" not in data:
             raise ApiError(400, "no_prompt", "No prompt provided", "No prompt provided")
         check_strings(data, self.config.max_string_bytes)
         try:
-            graph, sub = parse_submission(data)
+            # a UI-format workflow is converted to an API graph with this server's node declarations; what
+            # is stored (and re-read by crash recovery, without a registry) is always the API graph
+            graph, sub = parse_submission(data, self.registry)
         except GraphFormatError as exc:
             raise ApiError(400, "", "", body={"error": protocol.format_error_data(exc), "node_errors": {}}) from exc
         prompt_id = sub.prompt_id if sub.prompt_id is not None else str(uuid.uuid4())

@@ -85,6 +85,15 @@ CREATE TABLE IF NOT EXISTS frames (
 """
 
 FINISHED = ("success", "error", "interrupted")
+# the Jobs API's names for the stored statuses (ComfyUI's comfy_execution/jobs.py, plus "cancelled")
+JOB_STATUS = {
+    "pending": "pending",
+    "running": "in_progress",
+    "success": "completed",
+    "error": "failed",
+    "interrupted": "cancelled",
+}
+JOB_SORTS = {"created_at": "created", "execution_duration": "COALESCE(finished - started, 0)"}
 
 _BAD_NUMBER = (
     "WHEN typeof(number) NOT IN ('real','integer') OR NOT (abs(number) <= ?) THEN 'queue number out of range' "
@@ -480,6 +489,43 @@ class Store:
         ).fetchall()
         return self._rows(rows)
 
+    def jobs(
+        self,
+        statuses: Iterable[str],
+        workflow_id: str | None = None,
+        sort_by: str = "created_at",
+        descending: bool = True,
+        limit: int | None = None,
+        offset: int = 0,
+    ) -> tuple[list[JobRow], int]:
+        """One page of prompts with the given stored statuses, and how many there are in all.
+
+        ``sort_by`` is a key of ``JOB_SORTS``; ties keep the queue order. Read from the store, so the list
+        is the same after a restart."""
+        statuses = list(statuses)
+        if not statuses:
+            return [], 0
+        where = f"status IN ({', '.join('?' * len(statuses))})"
+        args: list[Any] = list(statuses)
+        if workflow_id is not None:
+            where += " AND json_extract(extra_data, '$.extra_pnginfo.workflow.id') = ?"
+            args.append(workflow_id)
+        total = self.db.execute(f"SELECT COUNT(*) FROM prompts WHERE {where}", args).fetchone()[0]
+        order = "DESC" if descending else "ASC"
+        rows = self.db.execute(
+            "SELECT prompt_id, number, status, created, started, finished, "
+            "json_extract(extra_data, '$.create_time'), json_extract(extra_data, '$.extra_pnginfo.workflow.id'), "
+            "json_extract(history, '$.outputs'), json_extract(history, '$.status.messages') "
+            f"FROM prompts WHERE {where} ORDER BY {JOB_SORTS[sort_by]} {order}, number {order}, prompt_id "
+            "LIMIT ? OFFSET ?",
+            [*args, -1 if limit is None else limit, offset],
+        ).fetchall()
+        out = [
+            JobRow(r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7], _json_or_none(r[8]), _json_or_none(r[9]))
+            for r in rows
+        ]
+        return out, total
+
     def frames(self, prompt_id: str, since: int = 0) -> dict[int, tuple[str, str, bytes]]:
         self.flush()
         rows = self.db.execute(
@@ -502,6 +548,29 @@ class Store:
         return self.db.execute(
             "SELECT seq, type, data FROM events WHERE prompt_id=? AND seq>? ORDER BY seq", (prompt_id, since)
         ).fetchall()
+
+
+@dataclass
+class JobRow:
+    """What the Jobs API lists about one prompt, read without decoding its graph."""
+
+    prompt_id: str
+    number: float
+    status: str  # the stored status (pending, running, success, error, interrupted)
+    created: float
+    started: float | None
+    finished: float | None
+    create_time: Any  # extra_data.create_time (ms), as the client's graph editor reads it
+    workflow_id: Any  # extra_data.extra_pnginfo.workflow.id
+    outputs: dict | None
+    messages: list | None
+
+
+def _json_or_none(text: Any) -> Any:
+    try:
+        return json.loads(text) if isinstance(text, str) else None
+    except ValueError:
+        return None
 
 
 @contextmanager
