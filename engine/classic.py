@@ -45,7 +45,7 @@ def _input_from_entry(cls: Any, section: str, name: str, entry: Any) -> InputSpe
         spec.choices = list(opts.get("options", []))
         spec.v1_combo = False
     elif isinstance(typ, str):
-        spec.type = typ
+        spec.type = str(typ)  # an "any type" str subclass (custom __ne__) becomes the plain name
     else:
         raise NodeDefinitionError(
             f"{cls.__name__}: input {name!r} has type {typ!r}; expected a string or a list of choices"
@@ -92,21 +92,29 @@ def spec_from_classic(
             if inputs[n].type == COMBO:
                 seen = inputs[n].choices
                 inputs[n].choices = _fresh_choices(cls, section, n, [] if callable(seen) else list(seen or []))
-    for n, kind in (raw.get("hidden") or {}).items():
-        k = kind[0] if isinstance(kind, (list, tuple)) else kind
-        if k not in HIDDEN_KINDS:
-            raise NodeDefinitionError(f"{name}: hidden input {n!r} has unknown kind {k!r}")
-        hidden[n] = k
+    graph_hidden: dict[str, Any] = {}
+    hidden_raw = raw.get("hidden") or {}
+    if not isinstance(hidden_raw, dict):
+        raise NodeDefinitionError(f"{name}: INPUT_TYPES()['hidden'] must be a dict, got {type(hidden_raw).__name__}")
+    for n, kind in hidden_raw.items():
+        k = kind[0] if isinstance(kind, (list, tuple)) and kind else kind
+        if isinstance(k, str) and str(k) in HIDDEN_KINDS:
+            hidden[n] = str(k)
+        else:
+            # ComfyUI fills only the kinds it knows; any other hidden input (INT, STRING, PROMPT_ID, "*",
+            # an "any type" str subclass, a list or dict) takes what the graph gives it, link or nothing
+            graph_hidden[n] = kind
     rtypes = list(cls.RETURN_TYPES or ())
-    rnames = list(getattr(cls, "RETURN_NAMES", None) or rtypes)
+    # ComfyUI never checks RETURN_NAMES against RETURN_TYPES: the outputs are RETURN_TYPES; a missing name
+    # falls back to the type, an extra name is unused
+    rnames = list(getattr(cls, "RETURN_NAMES", None) or ())
+    rnames = [rnames[i] if i < len(rnames) else t for i, t in enumerate(rtypes)]
     is_list = list(getattr(cls, "OUTPUT_IS_LIST", None) or [False] * len(rtypes))
-    if len(rnames) != len(rtypes):
-        raise NodeDefinitionError(f"{name}: RETURN_NAMES has {len(rnames)} names for {len(rtypes)} RETURN_TYPES")
     tips = getattr(cls, "OUTPUT_TOOLTIPS", None)
     outputs = [
         OutputSpec(
-            name=str(n),
-            type=t if isinstance(t, str) else COMBO,
+            name=str(n if isinstance(n, str) else t if isinstance(t, str) else COMBO),
+            type=str(t) if isinstance(t, str) else COMBO,
             is_list=bool(il),
             tooltip=(tips[i] if tips and i < len(tips) else None),
         )
@@ -153,8 +161,15 @@ def spec_from_classic(
         raw_input_types=raw,
         input_types_fn=cls.INPUT_TYPES,
         output_tooltips=list(tips) if tips else None,
-        # object_info's "output" is RETURN_TYPES as declared: a combo output stays its list of choices
-        extra={"raw_return_types": [t if isinstance(t, str) else list(t) for t in rtypes]}
-        if any(not isinstance(t, str) for t in rtypes)
-        else {},
+        extra=_extra(rtypes, graph_hidden),
     )
+
+
+def _extra(rtypes: list, graph_hidden: dict[str, Any]) -> dict:
+    extra: dict[str, Any] = {}
+    if any(not isinstance(t, str) for t in rtypes):
+        # object_info's "output" is RETURN_TYPES as declared: a combo output stays its list of choices
+        extra["raw_return_types"] = [t if isinstance(t, str) else list(t) for t in rtypes]
+    if graph_hidden:
+        extra["graph_hidden"] = graph_hidden  # hidden inputs the graph fills (see spec_from_classic)
+    return extra

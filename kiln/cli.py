@@ -226,6 +226,8 @@ def cmd_nodes(args: argparse.Namespace) -> int:
     from .runtime import default_registry
 
     reg = default_registry()
+    if getattr(args, "packs", False):
+        return _print_packs(reg, args.json)
     if args.name:
         spec = reg.get(args.name)
         if spec is None:
@@ -264,6 +266,28 @@ def cmd_nodes(args: argparse.Namespace) -> int:
             print(f"  {spec.name:32} {spec.display_name if spec.display_name != spec.name else ''}")
     for err in reg.load_errors:
         print(f"skipped pack {err.source}: {err.error}", file=sys.stderr)
+    return EXIT_OK
+
+
+def _print_packs(reg, as_json: bool) -> int:
+    """``kiln nodes --packs``: one line per custom_nodes/ pack, then what went wrong, with tracebacks."""
+    if as_json:
+        print(json.dumps([r.to_json() for r in reg.pack_reports], indent=2, default=str))
+        return EXIT_OK
+    if not reg.pack_reports:
+        print("no custom node packs (folder: ./custom_nodes or KILN_CUSTOM_NODES)")
+    for r in reg.pack_reports:
+        state = "ok" if r.ok else "FAILED"
+        print(f"{r.pack:32} {state:6} {len(r.classes):3} classes  {r.import_seconds * 1000:7.1f} ms  {r.path}")
+        if r.error:
+            print(f"  error: {r.error}")
+            print(textwrap.indent(r.traceback.rstrip(), "    "))
+        for e in r.class_errors:
+            print(f"  skipped {e.source}: {e.error}")
+        for w in r.warnings:
+            print(f"  warning: {w}")
+        if r.web_directory:
+            print(f"  web: /extensions/{r.pack}/ -> {r.web_directory}")
     return EXIT_OK
 
 
@@ -337,6 +361,9 @@ def build_parser() -> argparse.ArgumentParser:
     n = sub.add_parser("nodes", help="list node types, or show one node's inputs and outputs")
     n.add_argument("name", nargs="?")
     n.add_argument("--json", action="store_true", help="object_info JSON")
+    n.add_argument(
+        "--packs", action="store_true", help="custom_nodes/ packs: classes loaded, import time, errors with tracebacks"
+    )
     n.set_defaults(fn=cmd_nodes)
 
     s = sub.add_parser("stubs", help="regenerate kiln/builders.py (typed node builders) from the registry")

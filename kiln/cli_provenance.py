@@ -120,7 +120,7 @@ def cmd_provenance(args: argparse.Namespace) -> int:
     from kiln.nodes.providers import c2pa_sign
 
     if not c2pa_sign.available():
-        print("kiln: reading C2PA manifests needs the c2pa package: pip install 'kiln[c2pa]'", file=sys.stderr)
+        print("kiln: reading C2PA manifests needs the c2pa package: pip install -e '.[c2pa]'", file=sys.stderr)
         return EXIT_INVALID
     anchors = Path(args.trust).expanduser().read_bytes() if args.trust else c2pa_sign.trust_anchors()
     worst = EXIT_OK

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 from kiln.engine import Executor, Folders, Registry
 
@@ -17,8 +18,27 @@ def default_registry(custom_nodes: str | Path | None = None, entry_points: bool 
     if entry_points:
         reg.load_entry_points()
     folder = custom_nodes if custom_nodes is not None else os.environ.get("KILN_CUSTOM_NODES", "custom_nodes")
-    reg.load_custom_nodes(folder)
+    reg.load_custom_nodes(folder, before_load=lambda _folder: _install_compat(reg), read_other=_read_v3)
+    if reg.pack_reports:
+        from kiln import compat
+
+        compat.annotate_reports(reg)
     return reg
+
+
+def _read_v3(module: Any) -> tuple[dict, dict] | None:
+    """A ComfyUI V3 pack (``comfy_entrypoint``): its node classes, which answer the classic contract."""
+    from kiln.compat.comfy_api.latest import mappings_from_entrypoint
+
+    return mappings_from_entrypoint(module)
+
+
+def _install_compat(reg: Registry) -> None:
+    """ComfyUI's module names (``folder_paths``, ``comfy.utils``, ``server``, ...) for the packs about to
+    load: see kiln/compat and docs/ARCHITECTURE.md. Only when a custom_nodes folder has packs."""
+    from kiln import compat
+
+    compat.install(reg)
 
 
 def default_folders(base_dir: str | Path | None = None, output_dir: str | Path | None = None) -> Folders:

@@ -156,7 +156,7 @@ def serve(
         if config.front_end_root is not None:
             print_fn(f"Graph editor at / (files from {config.front_end_root})", flush=True)
         else:
-            print_fn("No graph editor installed: pip install 'kiln[ui]' to edit graphs in the browser", flush=True)
+            print_fn("No graph editor installed: pip install -e '.[ui]' to edit graphs in the browser", flush=True)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):

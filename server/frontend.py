@@ -1,7 +1,7 @@
 """The graph editor at ``/``: a built ComfyUI frontend, the custom packs' web files, and the landing page.
 
 Kiln does not ship the editor. ComfyUI's frontend (GPL-3.0) is an optional install, ``pip install
-'kiln[ui]'`` (the ``comfyui-frontend-package`` distribution); ``kiln serve`` finds its ``static/`` folder
+'.[ui]'`` from the checkout (the ``comfyui-frontend-package`` distribution); ``kiln serve`` finds its ``static/`` folder
 through the installed package and serves those files as they are, or serves the build given with
 ``--front-end-root DIR``. Without one, ``/`` is a short HTML page saying what Kiln is and how to install
 the editor.
@@ -57,7 +57,7 @@ progress on the websocket <code>/ws</code>.</p>
 """
 NO_EDITOR = (
     "The graph editor is not installed. To edit graphs in the browser, install ComfyUI's frontend "
-    "(GPL-3.0, installed separately, not part of Kiln) with <code>pip install 'kiln[ui]'</code> and "
+    "(GPL-3.0, installed separately, not part of Kiln) with <code>pip install -e '.[ui]'</code> and "
     "restart <code>kiln serve</code>, or pass <code>--front-end-root DIR</code> with a frontend build."
 )
 

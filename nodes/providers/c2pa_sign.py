@@ -78,7 +78,7 @@ def kiln_version() -> str:
 
 
 def available() -> bool:
-    """True when the ``c2pa`` package (``pip install 'kiln[c2pa]'``) imports."""
+    """True when the ``c2pa`` package (``pip install -e '.[c2pa]'``) imports."""
     try:
         import c2pa  # noqa: F401
     except Exception:  # ImportError, or its native library failing to load
@@ -153,7 +153,7 @@ def status() -> str | None:
             f"KILN_C2PA_CERTS, or c2pa.key and c2pa.certs in {config.config_path()})"
         )
     if not available():
-        return "the c2pa package is not installed, so outputs carry no C2PA manifest (pip install 'kiln[c2pa]')"
+        return "the c2pa package is not installed, so outputs carry no C2PA manifest (pip install -e '.[c2pa]')"
     return None
 
 

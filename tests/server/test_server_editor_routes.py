@@ -51,7 +51,7 @@ def files_under(root: Path) -> set[str]:
 def test_landing_page_without_an_editor(server):
     r = server.get("/")
     assert r.status_code == 200 and r.headers["Content-Type"].startswith("text/html")
-    assert "Kiln" in r.text and "pip install 'kiln[ui]'" in r.text and "--front-end-root" in r.text
+    assert "Kiln" in r.text and "pip install -e '.[ui]'" in r.text and "--front-end-root" in r.text
     # with no build, other paths are still the API's: an unknown one is a JSON 404
     assert server.get("/assets/app.js").status_code == 404
 

@@ -1,0 +1,1 @@
+"""``comfy_execution``: the graph-expansion helpers, which are Kiln's engine classes themselves."""

@@ -1,0 +1,1 @@
+// served by Kiln's server under /extensions/alpha_nested/

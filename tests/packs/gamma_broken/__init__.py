@@ -1,0 +1,1 @@
+from .impl import NODE_CLASS_MAPPINGS  # noqa: F401

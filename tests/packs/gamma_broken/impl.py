@@ -1,0 +1,1 @@
+raise RuntimeError("gamma cannot start: its config is missing")
