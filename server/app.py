@@ -17,7 +17,7 @@ from aiohttp import web
 
 from kiln.engine import get_folders
 
-from . import catalogue, files, frontend, http_api, job_routes, userdata, ws
+from . import catalogue, files, frontend, http_api, job_routes, packs, userdata, ws
 from .config import ServerConfig
 from .hub import Hub
 from .keys import CONFIG, FOLDERS, SERVICE, SETTINGS_LOCK
@@ -78,6 +78,7 @@ ROUTES = [
     ("GET", "/jobs/{job_id}", job_routes.get_job),
     ("POST", "/jobs/{job_id}/cancel", job_routes.cancel_job),
     ("GET", "/internal/files/{directory_type}", files.internal_files),
+    ("GET", "/packs", packs.pack_reports),
 ]
 
 
@@ -99,6 +100,7 @@ def create_app(
     for method, path, handler in ROUTES:
         for prefix in ("", "/api"):
             app.router.add_route(method, prefix + path, handler)
+    packs.mount_routes(app)  # routes custom node packs declared on PromptServer.instance.routes
     app.router.add_get("/", frontend.index)
     app.router.add_get("/extensions/{pack}/{tail:.+}", frontend.extension_file)
     if config.front_end_root is not None:  # last: any other GET is a file of the editor's build
@@ -111,7 +113,9 @@ def create_app(
 async def _service_ctx(app: web.Application):
     svc = app[SERVICE]
     await svc.start()
+    packs.attach_sender(app)
     yield
+    packs.detach_sender()
     await svc.stop()
     svc.store.close()
 
