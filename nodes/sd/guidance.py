@@ -213,6 +213,7 @@ class Denoiser:
         self.model_sampling = effective_sampling(model)
         self.model_patches = tuple(model.model_patches)
         self.state = state
+        state.sampling = self.model_sampling  # patches that read the schedule see the patched one
         self.last_uncond_denoised: torch.Tensor | None = None
         self.device, self.dtype = model.device, model.dtype
         f = model.preview_vae.downscale if model.preview_vae is not None else 8

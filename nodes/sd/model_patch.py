@@ -4,7 +4,8 @@ A ``ModelHandle`` carries an immutable tuple of :class:`ModelPatch` objects (``h
 patch nodes (FreeU, RescaleCFG, SAG, PAG, HyperTile, ModelSamplingDiscrete, DifferentialDiffusion, ...)
 return ``handle.with_model_patch(patch)``, a new handle, and never touch the shared module outside a run.
 
-The guider (``guidance.Guider``) consults every patch, in order, at fixed points of each denoising call:
+The guider (``guidance.Denoiser``, from ``GuiderValue.denoiser``) consults every patch, in order, at fixed
+points of each denoising call:
 
 1. ``sampling(ms)``: once, when the guider is built: replaces the model's sigma table / parametrisation
    (ModelSamplingDiscrete: v-prediction, zero-terminal-SNR, LCM...).
