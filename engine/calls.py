@@ -11,6 +11,7 @@ import inspect
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from .expansion import GraphBuilder
 from .node import ExecutionBlocker, NodeResult, NodeSpec
 
 
@@ -75,9 +76,12 @@ def map_calls(spec: NodeSpec, inputs: dict[str, list], for_lazy: bool = False) -
     return calls
 
 
-async def async_call(fn: Callable, kw: Any) -> Any:
+async def async_call(fn: Callable, kw: Any, prefix: tuple[str, int] | None = None) -> Any:
+    """Run one call of a node; ``prefix`` is (node id, call index) for the ids of what it expands into."""
     if isinstance(kw, BlockedCall):
         return kw
+    if prefix is not None:  # each call runs in its own task, so this setting is the call's own
+        GraphBuilder.set_default_prefix(prefix[0], prefix[1], 0)
     r = fn(**kw)
     if inspect.isawaitable(r):
         r = await r

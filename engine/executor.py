@@ -43,6 +43,7 @@ from .events import (
     NodeOutput,
     NodeStarted,
 )
+from .expansion import DynamicPrompt, GraphBuilder, is_link
 from .fingerprint import Unfingerprintable, encode
 from .folders import Folders, get_folders
 from .graph import Graph, Link, NodeEntry, parse_input
@@ -147,6 +148,15 @@ class _Run:
         self.result = RunResult(run_ctx.prompt_id, "success")
         self.timings: dict[str, float] = {}
         self._prompt_json: dict | None = None
+        self.dynprompt = DynamicPrompt(self.nodes)
+        # a node that reads the live graph (DYNPROMPT: a while-loop's close node) may expand into copies that
+        # link back to any node that ran before; as in ComfyUI, such a run keeps every result to its end
+        self.keep_results = any(
+            isinstance(n.class_type, str)
+            and n.class_type in self.registry
+            and "DYNPROMPT" in self.registry[n.class_type].hidden.values()
+            for n in self.nodes.values()
+        )
         self.current_node: str | None = None
         self.output_set = set(outputs)
 
@@ -181,7 +191,7 @@ class _Run:
                     if up is None:
                         return None  # upstream is uncacheable, so is this
                     buf += b"L" + name.encode("utf-8", "surrogatepass") + b"\0" + up + struct.pack(">I", v.slot)
-                elif name in spec.inputs:
+                elif name in spec.inputs or name in _graph_hidden(spec):
                     encode(name, buf)
                     encode(v, buf)
         except Unfingerprintable:
@@ -210,8 +220,15 @@ class _Run:
         stack = [r for r in roots]
         while stack:
             nid = stack.pop()
-            if nid in self.planned or nid in self.results:
+            if nid in self.results:
                 continue
+            if nid in self.planned:
+                if nid not in self.done:
+                    continue
+                # finished and its result released, but an expansion links to it again: run it again
+                # (or serve it from the cache)
+                self.planned.discard(nid)
+                self.done.discard(nid)
             key = self.keys.get(nid)
             entry = self.cache.get(key) if key is not None else None
             if entry is not None:
@@ -331,19 +348,20 @@ class _Run:
                     )
             if spec.is_async:
                 coros = []
-                for kw in calls:
+                for i, kw in enumerate(calls):
                     self.ctx.check_interrupted()
-                    coros.append(async_call(fn, kw))
+                    coros.append(async_call(fn, kw, (nid, i)))
                 fut = self.ex._async().submit(coros, nctx)
                 self.inflight[fut] = nid
                 self.timings[nid] = started
                 return
             rets = []
-            for kw in calls:
+            for i, kw in enumerate(calls):
                 self.ctx.check_interrupted()
                 if isinstance(kw, BlockedCall):
                     rets.append(kw)
                 else:
+                    GraphBuilder.set_default_prefix(nid, i, 0)  # expanded ids: "<node>.<call>.<builder>.<n>"
                     rets.append(fn(**kw))
         finally:
             _ctx._current.reset(token)
@@ -369,7 +387,8 @@ class _Run:
                     inputs[name] = [None]
                 else:
                     inputs[name] = r[0][v.slot]
-            elif name in spec.inputs:
+            elif name in spec.inputs or name in _graph_hidden(spec):
+                # a hidden input of a kind the engine does not fill takes what the graph gives it
                 inputs[name] = [v]
         for name, kind in spec.hidden.items():
             inputs[name] = [self._hidden(kind, nid)]
@@ -385,7 +404,7 @@ class _Run:
         if kind == "UNIQUE_ID":
             return nid
         if kind == "DYNPROMPT":
-            return self
+            return self.dynprompt
         if kind == "AUTH_TOKEN_COMFY_ORG":
             return self.ctx.extra_data.get("auth_token_comfy_org")
         if kind == "API_KEY_COMFY_ORG":
@@ -439,14 +458,11 @@ class _Run:
                             ui[k] = v
             if expand is not None:
                 expand_subgraphs.append(expand)
-                expand_results.append(values)
-                continue
-            for k in range(n_out):
-                v = values[k] if k < len(values) else None
-                if spec.outputs[k].is_list and isinstance(v, (list, tuple)):
-                    slots[k].extend(v)
-                else:
-                    slots[k].append(v)
+            # every call counts, in call order: an expanding call's values are resolved once its
+            # subgraph has run, a plain call's values stand as they are
+            expand_results.append((expand is not None, values))
+            if expand is None:
+                _merge(spec, slots, values)
         if expand_subgraphs:
             self._expand(nid, spec, expand_subgraphs, expand_results, ui)
             return
@@ -494,6 +510,8 @@ class _Run:
         # decrementing for it would free a result another consumer is still waiting for
         for src in self.holds.pop(nid, ()):
             self.consumers_left[src] -= 1
+            if self.keep_results:
+                continue
             if self.consumers_left[src] <= 0 and src not in self.targets and src not in self.output_set:
                 self.results.pop(src, None)  # intermediates nobody needs are released
 
@@ -506,7 +524,6 @@ class _Run:
 
     # -- expansion --------------------------------------------------------------------------------
     def _expand(self, nid: str, spec: NodeSpec, subgraphs: list, results: list, ui: dict | None) -> None:
-        node = self.nodes[nid]
         new_ids: list[str] = []
         for sub in subgraphs:
             if isinstance(sub, Graph):
@@ -522,19 +539,24 @@ class _Run:
                     raise GraphFormatError(f"Node {nid} expanded into unknown node type {entry.class_type!r}")
                 entry.parent = nid
                 override = sub[sid].get("override_display_id") if isinstance(sub.get(sid), dict) else None
-                entry.display_id = override or node.display_id or nid
+                shown = str(override) if override is not None else nid
+                # as ComfyUI resolves display ids: through the node shown, to what that node shows as
+                shown_entry = self.nodes.get(shown)
+                entry.display_id = (shown_entry.display_id or shown) if shown_entry is not None else shown
                 self.nodes[sid] = entry
                 new_ids.append(sid)
         # keys for the new nodes, sources first
         sub_graph = Graph({k: self.nodes[k] for k in new_ids})
         self.compute_keys(upstream_order(sub_graph, new_ids))
         resolved = []
-        for values in results:
-            resolved.append(tuple(parse_input(v)[0] if isinstance(v, list) else v for v in values))
+        for expanded, values in results:
+            if expanded:
+                values = tuple(parse_input(v)[0] if is_link(v) else v for v in values)
+            resolved.append((expanded, values))
         self.expansions[nid] = [resolved, ui]
         new_outputs = [s for s in new_ids if self.spec(s).output_node]
         self.waiting[nid] = 0
-        srcs = [v.node_id for vals in resolved for v in vals if isinstance(v, Link)] + new_outputs
+        srcs = [v.node_id for exp, vals in resolved if exp for v in vals if isinstance(v, Link)] + new_outputs
         for src in srcs:
             self.add_dependency(nid, src)
         if self.waiting[nid] == 0:
@@ -543,12 +565,17 @@ class _Run:
     def _resolve_expansion(self, nid: str, spec: NodeSpec) -> None:
         resolved, ui = self.expansions.pop(nid)
         slots: list[list] = [[] for _ in spec.outputs]
-        for values in resolved:
+        for expanded, values in resolved:
+            if not expanded:
+                _merge(spec, slots, values)
+                continue
             for k in range(len(spec.outputs)):
                 v = values[k] if k < len(values) else None
                 if isinstance(v, Link):
                     r = self.results.get(v.node_id)
                     slots[k].extend(r[0][v.slot] if r and v.slot < len(r[0]) else [None])
+                elif spec.outputs[k].is_list and isinstance(v, (list, tuple)):
+                    slots[k].extend(v)
                 else:
                     slots[k].append(v)
         self._store(nid, spec, slots, ui)
@@ -759,6 +786,21 @@ class Executor:
             inputs=inputs_seen,
             outputs=sorted(run.results),
         )
+
+
+def _merge(spec: NodeSpec, slots: list[list], values: tuple) -> None:
+    """Add one call's values to a node's output slots (list outputs concatenate)."""
+    for k, slot in enumerate(slots):
+        v = values[k] if k < len(values) else None
+        if spec.outputs[k].is_list and isinstance(v, (list, tuple)):
+            slot.extend(v)
+        else:
+            slot.append(v)
+
+
+def _graph_hidden(spec: NodeSpec) -> Any:
+    """Hidden inputs of kinds the engine does not fill: the graph's value (literal or link) goes to them."""
+    return spec.extra.get("graph_hidden") or ()
 
 
 def _has(cache: Cache, key: bytes) -> bool:

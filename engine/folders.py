@@ -32,8 +32,11 @@ MODEL_KINDS = (
     "vae_approx",
     "photomaker",
     "text_encoders",
+    "diffusers",
 )
-ALIASES = {"unet": "diffusion_models", "t2i_adapter": "controlnet"}
+ALIASES = {"unet": "diffusion_models", "t2i_adapter": "controlnet", "clip": "text_encoders"}
+# ComfyUI's older folder names, still searched after the current one (models/unet, models/clip).
+LEGACY_DIRS = {"diffusion_models": ("unet",), "text_encoders": ("clip",)}
 
 
 class UnsafePath(KilnError, ValueError):
@@ -57,6 +60,8 @@ class Folders:
         self.temp_dir = Path(temp_dir or self.base_dir / "temp").resolve()
         models = Path(models_dir or self.base_dir / "models").resolve()
         self.models: dict[str, list[Path]] = {k: [models / k] for k in MODEL_KINDS}
+        for kind, legacy in LEGACY_DIRS.items():
+            self.models[kind] += [models / name for name in legacy]
         default_yaml = self.base_dir / "extra_model_paths.yaml"
         for y in [default_yaml, *extra_model_paths]:
             if Path(y).is_file():
