@@ -6,8 +6,9 @@ Kiln's CheckpointLoaderSimple; the diffusers pipeline is built from the same mod
 20 Euler steps, CFG 7, the same seed and the same sigmas, one after the other, several times.
 
 Prints: seconds per image for each side and the ratio, the same with Kiln previews on, the largest
-pixel difference between the two images, checkpoint load time, models loaded by a second prompt,
-and peak RSS.
+pixel difference between the two images, checkpoint load time (with Kiln metadata and without: the
+architecture read from tensor shapes), the load alone in a fresh process (wall, CPU, peak RSS growth),
+models loaded by a second prompt, and peak RSS.
 
     python benchmarks/sampling.py [--reps 3] [--threads 1]
 """
@@ -26,11 +27,13 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from safetensors.torch import save_file  # noqa: E402
+
 from kiln import (
     engine,  # noqa: E402
     nodes,  # noqa: E402
 )
-from kiln.nodes.sd.checkpoint import export_ldm_checkpoint  # noqa: E402
+from kiln.nodes.sd.checkpoint import export_ldm_checkpoint, ldm_state_dict  # noqa: E402
 from kiln.nodes.sd.manager import ModelManager  # noqa: E402
 from kiln.nodes.sd.samplers import ModelSampling, calculate_sigmas  # noqa: E402
 from kiln.nodes.sd.tokenizer import make_tokenizer  # noqa: E402
@@ -110,6 +113,35 @@ def graph(ckpt: str) -> dict:
     }
 
 
+_FRESH_LOAD = """
+import sys, time, torch
+torch.set_num_threads(1)
+from diffusers import AutoencoderKL, UNet2DConditionModel  # imports are not the loader's time
+from transformers import CLIPTextModel
+from kiln.nodes.sd.checkpoint import load_checkpoint
+def hwm():  # this process's peak RSS in MiB (ru_maxrss would carry the parent's peak across exec)
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+base = hwm()
+t, c = time.perf_counter(), time.process_time()
+load_checkpoint(sys.argv[1], torch.float32, torch.device("cpu"))
+wall, cpu = time.perf_counter() - t, time.process_time() - c
+print(wall, cpu, hwm() - base)
+"""
+
+
+def fresh_load(path: Path, runs: int = 3) -> tuple[float, float, float]:
+    """(best wall s, best CPU s, peak RSS growth MiB) of loading ``path`` in a new process, each time."""
+    import subprocess
+
+    res = []
+    for _ in range(runs):
+        out = subprocess.run([sys.executable, "-c", _FRESH_LOAD, str(path)], capture_output=True, text=True, check=True)
+        res.append(tuple(float(x) for x in out.stdout.split()[-3:]))
+    return min(r[0] for r in res), min(r[1] for r in res), max(r[2] for r in res)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--reps", type=int, default=3)
@@ -151,6 +183,13 @@ def main() -> None:
 
     load_checkpoint(ckpt, torch.float32, torch.device("cpu"))
     load_s = time.perf_counter() - t
+    # the same weights with no Kiln metadata (as SD1.5 files ship): the architecture is read from the shapes
+    plain = base / "models" / "checkpoints" / "bench_plain.safetensors"
+    save_file(ldm_state_dict(unet, vae, te), str(plain))
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    t = time.perf_counter()
+    load_checkpoint(plain, torch.float32, torch.device("cpu"))
+    load_plain_s = time.perf_counter() - t
 
     pipe = StableDiffusionPipeline(
         vae=vae,
@@ -225,6 +264,13 @@ def main() -> None:
         f"checkpoint load            : {load_s:.2f} s   (first prompt incl. load: {first_s:.2f} s, "
         f"{loads_first} file load(s))"
     )
+    print(
+        f"checkpoint load, no metadata: {load_plain_s:.2f} s   (config read from tensor shapes; "
+        f"peak RSS before it {rss_before:.0f} MiB)"
+    )
+    for label, path in (("kiln metadata", ckpt), ("no metadata", plain)):
+        w, c, m = fresh_load(path)
+        print(f"load in a fresh process, {label:13}: {w:.2f} s wall, {c:.2f} s CPU, peak RSS +{m:.0f} MiB")
     print(f"models loaded by later prompts: {manager.loads - loads_before}")
     print(f"peak RSS                   : {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
 

@@ -17,7 +17,7 @@ LDM layout, as SD1.x/SDXL single files ship:
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 import torch
 
@@ -200,7 +200,7 @@ def controlnet_map(keys: Iterable[str], layout: UnetLayout, prefix: str = "contr
 # -- OpenCLIP (SDXL's second text encoder) -> transformers CLIPTextModelWithProjection -------------------
 
 
-def open_clip_to_transformers(sd: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+def open_clip_to_transformers(sd: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
     """Convert an OpenCLIP text tower (fused qkv, ``resblocks``) to transformers' CLIP names."""
     out: dict[str, torch.Tensor] = {}
     ren = {
@@ -210,9 +210,8 @@ def open_clip_to_transformers(sd: dict[str, torch.Tensor], prefix: str) -> dict[
         "mlp.c_proj": "mlp.fc2",
         "attn.out_proj": "self_attn.out_proj",
     }
-    for key, t in sd.items():
-        if not key.startswith(prefix):
-            continue
+    for key in [k for k in sd if k.startswith(prefix)]:  # only this tower's tensors are read
+        t = sd[key]
         k = key[len(prefix) :]
         if k == "token_embedding.weight":
             out["text_model.embeddings.token_embedding.weight"] = t
@@ -238,3 +237,44 @@ def open_clip_to_transformers(sd: dict[str, torch.Tensor], prefix: str) -> dict[
                     break
             out[base + rest] = t
     return out
+
+
+def transformers_to_open_clip(sd: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """The inverse of :func:`open_clip_to_transformers`: transformers CLIP text weights (with projection) in
+    OpenCLIP's layout under ``prefix``, as SDXL single files carry their second text encoder."""
+    plain = {k[len("text_model.") :] if k.startswith("text_model.") else k: v for k, v in sd.items()}
+    ren = {
+        "layer_norm1": "ln_1",
+        "layer_norm2": "ln_2",
+        "mlp.fc1": "mlp.c_fc",
+        "mlp.fc2": "mlp.c_proj",
+        "self_attn.out_proj": "attn.out_proj",
+    }
+    out: dict[str, torch.Tensor] = {}
+    for k, t in plain.items():
+        if k.endswith("position_ids"):
+            continue
+        if k == "embeddings.token_embedding.weight":
+            out["token_embedding.weight"] = t
+        elif k == "embeddings.position_embedding.weight":
+            out["positional_embedding"] = t
+        elif k.startswith("final_layer_norm."):
+            out["ln_final." + k[len("final_layer_norm.") :]] = t
+        elif k == "text_projection.weight":
+            out["text_projection"] = t.T.contiguous()
+        elif (m := re.match(r"encoder\.layers\.(\d+)\.(.+)", k)) is not None:
+            layer, rest = m[1], m[2]
+            base = f"transformer.resblocks.{layer}."
+            qkv = re.match(r"self_attn\.(q|k|v)_proj\.(weight|bias)", rest)
+            if qkv:
+                if qkv[1] == "q":
+                    kind = qkv[2]
+                    parts = [plain[f"encoder.layers.{layer}.self_attn.{p}_proj.{kind}"] for p in "qkv"]
+                    out[f"{base}attn.in_proj_{kind}"] = torch.cat(parts)
+                continue
+            for a, b in ren.items():
+                if rest.startswith(a + "."):
+                    rest = b + rest[len(a) :]
+                    break
+            out[base + rest] = t
+    return {prefix + k: v for k, v in out.items()}

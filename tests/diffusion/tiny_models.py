@@ -426,3 +426,112 @@ def write_shapes_like(path: Path, seed: int = 0) -> Path:
         model_family="kiln-shapes",
         dtype=torch.float16,
     )
+
+
+# -- models whose architecture is visible in their weights alone (config inference) ----------------------
+# GroupNorm widths divisible by 32, 8 UNet heads (SD1) or 64 channels per head (SDXL), 64 channels per text
+# head and the standard CLIP vocabulary: what a file without metadata is assumed to use.
+
+PLAIN_VAE_CONFIG = dict(
+    in_channels=3,
+    out_channels=3,
+    latent_channels=4,
+    block_out_channels=[32, 32],
+    layers_per_block=1,
+    norm_num_groups=32,
+    down_block_types=["DownEncoderBlock2D"] * 2,
+    up_block_types=["UpDecoderBlock2D"] * 2,
+)
+
+
+def plain_unet_config(levels: int, attention: tuple[bool, ...] | None = None, **kw) -> dict:
+    attention = attention or (True,) * levels
+    cfg = dict(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=[32 * (i + 1) for i in range(levels)],
+        layers_per_block=1,
+        cross_attention_dim=64,
+        attention_head_dim=8,
+        norm_num_groups=32,
+        down_block_types=["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attention],
+        up_block_types=["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attention)],
+        mid_block_type="UNetMidBlock2DCrossAttn",
+    )
+    cfg.update(kw)
+    return cfg
+
+
+def plain_text_config(projection: bool = False) -> dict:
+    return dict(
+        vocab_size=49408,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=1,
+        max_position_embeddings=77,
+        hidden_act="gelu" if projection else "quick_gelu",
+        projection_dim=32,
+        bos_token_id=0,
+        eos_token_id=2,
+        pad_token_id=1,
+    )
+
+
+def build_plain_sd1(unet_config: dict, seed: int = 0):
+    """(unet, vae, te, tokenizer) with the standard CLIP tokenizer."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(**unet_config).eval()
+    with torch.no_grad():
+        for p in unet.conv_out.parameters():
+            p.normal_(0, 0.05)
+    vae = AutoencoderKL(**PLAIN_VAE_CONFIG).eval()
+    te = CLIPTextModel(CLIPTextConfig(**plain_text_config())).eval()
+    return unet, vae, te, make_tokenizer()
+
+
+def build_plain_sdxl(seed: int = 0):
+    """(unet, vae, te1, te2, tokenizer): SDXL layout, 64 channels per head, standard vocabulary."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    cfg = plain_unet_config(
+        2,
+        (False, True),
+        cross_attention_dim=128,
+        attention_head_dim=1,
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        projection_class_embeddings_input_dim=32 + 6 * 8,
+    )
+    unet = UNet2DConditionModel(**cfg).eval()
+    vae = AutoencoderKL(**PLAIN_VAE_CONFIG).eval()
+    te1 = CLIPTextModel(CLIPTextConfig(**plain_text_config())).eval()
+    te2 = CLIPTextModelWithProjection(CLIPTextConfig(**plain_text_config(projection=True))).eval()
+    return unet, vae, te1, te2, make_tokenizer()
+
+
+def write_hypernetwork(path: Path, widths: tuple[int, ...], seed: int = 0, activation: str = "relu") -> Path:
+    """An A1111-format hypernetwork (.pt): per width two stacks Linear(w, 2w) -> act -> Linear(2w, w)."""
+    g = torch.Generator().manual_seed(seed)
+    obj: dict = {"activation_func": activation, "is_layer_norm": False, "use_dropout": False, "name": "tiny"}
+    for w in widths:
+        pair = []
+        for _ in range(2):
+            pair.append(
+                {
+                    "linear.0.weight": torch.randn(2 * w, w, generator=g) * 0.1,
+                    "linear.0.bias": torch.randn(2 * w, generator=g) * 0.1,
+                    "linear.2.weight": torch.randn(w, 2 * w, generator=g) * 0.1,
+                    "linear.2.bias": torch.randn(w, generator=g) * 0.1,
+                }
+            )
+        obj[w] = pair
+    torch.save(obj, str(path))
+    return path
