@@ -38,8 +38,22 @@ from kiln.nodes.sd.manager import file_identity, folders, get_manager
 from kiln.nodes.sd.model_patch import ModelPatch
 
 
-def _choices(kind: str, dirs: bool = False):
-    return lambda: folders().list_models(kind, include_dirs=dirs)
+class _FolderChoices:
+    """The files in a model folder kind, read afresh each time; ``where()`` names the folders searched, so
+    an empty list is reported with the place to put files (validation reads it)."""
+
+    def __init__(self, kind: str, dirs: bool = False):
+        self.kind, self.dirs = kind, dirs
+
+    def __call__(self) -> list[str]:
+        return folders().list_models(self.kind, include_dirs=self.dirs)
+
+    def where(self) -> str:
+        return ", ".join(str(d) for d in folders().model_dirs(self.kind)) or f"the {self.kind} folder"
+
+
+def _choices(kind: str, dirs: bool = False) -> _FolderChoices:
+    return _FolderChoices(kind, dirs)
 
 
 def _find(kind: str, name: str, input_name: str) -> Path:

@@ -75,3 +75,15 @@ def test_no_outputs_still_reports_the_other_mistakes(tmp_path):
     r = kiln_cli("validate", str(p), cwd=tmp_path)
     assert r.returncode == 2
     assert "no output node" in r.stderr and "width" in r.stderr
+
+
+def test_an_empty_model_folder_is_named_with_the_fix(tmp_path):
+    g = {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "x.safetensors"}},
+        "2": {"class_type": "PreviewAny", "inputs": {"source": ["1", 0]}},
+    }
+    p = tmp_path / "g.json"
+    p.write_text(json.dumps(g))
+    r = kiln_cli("validate", str(p), cwd=tmp_path)
+    assert r.returncode == 2
+    assert str(tmp_path / "models" / "checkpoints") in r.stderr and "--base-dir" in r.stderr
