@@ -1,6 +1,8 @@
 """KSampler and KSamplerAdvanced, and the sampling run every sampler node shares (:func:`run_sampling`).
 
-A run follows ComfyUI step for step, so a seed gives its picture: initial noise from the seed on the CPU
+A run follows ComfyUI step for step, so a seed gives its picture: KSampler's schedule (for dpm_2,
+dpm_2_ancestral, uni_pc and uni_pc_bh2 one step longer with its second-to-last sigma dropped, as ComfyUI
+computes it: :func:`kiln.nodes.sd.samplers.ksampler_sigmas`), initial noise from the seed on the CPU
 (:func:`kiln.nodes.sd.noise.make_noise`), scaled by the model's ``noise_scaling`` (``sqrt(1 + sigma^2)``
 from the top of the schedule, else ``sigma``), the sampler with the step noise it declares, and for
 inpainting the unmasked latent noised to each step's sigma. Progress is reported every step (also the
@@ -25,8 +27,8 @@ from kiln.nodes.sd.samplers import (
     SAMPLER_NAMES,
     SCHEDULER_NAMES,
     SamplerChoice,
-    calculate_sigmas,
     get_sampler,
+    ksampler_sigmas,
     run_sampler,
     sigmas_for,
 )
@@ -232,7 +234,7 @@ class KSampler(engine.Node):
         latent_image: Annotated[Any, Socket("LATENT")],
         denoise: Annotated[float, Float(min=0.0, max=1.0, step=0.01)] = 1.0,
     ):
-        sigmas = _schedule(model, lambda ms: sigmas_for(ms, scheduler, steps, denoise))
+        sigmas = _schedule(model, lambda ms: sigmas_for(ms, scheduler, steps, denoise, sampler_name))
         return sample(model, seed, cfg, sampler_name, sigmas, positive, negative, latent_image)
 
 
@@ -260,7 +262,7 @@ class KSamplerAdvanced(engine.Node):
         end_at_step: Annotated[int, Int(min=0, max=10000)] = 10000,
         return_with_leftover_noise: Annotated[str, Combo(["disable", "enable"])] = "disable",
     ):
-        sigmas = _schedule(model, lambda ms: calculate_sigmas(ms, scheduler, steps))
+        sigmas = _schedule(model, lambda ms: ksampler_sigmas(ms, scheduler, steps, sampler_name))
         if end_at_step < len(sigmas) - 1:
             sigmas = sigmas[: end_at_step + 1].clone()
             if return_with_leftover_noise == "disable":

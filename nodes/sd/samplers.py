@@ -273,13 +273,29 @@ def calculate_sigmas(ms: ModelSampling, scheduler: str, steps: int) -> torch.Ten
     return SCHEDULERS[scheduler](ms, steps).float()
 
 
-def sigmas_for(ms: ModelSampling, scheduler: str, steps: int, denoise: float = 1.0) -> torch.Tensor:
-    """KSampler's schedule: for denoise < 1, the tail of a longer schedule (img2img)."""
-    if denoise is None or denoise > 0.9999:
+# KSampler (and KSamplerAdvanced) gives these samplers a schedule one step longer and drops its
+# second-to-last sigma, as ComfyUI's KSampler does; schedules from the scheduler nodes are used as they are
+DISCARD_PENULTIMATE = frozenset({"dpm_2", "dpm_2_ancestral", "uni_pc", "uni_pc_bh2"})
+
+
+def ksampler_sigmas(ms: ModelSampling, scheduler: str, steps: int, sampler_name: str | None = None) -> torch.Tensor:
+    """The whole schedule KSampler runs for ``sampler_name`` (see :data:`DISCARD_PENULTIMATE`)."""
+    if sampler_name not in DISCARD_PENULTIMATE:
         return calculate_sigmas(ms, scheduler, steps)
+    s = calculate_sigmas(ms, scheduler, steps + 1)
+    return torch.cat([s[:-2], s[-1:]])
+
+
+def sigmas_for(
+    ms: ModelSampling, scheduler: str, steps: int, denoise: float = 1.0, sampler_name: str | None = None
+) -> torch.Tensor:
+    """KSampler's schedule: for denoise < 1, the tail of a longer schedule (img2img). With ``sampler_name``,
+    that sampler's schedule as KSampler computes it (:func:`ksampler_sigmas`)."""
+    if denoise is None or denoise > 0.9999:
+        return ksampler_sigmas(ms, scheduler, steps, sampler_name)
     if denoise <= 0.0:
         return torch.zeros(0)
-    return calculate_sigmas(ms, scheduler, int(steps / denoise))[-(steps + 1) :]
+    return ksampler_sigmas(ms, scheduler, int(steps / denoise), sampler_name)[-(steps + 1) :]
 
 
 # -- step helpers (k-diffusion's, in float32 tensors) -------------------------------------------------------

@@ -12,8 +12,14 @@ from kiln import engine
 from kiln.nodes.conditioning import encode_prompt
 from kiln.nodes.loaders import load_checkpoint_handles
 from kiln.nodes.sampling import sample
-from kiln.nodes.sd.guidance import run_sampler
-from kiln.nodes.sd.samplers import SAMPLER_NAMES, SCHEDULER_NAMES, ModelSampling, calculate_sigmas, sigmas_for
+from kiln.nodes.sd.samplers import (
+    SAMPLER_NAMES,
+    SCHEDULER_NAMES,
+    ModelSampling,
+    calculate_sigmas,
+    run_sampler,
+    sigmas_for,
+)
 
 DETERMINISTIC = ["euler", "heun", "dpm_2", "lms", "dpmpp_2m", "ddim", "uni_pc", "uni_pc_bh2"]
 
@@ -77,9 +83,10 @@ def test_higher_order_samplers_beat_euler():
             assert errs[n] < errs["euler"] / 5, errs
 
 
-@pytest.mark.parametrize("name,order", [("lms", 4), ("uni_pc", 3), ("uni_pc_bh2", 3), ("dpmpp_2m", 2)])
+@pytest.mark.parametrize("name,order", [("lms", 4), ("uni_pc", 2), ("uni_pc_bh2", 2), ("dpmpp_2m", 2)])
 def test_convergence_order(name, order):
-    """Tripling the steps divides the error by about 3^order."""
+    """Tripling the steps divides the error by about 3^order. UniPC is third order in the middle of the run
+    but, as in ComfyUI, drops to lower orders on its final steps, which caps the measured order at 2."""
     ratio = _solve(name, 30) / _solve(name, 90)
     assert ratio > 0.6 * 3**order, (name, ratio)
 
@@ -88,7 +95,8 @@ def test_convergence_order(name, order):
 def test_schedules_decrease_to_zero(name):
     ms = ModelSampling(SCHEDULER_CONFIG)
     s = calculate_sigmas(ms, name, 12)
-    assert s[-1] == 0 and len(s) <= 13 and len(s) >= 10
+    # ddim_uniform takes every (1000 // 12)-th table entry from timestep 1: 13 sigmas for 12 steps, as ComfyUI
+    assert s[-1] == 0 and len(s) <= 14 and len(s) >= 10
     assert (s[:-1] > s[1:]).all()
     assert s[0] <= ms.sigma_max * 1.0001 and s[-2] >= ms.sigma_min * 0.9999
 
@@ -221,7 +229,7 @@ def test_interrupt_stops_sampling(world):
     "field,value,code",
     [
         ("sampler_name", "euler_magic", "value_not_in_list"),
-        ("scheduler", "linear_quadratic", "value_not_in_list"),
+        ("scheduler", "linear_cubic", "value_not_in_list"),
         ("steps", 0, "value_smaller_than_min"),
         ("cfg", 1000.0, "value_bigger_than_max"),
         ("denoise", 1.5, "value_bigger_than_max"),
@@ -270,13 +278,15 @@ def test_cfg_one_skips_the_negative(loaded):
     assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("name,order", [("uni_pc_bh2", 2), ("uni_pc_bh2", 3), ("dpmpp_2m", 2)])
+@pytest.mark.parametrize("name,order", [("dpmpp_2m", 2)])
 def test_multistep_samplers_match_diffusers_on_the_same_sigmas(name, order):
-    """Kiln's UniPC (B(h) = e^h - 1) and DPM++ 2M walk the same path as diffusers' schedulers do when both
-    get the same sigmas and the same (nonlinear) denoiser; the reference works in VP space."""
+    """Kiln's DPM++ 2M walks the same path as diffusers' scheduler does when both get the same sigmas and the
+    same (nonlinear) denoiser; the reference works in VP space. (UniPC follows ComfyUI's form, which stops at
+    sigma 0.001 instead of 0: test_seed_parity.py::test_uni_pc_stops_at_a_thousandth and
+    benchmarks/seed_parity.py compare it.)"""
     import math
 
-    from diffusers import DPMSolverMultistepScheduler, UniPCMultistepScheduler
+    from diffusers import DPMSolverMultistepScheduler
 
     from kiln.nodes.sd import samplers
 
@@ -288,12 +298,9 @@ def test_multistep_samplers_match_diffusers_on_the_same_sigmas(name, order):
         prediction_type="sample",
         timestep_spacing="trailing",
     )
-    if name == "dpmpp_2m":
-        ref = DPMSolverMultistepScheduler.from_config(
-            cfg, algorithm_type="dpmsolver++", solver_order=2, final_sigmas_type="zero"
-        )
-    else:
-        ref = UniPCMultistepScheduler.from_config(cfg, solver_order=order, solver_type="bh2", final_sigmas_type="zero")
+    ref = DPMSolverMultistepScheduler.from_config(
+        cfg, algorithm_type="dpmsolver++", solver_order=order, final_sigmas_type="zero"
+    )
     ref.set_timesteps(20)
     abar = ref.alphas_cumprod
     sig = [float(((1 - abar[t]) / abar[t]).sqrt()) for t in ref.timesteps] + [0.0]
@@ -308,10 +315,5 @@ def test_multistep_samplers_match_diffusers_on_the_same_sigmas(name, order):
     xv = x / math.sqrt(1 + sig[0] ** 2)
     for t, s in zip(ref.timesteps, sig):
         xv = ref.step(denoise(xv * math.sqrt(1 + s * s), s), t, xv).prev_sample
-    if name == "dpmpp_2m":
-        ours = samplers.SAMPLERS[name](denoise, x.clone(), torch.tensor(sig), None, lambda i, m: None)
-    else:
-        ours = samplers.sample_uni_pc(
-            denoise, x.clone(), torch.tensor(sig), None, lambda i, m: None, order=order, variant="bh2"
-        )
+    ours = samplers.SAMPLERS[name](denoise, x.clone(), torch.tensor(sig), None, lambda i, m: None)
     assert torch.allclose(ours, xv, atol=1e-4), (ours - xv).abs().max()

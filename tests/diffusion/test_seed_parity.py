@@ -359,6 +359,42 @@ def test_ddim_uniform_and_normal_as_comfyui():
 # -- UniPC ---------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("sampler", ["dpm_2", "dpm_2_ancestral", "uni_pc", "uni_pc_bh2"])
+def test_ksampler_drops_the_penultimate_sigma_for_four_samplers(loaded, sampler, monkeypatch):
+    """ComfyUI's KSampler (and KSamplerAdvanced) computes one step more for these samplers and removes the
+    second-to-last sigma; denoise < 1 takes the tail of that schedule. Other samplers get the plain one."""
+    ms = ModelSampling(SCHEDULER_CONFIG)
+
+    def ref(scheduler, steps, denoise=1.0):
+        total = steps if denoise > 0.9999 else int(steps / denoise)
+        longer = calculate_sigmas(ms, scheduler, total + 1)
+        dropped = torch.cat([longer[:-2], longer[-1:]])
+        return dropped if denoise > 0.9999 else dropped[-(steps + 1) :]
+
+    for scheduler in ("karras", "normal", "ddim_uniform"):
+        assert torch.equal(samplers.sigmas_for(ms, scheduler, 6, 1.0, sampler), ref(scheduler, 6))
+        assert torch.equal(samplers.sigmas_for(ms, scheduler, 6, 0.5, sampler), ref(scheduler, 6, 0.5))
+        assert torch.equal(samplers.sigmas_for(ms, scheduler, 6, 1.0, "euler"), calculate_sigmas(ms, scheduler, 6))
+    # the nodes use it: the sigmas the sampler receives
+    h, pos, neg = loaded
+    seen = []
+    real = samplers.run_sampler
+
+    def spy(name, denoise, x, sigmas, *a, **k):
+        seen.append(sigmas.clone())
+        return real(name, denoise, x, sigmas, *a, **k)
+
+    monkeypatch.setattr("kiln.nodes.sampling.run_sampler", spy)
+    common = dict(model=h.model, cfg=2.0, sampler_name=sampler, scheduler="karras", positive=pos, negative=neg,
+                  latent_image={"samples": torch.zeros(1, 4, 8, 8)})  # fmt: skip
+    KSampler().run(seed=1, steps=3, denoise=1.0, **common)
+    KSamplerAdvanced().run(noise_seed=1, steps=3, **common)
+    hms = h.model.sampling
+    longer = calculate_sigmas(hms, "karras", 4)
+    want = torch.cat([longer[:-2], longer[-1:]])
+    assert len(seen) == 2 and all(torch.equal(s.cpu(), want) for s in seen)
+
+
 @pytest.mark.parametrize("name", ["uni_pc", "uni_pc_bh2"])
 def test_uni_pc_stops_at_a_thousandth(name):
     """ComfyUI's UniPC replaces a final sigma of 0 by 0.001. With a constant prediction c every step is exact,

@@ -36,14 +36,17 @@ def _run(shapes, scenes, **kw) -> tuple[list[np.ndarray], list[sc.Scene]]:
 @pytest.mark.parametrize("sampler", [s for s in SAMPLER_NAMES if not s.endswith("_gpu")])
 def test_every_sampler_follows_the_prompt(shapes, sampler):
     # "simple" spacing: "normal" ends with a step from sigma 0.18 to 0.01 on this model (a log-sigma jump
-    # ~4x the one before) where UniPC's extrapolation overshoots and colours go wrong (test_sampling checks
-    # that Kiln's UniPC agrees with diffusers' step for step, so this is the method, not a slip)
+    # ~4x the one before) where UniPC's extrapolation overshoots and colours go wrong (benchmarks/seed_parity.py
+    # checks that Kiln's UniPC agrees with ComfyUI's, so this is the method, not a slip)
     images, scenes = _run(shapes, PROMPTS, sampler=sampler, scheduler="simple")
     acc = _accuracy(images, scenes)
     assert acc["mean"] >= 0.7 and acc["color"] >= 0.66, (sampler, acc)
 
 
-@pytest.mark.parametrize("scheduler", SCHEDULER_NAMES)
+# linear_quadratic is ComfyUI's schedule for flow models (noise levels 1 -> 0): on this DDPM model it spends
+# most steps near sigma_max and its last step jumps from sigma 28.8 straight to 0 (20 steps), so it is not
+# expected to draw the prompt here. Its sigmas are checked against ComfyUI's in benchmarks/seed_parity.py.
+@pytest.mark.parametrize("scheduler", [s for s in SCHEDULER_NAMES if s != "linear_quadratic"])
 def test_every_scheduler_follows_the_prompt(shapes, scheduler):
     images, scenes = _run(shapes, PROMPTS, scheduler=scheduler)
     acc = _accuracy(images, scenes)
