@@ -17,7 +17,7 @@ from aiohttp import web
 
 from kiln.engine import get_folders
 
-from . import catalogue, files, frontend, http_api, job_routes, packs, userdata, ws
+from . import catalogue, files, frontend, http_api, job_routes, login, packs, userdata, ws
 from .config import ServerConfig
 from .hub import Hub
 from .keys import CONFIG, FOLDERS, SERVICE, SETTINGS_LOCK
@@ -101,6 +101,7 @@ def create_app(
         for prefix in ("", "/api"):
             app.router.add_route(method, prefix + path, handler)
     packs.mount_routes(app)  # routes custom node packs declared on PromptServer.instance.routes
+    login.install(app)  # /login, /logout: browser sessions when the server has an auth token
     app.router.add_get("/", frontend.index)
     app.router.add_get("/extensions/{pack}/{tail:.+}", frontend.extension_file)
     if config.front_end_root is not None:  # last: any other GET is a file of the editor's build

@@ -6,6 +6,10 @@
   one listed in ``allowed_origins``) is refused. Scripts send no Origin and are never affected.
 - Token: when the server has one, every HTTP request needs ``Authorization: Bearer TOKEN``; the websocket
   also accepts ``?token=TOKEN`` because browsers cannot set headers on it.
+- Browsers log in at ``/login`` (login.py) and then carry a session cookie, accepted on HTTP and on the
+  websocket. A cookie-authenticated request that changes state must come with a matching Origin (browsers
+  always send one on such requests), so the cookie alone never authorises a cross-site request. A page load
+  (``Accept: text/html``) without credentials is redirected to ``/login``; API clients get a 401 JSON body.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from aiohttp import web
 from kiln.engine.net import is_loopback_host
 
 from .config import ServerConfig
+from .login import session_ok
 from .params import BadParam, json_response
 
 log = logging.getLogger("kiln.server")
@@ -102,6 +107,17 @@ def token_ok(request: web.Request, token: str) -> bool:
     return given is not None and hmac.compare_digest(given.encode(), token.encode())
 
 
+OPEN_PATHS = frozenset({"/login", "/logout"})  # reachable without credentials (the Host/Origin check still applies)
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+
+
+def wants_page(request: web.Request) -> bool:
+    """A browser loading a page (not a script's fetch, not the websocket): it is sent to the login form."""
+    if request.method not in ("GET", "HEAD") or request.headers.get("Upgrade", "").lower() == "websocket":
+        return False
+    return "text/html" in request.headers.get("Accept", "")
+
+
 def make_middlewares(config: ServerConfig) -> list:
     @web.middleware
     async def errors(request: web.Request, handler):
@@ -129,7 +145,18 @@ def make_middlewares(config: ServerConfig) -> list:
         why = check_host_origin(request, config)
         if why is not None:
             return error_response(403, "forbidden_origin", "Request refused", why)
-        if config.auth_token and not token_ok(request, config.auth_token):
+        if config.auth_token and request.path not in OPEN_PATHS and not token_ok(request, config.auth_token):
+            if session_ok(request):
+                if request.method not in SAFE_METHODS and "Origin" not in request.headers:
+                    return error_response(
+                        403,
+                        "forbidden_origin",
+                        "Request refused",
+                        "A request made with a session cookie needs an Origin",
+                    )
+                return await handler(request)
+            if wants_page(request):
+                raise web.HTTPSeeOther("/login", headers={"Cache-Control": "no-store"})
             resp = error_response(
                 401,
                 "unauthorized",
