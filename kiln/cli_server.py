@@ -68,7 +68,7 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
         "--front-end-root",
         default=None,
         metavar="DIR",
-        help="serve this ComfyUI frontend build at / (default: the installed 'kiln[ui]' extra, if any)",
+        help="serve this ComfyUI frontend build at / (default: the installed ui extra, if any)",
     )
     p.set_defaults(func=run_serve, fn=run_serve)
     return p
