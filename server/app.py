@@ -78,6 +78,7 @@ ROUTES = [
     ("GET", "/jobs/{job_id}", job_routes.get_job),
     ("POST", "/jobs/{job_id}/cancel", job_routes.cancel_job),
     ("GET", "/internal/files/{directory_type}", files.internal_files),
+    ("GET", "/internal/folder_paths", catalogue.internal_folder_paths),
     ("GET", "/packs", packs.pack_reports),
 ]
 

@@ -56,6 +56,12 @@ async def experiment_models(request: web.Request) -> web.Response:
     )
 
 
+async def internal_folder_paths(request: web.Request) -> web.Response:
+    """``{folder name: [path, ...]}``: where each model folder kind looks (the editor's model browser)."""
+    f = _folders(request)
+    return json_response({kind: [str(p) for p in f.model_dirs(kind)] for kind in sorted(f.models)})
+
+
 def _models_with_index(f, kind: str) -> list[dict]:
     out, seen = [], set()
     for idx, root in enumerate(f.model_dirs(kind)):

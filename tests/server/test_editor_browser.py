@@ -48,9 +48,6 @@ TOLERATED_URLS = (
     "/api/userdata/comfy.templates.json",
     "/api/userdata?dir=",
     "/templates/index",
-    # ComfyUI serves this one and Kiln does not yet (the model-folder paths, asked for when a workflow is
-    # opened): the frontend carries on without it. Remove this line once Kiln serves the route.
-    "/internal/folder_paths",
 )
 TOLERATED_MESSAGES = ("Error loading core workflow templates",)
 

@@ -446,3 +446,10 @@ def test_mask_upload_sets_the_originals_alpha(server):
     out = Image.open(server.folders.input_dir / r.json()["name"])
     assert out.mode == "RGBA" and out.getpixel((1, 1)) == (10, 20, 30, 255) and out.getpixel((0, 0))[3] == 0
     assert out.getpixel((0, 0))[:3] == (10, 20, 30)
+
+
+def test_internal_folder_paths_lists_where_each_model_kind_looks(server):
+    r = server.get("/internal/folder_paths")
+    assert r.status_code == 200
+    paths = r.json()
+    assert isinstance(paths["checkpoints"], list) and paths["checkpoints"][0].endswith("checkpoints")
