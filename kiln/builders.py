@@ -17,6 +17,54 @@ class NodeBuilders:
     def _build(self, class_type: str, args: dict) -> Any:
         return self.node(class_type, **{k: v for k, v in args.items() if v is not _UNSET and k != "self"})
 
+    def AddNoise(self, *, model: "Output | NodeRef" = _UNSET, noise: "Output | NodeRef" = _UNSET, sigmas: "Output | NodeRef" = _UNSET, latent_image: "Output | NodeRef" = _UNSET, id: str | None = None, title: str | None = None) -> "_AddNoiseNode":
+        """Adds noise to a latent at the size the schedule covers (its first minus its last noise level)."""
+        return self._build('AddNoise', locals())
+
+    def AlignYourStepsScheduler(self, *, model_type: "str | Output" = _UNSET, steps: "int | Output" = _UNSET, denoise: "float | Output" = _UNSET, id: str | None = None, title: str | None = None) -> "_AlignYourStepsSchedulerNode":
+        """NVIDIA's Align Your Steps noise levels for SD1, SDXL or SVD, stretched to the step count."""
+        return self._build('AlignYourStepsScheduler', locals())
+
+    def BasicGuider(self, *, model: "Output | NodeRef" = _UNSET, conditioning: "Output | NodeRef" = _UNSET, id: str | None = None, title: str | None = None) -> "_BasicGuiderNode":
+        """Guides with one conditioning and no negative (for models distilled without CFG, or cfg 1)."""
+        return self._build('BasicGuider', locals())
+
+    def BasicScheduler(self, *, model: "Output | NodeRef" = _UNSET, scheduler: "str | Output" = _UNSET, steps: "int | Output" = _UNSET, denoise: "float | Output" = _UNSET, id: str | None = None, title: str | None = None) -> "_BasicSchedulerNode":
+        """The KSampler's schedule for a model, as SIGMAS (for the custom sampling nodes)."""
+        return self._build('BasicScheduler', locals())
+
+    def BetaSamplingScheduler(self, *, model: "Output | NodeRef" = _UNSET, steps: "int | Output" = _UNSET, alpha: "float | Output" = _UNSET, beta: "float | Output" = _UNSET, id: str | None = None, title: str | None = None) -> "_BetaSamplingSchedulerNode":
+        """Timesteps at the quantiles of a Beta(alpha, beta) distribution, on the model's sigma table."""
+        return self._build('BetaSamplingScheduler', locals())
+
+    def CFGGuider(self, *, model: "Output | NodeRef" = _UNSET, positive: "Output | NodeRef" = _UNSET, negative: "Output | NodeRef" = _UNSET, cfg: "float | Output" = _UNSET, id: str | None = None, title: str | None = None) -> "_CFGGuiderNode":
+        """Classifier-free guidance: the prediction moves away from the negative towards the positive by cfg."""
+        return self._build('CFGGuider', locals())
+
+    def CLIPAttentionMultiply(self, *, clip: "Output | NodeRef" = _UNSET, q: "float | Output" = _UNSET, k: "float | Output" = _UNSET, v: "float | Output" = _UNSET, out: "float | Output" = _UNSET, id: str | None = None, title: str | None = None) -> "_CLIPAttentionMultiplyNode":
+        """Multiplies the query, key, value and output projections of the text encoders' self-attention."""
+        return self._build('CLIPAttentionMultiply', locals())
+
+    def CLIPLoader(self, *, clip_name: "str | Output" = _UNSET, type: "str | Output" = _UNSET, device: "str | Output" = _UNSET, id: str | None = None, title: str | None = None) -> "_CLIPLoaderNode":
+        """Loads one CLIP text encoder from models/text_encoders (or models/clip): an SD1.x CLIP-L, for"""
+        return self._build('CLIPLoader', locals())
+
+    def CLIPMergeAdd(self, *, clip1: "Output | NodeRef" = _UNSET, clip2: "Output | NodeRef" = _UNSET, id: str | None = None, title: str | None = None) -> "_CLIPMergeAddNode":
+        """clip1 + clip2."""
+        return self._build('CLIPMergeAdd', locals())
+
+    def CLIPMergeSimple(self, *, clip1: "Output | NodeRef" = _UNSET, clip2: "Output | NodeRef" = _UNSET, ratio: "float | Output" = _UNSET, id: str | None = None, title: str | None = None) -> "_CLIPMergeSimpleNode":
+        """Blends two text encoders: ratio * clip1 + (1 - ratio) * clip2 (1.0 = clip1, 0.0 = clip2)."""
+        return self._build('CLIPMergeSimple', locals())
+
+    def CLIPMergeSubtract(self, *, clip1: "Output | NodeRef" = _UNSET, clip2: "Output | NodeRef" = _UNSET, multiplier: "float | Output" = _UNSET, id: str | None = None, title: str | None = None) -> "_CLIPMergeSubtractNode":
+        """clip1 - multiplier * clip2."""
+        return self._build('CLIPMergeSubtract', locals())
+
+    def CLIPSave(self, *, clip: "Output | NodeRef" = _UNSET, filename_prefix: "str | Output" = _UNSET, id: str | None = None, title: str | None = None) -> "_CLIPSaveNode":
+        """Saves each text encoder of a CLIP to its own file (``<prefix>_clip_l_00001_``, ``_clip_g_``), in"""
+        return self._build('CLIPSave', locals())
+
     def CLIPSetLastLayer(self, *, clip: "Output | NodeRef" = _UNSET, stop_at_clip_layer: "int | Output" = _UNSET, id: str | None = None, title: str | None = None) -> "_CLIPSetLastLayerNode":
         """Reads the text encoding from an earlier CLIP layer (-1 = last, -2 = "clip skip 2")."""
         return self._build('CLIPSetLastLayer', locals())
@@ -25,13 +73,69 @@ class NodeBuilders:
         """Encodes a prompt with ComfyUI's syntax: (word:1.2), (word), [word], escaped brackets, prompts of any"""
         return self._build('CLIPTextEncode', locals())
 
+    def CLIPTextEncodeSDXL(self, *, clip: "Output | NodeRef" = _UNSET, width: "int | Output" = _UNSET, height: "int | Output" = _UNSET, crop_w: "int | Output" = _UNSET, crop_h: "int | Output" = _UNSET, target_width: "int | Output" = _UNSET, target_height: "int | Output" = _UNSET, text_g: "str | Output" = _UNSET, text_l: "str | Output" = _UNSET, id: str | None = None, title: str | None = None) -> "_CLIPTextEncodeSDXLNode":
+        """Encodes a prompt for SDXL: text_g with the large (OpenCLIP G) encoder, text_l with the CLIP L one, and"""
+        return self._build('CLIPTextEncodeSDXL', locals())
+
+    def CLIPTextEncodeSDXLRefiner(self, *, ascore: "float | Output" = _UNSET, width: "int | Output" = _UNSET, height: "int | Output" = _UNSET, text: "str | Output" = _UNSET, clip: "Output | NodeRef" = _UNSET, id: str | None = None, title: str | None = None) -> "_CLIPTextEncodeSDXLRefinerNode":
+        """Encodes a prompt for the SDXL refiner, with the aesthetic score and image size it is conditioned on."""
+        return self._build('CLIPTextEncodeSDXLRefiner', locals())
+
     def Canny(self, *, image: "Output | NodeRef" = _UNSET, low_threshold: "float | Output" = _UNSET, high_threshold: "float | Output" = _UNSET, id: str | None = None, title: str | None = None) -> "_CannyNode":
         """Edge map (white edges on black) of an image, for a canny ControlNet. Thresholds are fractions of"""
         return self._build('Canny', locals())
 
+    def CaseConverter(self, *, string: "str | Output" = _UNSET, mode: "str | Output" = _UNSET, id: str | None = None, title: str | None = None) -> "_CaseConverterNode":
+        """UPPERCASE, lowercase, Capitalize (first letter only) or Title Case."""
+        return self._build('CaseConverter', locals())
+
+    def CheckpointLoader(self, *, config_name: "str | Output" = _UNSET, ckpt_name: "str | Output" = _UNSET, id: str | None = None, title: str | None = None) -> "_CheckpointLoaderNode":
+        """Loads a checkpoint with an LDM inference config (deprecated: CheckpointLoaderSimple reads everything"""
+        return self._build('CheckpointLoader', locals())
+
     def CheckpointLoaderSimple(self, *, ckpt_name: "str | Output" = _UNSET, id: str | None = None, title: str | None = None) -> "_CheckpointLoaderSimpleNode":
         """Loads a Stable Diffusion checkpoint (LDM single file or diffusers folder): the diffusion model, the"""
         return self._build('CheckpointLoaderSimple', locals())
+
+    def CheckpointSave(self, *, model: "Output | NodeRef" = _UNSET, clip: "Output | NodeRef" = _UNSET, vae: "Output | NodeRef" = _UNSET, filename_prefix: "str | Output" = _UNSET, id: str | None = None, title: str | None = None) -> "_CheckpointSaveNode":
+        """Saves model, CLIP and VAE as one LDM single-file checkpoint (loads in Kiln, ComfyUI and A1111),"""
+        return self._build('CheckpointSave', locals())
+
+    def ConditioningAverage(self, *, conditioning_to: "Output | NodeRef" = _UNSET, conditioning_from: "Output | NodeRef" = _UNSET, conditioning_to_strength: "float | Output" = _UNSET, id: str | None = None, title: str | None = None) -> "_ConditioningAverageNode":
+        """Blends each entry of conditioning_to with the first entry of conditioning_from, token by token"""
+        return self._build('ConditioningAverage', locals())
+
+    def ConditioningCombine(self, *, conditioning_1: "Output | NodeRef" = _UNSET, conditioning_2: "Output | NodeRef" = _UNSET, id: str | None = None, title: str | None = None) -> "_ConditioningCombineNode":
+        """Both conditionings together: the model's predictions for each are averaged (weighted by their areas,"""
+        return self._build('ConditioningCombine', locals())
+
+    def ConditioningConcat(self, *, conditioning_to: "Output | NodeRef" = _UNSET, conditioning_from: "Output | NodeRef" = _UNSET, id: str | None = None, title: str | None = None) -> "_ConditioningConcatNode":
+        """Appends the tokens of conditioning_from (its first entry) to every entry of conditioning_to, so the"""
+        return self._build('ConditioningConcat', locals())
+
+    def ConditioningSetArea(self, *, conditioning: "Output | NodeRef" = _UNSET, width: "int | Output" = _UNSET, height: "int | Output" = _UNSET, x: "int | Output" = _UNSET, y: "int | Output" = _UNSET, strength: "float | Output" = _UNSET, id: str | None = None, title: str | None = None) -> "_ConditioningSetAreaNode":
+        """Confines the conditioning to a rectangle, in pixels (rounded down to the latent grid of 8): the prompt"""
+        return self._build('ConditioningSetArea', locals())
+
+    def ConditioningSetAreaPercentage(self, *, conditioning: "Output | NodeRef" = _UNSET, width: "float | Output" = _UNSET, height: "float | Output" = _UNSET, x: "float | Output" = _UNSET, y: "float | Output" = _UNSET, strength: "float | Output" = _UNSET, id: str | None = None, title: str | None = None) -> "_ConditioningSetAreaPercentageNode":
+        """Confines the conditioning to a rectangle given as fractions of the image (0..1), so it fits any size."""
+        return self._build('ConditioningSetAreaPercentage', locals())
+
+    def ConditioningSetAreaStrength(self, *, conditioning: "Output | NodeRef" = _UNSET, strength: "float | Output" = _UNSET, id: str | None = None, title: str | None = None) -> "_ConditioningSetAreaStrengthNode":
+        """Sets the conditioning's weight against the others it is combined with."""
+        return self._build('ConditioningSetAreaStrength', locals())
+
+    def ConditioningSetMask(self, *, conditioning: "Output | NodeRef" = _UNSET, mask: "Output | NodeRef" = _UNSET, strength: "float | Output" = _UNSET, set_cond_area: "str | Output" = _UNSET, id: str | None = None, title: str | None = None) -> "_ConditioningSetMaskNode":
+        """Confines the conditioning to a mask (scaled to the latent), weighted by the mask's values times"""
+        return self._build('ConditioningSetMask', locals())
+
+    def ConditioningSetTimestepRange(self, *, conditioning: "Output | NodeRef" = _UNSET, start: "float | Output" = _UNSET, end: "float | Output" = _UNSET, id: str | None = None, title: str | None = None) -> "_ConditioningSetTimestepRangeNode":
+        """Makes the conditioning act only between start and end (fractions of the denoising, 0 = first step):"""
+        return self._build('ConditioningSetTimestepRange', locals())
+
+    def ConditioningZeroOut(self, *, conditioning: "Output | NodeRef" = _UNSET, id: str | None = None, title: str | None = None) -> "_ConditioningZeroOutNode":
+        """The same conditioning with its embeddings and pooled outputs set to zero (a true "nothing" prompt,"""
+        return self._build('ConditioningZeroOut', locals())
 
     def ControlNetApply(self, *, conditioning: "Output | NodeRef" = _UNSET, control_net: "Output | NodeRef" = _UNSET, image: "Output | NodeRef" = _UNSET, strength: "float | Output" = _UNSET, id: str | None = None, title: str | None = None) -> "_ControlNetApplyNode":
         """Applies a ControlNet to one conditioning (the older node; ControlNetApplyAdvanced does both)."""
@@ -45,6 +149,34 @@ class NodeBuilders:
         """Loads a ControlNet (diffusers or LDM layout) from models/controlnet."""
         return self._build('ControlNetLoader', locals())
 
+    def CropMask(self, *, mask: "Output | NodeRef" = _UNSET, x: "int | Output" = _UNSET, y: "int | Output" = _UNSET, width: "int | Output" = _UNSET, height: "int | Output" = _UNSET, id: str | None = None, title: str | None = None) -> "_CropMaskNode":
+        """The width x height region of the mask at (x, y), cut off at the mask's edges."""
+        return self._build('CropMask', locals())
+
+    def DiffControlNetLoader(self, *, model: "Output | NodeRef" = _UNSET, control_net_name: "str | Output" = _UNSET, id: str | None = None, title: str | None = None) -> "_DiffControlNetLoaderNode":
+        """Loads a "diff" ControlNet: one stored as its difference from the model it was trained on, added to"""
+        return self._build('DiffControlNetLoader', locals())
+
+    def DifferentialDiffusion(self, *, model: "Output | NodeRef" = _UNSET, strength: "float | Output" = _UNSET, id: str | None = None, title: str | None = None) -> "_DifferentialDiffusionNode":
+        """Inpainting with soft masks: how strongly the mask is set (0..1) decides from which step a pixel may"""
+        return self._build('DifferentialDiffusion', locals())
+
+    def DiffusersLoader(self, *, model_path: "str | Output" = _UNSET, id: str | None = None, title: str | None = None) -> "_DiffusersLoaderNode":
+        """Loads a diffusers model folder (``model_index.json``, unet/, vae/, text_encoder/...) from"""
+        return self._build('DiffusersLoader', locals())
+
+    def DisableNoise(self, *, id: str | None = None, title: str | None = None) -> "_DisableNoiseNode":
+        """No starting noise: for latents that already carry theirs (AddNoise, a first KSamplerAdvanced pass)."""
+        return self._build('DisableNoise', locals())
+
+    def DualCFGGuider(self, *, model: "Output | NodeRef" = _UNSET, cond1: "Output | NodeRef" = _UNSET, cond2: "Output | NodeRef" = _UNSET, negative: "Output | NodeRef" = _UNSET, cfg_conds: "float | Output" = _UNSET, cfg_cond2_negative: "float | Output" = _UNSET, style: "str | Output" = _UNSET, id: str | None = None, title: str | None = None) -> "_DualCFGGuiderNode":
+        """Two positive conditionings with their own scales: cfg_conds pulls from cond2 towards cond1,"""
+        return self._build('DualCFGGuider', locals())
+
+    def DualCLIPLoader(self, *, clip_name1: "str | Output" = _UNSET, clip_name2: "str | Output" = _UNSET, type: "str | Output" = _UNSET, device: "str | Output" = _UNSET, id: str | None = None, title: str | None = None) -> "_DualCLIPLoaderNode":
+        """Loads SDXL's two text encoders (CLIP-L and OpenCLIP-G, in either order) from two files as one CLIP."""
+        return self._build('DualCLIPLoader', locals())
+
     def EmptyImage(self, *, width: "int | Output" = _UNSET, height: "int | Output" = _UNSET, batch_size: "int | Output" = _UNSET, color: "int | Output" = _UNSET, id: str | None = None, title: str | None = None) -> "_EmptyImageNode":
         """A batch of images filled with one colour (0xRRGGBB)."""
         return self._build('EmptyImage', locals())
@@ -53,9 +185,61 @@ class NodeBuilders:
         """A batch of empty (zero) latents of the given pixel size."""
         return self._build('EmptyLatentImage', locals())
 
+    def ExponentialScheduler(self, *, steps: "int | Output" = _UNSET, sigma_max: "float | Output" = _UNSET, sigma_min: "float | Output" = _UNSET, id: str | None = None, title: str | None = None) -> "_ExponentialSchedulerNode":
+        """Steps evenly spaced in log sigma."""
+        return self._build('ExponentialScheduler', locals())
+
+    def ExtendIntermediateSigmas(self, *, sigmas: "Output | NodeRef" = _UNSET, steps: "int | Output" = _UNSET, start_at_sigma: "float | Output" = _UNSET, end_at_sigma: "float | Output" = _UNSET, spacing: "str | Output" = _UNSET, id: str | None = None, title: str | None = None) -> "_ExtendIntermediateSigmasNode":
+        """Inserts ``steps - 1`` sigmas inside each step whose start lies in [end_at_sigma, start_at_sigma]."""
+        return self._build('ExtendIntermediateSigmas', locals())
+
+    def FeatherMask(self, *, mask: "Output | NodeRef" = _UNSET, left: "int | Output" = _UNSET, top: "int | Output" = _UNSET, right: "int | Output" = _UNSET, bottom: "int | Output" = _UNSET, id: str | None = None, title: str | None = None) -> "_FeatherMaskNode":
+        """Fades the mask towards each edge: over `left` columns from the left edge (the outermost column keeps"""
+        return self._build('FeatherMask', locals())
+
+    def FlipSigmas(self, *, sigmas: "Output | NodeRef" = _UNSET, id: str | None = None, title: str | None = None) -> "_FlipSigmasNode":
+        """Reverses a schedule (lowest first, for inversion); a first sigma of 0 becomes 0.0001."""
+        return self._build('FlipSigmas', locals())
+
+    def FreeU(self, *, model: "Output | NodeRef" = _UNSET, b1: "float | Output" = _UNSET, b2: "float | Output" = _UNSET, s1: "float | Output" = _UNSET, s2: "float | Output" = _UNSET, id: str | None = None, title: str | None = None) -> "_FreeUNode":
+        """FreeU: re-weights the UNet decoder's backbone and skip features for more detail, at no cost."""
+        return self._build('FreeU', locals())
+
+    def FreeU_V2(self, *, model: "Output | NodeRef" = _UNSET, b1: "float | Output" = _UNSET, b2: "float | Output" = _UNSET, s1: "float | Output" = _UNSET, s2: "float | Output" = _UNSET, id: str | None = None, title: str | None = None) -> "_FreeU_V2Node":
+        """FreeU version 2: the backbone scale follows each location's mean activation."""
+        return self._build('FreeU_V2', locals())
+
+    def GITSScheduler(self, *, coeff: "float | Output" = _UNSET, steps: "int | Output" = _UNSET, denoise: "float | Output" = _UNSET, id: str | None = None, title: str | None = None) -> "_GITSSchedulerNode":
+        """GITS time steps (optimised for SD-style models) for a gradient coefficient."""
+        return self._build('GITSScheduler', locals())
+
+    def GetImageSize(self, *, image: "Output | NodeRef" = _UNSET, id: str | None = None, title: str | None = None) -> "_GetImageSizeNode":
+        """The width, height and batch size of an image batch."""
+        return self._build('GetImageSize', locals())
+
     def GoogleImagenGenerate(self, *, prompt: "str | Output" = _UNSET, model: "str | Output" = _UNSET, n: "int | Output" = _UNSET, aspect_ratio: "str | Output" = _UNSET, image_size: "str | Output" = _UNSET, person_generation: "str | Output" = _UNSET, seed: "int | Output" = _UNSET, endpoint: "str | Output" = _UNSET, model_override: "str | Output" = _UNSET, cache_results: "bool | Output" = _UNSET, id: str | None = None, title: str | None = None) -> "_GoogleImagenGenerateNode":
         """Generate images with Google Imagen (Gemini API)."""
         return self._build('GoogleImagenGenerate', locals())
+
+    def GrowMask(self, *, mask: "Output | NodeRef" = _UNSET, expand: "int | Output" = _UNSET, tapered_corners: "bool | Output" = _UNSET, id: str | None = None, title: str | None = None) -> "_GrowMaskNode":
+        """Grows the mask by `expand` pixels (shrinks it when negative); tapered_corners rounds the corners."""
+        return self._build('GrowMask', locals())
+
+    def HyperTile(self, *, model: "Output | NodeRef" = _UNSET, tile_size: "int | Output" = _UNSET, swap_size: "int | Output" = _UNSET, max_depth: "int | Output" = _UNSET, scale_depth: "bool | Output" = _UNSET, id: str | None = None, title: str | None = None) -> "_HyperTileNode":
+        """HyperTile: self-attention within tiles of the latent instead of across all of it, which is faster"""
+        return self._build('HyperTile', locals())
+
+    def HypernetworkLoader(self, *, model: "Output | NodeRef" = _UNSET, hypernetwork_name: "str | Output" = _UNSET, strength: "float | Output" = _UNSET, id: str | None = None, title: str | None = None) -> "_HypernetworkLoaderNode":
+        """Applies an A1111-style hypernetwork (models/hypernetworks/*.pt) to the model's attention keys and"""
+        return self._build('HypernetworkLoader', locals())
+
+    def ImageAddNoise(self, *, image: "Output | NodeRef" = _UNSET, seed: "int | Output" = _UNSET, strength: "float | Output" = _UNSET, id: str | None = None, title: str | None = None) -> "_ImageAddNoiseNode":
+        """Add Gaussian noise (seeded, so the same seed gives the same grain) and clip to 0..1."""
+        return self._build('ImageAddNoise', locals())
+
+    def ImageBatch(self, *, image1: "Output | NodeRef" = _UNSET, image2: "Output | NodeRef" = _UNSET, id: str | None = None, title: str | None = None) -> "_ImageBatchNode":
+        """Join two image batches into one. ``image2`` is rescaled (bilinear, centre crop) to ``image1``'s size;"""
+        return self._build('ImageBatch', locals())
 
     def ImageBlend(self, *, image1: "Output | NodeRef" = _UNSET, image2: "Output | NodeRef" = _UNSET, blend_factor: "float | Output" = _UNSET, blend_mode: "str | Output" = _UNSET, id: str | None = None, title: str | None = None) -> "_ImageBlendNode":
         """Image Blend"""
@@ -65,6 +249,10 @@ class NodeBuilders:
         """Image Blur"""
         return self._build('ImageBlur', locals())
 
+    def ImageColorToMask(self, *, image: "Output | NodeRef" = _UNSET, color: "int | Output" = _UNSET, id: str | None = None, title: str | None = None) -> "_ImageColorToMaskNode":
+        """1 where the image has exactly the given colour (0xRRGGBB, compared in 8 bits), 0 elsewhere."""
+        return self._build('ImageColorToMask', locals())
+
     def ImageCompositeMasked(self, *, destination: "Output | NodeRef" = _UNSET, source: "Output | NodeRef" = _UNSET, x: "int | Output" = _UNSET, y: "int | Output" = _UNSET, resize_source: "bool | Output" = _UNSET, mask: "Output | NodeRef" = _UNSET, id: str | None = None, title: str | None = None) -> "_ImageCompositeMaskedNode":
         """Paste ``source`` onto ``destination`` at (x, y), through an optional mask."""
         return self._build('ImageCompositeMasked', locals())
@@ -73,6 +261,14 @@ class NodeBuilders:
         """Image Crop"""
         return self._build('ImageCrop', locals())
 
+    def ImageFlip(self, *, image: "Output | NodeRef" = _UNSET, flip_method: "str | Output" = _UNSET, id: str | None = None, title: str | None = None) -> "_ImageFlipNode":
+        """Mirror images: ``x-axis`` flips top to bottom, ``y-axis`` flips left to right."""
+        return self._build('ImageFlip', locals())
+
+    def ImageFromBatch(self, *, image: "Output | NodeRef" = _UNSET, batch_index: "int | Output" = _UNSET, length: "int | Output" = _UNSET, id: str | None = None, title: str | None = None) -> "_ImageFromBatchNode":
+        """Take ``length`` images starting at ``batch_index``. As in ComfyUI an index past the end selects the"""
+        return self._build('ImageFromBatch', locals())
+
     def ImageInvert(self, *, image: "Output | NodeRef" = _UNSET, id: str | None = None, title: str | None = None) -> "_ImageInvertNode":
         """Invert Image"""
         return self._build('ImageInvert', locals())
@@ -80,6 +276,18 @@ class NodeBuilders:
     def ImagePadForOutpaint(self, *, image: "Output | NodeRef" = _UNSET, left: "int | Output" = _UNSET, top: "int | Output" = _UNSET, right: "int | Output" = _UNSET, bottom: "int | Output" = _UNSET, feathering: "int | Output" = _UNSET, id: str | None = None, title: str | None = None) -> "_ImagePadForOutpaintNode":
         """Pad an image for outpainting: new area grey, MASK 1 there, feathered into the original edge."""
         return self._build('ImagePadForOutpaint', locals())
+
+    def ImageQuantize(self, *, image: "Output | NodeRef" = _UNSET, colors: "int | Output" = _UNSET, dither: "str | Output" = _UNSET, id: str | None = None, title: str | None = None) -> "_ImageQuantizeNode":
+        """Reduce each image to at most ``colors`` colours (a palette chosen per image), optionally dithered."""
+        return self._build('ImageQuantize', locals())
+
+    def ImageRGBToYUV(self, *, image: "Output | NodeRef" = _UNSET, id: str | None = None, title: str | None = None) -> "_ImageRGBToYUVNode":
+        """Split an RGB image into Y (luma), U (blue difference) and V (red difference), each as a grey image."""
+        return self._build('ImageRGBToYUV', locals())
+
+    def ImageRotate(self, *, image: "Output | NodeRef" = _UNSET, rotation: "str | Output" = _UNSET, id: str | None = None, title: str | None = None) -> "_ImageRotateNode":
+        """Rotate images clockwise by a quarter turn, a half turn or three quarters."""
+        return self._build('ImageRotate', locals())
 
     def ImageSafetyCheck(self, *, images: "Output | NodeRef" = _UNSET, model_name: "str | Output" = _UNSET, action: "str | Output" = _UNSET, id: str | None = None, title: str | None = None) -> "_ImageSafetyCheckNode":
         """Runs a safety classifier on each image; flagged images are blocked (black), blurred, or passed, and"""
@@ -93,13 +301,41 @@ class NodeBuilders:
         """Upscale Image By"""
         return self._build('ImageScaleBy', locals())
 
+    def ImageScaleToMaxDimension(self, *, image: "Output | NodeRef" = _UNSET, upscale_method: "str | Output" = _UNSET, largest_size: "int | Output" = _UNSET, id: str | None = None, title: str | None = None) -> "_ImageScaleToMaxDimensionNode":
+        """Resize so the longer side is ``largest_size``, keeping the aspect ratio (0 leaves the image)."""
+        return self._build('ImageScaleToMaxDimension', locals())
+
+    def ImageScaleToTotalPixels(self, *, image: "Output | NodeRef" = _UNSET, upscale_method: "str | Output" = _UNSET, megapixels: "float | Output" = _UNSET, id: str | None = None, title: str | None = None) -> "_ImageScaleToTotalPixelsNode":
+        """Resize to about ``megapixels`` million pixels (1 MP = 1024 x 1024), keeping the aspect ratio."""
+        return self._build('ImageScaleToTotalPixels', locals())
+
+    def ImageSharpen(self, *, image: "Output | NodeRef" = _UNSET, sharpen_radius: "int | Output" = _UNSET, sigma: "float | Output" = _UNSET, alpha: "float | Output" = _UNSET, id: str | None = None, title: str | None = None) -> "_ImageSharpenNode":
+        """Unsharp-style sharpening: subtract a Gaussian neighbourhood (scaled by ``alpha``) from each pixel."""
+        return self._build('ImageSharpen', locals())
+
+    def ImageStitch(self, *, image1: "Output | NodeRef" = _UNSET, direction: "str | Output" = _UNSET, match_image_size: "bool | Output" = _UNSET, spacing_width: "int | Output" = _UNSET, spacing_color: "str | Output" = _UNSET, image2: "Output | NodeRef" = _UNSET, id: str | None = None, title: str | None = None) -> "_ImageStitchNode":
+        """Put ``image2`` to the right of, below, left of or above ``image1``, with an optional coloured gap."""
+        return self._build('ImageStitch', locals())
+
     def ImageToMask(self, *, image: "Output | NodeRef" = _UNSET, channel: "str | Output" = _UNSET, id: str | None = None, title: str | None = None) -> "_ImageToMaskNode":
         """Convert Image to Mask"""
         return self._build('ImageToMask', locals())
 
+    def ImageYUVToRGB(self, *, Y: "Output | NodeRef" = _UNSET, U: "Output | NodeRef" = _UNSET, V: "Output | NodeRef" = _UNSET, id: str | None = None, title: str | None = None) -> "_ImageYUVToRGBNode":
+        """Rebuild an RGB image from Y, U and V grey images (each image's colour channels are averaged first)."""
+        return self._build('ImageYUVToRGB', locals())
+
+    def InpaintModelConditioning(self, *, positive: "Output | NodeRef" = _UNSET, negative: "Output | NodeRef" = _UNSET, vae: "Output | NodeRef" = _UNSET, pixels: "Output | NodeRef" = _UNSET, mask: "Output | NodeRef" = _UNSET, noise_mask: "bool | Output" = _UNSET, id: str | None = None, title: str | None = None) -> "_InpaintModelConditioningNode":
+        """Prepares inpainting: the image with the masked part greyed out, encoded, and the mask go into both"""
+        return self._build('InpaintModelConditioning', locals())
+
     def InvertMask(self, *, mask: "Output | NodeRef" = _UNSET, id: str | None = None, title: str | None = None) -> "_InvertMaskNode":
         """InvertMask"""
         return self._build('InvertMask', locals())
+
+    def JoinImageWithAlpha(self, *, image: "Output | NodeRef" = _UNSET, alpha: "Output | NodeRef" = _UNSET, id: str | None = None, title: str | None = None) -> "_JoinImageWithAlphaNode":
+        """Make an RGBA image from an image and a MASK (alpha = 1 - mask). As in ComfyUI, the mask is rescaled"""
+        return self._build('JoinImageWithAlpha', locals())
 
     def KSampler(self, *, model: "Output | NodeRef" = _UNSET, seed: "int | Output" = _UNSET, steps: "int | Output" = _UNSET, cfg: "float | Output" = _UNSET, sampler_name: "str | Output" = _UNSET, scheduler: "str | Output" = _UNSET, positive: "Output | NodeRef" = _UNSET, negative: "Output | NodeRef" = _UNSET, latent_image: "Output | NodeRef" = _UNSET, denoise: "float | Output" = _UNSET, id: str | None = None, title: str | None = None) -> "_KSamplerNode":
         """Denoises a latent with the given model, prompts, sampler and scheduler."""
@@ -108,6 +344,86 @@ class NodeBuilders:
     def KSamplerAdvanced(self, *, model: "Output | NodeRef" = _UNSET, add_noise: "str | Output" = _UNSET, noise_seed: "int | Output" = _UNSET, steps: "int | Output" = _UNSET, cfg: "float | Output" = _UNSET, sampler_name: "str | Output" = _UNSET, scheduler: "str | Output" = _UNSET, positive: "Output | NodeRef" = _UNSET, negative: "Output | NodeRef" = _UNSET, latent_image: "Output | NodeRef" = _UNSET, start_at_step: "int | Output" = _UNSET, end_at_step: "int | Output" = _UNSET, return_with_leftover_noise: "str | Output" = _UNSET, id: str | None = None, title: str | None = None) -> "_KSamplerAdvancedNode":
         """KSampler with control over noise and the range of steps (for multi-pass workflows)."""
         return self._build('KSamplerAdvanced', locals())
+
+    def KSamplerSelect(self, *, sampler_name: "str | Output" = _UNSET, id: str | None = None, title: str | None = None) -> "_KSamplerSelectNode":
+        """A sampler by name, with its default settings."""
+        return self._build('KSamplerSelect', locals())
+
+    def KarrasScheduler(self, *, steps: "int | Output" = _UNSET, sigma_max: "float | Output" = _UNSET, sigma_min: "float | Output" = _UNSET, rho: "float | Output" = _UNSET, id: str | None = None, title: str | None = None) -> "_KarrasSchedulerNode":
+        """Karras et al.'s schedule: steps evenly spaced in sigma^(1/rho)."""
+        return self._build('KarrasScheduler', locals())
+
+    def LaplaceScheduler(self, *, steps: "int | Output" = _UNSET, sigma_max: "float | Output" = _UNSET, sigma_min: "float | Output" = _UNSET, mu: "float | Output" = _UNSET, beta: "float | Output" = _UNSET, id: str | None = None, title: str | None = None) -> "_LaplaceSchedulerNode":
+        """log sigma at the quantiles of a Laplace(mu, beta) distribution, clamped to [sigma_min, sigma_max]."""
+        return self._build('LaplaceScheduler', locals())
+
+    def LatentAdd(self, *, samples1: "Output | NodeRef" = _UNSET, samples2: "Output | NodeRef" = _UNSET, id: str | None = None, title: str | None = None) -> "_LatentAddNode":
+        """samples1 + samples2 (samples2 is resized and repeated to match samples1)."""
+        return self._build('LatentAdd', locals())
+
+    def LatentApplyOperation(self, *, samples: "Output | NodeRef" = _UNSET, operation: "Output | NodeRef" = _UNSET, id: str | None = None, title: str | None = None) -> "_LatentApplyOperationNode":
+        """Applies a latent operation to a latent."""
+        return self._build('LatentApplyOperation', locals())
+
+    def LatentApplyOperationCFG(self, *, model: "Output | NodeRef" = _UNSET, operation: "Output | NodeRef" = _UNSET, id: str | None = None, title: str | None = None) -> "_LatentApplyOperationCFGNode":
+        """Patches a model so a latent operation is applied to the guidance (cond - uncond) at every step."""
+        return self._build('LatentApplyOperationCFG', locals())
+
+    def LatentBatch(self, *, samples1: "Output | NodeRef" = _UNSET, samples2: "Output | NodeRef" = _UNSET, id: str | None = None, title: str | None = None) -> "_LatentBatchNode":
+        """Joins two latent batches into one (samples2 is resized to samples1's size when they differ)."""
+        return self._build('LatentBatch', locals())
+
+    def LatentBatchSeedBehavior(self, *, samples: "Output | NodeRef" = _UNSET, seed_behavior: "str | Output" = _UNSET, id: str | None = None, title: str | None = None) -> "_LatentBatchSeedBehaviorNode":
+        """"fixed": every latent of the batch gets the same noise (that of the first); "random": each gets its own."""
+        return self._build('LatentBatchSeedBehavior', locals())
+
+    def LatentBlend(self, *, samples1: "Output | NodeRef" = _UNSET, samples2: "Output | NodeRef" = _UNSET, blend_factor: "float | Output" = _UNSET, id: str | None = None, title: str | None = None) -> "_LatentBlendNode":
+        """samples1 * blend_factor + samples2 * (1 - blend_factor); samples2 is resized (bicubic, centre crop) to"""
+        return self._build('LatentBlend', locals())
+
+    def LatentComposite(self, *, samples_to: "Output | NodeRef" = _UNSET, samples_from: "Output | NodeRef" = _UNSET, x: "int | Output" = _UNSET, y: "int | Output" = _UNSET, feather: "int | Output" = _UNSET, id: str | None = None, title: str | None = None) -> "_LatentCompositeNode":
+        """Pastes samples_from into samples_to with its top-left corner at (x, y) pixels (rounded down to the"""
+        return self._build('LatentComposite', locals())
+
+    def LatentCompositeMasked(self, *, destination: "Output | NodeRef" = _UNSET, source: "Output | NodeRef" = _UNSET, x: "int | Output" = _UNSET, y: "int | Output" = _UNSET, resize_source: "bool | Output" = _UNSET, mask: "Output | NodeRef" = _UNSET, id: str | None = None, title: str | None = None) -> "_LatentCompositeMaskedNode":
+        """Pastes source into destination at (x, y) pixels, only where the mask is set (the mask is resized to"""
+        return self._build('LatentCompositeMasked', locals())
+
+    def LatentCrop(self, *, samples: "Output | NodeRef" = _UNSET, width: "int | Output" = _UNSET, height: "int | Output" = _UNSET, x: "int | Output" = _UNSET, y: "int | Output" = _UNSET, id: str | None = None, title: str | None = None) -> "_LatentCropNode":
+        """Cuts a width x height pixel region at (x, y) out of latents. As ComfyUI, x and y are pulled back so"""
+        return self._build('LatentCrop', locals())
+
+    def LatentFlip(self, *, samples: "Output | NodeRef" = _UNSET, flip_method: "str | Output" = _UNSET, id: str | None = None, title: str | None = None) -> "_LatentFlipNode":
+        """Mirrors latents: "x-axis" flips top to bottom, "y-axis" left to right."""
+        return self._build('LatentFlip', locals())
+
+    def LatentFromBatch(self, *, samples: "Output | NodeRef" = _UNSET, batch_index: "int | Output" = _UNSET, length: "int | Output" = _UNSET, id: str | None = None, title: str | None = None) -> "_LatentFromBatchNode":
+        """Picks `length` latents starting at `batch_index` (both cut to the batch), keeping their noise."""
+        return self._build('LatentFromBatch', locals())
+
+    def LatentInterpolate(self, *, samples1: "Output | NodeRef" = _UNSET, samples2: "Output | NodeRef" = _UNSET, ratio: "float | Output" = _UNSET, id: str | None = None, title: str | None = None) -> "_LatentInterpolateNode":
+        """Blends two latents per position: directions (across channels) and lengths are interpolated separately,"""
+        return self._build('LatentInterpolate', locals())
+
+    def LatentMultiply(self, *, samples: "Output | NodeRef" = _UNSET, multiplier: "float | Output" = _UNSET, id: str | None = None, title: str | None = None) -> "_LatentMultiplyNode":
+        """samples * multiplier."""
+        return self._build('LatentMultiply', locals())
+
+    def LatentOperationSharpen(self, *, sharpen_radius: "int | Output" = _UNSET, sigma: "float | Output" = _UNSET, alpha: "float | Output" = _UNSET, id: str | None = None, title: str | None = None) -> "_LatentOperationSharpenNode":
+        """A latent operation that sharpens the latent (unsharp mask on the direction of the latent vectors)."""
+        return self._build('LatentOperationSharpen', locals())
+
+    def LatentOperationTonemapReinhard(self, *, multiplier: "float | Output" = _UNSET, id: str | None = None, title: str | None = None) -> "_LatentOperationTonemapReinhardNode":
+        """A latent operation that tames overly large latent magnitudes (Reinhard tone mapping)."""
+        return self._build('LatentOperationTonemapReinhard', locals())
+
+    def LatentRotate(self, *, samples: "Output | NodeRef" = _UNSET, rotation: "str | Output" = _UNSET, id: str | None = None, title: str | None = None) -> "_LatentRotateNode":
+        """Rotates latents clockwise by 90, 180 or 270 degrees."""
+        return self._build('LatentRotate', locals())
+
+    def LatentSubtract(self, *, samples1: "Output | NodeRef" = _UNSET, samples2: "Output | NodeRef" = _UNSET, id: str | None = None, title: str | None = None) -> "_LatentSubtractNode":
+        """samples1 - samples2 (samples2 is resized and repeated to match samples1)."""
+        return self._build('LatentSubtract', locals())
 
     def LatentUpscale(self, *, samples: "Output | NodeRef" = _UNSET, upscale_method: "str | Output" = _UNSET, width: "int | Output" = _UNSET, height: "int | Output" = _UNSET, crop: "str | Output" = _UNSET, id: str | None = None, title: str | None = None) -> "_LatentUpscaleNode":
         """Resizes latents to a pixel size (0 in one dimension keeps the aspect ratio)."""
@@ -121,6 +437,14 @@ class NodeBuilders:
         """Load an image from the input folder. The mask is 1 - alpha (64x64 zeros without alpha)."""
         return self._build('LoadImage', locals())
 
+    def LoadImageMask(self, *, image: "str | Output" = _UNSET, channel: "str | Output" = _UNSET, id: str | None = None, title: str | None = None) -> "_LoadImageMaskNode":
+        """Loads one channel of an image from the input folder as a mask. For alpha the mask is 1 - alpha"""
+        return self._build('LoadImageMask', locals())
+
+    def LoadImageOutput(self, *, image: "str | Output" = _UNSET, id: str | None = None, title: str | None = None) -> "_LoadImageOutputNode":
+        """Load an image from the output folder (a plain name means output/; ``[input]``/``[temp]`` still work),"""
+        return self._build('LoadImageOutput', locals())
+
     def LoadImageS3(self, *, bucket: "str | Output" = _UNSET, key: "str | Output" = _UNSET, endpoint_url: "str | Output" = _UNSET, region: "str | Output" = _UNSET, path_style: "bool | Output" = _UNSET, max_bytes: "int | Output" = _UNSET, id: str | None = None, title: str | None = None) -> "_LoadImageS3Node":
         """Load an image from S3 or an S3-compatible store (size limit, content-type check); IMAGE and MASK"""
         return self._build('LoadImageS3', locals())
@@ -128,6 +452,10 @@ class NodeBuilders:
     def LoadImageURL(self, *, url: "str | Output" = _UNSET, max_bytes: "int | Output" = _UNSET, timeout_s: "float | Output" = _UNSET, reload: "bool | Output" = _UNSET, id: str | None = None, title: str | None = None) -> "_LoadImageURLNode":
         """Download an image from a URL; IMAGE and MASK (1 - alpha, as LoadImage)."""
         return self._build('LoadImageURL', locals())
+
+    def LoadLatent(self, *, latent: "str | Output" = _UNSET, id: str | None = None, title: str | None = None) -> "_LoadLatentNode":
+        """Loads a .latent file (ComfyUI's format) from the input folder."""
+        return self._build('LoadLatent', locals())
 
     def LoraLoader(self, *, model: "Output | NodeRef" = _UNSET, clip: "Output | NodeRef" = _UNSET, lora_name: "str | Output" = _UNSET, strength_model: "float | Output" = _UNSET, strength_clip: "float | Output" = _UNSET, id: str | None = None, title: str | None = None) -> "_LoraLoaderNode":
         """Applies a LoRA to the model and the CLIP. The loaded base model is never modified: removing this"""
@@ -137,9 +465,45 @@ class NodeBuilders:
         """Applies a LoRA to the diffusion model only."""
         return self._build('LoraLoaderModelOnly', locals())
 
+    def MaskComposite(self, *, destination: "Output | NodeRef" = _UNSET, source: "Output | NodeRef" = _UNSET, x: "int | Output" = _UNSET, y: "int | Output" = _UNSET, operation: "str | Output" = _UNSET, id: str | None = None, title: str | None = None) -> "_MaskCompositeNode":
+        """Combines source into destination with its top-left corner at (x, y): the overlapping area becomes"""
+        return self._build('MaskComposite', locals())
+
+    def MaskPreview(self, *, mask: "Output | NodeRef" = _UNSET, id: str | None = None, title: str | None = None) -> "_MaskPreviewNode":
+        """Shows the mask as a greyscale image (saved to the temp folder)."""
+        return self._build('MaskPreview', locals())
+
     def MaskToImage(self, *, mask: "Output | NodeRef" = _UNSET, id: str | None = None, title: str | None = None) -> "_MaskToImageNode":
         """Convert Mask to Image"""
         return self._build('MaskToImage', locals())
+
+    def ModelMergeAdd(self, *, model1: "Output | NodeRef" = _UNSET, model2: "Output | NodeRef" = _UNSET, id: str | None = None, title: str | None = None) -> "_ModelMergeAddNode":
+        """model1 + model2: adds a difference made by ModelMergeSubtract to another model."""
+        return self._build('ModelMergeAdd', locals())
+
+    def ModelMergeBlocks(self, *, model1: "Output | NodeRef" = _UNSET, model2: "Output | NodeRef" = _UNSET, input: "float | Output" = _UNSET, middle: "float | Output" = _UNSET, out: "float | Output" = _UNSET, id: str | None = None, title: str | None = None) -> "_ModelMergeBlocksNode":
+        """Blends two diffusion models with one ratio for the input blocks, one for the middle block and one for"""
+        return self._build('ModelMergeBlocks', locals())
+
+    def ModelMergeSimple(self, *, model1: "Output | NodeRef" = _UNSET, model2: "Output | NodeRef" = _UNSET, ratio: "float | Output" = _UNSET, id: str | None = None, title: str | None = None) -> "_ModelMergeSimpleNode":
+        """Blends two diffusion models: ratio * model1 + (1 - ratio) * model2 (1.0 = model1, 0.0 = model2)."""
+        return self._build('ModelMergeSimple', locals())
+
+    def ModelMergeSubtract(self, *, model1: "Output | NodeRef" = _UNSET, model2: "Output | NodeRef" = _UNSET, multiplier: "float | Output" = _UNSET, id: str | None = None, title: str | None = None) -> "_ModelMergeSubtractNode":
+        """model1 - multiplier * model2: for instance the difference a fine-tune made to a base model."""
+        return self._build('ModelMergeSubtract', locals())
+
+    def ModelSamplingDiscrete(self, *, model: "Output | NodeRef" = _UNSET, sampling: "str | Output" = _UNSET, zsnr: "bool | Output" = _UNSET, id: str | None = None, title: str | None = None) -> "_ModelSamplingDiscreteNode":
+        """Sets what the model predicts (noise, v, x0, LCM) and optionally rescales its noise schedule to zero"""
+        return self._build('ModelSamplingDiscrete', locals())
+
+    def ModelSave(self, *, model: "Output | NodeRef" = _UNSET, filename_prefix: "str | Output" = _UNSET, id: str | None = None, title: str | None = None) -> "_ModelSaveNode":
+        """Saves the diffusion model alone (``model.diffusion_model.*``), with LoRAs applied; UNETLoader reads it."""
+        return self._build('ModelSave', locals())
+
+    def Morphology(self, *, image: "Output | NodeRef" = _UNSET, operation: "str | Output" = _UNSET, kernel_size: "int | Output" = _UNSET, id: str | None = None, title: str | None = None) -> "_MorphologyNode":
+        """Grey-scale morphology with a flat square kernel: erode (local minimum), dilate (local maximum),"""
+        return self._build('Morphology', locals())
 
     def OpenAIImageEdit(self, *, image: "Output | NodeRef" = _UNSET, prompt: "str | Output" = _UNSET, model: "str | Output" = _UNSET, size: "str | Output" = _UNSET, quality: "str | Output" = _UNSET, n: "int | Output" = _UNSET, background: "str | Output" = _UNSET, output_format: "str | Output" = _UNSET, output_compression: "int | Output" = _UNSET, partial_images: "int | Output" = _UNSET, seed: "int | Output" = _UNSET, endpoint: "str | Output" = _UNSET, base_url: "str | Output" = _UNSET, model_override: "str | Output" = _UNSET, cache_results: "bool | Output" = _UNSET, mask: "Output | NodeRef" = _UNSET, image_2: "Output | NodeRef" = _UNSET, image_3: "Output | NodeRef" = _UNSET, id: str | None = None, title: str | None = None) -> "_OpenAIImageEditNode":
         """Edit or combine images with a prompt (gpt-image-1: up to 16 reference images; dall-e-2: one square"""
@@ -156,6 +520,34 @@ class NodeBuilders:
     def OpenAIResponsesImage(self, *, prompt: "str | Output" = _UNSET, model: "str | Output" = _UNSET, partial_images: "int | Output" = _UNSET, size: "str | Output" = _UNSET, quality: "str | Output" = _UNSET, background: "str | Output" = _UNSET, output_format: "str | Output" = _UNSET, previous_response_id: "str | Output" = _UNSET, seed: "int | Output" = _UNSET, endpoint: "str | Output" = _UNSET, base_url: "str | Output" = _UNSET, model_override: "str | Output" = _UNSET, cache_results: "bool | Output" = _UNSET, image: "Output | NodeRef" = _UNSET, id: str | None = None, title: str | None = None) -> "_OpenAIResponsesImageNode":
         """Generate or edit an image through the Responses API image tool. Partial images stream in as the"""
         return self._build('OpenAIResponsesImage', locals())
+
+    def PatchModelAddDownscale(self, *, model: "Output | NodeRef" = _UNSET, block_number: "int | Output" = _UNSET, downscale_factor: "float | Output" = _UNSET, start_percent: "float | Output" = _UNSET, end_percent: "float | Output" = _UNSET, downscale_after_skip: "bool | Output" = _UNSET, downscale_method: "str | Output" = _UNSET, upscale_method: "str | Output" = _UNSET, id: str | None = None, title: str | None = None) -> "_PatchModelAddDownscaleNode":
+        """Kohya Deep Shrink: for the first steps, the UNet works on a downscaled copy of its features after one"""
+        return self._build('PatchModelAddDownscale', locals())
+
+    def PerpNeg(self, *, model: "Output | NodeRef" = _UNSET, empty_conditioning: "Output | NodeRef" = _UNSET, neg_scale: "float | Output" = _UNSET, id: str | None = None, title: str | None = None) -> "_PerpNegNode":
+        """Perp-Neg on the model (use PerpNegGuider instead): every CFG step also evaluates empty_conditioning."""
+        return self._build('PerpNeg', locals())
+
+    def PerpNegGuider(self, *, model: "Output | NodeRef" = _UNSET, positive: "Output | NodeRef" = _UNSET, negative: "Output | NodeRef" = _UNSET, empty_conditioning: "Output | NodeRef" = _UNSET, cfg: "float | Output" = _UNSET, neg_scale: "float | Output" = _UNSET, id: str | None = None, title: str | None = None) -> "_PerpNegGuiderNode":
+        """Perpendicular negative guidance: only the part of the negative that does not overlap the positive is"""
+        return self._build('PerpNegGuider', locals())
+
+    def PerturbedAttentionGuidance(self, *, model: "Output | NodeRef" = _UNSET, scale: "float | Output" = _UNSET, id: str | None = None, title: str | None = None) -> "_PerturbedAttentionGuidanceNode":
+        """Perturbed-Attention Guidance: steers away from the model's prediction with the middle block's"""
+        return self._build('PerturbedAttentionGuidance', locals())
+
+    def PolyexponentialScheduler(self, *, steps: "int | Output" = _UNSET, sigma_max: "float | Output" = _UNSET, sigma_min: "float | Output" = _UNSET, rho: "float | Output" = _UNSET, id: str | None = None, title: str | None = None) -> "_PolyexponentialSchedulerNode":
+        """log sigma falls from sigma_max to sigma_min along a power curve (rho 1 is exponential)."""
+        return self._build('PolyexponentialScheduler', locals())
+
+    def PorterDuffImageComposite(self, *, source: "Output | NodeRef" = _UNSET, source_alpha: "Output | NodeRef" = _UNSET, destination: "Output | NodeRef" = _UNSET, destination_alpha: "Output | NodeRef" = _UNSET, mode: "str | Output" = _UNSET, id: str | None = None, title: str | None = None) -> "_PorterDuffImageCompositeNode":
+        """Composite ``source`` over/into ``destination`` with a Porter-Duff operator, using the two alpha"""
+        return self._build('PorterDuffImageComposite', locals())
+
+    def PreviewAny(self, *, source: "Output | NodeRef" = _UNSET, id: str | None = None, title: str | None = None) -> "_PreviewAnyNode":
+        """Show the connected value as text on the node."""
+        return self._build('PreviewAny', locals())
 
     def PreviewImage(self, *, images: "Output | NodeRef" = _UNSET, id: str | None = None, title: str | None = None) -> "_PreviewImageNode":
         """Save images to the temp folder for viewing."""
@@ -189,9 +581,113 @@ class NodeBuilders:
         """Stop before a paid call when the prompt has a blocked term or is too long; passes the prompt through."""
         return self._build('PromptScreen', locals())
 
+    def RandomNoise(self, *, noise_seed: "int | Output" = _UNSET, id: str | None = None, title: str | None = None) -> "_RandomNoiseNode":
+        """Seeded Gaussian noise, the same as KSampler draws for the same seed."""
+        return self._build('RandomNoise', locals())
+
+    def RebatchImages(self, *, images: "Output | NodeRef" = _UNSET, batch_size: "int | Output" = _UNSET, id: str | None = None, title: str | None = None) -> "_RebatchImagesNode":
+        """Regroup a list of image batches into batches of ``batch_size`` images (the last may be smaller)."""
+        return self._build('RebatchImages', locals())
+
+    def RebatchLatents(self, *, latents: "Output | NodeRef" = _UNSET, batch_size: "int | Output" = _UNSET, id: str | None = None, title: str | None = None) -> "_RebatchLatentsNode":
+        """Regroups a list of latent batches into batches of `batch_size` (latents of another size start a new"""
+        return self._build('RebatchLatents', locals())
+
+    def RegexExtract(self, *, string: "str | Output" = _UNSET, regex_pattern: "str | Output" = _UNSET, mode: "str | Output" = _UNSET, case_insensitive: "bool | Output" = _UNSET, multiline: "bool | Output" = _UNSET, dotall: "bool | Output" = _UNSET, group_index: "int | Output" = _UNSET, id: str | None = None, title: str | None = None) -> "_RegexExtractNode":
+        """Text matched by the pattern: the first match, all matches (one per line; the first group's text when"""
+        return self._build('RegexExtract', locals())
+
+    def RegexMatch(self, *, string: "str | Output" = _UNSET, regex_pattern: "str | Output" = _UNSET, case_insensitive: "bool | Output" = _UNSET, multiline: "bool | Output" = _UNSET, dotall: "bool | Output" = _UNSET, id: str | None = None, title: str | None = None) -> "_RegexMatchNode":
+        """Whether the pattern is found anywhere in the string."""
+        return self._build('RegexMatch', locals())
+
+    def RegexReplace(self, *, string: "str | Output" = _UNSET, regex_pattern: "str | Output" = _UNSET, replace: "str | Output" = _UNSET, case_insensitive: "bool | Output" = _UNSET, multiline: "bool | Output" = _UNSET, dotall: "bool | Output" = _UNSET, count: "int | Output" = _UNSET, id: str | None = None, title: str | None = None) -> "_RegexReplaceNode":
+        """Replace matches of the pattern with ``replace`` (which may refer to groups as \\1 or \\g<name>);"""
+        return self._build('RegexReplace', locals())
+
+    def RepeatImageBatch(self, *, image: "Output | NodeRef" = _UNSET, amount: "int | Output" = _UNSET, id: str | None = None, title: str | None = None) -> "_RepeatImageBatchNode":
+        """Repeat the whole batch ``amount`` times (a batch [a, b] with amount 2 gives [a, b, a, b])."""
+        return self._build('RepeatImageBatch', locals())
+
+    def RepeatLatentBatch(self, *, samples: "Output | NodeRef" = _UNSET, amount: "int | Output" = _UNSET, id: str | None = None, title: str | None = None) -> "_RepeatLatentBatchNode":
+        """Repeats the whole batch `amount` times; repeated latents get new noise (their batch_index continues"""
+        return self._build('RepeatLatentBatch', locals())
+
     def ReplicateRun(self, *, model: "str | Output" = _UNSET, prompt: "str | Output" = _UNSET, input_json: "str | Output" = _UNSET, seed: "int | Output" = _UNSET, image_field: "str | Output" = _UNSET, max_wait_s: "int | Output" = _UNSET, endpoint: "str | Output" = _UNSET, cache_results: "bool | Output" = _UNSET, image: "Output | NodeRef" = _UNSET, id: str | None = None, title: str | None = None) -> "_ReplicateRunNode":
         """Run a Replicate model (e.g. black-forest-labs/flux-1.1-pro) with an input dict and return its images."""
         return self._build('ReplicateRun', locals())
+
+    def RescaleCFG(self, *, model: "Output | NodeRef" = _UNSET, multiplier: "float | Output" = _UNSET, id: str | None = None, title: str | None = None) -> "_RescaleCFGNode":
+        """Rescales classifier-free guidance so high cfg values do not over-saturate (meant for v-prediction and"""
+        return self._build('RescaleCFG', locals())
+
+    def ResizeAndPadImage(self, *, image: "Output | NodeRef" = _UNSET, target_width: "int | Output" = _UNSET, target_height: "int | Output" = _UNSET, padding_color: "str | Output" = _UNSET, interpolation: "str | Output" = _UNSET, id: str | None = None, title: str | None = None) -> "_ResizeAndPadImageNode":
+        """Fit the image inside target_width x target_height keeping its aspect ratio, centred on a white or"""
+        return self._build('ResizeAndPadImage', locals())
+
+    def SDTurboScheduler(self, *, model: "Output | NodeRef" = _UNSET, steps: "int | Output" = _UNSET, denoise: "float | Output" = _UNSET, id: str | None = None, title: str | None = None) -> "_SDTurboSchedulerNode":
+        """SD-Turbo's few-step schedule (timesteps 999, 899, ...) on the model's sigma table."""
+        return self._build('SDTurboScheduler', locals())
+
+    def SamplerCustom(self, *, model: "Output | NodeRef" = _UNSET, add_noise: "bool | Output" = _UNSET, noise_seed: "int | Output" = _UNSET, cfg: "float | Output" = _UNSET, positive: "Output | NodeRef" = _UNSET, negative: "Output | NodeRef" = _UNSET, sampler: "Output | NodeRef" = _UNSET, sigmas: "Output | NodeRef" = _UNSET, latent_image: "Output | NodeRef" = _UNSET, id: str | None = None, title: str | None = None) -> "_SamplerCustomNode":
+        """SamplerCustomAdvanced with classifier-free guidance and the noise settings in one node."""
+        return self._build('SamplerCustom', locals())
+
+    def SamplerCustomAdvanced(self, *, noise: "Output | NodeRef" = _UNSET, guider: "Output | NodeRef" = _UNSET, sampler: "Output | NodeRef" = _UNSET, sigmas: "Output | NodeRef" = _UNSET, latent_image: "Output | NodeRef" = _UNSET, id: str | None = None, title: str | None = None) -> "_SamplerCustomAdvancedNode":
+        """Runs a sampler over the given noise levels with a guider, starting from the given noise."""
+        return self._build('SamplerCustomAdvanced', locals())
+
+    def SamplerDPMAdaptative(self, *, order: "int | Output" = _UNSET, rtol: "float | Output" = _UNSET, atol: "float | Output" = _UNSET, h_init: "float | Output" = _UNSET, pcoeff: "float | Output" = _UNSET, icoeff: "float | Output" = _UNSET, dcoeff: "float | Output" = _UNSET, accept_safety: "float | Output" = _UNSET, eta: "float | Output" = _UNSET, s_noise: "float | Output" = _UNSET, id: str | None = None, title: str | None = None) -> "_SamplerDPMAdaptativeNode":
+        """DPM-Solver with adaptive step size (it picks its own steps between the first and last sigma)."""
+        return self._build('SamplerDPMAdaptative', locals())
+
+    def SamplerDPMPP_2M_SDE(self, *, solver_type: "str | Output" = _UNSET, eta: "float | Output" = _UNSET, s_noise: "float | Output" = _UNSET, noise_device: "str | Output" = _UNSET, id: str | None = None, title: str | None = None) -> "_SamplerDPMPP_2M_SDENode":
+        """DPM-Solver++(2M) SDE, with Brownian-tree noise."""
+        return self._build('SamplerDPMPP_2M_SDE', locals())
+
+    def SamplerDPMPP_2S_Ancestral(self, *, eta: "float | Output" = _UNSET, s_noise: "float | Output" = _UNSET, id: str | None = None, title: str | None = None) -> "_SamplerDPMPP_2S_AncestralNode":
+        """DPM-Solver++(2S) ancestral."""
+        return self._build('SamplerDPMPP_2S_Ancestral', locals())
+
+    def SamplerDPMPP_3M_SDE(self, *, eta: "float | Output" = _UNSET, s_noise: "float | Output" = _UNSET, noise_device: "str | Output" = _UNSET, id: str | None = None, title: str | None = None) -> "_SamplerDPMPP_3M_SDENode":
+        """DPM-Solver++(3M) SDE, with Brownian-tree noise."""
+        return self._build('SamplerDPMPP_3M_SDE', locals())
+
+    def SamplerDPMPP_SDE(self, *, eta: "float | Output" = _UNSET, s_noise: "float | Output" = _UNSET, r: "float | Output" = _UNSET, noise_device: "str | Output" = _UNSET, id: str | None = None, title: str | None = None) -> "_SamplerDPMPP_SDENode":
+        """DPM-Solver++ SDE (two model calls per step, the second at ratio ``r`` of the step), Brownian noise."""
+        return self._build('SamplerDPMPP_SDE', locals())
+
+    def SamplerEulerAncestral(self, *, eta: "float | Output" = _UNSET, s_noise: "float | Output" = _UNSET, id: str | None = None, title: str | None = None) -> "_SamplerEulerAncestralNode":
+        """Euler ancestral: Euler steps that add fresh noise each time."""
+        return self._build('SamplerEulerAncestral', locals())
+
+    def SamplerEulerAncestralCFGPP(self, *, eta: "float | Output" = _UNSET, s_noise: "float | Output" = _UNSET, id: str | None = None, title: str | None = None) -> "_SamplerEulerAncestralCFGPPNode":
+        """Euler ancestral with CFG++ (the step direction uses the negative prompt's prediction)."""
+        return self._build('SamplerEulerAncestralCFGPP', locals())
+
+    def SamplerEulerCFGpp(self, *, version: "str | Output" = _UNSET, id: str | None = None, title: str | None = None) -> "_SamplerEulerCFGppNode":
+        """Euler with CFG++; "alternative" is the formulation that adds the guidance difference to the slope."""
+        return self._build('SamplerEulerCFGpp', locals())
+
+    def SamplerLCMUpscale(self, *, scale_ratio: "float | Output" = _UNSET, scale_steps: "int | Output" = _UNSET, upscale_method: "str | Output" = _UNSET, id: str | None = None, title: str | None = None) -> "_SamplerLCMUpscaleNode":
+        """LCM sampling that also enlarges the latent over the first steps."""
+        return self._build('SamplerLCMUpscale', locals())
+
+    def SamplerLMS(self, *, order: "int | Output" = _UNSET, id: str | None = None, title: str | None = None) -> "_SamplerLMSNode":
+        """Linear multistep of the given order."""
+        return self._build('SamplerLMS', locals())
+
+    def SamplingPercentToSigma(self, *, model: "Output | NodeRef" = _UNSET, sampling_percent: "float | Output" = _UNSET, return_actual_sigma: "bool | Output" = _UNSET, id: str | None = None, title: str | None = None) -> "_SamplingPercentToSigmaNode":
+        """The model's sigma after a fraction of the denoising (0: the start, 1: the end)."""
+        return self._build('SamplingPercentToSigma', locals())
+
+    def SaveAnimatedPNG(self, *, images: "Output | NodeRef" = _UNSET, filename_prefix: "str | Output" = _UNSET, fps: "float | Output" = _UNSET, compress_level: "int | Output" = _UNSET, id: str | None = None, title: str | None = None) -> "_SaveAnimatedPNGNode":
+        """Save the batch as one animated PNG (APNG) in the output folder, ``fps`` frames per second."""
+        return self._build('SaveAnimatedPNG', locals())
+
+    def SaveAnimatedWEBP(self, *, images: "Output | NodeRef" = _UNSET, filename_prefix: "str | Output" = _UNSET, fps: "float | Output" = _UNSET, lossless: "bool | Output" = _UNSET, quality: "int | Output" = _UNSET, method: "str | Output" = _UNSET, id: str | None = None, title: str | None = None) -> "_SaveAnimatedWEBPNode":
+        """Save the batch as one animated WEBP in the output folder, ``fps`` frames per second."""
+        return self._build('SaveAnimatedWEBP', locals())
 
     def SaveFileS3(self, *, data: "Output | NodeRef" = _UNSET, bucket: "str | Output" = _UNSET, key_template: "str | Output" = _UNSET, filename_prefix: "str | Output" = _UNSET, extension: "str | Output" = _UNSET, content_type: "str | Output" = _UNSET, storage_class: "str | Output" = _UNSET, endpoint_url: "str | Output" = _UNSET, region: "str | Output" = _UNSET, path_style: "bool | Output" = _UNSET, presign_seconds: "int | Output" = _UNSET, metadata: "str | Output" = _UNSET, id: str | None = None, title: str | None = None) -> "_SaveFileS3Node":
         """Save bytes, text or JSON from any node to S3 or an S3-compatible store."""
@@ -209,6 +705,18 @@ class NodeBuilders:
         """Send each image to the client as a PNG binary websocket frame instead of writing a file."""
         return self._build('SaveImageWebsocket', locals())
 
+    def SaveLatent(self, *, samples: "Output | NodeRef" = _UNSET, filename_prefix: "str | Output" = _UNSET, id: str | None = None, title: str | None = None) -> "_SaveLatentNode":
+        """Saves latents to the output folder as a .latent file (readable by ComfyUI), with the graph in its"""
+        return self._build('SaveLatent', locals())
+
+    def SelfAttentionGuidance(self, *, model: "Output | NodeRef" = _UNSET, scale: "float | Output" = _UNSET, blur_sigma: "float | Output" = _UNSET, id: str | None = None, title: str | None = None) -> "_SelfAttentionGuidanceNode":
+        """Self-Attention Guidance: blurs the regions the model attends to most and steers away from the"""
+        return self._build('SelfAttentionGuidance', locals())
+
+    def SetFirstSigma(self, *, sigmas: "Output | NodeRef" = _UNSET, sigma: "float | Output" = _UNSET, id: str | None = None, title: str | None = None) -> "_SetFirstSigmaNode":
+        """Replaces the first (starting) noise level of a schedule."""
+        return self._build('SetFirstSigma', locals())
+
     def SetLatentNoiseMask(self, *, samples: "Output | NodeRef" = _UNSET, mask: "Output | NodeRef" = _UNSET, id: str | None = None, title: str | None = None) -> "_SetLatentNoiseMaskNode":
         """Restricts sampling to the masked area of a latent (1 = change, 0 = keep)."""
         return self._build('SetLatentNoiseMask', locals())
@@ -217,9 +725,69 @@ class NodeBuilders:
         """SolidMask"""
         return self._build('SolidMask', locals())
 
+    def SplitImageWithAlpha(self, *, image: "Output | NodeRef" = _UNSET, id: str | None = None, title: str | None = None) -> "_SplitImageWithAlphaNode":
+        """Split an RGBA image into its RGB image and a MASK of 1 - alpha (all 0 for an RGB image)."""
+        return self._build('SplitImageWithAlpha', locals())
+
+    def SplitSigmas(self, *, sigmas: "Output | NodeRef" = _UNSET, step: "int | Output" = _UNSET, id: str | None = None, title: str | None = None) -> "_SplitSigmasNode":
+        """Cuts a schedule at a step: high_sigmas runs steps 0..step, low_sigmas the rest (they share one sigma)."""
+        return self._build('SplitSigmas', locals())
+
+    def SplitSigmasDenoise(self, *, sigmas: "Output | NodeRef" = _UNSET, denoise: "float | Output" = _UNSET, id: str | None = None, title: str | None = None) -> "_SplitSigmasDenoiseNode":
+        """Cuts a schedule so that low_sigmas holds the last ``denoise`` fraction of its steps."""
+        return self._build('SplitSigmasDenoise', locals())
+
+    def StringCompare(self, *, string_a: "str | Output" = _UNSET, string_b: "str | Output" = _UNSET, mode: "str | Output" = _UNSET, case_sensitive: "bool | Output" = _UNSET, id: str | None = None, title: str | None = None) -> "_StringCompareNode":
+        """Whether ``string_a`` starts with, ends with, or equals ``string_b``."""
+        return self._build('StringCompare', locals())
+
+    def StringConcatenate(self, *, string_a: "str | Output" = _UNSET, string_b: "str | Output" = _UNSET, delimiter: "str | Output" = _UNSET, id: str | None = None, title: str | None = None) -> "_StringConcatenateNode":
+        """``string_a``, then ``delimiter``, then ``string_b``."""
+        return self._build('StringConcatenate', locals())
+
+    def StringContains(self, *, string: "str | Output" = _UNSET, substring: "str | Output" = _UNSET, case_sensitive: "bool | Output" = _UNSET, id: str | None = None, title: str | None = None) -> "_StringContainsNode":
+        """Whether ``substring`` occurs in ``string``."""
+        return self._build('StringContains', locals())
+
+    def StringLength(self, *, string: "str | Output" = _UNSET, id: str | None = None, title: str | None = None) -> "_StringLengthNode":
+        """The number of characters."""
+        return self._build('StringLength', locals())
+
+    def StringReplace(self, *, string: "str | Output" = _UNSET, find: "str | Output" = _UNSET, replace: "str | Output" = _UNSET, id: str | None = None, title: str | None = None) -> "_StringReplaceNode":
+        """Replace every occurrence of ``find`` (plain text) with ``replace``."""
+        return self._build('StringReplace', locals())
+
+    def StringSubstring(self, *, string: "str | Output" = _UNSET, start: "int | Output" = _UNSET, end: "int | Output" = _UNSET, id: str | None = None, title: str | None = None) -> "_StringSubstringNode":
+        """Characters ``start`` up to (not including) ``end``; negative positions count from the end."""
+        return self._build('StringSubstring', locals())
+
+    def StringTrim(self, *, string: "str | Output" = _UNSET, mode: "str | Output" = _UNSET, id: str | None = None, title: str | None = None) -> "_StringTrimNode":
+        """Remove whitespace at both ends, the start (Left) or the end (Right)."""
+        return self._build('StringTrim', locals())
+
+    def ThresholdMask(self, *, mask: "Output | NodeRef" = _UNSET, value: "float | Output" = _UNSET, id: str | None = None, title: str | None = None) -> "_ThresholdMaskNode":
+        """1 where the mask is above value, 0 elsewhere."""
+        return self._build('ThresholdMask', locals())
+
+    def UNETLoader(self, *, unet_name: "str | Output" = _UNSET, weight_dtype: "str | Output" = _UNSET, id: str | None = None, title: str | None = None) -> "_UNETLoaderNode":
+        """Loads a diffusion model (UNet) on its own from models/diffusion_models (or models/unet). Its"""
+        return self._build('UNETLoader', locals())
+
+    def UNetCrossAttentionMultiply(self, *, model: "Output | NodeRef" = _UNSET, q: "float | Output" = _UNSET, k: "float | Output" = _UNSET, v: "float | Output" = _UNSET, out: "float | Output" = _UNSET, id: str | None = None, title: str | None = None) -> "_UNetCrossAttentionMultiplyNode":
+        """Multiplies the query, key, value and output projections of the UNet's cross-attention (the prompt)."""
+        return self._build('UNetCrossAttentionMultiply', locals())
+
+    def UNetSelfAttentionMultiply(self, *, model: "Output | NodeRef" = _UNSET, q: "float | Output" = _UNSET, k: "float | Output" = _UNSET, v: "float | Output" = _UNSET, out: "float | Output" = _UNSET, id: str | None = None, title: str | None = None) -> "_UNetSelfAttentionMultiplyNode":
+        """Multiplies the query, key, value and output projections of the UNet's self-attention."""
+        return self._build('UNetSelfAttentionMultiply', locals())
+
     def VAEDecode(self, *, samples: "Output | NodeRef" = _UNSET, vae: "Output | NodeRef" = _UNSET, id: str | None = None, title: str | None = None) -> "_VAEDecodeNode":
         """Decodes latents into images."""
         return self._build('VAEDecode', locals())
+
+    def VAEDecodeTiled(self, *, samples: "Output | NodeRef" = _UNSET, vae: "Output | NodeRef" = _UNSET, tile_size: "int | Output" = _UNSET, overlap: "int | Output" = _UNSET, temporal_size: "int | Output" = _UNSET, temporal_overlap: "int | Output" = _UNSET, id: str | None = None, title: str | None = None) -> "_VAEDecodeTiledNode":
+        """Decodes latents tile by tile, for images too large to decode at once; the tiles overlap and are"""
+        return self._build('VAEDecodeTiled', locals())
 
     def VAEEncode(self, *, pixels: "Output | NodeRef" = _UNSET, vae: "Output | NodeRef" = _UNSET, id: str | None = None, title: str | None = None) -> "_VAEEncodeNode":
         """Encodes images into latents (images are centre-cropped to a multiple of 8)."""
@@ -229,9 +797,21 @@ class NodeBuilders:
         """Encodes an image for inpainting: the masked area (grown by grow_mask_by pixels) is greyed out before"""
         return self._build('VAEEncodeForInpaint', locals())
 
+    def VAEEncodeTiled(self, *, pixels: "Output | NodeRef" = _UNSET, vae: "Output | NodeRef" = _UNSET, tile_size: "int | Output" = _UNSET, overlap: "int | Output" = _UNSET, temporal_size: "int | Output" = _UNSET, temporal_overlap: "int | Output" = _UNSET, id: str | None = None, title: str | None = None) -> "_VAEEncodeTiledNode":
+        """Encodes an image tile by tile, for images too large to encode at once (centre-cropped to a multiple"""
+        return self._build('VAEEncodeTiled', locals())
+
     def VAELoader(self, *, vae_name: "str | Output" = _UNSET, id: str | None = None, title: str | None = None) -> "_VAELoaderNode":
         """Loads a standalone VAE (LDM or diffusers layout) from models/vae."""
         return self._build('VAELoader', locals())
+
+    def VAESave(self, *, vae: "Output | NodeRef" = _UNSET, filename_prefix: "str | Output" = _UNSET, id: str | None = None, title: str | None = None) -> "_VAESaveNode":
+        """Saves a VAE in the bare LDM layout (``encoder.down.0...``), as VAELoader and other tools read it."""
+        return self._build('VAESave', locals())
+
+    def VPScheduler(self, *, steps: "int | Output" = _UNSET, beta_d: "float | Output" = _UNSET, beta_min: "float | Output" = _UNSET, eps_s: "float | Output" = _UNSET, id: str | None = None, title: str | None = None) -> "_VPSchedulerNode":
+        """The continuous variance-preserving SDE's noise levels."""
+        return self._build('VPScheduler', locals())
 
     def ValidateImage(self, *, images: "Output | NodeRef" = _UNSET, min_std: "float | Output" = _UNSET, min_size: "int | Output" = _UNSET, id: str | None = None, title: str | None = None) -> "_ValidateImageNode":
         """Fail the run on blank, single-colour, corrupt or tiny images; pass good ones through."""
@@ -239,6 +819,102 @@ class NodeBuilders:
 
 
 if TYPE_CHECKING:
+    class _AddNoiseOutputs:
+        LATENT: Output
+
+
+    class _AddNoiseNode:
+        out: _AddNoiseOutputs
+        id: str
+
+    class _AlignYourStepsSchedulerOutputs:
+        SIGMAS: Output
+
+
+    class _AlignYourStepsSchedulerNode:
+        out: _AlignYourStepsSchedulerOutputs
+        id: str
+
+    class _BasicGuiderOutputs:
+        GUIDER: Output
+
+
+    class _BasicGuiderNode:
+        out: _BasicGuiderOutputs
+        id: str
+
+    class _BasicSchedulerOutputs:
+        SIGMAS: Output
+
+
+    class _BasicSchedulerNode:
+        out: _BasicSchedulerOutputs
+        id: str
+
+    class _BetaSamplingSchedulerOutputs:
+        SIGMAS: Output
+
+
+    class _BetaSamplingSchedulerNode:
+        out: _BetaSamplingSchedulerOutputs
+        id: str
+
+    class _CFGGuiderOutputs:
+        GUIDER: Output
+
+
+    class _CFGGuiderNode:
+        out: _CFGGuiderOutputs
+        id: str
+
+    class _CLIPAttentionMultiplyOutputs:
+        CLIP: Output
+
+
+    class _CLIPAttentionMultiplyNode:
+        out: _CLIPAttentionMultiplyOutputs
+        id: str
+
+    class _CLIPLoaderOutputs:
+        CLIP: Output
+
+
+    class _CLIPLoaderNode:
+        out: _CLIPLoaderOutputs
+        id: str
+
+    class _CLIPMergeAddOutputs:
+        CLIP: Output
+
+
+    class _CLIPMergeAddNode:
+        out: _CLIPMergeAddOutputs
+        id: str
+
+    class _CLIPMergeSimpleOutputs:
+        CLIP: Output
+
+
+    class _CLIPMergeSimpleNode:
+        out: _CLIPMergeSimpleOutputs
+        id: str
+
+    class _CLIPMergeSubtractOutputs:
+        CLIP: Output
+
+
+    class _CLIPMergeSubtractNode:
+        out: _CLIPMergeSubtractOutputs
+        id: str
+
+    class _CLIPSaveOutputs:
+        pass
+
+
+    class _CLIPSaveNode:
+        out: _CLIPSaveOutputs
+        id: str
+
     class _CLIPSetLastLayerOutputs:
         CLIP: Output
 
@@ -255,12 +931,46 @@ if TYPE_CHECKING:
         out: _CLIPTextEncodeOutputs
         id: str
 
+    class _CLIPTextEncodeSDXLOutputs:
+        CONDITIONING: Output
+
+
+    class _CLIPTextEncodeSDXLNode:
+        out: _CLIPTextEncodeSDXLOutputs
+        id: str
+
+    class _CLIPTextEncodeSDXLRefinerOutputs:
+        CONDITIONING: Output
+
+
+    class _CLIPTextEncodeSDXLRefinerNode:
+        out: _CLIPTextEncodeSDXLRefinerOutputs
+        id: str
+
     class _CannyOutputs:
         IMAGE: Output
 
 
     class _CannyNode:
         out: _CannyOutputs
+        id: str
+
+    class _CaseConverterOutputs:
+        STRING: Output
+
+
+    class _CaseConverterNode:
+        out: _CaseConverterOutputs
+        id: str
+
+    class _CheckpointLoaderOutputs:
+        MODEL: Output
+        CLIP: Output
+        VAE: Output
+
+
+    class _CheckpointLoaderNode:
+        out: _CheckpointLoaderOutputs
         id: str
 
     class _CheckpointLoaderSimpleOutputs:
@@ -271,6 +981,86 @@ if TYPE_CHECKING:
 
     class _CheckpointLoaderSimpleNode:
         out: _CheckpointLoaderSimpleOutputs
+        id: str
+
+    class _CheckpointSaveOutputs:
+        pass
+
+
+    class _CheckpointSaveNode:
+        out: _CheckpointSaveOutputs
+        id: str
+
+    class _ConditioningAverageOutputs:
+        CONDITIONING: Output
+
+
+    class _ConditioningAverageNode:
+        out: _ConditioningAverageOutputs
+        id: str
+
+    class _ConditioningCombineOutputs:
+        CONDITIONING: Output
+
+
+    class _ConditioningCombineNode:
+        out: _ConditioningCombineOutputs
+        id: str
+
+    class _ConditioningConcatOutputs:
+        CONDITIONING: Output
+
+
+    class _ConditioningConcatNode:
+        out: _ConditioningConcatOutputs
+        id: str
+
+    class _ConditioningSetAreaOutputs:
+        CONDITIONING: Output
+
+
+    class _ConditioningSetAreaNode:
+        out: _ConditioningSetAreaOutputs
+        id: str
+
+    class _ConditioningSetAreaPercentageOutputs:
+        CONDITIONING: Output
+
+
+    class _ConditioningSetAreaPercentageNode:
+        out: _ConditioningSetAreaPercentageOutputs
+        id: str
+
+    class _ConditioningSetAreaStrengthOutputs:
+        CONDITIONING: Output
+
+
+    class _ConditioningSetAreaStrengthNode:
+        out: _ConditioningSetAreaStrengthOutputs
+        id: str
+
+    class _ConditioningSetMaskOutputs:
+        CONDITIONING: Output
+
+
+    class _ConditioningSetMaskNode:
+        out: _ConditioningSetMaskOutputs
+        id: str
+
+    class _ConditioningSetTimestepRangeOutputs:
+        CONDITIONING: Output
+
+
+    class _ConditioningSetTimestepRangeNode:
+        out: _ConditioningSetTimestepRangeOutputs
+        id: str
+
+    class _ConditioningZeroOutOutputs:
+        CONDITIONING: Output
+
+
+    class _ConditioningZeroOutNode:
+        out: _ConditioningZeroOutOutputs
         id: str
 
     class _ControlNetApplyOutputs:
@@ -298,6 +1088,64 @@ if TYPE_CHECKING:
         out: _ControlNetLoaderOutputs
         id: str
 
+    class _CropMaskOutputs:
+        MASK: Output
+
+
+    class _CropMaskNode:
+        out: _CropMaskOutputs
+        id: str
+
+    class _DiffControlNetLoaderOutputs:
+        CONTROL_NET: Output
+
+
+    class _DiffControlNetLoaderNode:
+        out: _DiffControlNetLoaderOutputs
+        id: str
+
+    class _DifferentialDiffusionOutputs:
+        MODEL: Output
+
+
+    class _DifferentialDiffusionNode:
+        out: _DifferentialDiffusionOutputs
+        id: str
+
+    class _DiffusersLoaderOutputs:
+        MODEL: Output
+        CLIP: Output
+        VAE: Output
+
+
+    class _DiffusersLoaderNode:
+        out: _DiffusersLoaderOutputs
+        id: str
+
+    class _DisableNoiseOutputs:
+        NOISE: Output
+
+
+    class _DisableNoiseNode:
+        out: _DisableNoiseOutputs
+        id: str
+
+    class _DualCFGGuiderOutputs:
+        GUIDER: Output
+
+
+    class _DualCFGGuiderNode:
+        out: _DualCFGGuiderOutputs
+        id: str
+
+    class _DualCLIPLoaderOutputs:
+        CLIP: Output
+
+
+    class _DualCLIPLoaderNode:
+        out: _DualCLIPLoaderOutputs
+        id: str
+
     class _EmptyImageOutputs:
         IMAGE: Output
 
@@ -314,6 +1162,72 @@ if TYPE_CHECKING:
         out: _EmptyLatentImageOutputs
         id: str
 
+    class _ExponentialSchedulerOutputs:
+        SIGMAS: Output
+
+
+    class _ExponentialSchedulerNode:
+        out: _ExponentialSchedulerOutputs
+        id: str
+
+    class _ExtendIntermediateSigmasOutputs:
+        SIGMAS: Output
+
+
+    class _ExtendIntermediateSigmasNode:
+        out: _ExtendIntermediateSigmasOutputs
+        id: str
+
+    class _FeatherMaskOutputs:
+        MASK: Output
+
+
+    class _FeatherMaskNode:
+        out: _FeatherMaskOutputs
+        id: str
+
+    class _FlipSigmasOutputs:
+        SIGMAS: Output
+
+
+    class _FlipSigmasNode:
+        out: _FlipSigmasOutputs
+        id: str
+
+    class _FreeUOutputs:
+        MODEL: Output
+
+
+    class _FreeUNode:
+        out: _FreeUOutputs
+        id: str
+
+    class _FreeU_V2Outputs:
+        MODEL: Output
+
+
+    class _FreeU_V2Node:
+        out: _FreeU_V2Outputs
+        id: str
+
+    class _GITSSchedulerOutputs:
+        SIGMAS: Output
+
+
+    class _GITSSchedulerNode:
+        out: _GITSSchedulerOutputs
+        id: str
+
+    class _GetImageSizeOutputs:
+        width: Output
+        height: Output
+        batch_size: Output
+
+
+    class _GetImageSizeNode:
+        out: _GetImageSizeOutputs
+        id: str
+
     class _GoogleImagenGenerateOutputs:
         images: Output
         mask: Output
@@ -322,6 +1236,46 @@ if TYPE_CHECKING:
 
     class _GoogleImagenGenerateNode:
         out: _GoogleImagenGenerateOutputs
+        id: str
+
+    class _GrowMaskOutputs:
+        MASK: Output
+
+
+    class _GrowMaskNode:
+        out: _GrowMaskOutputs
+        id: str
+
+    class _HyperTileOutputs:
+        MODEL: Output
+
+
+    class _HyperTileNode:
+        out: _HyperTileOutputs
+        id: str
+
+    class _HypernetworkLoaderOutputs:
+        MODEL: Output
+
+
+    class _HypernetworkLoaderNode:
+        out: _HypernetworkLoaderOutputs
+        id: str
+
+    class _ImageAddNoiseOutputs:
+        IMAGE: Output
+
+
+    class _ImageAddNoiseNode:
+        out: _ImageAddNoiseOutputs
+        id: str
+
+    class _ImageBatchOutputs:
+        IMAGE: Output
+
+
+    class _ImageBatchNode:
+        out: _ImageBatchOutputs
         id: str
 
     class _ImageBlendOutputs:
@@ -340,6 +1294,14 @@ if TYPE_CHECKING:
         out: _ImageBlurOutputs
         id: str
 
+    class _ImageColorToMaskOutputs:
+        MASK: Output
+
+
+    class _ImageColorToMaskNode:
+        out: _ImageColorToMaskOutputs
+        id: str
+
     class _ImageCompositeMaskedOutputs:
         IMAGE: Output
 
@@ -354,6 +1316,22 @@ if TYPE_CHECKING:
 
     class _ImageCropNode:
         out: _ImageCropOutputs
+        id: str
+
+    class _ImageFlipOutputs:
+        IMAGE: Output
+
+
+    class _ImageFlipNode:
+        out: _ImageFlipOutputs
+        id: str
+
+    class _ImageFromBatchOutputs:
+        IMAGE: Output
+
+
+    class _ImageFromBatchNode:
+        out: _ImageFromBatchOutputs
         id: str
 
     class _ImageInvertOutputs:
@@ -371,6 +1349,32 @@ if TYPE_CHECKING:
 
     class _ImagePadForOutpaintNode:
         out: _ImagePadForOutpaintOutputs
+        id: str
+
+    class _ImageQuantizeOutputs:
+        IMAGE: Output
+
+
+    class _ImageQuantizeNode:
+        out: _ImageQuantizeOutputs
+        id: str
+
+    class _ImageRGBToYUVOutputs:
+        Y: Output
+        U: Output
+        V: Output
+
+
+    class _ImageRGBToYUVNode:
+        out: _ImageRGBToYUVOutputs
+        id: str
+
+    class _ImageRotateOutputs:
+        IMAGE: Output
+
+
+    class _ImageRotateNode:
+        out: _ImageRotateOutputs
         id: str
 
     class _ImageSafetyCheckOutputs:
@@ -398,6 +1402,38 @@ if TYPE_CHECKING:
         out: _ImageScaleByOutputs
         id: str
 
+    class _ImageScaleToMaxDimensionOutputs:
+        IMAGE: Output
+
+
+    class _ImageScaleToMaxDimensionNode:
+        out: _ImageScaleToMaxDimensionOutputs
+        id: str
+
+    class _ImageScaleToTotalPixelsOutputs:
+        IMAGE: Output
+
+
+    class _ImageScaleToTotalPixelsNode:
+        out: _ImageScaleToTotalPixelsOutputs
+        id: str
+
+    class _ImageSharpenOutputs:
+        IMAGE: Output
+
+
+    class _ImageSharpenNode:
+        out: _ImageSharpenOutputs
+        id: str
+
+    class _ImageStitchOutputs:
+        IMAGE: Output
+
+
+    class _ImageStitchNode:
+        out: _ImageStitchOutputs
+        id: str
+
     class _ImageToMaskOutputs:
         MASK: Output
 
@@ -406,12 +1442,38 @@ if TYPE_CHECKING:
         out: _ImageToMaskOutputs
         id: str
 
+    class _ImageYUVToRGBOutputs:
+        IMAGE: Output
+
+
+    class _ImageYUVToRGBNode:
+        out: _ImageYUVToRGBOutputs
+        id: str
+
+    class _InpaintModelConditioningOutputs:
+        positive: Output
+        negative: Output
+        latent: Output
+
+
+    class _InpaintModelConditioningNode:
+        out: _InpaintModelConditioningOutputs
+        id: str
+
     class _InvertMaskOutputs:
         MASK: Output
 
 
     class _InvertMaskNode:
         out: _InvertMaskOutputs
+        id: str
+
+    class _JoinImageWithAlphaOutputs:
+        IMAGE: Output
+
+
+    class _JoinImageWithAlphaNode:
+        out: _JoinImageWithAlphaOutputs
         id: str
 
     class _KSamplerOutputs:
@@ -428,6 +1490,166 @@ if TYPE_CHECKING:
 
     class _KSamplerAdvancedNode:
         out: _KSamplerAdvancedOutputs
+        id: str
+
+    class _KSamplerSelectOutputs:
+        SAMPLER: Output
+
+
+    class _KSamplerSelectNode:
+        out: _KSamplerSelectOutputs
+        id: str
+
+    class _KarrasSchedulerOutputs:
+        SIGMAS: Output
+
+
+    class _KarrasSchedulerNode:
+        out: _KarrasSchedulerOutputs
+        id: str
+
+    class _LaplaceSchedulerOutputs:
+        SIGMAS: Output
+
+
+    class _LaplaceSchedulerNode:
+        out: _LaplaceSchedulerOutputs
+        id: str
+
+    class _LatentAddOutputs:
+        LATENT: Output
+
+
+    class _LatentAddNode:
+        out: _LatentAddOutputs
+        id: str
+
+    class _LatentApplyOperationOutputs:
+        LATENT: Output
+
+
+    class _LatentApplyOperationNode:
+        out: _LatentApplyOperationOutputs
+        id: str
+
+    class _LatentApplyOperationCFGOutputs:
+        MODEL: Output
+
+
+    class _LatentApplyOperationCFGNode:
+        out: _LatentApplyOperationCFGOutputs
+        id: str
+
+    class _LatentBatchOutputs:
+        LATENT: Output
+
+
+    class _LatentBatchNode:
+        out: _LatentBatchOutputs
+        id: str
+
+    class _LatentBatchSeedBehaviorOutputs:
+        LATENT: Output
+
+
+    class _LatentBatchSeedBehaviorNode:
+        out: _LatentBatchSeedBehaviorOutputs
+        id: str
+
+    class _LatentBlendOutputs:
+        LATENT: Output
+
+
+    class _LatentBlendNode:
+        out: _LatentBlendOutputs
+        id: str
+
+    class _LatentCompositeOutputs:
+        LATENT: Output
+
+
+    class _LatentCompositeNode:
+        out: _LatentCompositeOutputs
+        id: str
+
+    class _LatentCompositeMaskedOutputs:
+        LATENT: Output
+
+
+    class _LatentCompositeMaskedNode:
+        out: _LatentCompositeMaskedOutputs
+        id: str
+
+    class _LatentCropOutputs:
+        LATENT: Output
+
+
+    class _LatentCropNode:
+        out: _LatentCropOutputs
+        id: str
+
+    class _LatentFlipOutputs:
+        LATENT: Output
+
+
+    class _LatentFlipNode:
+        out: _LatentFlipOutputs
+        id: str
+
+    class _LatentFromBatchOutputs:
+        LATENT: Output
+
+
+    class _LatentFromBatchNode:
+        out: _LatentFromBatchOutputs
+        id: str
+
+    class _LatentInterpolateOutputs:
+        LATENT: Output
+
+
+    class _LatentInterpolateNode:
+        out: _LatentInterpolateOutputs
+        id: str
+
+    class _LatentMultiplyOutputs:
+        LATENT: Output
+
+
+    class _LatentMultiplyNode:
+        out: _LatentMultiplyOutputs
+        id: str
+
+    class _LatentOperationSharpenOutputs:
+        LATENT_OPERATION: Output
+
+
+    class _LatentOperationSharpenNode:
+        out: _LatentOperationSharpenOutputs
+        id: str
+
+    class _LatentOperationTonemapReinhardOutputs:
+        LATENT_OPERATION: Output
+
+
+    class _LatentOperationTonemapReinhardNode:
+        out: _LatentOperationTonemapReinhardOutputs
+        id: str
+
+    class _LatentRotateOutputs:
+        LATENT: Output
+
+
+    class _LatentRotateNode:
+        out: _LatentRotateOutputs
+        id: str
+
+    class _LatentSubtractOutputs:
+        LATENT: Output
+
+
+    class _LatentSubtractNode:
+        out: _LatentSubtractOutputs
         id: str
 
     class _LatentUpscaleOutputs:
@@ -455,6 +1677,23 @@ if TYPE_CHECKING:
         out: _LoadImageOutputs
         id: str
 
+    class _LoadImageMaskOutputs:
+        MASK: Output
+
+
+    class _LoadImageMaskNode:
+        out: _LoadImageMaskOutputs
+        id: str
+
+    class _LoadImageOutputOutputs:
+        IMAGE: Output
+        MASK: Output
+
+
+    class _LoadImageOutputNode:
+        out: _LoadImageOutputOutputs
+        id: str
+
     class _LoadImageS3Outputs:
         image: Output
         mask: Output
@@ -471,6 +1710,14 @@ if TYPE_CHECKING:
 
     class _LoadImageURLNode:
         out: _LoadImageURLOutputs
+        id: str
+
+    class _LoadLatentOutputs:
+        LATENT: Output
+
+
+    class _LoadLatentNode:
+        out: _LoadLatentOutputs
         id: str
 
     class _LoraLoaderOutputs:
@@ -490,12 +1737,84 @@ if TYPE_CHECKING:
         out: _LoraLoaderModelOnlyOutputs
         id: str
 
+    class _MaskCompositeOutputs:
+        MASK: Output
+
+
+    class _MaskCompositeNode:
+        out: _MaskCompositeOutputs
+        id: str
+
+    class _MaskPreviewOutputs:
+        pass
+
+
+    class _MaskPreviewNode:
+        out: _MaskPreviewOutputs
+        id: str
+
     class _MaskToImageOutputs:
         IMAGE: Output
 
 
     class _MaskToImageNode:
         out: _MaskToImageOutputs
+        id: str
+
+    class _ModelMergeAddOutputs:
+        MODEL: Output
+
+
+    class _ModelMergeAddNode:
+        out: _ModelMergeAddOutputs
+        id: str
+
+    class _ModelMergeBlocksOutputs:
+        MODEL: Output
+
+
+    class _ModelMergeBlocksNode:
+        out: _ModelMergeBlocksOutputs
+        id: str
+
+    class _ModelMergeSimpleOutputs:
+        MODEL: Output
+
+
+    class _ModelMergeSimpleNode:
+        out: _ModelMergeSimpleOutputs
+        id: str
+
+    class _ModelMergeSubtractOutputs:
+        MODEL: Output
+
+
+    class _ModelMergeSubtractNode:
+        out: _ModelMergeSubtractOutputs
+        id: str
+
+    class _ModelSamplingDiscreteOutputs:
+        MODEL: Output
+
+
+    class _ModelSamplingDiscreteNode:
+        out: _ModelSamplingDiscreteOutputs
+        id: str
+
+    class _ModelSaveOutputs:
+        pass
+
+
+    class _ModelSaveNode:
+        out: _ModelSaveOutputs
+        id: str
+
+    class _MorphologyOutputs:
+        IMAGE: Output
+
+
+    class _MorphologyNode:
+        out: _MorphologyOutputs
         id: str
 
     class _OpenAIImageEditOutputs:
@@ -541,6 +1860,63 @@ if TYPE_CHECKING:
 
     class _OpenAIResponsesImageNode:
         out: _OpenAIResponsesImageOutputs
+        id: str
+
+    class _PatchModelAddDownscaleOutputs:
+        MODEL: Output
+
+
+    class _PatchModelAddDownscaleNode:
+        out: _PatchModelAddDownscaleOutputs
+        id: str
+
+    class _PerpNegOutputs:
+        MODEL: Output
+
+
+    class _PerpNegNode:
+        out: _PerpNegOutputs
+        id: str
+
+    class _PerpNegGuiderOutputs:
+        GUIDER: Output
+
+
+    class _PerpNegGuiderNode:
+        out: _PerpNegGuiderOutputs
+        id: str
+
+    class _PerturbedAttentionGuidanceOutputs:
+        MODEL: Output
+
+
+    class _PerturbedAttentionGuidanceNode:
+        out: _PerturbedAttentionGuidanceOutputs
+        id: str
+
+    class _PolyexponentialSchedulerOutputs:
+        SIGMAS: Output
+
+
+    class _PolyexponentialSchedulerNode:
+        out: _PolyexponentialSchedulerOutputs
+        id: str
+
+    class _PorterDuffImageCompositeOutputs:
+        IMAGE: Output
+        MASK: Output
+
+
+    class _PorterDuffImageCompositeNode:
+        out: _PorterDuffImageCompositeOutputs
+        id: str
+
+    class _PreviewAnyOutputs:
+        pass
+
+
+    class _PreviewAnyNode:
+        out: _PreviewAnyOutputs
         id: str
 
     class _PreviewImageOutputs:
@@ -607,6 +1983,70 @@ if TYPE_CHECKING:
         out: _PromptScreenOutputs
         id: str
 
+    class _RandomNoiseOutputs:
+        NOISE: Output
+
+
+    class _RandomNoiseNode:
+        out: _RandomNoiseOutputs
+        id: str
+
+    class _RebatchImagesOutputs:
+        IMAGE: Output
+
+
+    class _RebatchImagesNode:
+        out: _RebatchImagesOutputs
+        id: str
+
+    class _RebatchLatentsOutputs:
+        LATENT: Output
+
+
+    class _RebatchLatentsNode:
+        out: _RebatchLatentsOutputs
+        id: str
+
+    class _RegexExtractOutputs:
+        STRING: Output
+
+
+    class _RegexExtractNode:
+        out: _RegexExtractOutputs
+        id: str
+
+    class _RegexMatchOutputs:
+        matches: Output
+
+
+    class _RegexMatchNode:
+        out: _RegexMatchOutputs
+        id: str
+
+    class _RegexReplaceOutputs:
+        STRING: Output
+
+
+    class _RegexReplaceNode:
+        out: _RegexReplaceOutputs
+        id: str
+
+    class _RepeatImageBatchOutputs:
+        IMAGE: Output
+
+
+    class _RepeatImageBatchNode:
+        out: _RepeatImageBatchOutputs
+        id: str
+
+    class _RepeatLatentBatchOutputs:
+        LATENT: Output
+
+
+    class _RepeatLatentBatchNode:
+        out: _RepeatLatentBatchOutputs
+        id: str
+
     class _ReplicateRunOutputs:
         images: Output
         mask: Output
@@ -616,6 +2056,152 @@ if TYPE_CHECKING:
 
     class _ReplicateRunNode:
         out: _ReplicateRunOutputs
+        id: str
+
+    class _RescaleCFGOutputs:
+        MODEL: Output
+
+
+    class _RescaleCFGNode:
+        out: _RescaleCFGOutputs
+        id: str
+
+    class _ResizeAndPadImageOutputs:
+        IMAGE: Output
+
+
+    class _ResizeAndPadImageNode:
+        out: _ResizeAndPadImageOutputs
+        id: str
+
+    class _SDTurboSchedulerOutputs:
+        SIGMAS: Output
+
+
+    class _SDTurboSchedulerNode:
+        out: _SDTurboSchedulerOutputs
+        id: str
+
+    class _SamplerCustomOutputs:
+        output: Output
+        denoised_output: Output
+
+
+    class _SamplerCustomNode:
+        out: _SamplerCustomOutputs
+        id: str
+
+    class _SamplerCustomAdvancedOutputs:
+        output: Output
+        denoised_output: Output
+
+
+    class _SamplerCustomAdvancedNode:
+        out: _SamplerCustomAdvancedOutputs
+        id: str
+
+    class _SamplerDPMAdaptativeOutputs:
+        SAMPLER: Output
+
+
+    class _SamplerDPMAdaptativeNode:
+        out: _SamplerDPMAdaptativeOutputs
+        id: str
+
+    class _SamplerDPMPP_2M_SDEOutputs:
+        SAMPLER: Output
+
+
+    class _SamplerDPMPP_2M_SDENode:
+        out: _SamplerDPMPP_2M_SDEOutputs
+        id: str
+
+    class _SamplerDPMPP_2S_AncestralOutputs:
+        SAMPLER: Output
+
+
+    class _SamplerDPMPP_2S_AncestralNode:
+        out: _SamplerDPMPP_2S_AncestralOutputs
+        id: str
+
+    class _SamplerDPMPP_3M_SDEOutputs:
+        SAMPLER: Output
+
+
+    class _SamplerDPMPP_3M_SDENode:
+        out: _SamplerDPMPP_3M_SDEOutputs
+        id: str
+
+    class _SamplerDPMPP_SDEOutputs:
+        SAMPLER: Output
+
+
+    class _SamplerDPMPP_SDENode:
+        out: _SamplerDPMPP_SDEOutputs
+        id: str
+
+    class _SamplerEulerAncestralOutputs:
+        SAMPLER: Output
+
+
+    class _SamplerEulerAncestralNode:
+        out: _SamplerEulerAncestralOutputs
+        id: str
+
+    class _SamplerEulerAncestralCFGPPOutputs:
+        SAMPLER: Output
+
+
+    class _SamplerEulerAncestralCFGPPNode:
+        out: _SamplerEulerAncestralCFGPPOutputs
+        id: str
+
+    class _SamplerEulerCFGppOutputs:
+        SAMPLER: Output
+
+
+    class _SamplerEulerCFGppNode:
+        out: _SamplerEulerCFGppOutputs
+        id: str
+
+    class _SamplerLCMUpscaleOutputs:
+        SAMPLER: Output
+
+
+    class _SamplerLCMUpscaleNode:
+        out: _SamplerLCMUpscaleOutputs
+        id: str
+
+    class _SamplerLMSOutputs:
+        SAMPLER: Output
+
+
+    class _SamplerLMSNode:
+        out: _SamplerLMSOutputs
+        id: str
+
+    class _SamplingPercentToSigmaOutputs:
+        sigma_value: Output
+
+
+    class _SamplingPercentToSigmaNode:
+        out: _SamplingPercentToSigmaOutputs
+        id: str
+
+    class _SaveAnimatedPNGOutputs:
+        pass
+
+
+    class _SaveAnimatedPNGNode:
+        out: _SaveAnimatedPNGOutputs
+        id: str
+
+    class _SaveAnimatedWEBPOutputs:
+        pass
+
+
+    class _SaveAnimatedWEBPNode:
+        out: _SaveAnimatedWEBPOutputs
         id: str
 
     class _SaveFileS3Outputs:
@@ -652,6 +2238,30 @@ if TYPE_CHECKING:
         out: _SaveImageWebsocketOutputs
         id: str
 
+    class _SaveLatentOutputs:
+        pass
+
+
+    class _SaveLatentNode:
+        out: _SaveLatentOutputs
+        id: str
+
+    class _SelfAttentionGuidanceOutputs:
+        MODEL: Output
+
+
+    class _SelfAttentionGuidanceNode:
+        out: _SelfAttentionGuidanceOutputs
+        id: str
+
+    class _SetFirstSigmaOutputs:
+        SIGMAS: Output
+
+
+    class _SetFirstSigmaNode:
+        out: _SetFirstSigmaOutputs
+        id: str
+
     class _SetLatentNoiseMaskOutputs:
         LATENT: Output
 
@@ -668,12 +2278,135 @@ if TYPE_CHECKING:
         out: _SolidMaskOutputs
         id: str
 
+    class _SplitImageWithAlphaOutputs:
+        IMAGE: Output
+        MASK: Output
+
+
+    class _SplitImageWithAlphaNode:
+        out: _SplitImageWithAlphaOutputs
+        id: str
+
+    class _SplitSigmasOutputs:
+        high_sigmas: Output
+        low_sigmas: Output
+
+
+    class _SplitSigmasNode:
+        out: _SplitSigmasOutputs
+        id: str
+
+    class _SplitSigmasDenoiseOutputs:
+        high_sigmas: Output
+        low_sigmas: Output
+
+
+    class _SplitSigmasDenoiseNode:
+        out: _SplitSigmasDenoiseOutputs
+        id: str
+
+    class _StringCompareOutputs:
+        BOOLEAN: Output
+
+
+    class _StringCompareNode:
+        out: _StringCompareOutputs
+        id: str
+
+    class _StringConcatenateOutputs:
+        STRING: Output
+
+
+    class _StringConcatenateNode:
+        out: _StringConcatenateOutputs
+        id: str
+
+    class _StringContainsOutputs:
+        contains: Output
+
+
+    class _StringContainsNode:
+        out: _StringContainsOutputs
+        id: str
+
+    class _StringLengthOutputs:
+        length: Output
+
+
+    class _StringLengthNode:
+        out: _StringLengthOutputs
+        id: str
+
+    class _StringReplaceOutputs:
+        STRING: Output
+
+
+    class _StringReplaceNode:
+        out: _StringReplaceOutputs
+        id: str
+
+    class _StringSubstringOutputs:
+        STRING: Output
+
+
+    class _StringSubstringNode:
+        out: _StringSubstringOutputs
+        id: str
+
+    class _StringTrimOutputs:
+        STRING: Output
+
+
+    class _StringTrimNode:
+        out: _StringTrimOutputs
+        id: str
+
+    class _ThresholdMaskOutputs:
+        MASK: Output
+
+
+    class _ThresholdMaskNode:
+        out: _ThresholdMaskOutputs
+        id: str
+
+    class _UNETLoaderOutputs:
+        MODEL: Output
+
+
+    class _UNETLoaderNode:
+        out: _UNETLoaderOutputs
+        id: str
+
+    class _UNetCrossAttentionMultiplyOutputs:
+        MODEL: Output
+
+
+    class _UNetCrossAttentionMultiplyNode:
+        out: _UNetCrossAttentionMultiplyOutputs
+        id: str
+
+    class _UNetSelfAttentionMultiplyOutputs:
+        MODEL: Output
+
+
+    class _UNetSelfAttentionMultiplyNode:
+        out: _UNetSelfAttentionMultiplyOutputs
+        id: str
+
     class _VAEDecodeOutputs:
         IMAGE: Output
 
 
     class _VAEDecodeNode:
         out: _VAEDecodeOutputs
+        id: str
+
+    class _VAEDecodeTiledOutputs:
+        IMAGE: Output
+
+
+    class _VAEDecodeTiledNode:
+        out: _VAEDecodeTiledOutputs
         id: str
 
     class _VAEEncodeOutputs:
@@ -692,12 +2425,36 @@ if TYPE_CHECKING:
         out: _VAEEncodeForInpaintOutputs
         id: str
 
+    class _VAEEncodeTiledOutputs:
+        LATENT: Output
+
+
+    class _VAEEncodeTiledNode:
+        out: _VAEEncodeTiledOutputs
+        id: str
+
     class _VAELoaderOutputs:
         VAE: Output
 
 
     class _VAELoaderNode:
         out: _VAELoaderOutputs
+        id: str
+
+    class _VAESaveOutputs:
+        pass
+
+
+    class _VAESaveNode:
+        out: _VAESaveOutputs
+        id: str
+
+    class _VPSchedulerOutputs:
+        SIGMAS: Output
+
+
+    class _VPSchedulerNode:
+        out: _VPSchedulerOutputs
         id: str
 
     class _ValidateImageOutputs:

@@ -60,7 +60,7 @@ def generate(registry: Registry) -> str:
         )
         sig = ", ".join(["self", "*", *params, "id: str | None = None", "title: str | None = None"])
         doc = (
-            (spec.description or spec.display_name).strip().splitlines()[0].replace('"""', "'")
+            (spec.description or spec.display_name).strip().splitlines()[0].replace('"""', "'").replace("\\", "\\\\")
             if (spec.description or spec.display_name)
             else spec.name
         )
