@@ -208,6 +208,8 @@ class Sleep(Node):
     async def run(self, value: Annotated[int, Int()] = 0, seconds: Annotated[float, Float(min=0, max=10)] = 0.3):
         _log("Sleep", value)
         await asyncio.sleep(seconds)
+        if (done := STATE.get("sleep_done")) is not None:  # the sleep ran to its end (was not cancelled)
+            done.set()
         return value
 
 
@@ -240,7 +242,7 @@ class Gate(Node):
     def run(self, value: Annotated[int, Int()] = 0):
         _log("Gate", value)
         STATE["gate_entered"].set()
-        STATE["gate_release"].wait(5)
+        STATE["gate_release"].wait(300)  # a safety net: the test releases it
         return value
 
 

@@ -499,12 +499,12 @@ def test_keys_stable_across_processes(reg):
     here = os.path.dirname(__file__)
     env = dict(os.environ, PYTHONHASHSEED="12345")
     out1 = subprocess.run(
-        [sys.executable, "-c", KEY_SCRIPT, here, ROOT], capture_output=True, text=True, env=env, cwd=ROOT, timeout=60
+        [sys.executable, "-c", KEY_SCRIPT, here, ROOT], capture_output=True, text=True, env=env, cwd=ROOT, timeout=300
     )
     assert out1.returncode == 0, out1.stderr
     env["PYTHONHASHSEED"] = "999"
     out2 = subprocess.run(
-        [sys.executable, "-c", KEY_SCRIPT, here, ROOT], capture_output=True, text=True, env=env, cwd=ROOT, timeout=60
+        [sys.executable, "-c", KEY_SCRIPT, here, ROOT], capture_output=True, text=True, env=env, cwd=ROOT, timeout=300
     )
     mine = {k: v.hex() for k, v in _keys(reg, chain_graph(5)).items()}
     assert json.loads(out1.stdout) == json.loads(out2.stdout) == mine

@@ -7,13 +7,21 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import SAFETY_S, die_with_parent
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def kiln_cli(*args, cwd):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     return subprocess.run(
-        [sys.executable, "-m", "kiln", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=240
+        [sys.executable, "-m", "kiln", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=SAFETY_S,
+        preexec_fn=die_with_parent,
     )
 
 

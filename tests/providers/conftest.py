@@ -9,13 +9,13 @@ import os
 import socket
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
 import pytest
 
 from kiln import engine, nodes
+from tests.conftest import SAFETY_S, die_with_parent, wait_for
 from tests.providers.fake_providers import FakeProviders
 
 API_KEY = "sk-test-kiln-secret-7f3a9c"
@@ -24,8 +24,10 @@ API_KEY = "sk-test-kiln-secret-7f3a9c"
 @pytest.fixture(scope="session")
 def fake_providers():
     srv = FakeProviders(api_key=API_KEY).start()
-    yield srv
-    srv.stop()
+    try:
+        yield srv
+    finally:
+        srv.stop()
 
 
 @pytest.fixture()
@@ -35,24 +37,27 @@ def openai_server(fake_providers, kiln_config):
     fake_providers.reset()
 
 
-def write_config(path: Path, base_url: str, extra: str = "", timeout_s: float = 2.0, attempts: int = 3) -> Path:
+def write_config(path: Path, base_url: str, extra: str = "", timeout_s: float = 120.0, attempts: int = 3) -> Path:
+    """A config for the fake providers. The request timeout is generous (a loaded machine renders the fake
+    images slowly; a short one made a healthy call time out and retry); the tests of timeouts pass their own.
+    The retry budget (30 s) is shorter than the 60 s Retry-After the give-up test sends."""
     path.write_text(
         "providers:\n"
         "  openai:\n"
         f"    base_url: {base_url}\n"
         "    api_key_env: KILN_TEST_OPENAI_KEY\n"
         f"    timeout_s: {timeout_s}\n"
-        f"    retries: {{max_attempts: {attempts}, budget_s: 5, base_delay_s: 0.01, max_delay_s: 0.3}}\n"
+        f"    retries: {{max_attempts: {attempts}, budget_s: 30, base_delay_s: 0.01, max_delay_s: 0.3}}\n"
         "  replicate:\n"
         f"    base_url: {base_url.removesuffix('/v1')}/replicate/v1\n"
         "    api_key_env: KILN_TEST_OPENAI_KEY\n"
         f"    timeout_s: {timeout_s}\n"
-        "    retries: {max_attempts: 3, budget_s: 5, base_delay_s: 0.01, max_delay_s: 0.3}\n"
+        "    retries: {max_attempts: 3, budget_s: 30, base_delay_s: 0.01, max_delay_s: 0.3}\n"
         "  google:\n"
         f"    base_url: {base_url.removesuffix('/v1')}/google/v1beta\n"
         "    api_key_env: KILN_TEST_OPENAI_KEY\n"
         f"    timeout_s: {timeout_s}\n"
-        "    retries: {max_attempts: 3, budget_s: 5, base_delay_s: 0.01, max_delay_s: 0.3}\n" + extra,
+        "    retries: {max_attempts: 3, budget_s: 30, base_delay_s: 0.01, max_delay_s: 0.3}\n" + extra,
         encoding="utf-8",
     )
     return path
@@ -106,30 +111,51 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _moto_answers(proc: subprocess.Popen, url: str) -> bool:
+    if proc.poll() is not None:
+        raise RuntimeError(f"moto server exited with {proc.returncode}")
+    try:
+        urllib.request.urlopen(url + "/moto-api/", timeout=SAFETY_S)
+        return True
+    except OSError:
+        return False
+
+
 @pytest.fixture(scope="session")
-def moto_url():
-    port = _free_port()
+def moto_url(tmp_path_factory):
+    """A moto S3 server subprocess: ready when it answers (no start-up deadline), killed at the end and with
+    the test process. Another process can take the port between choosing it and moto binding it: then moto
+    exits and a new port is tried."""
     env = dict(os.environ, AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing-secret-key")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        env=env,
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        try:
-            urllib.request.urlopen(url + "/moto-api/", timeout=1)
-            break
-        except Exception:
-            time.sleep(0.1)
-    else:
-        proc.kill()
-        raise RuntimeError("moto server did not start")
-    yield url
-    proc.terminate()
-    proc.wait(10)
+    cwd = tmp_path_factory.mktemp("moto")
+    proc = None
+    try:
+        for attempt in range(5):
+            port = _free_port()
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                env=env,
+                cwd=cwd,
+                preexec_fn=die_with_parent,
+            )
+            url = f"http://127.0.0.1:{port}"
+            try:
+                wait_for(lambda p=proc, u=url: _moto_answers(p, u), "the moto server to answer", every=0.1)
+                break
+            except RuntimeError:
+                if attempt == 4:
+                    raise
+        yield url
+    finally:
+        if proc is not None and proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(SAFETY_S)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
 
 
 @pytest.fixture()

@@ -25,6 +25,8 @@ import numpy as np
 from aiohttp import web
 from PIL import Image
 
+from tests.conftest import SAFETY_S
+
 
 @dataclass
 class Fault:
@@ -111,13 +113,14 @@ class FakeProviders:
 
         self.thread = threading.Thread(target=main, daemon=True, name="fake-openai")
         self.thread.start()
-        ready.wait(10)
+        while not ready.wait(0.5):  # readiness, bounded by the thread being alive
+            assert self.thread.is_alive(), "the fake provider thread died before it was ready"
         return self
 
     def stop(self) -> None:
         if self.loop is not None:
             self.loop.call_soon_threadsafe(self.loop.stop)
-            self.thread.join(5)
+            self.thread.join(SAFETY_S)
 
     @property
     def base_url(self) -> str:
@@ -364,7 +367,7 @@ class FakeProviders:
         if name not in self.files:
             return web.Response(status=404)
         if name.startswith("slow"):
-            await self._stall(request, 5)
+            await self._stall(request, SAFETY_S)  # until the client gives up
         v = self.files[name]
         body, ctype = v if isinstance(v, tuple) else (v, "image/png")
         return web.Response(body=body, content_type=ctype)

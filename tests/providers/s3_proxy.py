@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from dataclasses import dataclass
 
 import aiohttp
 from aiohttp import web
+
+from tests.conftest import SAFETY_S
 
 _HOP = {"transfer-encoding", "content-length", "connection", "content-encoding", "keep-alive"}
 
@@ -25,6 +28,9 @@ class Rule:
     code: str = "InternalError"
     times: int = 1
     delay: float = 0.0  # with status 0: forward after this many seconds instead of failing
+    # with status 0: set when a matching request arrives; it is forwarded only once ``hold`` is set
+    arrived: threading.Event | None = None
+    hold: threading.Event | None = None
 
 
 class S3FaultProxy:
@@ -53,7 +59,8 @@ class S3FaultProxy:
 
         self.thread = threading.Thread(target=main, daemon=True, name="s3-fault-proxy")
         self.thread.start()
-        ready.wait(10)
+        while not ready.wait(0.5):  # readiness, bounded by the thread being alive
+            assert self.thread.is_alive(), "the S3 proxy thread died before it was ready"
         return self
 
     async def _session(self) -> aiohttp.ClientSession:
@@ -64,8 +71,12 @@ class S3FaultProxy:
             await self.session.close()
             await self.runner.cleanup()
 
-        asyncio.run_coroutine_threadsafe(close(), self.loop).result(10)
+        for rule in self.rules:  # nothing held stays parked
+            if rule.hold is not None:
+                rule.hold.set()
+        asyncio.run_coroutine_threadsafe(close(), self.loop).result(SAFETY_S)
         self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(SAFETY_S)
 
     @property
     def url(self) -> str:
@@ -88,6 +99,11 @@ class S3FaultProxy:
         body = await request.read()
         rule = self._match(request)
         if rule is not None and rule.status == 0:
+            if rule.arrived is not None:
+                rule.arrived.set()
+            end = time.monotonic() + SAFETY_S
+            while rule.hold is not None and not rule.hold.is_set() and time.monotonic() < end:
+                await asyncio.sleep(0.01)
             await asyncio.sleep(rule.delay)
             rule = None
         if rule is not None:

@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from tests.conftest import SAFETY_S
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -17,7 +19,7 @@ def kiln_run(tmp_path, *args):
         env=env,
         capture_output=True,
         text=True,
-        timeout=240,
+        timeout=SAFETY_S,
     )
 
 

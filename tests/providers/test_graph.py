@@ -12,6 +12,7 @@ from kiln import engine
 from kiln.nodes.providers import provenance
 from kiln.nodes.providers.ledger import costs_of
 from kiln.server.protocol import event_message
+from tests.conftest import SAFETY_S
 from tests.providers.conftest import API_KEY
 
 GRAPH = Path(__file__).resolve().parents[2] / "graphs" / "provider_to_s3.json"
@@ -33,7 +34,7 @@ def test_provider_to_s3_graph(run_graph, openai_server, s3, moto_url):
     key = entry["key"]
     assert key.startswith("kiln/") and key.endswith(".png") and r.prompt_id in key
     body = s3.get_object(Bucket=s3.bucket, Key=key)["Body"].read()
-    with urllib.request.urlopen(entry["url"], timeout=10) as resp:
+    with urllib.request.urlopen(entry["url"], timeout=SAFETY_S) as resp:
         assert resp.read() == body
     rec = provenance.read(body)
     action = rec["assertions"][0]["data"]["actions"][0]

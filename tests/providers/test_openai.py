@@ -7,7 +7,6 @@ import io
 import json
 import logging
 import threading
-import time
 
 import numpy as np
 import pytest
@@ -16,6 +15,7 @@ from PIL import Image
 
 from kiln.nodes.providers.ledger import costs_of
 from kiln.server.protocol import event_message
+from tests.conftest import SAFETY_S, wait_for
 from tests.providers.conftest import API_KEY, write_config
 from tests.providers.fake_providers import Fault
 
@@ -184,7 +184,8 @@ def test_persistent_500_names_provider_status_request_id_and_attempts(run_graph,
 def test_timeouts_are_retried_then_reported(run_graph, openai_server, tmp_path, monkeypatch):
     cfg = write_config(tmp_path / "slow.yaml", openai_server.base_url, timeout_s=0.3, attempts=2)
     monkeypatch.setenv("KILN_CONFIG", str(cfg))
-    openai_server.inject(Fault("stall", seconds=3), Fault("stall", seconds=3))
+    # the answers never come (until the client gives up): no race between the stall and the timeout
+    openai_server.inject(Fault("stall", seconds=SAFETY_S), Fault("stall", seconds=SAFETY_S))
     r = run_node(run_graph, gen())
     msg = error_message(r)
     assert "timed out after 2 attempts" in msg and "timeout_s" in msg
@@ -192,9 +193,10 @@ def test_timeouts_are_retried_then_reported(run_graph, openai_server, tmp_path, 
 
 
 def test_a_timeout_then_success_recovers(run_graph, openai_server, tmp_path, monkeypatch):
-    cfg = write_config(tmp_path / "slow.yaml", openai_server.base_url, timeout_s=0.3, attempts=2)
+    # the first answer never comes; the second, a healthy one, has 5 s (the fake answers in milliseconds)
+    cfg = write_config(tmp_path / "slow.yaml", openai_server.base_url, timeout_s=5, attempts=2)
     monkeypatch.setenv("KILN_CONFIG", str(cfg))
-    openai_server.inject(Fault("stall", seconds=3))
+    openai_server.inject(Fault("stall", seconds=SAFETY_S))
     r = run_node(run_graph, gen())
     assert r.status == "success", r.error
 
@@ -330,16 +332,21 @@ def test_async_provider_nodes_overlap(run_graph, openai_server):
 def test_interrupt_cancels_the_in_flight_request(run_graph, openai_server, tmp_path, monkeypatch):
     cfg = write_config(tmp_path / "slow.yaml", openai_server.base_url, timeout_s=30)
     monkeypatch.setenv("KILN_CONFIG", str(cfg))
-    openai_server.inject(Fault("stall", seconds=20))
-    threading.Timer(0.5, run_graph.ex.interrupt).start()
-    t0 = time.monotonic()
+    # the answer stalls far longer than the request timeout (30 s): an interrupted run that came back at all
+    # did not wait for it; a run that waited would end in a timeout error, not "interrupted"
+    openai_server.inject(Fault("stall", seconds=SAFETY_S))
+
+    def interrupt_once_stalled():  # readiness: the request is at the server and stalling
+        wait_for(lambda: any(r.get("fault") == "stall" for r in list(openai_server.requests)), "the stalled call")
+        run_graph.ex.interrupt()
+
+    t = threading.Thread(target=interrupt_once_stalled, daemon=True)
+    t.start()
     r = run_node(run_graph, gen())
+    t.join(SAFETY_S)
     assert r.status == "interrupted"
-    deadline = time.monotonic() + 5
-    while openai_server.disconnects == 0 and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert openai_server.disconnects == 1  # the server saw the client go away
-    assert time.monotonic() - t0 < 10
+    wait_for(lambda: openai_server.disconnects, "the server to see the client go away")
+    assert openai_server.disconnects == 1
 
 
 # -- edit, variation -------------------------------------------------------------------------------

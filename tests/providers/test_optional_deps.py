@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from tests.conftest import SAFETY_S
+
 ROOT = Path(__file__).resolve().parents[2]
 
 CODE = r"""
@@ -33,7 +35,9 @@ def test_nodes_load_without_optional_packages_and_say_what_to_install(tmp_path):
         "OPENAI_API_KEY": "sk-unused-000000",
         "HOME": str(tmp_path),
     }
-    p = subprocess.run([sys.executable, "-c", CODE], cwd=ROOT, capture_output=True, text=True, env=env, timeout=120)
+    p = subprocess.run(
+        [sys.executable, "-c", CODE], cwd=ROOT, capture_output=True, text=True, env=env, timeout=SAFETY_S
+    )
     assert p.returncode == 0, p.stderr
     out = json.loads(p.stdout.strip().splitlines()[-1])
     assert out["load_errors"] == [] and len(out["have"]) == 3

@@ -18,6 +18,7 @@ from aiohttp import web
 from websockets.sync.client import connect
 
 from kiln import engine
+from tests.conftest import SAFETY_S
 from tests.providers.conftest import API_KEY
 from tests.providers.test_graph import load_graph
 
@@ -45,27 +46,28 @@ class Server:
 
         self.thread = threading.Thread(target=main, daemon=True)
         self.thread.start()
-        assert ready.wait(10)
+        while not ready.wait(0.5):  # readiness, bounded by the server thread being alive
+            assert self.thread.is_alive(), "the server thread died before it was ready"
         self.url = f"http://127.0.0.1:{self.port}"
 
     def stop(self) -> None:
         self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(15)
+        self.thread.join(SAFETY_S)
 
     def run(self, graph: dict, **extra_data) -> tuple[str, list, list]:
         """Submit ``graph`` as a websocket client would; (prompt_id, JSON messages, binary frames)."""
         client_id = uuid.uuid4().hex
         texts, frames = [], []
-        with connect(f"ws://127.0.0.1:{self.port}/ws?clientId={client_id}", open_timeout=10, max_size=None) as ws:
+        with connect(f"ws://127.0.0.1:{self.port}/ws?clientId={client_id}", open_timeout=SAFETY_S, max_size=None) as ws:
             r = requests.post(
                 self.url + "/prompt",
-                timeout=30,
+                timeout=SAFETY_S,
                 data=json.dumps({"prompt": graph, "client_id": client_id, "extra_data": extra_data}),
             )
             assert r.status_code == 200, r.text
             pid = r.json()["prompt_id"]
             while True:
-                msg = ws.recv(timeout=60)
+                msg = ws.recv(timeout=SAFETY_S)
                 if isinstance(msg, bytes):
                     frames.append(msg)
                     continue
@@ -78,8 +80,10 @@ class Server:
 @pytest.fixture()
 def server(registry, tmp_path):
     s = Server(tmp_path, registry)
-    yield s
-    s.stop()
+    try:
+        yield s
+    finally:
+        s.stop()
 
 
 def test_costs_uris_and_no_keys_over_the_protocol(server, openai_server, s3, moto_url):
@@ -91,7 +95,7 @@ def test_costs_uris_and_no_keys_over_the_protocol(server, openai_server, s3, mot
     }
     assert executed["2"]["kiln_cost"][0]["model"] == "gpt-image-1" and executed["2"]["kiln_cost"][0]["usd"] > 0
     assert executed["4"]["s3"][0]["uri"].startswith(f"s3://{s3.bucket}/kiln/")
-    hist = requests.get(f"{server.url}/history/{pid}", timeout=30).json()[pid]
+    hist = requests.get(f"{server.url}/history/{pid}", timeout=SAFETY_S).json()[pid]
     assert hist["status"]["status_str"] == "success"
     assert hist["outputs"]["2"] == executed["2"] and hist["outputs"]["4"] == executed["4"]
     everything = "".join(texts) + json.dumps(hist)

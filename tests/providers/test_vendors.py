@@ -10,6 +10,7 @@ import torch
 
 from kiln import engine
 from kiln.nodes.providers.ledger import costs_of
+from tests.conftest import SAFETY_S, wait_for
 from tests.providers.conftest import API_KEY
 from tests.providers.fake_providers import Fault
 
@@ -115,15 +116,17 @@ def test_replicate_429_on_create_is_retried(run_graph, openai_server):
 
 
 def test_replicate_interrupt_cancels_the_prediction(run_graph, openai_server):
-    threading.Timer(0.6, run_graph.ex.interrupt).start()
+    def interrupt_once_created():  # readiness: the prediction exists at the provider
+        wait_for(lambda: openai_server.predictions, "the prediction to be created")
+        run_graph.ex.interrupt()
+
+    t = threading.Thread(target=interrupt_once_created, daemon=True)
+    t.start()
     r = run_target(run_graph, rep(prompt="hang forever"), "r")
+    t.join(SAFETY_S)
     assert r.status == "interrupted"
     pid = next(iter(openai_server.predictions))
-    import time
-
-    deadline = time.monotonic() + 5
-    while pid not in openai_server.cancelled and time.monotonic() < deadline:
-        time.sleep(0.05)
+    wait_for(lambda: pid in openai_server.cancelled, "the prediction to be cancelled")
     assert openai_server.cancelled == [pid]
     assert openai_server.predictions[pid]["status"] == "canceled"
 

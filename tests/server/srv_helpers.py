@@ -4,22 +4,28 @@ subprocess), real websocket clients, the test node pack."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import os
-import socket
+import re
 import subprocess
 import sys
 import threading
 import time
+import uuid
 from pathlib import Path
+from typing import Annotated
 
 import pytest
 import requests
 from aiohttp import web
 from websockets.sync.client import connect
 
-from kiln.engine import Executor, Folders, Registry
+from kiln.engine import Executor, Folders, Node, Registry, Socket, String, current
 from kiln.server import ServerConfig, create_app
+from tests.conftest import SAFETY_S, die_with_parent, wait_for
+
+__all__ = ["SAFETY_S", "die_with_parent", "wait_for"]  # re-exported for the server test modules
 
 HERE = Path(__file__).parent
 ROOT = HERE.parents[1]
@@ -27,11 +33,55 @@ PACK_DIR = HERE / "testpack"
 sys.path.insert(0, str(PACK_DIR))
 import kiln_testnodes  # noqa: E402
 
+_GATES: dict[str, tuple[threading.Event, threading.Event]] = {}
+
+
+class Gate:
+    """A run that stays inside its node until the test opens the gate: no race against a sleeper's clock.
+
+    ``graph()`` is a prompt whose ``TGate`` node signals ``entered`` and then holds (interruptible) until
+    ``open()``. In-process servers only (``LiveServer``): the gate is a ``threading.Event`` of this process."""
+
+    def __init__(self) -> None:
+        self.name = uuid.uuid4().hex
+        self.entered, self.opened = _GATES.setdefault(self.name, (threading.Event(), threading.Event()))
+
+    def graph(self, value: int = 7, out: str = "TShow") -> dict:
+        return {
+            "1": {"class_type": "TConst", "inputs": {"value": value}},
+            "2": {"class_type": "TGate", "inputs": {"value": ["1", 0], "gate": self.name}},
+            "out": {"class_type": out, "inputs": {"value": ["2", 0]}},
+        }
+
+    def open(self) -> None:
+        self.opened.set()
+
+
+class TGate(Node):
+    """Signals that it runs, then holds until its ``Gate`` opens (checking for an interrupt meanwhile)."""
+
+    outputs = ("INT",)
+    cacheable = False
+
+    def run(self, value: Annotated[int, Socket("INT")], gate: Annotated[str, String()] = ""):
+        ctx = current()
+        entered, opened = _GATES[gate]
+        ctx.progress(0, 1)
+        entered.set()
+        end = time.monotonic() + SAFETY_S
+        while not opened.wait(0.02):
+            ctx.check_interrupted()
+            if time.monotonic() > end:
+                raise RuntimeError("the test never opened this gate")
+        ctx.progress(1, 1)
+        return value
+
 
 def make_registry(image_nodes: bool = False) -> Registry:
     reg = Registry()
     for cls in kiln_testnodes.NODES:
         reg.register(cls, python_module="custom_nodes.kiln_testnodes")
+    reg.register(TGate, python_module="custom_nodes.kiln_testnodes")
     if image_nodes:
         from kiln import nodes
 
@@ -56,6 +106,7 @@ class LiveServer:
         # readiness, not a deadline: wait as long as the server thread is alive (a loaded machine is slow)
         while not self._ready.wait(0.5):
             assert self.thread.is_alive(), "server thread died before it was ready"
+        self.stopped = False
         self.url = f"http://127.0.0.1:{self.port}"
         self.ws_url = f"ws://127.0.0.1:{self.port}/ws"
 
@@ -80,27 +131,38 @@ class LiveServer:
     def call(self, fn, *args):
         """Run ``fn`` on the server's loop thread and return its result."""
         fut = asyncio.run_coroutine_threadsafe(_acall(fn, *args), self.loop)
-        return fut.result(10)
+        return fut.result(SAFETY_S)
 
     def stop(self) -> None:
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(15)
+        """Stop serving and wait for the loop thread to clean up (idempotent). Gates still closed are opened
+        so that no run of this server stays parked."""
+        if self.stopped:
+            return
+        self.stopped = True
+        for _, opened in _GATES.values():
+            opened.set()
+        try:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+        except RuntimeError:  # the loop is closed already: the thread has ended
+            pass
+        self.thread.join(SAFETY_S)
+        assert not self.thread.is_alive(), "the server thread did not stop"
 
     # helpers ---------------------------------------------------------------------------------------
     def post(self, path: str, body=None, **kw):
         if body is not None:
             kw["data"] = json.dumps(body)
-        return requests.post(self.url + path, timeout=300, **kw)
+        return requests.post(self.url + path, timeout=SAFETY_S, **kw)
 
     def get(self, path: str, **kw):
-        return requests.get(self.url + path, timeout=300, **kw)
+        return requests.get(self.url + path, timeout=SAFETY_S, **kw)
 
     def ws(self, client_id: str | None = None, deflate: bool = False, **kw):
         """A websocket client; without ``deflate`` the server takes its batched raw-frame path."""
         url = self.ws_url + (f"?clientId={client_id}" if client_id else "")
         if not deflate:
             kw.setdefault("compression", None)
-        return connect(url, open_timeout=10, max_size=None, **kw)
+        return connect(url, open_timeout=SAFETY_S, max_size=None, **kw)
 
 
 async def _acall(fn, *args):
@@ -116,9 +178,10 @@ def live(tmp_path):
         servers.append(s)
         return s
 
-    yield start
-    for s in servers:
-        s.stop()
+    try:
+        yield start
+    finally:
+        stop_all(servers, LiveServer.stop)
 
 
 @pytest.fixture
@@ -143,12 +206,32 @@ def sleeper(seconds: float = 1.0, steps: int = 10, value: int = 7, out: str = "T
     }
 
 
-def recv_until_done(ws, prompt_id: str, timeout: float = 20) -> list:
+def stop_all(things: list, stop) -> None:
+    """``stop`` every one of ``things``, even when stopping one of them fails (the first error is raised)."""
+    errors = []
+    for t in things:
+        try:
+            stop(t)
+        except Exception as exc:  # keep stopping the others
+            errors.append(exc)
+    if errors:
+        raise errors[0]
+
+
+def recv(ws):
+    """The next message; a message that should come is waited for as long as the server is healthy."""
+    return ws.recv(timeout=SAFETY_S)
+
+
+def recv_json(ws) -> dict:
+    return json.loads(recv(ws))
+
+
+def recv_until_done(ws, prompt_id: str) -> list:
     """Messages (dicts for text, bytes for binary) up to and including ``executing {node: null}``."""
     msgs = []
-    deadline = time.time() + timeout
     while True:
-        m = ws.recv(timeout=max(0.1, deadline - time.time()))
+        m = recv(ws)
         if isinstance(m, bytes):
             msgs.append(m)
             continue
@@ -163,12 +246,6 @@ def types(msgs) -> list:
     return [m["type"] if isinstance(m, dict) else f"bin{int.from_bytes(m[:4], 'big')}" for m in msgs]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 # -- a real `kiln serve` subprocess -----------------------------------------------------------------
 SERVE_HARNESS = """
 import argparse, sys
@@ -181,81 +258,98 @@ sys.exit(args.func(args))
 """
 
 
-def die_with_parent() -> None:
-    """In the child before exec: be killed when the test process dies, so no server outlives a killed run."""
-    if sys.platform.startswith("linux"):
-        import ctypes
-        import signal
-
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-
-
 def kiln_cmd(*args: str) -> list[str]:
     return [sys.executable, "-c", SERVE_HARNESS, *args]
 
 
 class ServeProcess:
+    """A `kiln serve` subprocess on its own port (``--port 0`` unless one is given: no race for a "free" port
+    with other processes); its output goes to a log file in the base folder."""
+
+    _logs = itertools.count()
+
     def __init__(self, base: Path, *extra: str, port: int | None = None, custom_nodes: Path = PACK_DIR):
         self.base = base
-        self.port = port or free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.args = [
-            "serve",
-            "--port",
-            str(self.port),
-            "--base-dir",
-            str(base),
-            "--custom-nodes",
-            str(custom_nodes),
-            *extra,
-        ]
-        self.proc = None
+        self.port = port or 0
+        self.extra = extra
+        self.custom_nodes = custom_nodes
+        self.proc: subprocess.Popen | None = None
+        self.url = ""
 
     def start(self) -> ServeProcess:
-        """Start and wait until it answers. No fixed deadline: a loaded machine may take minutes to import
-        torch; the wait ends when the server answers or the process exits (and pytest's own timeout bounds it)."""
-        env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
-        self.log = open(self.base / f"serve-{time.time():.0f}.log", "ab")
-        self.proc = subprocess.Popen(
-            kiln_cmd(*self.args),
-            cwd=ROOT,
-            env=env,
-            stdout=self.log,
-            stderr=subprocess.STDOUT,
-            preexec_fn=die_with_parent,
-        )
-        while True:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"kiln serve exited with {self.proc.returncode}")
-            try:
-                if requests.get(self.url + "/api/features", timeout=5).status_code == 200:
-                    return self
-            except (requests.ConnectionError, requests.Timeout):
-                time.sleep(0.1)
+        """Start and wait until it listens and answers. No fixed deadline: a loaded machine may take minutes to
+        import torch; the wait ends when the server answers or the process exits (``SAFETY_S`` only bounds a
+        hang). The temp folder is private to this server (its own TMPDIR), so nothing it leaves behind is
+        mixed up with other processes' files."""
+        self.tmp = self.base / f"tmp-{os.getpid()}-{next(self._logs)}"
+        self.tmp.mkdir(parents=True)
+        env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1", TMPDIR=str(self.tmp))
+        self.log_path = self.tmp.with_name(self.tmp.name.replace("tmp-", "serve-") + ".log")
+        args = ["serve", "--port", str(self.port), "--base-dir", str(self.base)]
+        args += ["--custom-nodes", str(self.custom_nodes), *self.extra]
+        with open(self.log_path, "wb") as log:
+            self.proc = subprocess.Popen(
+                kiln_cmd(*args),
+                cwd=self.base,
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                preexec_fn=die_with_parent,
+            )
+        self.port = wait_for(self._listening, "kiln serve to listen", every=0.05)
+        self.url = f"http://127.0.0.1:{self.port}"
+        wait_for(self._answers, "kiln serve to answer", every=0.05)
+        return self
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def _listening(self) -> int | None:
+        m = re.search(r"Kiln server listening on http://[^ ]*:(\d+)", self.log())
+        if m:
+            return int(m.group(1))
+        assert self.proc is not None
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"kiln serve exited with {self.proc.returncode}:\n{self.log()[-3000:]}")
+        return None
+
+    def _answers(self) -> bool:
+        assert self.proc is not None
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"kiln serve exited with {self.proc.returncode}:\n{self.log()[-3000:]}")
+        try:
+            return requests.get(self.url + "/api/features", timeout=SAFETY_S).status_code == 200
+        except requests.ConnectionError:
+            return False
 
     def kill(self) -> None:
+        """SIGKILL (a crash); waits until the process is gone."""
         if self.proc and self.proc.poll() is None:
             self.proc.kill()
-            self.proc.wait(10)
+        if self.proc:
+            self.proc.wait(SAFETY_S)
 
     def stop(self) -> None:
         if self.proc and self.proc.poll() is None:
             self.proc.terminate()
             try:
-                self.proc.wait(10)
+                self.proc.wait(SAFETY_S)
             except subprocess.TimeoutExpired:
                 self.kill()
 
 
 @pytest.fixture
 def serve_proc(tmp_path):
-    procs = []
+    """Start ``kiln serve`` subprocesses; every one started (even one that never became ready) is killed at
+    the end of the test, and each dies with the test process if that is killed."""
+    procs: list[ServeProcess] = []
 
     def start(*extra: str, base: Path | None = None, **kw) -> ServeProcess:
-        p = ServeProcess(base or tmp_path, *extra, **kw).start()
-        procs.append(p)
-        return p
+        p = ServeProcess(base or tmp_path, *extra, **kw)
+        procs.append(p)  # before start(): a start that fails or times out is still cleaned up
+        return p.start()
 
-    yield start
-    for p in procs:
-        p.kill()
+    try:
+        yield start
+    finally:
+        stop_all(procs, ServeProcess.kill)

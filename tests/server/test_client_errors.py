@@ -9,7 +9,7 @@ from srv_helpers import make_registry
 import kiln
 from kiln.client import Client, RunFailed
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = pytest.mark.timeout(600)
 
 FAILING = {
     "1": {"class_type": "TConst", "inputs": {"value": 1}},

@@ -5,16 +5,22 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 
 import pytest
-from srv_helpers import chain, make_registry, sleeper
+from srv_helpers import SAFETY_S, Gate, chain, make_registry, wait_for
 
-pytestmark = pytest.mark.timeout(60)
+pytestmark = pytest.mark.timeout(600)
 
 
-def wait_done(server, pid, timeout=20):
-    return server.get(f"/api/prompt/{pid}", params={"wait": "true", "timeout": str(timeout)}).json()
+def wait_done(server, pid):
+    """The prompt's final status (a server-side long poll, shorter than the request's own timeout)."""
+    done = server.get(f"/api/prompt/{pid}", params={"wait": "true", "timeout": str(SAFETY_S - 30)}).json()
+    assert done["status"] not in ("pending", "running"), done
+    return done
+
+
+def wait_running(server, pid) -> None:
+    wait_for(lambda: server.get(f"/api/prompt/{pid}").json()["status"] == "running", f"{pid} to run")
 
 
 @pytest.mark.parametrize("prefix", ["", "/api"])
@@ -105,16 +111,18 @@ def test_client_prompt_id_is_idempotent(server):
     assert r1["prompt_id"] == r2["prompt_id"] == "mine-1" and r1["number"] == r2["number"]
     wait_done(server, "mine-1")
     assert server.post("/prompt", body).json()["prompt_id"] == "mine-1"  # also after it finished
-    time.sleep(0.1)
-    assert list(server.get("/history").json()) == ["mine-1"]  # ran once
+    # ran once: a second run would be queued (or running) now, or in the history
+    assert server.get("/queue").json() == {"queue_running": [], "queue_pending": []}
+    assert list(server.get("/history").json()) == ["mine-1"]
     other = {"prompt": chain(3), "prompt_id": "mine-1"}
     r = server.post("/prompt", other)
     assert r.status_code == 409 and r.json()["error"]["type"] == "prompt_id_conflict"
 
 
 def test_queue_items_front_delete_clear(server):
-    a = server.post("/prompt", {"prompt": sleeper(1.5, 15)}).json()["prompt_id"]
-    time.sleep(0.2)
+    gate = Gate()  # "a" runs until the checks below are done, however slow the machine is
+    a = server.post("/prompt", {"prompt": gate.graph()}).json()["prompt_id"]
+    wait_running(server, a)
     b = server.post("/prompt", {"prompt": chain(2, value=2)}).json()["prompt_id"]
     c = server.post("/prompt", {"prompt": chain(2, value=3), "front": True}).json()["prompt_id"]
     d = server.post("/prompt", {"prompt": chain(2, value=4), "number": 100}).json()["prompt_id"]
@@ -130,7 +138,9 @@ def test_queue_items_front_delete_clear(server):
     assert server.post("/queue", {"clear": True}).status_code == 200
     assert server.get("/queue").json()["queue_pending"] == []
     assert server.get(f"/api/prompt/{b}").json()["status"] == "unknown"
-    assert wait_done(server, a)["status"] == "success"  # the running one was not touched
+    assert server.get(f"/api/prompt/{a}").json()["status"] == "running"  # the running one was not touched
+    gate.open()
+    assert wait_done(server, a)["status"] == "success"
 
 
 def test_history_paging_and_delete(server):
@@ -180,9 +190,13 @@ def test_history_limit_drops_the_oldest(live):
 
 
 class SlowCheck:
-    """A classic node whose VALIDATE_INPUTS is slow (or async) and records the thread it ran on."""
+    """A classic node whose VALIDATE_INPUTS blocks until the test releases it (or is async), and records the
+    thread it ran on."""
 
     threads: list = []
+    entered = threading.Event()
+    release = threading.Event()
+    left = threading.Event()
     RETURN_TYPES = ("INT",)
     FUNCTION = "run"
 
@@ -193,7 +207,9 @@ class SlowCheck:
     @classmethod
     def VALIDATE_INPUTS(cls, value):
         cls.threads.append(threading.get_ident())
-        time.sleep(1.0)
+        cls.entered.set()
+        cls.release.wait(SAFETY_S)
+        cls.left.set()
         return True
 
     def run(self, value):
@@ -213,6 +229,8 @@ def test_validation_runs_off_the_event_loop(live):
     reg.register(AsyncCheck)
     s = live(registry=reg)
     SlowCheck.threads.clear()
+    for ev in (SlowCheck.entered, SlowCheck.release, SlowCheck.left):
+        ev.clear()
 
     def graph(cls, value=3):
         return {
@@ -225,13 +243,15 @@ def test_validation_runs_off_the_event_loop(live):
     slow: list = []
     t = threading.Thread(target=lambda: slow.append(s.post("/prompt", graph("SlowCheck"))))
     t.start()
-    deadline = time.monotonic() + 10
-    while not SlowCheck.threads and time.monotonic() < deadline:
-        time.sleep(0.01)
-    t0 = time.monotonic()
-    assert s.get("/prompt").status_code == 200  # the loop answers while the slow validator runs
-    assert time.monotonic() - t0 < 0.5
-    t.join(10)
+    try:
+        assert SlowCheck.entered.wait(SAFETY_S)
+        # the loop answers while the validator is still blocked: on the loop, this could only come after it
+        assert s.get("/prompt").status_code == 200
+        assert not SlowCheck.left.is_set()
+    finally:
+        SlowCheck.release.set()
+        t.join(SAFETY_S)
+    assert not t.is_alive()
     assert slow[0].status_code == 200 and slow[0].json()["node_errors"] == {}
     assert s.post("/prompt", graph("AsyncCheck")).status_code == 200
     r = s.post("/prompt", graph("AsyncCheck", -1))

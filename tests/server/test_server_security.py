@@ -5,15 +5,18 @@ from __future__ import annotations
 import io
 import json
 import os
+import socket
+import subprocess
+import tempfile
 
 import pytest
 import requests
 from PIL import Image
-from srv_helpers import kiln_cmd
+from srv_helpers import ROOT, SAFETY_S, die_with_parent, kiln_cmd, recv_json, wait_for
 
 from kiln.server import InsecureBind, ServerConfig
 
-pytestmark = pytest.mark.timeout(60)
+pytestmark = pytest.mark.timeout(600)
 
 
 def png_bytes(color=(1, 2, 3), size=(4, 4), mode="RGB") -> bytes:
@@ -22,22 +25,29 @@ def png_bytes(color=(1, 2, 3), size=(4, 4), mode="RGB") -> bytes:
     return buf.getvalue()
 
 
-def test_non_loopback_bind_needs_a_token():
+def test_non_loopback_bind_needs_a_token(tmp_path):
     with pytest.raises(InsecureBind):
         ServerConfig(host="0.0.0.0").check_bind()
     ServerConfig(host="0.0.0.0", auth_token="t").check_bind()
     ServerConfig(host="127.0.0.1,::1").check_bind()
-    import subprocess
 
     env = {k: v for k, v in os.environ.items() if k != "KILN_AUTH_TOKEN"}
-    env["PYTHONPATH"] = str(__import__("srv_helpers").ROOT)
-    r = subprocess.run(
-        kiln_cmd("serve", "--host", "0.0.0.0", "--port", "1"), capture_output=True, text=True, env=env, timeout=60
-    )
+    env["PYTHONPATH"] = str(ROOT)
+
+    def serve(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            kiln_cmd("serve", "--base-dir", str(tmp_path), *args),
+            capture_output=True,
+            text=True,
+            env=env,
+            cwd=tmp_path,
+            timeout=SAFETY_S,
+            preexec_fn=die_with_parent,
+        )
+
+    r = serve("--host", "0.0.0.0", "--port", "0")  # refused before it binds; port 0 were it ever to bind
     assert r.returncode == 2 and "--auth-token" in r.stderr
-    r = subprocess.run(
-        kiln_cmd("serve", "--port", "1", "--cache", "bogus"), capture_output=True, text=True, env=env, timeout=60
-    )
+    r = serve("--port", "0", "--cache", "bogus")
     assert r.returncode == 2 and "cache policy" in r.stderr
 
 
@@ -52,14 +62,14 @@ def test_token_on_http_and_websocket(live):
     assert r.status_code == 200
     assert s.get("/view", params={"filename": "x.png"}).status_code == 401
     with pytest.raises(InvalidStatus) as exc:
-        connect(s.ws_url + "?clientId=a", open_timeout=5)
+        connect(s.ws_url + "?clientId=a", open_timeout=SAFETY_S)
     assert exc.value.response.status_code == 401
     with pytest.raises(InvalidStatus):
-        connect(s.ws_url + "?clientId=a&token=nope", open_timeout=5)
-    with connect(s.ws_url + "?clientId=a&token=s3cret", open_timeout=5) as ws:
-        assert json.loads(ws.recv(timeout=5))["type"] == "status"
-    with connect(s.ws_url, additional_headers={"Authorization": "Bearer s3cret"}, open_timeout=5) as ws:
-        assert json.loads(ws.recv(timeout=5))["type"] == "status"
+        connect(s.ws_url + "?clientId=a&token=nope", open_timeout=SAFETY_S)
+    with connect(s.ws_url + "?clientId=a&token=s3cret", open_timeout=SAFETY_S) as ws:
+        assert recv_json(ws)["type"] == "status"
+    with connect(s.ws_url, additional_headers={"Authorization": "Bearer s3cret"}, open_timeout=SAFETY_S) as ws:
+        assert recv_json(ws)["type"] == "status"
 
 
 def test_host_and_origin_checks(server):
@@ -74,7 +84,7 @@ def test_host_and_origin_checks(server):
     from websockets.sync.client import connect
 
     with pytest.raises(InvalidStatus):
-        connect(server.ws_url, origin="http://evil.example", open_timeout=5)
+        connect(server.ws_url, origin="http://evil.example", open_timeout=SAFETY_S)
 
 
 def test_view_confinement(server):
@@ -116,11 +126,27 @@ def _upload(server, name, data, path="/upload/image", **fields):
         server.url + path,
         files={"image": (name, data, "image/png")},
         data={k: v for k, v in fields.items()},
-        timeout=30,
+        timeout=SAFETY_S,
     )
 
 
-def test_upload_names_collisions_and_confinement(server):
+@pytest.fixture
+def upload_tmp(tmp_path, monkeypatch):
+    """A private temp folder for the in-process server's upload temp files (``tempfile.tempdir`` is read at
+    each call), so a check for leftovers sees this test's files only, never other processes'."""
+    d = tmp_path / "private-tmp"
+    d.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(d))
+    return d
+
+
+def upload_temps(server, upload_tmp) -> list:
+    """The upload temp files left in this test's private temp folder or anywhere under the server's own
+    folders (where a server that keeps its upload temps private would put them)."""
+    return sorted(upload_tmp.glob("kiln-upload-*")) + sorted(server.base.rglob("kiln-upload-*"))
+
+
+def test_upload_names_collisions_and_confinement(server, upload_tmp):
     r = _upload(server, "cat.png", png_bytes())
     assert r.status_code == 200 and r.json() == {"name": "cat.png", "subfolder": "", "type": "input"}
     assert _upload(server, "cat.png", png_bytes()).json()["name"] == "cat.png"  # same content: reused
@@ -143,25 +169,50 @@ def test_upload_names_collisions_and_confinement(server):
     r = _upload(server, "fake.png", b"MZ\x90\x00 not an image")
     assert r.status_code == 415 and r.json()["error"]["type"] == "not_an_image"
     assert not (server.folders.input_dir / "fake.png").exists()
-    r = requests.post(server.url + "/upload/image", data={"subfolder": ""}, timeout=10)
+    r = requests.post(server.url + "/upload/image", data={"subfolder": ""}, timeout=SAFETY_S)
     assert r.status_code == 400
     r = requests.post(
         server.url + "/upload/image",
         files={"image": ("a.png", png_bytes())},
         data={"subfolder": "x" * 200_000},
-        timeout=10,
+        timeout=SAFETY_S,
     )
     assert r.status_code == 413
     r = requests.post(
         server.url + "/upload/image",
         files=[("image", ("a.png", png_bytes())), ("image", ("b.png", png_bytes()))],
-        timeout=10,
+        timeout=SAFETY_S,
     )
     assert r.status_code == 400
-    import glob
-    import tempfile
+    assert upload_temps(server, upload_tmp) == []  # no temp file left behind
 
-    assert not glob.glob(os.path.join(tempfile.gettempdir(), "kiln-upload-*"))  # no temp file left behind
+
+MULTIPART = "multipart/form-data; boundary=zz"
+IMAGE_PART = b'--zz\r\nContent-Disposition: form-data; name="image"; filename="a.png"\r\n\r\n'
+
+
+def test_failed_uploads_leave_no_temp_file(server, upload_tmp):
+    """A body that ends inside the image part, and a client that goes away in the middle of an upload, leave
+    no ``kiln-upload-*`` temp file behind (the paths that leaked one file per failed upload)."""
+    r = requests.post(
+        server.url + "/upload/image",
+        data=IMAGE_PART + png_bytes() + b"no closing boundary",
+        headers={"Content-Type": MULTIPART},
+        timeout=SAFETY_S,
+    )
+    assert 400 <= r.status_code < 500, r.text
+    assert upload_temps(server, upload_tmp) == []
+    body = IMAGE_PART + os.urandom(256 * 1024)
+    with socket.create_connection(("127.0.0.1", server.port), timeout=SAFETY_S) as c:
+        head = (
+            f"POST /upload/image HTTP/1.1\r\nHost: 127.0.0.1:{server.port}\r\nContent-Type: {MULTIPART}\r\n"
+            f"Content-Length: {len(body) * 4}\r\n\r\n"
+        )
+        c.sendall(head.encode() + body)
+        # readiness: the server is streaming this upload into its temp file; then the client vanishes
+        wait_for(lambda: upload_temps(server, upload_tmp), "the upload's temp file to appear")
+    wait_for(lambda: not upload_temps(server, upload_tmp), "the abandoned upload's temp file to be removed")
+    assert server.get("/prompt").status_code == 200  # and the server still serves
 
 
 def test_upload_size_limit_and_mask(live):

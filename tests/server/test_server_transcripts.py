@@ -10,9 +10,9 @@ import json
 from pathlib import Path
 
 import pytest
-from srv_helpers import LiveServer, make_registry, recv_until_done
+from srv_helpers import LiveServer, make_registry, recv_json, recv_until_done
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = pytest.mark.timeout(600)
 
 TRANSCRIPTS = Path(__file__).resolve().parents[2] / ".." / "shared" / "comfy_ws_transcripts.json"
 if not TRANSCRIPTS.exists():
@@ -41,8 +41,10 @@ NODE_DEVIATIONS = {"runtime_error"}
 @pytest.fixture(scope="module")
 def comfy_like(tmp_path_factory):
     s = LiveServer(tmp_path_factory.mktemp("transcripts"), registry=make_registry(image_nodes=True))
-    yield s
-    s.stop()
+    try:
+        yield s
+    finally:
+        s.stop()
 
 
 def _classes(body) -> set:
@@ -62,10 +64,10 @@ def test_transcript_case(comfy_like, group, case):
         pytest.skip(f"node types not in Kiln yet: {sorted(missing)}")
     cid = body.get("client_id") or "transcript"
     with s.ws(cid) as ws:
-        json.loads(ws.recv(timeout=5))
+        recv_json(ws)
         if group == "cases_feature_flags_client":
             ws.send(json.dumps({"type": "feature_flags", "data": {"supports_preview_metadata": True}}))
-            assert json.loads(ws.recv(timeout=5))["type"] == "feature_flags"
+            assert recv_json(ws)["type"] == "feature_flags"
         r = s.post(case["request"]["path"], body)
         want = case["response"]
         assert r.status_code == want["status"], r.text
