@@ -174,7 +174,8 @@ def test_kiln_submit_subcommand(server, tmp_path):
         timeout=SAFETY_S,
         preexec_fn=die_with_parent,
     )
-    assert r.returncode == 1 and "invalid_input_type" in r.stderr or "convert" in r.stderr
+    # a graph the server refuses is the user's input: exit 2, as `kiln run` does for an invalid graph
+    assert r.returncode == 2 and ("invalid_input_type" in r.stderr or "convert" in r.stderr), r.stderr
     r = subprocess.run(
         kiln_cmd("submit", str(g), "--server", server.url, "--set", "nope.value=1"),
         capture_output=True,
