@@ -160,7 +160,14 @@ async def _upload_all(c: Any, bucket: str, items: list[dict], storage_class: str
     except BaseException as exc:
         for t in tasks:
             t.cancel()
-        await asyncio.shield(_roll_back(c, bucket, tasks, puts))
+        # finish the roll-back even if this task is cancelled again meanwhile (an interrupt can cancel it
+        # twice): a roll-back left running when the node's loop closes would leave objects in the bucket
+        rb = asyncio.ensure_future(_roll_back(c, bucket, tasks, puts))
+        while not rb.done():
+            try:
+                await asyncio.shield(rb)
+            except asyncio.CancelledError:
+                continue
         if isinstance(exc, NodeError) or not isinstance(exc, Exception):
             raise
         failed = next(
