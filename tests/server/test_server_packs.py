@@ -47,14 +47,16 @@ def test_pack_routes_messages_and_reports(pack_server):
         r = requests.post(srv.url + "/prompt", json={"prompt": graph, "client_id": client_id}, timeout=SAFETY_S)
         assert r.status_code == 200, r.text
         pid = r.json()["prompt_id"]
-        seen = []
-        while True:
+        # pack messages and engine events travel separately (engine events are batched), so read until the
+        # run has ended AND the pack's message has arrived, in whichever order
+        seen, end = [], None
+        while end is None or "alpha.done" not in seen:
             m = ws.recv(timeout=SAFETY_S)
             if isinstance(m, bytes):
                 continue
             msg = json.loads(m)
             seen.append(msg["type"])
             if msg["type"] in ("execution_success", "execution_error") and msg["data"].get("prompt_id") == pid:
-                break
-        assert msg["type"] == "execution_success", msg
+                end = msg
+        assert end["type"] == "execution_success", end
         assert "alpha.done" in seen  # the pack's send_sync reached the prompt's client
