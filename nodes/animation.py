@@ -26,7 +26,7 @@ from kiln.engine import Boolean, Combo, Float, Hidden, Int, Node, NodeError, Nod
 from kiln.engine.folders import UnsafePath
 
 from .common import check_image, tensor_to_pil
-from .image import _expand_prefix
+from .image import expand_prefix
 from .outputs import write_output
 
 IMAGE = Socket("IMAGE")
@@ -49,7 +49,7 @@ def _frame_ms(fps: float) -> int:
 def _target(prefix: str, width: int, height: int) -> tuple[Path, str, str]:
     """(folder, subfolder, base name) for a filename_prefix, inside the output folder."""
     folders = get_folders()
-    prefix = _expand_prefix(prefix, width, height)
+    prefix = expand_prefix(prefix, width, height)
     sub, _, base = prefix.replace("\\", "/").rpartition("/")
     if not base:
         raise NodeError("filename_prefix must end with a file name", input_name="filename_prefix")

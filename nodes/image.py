@@ -71,7 +71,7 @@ class EmptyImage(Node):
         return rgb.expand(batch_size, height, width, 3).contiguous()
 
 
-def _annotated_path(name: str) -> Path:
+def annotated_path(name: str) -> Path:
     """ComfyUI's file annotations: ``name.png [output]`` reads from output/, ``[temp]`` from temp/."""
     folders = get_folders()
     m = re.match(r"^(.*) \[(input|output|temp)\]$", name)
@@ -79,7 +79,7 @@ def _annotated_path(name: str) -> Path:
     return folders.safe_path(type_, fname)
 
 
-def _input_choices() -> list[str]:
+def input_choices() -> list[str]:
     return get_folders().list_inputs(IMAGE_EXTENSIONS)
 
 
@@ -90,8 +90,8 @@ class LoadImage(Node):
     category = "image"
     outputs = ("IMAGE", "MASK")
 
-    def run(self, image: Annotated[str, Combo(_input_choices, image_upload=True)]):
-        path = _annotated_path(image)
+    def run(self, image: Annotated[str, Combo(input_choices, image_upload=True)]):
+        path = annotated_path(image)
         try:
             img = Image.open(path)
         except FileNotFoundError:
@@ -127,14 +127,14 @@ class LoadImage(Node):
     @classmethod
     def fingerprint(cls, image: str) -> str:
         try:
-            return hashlib.sha256(_annotated_path(image).read_bytes()).hexdigest()
+            return hashlib.sha256(annotated_path(image).read_bytes()).hexdigest()
         except Exception:
             return float("nan")  # type: ignore[return-value]
 
     @classmethod
     def validate(cls, image: str) -> bool | str:
         try:
-            p = _annotated_path(image)
+            p = annotated_path(image)
         except UnsafePath as exc:
             return f"Invalid image file: {image} ({exc})"
         if not p.is_file():
@@ -145,7 +145,7 @@ class LoadImage(Node):
 _ANNOTATION = re.compile(r" \[(input|output|temp)\]$")
 
 
-def _as_output_name(name: str) -> str:
+def as_output_name(name: str) -> str:
     """A plain name read by LoadImageOutput means a file in output/; explicit annotations are kept."""
     return name if _ANNOTATION.search(name) else f"{name} [output]"
 
@@ -196,7 +196,7 @@ class LoadImageOutput(LoadImage):
         ],
     ):
         try:
-            return super().run(_as_output_name(image))
+            return super().run(as_output_name(image))
         except NodeError as exc:
             if "not found" in str(exc):
                 raise NodeError(
@@ -208,14 +208,14 @@ class LoadImageOutput(LoadImage):
 
     @classmethod
     def fingerprint(cls, image: str) -> str:
-        return LoadImage.fingerprint(_as_output_name(image))
+        return LoadImage.fingerprint(as_output_name(image))
 
     @classmethod
     def validate(cls, image: str) -> bool | str:
-        return LoadImage.validate(_as_output_name(image))
+        return LoadImage.validate(as_output_name(image))
 
 
-def _expand_prefix(prefix: str, width: int, height: int) -> str:
+def expand_prefix(prefix: str, width: int, height: int) -> str:
     now = time.localtime()
     tokens = {
         "%width%": str(width),
@@ -250,7 +250,7 @@ def save_images(
     check_image(images, "SaveImage", "images")
     folders = get_folders()
     root = folders.dir_for(type_)
-    prefix = _expand_prefix(prefix, images.shape[2], images.shape[1])
+    prefix = expand_prefix(prefix, images.shape[2], images.shape[1])
     sub, _, base = prefix.replace("\\", "/").rpartition("/")
     if not base:
         raise NodeError("filename_prefix must end with a file name", input_name="filename_prefix")

@@ -9,21 +9,22 @@ format, which stored unscaled latents: they are multiplied by 1 / 0.18215 on loa
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Annotated, Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
 from kiln import engine
 from kiln.engine import Combo, Hidden, NodeError, NodeResult, Socket, String, get_folders
 from kiln.engine.folders import UnsafePath
-from kiln.nodes.image import _annotated_path, _expand_prefix
+from kiln.nodes.image import annotated_path, expand_prefix
 from kiln.nodes.latent import check_latent
+from kiln.nodes.outputs import write_output
 
 VERSION_KEY = "latent_format_version_0"
 LEGACY_SCALE = 1.0 / 0.18215
@@ -40,7 +41,7 @@ def _latent_files() -> list[str]:
 def _output_folder(prefix: str) -> tuple[Path, str, str]:
     """(folder, subfolder, base name) for a filename_prefix inside the output folder."""
     folders = get_folders()
-    prefix = _expand_prefix(prefix, 0, 0)
+    prefix = expand_prefix(prefix, 0, 0)
     sub, _, base = prefix.replace("\\", "/").rpartition("/")
     if not base:
         raise NodeError("filename_prefix must end with a file name", input_name="filename_prefix")
@@ -56,27 +57,11 @@ def _output_folder(prefix: str) -> tuple[Path, str, str]:
     return folder, sub, base
 
 
-def _publish(tmp: Path, folder: Path, base: str) -> str:
-    """Give the finished temp file the first free ``<base>_<NNNNN>_.latent`` name, atomically and without
-    ever replacing an existing file; returns the name."""
+def _names(folder: Path, base: str):
+    """``<base>_<NNNNN>_.latent`` names from one past the highest number already in ``folder``."""
     pattern = re.compile(re.escape(base) + r"_(\d+)_\.latent$")
     counter = 1 + max((int(m.group(1)) for f in os.listdir(folder) if (m := pattern.match(f))), default=0)
-    while True:
-        name = f"{base}_{counter:05d}_.latent"
-        target = folder / name
-        try:
-            os.link(tmp, target)  # fails if the name is taken: no overwrite, even against a concurrent writer
-        except FileExistsError:
-            counter += 1
-            continue
-        except OSError:  # no hard links on this file system: rename over a name checked to be free
-            if target.exists():
-                counter += 1
-                continue
-            os.replace(tmp, target)
-            return name
-        tmp.unlink()
-        return name
+    return (f"{base}_{n:05d}_.latent" for n in itertools.count(counter))
 
 
 class SaveLatent(engine.Node):
@@ -102,15 +87,8 @@ class SaveLatent(engine.Node):
         for k, v in (extra_pnginfo or {}).items():
             metadata[str(k)] = json.dumps(v)
         tensors = {"latent_tensor": s["samples"].detach().cpu().contiguous(), VERSION_KEY: torch.tensor([])}
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{base}.", suffix=".tmp", dir=folder)
-        os.close(fd)
-        tmp = Path(tmp_name)
-        try:
-            save_file(tensors, str(tmp), metadata=metadata)
-            name = _publish(tmp, folder, base)
-        finally:
-            if tmp.exists():
-                tmp.unlink()
+        # the shared output writer: atomic, never over another file, journaled for re-runs after a crash
+        name = write_output(folder, save(tensors, metadata=metadata), _names(folder, base))
         return NodeResult(ui={"latents": [{"filename": name, "subfolder": sub, "type": "output"}]})
 
 
@@ -123,7 +101,7 @@ class LoadLatent(engine.Node):
 
     def run(self, latent: Annotated[str, Combo(_latent_files)]):
         try:
-            path = _annotated_path(latent)
+            path = annotated_path(latent)
             data = load_file(str(path), device="cpu")
         except (UnsafePath, FileNotFoundError):
             raise NodeError(
@@ -141,14 +119,14 @@ class LoadLatent(engine.Node):
     @classmethod
     def fingerprint(cls, latent: str) -> str:
         try:
-            return hashlib.sha256(_annotated_path(latent).read_bytes()).hexdigest()
+            return hashlib.sha256(annotated_path(latent).read_bytes()).hexdigest()
         except Exception:
             return float("nan")  # type: ignore[return-value]
 
     @classmethod
     def validate(cls, latent: str) -> bool | str:
         try:
-            p = _annotated_path(latent)
+            p = annotated_path(latent)
         except UnsafePath as exc:
             return f"Invalid latent file: {latent} ({exc})"
         if not p.is_file():

@@ -21,7 +21,7 @@ from kiln.engine import MAX_RESOLUTION, Boolean, Combo, Float, Hidden, Int, Node
 from kiln.engine.folders import UnsafePath
 
 from .common import check_image, check_mask
-from .image import LoadImage, _annotated_path, _input_choices, save_images
+from .image import LoadImage, annotated_path, input_choices, save_images
 
 
 class SolidMask(Node):
@@ -272,12 +272,12 @@ class LoadImageMask(Node):
 
     def run(
         self,
-        image: Annotated[str, Combo(_input_choices, image_upload=True)],
+        image: Annotated[str, Combo(input_choices, image_upload=True)],
         channel: Annotated[str, Combo(MASK_CHANNELS)] = "alpha",
     ) -> torch.Tensor:
         img: Image.Image
         try:
-            img = ImageOps.exif_transpose(Image.open(_annotated_path(image)))
+            img = ImageOps.exif_transpose(Image.open(annotated_path(image)))
         except (FileNotFoundError, UnsafePath):
             raise NodeError(
                 f"image file {image!r} not found in the input folder",

@@ -149,9 +149,9 @@ def get_save_image_path(
     filename_prefix: str, output_dir: str, image_width: int = 0, image_height: int = 0
 ) -> tuple[str, str, int, str, str]:
     """(folder, file name base, next counter, subfolder, prefix) for ``<base>_<NNNNN>_.<ext>`` files."""
-    from kiln.nodes.image import _expand_prefix
+    from kiln.nodes.image import expand_prefix
 
-    filename_prefix = _expand_prefix(filename_prefix, image_width, image_height)
+    filename_prefix = expand_prefix(filename_prefix, image_width, image_height)
     subfolder, _, filename = filename_prefix.replace("\\", "/").rpartition("/")
     try:
         folder = safe_join(output_dir, subfolder) if subfolder else Path(output_dir).resolve()

@@ -89,9 +89,9 @@ def _image_path(class_type: str, name: Any) -> Path | None:
     if not isinstance(name, str):
         return None
     try:
-        from kiln.nodes.image import _annotated_path, _as_output_name
+        from kiln.nodes.image import annotated_path, as_output_name
 
-        return _annotated_path(_as_output_name(name) if class_type == "LoadImageOutput" else name)
+        return annotated_path(as_output_name(name) if class_type == "LoadImageOutput" else name)
     except Exception:
         return None
 
