@@ -92,14 +92,19 @@ class CLIPTextEncode(engine.Node):
 
     display_name = "CLIP Text Encode (Prompt)"
     category = "conditioning"
-    outputs = [
-        Output("CONDITIONING", tooltip="A conditioning containing the embedded text used to guide the diffusion model.")
-    ]
+    outputs = [Output("CONDITIONING", tooltip="Prompt embeddings that steer sampling.")]
 
     def run(
         self,
-        text: Annotated[str, String(multiline=True, dynamic_prompts=True, tooltip="The text to be encoded.")],
-        clip: Annotated[Any, Socket("CLIP", tooltip="The CLIP model used for encoding the text.")],
+        text: Annotated[
+            str,
+            String(
+                multiline=True,
+                dynamic_prompts=True,
+                tooltip="Prompt text; supports (word:1.2) weighting and embedding:name.",
+            ),
+        ],
+        clip: Annotated[Any, Socket("CLIP", tooltip="Text encoder to embed the prompt with.")],
     ):
         return encode_prompt(_check_clip(clip), text)  # a PromptError names the text input itself
 

@@ -86,7 +86,7 @@ class EmptyLatentImage(engine.Node):
 
     display_name = "Empty Latent Image"
     category = "latent"
-    outputs = [Output("LATENT", tooltip="The empty latent image batch.")]
+    outputs = [Output("LATENT", tooltip="Zero latents of the requested size, one per batch item.")]
 
     def run(
         self,
@@ -221,12 +221,12 @@ class VAEDecode(engine.Node):
 
     display_name = "VAE Decode"
     category = "latent"
-    outputs = [Output("IMAGE", tooltip="The decoded image.")]
+    outputs = [Output("IMAGE", tooltip="Pixels decoded from the latent.")]
 
     def run(
         self,
-        samples: Annotated[Any, Socket("LATENT", tooltip="The latent to be decoded.")],
-        vae: Annotated[Any, Socket("VAE", tooltip="The VAE model used for decoding the latent.")],
+        samples: Annotated[Any, Socket("LATENT", tooltip="Latent samples to turn into pixels.")],
+        vae: Annotated[Any, Socket("VAE", tooltip="VAE whose decoder maps latents to pixels.")],
     ):
         return decode(check_vae(vae), check_latent(samples)["samples"])
 

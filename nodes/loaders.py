@@ -121,15 +121,19 @@ class CheckpointLoaderSimple(engine.Node):
     display_name = "Load Checkpoint"
     category = "loaders"
     outputs = [
-        Output("MODEL", tooltip="The model used for denoising latents."),
-        Output("CLIP", tooltip="The CLIP model used for encoding text prompts."),
-        Output("VAE", tooltip="The VAE model used for encoding and decoding images to and from latent space."),
+        Output("MODEL", tooltip="Diffusion UNet that predicts the noise."),
+        Output("CLIP", tooltip="Text encoder(s) for CLIPTextEncode."),
+        Output("VAE", tooltip="Autoencoder between pixels and latents."),
     ]
 
     def run(
         self,
         ckpt_name: Annotated[
-            str, Combo(_choices("checkpoints", dirs=True), tooltip="The name of the checkpoint (model) to load.")
+            str,
+            Combo(
+                _choices("checkpoints", dirs=True),
+                tooltip="Checkpoint file (or diffusers folder) under models/checkpoints.",
+            ),
         ],
     ):
         loaded = load_checkpoint_handles(_find("checkpoints", ckpt_name, "ckpt_name"), ckpt_name)
@@ -221,8 +225,8 @@ class LoraLoader(engine.Node):
     display_name = "Load LoRA"
     category = "loaders"
     outputs = [
-        Output("MODEL", tooltip="The modified diffusion model."),
-        Output("CLIP", tooltip="The modified CLIP model."),
+        Output("MODEL", tooltip="The UNet with the LoRA applied."),
+        Output("CLIP", tooltip="The text encoder with the LoRA applied."),
     ]
 
     def run(

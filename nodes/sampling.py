@@ -196,8 +196,10 @@ def sample(
     return run_sampling(guider, SamplerChoice(sampler_name), sigmas, latent, noise, seed)[0]
 
 
-_SEED = Int(min=0, max=SEED_MAX, control_after_generate=True, tooltip="The random seed used for creating the noise.")
-_STEPS = Int(min=1, max=10000, tooltip="The number of steps used in the denoising process.")
+_SEED = Int(
+    min=0, max=SEED_MAX, control_after_generate=True, tooltip="Seed for the starting noise (and any per-step noise)."
+)
+_STEPS = Int(min=1, max=10000, tooltip="How many denoising steps to take.")
 _CFG = Float(
     min=0.0,
     max=100.0,

@@ -143,12 +143,12 @@ class VAEDecodeTiled(engine.Node):
 
     display_name = "VAE Decode (Tiled)"
     category = "_for_testing"
-    outputs = [Output("IMAGE", tooltip="The decoded image.")]
+    outputs = [Output("IMAGE", tooltip="Pixels decoded from the latent.")]
 
     def run(
         self,
-        samples: Annotated[Any, Socket("LATENT", tooltip="The latent to be decoded.")],
-        vae: Annotated[Any, Socket("VAE", tooltip="The VAE model used for decoding the latent.")],
+        samples: Annotated[Any, Socket("LATENT", tooltip="Latent samples to turn into pixels.")],
+        vae: Annotated[Any, Socket("VAE", tooltip="VAE whose decoder maps latents to pixels.")],
         tile_size: Annotated[int, Int(min=64, max=4096, step=32, tooltip="Tile side in pixels.")] = 512,
         overlap: Annotated[int, Int(min=0, max=4096, step=32, tooltip="Overlap between tiles in pixels.")] = 64,
         temporal_size: Annotated[
