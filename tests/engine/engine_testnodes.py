@@ -7,6 +7,7 @@ independently of what the executor reports.
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 import weakref
 from typing import Annotated, Any
@@ -372,6 +373,58 @@ class Probe(Node):
         return NodeResult(ui={"alive": alive})
 
 
+_MEETINGS: dict[str, int] = {}
+_MEET_LOCK = threading.Lock()
+MEET_BOUND_S = 300.0  # only a run where the nodes never overlap waits this long, and then fails
+
+
+def _arrive(name: str) -> None:
+    with _MEET_LOCK:
+        _MEETINGS[name] = _MEETINGS.get(name, 0) + 1
+
+
+def _all_here(name: str, n: int) -> bool:
+    with _MEET_LOCK:
+        return _MEETINGS.get(name, 0) >= n
+
+
+class Meet(Node):
+    """Async: arrives at meeting ``name`` and returns only once ``n`` nodes are there. Nodes that run one after
+    another never all arrive, so the run fails instead of passing slowly: overlap is shown without a clock."""
+
+    outputs = ("INT",)
+    cacheable = False
+
+    async def run(
+        self, value: Annotated[int, Int()] = 0, name: Annotated[str, String()] = "", n: Annotated[int, Int(min=1)] = 2
+    ):
+        _arrive(name)
+        end = time.monotonic() + MEET_BOUND_S
+        while not _all_here(name, n):
+            if time.monotonic() > end:
+                raise RuntimeError(f"meeting {name!r}: the other nodes never ran at the same time")
+            await asyncio.sleep(0.005)
+        return value
+
+
+class MeetSync(Node):
+    """The same meeting, from synchronous node code (it waits in its worker thread)."""
+
+    outputs = ("INT",)
+    cacheable = False
+
+    def run(
+        self, value: Annotated[int, Int()] = 0, name: Annotated[str, String()] = "", n: Annotated[int, Int(min=1)] = 2
+    ):
+        _arrive(name)
+        end = time.monotonic() + MEET_BOUND_S
+        while not _all_here(name, n):
+            if time.monotonic() > end:
+                raise RuntimeError(f"meeting {name!r}: the other nodes never ran at the same time")
+            time.sleep(0.005)
+        return value
+
+
 TEST_NODES = [
     Const,
     Add,
@@ -400,6 +453,8 @@ TEST_NODES = [
     Big,
     Holder,
     Probe,
+    Meet,
+    MeetSync,
 ]
 
 

@@ -459,44 +459,57 @@ def test_client_that_stops_reading_is_cut_off_once_stalled(live, caplog):
 
 
 # -- 6. the loop stays responsive during a huge POST --------------------------------------------------
-def test_other_clients_are_answered_while_a_huge_graph_is_posted(live):
-    """GET /queue latency while another client POSTs a 30,000-node graph. The bound derives from this run:
-    a loop blocked by the POST would make a probe wait a large part of the POST itself."""
+def test_huge_post_is_decoded_prepared_and_stored_off_the_loop(live, monkeypatch):
+    """Each step of accepting a huge graph (decode, prepare, validate, encode, store) runs in a worker thread,
+    and the loop answers another client while that step is held. No clock is read: a step that ran on the
+    loop is recorded as such (and not held), a step held off the loop waits for the probe to be answered.
+    The latency figures themselves are printed by ``benchmarks/server_latency.py``."""
+    from kiln.server import params as srv_params, service as srv_service
+
     s = live()
-    sess = requests.Session()
+    svc = s.service
+    steps = ["decode", "prepare", "validate", "encode", "store"]
+    entered = {k: threading.Event() for k in steps}
+    release = {k: threading.Event() for k in steps}
+    on_loop: list[str] = []
 
-    def probe() -> float:
-        t = time.perf_counter()
-        assert sess.get(s.url + "/queue", timeout=SAFETY_S).status_code == 200
-        return time.perf_counter() - t
+    def held(step, fn, heavy=lambda *a, **k: True):
+        def wrapper(*args, **kw):
+            if heavy(*args, **kw):
+                if threading.get_ident() == s.thread.ident:
+                    on_loop.append(step)
+                    entered[step].set()
+                else:
+                    entered[step].set()
+                    assert release[step].wait(SAFETY_S), f"the test never released {step}"
+            return fn(*args, **kw)
 
-    idle = sorted(probe() for _ in range(30))
-    body = json.dumps({"prompt": chain(30_000, value=3)}).encode()
+        return wrapper
+
+    monkeypatch.setattr(srv_params, "loads", held("decode", srv_params.loads, lambda raw, *_: len(raw) > 100_000))
+    monkeypatch.setattr(svc, "_prepare", held("prepare", svc._prepare))
+    big = lambda graph, *a, **k: len(graph.nodes) > 1000  # noqa: E731
+    monkeypatch.setattr(srv_service, "validate", held("validate", srv_service.validate, big))
+    monkeypatch.setattr(srv_service, "_encoded", held("encode", srv_service._encoded, big))
+    monkeypatch.setattr(svc.store, "add", held("store", svc.store.add))
+
+    body = json.dumps({"prompt": chain(5_000, value=3)}).encode()
     result = {}
-
-    def poster():
-        t = time.perf_counter()
-        result["r"] = requests.post(s.url + "/prompt", data=body, timeout=SAFETY_S)
-        result["dt"] = time.perf_counter() - t
-
-    th = threading.Thread(target=poster)
-    t0 = time.perf_counter()
+    th = threading.Thread(target=lambda: result.update(r=requests.post(s.url + "/prompt", data=body, timeout=SAFETY_S)))
     th.start()
-    during = []
-    while th.is_alive():
-        start = time.perf_counter() - t0
-        lat = probe()
-        if th.is_alive():
-            during.append((start, lat))
-        time.sleep(0.01)
-    th.join()
+    try:
+        for step in steps:
+            assert entered[step].wait(SAFETY_S), f"{step} never ran"
+            assert s.get("/queue").status_code == 200  # answered while the step is held in its thread
+            release[step].set()
+    finally:
+        for ev_ in release.values():
+            ev_.set()
+        th.join(SAFETY_S)
     assert result["r"].status_code == 200, result["r"].text[:300]
+    assert on_loop == []
     s.post("/interrupt")
     s.post("/queue", {"clear": True})
-    lats = [lat for _, lat in during]
-    assert len(lats) >= 3, (result["dt"], lats)  # the POST took long enough to be measured against
-    bound = max(0.2 * result["dt"], 20 * idle[len(idle) // 2])
-    assert max(lats) < bound, (max(lats), bound, result["dt"], idle[len(idle) // 2])
 
 
 # -- property-based: every route, every socket message ------------------------------------------------
