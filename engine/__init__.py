@@ -21,7 +21,7 @@ from .expansion import GraphBuilder
 from .folders import Folders, UnsafePath, get_folders, safe_join
 from .graph import BadLink, Graph, Link, NodeEntry, Submission, parse_submission
 from .issues import Issue, NodeProblems
-from .node import ExecutionBlocker, Node, NodeResult, NodeSpec
+from .node import ExecutionBlocker, Node, NodeResult, NodeSpec, TensorEstimate
 from .registry import Registry
 from .types import (
     ANY,

@@ -8,6 +8,7 @@ Both produce a :class:`NodeSpec`.
 from __future__ import annotations
 
 import inspect
+import math
 import re
 import typing
 from collections.abc import Callable
@@ -62,6 +63,26 @@ class NodeResult:
         self.expand = expand
 
 
+@dataclass(frozen=True)
+class TensorEstimate:
+    """What validation expects a tensor output to be, worked out from the graph before anything runs.
+
+    ``shape`` is the tensor's shape as the node will return it: IMAGE ``[B, H, W, C]``, MASK ``[B, H, W]``,
+    a LATENT's ``samples`` ``[B, C, H, W]``. ``itemsize`` is bytes per element (4: float32).
+    See :class:`Node` (``estimate_outputs``, ``estimate_memory``) for how nodes declare and receive them.
+    """
+
+    shape: tuple[int, ...]
+    itemsize: int = 4
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.itemsize
+
+    def with_shape(self, *shape: int) -> TensorEstimate:
+        return TensorEstimate(tuple(int(d) for d in shape), self.itemsize)
+
+
 @dataclass
 class NodeSpec:
     """Everything the engine knows about a node class."""
@@ -93,6 +114,10 @@ class NodeSpec:
     # checks of the world outside the graph (a key configured, a bucket reachable, an extra installed), run
     # at validation so a run that cannot finish is refused before any paid or slow work starts
     preflight: Callable[..., Any] | None = None
+    # memory budget hooks (see Node): the shapes of the outputs and the bytes the node allocates, worked
+    # out from its inputs at validation so a prompt too large for the machine is refused before it runs
+    estimate_outputs: Callable[..., Any] | None = None
+    estimate_memory: Callable[..., Any] | None = None
     has_lazy_check: bool = False
     raw_input_types: dict | None = None  # classic: INPUT_TYPES() as declared, for object_info
     input_types_fn: Callable[[], dict] | None = None  # classic: re-read for object_info (file lists change)
@@ -168,6 +193,18 @@ class Node:
       (a linked input is None) once its inputs are valid; returns True or a message like ``validate``.
       A node that pays for a call or writes somewhere remote declares one, so nothing is paid for a run
       that would fail later.
+    - classmethods ``estimate_outputs(**inputs)`` and ``estimate_memory(**inputs)``: the memory budget.
+      Validation given a ``memory_limit`` visits the nodes sources first. It calls each hook with the node's
+      inputs: a literal as its (coerced) value, a link as the :class:`TensorEstimate` of that upstream
+      output when the upstream node estimated it, else None; unconnected optional inputs are left out, so
+      declare defaults and ``**_`` for inputs you do not read. ``estimate_outputs`` returns one
+      TensorEstimate (or None: unknown) per output slot, in order, or None; what it returns is what the
+      nodes downstream receive. ``estimate_memory`` returns the bytes the node allocates while it runs
+      (its outputs and temporaries, not its inputs), or None when it cannot tell; a node that declares
+      only ``estimate_outputs`` is taken to allocate its outputs. The node's peak is that plus the sizes of
+      its linked inputs (held while it runs), and a peak over the limit refuses the prompt, naming the
+      node. This is a lower bound: what a model holds, or a cache keeps of other nodes, comes on top. An
+      estimator that raises counts as "unknown", never as a refusal.
     """
 
     name: str | None = None
@@ -306,7 +343,15 @@ def spec_from_native(cls: type, name: str | None = None) -> NodeSpec:
     fingerprint = getattr(cls, "fingerprint", None)
     validate = getattr(cls, "validate", None)
     preflight = getattr(cls, "preflight", None)
-    for hook_name, hook in (("fingerprint", fingerprint), ("validate", validate), ("preflight", preflight)):
+    estimate_outputs = getattr(cls, "estimate_outputs", None)
+    estimate_memory = getattr(cls, "estimate_memory", None)
+    for hook_name, hook in (
+        ("fingerprint", fingerprint),
+        ("validate", validate),
+        ("preflight", preflight),
+        ("estimate_outputs", estimate_outputs),
+        ("estimate_memory", estimate_memory),
+    ):
         if hook is None:
             continue
         if not callable(hook):
@@ -357,6 +402,8 @@ def spec_from_native(cls: type, name: str | None = None) -> NodeSpec:
         validate_params=vparams,
         validate_wants_types=wants_types,
         preflight=preflight,
+        estimate_outputs=estimate_outputs,
+        estimate_memory=estimate_memory,
         has_lazy_check=callable(getattr(cls, "check_lazy_status", None)),
         output_tooltips=[o.tooltip for o in outputs] if any(o.tooltip for o in outputs) else None,
     )
@@ -387,4 +434,4 @@ def _check_default(cls: type, spec: InputSpec) -> None:
             raise _fail(cls, f"input {spec.name!r}: default {d!r} is not one of the choices")
 
 
-__all__ = ["Node", "NodeSpec", "NodeResult", "ExecutionBlocker", "spec_from_native", "ANY"]
+__all__ = ["Node", "NodeSpec", "NodeResult", "ExecutionBlocker", "TensorEstimate", "spec_from_native", "ANY"]

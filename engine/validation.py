@@ -3,7 +3,11 @@
 Problems are typed (:class:`~kiln.engine.issues.Issue`): a kind from a fixed vocabulary (the kinds
 ComfyUI's clients know, so the server can map them one to one), a message, details and a ``hint``: one
 sentence naming the node id, its title, the input and what to do. Literal values are coerced in place to
-their declared types, and widget inputs left out of the JSON take their declared defaults.
+their declared types, and widget inputs left out of the JSON take their declared defaults. Given a memory
+limit, it also estimates each node's peak memory from the shapes its upstream nodes declare (``budget``).
+
+One file: every check reads and writes the same per-node state (problems, validity, estimates) in one pass
+over the graph, sources first, and the typed issues they build share their wording helpers.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from typing import Any
 
 from .graph import BadLink, Graph, Link, NodeEntry
 from .issues import Issue, NodeProblems, ValidationResult
-from .node import NodeSpec
+from .node import NodeSpec, TensorEstimate
 from .registry import Registry
 from .topology import acyclic_part, dependent_outputs, find_cycle, upstream_order
 from .types import BOOLEAN, COMBO, FLOAT, INT, STRING, InputSpec, types_compatible
@@ -33,12 +37,15 @@ __all__ = [
     "upstream_order",
     "find_cycle",
     "OBJECT_TYPES",
+    "MEMORY_OVER_BUDGET",
+    "format_bytes",
 ]
 
 # Types whose values are objects or tensors: a JSON literal can never be one.
 OBJECT_TYPES = frozenset({"MODEL", "CLIP", "VAE", "CONDITIONING", "LATENT", "IMAGE", "MASK", "CONTROL_NET"})
 MAX_LIST_SHOWN = 20
 MAX_CYCLE_SHOWN = 20
+MEMORY_OVER_BUDGET = "prompt_memory_over_budget"  # the issue kind of a node whose estimated peak is over the limit
 
 
 def _short(v: Any, n: int = 80) -> str:
@@ -140,6 +147,8 @@ class _Validator:
         self.warnings: dict[str, list[Issue]] = {}
         self.valid: dict[str, bool] = {}
         self._choices: dict[int, list] = {}
+        # node id -> estimated output tensors by slot (memory budget, filled sources first; see Node)
+        self.estimates: dict[str, list[TensorEstimate | None]] = {}
 
     def add(self, node: NodeEntry, issue: Issue) -> None:
         self.problems.setdefault(node.id, []).append(issue)
@@ -229,6 +238,65 @@ class _Validator:
                     hint=f"{_where(node, name) if name else _where(node)}: {msg}",
                 ),
             )
+
+    def budget(self, node: NodeEntry, limit: int) -> None:
+        """Estimate the node's outputs and its peak memory (``Node.estimate_memory``); refuse it over ``limit``.
+
+        Called sources first, once the node and everything upstream of it are valid, so a linked input's
+        estimate is already known here (or known to be unknown). The peak counted is what the node allocates
+        plus its estimated linked inputs, which stay alive while it runs.
+        """
+        spec = self.registry[node.class_type]
+        args: dict[str, Any] = {}
+        held: dict[tuple[str, int], int] = {}
+        for name, value in node.inputs.items():
+            if name not in spec.inputs:
+                continue
+            if isinstance(value, Link):
+                slots = self.estimates.get(value.node_id, ())
+                est = slots[value.slot] if value.slot < len(slots) else None
+                args[name] = est
+                if est is not None:
+                    held[(value.node_id, value.slot)] = est.nbytes
+            else:
+                args[name] = None if isinstance(value, BadLink) else value
+        if spec.estimate_outputs is None and spec.estimate_memory is None and not held:
+            return
+        outs = _estimated_outputs(spec.estimate_outputs, args) if spec.estimate_outputs is not None else []
+        if outs:
+            self.estimates[node.id] = outs
+        own: int | None = None
+        if spec.estimate_memory is not None:
+            own = _estimated_bytes(spec.estimate_memory, args)
+        elif spec.estimate_outputs is not None and any(o is not None for o in outs):
+            own = sum(o.nbytes for o in outs if o is not None)  # declares outputs only: allocates them
+        inputs_bytes = sum(held.values())
+        peak = (own or 0) + inputs_bytes
+        if peak <= limit:
+            return
+        parts = []
+        if inputs_bytes:
+            parts.append(f"{format_bytes(inputs_bytes)} of inputs it holds")
+        parts.append(f"{format_bytes(own)} it allocates" if own is not None else "what it allocates itself, unknown")
+        knobs = [
+            n
+            for n, s in spec.inputs.items()
+            if s.type in (INT, FLOAT) and not isinstance(node.inputs.get(n), Link) and n in _SIZE_INPUTS
+        ]
+        named = f"{', '.join(knobs[:-1])} or {knobs[-1]}" if len(knobs) > 1 else "".join(knobs)
+        fix = f"lower its {named}" if knobs else "make the images or latents that reach it smaller"
+        self.add(
+            node,
+            Issue.of(
+                MEMORY_OVER_BUDGET,
+                "Prompt needs more memory than allowed",
+                f"needs about {format_bytes(peak)}, limit {format_bytes(limit)}",
+                estimate_bytes=peak,
+                limit_bytes=limit,
+                hint=f"{_where(node)} needs about {format_bytes(peak)} while it runs ({' + '.join(parts)}), over "
+                f"the limit of {format_bytes(limit)} for one prompt; {fix}, or raise --max-prompt-memory",
+            ),
+        )
 
     def warn_unknown(self, node: NodeEntry, spec: NodeSpec, name: str) -> None:
         """An input the node does not declare is ignored (ComfyUI's clients may send extras): say so."""
@@ -520,6 +588,42 @@ def _clip(v: Any, n: int = 200) -> str:
     return s if len(s) <= n else s[: n - 3] + "..."
 
 
+# widget inputs that usually scale a node's allocation: named in the fix of a memory refusal
+_SIZE_INPUTS = frozenset({"width", "height", "batch_size", "amount", "length", "scale_by", "megapixels", "resolution"})
+
+
+def format_bytes(n: int | float) -> str:
+    """A byte count for people: ``6.0 GiB``, ``512.0 MiB``, ``900 B`` (binary units)."""
+    n = float(n)
+    for unit, size in (("TiB", 1 << 40), ("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if abs(n) >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{int(n)} B"
+
+
+def _estimated_outputs(hook: Any, args: dict) -> list[TensorEstimate | None]:
+    """A node's ``estimate_outputs``, normalised to one TensorEstimate or None per slot; [] when unknown."""
+    try:
+        r = hook(**args)
+    except Exception:  # an estimator's bug makes the estimate unknown, never the prompt invalid
+        return []
+    if isinstance(r, TensorEstimate):
+        r = [r]
+    if not isinstance(r, (list, tuple)):
+        return []
+    return [o if isinstance(o, TensorEstimate) else None for o in r]
+
+
+def _estimated_bytes(hook: Any, args: dict) -> int | None:
+    try:
+        r = hook(**args)
+    except Exception:
+        return None
+    if isinstance(r, bool) or not isinstance(r, (int, float)) or not math.isfinite(r) or r < 0:
+        return None
+    return int(r)
+
+
 def _safe_json(v: Any) -> Any:
     """A received value as it can appear in an error: JSON-safe and bounded in size."""
     if isinstance(v, (list, dict)):
@@ -543,18 +647,28 @@ def validate(
     registry: Registry,
     targets: list[str] | None = None,
     partial_execution_targets: list[str] | None = None,
+    memory_limit: int | None = None,
 ) -> ValidationResult:
     """Check the whole graph. ``targets`` names the nodes to produce (default: every output node).
 
     Coerces literals in ``graph`` in place; the result remembers which graph it is for, and the executor
     refuses to run another graph with it. Safe to call from any thread, with or without a running event
     loop (async ``VALIDATE_INPUTS`` run on a private loop).
+
+    ``memory_limit`` (bytes; None or 0: no limit): a node whose estimated peak memory is over it is refused
+    with a ``prompt_memory_over_budget`` issue naming the node, the estimate and the limit, so a prompt too
+    large for the machine never starts. Estimates come from the nodes' ``estimate_outputs`` and
+    ``estimate_memory`` hooks, propagated sources first (see :class:`~kiln.engine.Node`).
     """
-    return _check(graph, registry, targets, partial_execution_targets).bind(graph)
+    return _check(graph, registry, targets, partial_execution_targets, memory_limit).bind(graph)
 
 
 def _check(
-    graph: Graph, registry: Registry, targets: list[str] | None, partial_execution_targets: list[str] | None
+    graph: Graph,
+    registry: Registry,
+    targets: list[str] | None,
+    partial_execution_targets: list[str] | None,
+    memory_limit: int | None = None,
 ) -> ValidationResult:
     v = _Validator(graph, registry)
     # 1. every node's class exists
@@ -679,6 +793,10 @@ def _check(
         for _, link in node.links():
             if not v.valid.get(link.node_id, link.node_id in graph.nodes and link.node_id not in in_cycle):
                 ok = False
+        if ok and memory_limit:
+            # the memory budget, sources first: upstream estimates are known by now (see Node)
+            v.budget(node, memory_limit)
+            ok = nid not in v.problems
         v.valid[nid] = ok
     for nid in in_cycle:
         v.valid[nid] = False

@@ -118,12 +118,16 @@ def _print_node_error(err: Any, stream=sys.stderr) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from kiln.engine import Graph, GraphFormatError
+    from kiln.engine import Graph, GraphFormatError, use_folders, validate
+    from kiln.nodes.image import MAX_IMAGE_PIXELS_SERVICE
     from kiln.nodes.providers.ledger import total_usd
 
     from . import api
+    from .cli_server import image_pixels, prompt_memory
 
     ex = api.executor(cache=args.cache, base_dir=args.base_dir, output_dir=args.output_dir)
+    ex.services[MAX_IMAGE_PIXELS_SERVICE] = image_pixels(args)
+    memory_limit = prompt_memory(args)
     try:  # an API graph, an editor (UI-format) workflow or a PNG that carries either
         base = Graph.load(args.graph, registry=ex.registry)
     except GraphFormatError as exc:
@@ -145,7 +149,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         except GraphFormatError as exc:
             _print_format_error(exc)
             return EXIT_INVALID
-        v = ex.validate(g)
+        with use_folders(ex.folders):  # as Executor.validate, with the memory budget
+            v = validate(g, ex.registry, memory_limit=memory_limit)
         if not warned:
             _print_warnings(v)
             warned = True
@@ -200,7 +205,9 @@ def cmd_validate(args: argparse.Namespace) -> int:
     except GraphFormatError as exc:
         _print_format_error(exc, args.graph)
         return EXIT_INVALID
-    res = validate(g, reg)
+    from .cli_server import prompt_memory
+
+    res = validate(g, reg, memory_limit=prompt_memory(args))
     from .cli_provenance import unsigned_warnings
 
     unsigned_warnings(g, reg, res)  # savers with embed_provenance on and no C2PA signing key
@@ -351,11 +358,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="call paid providers again even when this graph's result is kept on disk (cache/provider-results)",
     )
     r.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    from .cli_server import add_budget_args
+
+    add_budget_args(r)
     r.set_defaults(fn=cmd_run)
 
     v = sub.add_parser("validate", help="check a graph without running it")
     v.add_argument("graph", help="graph JSON (API or editor format), or a PNG with an embedded workflow")
     v.add_argument("--json", action="store_true", help="print ComfyUI's {error, node_errors} JSON")
+    add_budget_args(v, image_pixels=False)
     v.set_defaults(fn=cmd_validate)
 
     n = sub.add_parser("nodes", help="list node types, or show one node's inputs and outputs")

@@ -13,6 +13,65 @@ import sys
 from pathlib import Path
 
 
+def memory_limit_arg(text: str) -> int:
+    """``--max-prompt-memory``: bytes, 0 for no limit (``8GiB``, ``8G`` = 8*10**9 as ``--cache ram:SIZE``)."""
+    from kiln.server.config import parse_memory_limit
+
+    try:
+        return parse_memory_limit(text) or 0
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{exc}; 0 turns the limit off") from None
+
+
+def pixels_arg(text: str) -> int:
+    """``--max-image-pixels``: a pixel count (``67108864``) or a size (``8192x8192``); 0 for no cap."""
+    w, x, h = text.strip().lower().partition("x")
+    try:
+        n = int(w) * int(h) if x else int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"cannot read {text!r} as pixels; write e.g. 8192x8192 or 67108864") from None
+    if n < 0:
+        raise argparse.ArgumentTypeError("a pixel cap is 0 (none) or more")
+    return n
+
+
+def add_budget_args(p: argparse.ArgumentParser, image_pixels: bool = True) -> None:
+    """The budgets refused before running (README, "Budgets"), shared by serve, run and validate. The defaults
+    (server/config.py) are read when the command runs, so building the parser imports no server code."""
+    p.add_argument(
+        "--max-prompt-memory",
+        type=memory_limit_arg,
+        default=None,
+        metavar="SIZE",
+        help="refuse at validation a prompt whose estimated memory at some node is over SIZE (8GiB, 512MiB; 0: no "
+        "limit; default: half of this machine's memory)",
+    )
+    if image_pixels:
+        p.add_argument(
+            "--max-image-pixels",
+            type=pixels_arg,
+            default=None,
+            metavar="N",
+            help="refuse uploads and loaded images of more pixels (a count or WxH; 0: no cap; default 8192x8192)",
+        )
+
+
+def prompt_memory(args: argparse.Namespace) -> int | None:
+    """The memory limit the flags ask for, in bytes (None: no limit)."""
+    from kiln.server.config import default_prompt_memory
+
+    chosen = getattr(args, "max_prompt_memory", None)
+    return default_prompt_memory() if chosen is None else (chosen or None)
+
+
+def image_pixels(args: argparse.Namespace) -> int:
+    """The image pixel cap the flags ask for (0: none)."""
+    from kiln.server.config import DEFAULT_MAX_IMAGE_PIXELS
+
+    chosen = getattr(args, "max_image_pixels", None)
+    return DEFAULT_MAX_IMAGE_PIXELS if chosen is None else chosen
+
+
 def add_serve_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "serve",
@@ -43,7 +102,38 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
     )
     p.add_argument("--preview-method", default="none", help="default preview method (none, auto, latent2rgb, ...)")
     p.add_argument("--max-upload-size", type=float, default=100, help="upload limit in MB")
+    add_budget_args(p)
     p.add_argument("--custom-nodes", default=None, help="folder of custom node packs")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        metavar="N",
+        help="worker processes that run prompts (default 1); a prompt that crashes or exhausts a worker ends only "
+        "that worker. 0 runs prompts in a thread of the server process (no isolation)",
+    )
+    p.add_argument(
+        "--worker-memory",
+        type=memory_limit_arg,
+        default=None,
+        metavar="SIZE",
+        help="resident memory each worker may use before it is stopped and its prompt failed (8GiB; 0: no limit; "
+        "default: 80%% of this machine's memory divided among the workers)",
+    )
+    p.add_argument(
+        "--max-prompt-seconds",
+        type=float,
+        default=0.0,
+        metavar="S",
+        help="stop and fail a prompt that runs longer than S seconds (default 0: no limit)",
+    )
+    p.add_argument(
+        "--interrupt-grace",
+        type=float,
+        default=10.0,
+        metavar="S",
+        help="seconds an interrupted prompt has to stop before its worker is ended and replaced (default 10)",
+    )
     p.add_argument("--allow-origin", action="append", default=[], help="extra browser origin allowed to call")
     p.add_argument(
         "--history-limit",
@@ -70,6 +160,19 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
         metavar="DIR",
         help="serve this ComfyUI frontend build at / (default: the installed ui extra, if any)",
     )
+    p.add_argument(
+        "--log-level",
+        type=str.upper,
+        choices=("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"),
+        default="INFO",
+        help="server log level (default INFO: a line per prompt accepted, started, finished or failed)",
+    )
+    p.add_argument(
+        "--otel",
+        action="store_true",
+        help="send OpenTelemetry traces (a span per prompt and per node) with the OTLP/HTTP exporter, set up by "
+        "the standard OTEL_EXPORTER_OTLP_* variables (needs opentelemetry-sdk, opentelemetry-exporter-otlp-proto-http)",
+    )
     p.set_defaults(func=run_serve, fn=run_serve)
     return p
 
@@ -82,7 +185,8 @@ def run_serve(args: argparse.Namespace) -> int:
 
     from .runtime import make_executor
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    level = getattr(args, "log_level", "INFO")
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     base = Path(args.base_dir or os.environ.get("KILN_BASE_DIR") or Path.cwd())
     token = args.auth_token or os.environ.get("KILN_AUTH_TOKEN") or None
     front_end = Path(args.front_end_root) if args.front_end_root else installed_front_end()
@@ -103,6 +207,11 @@ def run_serve(args: argparse.Namespace) -> int:
             max_string_bytes=args.max_string_bytes,
             late_delivery_window=args.late_delivery_window,
             front_end_root=front_end,
+            max_prompt_memory=prompt_memory(args),
+            max_image_pixels=image_pixels(args),
+            workers=args.workers,
+            interrupt_grace=args.interrupt_grace,
+            max_prompt_seconds=args.max_prompt_seconds,
         )
         config.check_bind()
         from kiln.engine import make_cache
@@ -118,8 +227,22 @@ def run_serve(args: argparse.Namespace) -> int:
     except ValueError as exc:  # a bad --cache policy
         print(f"kiln serve: {exc}", file=sys.stderr)
         return 2
+    from kiln.nodes.image import MAX_IMAGE_PIXELS_SERVICE
+
+    executor.services[MAX_IMAGE_PIXELS_SERVICE] = config.max_image_pixels  # LoadImage's cap, as the uploads'
+    if config.workers:
+        config = worker_config(config, args, base, {MAX_IMAGE_PIXELS_SERVICE: config.max_image_pixels})
     for err in getattr(executor.registry, "load_errors", []):
         logging.getLogger("kiln.server").warning("node pack %s was skipped: %s", err.source, err.error)
+    provider = None
+    if getattr(args, "otel", False):
+        from kiln.server.metrics import OtelMissing, configure_otel
+
+        try:
+            provider = configure_otel()
+        except OtelMissing as exc:
+            print(f"kiln serve: {exc}", file=sys.stderr)
+            return 2
     try:
         serve(executor, config)
     except StoreLocked as exc:
@@ -128,7 +251,36 @@ def run_serve(args: argparse.Namespace) -> int:
     except OSError as exc:  # the port is taken, say
         print(f"kiln serve: cannot listen on {config.host}:{config.port}: {exc.strerror or exc}", file=sys.stderr)
         return 1
+    finally:
+        if provider is not None:
+            provider.shutdown()  # sends the spans still buffered
     return 0
+
+
+def worker_config(config, args: argparse.Namespace, base: Path, services: dict):
+    """``config`` with the spec its worker processes build their executors from: the same folders, cache
+    policy and node packs as this server's, torch threads split between workers, each a memory limit."""
+    import dataclasses
+
+    from kiln.workers import WorkerSpec
+    from kiln.workers.spec import total_memory
+
+    n = max(1, config.workers)
+    memory = args.worker_memory if args.worker_memory is not None else int(total_memory() * 0.8 / n)
+    spec = WorkerSpec(
+        factory="kiln.runtime:make_executor",
+        kwargs={
+            "cache": args.cache,
+            "base_dir": str(base),
+            "output_dir": args.output_dir,
+            "custom_nodes": args.custom_nodes,
+        },
+        threads=max(1, (os.cpu_count() or 1) // n),
+        memory_limit=memory,
+        services=services,
+        env={"KILN_LOG_LEVEL": getattr(args, "log_level", "INFO")},
+    )
+    return dataclasses.replace(config, worker_spec=spec)
 
 
 def add_submit_parser(subparsers) -> argparse.ArgumentParser:

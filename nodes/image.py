@@ -30,6 +30,7 @@ from kiln.engine import (
     NodeResult,
     Socket,
     String,
+    TensorEstimate,
     get_folders,
 )
 from kiln.engine.context import current
@@ -70,6 +71,10 @@ class EmptyImage(Node):
         rgb = torch.tensor([(color >> 16) & 0xFF, (color >> 8) & 0xFF, color & 0xFF], dtype=torch.float32) / 255.0
         return rgb.expand(batch_size, height, width, 3).contiguous()
 
+    @classmethod
+    def estimate_outputs(cls, width: int = 512, height: int = 512, batch_size: int = 1, **_: Any) -> tuple:
+        return (TensorEstimate((batch_size, height, width, 3)),)  # the batch itself is all it allocates
+
 
 def annotated_path(name: str) -> Path:
     """ComfyUI's file annotations: ``name.png [output]`` reads from output/, ``[temp]`` from temp/."""
@@ -93,7 +98,9 @@ class LoadImage(Node):
     def run(self, image: Annotated[str, Combo(input_choices, image_upload=True)]):
         path = annotated_path(image)
         try:
-            img = Image.open(path)
+            img = open_capped(path, image)
+        except NodeError:
+            raise
         except FileNotFoundError:
             raise NodeError(
                 f"image file {image!r} not found in the input folder",
@@ -132,6 +139,21 @@ class LoadImage(Node):
             return float("nan")  # type: ignore[return-value]
 
     @classmethod
+    def estimate_outputs(cls, image: str = "", **_: Any) -> tuple | None:
+        """The first frame's size from the file's header (no pixels decoded): what downstream nodes get."""
+        size = header_size(annotated_path(image))
+        if size is None:
+            return None
+        w, h = size
+        return TensorEstimate((1, h, w, 3)), TensorEstimate((1, h, w))
+
+    @classmethod
+    def estimate_memory(cls, image: str = "", **_: Any) -> int | None:
+        """Decoded bytes (up to 4 a pixel), the float array, its scaled copy and the tensor, and the mask."""
+        outs = cls.estimate_outputs(image=image)
+        return None if outs is None else 3 * outs[0].nbytes + outs[1].nbytes + outs[1].nbytes
+
+    @classmethod
     def validate(cls, image: str) -> bool | str:
         try:
             p = annotated_path(image)
@@ -140,6 +162,58 @@ class LoadImage(Node):
         if not p.is_file():
             return f"Invalid image file: {image}"
         return True
+
+
+# The largest image, in pixels, that LoadImage and LoadImageMask decode (the server's uploads use the same cap,
+# ServerConfig.max_image_pixels). 8192x8192 (64 megapixels): every camera and 8K frame fits; its IMAGE tensor
+# is 768 MiB and loading peaks near 3 GiB (decoded bytes, two float copies on the way to the tensor, the mask).
+# A 12000x12000 PNG of a few KB, which would peak near 6 GiB, does not. A run reads the cap from the executor's
+# services (MAX_IMAGE_PIXELS_SERVICE, set by ``kiln serve``/``kiln run --max-image-pixels``; 0 = no cap of
+# Kiln's own); without it, this default applies. PIL's own guard (DecompressionBombError, past twice
+# PIL.Image.MAX_IMAGE_PIXELS) is reported the same way and is never switched off here.
+DEFAULT_MAX_IMAGE_PIXELS = 8192 * 8192
+MAX_IMAGE_PIXELS_SERVICE = "max_image_pixels"
+
+
+def max_image_pixels() -> int:
+    """The pixel cap of the run in progress (its executor's service), else the default; 0 means none."""
+    ctx = current()
+    services = ctx.run.services if ctx is not None else None
+    cap = services.get(MAX_IMAGE_PIXELS_SERVICE) if isinstance(services, dict) else None
+    return DEFAULT_MAX_IMAGE_PIXELS if cap is None else int(cap)
+
+
+def open_capped(path: Path, name: str, input_name: str = "image") -> Image.Image:
+    """``Image.open`` (which reads the header only) that refuses an image over the pixel cap before any
+    pixel is decoded: a tiny file can hold a huge, blank image (a decompression bomb)."""
+    try:
+        img = Image.open(path)
+    except Image.DecompressionBombError as exc:
+        raise NodeError(
+            f"image {name!r} is too large to load: {exc}",
+            input_name=input_name,
+            hint="shrink the image before loading it",
+        ) from None
+    cap = max_image_pixels()
+    w, h = img.size
+    if cap and w * h > cap:
+        img.close()
+        raise NodeError(
+            f"image {name!r} is {w}x{h} ({w * h / 1e6:.1f} megapixels), over the limit of "
+            f"{cap / 1e6:.1f} megapixels for a loaded image",
+            input_name=input_name,
+            hint="shrink the image before loading it, or raise --max-image-pixels",
+        )
+    return img
+
+
+def header_size(path: Path) -> tuple[int, int] | None:
+    """(width, height) read from an image file's header, or None when it cannot be read."""
+    try:
+        with Image.open(path) as img:
+            return img.size
+    except Exception:  # missing, not an image, over PIL's own bomb limit: the run says which
+        return None
 
 
 _ANNOTATION = re.compile(r" \[(input|output|temp)\]$")
@@ -209,6 +283,10 @@ class LoadImageOutput(LoadImage):
     @classmethod
     def fingerprint(cls, image: str) -> str:
         return LoadImage.fingerprint(as_output_name(image))
+
+    @classmethod
+    def estimate_outputs(cls, image: str = "", **_: Any) -> tuple | None:
+        return LoadImage.estimate_outputs(as_output_name(image))
 
     @classmethod
     def validate(cls, image: str) -> bool | str:
@@ -298,6 +376,12 @@ def save_images(
     return results
 
 
+def save_memory(images: TensorEstimate | None) -> int | None:
+    """What ``save_images`` allocates for a batch: the 8-bit conversion of the whole batch makes a scaled
+    float copy, a clipped float copy and the uint8 array (2.25 times the batch); PNG encoding is per image."""
+    return None if images is None else images.nbytes * 9 // 4
+
+
 class SaveImage(Node):
     """Save images to the output folder as PNG with the graph in the metadata."""
 
@@ -337,6 +421,10 @@ class SaveImage(Node):
         saved = save_images(images, filename_prefix, "output", prompt, extra_pnginfo, extra_texts=extra, sign=sign)
         return NodeResult(ui={"images": saved})
 
+    @classmethod
+    def estimate_memory(cls, images: TensorEstimate | None = None, **_: Any) -> int | None:
+        return save_memory(images)
+
 
 class PreviewImage(Node):
     """Save images to the temp folder for viewing."""
@@ -353,6 +441,10 @@ class PreviewImage(Node):
     ):
         prefix = "ComfyUI_temp_" + "".join(random.choice(string.ascii_lowercase) for _ in range(5))
         return NodeResult(ui={"images": save_images(images, prefix, "temp", prompt, extra_pnginfo, compress_level=1)})
+
+    @classmethod
+    def estimate_memory(cls, images: TensorEstimate | None = None, **_: Any) -> int | None:
+        return save_memory(images)
 
 
 class SaveImageWebsocket(Node):
@@ -409,6 +501,16 @@ def scale_image(image: torch.Tensor, width: int, height: int, method: str, crop:
     return _resize(image, width, height, method)
 
 
+def scale_memory(image: TensorEstimate | None, outputs: tuple | None, method: str) -> int | None:
+    """What ``scale_image`` allocates: the resized batch and one more copy of it (channel moves, clamping);
+    lanczos also converts the whole input to 8 bits through PIL first (2.25 times the input)."""
+    if image is None or not outputs or outputs[0] is None:
+        return None
+    if outputs[0] is image:
+        return 0  # 0x0: the image passes through
+    return 2 * outputs[0].nbytes + (image.nbytes * 9 // 4 if method == "lanczos" else 0)
+
+
 class ImageScale(Node):
     """Resize to width x height; 0 in one dimension keeps the aspect ratio, 0 in both keeps the image."""
 
@@ -434,6 +536,27 @@ class ImageScale(Node):
             height = max(1, round(h * width / w))
         return scale_image(image, width, height, upscale_method, crop)
 
+    @classmethod
+    def estimate_outputs(
+        cls, image: TensorEstimate | None = None, width: int = 512, height: int = 512, **_: Any
+    ) -> tuple | None:
+        if image is None or len(image.shape) != 4:
+            return None
+        if width == 0 and height == 0:
+            return (image,)
+        b, h, w, c = image.shape
+        if width == 0:
+            width = max(1, round(w * height / h))
+        elif height == 0:
+            height = max(1, round(h * width / w))
+        return (image.with_shape(b, height, width, c),)
+
+    @classmethod
+    def estimate_memory(
+        cls, image: TensorEstimate | None = None, upscale_method: str = "nearest-exact", **inputs: Any
+    ) -> int | None:
+        return scale_memory(image, cls.estimate_outputs(image=image, **inputs), upscale_method)
+
 
 class ImageScaleBy(Node):
     display_name = "Upscale Image By"
@@ -450,6 +573,19 @@ class ImageScaleBy(Node):
         w = max(1, round(image.shape[2] * scale_by))
         h = max(1, round(image.shape[1] * scale_by))
         return scale_image(image, w, h, upscale_method)
+
+    @classmethod
+    def estimate_outputs(cls, image: TensorEstimate | None = None, scale_by: float = 1.0, **_: Any) -> tuple | None:
+        if image is None or len(image.shape) != 4:
+            return None
+        b, h, w, c = image.shape
+        return (image.with_shape(b, max(1, round(h * scale_by)), max(1, round(w * scale_by)), c),)
+
+    @classmethod
+    def estimate_memory(
+        cls, image: TensorEstimate | None = None, upscale_method: str = "nearest-exact", **inputs: Any
+    ) -> int | None:
+        return scale_memory(image, cls.estimate_outputs(image=image, **inputs), upscale_method)
 
 
 class ImageCrop(Node):

@@ -3,12 +3,12 @@ and regroup a list of batches into batches of a chosen size."""
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 import torch
 import torch.nn.functional as F
 
-from kiln.engine import Int, Node, NodeError, Output, Socket
+from kiln.engine import Int, Node, NodeError, Output, Socket, TensorEstimate
 
 from .common import check_image
 from .image import scale_image
@@ -99,6 +99,12 @@ class RepeatImageBatch(Node):
         if amount < 1:
             raise NodeError(f"amount must be at least 1, got {amount}", input_name="amount")
         return image.repeat((amount, 1, 1, 1))
+
+    @classmethod
+    def estimate_outputs(cls, image: TensorEstimate | None = None, amount: int = 1, **_: Any) -> tuple | None:
+        if image is None or len(image.shape) != 4:
+            return None
+        return (image.with_shape(image.shape[0] * amount, *image.shape[1:]),)
 
 
 class RebatchImages(Node):

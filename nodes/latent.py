@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from kiln import engine
-from kiln.engine import MAX_RESOLUTION, Combo, Float, Int, NodeError, Output, Socket
+from kiln.engine import MAX_RESOLUTION, Combo, Float, Int, NodeError, Output, Socket, TensorEstimate
 from kiln.nodes.common import check_image, check_mask
 
 UPSCALE_METHODS = ["nearest-exact", "bilinear", "area", "bicubic", "bislerp"]
@@ -81,6 +81,31 @@ def resize_latent(x: torch.Tensor, h: int, w: int, method: str, crop: str = "dis
     return F.interpolate(x, size=(h, w), mode=method, **kw)
 
 
+def resize_memory(samples: TensorEstimate | None, outputs: tuple | None, method: str) -> int | None:
+    """What ``resize_latent`` allocates: the resized latent; bislerp keeps about six latents of the new size
+    alive at once (both neighbours, their norms and directions, the weights)."""
+    if samples is None or not outputs or outputs[0] is None:
+        return None
+    if outputs[0] is samples:
+        return 0  # 0x0: the latent passes through
+    return outputs[0].nbytes * (6 if method == "bislerp" else 1)
+
+
+def decoded_estimate(samples: TensorEstimate | None) -> TensorEstimate | None:
+    """The IMAGE a VAE decodes a latent ``[B, C, h, w]`` into: ``[B, 8h, 8w, 3]`` (the 8x VAEs Kiln loads)."""
+    if samples is None or len(samples.shape) != 4:
+        return None
+    b, _, h, w = samples.shape
+    return samples.with_shape(b, h * 8, w * 8, 3)
+
+
+def decode_memory(samples: TensorEstimate | None) -> int | None:
+    """What decoding allocates beyond the model's own activations (not estimated): the decoder's float
+    output, then ``(x + 1) / 2`` and the channels-last copy, about three decoded batches at once."""
+    image = decoded_estimate(samples)
+    return None if image is None else 3 * image.nbytes
+
+
 class EmptyLatentImage(engine.Node):
     """A batch of empty (zero) latents of the given pixel size."""
 
@@ -95,6 +120,10 @@ class EmptyLatentImage(engine.Node):
         batch_size: Annotated[int, Int(min=1, max=4096)] = 1,
     ):
         return {"samples": torch.zeros([batch_size, 4, height // 8, width // 8])}
+
+    @classmethod
+    def estimate_outputs(cls, width: int = 512, height: int = 512, batch_size: int = 1, **_: Any) -> tuple:
+        return (TensorEstimate((batch_size, 4, height // 8, width // 8)),)
 
     @classmethod
     def validate(cls, width: int = 512, height: int = 512) -> bool | dict:
@@ -128,6 +157,25 @@ class LatentUpscale(engine.Node):
         return out
 
     @classmethod
+    def estimate_outputs(
+        cls, samples: TensorEstimate | None = None, width: int = 512, height: int = 512, **_: Any
+    ) -> tuple | None:
+        if samples is None or len(samples.shape) != 4:
+            return None
+        if width == 0 and height == 0:
+            return (samples,)
+        b, c, h, w = samples.shape
+        lw = width // 8 if width else max(1, round(w * (height // 8) / h))
+        lh = height // 8 if height else max(1, round(h * (width // 8) / w))
+        return (samples.with_shape(b, c, lh, lw),)
+
+    @classmethod
+    def estimate_memory(
+        cls, samples: TensorEstimate | None = None, upscale_method: str = "nearest-exact", **inputs: Any
+    ) -> int | None:
+        return resize_memory(samples, cls.estimate_outputs(samples=samples, **inputs), upscale_method)
+
+    @classmethod
     def validate(cls, width: int = 512, height: int = 512) -> bool | dict:
         return check_size(width, height)
 
@@ -151,6 +199,19 @@ class LatentUpscaleBy(engine.Node):
         out = dict(s)
         out["samples"] = resize_latent(x, max(1, round(h * scale_by)), max(1, round(w * scale_by)), upscale_method)
         return out
+
+    @classmethod
+    def estimate_outputs(cls, samples: TensorEstimate | None = None, scale_by: float = 1.5, **_: Any) -> tuple | None:
+        if samples is None or len(samples.shape) != 4:
+            return None
+        b, c, h, w = samples.shape
+        return (samples.with_shape(b, c, max(1, round(h * scale_by)), max(1, round(w * scale_by))),)
+
+    @classmethod
+    def estimate_memory(
+        cls, samples: TensorEstimate | None = None, upscale_method: str = "nearest-exact", **inputs: Any
+    ) -> int | None:
+        return resize_memory(samples, cls.estimate_outputs(samples=samples, **inputs), upscale_method)
 
 
 def check_vae(vae: Any) -> Any:
@@ -229,6 +290,14 @@ class VAEDecode(engine.Node):
         vae: Annotated[Any, Socket("VAE", tooltip="VAE whose decoder maps latents to pixels.")],
     ):
         return decode(check_vae(vae), check_latent(samples)["samples"])
+
+    @classmethod
+    def estimate_outputs(cls, samples: TensorEstimate | None = None, **_: Any) -> tuple:
+        return (decoded_estimate(samples),)
+
+    @classmethod
+    def estimate_memory(cls, samples: TensorEstimate | None = None, **_: Any) -> int | None:
+        return decode_memory(samples)
 
 
 class VAEEncode(engine.Node):

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from kiln import engine
-from kiln.engine import Combo, Int, NodeError, Output, Socket
+from kiln.engine import Combo, Int, NodeError, Output, Socket, TensorEstimate
 from kiln.nodes.latent import check_latent
 from kiln.nodes.latent_ops import match_to, repeat_to_batch
 
@@ -123,6 +123,12 @@ class RepeatLatentBatch(engine.Node):
             span = max(bi) - min(bi) + 1
             out["batch_index"] = bi + [v + i * span for i in range(1, amount) for v in bi]
         return out
+
+    @classmethod
+    def estimate_outputs(cls, samples: TensorEstimate | None = None, amount: int = 1, **_: Any) -> tuple | None:
+        if samples is None or len(samples.shape) != 4:
+            return None
+        return (samples.with_shape(samples.shape[0] * amount, *samples.shape[1:]),)
 
 
 def _split(s: dict, offset: int) -> tuple[torch.Tensor, torch.Tensor, list[int]]:

@@ -21,7 +21,7 @@ from kiln.engine import MAX_RESOLUTION, Boolean, Combo, Float, Hidden, Int, Node
 from kiln.engine.folders import UnsafePath
 
 from .common import check_image, check_mask
-from .image import LoadImage, annotated_path, input_choices, save_images
+from .image import LoadImage, annotated_path, input_choices, open_capped, save_images
 
 
 class SolidMask(Node):
@@ -277,7 +277,9 @@ class LoadImageMask(Node):
     ) -> torch.Tensor:
         img: Image.Image
         try:
-            img = ImageOps.exif_transpose(Image.open(annotated_path(image)))
+            img = ImageOps.exif_transpose(open_capped(annotated_path(image), image))
+        except NodeError:
+            raise
         except (FileNotFoundError, UnsafePath):
             raise NodeError(
                 f"image file {image!r} not found in the input folder",
@@ -299,6 +301,11 @@ class LoadImageMask(Node):
     @classmethod
     def fingerprint(cls, image: str, channel: str = "alpha") -> str:
         return LoadImage.fingerprint(image)
+
+    @classmethod
+    def estimate_outputs(cls, image: str = "", **_: Any) -> tuple | None:
+        outs = LoadImage.estimate_outputs(image)
+        return None if outs is None else (outs[1],)
 
     @classmethod
     def validate(cls, image: str) -> bool | str:

@@ -17,7 +17,7 @@ from typing import Annotated, Any
 import torch
 
 from kiln import engine
-from kiln.engine import SEED_MAX, Combo, Float, Int, NodeError, Output, Socket
+from kiln.engine import SEED_MAX, Combo, Float, Int, NodeError, Output, Socket, TensorEstimate
 from kiln.nodes.common import preview_from_image
 from kiln.nodes.sd import guidance
 from kiln.nodes.sd.model_patch import effective_sampling
@@ -216,6 +216,12 @@ def _schedule(model: Any, fn: Callable[[Any], torch.Tensor]) -> torch.Tensor:
     return fn(effective_sampling(model))
 
 
+def sampling_memory(latent: TensorEstimate | None) -> int | None:
+    """Latent-sized tensors a sampling loop keeps (noise, x, the model's conditional and unconditional
+    predictions, the denoised estimate, the result): about six; the model's own activations come on top."""
+    return None if latent is None else 6 * latent.nbytes
+
+
 class KSampler(engine.Node):
     """Denoises a latent with the given model, prompts, sampler and scheduler."""
 
@@ -238,6 +244,14 @@ class KSampler(engine.Node):
     ):
         sigmas = _schedule(model, lambda ms: sigmas_for(ms, scheduler, steps, denoise, sampler_name))
         return sample(model, seed, cfg, sampler_name, sigmas, positive, negative, latent_image)
+
+    @classmethod
+    def estimate_outputs(cls, latent_image: TensorEstimate | None = None, **_: Any) -> tuple:
+        return (latent_image,)  # the denoised latent has the shape of the one it started from
+
+    @classmethod
+    def estimate_memory(cls, latent_image: TensorEstimate | None = None, **_: Any) -> int | None:
+        return sampling_memory(latent_image)
 
 
 class KSamplerAdvanced(engine.Node):
@@ -283,6 +297,14 @@ class KSamplerAdvanced(engine.Node):
             latent_image,
             add_noise=add_noise == "enable",
         )
+
+    @classmethod
+    def estimate_outputs(cls, latent_image: TensorEstimate | None = None, **_: Any) -> tuple:
+        return (latent_image,)
+
+    @classmethod
+    def estimate_memory(cls, latent_image: TensorEstimate | None = None, **_: Any) -> int | None:
+        return sampling_memory(latent_image)
 
 
 NODES = [KSampler, KSamplerAdvanced]

@@ -15,7 +15,7 @@ from typing import Annotated, Any
 import torch
 
 from kiln import engine
-from kiln.engine import Int, Output, Socket
+from kiln.engine import Int, Output, Socket, TensorEstimate
 from kiln.engine.context import current
 from kiln.nodes.common import check_image
 from kiln.nodes.latent import (
@@ -23,6 +23,7 @@ from kiln.nodes.latent import (
     check_vae,
     check_vae_channels,
     decode_raw,
+    decoded_estimate,
     encode_raw,
     from_image,
     to_image,
@@ -168,6 +169,17 @@ class VAEDecodeTiled(engine.Node):
             latent, lambda z: decode_raw(vae, z), max(1, tile_size // f), overlap // f, float(f), out_channels=3
         )
         return to_image(raw)
+
+    @classmethod
+    def estimate_outputs(cls, samples: TensorEstimate | None = None, **_: Any) -> tuple:
+        return (decoded_estimate(samples),)
+
+    @classmethod
+    def estimate_memory(cls, samples: TensorEstimate | None = None, **_: Any) -> int | None:
+        """Tiles bound the decoder's activations, not the result: the three passes keep the running sum,
+        the pass in progress and their new sum (three decoded batches), and ``to_image`` copies again."""
+        image = decoded_estimate(samples)
+        return None if image is None else 4 * image.nbytes
 
 
 class VAEEncodeTiled(engine.Node):

@@ -17,7 +17,7 @@ from aiohttp import web
 
 from kiln.engine import get_folders
 
-from . import catalogue, files, frontend, http_api, job_routes, login, packs, userdata, ws
+from . import catalogue, files, frontend, http_api, job_routes, login, metrics, packs, userdata, ws
 from .config import ServerConfig
 from .hub import Hub
 from .keys import CONFIG, FOLDERS, SERVICE, SETTINGS_LOCK
@@ -80,6 +80,8 @@ ROUTES = [
     ("GET", "/internal/files/{directory_type}", files.internal_files),
     ("GET", "/internal/folder_paths", catalogue.internal_folder_paths),
     ("GET", "/packs", packs.pack_reports),
+    ("GET", "/workers", http_api.workers),  # Kiln: where prompts run, each worker's state and models
+    ("GET", "/metrics", metrics.metrics_route),  # Prometheus text format; needs the token like any route
 ]
 
 
@@ -98,6 +100,7 @@ def create_app(
     store = Store(config.data_dir)  # holds the data dir's lock: nothing else uses its folders now
     files.clear_upload_tmp(config.upload_tmp_dir)
     app[SERVICE] = PromptService(executor, store, Hub(config), config)
+    metrics.install(app, app[SERVICE])
     for method, path, handler in ROUTES:
         for prefix in ("", "/api"):
             app.router.add_route(method, prefix + path, handler)

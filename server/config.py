@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from kiln.engine import KilnError
 from kiln.engine.net import is_loopback_host
@@ -13,6 +14,48 @@ DEFAULT_PORT = 8188
 MB = 1024 * 1024
 
 is_loopback = is_loopback_host  # the server's name for it (security.py and kiln.server export it)
+
+# Budgets refused before running (README, "Budgets"). A prompt may use this share of the machine's memory: the
+# rest is for the server, the loaded models and the system, and the estimates are lower bounds (a model's
+# activations are not in them). The image cap is kiln.nodes.image.DEFAULT_MAX_IMAGE_PIXELS (the server does
+# not import node packs): 8192x8192, see there why.
+PROMPT_MEMORY_FRACTION = 0.5
+DEFAULT_MAX_IMAGE_PIXELS = 8192 * 8192
+
+
+def machine_memory() -> int | None:
+    """Bytes of memory this process can have: the machine's RAM, or its cgroup's limit when that is lower."""
+    total: int | None = None
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # not a POSIX system that says
+        pass
+    for limit_file in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            text = Path(limit_file).read_text().strip()
+        except OSError:
+            continue
+        if text.isdigit() and int(text) < (1 << 60) and (total is None or int(text) < total):
+            total = int(text)  # "max" (v2) or a huge number (v1) means no limit
+        break
+    return total
+
+
+def default_prompt_memory() -> int | None:
+    """The default ``max_prompt_memory``: PROMPT_MEMORY_FRACTION of :func:`machine_memory` (None: unknown)."""
+    total = machine_memory()
+    return int(total * PROMPT_MEMORY_FRACTION) if total else None
+
+
+def parse_memory_limit(text: str) -> int | None:
+    """``--max-prompt-memory``: a size such as ``8GiB``, ``8G`` (10**9 bytes, as ``--cache ram:SIZE``),
+    ``512MiB`` or a byte count; ``0``/``off``/``none``: no limit (None). Raises ValueError."""
+    from kiln.engine.cache import parse_size
+
+    if text.strip().lower() in ("0", "off", "none"):
+        return None
+    size = parse_size(text)
+    return size or None
 
 
 class InsecureBind(KilnError, ValueError):
@@ -49,6 +92,17 @@ class ServerConfig:
     # that says how to install one (``kiln serve`` fills this in from the ``ui`` extra when it is installed)
     front_end_root: Path | None = None
     max_userdata_bytes: int = 32 * MB  # one file stored through /userdata (a workflow, a settings file)
+    # a prompt whose estimated peak memory at some node is over this many bytes is refused at validation,
+    # naming the node (None or 0: no limit); an uploaded image of more pixels than max_image_pixels is
+    # refused before it is decoded (0: no cap of Kiln's own)
+    max_prompt_memory: int | None = field(default_factory=default_prompt_memory)
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+    # where prompts run: 0 = a thread of the server process (no isolation: for tests and embedding);
+    # N >= 1 = N local worker processes built from ``worker_spec`` (a ``kiln.workers.WorkerSpec``)
+    workers: int = 0
+    worker_spec: Any = None
+    interrupt_grace: float = 10.0  # seconds an interrupted worker gets to stop cooperatively before it is ended
+    max_prompt_seconds: float = 0.0  # a prompt running longer is stopped and failed (0: no limit; workers only)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "data_dir", Path(self.data_dir))
@@ -56,8 +110,14 @@ class ServerConfig:
             object.__setattr__(self, "front_end_root", Path(self.front_end_root))
         if self.on_crash not in ("rerun", "fail"):
             raise ValueError(f"on_crash must be 'rerun' or 'fail', not {self.on_crash!r}")
+        if self.workers < 0:
+            raise ValueError(f"workers must be 0 (in-process) or more, not {self.workers}")
+        if not 0 <= self.interrupt_grace < float("inf") or not 0 <= self.max_prompt_seconds < float("inf"):
+            raise ValueError("interrupt_grace and max_prompt_seconds must be finite seconds >= 0")
         if self.max_string_bytes < 1:
             raise ValueError(f"max_string_bytes must be at least 1, not {self.max_string_bytes}")
+        if (self.max_prompt_memory or 0) < 0 or self.max_image_pixels < 0:
+            raise ValueError("max_prompt_memory and max_image_pixels must be >= 0 (0: no limit)")
         if not 0 <= self.late_delivery_window < float("inf"):
             raise ValueError(f"late_delivery_window must be finite seconds >= 0, not {self.late_delivery_window}")
 

@@ -13,6 +13,7 @@ import asyncio
 import logging
 import threading
 import time
+from typing import TYPE_CHECKING
 
 from kiln.engine import events as ev
 
@@ -20,6 +21,9 @@ from . import protocol
 from .hub import NORMAL, PREVIEW, PROGRESS, Hub, Out
 from .jobs import Job
 from .store import Store, as_json
+
+if TYPE_CHECKING:
+    from .metrics import Metrics
 
 log = logging.getLogger("kiln.server")
 
@@ -78,10 +82,16 @@ class EventRouter:
         self.store = store
         self.stopping = False
         self.watchers: dict[str, list[asyncio.Future]] = {}  # long-polls on /events, woken by any new event
+        self.metrics: Metrics | None = None  # set by metrics.install: sees every dispatched event
 
     def dispatch(self, job: Job, event: ev.Event) -> None:
         if self.stopping:
             return
+        if self.metrics is not None:
+            try:
+                self.metrics.observe(job, event)
+            except Exception:  # metrics never break dispatch
+                log.debug("metrics hook failed", exc_info=True)
         t, data = protocol.event_message(event)
         if isinstance(event, ev.ExecutionError) and event.traceback:  # clients get it without local paths
             log.warning(

@@ -2,7 +2,9 @@
 
 Every name from a request goes through ``Folders.safe_path`` (no ``..``, absolute paths, NUL bytes,
 backslashes or symlinks out). Uploads stream to a temporary file with a size limit, must decode as an
-image, and never overwrite unless asked: an identical file is reused, a different one gets " (n)".
+image no larger than ``max_image_pixels`` (read from the header before any pixel is decoded: a few KB of PNG
+can hold a 12000x12000 blank image), and never overwrite unless asked: an identical file is reused, a
+different one gets " (n)".
 Temporary files live in the server's private ``DATA_DIR/tmp-uploads`` (never the shared temp dir), are
 removed on every path, and whatever a killed server left there is removed at the next start-up.
 
@@ -23,7 +25,7 @@ from pathlib import Path
 import aiohttp
 from aiohttp import BodyPartReader, web
 
-from kiln.engine import UnsafePath
+from kiln.engine import KilnError, UnsafePath
 
 from . import params
 from .keys import CONFIG, FOLDERS
@@ -165,10 +167,26 @@ async def _read_parts(request: web.Request, limit: int, temps: list[Path]) -> tu
     return fields, upload
 
 
-def _check_image(path: Path) -> None:
+class ImageTooLarge(KilnError, ValueError):
+    """An upload whose header declares more pixels than the server's cap (or PIL's own bomb guard)."""
+
+
+def _check_image(path: Path, max_pixels: int = 0) -> None:
+    """Refuse what is not an image, or an image of more than ``max_pixels`` pixels (0: no cap of Kiln's own),
+    reading only the header; then let PIL verify the file's structure without keeping any pixels."""
     from PIL import Image
 
-    with Image.open(path) as im:
+    try:
+        im = Image.open(path)
+    except Image.DecompressionBombError as exc:  # PIL's own guard, past twice Image.MAX_IMAGE_PIXELS
+        raise ImageTooLarge(str(exc)) from None
+    with im:
+        w, h = im.size
+        if max_pixels and w * h > max_pixels:
+            raise ImageTooLarge(
+                f"the image is {w}x{h} ({w * h / 1e6:.1f} megapixels), over this server's limit of "
+                f"{max_pixels / 1e6:.1f} megapixels"
+            )
         im.verify()
 
 
@@ -239,7 +257,8 @@ async def _upload(request: web.Request, mask: bool) -> web.Response:
         ref = fields.get("original_ref", "") if mask else None
         # one worker-thread call that removes the temporary file itself: a request cancelled meanwhile
         # (the client went away) cannot leave a file that the thread writes after this coroutine is gone
-        answer = await asyncio.to_thread(_store_upload, folders, Path(folder), name, tmp, ref, overwrite)
+        max_pixels = request.app[CONFIG].max_image_pixels
+        answer = await asyncio.to_thread(_store_upload, folders, Path(folder), name, tmp, ref, overwrite, max_pixels)
         if isinstance(answer, web.Response):
             return answer
         return json_response({"name": answer, "subfolder": subfolder, "type": type_})
@@ -248,13 +267,22 @@ async def _upload(request: web.Request, mask: bool) -> web.Response:
 
 
 def _store_upload(
-    folders, folder: Path, name: str, tmp: Path, original_ref: str | None, overwrite: bool
+    folders, folder: Path, name: str, tmp: Path, original_ref: str | None, overwrite: bool, max_pixels: int = 0
 ) -> str | web.Response:
     """Check the image, apply a mask, move it into place; the final name or an error answer. The temporary
     file is gone when this returns, whatever happened."""
     try:
         try:
-            _check_image(tmp)
+            _check_image(tmp, max_pixels)
+        except ImageTooLarge as exc:
+            return error_response(
+                400,
+                "image_too_large",
+                "The image has more pixels than this server accepts",
+                str(exc),
+                max_image_pixels=max_pixels,
+                hint="shrink the image before uploading it, or start the server with a larger --max-image-pixels",
+            )
         except Exception as exc:
             return error_response(415, "not_an_image", "The upload is not an image Kiln can read", str(exc))
         if original_ref is not None:

@@ -290,6 +290,12 @@ async def system_stats(request: web.Request) -> web.Response:
     )
 
 
+async def workers(request: web.Request) -> web.Response:
+    """Kiln's worker list: name, state (starting, idle, busy, dead), process id, the prompt it runs, how many
+    it ran, and the model files it holds (what dispatch prefers it for)."""
+    return json_response({"workers": service(request).workers_info()})
+
+
 def _folders(request: web.Request):
     return request.app[FOLDERS]
 

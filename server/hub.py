@@ -200,6 +200,7 @@ class Client:
                 await ws.send_str(out.payload)
             else:
                 await ws.send_bytes(out.payload)
+            self.hub.bytes_sent += out.size
             self.blocked = False
             self.last_progress = time.monotonic()
 
@@ -219,6 +220,7 @@ class Client:
             if self.ws.closed or t.is_closing():
                 return
             t.write(b"".join(parts))
+            self.hub.bytes_sent += size
             buffered = t.get_write_buffer_size()
             self.blocked = buffered > HIGH_WATER
             while buffered > HIGH_WATER:
@@ -260,6 +262,7 @@ class Hub:
     def __init__(self, config: ServerConfig):
         self.config = config
         self.by_sid: dict[str, list[Client]] = {}
+        self.bytes_sent = 0  # written to sockets, all clients (GET /metrics)
 
     def add(self, client: Client) -> None:
         self.by_sid.setdefault(client.sid, []).append(client)

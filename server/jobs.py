@@ -70,6 +70,11 @@ class Job:
     watched: bool = False  # a socket of its client was connected when it started (no late delivery needed)
     prompt_text: str | None = None  # prompt_json as stored (encoded once, off the loop for a large graph)
     queue_text_cache: str | None = field(default=None, repr=False)
+    worker: Any = None  # the worker running it (None: the server's own executor thread)
+    losses: int = 0  # workers that died while running it
+    interrupt_requested: bool = False  # /interrupt reached it while it ran
+    stop_reason: str | None = None  # why the server stopped it (a limit), which fails it
+    trace_id: str | None = None  # its OpenTelemetry trace (with --otel)
 
     @property
     def queue_item(self) -> list:

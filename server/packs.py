@@ -39,29 +39,32 @@ def mount_routes(app: web.Application) -> int:
     return n
 
 
+def deliver(hub, event: str, data: Any, sid: str | None) -> None:
+    """Send a pack's message to one client's sockets (``sid``) or to all (on the loop thread)."""
+    try:
+        out = Out(protocol.message(str(event), data))
+    except (TypeError, ValueError) as exc:
+        log.warning("custom node message %r is not JSON: %s", event, exc)
+        return
+    if sid:
+        for client in hub.to_sid(sid):
+            client.send(out)
+    else:
+        hub.broadcast(out)
+
+
 def attach_sender(app: web.Application) -> None:
-    """Route packs' ``send_sync(event, data, sid)`` into the hub, from any thread."""
+    """Route packs' ``send_sync(event, data, sid)`` into the hub, from any thread. (Packs loaded in worker
+    processes send theirs through the worker, which hands them to ``deliver``.)"""
     compat = sys.modules.get(COMPAT_SERVER)
     if compat is None:
         return
     loop = asyncio.get_running_loop()
     hub = app[SERVICE].hub
 
-    def deliver(event: str, data: Any, sid: str | None) -> None:
-        try:
-            out = Out(protocol.message(str(event), data))
-        except (TypeError, ValueError) as exc:
-            log.warning("custom node message %r is not JSON: %s", event, exc)
-            return
-        if sid:
-            for client in hub.to_sid(sid):
-                client.send(out)
-        else:
-            hub.broadcast(out)
-
     def sender(event: str, data: Any, sid: str | None = None) -> None:
         if not loop.is_closed():
-            loop.call_soon_threadsafe(deliver, event, data, sid)
+            loop.call_soon_threadsafe(deliver, hub, event, data, sid)
 
     compat.set_sender(sender)
 

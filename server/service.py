@@ -19,6 +19,8 @@ import concurrent.futures as cf
 import heapq
 import json
 import logging
+import os
+import threading
 import time
 import uuid
 from typing import TYPE_CHECKING, Any
@@ -34,8 +36,9 @@ from kiln.engine import (
     validate,
 )
 from kiln.engine.context import RunOptions
+from kiln.workers import ProcessWorker, WorkerLost, WorkerSpec
 
-from . import params, protocol
+from . import metrics, params, protocol
 from .event_router import EventPipe, EventRouter
 from .hub import Client, Hub, Out
 from .jobs import MAX_PROMPT_ID, SEQ_EPOCH, ApiError, Job, body_hash, check_strings, split_sensitive
@@ -69,7 +72,9 @@ class PromptService:
         self.config = config
         self.heap: list[tuple[float, str]] = []
         self.pending: dict[str, Job] = {}
-        self.running: Job | None = None
+        self.runs: dict[str, Job] = {}  # running prompts, in the order they started
+        self.workers: list[ProcessWorker] = []  # local worker processes (none: the server's own thread)
+        self._inline = _InlineSlot()
         self.counter = 0
         self._wake: asyncio.Event | None = None
         self._pool = cf.ThreadPoolExecutor(1, thread_name_prefix="kiln-executor")
@@ -84,6 +89,19 @@ class PromptService:
         self.loop: asyncio.AbstractEventLoop | None = None
         self.journal = OutputJournal(store)
         self.journal.install(executor)
+
+    @property
+    def running(self) -> Job | None:
+        """The prompt that started first among those running (ComfyUI's clients know of one)."""
+        return next(iter(self.runs.values()), None)
+
+    @property
+    def slots(self) -> list:
+        """Where prompts run: the worker processes, or the server's own executor thread."""
+        return self.workers or [self._inline]
+
+    def workers_info(self) -> list[dict]:
+        return [s.info() for s in self.slots]
 
     @property
     def _loop(self) -> asyncio.AbstractEventLoop:
@@ -103,7 +121,13 @@ class PromptService:
         self.counter = int(top) + 1 if top >= 0 else 0
         await self.recover()
         self._log_quarantined()
-        self._task = self.loop.create_task(self._worker(), name="kiln-prompt-worker")
+        if self.config.workers:
+            spec = self.config.worker_spec or WorkerSpec()
+            for i in range(self.config.workers):
+                w = ProcessWorker(str(i + 1), spec, on_journal=self.journal.record, on_send_sync=self._send_sync)
+                self.workers.append(w)
+                self._start_worker(w)
+        self._task = self.loop.create_task(self._dispatch(), name="kiln-prompt-dispatcher")
 
     async def stop(self) -> None:
         # The running prompt is cancelled so its thread ends, but it stays 'running' in the store: after a
@@ -111,8 +135,8 @@ class PromptService:
         self.router.stopping = True
         if self._status_timer is not None:
             self._status_timer.cancel()
-        if self.running is not None:
-            self.running.cancel.set()
+        for job in self.runs.values():
+            job.cancel.set()
         if self._task is not None:
             self._task.cancel()
             try:
@@ -123,6 +147,8 @@ class PromptService:
             t.cancel()
         if self._session is not None:
             await self._session.close()
+        if self.workers:
+            await asyncio.gather(*(asyncio.to_thread(w.stop, 2.0) for w in self.workers))
         self._pool.shutdown(wait=False, cancel_futures=True)
         self.store.flush()
 
@@ -197,7 +223,7 @@ class PromptService:
     # -- submitting ---------------------------------------------------------------------------------
     @property
     def queue_remaining(self) -> int:
-        return len(self.pending) + (1 if self.running is not None else 0)
+        return len(self.pending) + len(self.runs)
 
     async def _validate(self, graph: Graph, targets: list[str] | None, heavy: bool = False) -> ValidationResult:
         """Validate without blocking the event loop on node code.
@@ -211,7 +237,9 @@ class PromptService:
 
         def check() -> ValidationResult:
             with use_folders(self.executor.folders):  # model choices come from this server's folders
-                return validate(graph, self.registry, partial_execution_targets=targets)
+                return validate(
+                    graph, self.registry, partial_execution_targets=targets, memory_limit=self.config.max_prompt_memory
+                )
 
         if not heavy and len(graph.nodes) <= INLINE_VALIDATION_NODES and not self._runs_node_code(graph):
             return check()
@@ -332,6 +360,7 @@ class PromptService:
         job = Job(prompt_id, number, graph, validation, prompt_json, extra, sensitive, cid, list(validation.outputs))
         job.prompt_text = prompt_text
         self._push(job)
+        metrics.prompt_accepted(self, job)
         if announce:
             self.broadcast_status(job)
         return {"prompt_id": prompt_id, "number": json_number(number), "node_errors": protocol.node_errors(validation)}
@@ -352,34 +381,95 @@ class PromptService:
         if self._wake is not None:
             self._wake.set()
 
-    # -- the worker ---------------------------------------------------------------------------------
+    # -- dispatch -------------------------------------------------------------------------------------
+    def _start_worker(self, w: ProcessWorker, delay: float = 0.0) -> None:
+        self._background(self._bring_up(w, delay))
+
+    async def _bring_up(self, w: ProcessWorker, delay: float) -> None:
+        """Start (or restart) a worker and wake the dispatcher once it is ready; retry one that cannot start
+        with a growing pause, saying why in the log."""
+        if delay:
+            await asyncio.sleep(delay)
+        if self.router.stopping:
+            return
+        try:
+            # started from the loop thread, which lives as long as the server: Linux ties the worker's
+            # die-with-parent signal to the thread that started it
+            w.start()
+            await w.ready()
+        except (WorkerLost, OSError) as exc:
+            w.failures = getattr(w, "failures", 0) + 1
+            log.error("worker %s could not start (try %d): %s", w.name, w.failures, exc)
+            self._start_worker(w, min(30.0, 0.5 * 2**w.failures))
+            return
+        w.failures = 0
+        log.info("worker %s ready (pid %s)", w.name, w.pid)
+        if self._wake is not None:
+            self._wake.set()
+
+    def _idle(self) -> list:
+        return [s for s in self.slots if s.state == "idle"]
+
     async def _next(self) -> Job:
+        """The next prompt to run, once one is pending and a worker is idle to take it."""
         while True:
-            while self.heap:
-                _, pid = heapq.heappop(self.heap)
-                job = self.pending.pop(pid, None)
-                if job is not None:
-                    return job
-            self._apply_free()
-            assert self._wake is not None  # set by start(), which starts this worker
+            if self._idle():
+                while self.heap:
+                    _, pid = heapq.heappop(self.heap)
+                    job = self.pending.pop(pid, None)
+                    if job is not None:
+                        return job
+            if not self.runs:
+                self._apply_free()
+            assert self._wake is not None  # set by start(), which starts this task
             self._wake.clear()
             await self._wake.wait()
 
-    async def _worker(self) -> None:
+    def _choose(self, job: Job):
+        """Model-affine choice among idle workers: one that already holds every model file the prompt names
+        (the most recently used of those), else the least recently used one; not the worker that just died
+        under this prompt when another is idle."""
+        idle = self._idle()
+        if not idle:
+            return None
+        avoid = getattr(job, "avoid", None)
+        cands = [s for s in idle if s.name != avoid] or idle
+        key = model_files(job.prompt_json)
+        warm = [s for s in cands if key and key <= s.held]
+        if warm:
+            return max(warm, key=lambda s: s.last_used)
+        return min(cands, key=lambda s: s.last_used)
+
+    async def _dispatch(self) -> None:
         while True:
             job = await self._next()
-            try:
-                await self._run(job)
-            except asyncio.CancelledError:
-                raise
-            except Exception:  # the service must outlive any bug in one prompt
-                log.exception("prompt %s failed inside the server", job.prompt_id)
-                if self.running is job:
-                    self.running = None
-            self._apply_free()
+            slot = self._choose(job)
+            if slot is None:  # the idle worker went away meanwhile
+                self._push(job)
+                continue
+            slot.state = "busy"
+            job.worker = slot
+            self.runs[job.prompt_id] = job
+            self._background(self._run_guarded(job, slot))
 
-    async def _run(self, job: Job) -> None:
-        self.running = job
+    async def _run_guarded(self, job: Job, slot) -> None:
+        try:
+            await self._run(job, slot)
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # the service must outlive any bug in one prompt
+            log.exception("prompt %s failed inside the server", job.prompt_id)
+            if self.runs.get(job.prompt_id) is job:
+                del self.runs[job.prompt_id]
+        finally:
+            if slot is self._inline:
+                slot.state = "idle"
+            if not self.runs:
+                self._apply_free()
+            if self._wake is not None:
+                self._wake.set()
+
+    async def _run(self, job: Job, slot) -> None:
         job.status = "running"
         job.previews = self._wants_previews(job)
         if job.prompt_text is not None and len(job.prompt_text) > LARGE_BODY:
@@ -389,31 +479,26 @@ class PromptService:
         # a client with a socket at the start follows the run (and replays what it misses): no late delivery
         job.watched = job.client_id is None or bool(self.hub.to_sid(job.client_id))
         self.broadcast_status(job)
-        loop = self._loop
         put = self._pipe.put
 
         def sink(event: ev.Event) -> None:
             put(job, event)
 
-        run_extra = {**job.extra_data, **job.sensitive}
-        options = RunOptions(previews=job.previews)
         self.journal.begin(job.prompt_id)
         try:
-            result = await loop.run_in_executor(
-                self._pool,
-                lambda: self.executor.run(
-                    job.graph,
-                    prompt_id=job.prompt_id,
-                    extra_data=run_extra,
-                    sink=sink,
-                    validation=job.validation,
-                    cancel=job.cancel,
-                    options=options,
-                ),
-            )
-            status, outputs, meta = result.status, result.outputs, result.meta
+            if slot is self._inline:
+                status, outputs, meta = await self._run_inline(job, sink)
+            else:
+                status, outputs, meta = await self._run_on_worker(job, slot, sink)
         except asyncio.CancelledError:
             raise
+        except WorkerLost as lost:
+            self._pipe.drain()
+            if not self.router.stopping:
+                self._start_worker(slot)  # a fresh process; it loads models again when a prompt needs them
+            if self._retry(job, slot, lost):
+                return
+            status, outputs, meta = self._lost(job, lost)
         except BaseException as exc:  # even a node's SystemExit ends only its prompt
             log.exception("executor raised for prompt %s", job.prompt_id)
             self._pipe.drain()
@@ -429,6 +514,131 @@ class PromptService:
             return
         self._finish(job, status, outputs, meta)
 
+    async def _run_inline(self, job: Job, sink) -> tuple[str, dict, dict]:
+        run_extra = {**job.extra_data, **job.sensitive}
+        options = RunOptions(previews=job.previews)
+        result = await self._loop.run_in_executor(
+            self._pool,
+            lambda: self.executor.run(
+                job.graph,
+                prompt_id=job.prompt_id,
+                extra_data=run_extra,
+                sink=sink,
+                validation=job.validation,
+                cancel=job.cancel,
+                options=options,
+            ),
+        )
+        return result.status, result.outputs, result.meta
+
+    async def _run_on_worker(self, job: Job, w: ProcessWorker, sink) -> tuple[str, dict, dict]:
+        text = job.prompt_text if job.prompt_text is not None else encode(job.prompt_json)
+        payload = {
+            "prompt_id": job.prompt_id,
+            "prompt_text": text,
+            "extra_data": {**job.extra_data, **job.sensitive},
+            "targets": list(job.outputs),
+            "previews": job.previews,
+            "journal": self.store.output_files(job.prompt_id),
+        }
+        w.held |= model_files(job.prompt_json)
+        timer = None
+        limit = self.config.max_prompt_seconds
+        if limit:
+            why = f"it ran longer than the limit of {limit:g} s (--max-prompt-seconds)"
+            timer = self._loop.call_later(limit, self._stop_job, job, why)
+        try:
+            status, outputs, meta = await w.run(payload, sink)
+        finally:
+            if timer is not None:
+                timer.cancel()
+        return status, outputs, meta
+
+    @staticmethod
+    def _running_node(job: Job) -> tuple[str | None, str | None]:
+        """The node a prompt was at (its display id) and that node's class, when known."""
+        node = job.last_node
+        if node is None or not isinstance(job.prompt_json, dict):
+            return node, None
+        entry = job.prompt_json.get(node)
+        return node, entry.get("class_type") if isinstance(entry, dict) else None
+
+    def _node_label(self, job: Job) -> str:
+        node, cls = self._running_node(job)
+        if node is None:
+            return ""
+        return f" at node {node} ({cls})" if cls else f" at node {node}"
+
+    def _retry(self, job: Job, slot, lost: WorkerLost) -> bool:
+        """A worker died under ``job``: run it once more (on another worker when one is idle). Not when the
+        server ended the worker itself (an interrupt that was ignored, a limit) or when it is the second."""
+        job.losses += 1
+        if lost.limit and not job.stop_reason:
+            job.stop_reason = lost.cause
+        if job.stop_reason or job.interrupt_requested or job.losses >= 2 or self.router.stopping:
+            return False
+        log.warning(
+            "worker %s died running prompt %s (%s%s): re-running it once",
+            slot.name,
+            job.prompt_id,
+            lost.cause,
+            self._node_label(job),
+        )
+        self.runs.pop(job.prompt_id, None)
+        job.status = "pending"
+        job.terminal = False
+        job.open_node = None
+        job.state_nodes = {}
+        job.cancel = threading.Event()
+        job.worker = None
+        job.avoid = slot.name  # type: ignore[attr-defined]
+        self._push(job)
+        return True
+
+    def _lost(self, job: Job, lost: WorkerLost) -> tuple[str, dict, dict]:
+        """The events and status of a prompt whose worker is gone for good."""
+        node, cls = self._running_node(job)
+        if job.terminal:
+            return "error", {}, {}
+        if job.interrupt_requested and not job.stop_reason:
+            self.router.dispatch(job, ev.ExecutionInterrupted(job.prompt_id, node_id=node, node_type=cls))
+            return "interrupted", {}, {}
+        why = f"worker killed: {job.stop_reason or lost.cause}{self._node_label(job)}"
+        if job.losses >= 2:
+            why += "; this prompt has now ended two workers, so it is not run again"
+        log.error("prompt %s failed: %s", job.prompt_id, why)
+        self.router.dispatch(
+            job, ev.ExecutionError(job.prompt_id, node_id=node, node_type=cls, message=why, exception_type="WorkerLost")
+        )
+        return "error", {}, {}
+
+    def _stop_job(self, job: Job, reason: str) -> None:
+        """Stop a running prompt for a limit it breached: cooperatively, then by ending its worker."""
+        if self.runs.get(job.prompt_id) is not job:
+            return
+        job.stop_reason = reason
+        self._interrupt_run(job)
+
+    def _interrupt_run(self, job: Job) -> None:
+        job.cancel.set()
+        w = job.worker
+        if isinstance(w, ProcessWorker):
+            w.interrupt(job.prompt_id)
+            grace = self.config.interrupt_grace
+            self._loop.call_later(grace, self._end_if_still_running, job, w)
+
+    def _end_if_still_running(self, job: Job, w: ProcessWorker) -> None:
+        if self.runs.get(job.prompt_id) is job and w.prompt_id == job.prompt_id:
+            grace = self.config.interrupt_grace
+            w.kill(f"it did not stop within {grace:g} s of being interrupted")
+
+    def _send_sync(self, event: str, data, sid: str | None) -> None:
+        """A pack's ``send_sync`` from a worker process (called on a reader thread)."""
+        from .packs import deliver
+
+        if self.loop is not None and not self.loop.is_closed():
+            self.loop.call_soon_threadsafe(deliver, self.hub, event, data, sid)
+
     def _finish(self, job: Job, status: str, outputs: dict, meta: dict) -> None:
         self.router.close_open_node(job)
         ok = status == "success"
@@ -439,9 +649,13 @@ class PromptService:
             "meta": meta,
         }
         # the stored text of ``history``, around the queue item's text encoded once at submission
+        trace = ""
+        if job.trace_id:  # with --otel: the prompt's trace, to find its spans from its history entry
+            history["trace_id"] = job.trace_id
+            trace = f', "trace_id": {json.dumps(job.trace_id)}'
         history_text = (
             f'{{"prompt": {job.queue_text}, "outputs": {encode(outputs)}, '
-            f'"status": {encode(history["status"])}, "meta": {encode(meta)}}}'
+            f'"status": {encode(history["status"])}, "meta": {encode(meta)}{trace}}}'
         )
         job.seq += 1
         final = {"node": None, "prompt_id": job.prompt_id}
@@ -453,8 +667,9 @@ class PromptService:
         if self.config.history_limit and self._finished % 64 == 1:  # trimming is a scan: not every time
             self.store.trim_history(self.config.history_limit)
         job.status = status
-        if self.running is job:
-            self.running = None
+        if self.runs.get(job.prompt_id) is job:
+            del self.runs[job.prompt_id]
+        job.worker = None
         self.broadcast_status(job)
         if sockets:
             out = Out(protocol.message_from_json("executing", final_json, job.seq))
@@ -509,8 +724,8 @@ class PromptService:
 
     # -- queries ------------------------------------------------------------------------------------
     def status(self, prompt_id: str) -> dict:
-        if self.running is not None and self.running.prompt_id == prompt_id:
-            j = self.running
+        if prompt_id in self.runs:
+            j = self.runs[prompt_id]
             return {
                 "prompt_id": prompt_id,
                 "status": "running",
@@ -525,7 +740,7 @@ class PromptService:
                 "prompt_id": prompt_id,
                 "status": "pending",
                 "number": json_number(j.number),
-                "queue_position": ahead + (1 if self.running else 0),
+                "queue_position": ahead + len(self.runs),
                 "last_seq": j.seq,
             }
         row = self.store.get(prompt_id)
@@ -579,11 +794,7 @@ class PromptService:
                 lst.remove(fut)
 
     def known(self, prompt_id: str) -> bool:
-        return (
-            (self.running is not None and self.running.prompt_id == prompt_id)
-            or prompt_id in self.pending
-            or self.store.status_of(prompt_id) is not None
-        )
+        return prompt_id in self.runs or prompt_id in self.pending or self.store.status_of(prompt_id) is not None
 
     def replay(self, client: Client, prompt_id: str, since: int) -> bool:
         """Queue a prompt's logged events after ``since`` on one socket; False for an unknown prompt."""
@@ -621,24 +832,27 @@ class PromptService:
         return out
 
     def queue(self) -> dict:
-        running = [self.running.queue_item] if self.running is not None else []
+        running = [j.queue_item for j in self.runs.values()]
         pending = [j.queue_item for j in sorted(self.pending.values(), key=lambda j: (j.number, j.prompt_id))]
         return {"queue_running": running, "queue_pending": pending}
 
     def queue_json(self) -> str:
         """``queue()`` as JSON text, from each job's cached queue item text (cheap with huge graphs)."""
-        running = [self.running.queue_text] if self.running is not None else []
+        running = [j.queue_text for j in self.runs.values()]
         pending = [j.queue_text for j in sorted(self.pending.values(), key=lambda j: (j.number, j.prompt_id))]
         return f'{{"queue_running": [{", ".join(running)}], "queue_pending": [{", ".join(pending)}]}}'
 
     # -- control ------------------------------------------------------------------------------------
     def interrupt(self, prompt_id: str | None) -> None:
-        if prompt_id is None:
-            if self.running is not None:
-                self.running.cancel.set()
+        if prompt_id is None:  # ComfyUI's global interrupt: whatever is running
+            for each in list(self.runs.values()):
+                each.interrupt_requested = True
+                self._interrupt_run(each)
             return
-        if self.running is not None and self.running.prompt_id == prompt_id:
-            self.running.cancel.set()
+        running = self.runs.get(prompt_id)
+        if running is not None:
+            running.interrupt_requested = True
+            self._interrupt_run(running)
             return
         job = self.pending.pop(prompt_id, None)
         if job is not None:
@@ -688,10 +902,14 @@ class PromptService:
     def request_free(self, unload_models: bool, free_memory: bool) -> None:
         self._free["unload_models"] |= unload_models
         self._free["free_memory"] |= free_memory
-        if self.running is None and self._wake is not None:
+        if not self.runs and self._wake is not None:
             self._apply_free()
 
     def _apply_free(self) -> None:
+        if self.workers and (self._free["free_memory"] or self._free["unload_models"]):
+            for w in self.workers:
+                w.free(self._free["unload_models"], self._free["free_memory"])
+            self._free = {"unload_models": False, "free_memory": False}
         if self._free["free_memory"] or self._free["unload_models"]:
             if self._free["free_memory"]:
                 self.executor.cache.clear()
@@ -727,3 +945,53 @@ def _encoded(graph: Graph) -> tuple[dict, str]:
     """The graph's JSON and its stored text (CPU work a large graph does in a worker thread)."""
     prompt_json = graph.to_json()
     return prompt_json, encode(prompt_json, in_pieces=len(prompt_json) > INLINE_VALIDATION_NODES)
+
+
+class _InlineSlot:
+    """The server's own executor thread, as a worker (``workers = 0``: no isolation)."""
+
+    name = "inproc"
+    pid = None
+    prompt_id = None
+
+    def __init__(self) -> None:
+        self.state = "idle"
+        self.held: set[str] = set()
+        self.last_used = 0.0
+
+    def info(self) -> dict:
+        return {"name": self.name, "state": self.state, "pid": os.getpid(), "models": []}
+
+
+# inputs of loader nodes that name model files: a prompt's model key for worker affinity
+MODEL_INPUTS = frozenset(
+    {
+        "ckpt_name",
+        "lora_name",
+        "control_net_name",
+        "vae_name",
+        "unet_name",
+        "clip_name",
+        "clip_name1",
+        "clip_name2",
+        "model_name",
+        "style_model_name",
+        "clip_vision_name",
+        "gligen_name",
+        "hypernetwork_name",
+    }
+)
+
+
+def model_files(prompt: Any) -> set[str]:
+    """The model files a prompt's loader nodes name (``input=file``), used to prefer a worker holding them."""
+    out: set[str] = set()
+    if not isinstance(prompt, dict):
+        return out
+    for node in prompt.values():
+        inputs = node.get("inputs") if isinstance(node, dict) else None
+        if isinstance(inputs, dict):
+            for k, v in inputs.items():
+                if k in MODEL_INPUTS and isinstance(v, str):
+                    out.add(f"{k}={v}")
+    return out

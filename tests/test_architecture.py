@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("kiln", "kiln.engine", "kiln.nodes", "kiln.server", "kiln.training")
+PACKAGES = ("kiln", "kiln.engine", "kiln.nodes", "kiln.server", "kiln.training", "kiln.workers")
 
 
 def _python(code: str, cwd: Path, timeout: float = 300) -> str:
@@ -130,7 +130,7 @@ def test_engine_has_no_wire_names_or_provider_terms():
 
 
 # -- (c) one installed namespace; a light core -------------------------------------------------------------
-@pytest.mark.parametrize("name", ["engine", "nodes", "server", "training"])
+@pytest.mark.parametrize("name", ["engine", "nodes", "server", "training", "workers"])
 def test_no_generic_top_level_package_is_installed(tmp_path, name):
     out = _python(f"import importlib.util; print(importlib.util.find_spec({name!r}))", tmp_path)
     assert out.strip() == "None", f"`import {name}` resolves outside the repository: {out.strip()}"

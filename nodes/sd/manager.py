@@ -128,6 +128,7 @@ class ModelManager:
         self._entries: OrderedDict[tuple, _Entry] = OrderedDict()
         self._lock = threading.RLock()
         self.loads = 0  # files actually read from disk, for tests and benchmarks
+        self.evictions = 0  # models dropped to stay within the budget
         self.hits = 0
 
     @property
@@ -168,6 +169,7 @@ class ModelManager:
             if oldest == keep:
                 break
             self._entries.pop(oldest)
+            self.evictions += 1
 
     def clear(self) -> None:
         with self._lock:

@@ -1,0 +1,282 @@
+"""The worker process: builds its executor once, then runs the prompts the server sends, one at a time.
+
+Messages (pickled tuples over one ``multiprocessing`` connection):
+
+server -> worker                                  worker -> server
+``("run", job)``       a prompt (dict, below)     ``("ready", pid)``            executor built
+``("interrupt", pid)`` cancel that prompt         ``("failed", text)``          could not build it
+``("free", unload, free_memory)`` between runs    ``("event", event)``          an engine event, in order
+                                                  ``("stats", counters)``        model loads, evictions
+``("ack", req, error)`` a journal record stored   ``("done", pid, status, outputs, meta)``
+``("stop",)``          finish and exit            ``("journal", req, pid, node, index, path, tmp)``
+                                                  ``("send_sync", event, data, sid)`` a pack's message
+
+``job``: ``prompt_id``, ``prompt_text`` (API-format JSON text, already validated by the server), ``extra_data``,
+``targets`` (the output nodes to run), ``previews``, ``journal`` (what earlier attempts wrote, for
+crash-safe output names). The worker validates again against its own registry and folders before running.
+
+A worker whose server goes away (the connection closes, or the parent dies) exits at once.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import dataclasses
+import itertools
+import json
+import logging
+import os
+import queue
+import resource
+import signal
+import sys
+import threading
+import traceback
+from typing import Any
+
+from .spec import WorkerSpec
+
+log = logging.getLogger("kiln.worker")
+ACK_TIMEOUT = 60.0
+
+
+def main(conn, spec: WorkerSpec, name: str) -> None:
+    """Entry point of a worker process (``multiprocessing`` spawn target)."""
+    _die_with_parent()
+    os.environ.update(spec.env)
+    if spec.threads:
+        for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+            os.environ.setdefault(var, str(spec.threads))
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C in the terminal is the server's to handle
+    logging.basicConfig(
+        level=os.environ.get("KILN_LOG_LEVEL", "INFO"),
+        format=f"%(asctime)s %(levelname)s worker-{name} %(name)s: %(message)s",
+    )
+    _Worker(conn, spec).serve()
+
+
+def _die_with_parent() -> None:
+    """Ask Linux to kill this process when the server dies, however it dies (SIGKILL included)."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+    if os.getppid() == 1:  # the parent died before the request took effect
+        os._exit(0)
+
+
+class _Journal:
+    """The server's output journal, as seen from a worker (the contract of ``kiln.server.journal``): earlier
+    attempts' records arrive with the job; new records are stored by the server before the file is moved."""
+
+    def __init__(self, worker: _Worker):
+        self.worker = worker
+        self._lock = threading.Lock()
+        self._previous: dict[str, dict[tuple[str, int], tuple[str, str]]] = {}
+        self._counters: dict[tuple[str, str], int] = {}
+
+    def begin(self, prompt_id: str, previous: dict) -> None:
+        with self._lock:
+            self._previous[prompt_id] = dict(previous)
+
+    def end(self, prompt_id: str) -> None:
+        with self._lock:
+            self._previous.pop(prompt_id, None)
+            for key in [k for k in self._counters if k[0] == prompt_id]:
+                del self._counters[key]
+
+    def active(self, prompt_id: str) -> bool:
+        with self._lock:
+            return prompt_id in self._previous
+
+    def next_index(self, prompt_id: str, node_id: str) -> int:
+        with self._lock:
+            n = self._counters.get((prompt_id, node_id), 0)
+            self._counters[(prompt_id, node_id)] = n + 1
+            return n
+
+    def previous(self, prompt_id: str, node_id: str, index: int) -> tuple[str, str] | None:
+        with self._lock:
+            return self._previous.get(prompt_id, {}).get((node_id, index))
+
+    def record(self, prompt_id: str, node_id: str, index: int, path: str, tmp: str) -> None:
+        self.worker.request(("journal", prompt_id, node_id, index, path, tmp))
+
+
+class _Worker:
+    def __init__(self, conn, spec: WorkerSpec):
+        self.conn = conn
+        self.spec = spec
+        self.send_lock = threading.Lock()
+        self.inbox: queue.Queue = queue.Queue()
+        self.current: tuple[str, threading.Event] | None = None
+        self.interrupted: set[str] = set()
+        self.state_lock = threading.Lock()
+        self._ids = itertools.count(1)
+        self._acks: dict[int, list] = {}
+        self.journal = _Journal(self)
+
+    # -- the wire ---------------------------------------------------------------------------------
+    def send(self, msg: tuple) -> None:
+        with self.send_lock:
+            self.conn.send(msg)
+
+    def request(self, msg: tuple) -> None:
+        """Send ``msg`` with a request id and wait for the server's acknowledgement."""
+        req = next(self._ids)
+        slot: list = [threading.Event(), None]
+        self._acks[req] = slot
+        try:
+            self.send((msg[0], req, *msg[1:]))
+            if not slot[0].wait(ACK_TIMEOUT):
+                log.warning("the server did not acknowledge %s in %s s", msg[0], ACK_TIMEOUT)
+            elif slot[1]:
+                log.warning("the server could not store %s: %s", msg[0], slot[1])
+        finally:
+            self._acks.pop(req, None)
+
+    def _read(self) -> None:
+        """The inbox thread: interrupts and acknowledgements act at once; everything else is queued."""
+        while True:
+            try:
+                msg = self.conn.recv()
+            except (EOFError, OSError):
+                os._exit(0)  # the server is gone: nothing left to report to
+            kind = msg[0]
+            if kind == "interrupt":
+                with self.state_lock:
+                    self.interrupted.add(msg[1])
+                    if self.current is not None and self.current[0] == msg[1]:
+                        self.current[1].set()
+            elif kind == "ack":
+                slot = self._acks.get(msg[1])
+                if slot is not None:
+                    slot[1] = msg[2]
+                    slot[0].set()
+            else:
+                self.inbox.put(msg)
+
+    def event(self, event: Any) -> None:
+        try:
+            self.send(("event", event))
+        except (TypeError, AttributeError, ValueError) as exc:  # something in it does not pickle
+            log.debug("event %s sent as plain data: %s", type(event).__name__, exc)
+            self.send(("event", _plain(event)))
+
+    # -- running ----------------------------------------------------------------------------------
+    def serve(self) -> None:
+        threading.Thread(target=self._read, name="kiln-worker-inbox", daemon=True).start()
+        try:
+            self.executor = self.spec.build()
+        except BaseException:
+            self.send(("failed", traceback.format_exc()))
+            sys.exit(1)
+        services = getattr(self.executor, "services", None)
+        if isinstance(services, dict):
+            services["output_files"] = self.journal
+        self._attach_pack_sender()
+        if self.spec.threads and "torch" in sys.modules:
+            sys.modules["torch"].set_num_threads(self.spec.threads)
+        self._limit_address_space()
+        self.send(("ready", os.getpid()))
+        while True:
+            msg = self.inbox.get()
+            if msg[0] == "run":
+                self.run(msg[1])
+            elif msg[0] == "free":
+                self.free(msg[1], msg[2])
+            elif msg[0] == "stop":
+                return
+
+    def _attach_pack_sender(self) -> None:
+        compat = sys.modules.get("kiln.compat.server")
+        if compat is not None:
+            compat.set_sender(lambda event, data, sid=None: self.send(("send_sync", event, data, sid)))
+
+    def _limit_address_space(self) -> None:
+        """A backstop under the server's resident-memory watchdog: an allocation far past the limit fails in
+        the node (a clean error) instead of taking the machine's memory. Not on CUDA, whose driver reserves
+        huge address ranges."""
+        limit = self.spec.memory_limit
+        torch = sys.modules.get("torch")
+        if not limit or (torch is not None and torch.cuda.is_available()):
+            return
+        try:
+            with open("/proc/self/status") as f:
+                size = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmSize:"))
+            soft = size + 2 * limit
+            resource.setrlimit(resource.RLIMIT_AS, (soft, resource.getrlimit(resource.RLIMIT_AS)[1]))
+        except (OSError, ValueError, StopIteration):
+            pass
+
+    def run(self, job: dict) -> None:
+        from kiln.engine import Graph, ValidationFailed, events as ev
+        from kiln.engine.context import RunOptions
+
+        pid = job["prompt_id"]
+        cancel = threading.Event()
+        with self.state_lock:
+            self.current = (pid, cancel)
+            if pid in self.interrupted:
+                cancel.set()
+        self.journal.begin(pid, job.get("journal") or {})
+        try:
+            result = self.executor.run(
+                Graph.from_json(json.loads(job["prompt_text"])),
+                prompt_id=pid,
+                extra_data=job.get("extra_data") or {},
+                partial_execution_targets=job.get("targets"),
+                sink=self.event,
+                cancel=cancel,
+                options=RunOptions(previews=bool(job.get("previews"))),
+            )
+            self.send(("stats", self.stats()))
+            self.send(("done", pid, result.status, result.outputs, result.meta))
+        except ValidationFailed as exc:
+            why = "the prompt no longer validates in the worker: " + str(exc)
+            self.event(ev.ExecutionError(pid, message=why, exception_type="ValidationFailed"))
+            self.send(("done", pid, "error", {}, {}))
+        except BaseException as exc:  # a bug outside any node: report it, keep the worker
+            tb = traceback.format_exception(type(exc), exc, exc.__traceback__)
+            self.event(ev.ExecutionError(pid, message=str(exc), exception_type=type(exc).__name__, traceback=tb))
+            self.send(("done", pid, "error", {}, {}))
+        finally:
+            self.journal.end(pid)
+            with self.state_lock:
+                self.current = None
+                self.interrupted.discard(pid)
+
+    def stats(self) -> dict:
+        """Counters the server's metrics add up over workers: model files read, models evicted."""
+        manager = getattr(self.executor, "services", {}).get("model_manager")
+        return {
+            "model_loads": getattr(manager, "loads", 0),
+            "model_evictions": getattr(manager, "evictions", 0),
+        }
+
+    def free(self, unload_models: bool, free_memory: bool) -> None:
+        if free_memory:
+            self.executor.cache.clear()
+        if unload_models or free_memory:
+            for svc in getattr(self.executor, "services", {}).values():
+                fn = getattr(svc, "unload_all", None)
+                if callable(fn):
+                    try:
+                        fn()
+                    except Exception:
+                        log.exception("unloading models failed")
+
+
+def _plain(event: Any) -> Any:
+    """``event`` with every field reduced to JSON data (for an output a node filled with live objects)."""
+    changes = {}
+    for f in dataclasses.fields(event):
+        value = getattr(event, f.name)
+        try:
+            changes[f.name] = json.loads(json.dumps(value, default=repr))
+        except (TypeError, ValueError):
+            changes[f.name] = repr(value)
+    return dataclasses.replace(event, **changes)

@@ -1,0 +1,287 @@
+"""``ProcessWorker``: the server's handle on one local worker process.
+
+A reader thread takes the worker's messages in order: engine events go to the caller's sink, journal records
+are stored (then acknowledged), packs' messages are forwarded, and the end of a run resolves its future. When
+the connection closes without a ``done`` the worker has died; the run's future fails with ``WorkerLost``,
+saying why (out of memory, a signal, an exit status, or the reason the server itself stopped it).
+
+A watchdog thread reads the worker's resident memory from ``/proc`` and stops a worker over its limit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures as cf
+import logging
+import multiprocessing as mp
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from kiln.engine.errors import KilnError
+
+from .spec import WorkerSpec, human
+
+log = logging.getLogger("kiln.server")
+WATCH_EVERY_S = 0.05
+STOP_GRACE_S = 10.0
+
+
+class WorkerLost(KilnError):
+    """The worker process ended while it ran a prompt (or before it was ready)."""
+
+    def __init__(self, cause: str, limit: bool = False):
+        super().__init__(cause)
+        self.cause = cause
+        self.limit = limit  # the server ended it for a limit it breached (memory): not worth a re-run
+
+
+def _describe_exit(code: int | None) -> str:
+    if code is None:
+        return "stopped answering"
+    if code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = f"signal {-code}"
+        if -code == signal.SIGKILL:
+            return f"killed by {name} (the system may have run out of memory)"
+        if -code in (signal.SIGSEGV, signal.SIGBUS, signal.SIGABRT, signal.SIGFPE, signal.SIGILL):
+            return f"crashed with {name} in native code"
+        return f"killed by {name}"
+    return f"exited with status {code}"
+
+
+def _rss(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+class ProcessWorker:
+    """One worker process. ``state``: starting, idle, busy, dead, stopped.
+
+    ``on_journal(prompt_id, node_id, index, path, tmp)`` stores an output record (from the reader thread,
+    blocking until committed); ``on_send_sync(event, data, sid)`` forwards a pack's websocket message.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        spec: WorkerSpec,
+        on_journal: Callable[..., None] | None = None,
+        on_send_sync: Callable[..., None] | None = None,
+    ):
+        self.name = name
+        self.spec = spec
+        self.on_journal = on_journal
+        self.on_send_sync = on_send_sync
+        self.state = "stopped"
+        self.pid: int | None = None
+        self.prompt_id: str | None = None  # the prompt it runs now
+        self.held: set[str] = set()  # model files its runs loaded (it keeps them until freed)
+        self.last_used = 0.0
+        self.runs = 0
+        self.stats: dict = {}  # model_loads, model_evictions (this process's, reported after each run)
+        self.loads_before = 0  # model loads of its earlier processes (a replaced worker keeps its count)
+        self.evictions_before = 0
+        self.kill_cause: str | None = None
+        self.kill_limit = False
+        self._proc: Any = None
+        self._conn: Any = None
+        self._send_lock = threading.Lock()
+        self._ready: cf.Future = cf.Future()
+        self._done: cf.Future | None = None
+        self._sink: Callable[[Any], None] | None = None
+
+    # -- lifecycle --------------------------------------------------------------------------------
+    def start(self) -> None:
+        from .child import main
+
+        ctx = mp.get_context("spawn")
+        parent, child = ctx.Pipe()
+        self.kill_cause = None
+        self.kill_limit = False
+        self.loads_before += int(self.stats.get("model_loads", 0))
+        self.evictions_before += int(self.stats.get("model_evictions", 0))
+        self.stats = {}
+        self._ready = cf.Future()
+        self.held = set()
+        self._proc = ctx.Process(target=main, args=(child, self.spec, self.name), name=f"kiln-worker-{self.name}")
+        self._proc.daemon = True
+        self._proc.start()
+        child.close()
+        self._conn = parent
+        self.pid = self._proc.pid
+        self.state = "starting"
+        threading.Thread(
+            target=self._read, args=(parent, self._proc), name=f"kiln-worker-{self.name}-reader", daemon=True
+        ).start()
+        if self.spec.memory_limit:
+            threading.Thread(
+                target=self._watch, args=(self._proc,), name=f"kiln-worker-{self.name}-watch", daemon=True
+            ).start()
+
+    async def ready(self) -> None:
+        await asyncio.wrap_future(self._ready)
+        if self.state == "starting":
+            self.state = "idle"
+
+    def stop(self, grace: float = STOP_GRACE_S) -> None:
+        """Ask the worker to exit; kill it if it has not within ``grace`` seconds. Idempotent."""
+        proc = self._proc
+        if proc is None:
+            return
+        self.kill_cause = self.kill_cause or "the server stopped it"
+        try:
+            self.send(("stop",))
+        except (OSError, ValueError):
+            pass
+        proc.join(grace)
+        if proc.is_alive():
+            proc.kill()
+            proc.join(grace)
+        self.state = "stopped"
+
+    def kill(self, cause: str, proc: Any = None, limit: bool = False) -> None:
+        """End the worker now (a non-cooperative node, a limit breached); its run fails with ``cause``.
+        ``proc``: only if that process is still this worker's (a watchdog of an earlier process passes it)."""
+        target = self._proc if proc is None else proc
+        if target is not None and target is self._proc and target.is_alive():
+            self.kill_cause = cause
+            self.kill_limit = limit
+            target.kill()
+
+    @property
+    def alive(self) -> bool:
+        return self._proc is not None and self._proc.is_alive()
+
+    # -- runs -------------------------------------------------------------------------------------
+    def send(self, msg: tuple) -> None:
+        with self._send_lock:
+            if self._conn is None:
+                raise OSError("the worker is not running")
+            self._conn.send(msg)
+
+    async def run(self, job: dict, sink: Callable[[Any], None]) -> tuple[str, dict, dict]:
+        """Run ``job`` (see ``kiln.workers.child``); events go to ``sink`` from the reader thread. Returns
+        ``(status, outputs, meta)``; raises ``WorkerLost`` if the worker dies meanwhile."""
+        self._sink = sink
+        self._done = done = cf.Future()
+        self.state = "busy"
+        self.prompt_id = job["prompt_id"]
+        try:
+            try:
+                self.send(("run", job))
+            except (OSError, ValueError) as exc:
+                raise WorkerLost(f"could not be reached ({exc})") from exc
+            return await asyncio.wrap_future(done)
+        finally:
+            self.prompt_id = None
+            self.runs += 1
+            self.last_used = time.monotonic()
+            if self.state == "busy":
+                self.state = "idle"
+
+    def interrupt(self, prompt_id: str) -> None:
+        try:
+            self.send(("interrupt", prompt_id))
+        except (OSError, ValueError):
+            pass
+
+    def free(self, unload_models: bool, free_memory: bool) -> None:
+        try:
+            self.send(("free", unload_models, free_memory))
+        except (OSError, ValueError):
+            return
+        if unload_models or free_memory:
+            self.held.clear()
+
+    # -- threads ----------------------------------------------------------------------------------
+    def _read(self, conn, proc) -> None:
+        while True:
+            try:
+                msg = conn.recv()
+            except (EOFError, OSError):
+                break
+            except Exception:  # a message that does not unpickle here: skip it, keep the stream
+                log.exception("worker %s sent a message the server cannot read", self.name)
+                continue
+            kind = msg[0]
+            try:
+                if kind == "event":
+                    if self._sink is not None:
+                        self._sink(msg[1])
+                elif kind == "done":
+                    if self._done is not None and not self._done.done():
+                        self._done.set_result(msg[2:])
+                elif kind == "stats":
+                    self.stats = dict(msg[1])
+                elif kind == "journal":
+                    self._journal(msg)
+                elif kind == "send_sync":
+                    if self.on_send_sync is not None:
+                        self.on_send_sync(*msg[1:])
+                elif kind == "ready":
+                    if not self._ready.done():
+                        self._ready.set_result(msg[1])
+                elif kind == "failed":
+                    if not self._ready.done():
+                        self._ready.set_exception(WorkerLost("could not start:\n" + str(msg[1])))
+            except Exception:
+                log.exception("worker %s: handling %r failed", self.name, kind)
+        proc.join(STOP_GRACE_S)
+        cause = self.kill_cause or _describe_exit(proc.exitcode)
+        with self._send_lock:
+            if self._conn is conn:
+                self._conn = None
+        try:
+            conn.close()
+        except OSError:
+            pass
+        if self.state != "stopped":
+            self.state = "dead"
+        lost = WorkerLost(cause, limit=self.kill_limit and self.kill_cause is not None)
+        if not self._ready.done():
+            self._ready.set_exception(lost)
+        if self._done is not None and not self._done.done():
+            self._done.set_exception(lost)
+
+    def _journal(self, msg: tuple) -> None:
+        _, req, prompt_id, node_id, index, path, tmp = msg
+        error = None
+        try:
+            if self.on_journal is not None:
+                self.on_journal(prompt_id, node_id, index, path, tmp)
+        except Exception as exc:
+            error = f"{type(exc).__name__}: {exc}"
+        try:
+            self.send(("ack", req, error))
+        except (OSError, ValueError):
+            pass
+
+    def _watch(self, proc) -> None:
+        limit = self.spec.memory_limit
+        stop = threading.Event()
+        while proc.is_alive() and not stop.wait(WATCH_EVERY_S):
+            rss = _rss(proc.pid)
+            if rss > limit:
+                self.kill(f"out of memory: it used {human(rss)}, over its limit of {human(limit)}", proc, True)
+                return
+
+    def info(self) -> dict:
+        return {
+            "name": self.name,
+            "state": self.state,
+            "pid": self.pid,
+            "prompt_id": self.prompt_id,
+            "runs": self.runs,
+            "models": sorted(self.held),
+            "model_loads": self.loads_before + int(self.stats.get("model_loads", 0)),
+            "model_evictions": self.evictions_before + int(self.stats.get("model_evictions", 0)),
+        }
