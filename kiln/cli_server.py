@@ -128,6 +128,13 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
         help="stop and fail a prompt that runs longer than S seconds (default 0: no limit)",
     )
     p.add_argument(
+        "--queue-order",
+        choices=("fair", "fifo"),
+        default="fair",
+        help="fair (default): clients (by clientId) take turns, so one client's hundred queued prompts do not "
+        "hold up another's; fifo: strictly in submission order, as ComfyUI. Prompts sent to the front go first",
+    )
+    p.add_argument(
         "--interrupt-grace",
         type=float,
         default=10.0,
@@ -212,6 +219,7 @@ def run_serve(args: argparse.Namespace) -> int:
             workers=args.workers,
             interrupt_grace=args.interrupt_grace,
             max_prompt_seconds=args.max_prompt_seconds,
+            fair_share=args.queue_order == "fair",
         )
         config.check_bind()
         from kiln.engine import make_cache

@@ -18,8 +18,9 @@ Decisions beyond ComfyUI, for whoever comes next:
 - Per-prompt events carry a top-level ``"seq"``; the final ``executing {node: null}`` is logged too, so a
   replay always ends with it. Events of a re-run after a crash are numbered from ``attempt * 1_000_000`` so
   they follow anything a client saw of the attempt that died.
-- ``progress_state`` is sent only to sockets that sent ``feature_flags`` (the frontend), one node per
-  message. ComfyUI re-sends every node's state on each change, which is quadratic in the graph size.
+- ``progress_state`` is a full snapshot of the prompt's node states, as ComfyUI sends it (the editor replaces
+  its map with each one), up to 64 started nodes; past that it carries the running, changed and most recently
+  finished nodes only, so a huge graph does not cost a quadratic resend.
 - Re-posting a prompt_id with the same graph answers 200 with the original number and does nothing; with a
   different graph, 409 ``prompt_id_conflict``. Interrupting or deleting an unknown id is 404, a finished one
   409. Interrupting a pending prompt cancels it alone (history status ``interrupted``).

@@ -71,7 +71,8 @@ ROUTES = [
     ("GET", "/experiment/models/{folder}", catalogue.experiment_models_in),
     ("GET", "/view_metadata/{folder}", catalogue.view_metadata),
     ("GET", "/global_subgraphs", catalogue.global_subgraphs),
-    ("GET", "/workflow_templates", catalogue.workflow_templates),
+    ("GET", "/workflow_templates", frontend.workflow_templates),
+    ("GET", "/workflow_templates/{pack}/{tail:.+}", frontend.workflow_template_file),
     ("GET", "/node_replacements", catalogue.node_replacements),
     ("GET", "/jobs", job_routes.list_jobs),
     ("POST", "/jobs/cancel", job_routes.cancel_jobs),
@@ -108,6 +109,7 @@ def create_app(
     login.install(app)  # /login, /logout: browser sessions when the server has an auth token
     app.router.add_get("/", frontend.index)
     app.router.add_get("/extensions/{pack}/{tail:.+}", frontend.extension_file)
+    frontend.install_templates(app)  # /templates/*: the workflow-templates package's files, when installed
     if config.front_end_root is not None:  # last: any other GET is a file of the editor's build
         app.router.add_get("/{tail:.+}", frontend.static)
     app.cleanup_ctx.append(_service_ctx)

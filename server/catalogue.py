@@ -34,11 +34,6 @@ async def global_subgraphs(request: web.Request) -> web.Response:
     return json_response({})
 
 
-async def workflow_templates(request: web.Request) -> web.Response:
-    """Example workflows shipped by custom packs, by pack: none."""
-    return json_response({})
-
-
 async def node_replacements(request: web.Request) -> web.Response:
     """Nodes the editor should swap for newer ones when it opens a workflow: none."""
     return json_response({})

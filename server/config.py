@@ -103,6 +103,7 @@ class ServerConfig:
     worker_spec: Any = None
     interrupt_grace: float = 10.0  # seconds an interrupted worker gets to stop cooperatively before it is ended
     max_prompt_seconds: float = 0.0  # a prompt running longer is stopped and failed (0: no limit; workers only)
+    fair_share: bool = True  # clients take turns in the queue (False: strictly by number, like ComfyUI)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "data_dir", Path(self.data_dir))

@@ -8,14 +8,29 @@ the editor.
 
 Custom node packs that declare ``WEB_DIRECTORY`` have their ``.js`` files listed by ``/extensions`` and
 served under ``/extensions/<pack>/`` (names confined to the pack's folder).
+
+Workflow templates, as ComfyUI serves them:
+- ``/templates/<file>``: the editor's template browser reads ``index.json`` (or ``index.<locale>.json``),
+  then each template's ``.json`` and thumbnails. They come from the ``comfyui-workflow-templates``
+  distribution when it is installed (not a dependency of Kiln, not even of the ``ui`` extra): the asset list
+  its ``iter_templates()``/``get_asset_path()`` give, or the ``templates/`` folder of older releases.
+  Without it every such request is a 404, as on a ComfyUI without the package; the editor shows no
+  templates and goes on.
+- ``/workflow_templates``: ``{pack: [template names]}`` for custom packs with an ``*example*`` or
+  ``*workflow*`` folder of ``.json`` files (``{}`` when none has one); the files are served under
+  ``/api/workflow_templates/<pack>/``.
 """
 
 from __future__ import annotations
 
 import html
+import importlib
 import importlib.util
+import logging
 import mimetypes
+import threading
 from pathlib import Path
+from typing import Any
 
 from aiohttp import web
 
@@ -27,6 +42,9 @@ from .security import error_response
 
 FRONTEND_PACKAGE = "comfyui_frontend_package"
 FRONTEND_DIST = "comfyui-frontend-package"
+TEMPLATES_PACKAGE = "comfyui_workflow_templates"
+
+log = logging.getLogger("kiln.server")
 
 
 def installed_front_end() -> Path | None:
@@ -121,3 +139,123 @@ async def extension_file(request: web.Request) -> web.StreamResponse:
     if root is not None and (root / "extensions").is_dir():  # the build's own extensions (core, ...)
         return _serve_file(root / "extensions", f"{pack}/{tail}")
     return error_response(404, "not_found", "No such extension", pack)
+
+
+# -- workflow templates ----------------------------------------------------------------------------------
+
+
+class TemplateAssets:
+    """The installed ``comfyui-workflow-templates``' files by name, found on first use (importing the
+    package and listing its assets is slow, and most servers never need them)."""
+
+    def __init__(self, package: str = TEMPLATES_PACKAGE) -> None:
+        self.package = package
+        self._lock = threading.Lock()
+        self._found = False
+        self.assets: dict[str, Path] = {}  # file name -> path (the asset API)
+        self.folder: Path | None = None  # or a folder of files (older releases)
+
+    def _find(self) -> None:
+        try:
+            spec = importlib.util.find_spec(self.package)
+        except (ImportError, ValueError):
+            spec = None
+        if spec is None:
+            return
+        try:
+            module: Any = importlib.import_module(self.package)
+        except Exception as exc:  # a broken install is a missing one, with a reason in the log
+            log.warning("%s cannot be imported (%s): no workflow templates", self.package, exc)
+            return
+        iter_templates = getattr(module, "iter_templates", None)
+        get_asset_path = getattr(module, "get_asset_path", None)
+        if callable(iter_templates) and callable(get_asset_path):
+            try:
+                for entry in iter_templates():
+                    for asset in entry.assets:
+                        self.assets[str(asset.filename)] = Path(get_asset_path(entry.template_id, asset.filename))
+            except Exception as exc:
+                log.warning("%s's template list cannot be read (%s): no workflow templates", self.package, exc)
+                self.assets = {}
+            return
+        for loc in spec.submodule_search_locations or ():
+            folder = Path(loc) / "templates"
+            if folder.is_dir():
+                self.folder = folder
+                return
+
+    def lookup(self, name: str) -> Path | None:
+        with self._lock:
+            if not self._found:
+                self._find()
+                self._found = True
+        if self.assets:
+            path = self.assets.get(name)
+            return path if path is not None and path.is_file() else None
+        if self.folder is not None:
+            try:
+                path = safe_join(self.folder, name)
+            except UnsafePath:
+                return None
+            return path if path.is_file() else None
+        return None
+
+
+TEMPLATES = web.AppKey("kiln_template_assets", TemplateAssets)
+
+
+async def template_file(request: web.Request) -> web.StreamResponse:
+    """``/templates/<file>``: a file of the installed workflow-templates package, else 404 (see above)."""
+    path = request.app[TEMPLATES].lookup(request.match_info["tail"])
+    if path is None:
+        return error_response(404, "not_found", "No such workflow template file", request.match_info["tail"][:200])
+    ctype = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
+    return web.FileResponse(path, headers={"Content-Type": ctype, "X-Content-Type-Options": "nosniff"})
+
+
+def install_templates(app: web.Application, package: str = TEMPLATES_PACKAGE) -> None:
+    app[TEMPLATES] = TemplateAssets(package)
+    app.router.add_get("/templates/{tail:.+}", template_file)
+
+
+def _example_folders(request: web.Request) -> dict[str, list[Path]]:
+    """Each loaded custom pack's folders of example workflows (named like ``*example*`` or ``*workflow*``)."""
+    registry = request.app[SERVICE].registry
+    out: dict[str, list[Path]] = {}
+    for report in getattr(registry, "pack_reports", ()):
+        if not report.ok:
+            continue
+        root = Path(report.path)
+        if not root.is_dir():
+            continue
+        folders = [
+            d
+            for d in sorted(root.iterdir())
+            if d.is_dir() and not d.is_symlink() and ("example" in d.name.lower() or "workflow" in d.name.lower())
+        ]
+        if folders:
+            out[report.pack] = folders
+    return out
+
+
+async def workflow_templates(request: web.Request) -> web.Response:
+    """``{pack: [example workflow names]}`` for the custom packs that ship some; ``{}`` when none does."""
+    listing: dict[str, list[str]] = {}
+    for pack, folders in _example_folders(request).items():
+        names = sorted({f.stem for d in folders for f in d.glob("*.json") if f.is_file()})
+        if names:
+            listing[pack] = names
+    return json_response(listing)
+
+
+async def workflow_template_file(request: web.Request) -> web.StreamResponse:
+    """A custom pack's example workflow (or its thumbnail), confined to the pack's example folders."""
+    pack, tail = request.match_info["pack"], request.match_info["tail"]
+    for folder in _example_folders(request).get(pack, ()):
+        try:
+            path = safe_join(folder, tail)
+        except UnsafePath:
+            break
+        if path.is_file():
+            return _serve_file(folder, tail)
+    return error_response(404, "not_found", "No such workflow template", f"{pack[:100]}/{tail[:200]}")

@@ -2,21 +2,32 @@
 
 A browser cannot add ``Authorization: Bearer`` to a page load, so ``GET /login`` is a small form and
 ``POST /login`` (the token in the form body, compared in constant time) starts a session: a random id, kept
-server-side (only its SHA-256 is stored, in memory: a restart logs everyone out), sent back as an
-``HttpOnly; SameSite=Strict`` cookie. The cookie never holds the token, and the token never appears in a URL
-or a log line. ``POST /logout`` ends the session. The middleware in security.py accepts the cookie on HTTP
-and on the websocket, and still applies the Origin check to cookie-authenticated requests.
+server-side and sent back as an ``HttpOnly; SameSite=Strict`` cookie. The cookie never holds the token, and
+the token never appears in a URL or a log line. ``POST /logout`` ends the session. The middleware in
+security.py accepts the cookie on HTTP and on the websocket, and still applies the Origin check to
+cookie-authenticated requests.
+
+Sessions survive a restart: they are kept in ``DATA_DIR/sessions.sqlite`` (and in memory, which is what a
+request checks; the file is written only at log-in and log-out). The file never holds a session id, only
+its SHA-256, so reading it does not let anyone in; next to each, an HMAC of the server's token keyed by the
+session id, so a session started under one token is not valid under another (changing ``--auth-token``
+logs every browser out) while the file reveals nothing about the token without the id. Expiry is wall-clock
+time. A file that cannot be read is logged and left alone; sessions then live in memory only.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import hmac
 import html
+import logging
 import secrets
+import sqlite3
 import time
 from collections import OrderedDict
+from pathlib import Path
 
 from aiohttp import web
 
@@ -27,42 +38,102 @@ SESSION_TTL_S = 7 * 24 * 3600.0
 MAX_SESSIONS = 1000  # past this many live sessions the oldest is dropped
 FAILED_LOGIN_DELAY_S = 0.25  # a wrong token costs the guesser a little time
 MAX_FORM_BYTES = 16 * 1024
+SESSIONS_FILE = "sessions.sqlite"
+
+log = logging.getLogger("kiln.server")
 
 
 class Sessions:
-    """Live browser sessions: SHA-256 of the session id -> expiry time (monotonic clock)."""
+    """Live browser sessions: SHA-256 of the session id -> (expiry, wall clock; token tag), oldest first.
 
-    def __init__(self, ttl: float = SESSION_TTL_S, limit: int = MAX_SESSIONS) -> None:
+    With ``path`` they are also kept in that SQLite file and read back when the server starts (see the
+    module docstring); without it they live in memory only. ``token`` is the server's auth token.
+    """
+
+    def __init__(
+        self, ttl: float = SESSION_TTL_S, limit: int = MAX_SESSIONS, path: Path | None = None, token: str = ""
+    ) -> None:
         self.ttl = ttl
         self.limit = limit
-        self._live: OrderedDict[str, float] = OrderedDict()
+        self.token = token
+        self._live: OrderedDict[str, tuple[float, str]] = OrderedDict()
+        self._db: sqlite3.Connection | None = None
+        if path is not None:
+            self._open(Path(path))
+
+    def _open(self, path: Path) -> None:
+        try:
+            db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+            db.execute("CREATE TABLE IF NOT EXISTS sessions (key TEXT PRIMARY KEY, expiry REAL, tag TEXT)")
+            now = time.time()
+            db.execute("DELETE FROM sessions WHERE expiry < ?", (now,))
+            rows = db.execute("SELECT key, expiry, tag FROM sessions ORDER BY expiry").fetchall()
+        except sqlite3.Error as exc:  # an unreadable file costs the sessions, never the server
+            log.warning("browser sessions in %s cannot be used (%s): sessions are kept in memory only", path, exc)
+            return
+        with contextlib.suppress(OSError):
+            path.chmod(0o600)
+        self._db = db
+        for key, expiry, tag in rows:
+            if isinstance(key, str) and isinstance(expiry, float) and isinstance(tag, str):
+                self._live[key] = (expiry, tag)
+        self._trim()
+
+    def _write(self, sql: str, args: tuple) -> None:
+        if self._db is None:
+            return
+        try:
+            self._db.execute(sql, args)
+        except sqlite3.Error as exc:
+            log.warning("browser session store: %s", exc)
 
     @staticmethod
     def _key(session_id: str) -> str:
         return hashlib.sha256(session_id.encode("utf-8", "replace")).hexdigest()
 
+    def _tag(self, session_id: str) -> str:
+        return hmac.new(
+            session_id.encode("utf-8", "replace"), self.token.encode("utf-8", "replace"), "sha256"
+        ).hexdigest()
+
+    def _trim(self) -> None:
+        while len(self._live) > self.limit:
+            key, _ = self._live.popitem(last=False)
+            self._write("DELETE FROM sessions WHERE key = ?", (key,))
+
     def new(self) -> str:
         session_id = secrets.token_urlsafe(32)
-        self._live[self._key(session_id)] = time.monotonic() + self.ttl
-        while len(self._live) > self.limit:
-            self._live.popitem(last=False)
+        key, expiry, tag = self._key(session_id), time.time() + self.ttl, self._tag(session_id)
+        self._live[key] = (expiry, tag)
+        self._write("INSERT OR REPLACE INTO sessions (key, expiry, tag) VALUES (?, ?, ?)", (key, expiry, tag))
+        self._trim()
         return session_id
 
     def valid(self, session_id: str | None) -> bool:
         if not session_id:
             return False
         key = self._key(session_id)
-        expiry = self._live.get(key)
-        if expiry is None:
+        found = self._live.get(key)
+        if found is None:
             return False
-        if expiry < time.monotonic():
-            del self._live[key]
+        expiry, tag = found
+        if expiry < time.time() or not hmac.compare_digest(tag, self._tag(session_id)):
+            self._drop_key(key)
             return False
         return True
 
+    def _drop_key(self, key: str) -> None:
+        if self._live.pop(key, None) is not None:
+            self._write("DELETE FROM sessions WHERE key = ?", (key,))
+
     def drop(self, session_id: str | None) -> None:
         if session_id:
-            self._live.pop(self._key(session_id), None)
+            self._drop_key(self._key(session_id))
+
+    def close(self) -> None:
+        if self._db is not None:
+            self._db.close()
+            self._db = None
 
     def __len__(self) -> int:
         return len(self._live)
@@ -166,8 +237,17 @@ async def logout(request: web.Request) -> web.Response:
 
 
 def install(app: web.Application) -> None:
-    """The session table and the ``/login`` and ``/logout`` routes."""
-    app[SESSIONS] = Sessions()
+    """The session table (kept in the data dir when the server has a token) and the ``/login`` and
+    ``/logout`` routes."""
+    config = app[CONFIG]
+    token = config.auth_token or ""
+    sessions = Sessions(path=config.data_dir / SESSIONS_FILE if token else None, token=token)
+    app[SESSIONS] = sessions
+
+    async def _close(app: web.Application) -> None:
+        sessions.close()
+
+    app.on_cleanup.append(_close)
     app.router.add_get("/login", login_page)
     app.router.add_post("/login", login)
     app.router.add_post("/logout", logout)

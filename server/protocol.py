@@ -6,6 +6,13 @@ negotiated ``supports_preview_metadata``.
 
 Per-prompt events carry a top-level ``"seq"`` (1, 2, ...) next to ``type`` and ``data``; ComfyUI clients
 ignore it, Kiln's client uses it to ask for a replay from where it stopped.
+
+``progress_state`` is a snapshot: the editor replaces its map of node states with each message's ``nodes``
+(and applies only the last message of an animation frame), so a message must list every node it should
+still know about. ComfyUI lists every node of the prompt that has started, on every change, which is
+quadratic in the graph's size; ``ProgressStates`` does the same while at most ``SNAPSHOT_LIMIT`` nodes have
+started (every graph a person draws), and past that lists the running nodes, the one that changed and the
+``RECENT_FINISHED`` most recently finished ones, so a huge graph's messages stay small (linear in all).
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ from kiln.engine import GraphFormatError, Issue, ValidationResult, events as ev
 from . import params
 
 PREVIEW_IMAGE = 1
+PROGRESS_TEXT = 3
 PREVIEW_IMAGE_WITH_METADATA = 4
 FORMATS = {"JPEG": 1, "PNG": 2}
 MIME = {"JPEG": "image/jpeg", "PNG": "image/png"}
@@ -64,12 +72,118 @@ def preview_frame_with_metadata(fmt: str, data: bytes, meta: dict) -> bytes:
     return struct.pack(">II", PREVIEW_IMAGE_WITH_METADATA, len(m)) + m + data
 
 
+def progress_text_frame(node_id: str, text: str, prompt_id: str | None = None) -> bytes:
+    """Binary type 3: a node's progress text. With ``prompt_id`` (for clients whose server flags include
+    ``supports_progress_text_metadata``) the prompt id comes first, length-prefixed like the node id."""
+    node = node_id.encode()
+    head = struct.pack(">I", PROGRESS_TEXT)
+    if prompt_id is not None:
+        pid = prompt_id.encode()
+        head += struct.pack(">I", len(pid)) + pid
+    return head + struct.pack(">I", len(node)) + node + text.encode()
+
+
 def error_message(type_: str, message_: str, details: str = "", **extra) -> str:
     return message("error", {"type": type_, "message": message_, "details": details, "extra_info": extra})
 
 
 def server_features(max_upload: int) -> dict:
     return {"supports_preview_metadata": True, "max_upload_size": max_upload, "kiln": dict(SERVER_FEATURES)}
+
+
+# -- progress_state --------------------------------------------------------------------------------------
+
+SNAPSHOT_LIMIT = 64
+RECENT_FINISHED = 8
+
+
+class ProgressStates:
+    """One prompt's node states, as ComfyUI's ``progress_state`` reports them (see the module docstring).
+
+    ``update`` takes one node's change (an entry with ComfyUI's keys) and returns the message data to send,
+    or None when nothing changed or the prompt has ended. A node that finishes keeps the ``max`` it last
+    reported and its ``value`` becomes that ``max``; a node marked ``error`` stays so. ``nodes`` keeps the
+    order in which nodes first appeared, like ComfyUI's.
+    """
+
+    def __init__(self, prompt_id: str, limit: int = SNAPSHOT_LIMIT, tail: int = RECENT_FINISHED) -> None:
+        self.prompt_id = prompt_id
+        self.limit = max(1, limit)
+        self.tail = max(0, min(tail, self.limit))
+        self.nodes: dict[str, dict] = {}
+        self.first_seen: dict[str, int] = {}
+        self.running: dict[str, None] = {}  # running (or failed) nodes, in order
+        self.recent: dict[str, None] = {}  # finished nodes, least recently changed first
+        self.failed: set[str] = set()
+        self.ended = False
+
+    def update(self, entry: dict) -> dict | None:
+        if self.ended:
+            return None
+        node = str(entry.get("node_id"))
+        changed = self._apply(node, entry)
+        return self.message(node) if changed else None
+
+    def _apply(self, node: str, entry: dict) -> bool:
+        old = self.nodes.get(node)
+        new = dict(entry)
+        new["node_id"] = node
+        new["prompt_id"] = self.prompt_id
+        if node in self.failed:
+            new["state"] = "error"
+            if old is not None:
+                new["value"], new["max"] = old["value"], old["max"]
+        elif new.get("state") == "finished" and old is not None:
+            new["value"] = new["max"] = old["max"]
+        elif new.get("state") == "running" and new.get("value") == 0 and new.get("max") == 1:
+            new["value"], new["max"] = 0.0, 1.0  # ComfyUI starts every node at 0.0 of 1.0
+        if new == old:
+            return False
+        if old is None:
+            self.first_seen[node] = len(self.first_seen)
+        self.nodes[node] = new
+        self.recent.pop(node, None)
+        self.running.pop(node, None)
+        if new["state"] == "finished":
+            self.recent[node] = None
+        else:
+            self.running[node] = None
+        return True
+
+    def end(self, outcome: str, node_id: str | None = None) -> dict | None:
+        """The prompt ended (``success``, ``error`` or ``interrupted``): the final message to send before the
+        terminal event, if any, and no more after it. On success running nodes are finished; on an error
+        the failed node (or, when none is named, every running one) is marked ``error``; an interruption
+        leaves them as they are, as ComfyUI does."""
+        if self.ended:
+            return None
+        self.ended = True
+        if outcome == "success":
+            hit = [n for n in self.running if self.nodes[n]["state"] == "running"]
+            changed = [n for n in hit if self._apply(n, {**self.nodes[n], "state": "finished"})]
+        elif outcome == "error":
+            hit = [node_id] if node_id is not None and node_id in self.nodes else list(self.running)
+            self.failed.update(hit)
+            changed = [n for n in hit if self._apply(n, self.nodes[n])]
+        else:
+            changed = []
+        return self.message(changed[-1]) if changed else None
+
+    def message(self, changed: str | None = None) -> dict:
+        return {"prompt_id": self.prompt_id, "nodes": self.snapshot(changed)}
+
+    def snapshot(self, changed: str | None = None) -> dict:
+        if len(self.nodes) <= self.limit:
+            return dict(self.nodes)
+        keep = dict.fromkeys(self.running)
+        if changed is not None:
+            keep[changed] = None
+        room = len(keep) + self.tail
+        for node in reversed(self.recent):
+            if len(keep) >= room:
+                break
+            keep[node] = None
+        return {n: self.nodes[n] for n in sorted(keep, key=self.first_seen.__getitem__)}
 
 
 # -- engine events -> ComfyUI messages ---------------------------------------------------------------------

@@ -70,7 +70,10 @@ class PromptService:
         self.store = store
         self.hub = hub
         self.config = config
-        self.heap: list[tuple[float, str]] = []
+        # pending prompts by client (FIFO by number within each); which client goes next is fair_share's call
+        self._queues: dict[str, list[tuple[float, str]]] = {}
+        self._tags: dict[str, float] = {}  # each client's start tag (fair queuing's virtual time)
+        self._vtime = 0.0
         self.pending: dict[str, Job] = {}
         self.runs: dict[str, Job] = {}  # running prompts, in the order they started
         self.workers: list[ProcessWorker] = []  # local worker processes (none: the server's own thread)
@@ -377,7 +380,7 @@ class PromptService:
 
     def _push(self, job: Job) -> None:
         self.pending[job.prompt_id] = job
-        heapq.heappush(self.heap, (job.number, job.prompt_id))
+        heapq.heappush(self._queues.setdefault(job.client_id or "", []), (job.number, job.prompt_id))
         if self._wake is not None:
             self._wake.set()
 
@@ -414,16 +417,47 @@ class PromptService:
         """The next prompt to run, once one is pending and a worker is idle to take it."""
         while True:
             if self._idle():
-                while self.heap:
-                    _, pid = heapq.heappop(self.heap)
-                    job = self.pending.pop(pid, None)
-                    if job is not None:
-                        return job
+                job = self._pop_next()
+                if job is not None:
+                    return job
             if not self.runs:
                 self._apply_free()
             assert self._wake is not None  # set by start(), which starts this task
             self._wake.clear()
             await self._wake.wait()
+
+    def _pop_next(self) -> Job | None:
+        """The pending prompt to run next. Prompts sent to the front (a negative ``number``) go first. Then,
+        with ``fair_share`` (default), clients take turns: start-time fair queuing over client ids, so one
+        client's hundred queued prompts delay another client's next prompt by at most one prompt per client
+        ahead of it; within a client, by ``number`` (FIFO). Without it, by ``number`` over all clients."""
+        best_key, best_rank = None, None
+        for key in list(self._queues):
+            q = self._queues[key]
+            while q and q[0][1] not in self.pending:  # deleted or interrupted while queued
+                heapq.heappop(q)
+            if not q:
+                del self._queues[key]
+                continue
+            number = q[0][0]
+            if number < 0:
+                rank: tuple = (0, number, 0.0)
+            elif self.config.fair_share:
+                rank = (1, max(self._vtime, self._tags.get(key, 0.0)), number)
+            else:
+                rank = (1, 0.0, number)
+            if best_rank is None or rank < best_rank:
+                best_key, best_rank = key, rank
+        if best_key is None:
+            return None
+        _, pid = heapq.heappop(self._queues[best_key])
+        if best_rank is not None and best_rank[0] == 1:
+            tag = max(self._vtime, self._tags.get(best_key, 0.0))
+            self._vtime = tag
+            self._tags[best_key] = tag + 1
+            if len(self._tags) > 4096:  # forget clients that are not ahead of the virtual clock
+                self._tags = {k: v for k, v in self._tags.items() if v > self._vtime}
+        return self.pending.pop(pid)
 
     def _choose(self, job: Job):
         """Model-affine choice among idle workers: one that already holds every model file the prompt names
@@ -887,7 +921,7 @@ class PromptService:
     def clear_pending(self) -> None:
         ids = list(self.pending)
         self.delete_pending(ids)
-        self.heap.clear()
+        self._queues.clear()
 
     def delete_history(self, ids: list[str]) -> list[str]:
         found: list[str] = []

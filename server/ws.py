@@ -10,10 +10,16 @@ Client -> server messages (JSON text):
   (dedupe by ``seq``); it always ends with the final event once the prompt is done.
 - ``{"type": "interrupt", "data": {"prompt_id"}}``.
 Anything else gets an ``error`` message; a binary frame closes the socket (1003, unsupported data).
+
+Server -> client: as ComfyUI. The client's ``feature_flags`` are remembered (``supports_preview_metadata``:
+previews as binary type 4 with the node's ids, else type 1). ``progress_state`` goes to every socket of the
+prompt's client, flags or not, as ComfyUI does, as the snapshot its clients expect (``Socket``,
+``protocol.ProgressStates``). A node whose run raised is reported as ``error``.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import uuid
 from typing import Any
@@ -21,12 +27,15 @@ from typing import Any
 from aiohttp import WSCloseCode, WSMsgType, web
 
 from . import params, protocol
-from .hub import Client, Out
+from .hub import PROGRESS, Client, Out
 from .keys import CONFIG, SERVICE
 from .security import error_response
 from .service import LARGE_BODY, ApiError, PromptService
 
 MAX_CLIENT_ID = 256
+TRACKED_PROMPTS = 4  # prompts whose node states one socket keeps (one runs at a time; a few finish late)
+_PROGRESS_STATE = '{"type":"progress_state",'
+_TERMINAL = ('{"type":"execution_success",', '{"type":"execution_error",', '{"type":"execution_interrupted",')
 
 log = logging.getLogger("kiln.server")
 
@@ -39,7 +48,7 @@ async def websocket(request: web.Request) -> web.StreamResponse:
         return error_response(400, "bad_request", "clientId must be printable text")
     ws = web.WebSocketResponse(max_msg_size=config.max_ws_message_bytes, heartbeat=30.0)
     await ws.prepare(request)
-    client = Client(ws, sid, svc.hub, transport=request.transport)
+    client = Socket(ws, sid, svc.hub, transport=request.transport)
     client.send(Out(protocol.message("status", protocol.status_data(svc.queue_remaining, sid))))
     client.last_status = svc.queue_remaining
     if svc.running is not None and svc.running.client_id == sid and svc.running.last_node is not None:
@@ -65,6 +74,79 @@ async def websocket(request: web.Request) -> web.StreamResponse:
     finally:
         client.close()
     return ws
+
+
+class Socket(Client):
+    """A websocket client that gets ``progress_state`` whether or not it sent feature flags, as snapshots.
+
+    The router hands every socket one node's change at a time; this keeps the states of the prompts the
+    socket follows and sends ComfyUI's snapshot instead. When a prompt ends, what ComfyUI would have said
+    before the terminal message is sent then (running nodes finished, or the failed node as ``error``), and
+    nothing about that prompt's nodes after it.
+    """
+
+    def __init__(self, *args: Any, **kw: Any) -> None:
+        super().__init__(*args, **kw)
+        self.progress: dict[str, protocol.ProgressStates] = {}
+
+    @property
+    def negotiated(self) -> bool:  # the router sends progress_state to "negotiated" sockets only
+        return True
+
+    def send(self, out: Out) -> None:
+        payload = out.payload
+        if isinstance(payload, str) and payload.startswith(_PROGRESS_STATE):
+            snapshot = self._snapshot(payload)
+            if snapshot is not None:
+                super().send(snapshot)
+            return
+        if isinstance(payload, str) and payload.startswith(_TERMINAL):
+            self._ended(payload)
+        super().send(out)
+
+    def _states(self, prompt_id: str) -> protocol.ProgressStates:
+        states = self.progress.get(prompt_id)
+        if states is None:
+            while len(self.progress) >= TRACKED_PROMPTS:
+                del self.progress[next(iter(self.progress))]
+            states = self.progress[prompt_id] = protocol.ProgressStates(prompt_id)
+        return states
+
+    @staticmethod
+    def _out(body: dict) -> Out:
+        # a snapshot holds everything an older one did: a newer one supersedes it when the client is behind
+        return Out(protocol.message("progress_state", body), PROGRESS, ("progress_state", body["prompt_id"]))
+
+    def _snapshot(self, payload: str) -> Out | None:
+        try:
+            data = json.loads(payload)["data"]
+            pid = str(data["prompt_id"])
+            changes = [e for e in data["nodes"].values() if isinstance(e, dict)]
+        except (ValueError, KeyError, TypeError, AttributeError):
+            log.warning("malformed progress_state for %s not sent", self.sid)
+            return None
+        states = self._states(pid)
+        body = None
+        for entry in changes:
+            body = states.update(entry) or body
+        return self._out(body) if body is not None else None
+
+    def _ended(self, payload: str) -> None:
+        try:
+            msg = json.loads(payload)
+            data = msg["data"]
+            states = self.progress.get(str(data["prompt_id"]))
+        except (ValueError, KeyError, TypeError):
+            return
+        if states is None:
+            return
+        outcome = msg["type"][len("execution_") :]
+        if outcome == "error" and data.get("exception_type") == "ExecutionBlocked":
+            return  # a blocked call: the prompt goes on
+        node = data.get("node_id")
+        body = states.end(outcome, str(node) if node is not None else None)
+        if body is not None:
+            super().send(self._out(body))
 
 
 async def _handle_text(client: Client, svc: PromptService, text: str) -> None:

@@ -3,8 +3,11 @@
 The page loads without console errors (other than requests the frontend itself tolerates), its node
 library holds Kiln's nodes, graphs/txt2img.json loaded through the frontend's API and queued from it shows
 progress and its image, the Jobs API still lists the job after a restart, a workflow saved through the
-userdata API is in the editor's workflow list after a reload, and a browser logs in with the form when the
-server has a token.
+userdata API is in the editor's workflow list after a reload, a browser logs in with the form when the
+server has a token, and the editor's own "Export (API)" of the hand-written UI workflows (reroutes,
+primitives, bypass, mute, converted widgets, a subgraph) equals Kiln's conversion of them.
+
+One file over the usual size: its tests share the browser fixtures and page helpers above them.
 
 Needs Debian's ``chromium`` + ``chromium-driver`` (``make test`` installs them when it can), ``selenium`` and
 the ``ui`` extra. Without them every test here is skipped with the reason "skipped: no browser" (or "no
@@ -15,9 +18,11 @@ name but 127.0.0.1.
 
 from __future__ import annotations
 
+import copy
 import io
 import json
 import os
+import random
 import shutil
 from pathlib import Path
 from urllib.parse import quote, urlsplit
@@ -25,7 +30,7 @@ from urllib.parse import quote, urlsplit
 import pytest
 import requests
 from PIL import Image, ImageStat
-from srv_helpers import ROOT, SAFETY_S, ServeProcess, wait_for
+from srv_helpers import ROOT, SAFETY_S, LiveServer, ServeProcess, wait_for
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -208,7 +213,8 @@ def test_editor_runs_a_kiln_prompt_and_keeps_it(browser, base, serve_proc, tmp_p
     run_js(
         browser,
         "window.kilnEvents = [];"
-        " for (const t of ['progress', 'executing', 'executed', 'execution_success', 'execution_error'])"
+        " for (const t of ['progress', 'progress_state', 'executing', 'executed', 'execution_success',"
+        "   'execution_error'])"
         "   app.api.addEventListener(t, e => window.kilnEvents.push([t, e.detail]));"
         " return true",
     )
@@ -235,6 +241,13 @@ def test_editor_runs_a_kiln_prompt_and_keeps_it(browser, base, serve_proc, tmp_p
     )
     steps = [d["value"] for t, d in events if t == "progress" and str(d.get("node")) == "3"]
     assert steps and steps[-1] == STEPS and steps == sorted(steps), steps
+    # progress_state as the editor reads it: snapshots (it replaces its map with each), the last one before
+    # execution_success holding every node of the graph, finished, the sampler at its last step
+    states = [d for t, d in events if t == "progress_state"]
+    assert states and all(set(d) == {"prompt_id", "nodes"} for d in states)
+    final = states[-1]["nodes"]
+    assert set(final) == set(graph) and {v["state"] for v in final.values()} == {"finished"}, final
+    assert final["3"]["value"] == final["3"]["max"] == STEPS
     (executed,) = [d for t, d in events if t == "executed"]
     assert executed["output"]["images"][0]["filename"] == output["filename"]
     img_js = (
@@ -340,3 +353,63 @@ def _log_in_with_the_form(browser, srv: ServeProcess, token: str) -> None:
     assert run_js(browser, "return (await fetch('/api/interrupt', {method: 'POST'})).status") == 200
     no_console_errors(browser, srv.url)
     assert token not in srv.log()
+
+
+# UI workflows written by hand (tests/engine/ui_workflows): their conversion is also tested without a browser
+UI_FIXTURES = ROOT / "tests" / "engine" / "ui_workflows"
+UI_WORKFLOWS = ("reroute_primitive", "bypass_mute", "subgraph", "empty_image_save", "txt2img_editor")
+# Files whose subgraph nodes reuse ids of root nodes, which the editor never saves: on loading one, the
+# editor gives each such node a new id (past last_node_id), so its export names them differently from Kiln's
+# conversion of the file (the same nodes and links otherwise). The file as the editor then saves it converts
+# exactly (checked below).
+IDS_RENUMBERED_BY_THE_EDITOR = {"subgraph"}
+
+
+def test_editor_export_api_equals_kilns_conversion(browser, base):
+    """The editor's "Export (API)" (``app.graphToPrompt()``, what its menu item saves) of each workflow, loaded
+    into the page, is exactly what engine/ui_workflow.py makes of the same file."""
+    from kiln.engine.ui_workflow import workflow_to_prompt
+    from kiln.runtime import default_registry
+    from kiln.server.frontend import installed_front_end
+
+    registry = default_registry(custom_nodes=base / "no-custom-nodes", entry_points=False)
+    (base / "input").symlink_to(ROOT / "input", target_is_directory=True)  # example.png, for the image loaders
+    srv = LiveServer(base, registry=registry, front_end_root=installed_front_end())
+    try:
+        open_editor(browser, srv.url)
+        bad = []
+        for name in UI_WORKFLOWS:
+            workflow = json.loads((UI_FIXTURES / f"{name}.json").read_text())
+            exported, saved = run_js(
+                browser,
+                "await app.loadGraphData(a0, true, true, a1);"
+                " return [(await app.graphToPrompt()).output, app.graph.serialize()]",
+                copy.deepcopy(workflow),
+                f"{name}.json",
+            )
+            for label, wf in (("file", workflow), ("as saved", saved)):
+                kilns = workflow_to_prompt(copy.deepcopy(wf), registry, rng=random.Random(0))
+                if label == "file" and name in IDS_RENUMBERED_BY_THE_EDITOR:
+                    assert exported != kilns, f"{name}: the editor kept the ids now; drop it from the set"
+                    assert sorted(n["class_type"] for n in exported.values()) == sorted(
+                        n["class_type"] for n in kilns.values()
+                    )
+                elif exported != kilns:
+                    editor, kiln = (json.dumps(p, sort_keys=True) for p in (exported, kilns))
+                    bad.append(f"{name} ({label}):\n  editor {editor}\n  kiln   {kiln}")
+        # every shipped graph, as the editor lays it out when it opens an API file, and saves it
+        for path in sorted((ROOT / "graphs").glob("*.json")):
+            exported, saved = run_js(
+                browser,
+                "await app.loadApiJson(a0, a1); return [(await app.graphToPrompt()).output, app.graph.serialize()]",
+                json.loads(path.read_text()),
+                path.name,
+            )
+            kilns = workflow_to_prompt(saved, registry, rng=random.Random(0))
+            if exported != kilns:
+                editor, kiln = (json.dumps(p, sort_keys=True) for p in (exported, kilns))
+                bad.append(f"graphs/{path.name}:\n  editor {editor}\n  kiln   {kiln}")
+        assert not bad, "\n".join(bad)
+        no_console_errors(browser, srv.url)
+    finally:
+        srv.stop()
