@@ -128,6 +128,30 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
         help="stop and fail a prompt that runs longer than S seconds (default 0: no limit)",
     )
     p.add_argument(
+        "--ray",
+        default=None,
+        metavar="ADDRESS",
+        help="run workers as Ray actors on the cluster at ADDRESS (auto: the cluster on this machine, else a new "
+        "local instance); needs the ray extra",
+    )
+    p.add_argument("--ray-workers", type=int, default=2, metavar="N", help="Ray actors to start (default 2)")
+    p.add_argument("--ray-num-cpus", type=float, default=1.0, help="CPUs Ray reserves for each actor (default 1)")
+    p.add_argument("--ray-num-gpus", type=float, default=0.0, help="GPUs Ray reserves for each actor (default 0)")
+    p.add_argument(
+        "--worker-threads",
+        type=int,
+        default=0,
+        metavar="N",
+        help="torch threads per worker (default: the machine's cores divided among the workers)",
+    )
+    p.add_argument(
+        "--dispatch",
+        choices=("affinity", "lru"),
+        default="affinity",
+        help="affinity (default): give a prompt to an idle worker that already holds its model files; lru: to the "
+        "least recently used idle worker",
+    )
+    p.add_argument(
         "--queue-order",
         choices=("fair", "fifo"),
         default="fair",
@@ -220,6 +244,10 @@ def run_serve(args: argparse.Namespace) -> int:
             interrupt_grace=args.interrupt_grace,
             max_prompt_seconds=args.max_prompt_seconds,
             fair_share=args.queue_order == "fair",
+            affinity=args.dispatch == "affinity",
+            ray=args.ray,
+            ray_workers=args.ray_workers,
+            ray_options={"num_cpus": args.ray_num_cpus, "num_gpus": args.ray_num_gpus},
         )
         config.check_bind()
         from kiln.engine import make_cache
@@ -238,7 +266,7 @@ def run_serve(args: argparse.Namespace) -> int:
     from kiln.nodes.image import MAX_IMAGE_PIXELS_SERVICE
 
     executor.services[MAX_IMAGE_PIXELS_SERVICE] = config.max_image_pixels  # LoadImage's cap, as the uploads'
-    if config.workers:
+    if config.workers or config.ray:
         config = worker_config(config, args, base, {MAX_IMAGE_PIXELS_SERVICE: config.max_image_pixels})
     for err in getattr(executor.registry, "load_errors", []):
         logging.getLogger("kiln.server").warning("node pack %s was skipped: %s", err.source, err.error)
@@ -273,7 +301,7 @@ def worker_config(config, args: argparse.Namespace, base: Path, services: dict):
     from kiln.workers import WorkerSpec
     from kiln.workers.spec import total_memory
 
-    n = max(1, config.workers)
+    n = max(1, config.ray_workers if config.ray else config.workers)
     memory = args.worker_memory if args.worker_memory is not None else int(total_memory() * 0.8 / n)
     spec = WorkerSpec(
         factory="kiln.runtime:make_executor",
@@ -283,7 +311,7 @@ def worker_config(config, args: argparse.Namespace, base: Path, services: dict):
             "output_dir": args.output_dir,
             "custom_nodes": args.custom_nodes,
         },
-        threads=max(1, (os.cpu_count() or 1) // n),
+        threads=args.worker_threads or max(1, (os.cpu_count() or 1) // n),
         memory_limit=memory,
         services=services,
         env={"KILN_LOG_LEVEL": getattr(args, "log_level", "INFO")},

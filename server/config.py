@@ -104,6 +104,12 @@ class ServerConfig:
     interrupt_grace: float = 10.0  # seconds an interrupted worker gets to stop cooperatively before it is ended
     max_prompt_seconds: float = 0.0  # a prompt running longer is stopped and failed (0: no limit; workers only)
     fair_share: bool = True  # clients take turns in the queue (False: strictly by number, like ComfyUI)
+    affinity: bool = True  # prefer an idle worker that holds the prompt's model files (False: least recently used)
+    # workers as Ray actors: the cluster's address ("auto": the one on this machine, else a new local instance),
+    # how many actors, and each actor's Ray resources ({"num_cpus": 1, "num_gpus": 0})
+    ray: str | None = None
+    ray_workers: int = 2
+    ray_options: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "data_dir", Path(self.data_dir))

@@ -76,7 +76,8 @@ class PromptService:
         self._vtime = 0.0
         self.pending: dict[str, Job] = {}
         self.runs: dict[str, Job] = {}  # running prompts, in the order they started
-        self.workers: list[ProcessWorker] = []  # local worker processes (none: the server's own thread)
+        self.workers: list[Any] = []  # ProcessWorker or RayWorker (none: the server's own thread)
+        self._ray_started = False
         self._inline = _InlineSlot()
         self.counter = 0
         self._wake: asyncio.Event | None = None
@@ -124,7 +125,18 @@ class PromptService:
         self.counter = int(top) + 1 if top >= 0 else 0
         await self.recover()
         self._log_quarantined()
-        if self.config.workers:
+        if self.config.ray:
+            from kiln.workers import ray_actor
+
+            spec = self.config.worker_spec or WorkerSpec()
+            self._ray_started = ray_actor.connect(self.config.ray)  # blocks: the server is not serving yet
+            for i in range(self.config.ray_workers):
+                rw = ray_actor.RayWorker(
+                    f"ray-{i + 1}", spec, self.config.ray_options, self.journal.record, self._send_sync
+                )
+                self.workers.append(rw)
+                self._start_worker(rw)
+        elif self.config.workers:
             spec = self.config.worker_spec or WorkerSpec()
             for i in range(self.config.workers):
                 w = ProcessWorker(str(i + 1), spec, on_journal=self.journal.record, on_send_sync=self._send_sync)
@@ -152,6 +164,10 @@ class PromptService:
             await self._session.close()
         if self.workers:
             await asyncio.gather(*(asyncio.to_thread(w.stop, 2.0) for w in self.workers))
+        if self._ray_started:
+            from kiln.workers import ray_actor
+
+            await asyncio.to_thread(ray_actor.shutdown)
         self._pool.shutdown(wait=False, cancel_futures=True)
         self.store.flush()
 
@@ -385,10 +401,10 @@ class PromptService:
             self._wake.set()
 
     # -- dispatch -------------------------------------------------------------------------------------
-    def _start_worker(self, w: ProcessWorker, delay: float = 0.0) -> None:
+    def _start_worker(self, w: Any, delay: float = 0.0) -> None:
         self._background(self._bring_up(w, delay))
 
-    async def _bring_up(self, w: ProcessWorker, delay: float) -> None:
+    async def _bring_up(self, w: Any, delay: float) -> None:
         """Start (or restart) a worker and wake the dispatcher once it is ready; retry one that cannot start
         with a growing pause, saying why in the log."""
         if delay:
@@ -468,7 +484,7 @@ class PromptService:
             return None
         avoid = getattr(job, "avoid", None)
         cands = [s for s in idle if s.name != avoid] or idle
-        key = model_files(job.prompt_json)
+        key = model_files(job.prompt_json) if self.config.affinity else set()
         warm = [s for s in cands if key and key <= s.held]
         if warm:
             return max(warm, key=lambda s: s.last_used)
@@ -565,7 +581,7 @@ class PromptService:
         )
         return result.status, result.outputs, result.meta
 
-    async def _run_on_worker(self, job: Job, w: ProcessWorker, sink) -> tuple[str, dict, dict]:
+    async def _run_on_worker(self, job: Job, w: Any, sink) -> tuple[str, dict, dict]:
         text = job.prompt_text if job.prompt_text is not None else encode(job.prompt_json)
         payload = {
             "prompt_id": job.prompt_id,
@@ -656,12 +672,12 @@ class PromptService:
     def _interrupt_run(self, job: Job) -> None:
         job.cancel.set()
         w = job.worker
-        if isinstance(w, ProcessWorker):
+        if w is not None and w is not self._inline:
             w.interrupt(job.prompt_id)
             grace = self.config.interrupt_grace
             self._loop.call_later(grace, self._end_if_still_running, job, w)
 
-    def _end_if_still_running(self, job: Job, w: ProcessWorker) -> None:
+    def _end_if_still_running(self, job: Job, w: Any) -> None:
         if self.runs.get(job.prompt_id) is job and w.prompt_id == job.prompt_id:
             grace = self.config.interrupt_grace
             w.kill(f"it did not stop within {grace:g} s of being interrupted")

@@ -52,7 +52,9 @@ def main(conn, spec: WorkerSpec, name: str) -> None:
         level=os.environ.get("KILN_LOG_LEVEL", "INFO"),
         format=f"%(asctime)s %(levelname)s worker-{name} %(name)s: %(message)s",
     )
-    _Worker(conn, spec).serve()
+    w = _Worker(spec, conn.send)
+    w.conn = conn
+    w.serve()
 
 
 def _die_with_parent() -> None:
@@ -107,8 +109,14 @@ class _Journal:
 
 
 class _Worker:
-    def __init__(self, conn, spec: WorkerSpec):
-        self.conn = conn
+    """What a worker does, whatever hosts it: a process of its own (``serve``, over a connection) or a Ray
+    actor (``kiln.workers.ray_actor``, whose runs stream these same messages). ``send`` puts one message on
+    the wire; with ``acks`` False, journal records are sent without waiting for the server's commit."""
+
+    def __init__(self, spec: WorkerSpec, send, acks: bool = True):
+        self.conn: Any = None
+        self._send = send
+        self.acks = acks
         self.spec = spec
         self.send_lock = threading.Lock()
         self.inbox: queue.Queue = queue.Queue()
@@ -122,11 +130,14 @@ class _Worker:
     # -- the wire ---------------------------------------------------------------------------------
     def send(self, msg: tuple) -> None:
         with self.send_lock:
-            self.conn.send(msg)
+            self._send(msg)
 
     def request(self, msg: tuple) -> None:
         """Send ``msg`` with a request id and wait for the server's acknowledgement."""
         req = next(self._ids)
+        if not self.acks:
+            self.send((msg[0], req, *msg[1:]))
+            return
         slot: list = [threading.Event(), None]
         self._acks[req] = slot
         try:
@@ -147,10 +158,7 @@ class _Worker:
                 os._exit(0)  # the server is gone: nothing left to report to
             kind = msg[0]
             if kind == "interrupt":
-                with self.state_lock:
-                    self.interrupted.add(msg[1])
-                    if self.current is not None and self.current[0] == msg[1]:
-                        self.current[1].set()
+                self.interrupt(msg[1])
             elif kind == "ack":
                 slot = self._acks.get(msg[1])
                 if slot is not None:
@@ -158,6 +166,12 @@ class _Worker:
                     slot[0].set()
             else:
                 self.inbox.put(msg)
+
+    def interrupt(self, prompt_id: str) -> None:
+        with self.state_lock:
+            self.interrupted.add(prompt_id)
+            if self.current is not None and self.current[0] == prompt_id:
+                self.current[1].set()
 
     def event(self, event: Any) -> None:
         try:
@@ -167,19 +181,24 @@ class _Worker:
             self.send(("event", _plain(event)))
 
     # -- running ----------------------------------------------------------------------------------
-    def serve(self) -> None:
-        threading.Thread(target=self._read, name="kiln-worker-inbox", daemon=True).start()
-        try:
-            self.executor = self.spec.build()
-        except BaseException:
-            self.send(("failed", traceback.format_exc()))
-            sys.exit(1)
+    def build(self) -> None:
+        """Make the executor and install what the server provides through it (journal, packs' messages)."""
+        self.executor = self.spec.build()
         services = getattr(self.executor, "services", None)
         if isinstance(services, dict):
             services["output_files"] = self.journal
         self._attach_pack_sender()
         if self.spec.threads and "torch" in sys.modules:
             sys.modules["torch"].set_num_threads(self.spec.threads)
+
+    def serve(self) -> None:
+        """A worker process's life: build, say ready, then run what arrives until told to stop."""
+        threading.Thread(target=self._read, name="kiln-worker-inbox", daemon=True).start()
+        try:
+            self.build()
+        except BaseException:
+            self.send(("failed", traceback.format_exc()))
+            sys.exit(1)
         self._limit_address_space()
         self.send(("ready", os.getpid()))
         while True:
@@ -252,6 +271,9 @@ class _Worker:
     def stats(self) -> dict:
         """Counters the server's metrics add up over workers: model files read, models evicted."""
         manager = getattr(self.executor, "services", {}).get("model_manager")
+        if manager is None:  # the process-wide manager nodes fall back to
+            module = sys.modules.get("kiln.nodes.sd.manager")
+            manager = getattr(module, "_default", None)
         return {
             "model_loads": getattr(manager, "loads", 0),
             "model_evictions": getattr(manager, "evictions", 0),

@@ -69,7 +69,12 @@ def _workers(srv: ServeProcess) -> list[dict]:
 
 def _all_ready(srv: ServeProcess, n: int) -> list[dict]:
     def ready():
-        ws = _workers(srv)
+        if srv.proc.poll() is not None:
+            raise AssertionError(f"kiln serve exited with {srv.proc.returncode}:\n{srv.log()[-3000:]}")
+        try:
+            ws = _workers(srv)
+        except requests.ConnectionError:  # a server busy starting its workers may drop a connection
+            return None
         return ws if len(ws) == n and all(w["state"] == "idle" for w in ws) else None
 
     return wait_for(ready, f"{n} idle workers")

@@ -1,0 +1,261 @@
+"""Workers as Ray actors: ``kiln serve --ray ADDRESS|auto --ray-workers N``.
+
+Each worker is an actor on a Ray cluster hosting the same worker logic as a local process
+(``kiln.workers.child``): it builds its executor from the ``WorkerSpec`` once, and each run is a streaming
+generator that yields the same messages a process sends over its connection (events in order, journal
+records, packs' messages, stats, then ``done``). ``RayWorker`` is the server's handle, with the interface of
+``ProcessWorker``, so dispatch, affinity, re-runs and interrupts are the same code for both.
+
+Differences from local processes, by design of a cluster: a lost actor (its node died, its process was
+killed, Ray's own memory monitor ended it) shows up as ``ActorDiedError`` and is a ``WorkerLost``; memory is
+Ray's to police (no watchdog or address-space cap here); journal records are stored without the worker
+waiting for the server's commit. The actors write outputs to the folders their spec names, which must be
+shared with the server (one machine, or a shared file system); object storage for remote outputs is not
+built yet.
+
+Ray is optional (``pip install -e ".[ray]"``); nothing imports this module unless ``--ray`` is given.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import queue
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import replace
+from typing import Any
+
+from .local import WorkerLost
+from .spec import WorkerSpec
+
+log = logging.getLogger("kiln.server")
+
+
+class KilnActor:
+    """The actor's body (made a Ray actor class by ``_actor_class``)."""
+
+    def __init__(self, spec: WorkerSpec, name: str):
+        from .child import _Worker
+
+        os.environ.update(spec.env)
+        if spec.threads:
+            for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+                os.environ.setdefault(var, str(spec.threads))
+        logging.basicConfig(level=os.environ.get("KILN_LOG_LEVEL", "INFO"))
+        self.name = name
+        self.worker = _Worker(spec, self._put, acks=False)
+        self._lock = threading.Lock()
+        self._queue: queue.Queue | None = None
+        self.worker.build()
+
+    def _put(self, msg: tuple) -> None:
+        q = self._queue
+        if q is not None:
+            q.put(msg)
+
+    def ready(self) -> int:
+        return os.getpid()
+
+    def run(self, job: dict):
+        """Run one prompt; yields the worker's messages, ``("done", ...)`` last."""
+        q: queue.Queue = queue.Queue()
+        with self._lock:
+            self._queue = q
+        t = threading.Thread(target=self.worker.run, args=(job,), name="kiln-actor-run", daemon=True)
+        t.start()
+        try:
+            while True:
+                msg = q.get()
+                yield msg
+                if msg[0] == "done":
+                    return
+        finally:
+            t.join()
+            with self._lock:
+                self._queue = None
+
+    def interrupt(self, prompt_id: str) -> None:
+        self.worker.interrupt(prompt_id)
+
+    def free(self, unload_models: bool, free_memory: bool) -> None:
+        self.worker.free(unload_models, free_memory)
+
+
+_ACTOR: Any = None
+
+
+def _actor_class() -> Any:
+    global _ACTOR
+    if _ACTOR is None:
+        import ray
+
+        _ACTOR = ray.remote(max_concurrency=4)(KilnActor)  # a run, and interrupts/frees beside it
+    return _ACTOR
+
+
+def connect(address: str) -> bool:
+    """Join the Ray cluster at ``address`` (``auto``: the one running on this machine, else a new local
+    instance in a private temp folder). Returns True if this call started Ray (so ``shutdown`` stops it)."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    quiet = {"logging_level": logging.WARNING, "log_to_driver": False}
+    if address != "auto":
+        ray.init(address=address, **quiet)
+        return True
+    try:
+        ray.init(address="auto", **quiet)
+    except ConnectionError:  # no cluster on this machine: start a private one
+        # in /tmp whatever TMPDIR says: Ray's socket paths under it must stay under 107 bytes
+        tmp = tempfile.mkdtemp(prefix="kray-", dir="/tmp" if os.path.isdir("/tmp") else None)
+        log.info("started a local Ray instance in %s", tmp)
+        ray.init(include_dashboard=False, _temp_dir=tmp, **quiet)
+    return True
+
+
+def shutdown() -> None:
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+
+
+class RayWorker:
+    """The server's handle on one actor (the ``ProcessWorker`` interface)."""
+
+    def __init__(
+        self,
+        name: str,
+        spec: WorkerSpec,
+        options: dict | None = None,
+        on_journal: Callable[..., None] | None = None,
+        on_send_sync: Callable[..., None] | None = None,
+    ):
+        self.name = name
+        self.spec = replace(spec, memory_limit=0)  # Ray polices memory on its nodes
+        self.options = dict(options or {})
+        self.on_journal = on_journal
+        self.on_send_sync = on_send_sync
+        self.state = "stopped"
+        self.pid: int | None = None
+        self.prompt_id: str | None = None
+        self.held: set[str] = set()
+        self.last_used = 0.0
+        self.runs = 0
+        self.stats: dict = {}
+        self.loads_before = 0
+        self.evictions_before = 0
+        self.kill_cause: str | None = None
+        self._actor: Any = None
+        self._ready_ref: Any = None
+
+    def start(self) -> None:
+        self.kill_cause = None
+        self.loads_before += int(self.stats.get("model_loads", 0))
+        self.evictions_before += int(self.stats.get("model_evictions", 0))
+        self.stats = {}
+        self.held = set()
+        self._actor = _actor_class().options(**self.options).remote(self.spec, self.name)
+        self._ready_ref = self._actor.ready.remote()
+        self.state = "starting"
+
+    async def ready(self) -> None:
+        import ray
+
+        try:
+            self.pid = await self._ready_ref
+        except ray.exceptions.RayError as exc:
+            self.state = "dead"
+            raise WorkerLost(f"the Ray actor could not start: {exc}") from exc
+        self.state = "idle"
+
+    @property
+    def alive(self) -> bool:
+        return self.state in ("idle", "busy", "starting")
+
+    async def run(self, job: dict, sink: Callable[[Any], None]) -> tuple[str, dict, dict]:
+        import ray
+
+        self.state = "busy"
+        self.prompt_id = job["prompt_id"]
+        try:
+            gen = self._actor.run.options(num_returns="streaming").remote(job)
+            async for ref in gen:
+                msg = await ref
+                kind = msg[0]
+                if kind == "event":
+                    sink(msg[1])
+                elif kind == "done":
+                    return msg[2], msg[3], msg[4]
+                elif kind == "journal" and self.on_journal is not None:
+                    await asyncio.to_thread(self.on_journal, *msg[2:])
+                elif kind == "send_sync" and self.on_send_sync is not None:
+                    self.on_send_sync(*msg[1:])
+                elif kind == "stats":
+                    self.stats = dict(msg[1])
+            raise WorkerLost("the actor's run ended without a result")
+        except ray.exceptions.RayError as exc:
+            self.state = "dead"
+            raise WorkerLost(self.kill_cause or _lost_cause(exc, self.pid)) from exc
+        finally:
+            self.prompt_id = None
+            self.runs += 1
+            self.last_used = time.monotonic()
+            if self.state == "busy":
+                self.state = "idle"
+
+    def interrupt(self, prompt_id: str) -> None:
+        if self._actor is not None:
+            self._actor.interrupt.remote(prompt_id)
+
+    def free(self, unload_models: bool, free_memory: bool) -> None:
+        if self._actor is not None:
+            self._actor.free.remote(unload_models, free_memory)
+            if unload_models or free_memory:
+                self.held.clear()
+
+    def kill(self, cause: str, proc: Any = None, limit: bool = False) -> None:
+        import ray
+
+        if self._actor is not None:
+            self.kill_cause = cause
+            ray.kill(self._actor, no_restart=True)
+
+    def stop(self, grace: float = 0.0) -> None:
+        import ray
+
+        if self._actor is not None:
+            self.kill_cause = self.kill_cause or "the server stopped it"
+            try:
+                ray.kill(self._actor, no_restart=True)
+            except Exception:  # the cluster is already gone
+                pass
+            self._actor = None
+        self.state = "stopped"
+
+    def info(self) -> dict:
+        return {
+            "name": self.name,
+            "state": self.state,
+            "pid": self.pid,
+            "prompt_id": self.prompt_id,
+            "runs": self.runs,
+            "models": sorted(self.held),
+            "model_loads": self.loads_before + int(self.stats.get("model_loads", 0)),
+            "model_evictions": self.evictions_before + int(self.stats.get("model_evictions", 0)),
+            "ray": True,
+        }
+
+
+def _lost_cause(exc: BaseException, pid: int | None) -> str:
+    """One line for a lost actor (Ray's own message is a paragraph of troubleshooting)."""
+    text = str(exc)
+    if "worker process has died" in text or "unexpectedly" in text:
+        return f"its Ray actor's process (pid {pid}) died: killed, out of memory or crashed"
+    first = text.strip().splitlines()[0] if text.strip() else ""
+    return f"its Ray actor was lost ({type(exc).__name__}: {first[:200]})"
