@@ -5,7 +5,6 @@ before any pixel is decoded, LoadImage of such a file fails naming its input, an
 
 from __future__ import annotations
 
-import inspect
 import io
 import uuid
 
@@ -14,20 +13,10 @@ import requests
 from PIL import Image
 from srv_helpers import SAFETY_S, make_registry, recv_until_done
 
-from kiln.server.service import PromptService
 from tests.nodes.test_memory_estimates import bomb_png
 
 GiB = 1 << 30
 pytestmark = pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
-
-# The lead wires the limit into PromptService._validate (server/service.py is theirs); until then the
-# /prompt budget test cannot pass and is skipped with this reason.
-WIRED = "max_prompt_memory" in inspect.getsource(PromptService._validate)
-NOT_WIRED = (
-    "server/service.py does not pass config.max_prompt_memory to validate() yet: PromptService._validate must "
-    "call validate(graph, self.registry, partial_execution_targets=targets, "
-    "memory_limit=self.config.max_prompt_memory)"
-)
 
 
 def _png(width: int, height: int) -> bytes:
@@ -97,7 +86,6 @@ def test_load_image_of_a_bomb_placed_in_input_fails_naming_the_input(live, bomb)
     assert "12000x12000" in errors[0]["exception_message"] and "--max-image-pixels" in str(errors[0])
 
 
-@pytest.mark.skipif(not WIRED, reason=NOT_WIRED)
 def test_a_prompt_over_the_memory_budget_is_a_400_naming_node_estimate_and_limit(live):
     s = live(registry=make_registry(image_nodes=True), max_prompt_memory=8 * GiB)
     graph = {

@@ -15,9 +15,10 @@ import signal
 
 import pytest
 import requests
-from srv_helpers import SAFETY_S, ServeProcess, stop_all, wait_for
+from srv_helpers import ROOT, SAFETY_S, ServeProcess, stop_all, wait_for
 
 pytestmark = pytest.mark.timeout(600)
+SHIPPED = ROOT / "models" / "checkpoints" / "kiln-shapes.safetensors"
 
 
 def _graph(node: str, **inputs) -> dict:
@@ -82,9 +83,13 @@ def _all_ready(srv: ServeProcess, n: int) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def two(tmp_path_factory):
-    """One server with two workers, a 1 s interrupt grace and a 600 MB memory limit per worker."""
+    """One server with two workers, a 1 s interrupt grace, 600 MiB per worker and a 1 GiB prompt budget."""
     base = tmp_path_factory.mktemp("workers")
-    srv = ServeProcess(base, "--workers", "2", "--interrupt-grace", "1", "--worker-memory", "600MiB")
+    (base / "models" / "checkpoints").mkdir(parents=True)
+    (base / "models" / "checkpoints" / "kiln-shapes.safetensors").symlink_to(SHIPPED)
+    srv = ServeProcess(
+        base, "--workers", "2", "--interrupt-grace", "1", "--worker-memory", "600MiB", "--max-prompt-memory", "1GiB"
+    )
     try:
         srv.start()
         _all_ready(srv, 2)
@@ -245,3 +250,45 @@ def test_outputs_written_by_workers_are_journaled(tmp_path):
         assert json.dumps(hist).count(img["filename"]) == 1
     finally:
         stop_all([srv], ServeProcess.kill)
+
+
+@pytest.mark.parametrize(
+    "graph, node",
+    [
+        (
+            {
+                "1": {"class_type": "EmptyImage", "inputs": {"width": 16384, "height": 16384, "batch_size": 1}},
+                "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "big"}},
+            },
+            None,  # refused at EmptyImage or at the saver, whichever holds more
+        ),
+        (
+            {
+                "1": {"class_type": "EmptyImage", "inputs": {"width": 4096, "height": 4096, "batch_size": 64}},
+                "2": {"class_type": "PreviewImage", "inputs": {"images": ["1", 0]}},
+            },
+            "1",
+        ),
+        (
+            {
+                "c": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "kiln-shapes.safetensors"}},
+                "1": {"class_type": "EmptyLatentImage", "inputs": {"width": 512, "height": 512, "batch_size": 4096}},
+                "2": {"class_type": "VAEDecode", "inputs": {"samples": ["1", 0], "vae": ["c", 2]}},
+                "3": {"class_type": "PreviewImage", "inputs": {"images": ["2", 0]}},
+            },
+            "2",
+        ),
+    ],
+    ids=["16384-squared", "4096-batch-64", "latent-batch-4096-decoded"],
+)
+def test_prompts_that_would_exhaust_memory_are_refused_before_running(two, graph, node):
+    """The prompts that used to take the whole server past 8 GB: refused with a 400 naming the node, the
+    estimate and the limit, while another client's prompt is served."""
+    r = requests.post(f"{two.url}/prompt", json={"prompt": graph, "client_id": "big"}, timeout=SAFETY_S)
+    assert r.status_code == 400, r.text
+    errs = r.json()["node_errors"]
+    if node is not None:
+        assert node in errs, errs
+    e = next(iter(errs.values()))["errors"][0]
+    assert e["type"] == "prompt_memory_over_budget" and "GiB" in e["message"] + e["details"], e
+    assert _run(two, _add(5))["status"] == "success"
