@@ -19,6 +19,8 @@ Cases:
 - affinity: prompts over two checkpoint files (A A B B A B A B) on 2 workers: model loads with affinity
   dispatch vs least-recently-used. Target: 2 loads.
 - fairness: client A queues 20 prompts of 0.1 s, then client B sends one: how long B waits, fair share vs FIFO.
+- ray: the latency-bound case on 2 Ray actors (a local instance the server starts) vs 2 local workers.
+  Target: within 10%.
 """
 
 from __future__ import annotations
@@ -89,6 +91,8 @@ class Server:
                 break
             time.sleep(0.1)
         n = int(self.args[self.args.index("--workers") + 1]) if "--workers" in self.args else 1
+        if "--ray" in self.args:
+            n = int(self.args[self.args.index("--ray-workers") + 1])
         while True:  # every worker started (a worker imports torch and the nodes: seconds)
             try:
                 ws = requests.get(self.url + "/api/workers", timeout=30).json()["workers"]
@@ -249,6 +253,18 @@ def case_fairness(base: Path, quick: bool) -> None:
         row(label, f"{waited:.2f} s")
 
 
+def case_ray(base: Path, quick: bool) -> None:
+    n = 12 if quick else 40
+    print(f"\nRay actors vs local workers, 2 each, {n} latency-bound prompts (200 ms), completed per second:")
+    with Server(base, "--workers", "2") as s:
+        local, dt = s.completed_rate([latency_graph(i) for i in range(n)])
+    row("2 local workers", f"{local:.2f}/s", f"{dt:.2f} s")
+    with Server(base, "--ray", "auto", "--ray-workers", "2") as s:
+        s.wait(s.submit(latency_graph(0, 0.0)))
+        remote, dt = s.completed_rate([latency_graph(i) for i in range(n)])
+    row("2 Ray actors (local instance)", f"{remote:.2f}/s", f"{dt:.2f} s; {remote / local:.2f}x local (target >= 0.9x)")
+
+
 CASES = {
     "latency": case_latency,
     "cpu": case_cpu,
@@ -256,6 +272,7 @@ CASES = {
     "big": case_big,
     "affinity": case_affinity,
     "fairness": case_fairness,
+    "ray": case_ray,
 }
 
 

@@ -88,9 +88,10 @@ async def post_prompt(request: web.Request) -> web.Response:
     wait = query_bool(request, "wait")
     timeout = wait_timeout(request, 300.0)  # checked before the prompt is accepted
     heavy = (request.content_length or 0) > LARGE_BODY
+    warnings = query_bool(request, "warnings")  # Kiln: also list what was accepted but flagged
     try:
         data = await read_json(request)
-        body = await svc.submit(data, heavy=heavy)
+        body = await svc.submit(data, heavy=heavy, warnings=warnings)
     except ApiError as exc:
         if heavy:  # a huge graph can fail on every node: encode that answer off the loop too
             text = await params.off_loop(params.strict_text, exc.body)

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import kiln.engine
-from kiln.engine import GraphFormatError, Issue, ValidationResult, events as ev
+from kiln.engine import Graph, GraphFormatError, Issue, ValidationResult, events as ev
 
 from . import params
 
@@ -309,6 +309,20 @@ def node_errors(result: ValidationResult) -> dict:
         }
         for nid, p in result.problems.items()
     }
+
+
+def node_warnings(result: ValidationResult, graph: Graph) -> dict:
+    """What validation accepted but flagged (inputs a node does not declare, which are ignored), in the shape
+    of ``node_errors``; sent only to a client that asks (``POST /prompt?warnings=true``)."""
+    out = {}
+    for nid, issues in result.warnings.items():
+        node = graph.nodes.get(nid)
+        out[nid] = {
+            "errors": [issue_data(i) for i in issues],
+            "dependent_outputs": [],
+            "class_type": node.class_type if node is not None else None,
+        }
+    return out
 
 
 def validation_body(result: ValidationResult) -> dict:

@@ -331,8 +331,16 @@ class PromptService:
             raise ApiError(400, "invalid_webhook", "extra_data.webhook must be an http(s) URL", repr(hook)[:200])
         return graph, sub, prompt_id, body_hash(data), number
 
-    async def submit(self, data: Any, client_id: str | None = None, announce: bool = True, heavy: bool = False) -> dict:
+    async def submit(
+        self,
+        data: Any,
+        client_id: str | None = None,
+        announce: bool = True,
+        heavy: bool = False,
+        warnings: bool = False,
+    ) -> dict:
         """Validate and enqueue one submission (ComfyUI's envelope). Returns the 200 body or raises ApiError.
+        ``warnings``: the client asked for what validation flagged but accepted (a ``warnings`` field).
 
         ``heavy`` (a large body): parsing, hashing and encoding run in a worker thread, so the loop keeps
         answering other clients meanwhile.
@@ -382,7 +390,10 @@ class PromptService:
         metrics.prompt_accepted(self, job)
         if announce:
             self.broadcast_status(job)
-        return {"prompt_id": prompt_id, "number": json_number(number), "node_errors": protocol.node_errors(validation)}
+        body = {"prompt_id": prompt_id, "number": json_number(number), "node_errors": protocol.node_errors(validation)}
+        if warnings:
+            body["warnings"] = protocol.node_warnings(validation, graph)
+        return body
 
     def _log_validation(self, prompt_id: str, validation: ValidationResult) -> None:
         """Full tracebacks of a failed validation go to the log (clients get them without local paths)."""

@@ -625,3 +625,19 @@ def test_fuzz_socket_messages(hserver, msgs):
             if m["type"] == "error":
                 assert m["data"]["type"] != "internal_error", m
     assert math.isfinite(1.0)
+
+
+# -- 9. inputs a node does not declare: accepted (ComfyUI's clients send extras), reported when asked -----------
+def test_unknown_inputs_are_reported_only_to_a_client_that_asks(hserver):
+    g = chain(2, value=4)
+    g["out"]["inputs"]["valeu"] = 3  # TShow takes `value`
+    plain = hserver.post("/prompt", {"prompt": g})
+    assert plain.status_code == 200 and "warnings" not in plain.json()
+    asked = requests.post(hserver.url + "/prompt?warnings=true", json={"prompt": g}, timeout=SAFETY_S)
+    assert asked.status_code == 200
+    body = strict_json(asked.content)
+    w = body["warnings"]["out"]
+    assert w["class_type"] == "TShow"
+    assert w["errors"][0]["type"] == "unknown_input" and w["errors"][0]["details"] == "valeu"
+    assert "did you mean 'value'" in w["errors"][0]["extra_info"]["hint"]
+    assert body["node_errors"] == {}
