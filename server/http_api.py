@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.metadata
+import json
 import os
 import platform
 import sys
@@ -183,16 +184,20 @@ async def get_history(request: web.Request) -> web.Response:
     store = service(request).store
     max_items = query_int(request, "max_items", None, -MAX_ITEMS, MAX_ITEMS)
     offset = query_int(request, "offset", None, -MAX_ITEMS, MAX_ITEMS)
-    rows = store.history(max_items, offset)
-    return json_response({r.prompt_id: r.history for r in rows if r.history is not None})
+    rows = store.history_texts(max_items, offset)
+    return _history_response(rows)
 
 
 async def get_history_item(request: web.Request) -> web.Response:
     pid = request.match_info["prompt_id"]
-    row = service(request).store.get(pid)
-    if row is None or row.history is None:
-        return json_response({})
-    return json_response({pid: row.history})
+    text = service(request).store.history_text(pid)
+    return _history_response([(pid, text)] if text is not None else [])
+
+
+def _history_response(rows: list[tuple[str, str]]) -> web.Response:
+    """``{prompt_id: entry}`` from the stored entries' text as it is (strict JSON when it was written)."""
+    body = "{" + ", ".join(f"{json.dumps(pid)}: {text}" for pid, text in rows) + "}"
+    return web.Response(text=body, content_type="application/json")
 
 
 async def post_history(request: web.Request) -> web.Response:

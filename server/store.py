@@ -489,6 +489,22 @@ class Store:
         ).fetchall()
         return self._rows(rows)
 
+    def history_texts(self, max_items: int | None = None, offset: int | None = None) -> list[tuple[str, str]]:
+        """``history`` as (prompt id, stored JSON text) pairs: an answer can be built from them without
+        decoding and re-encoding graphs (a huge one costs a good part of a second each way)."""
+        base = "SELECT prompt_id, history FROM prompts WHERE history_order IS NOT NULL AND history IS NOT NULL"
+        if offset is not None and offset >= 0:
+            lim = max_items if max_items is not None else -1
+            return self.db.execute(f"{base} ORDER BY history_order LIMIT ? OFFSET ?", (lim, offset)).fetchall()
+        if max_items is not None:
+            rows = self.db.execute(f"{base} ORDER BY history_order DESC LIMIT ?", (max_items,)).fetchall()
+            return rows[::-1]
+        return self.db.execute(f"{base} ORDER BY history_order").fetchall()
+
+    def history_text(self, prompt_id: str) -> str | None:
+        r = self.db.execute("SELECT history FROM prompts WHERE prompt_id=?", (prompt_id,)).fetchone()
+        return r[0] if r else None
+
     def jobs(
         self,
         statuses: Iterable[str],

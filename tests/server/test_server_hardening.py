@@ -641,3 +641,20 @@ def test_unknown_inputs_are_reported_only_to_a_client_that_asks(hserver):
     assert w["errors"][0]["type"] == "unknown_input" and w["errors"][0]["details"] == "valeu"
     assert "did you mean 'value'" in w["errors"][0]["extra_info"]["hint"]
     assert body["node_errors"] == {}
+
+
+def test_history_is_answered_from_stored_text_without_decoding_graphs(live, monkeypatch):
+    """GET /history and /history/{id} never decode the stored entries (a huge graph would hold the loop for a
+    good part of a second each way): the decoder is made to fail, and both still answer the stored entry."""
+    s = live()
+    pid = s.post("/prompt?wait=true", {"prompt": chain(3, value=2)}).json()["prompt_id"]
+
+    def no_decoding(*a, **k):
+        raise AssertionError("a history answer decoded stored rows")
+
+    monkeypatch.setattr(s.service.store, "_rows", no_decoding)
+    whole = strict_json(s.get("/history").content)
+    one = strict_json(s.get(f"/history/{pid}").content)
+    assert whole[pid] == one[pid]
+    assert one[pid]["outputs"]["out"]["text"] == ["4"] and one[pid]["status"]["completed"] is True  # 2 + 1 + 1
+    assert strict_json(s.get("/history?max_items=1").content).keys() == {pid}
