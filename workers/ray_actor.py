@@ -75,8 +75,9 @@ class KilnActor:
                     return
         finally:
             t.join()
-            with self._lock:
-                self._queue = None
+            with self._lock:  # the server may already have sent the next run, which has its own queue
+                if self._queue is q:
+                    self._queue = None
 
     def interrupt(self, prompt_id: str) -> None:
         self.worker.interrupt(prompt_id)

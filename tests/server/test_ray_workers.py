@@ -98,3 +98,11 @@ def test_interrupt_of_a_stubborn_node_ends_its_actor(rsrv, tmp_path):
     wait_for(lambda: _pid_gone(actor_pid), "the stubborn actor to be ended")
     _all_ready(rsrv, 2)
     assert _run(rsrv, _add(1))["status"] == "success"
+
+
+def test_prompts_sent_back_to_back_all_complete(rsrv):
+    """Each actor takes its next prompt the moment it reports the last one done."""
+    ids = [_submit(rsrv, _add(i)) for i in range(8)]
+    for i, pid in enumerate(ids):
+        st = _result(rsrv, pid)
+        assert st["status"] == "success" and st["outputs"]["3"]["text"] == [str(7 + i)], st
