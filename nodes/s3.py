@@ -123,8 +123,10 @@ def _workers() -> cf.ThreadPoolExecutor:
 
 
 async def _upload_all(c: Any, bucket: str, items: list[dict], storage_class: str, presign: int) -> list[dict]:
-    """Upload every item concurrently; on any failure or cancellation, wait for the uploads already
-    running (a thread cannot be stopped mid-request), delete every object this call wrote, and raise."""
+    """Upload every item concurrently; on any failure, cancellation or interrupt, wait for the uploads
+    already running (a thread cannot be stopped mid-request), delete every object this call wrote, and
+    raise. An interrupt that comes after the last upload has landed and been checked finds the node done:
+    its objects stay."""
     sem = asyncio.Semaphore(s3io.settings()["max_concurrency"])
     puts: list[tuple[str, cf.Future]] = []
 
@@ -157,6 +159,10 @@ async def _upload_all(c: Any, bucket: str, items: list[dict], storage_class: str
     tasks = [asyncio.ensure_future(one(i)) for i in items]
     try:
         results = await asyncio.gather(*tasks)
+        # the executor passes an interrupt on to an async node by cancelling it, but only when its thread
+        # next looks, and not at all once the node has returned: an interrupt that came while the batch was
+        # uploading must still take the batch back, so look once more now that every upload has landed
+        engine.check_interrupted()
     except BaseException as exc:
         for t in tasks:
             t.cancel()
@@ -168,7 +174,7 @@ async def _upload_all(c: Any, bucket: str, items: list[dict], storage_class: str
                 await asyncio.shield(rb)
             except asyncio.CancelledError:
                 continue
-        if isinstance(exc, NodeError) or not isinstance(exc, Exception):
+        if isinstance(exc, (NodeError, engine.Interrupted)) or not isinstance(exc, Exception):
             raise
         failed = next(
             (i.get("key") for i, t in zip(items, tasks) if t.done() and not t.cancelled() and t.exception() is exc),

@@ -15,7 +15,7 @@ from PIL import Image
 from kiln import engine
 from kiln.engine import Node
 from kiln.nodes.providers import provenance
-from tests.conftest import SAFETY_S, wait_for
+from tests.conftest import SAFETY_S
 from tests.providers.s3_proxy import Rule, S3FaultProxy
 
 
@@ -191,39 +191,63 @@ def test_batch_is_all_or_nothing(runner, s3, proxy, small_parts):
     assert objects(s3) == []
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="known race in nodes/s3.py (about 1 run in 5 under load): after an interrupt all uploads finish and "
-    "the roll-back deletes nothing (proxy log: every PUT, no DELETE); open, see the closing note",
-)
 def test_interrupt_mid_batch_leaves_nothing(runner, s3, proxy):
     import threading
 
-    # the upload of 00002 is held in the proxy until the run has been interrupted: the interrupt always
-    # arrives mid-request, however slow the machine
+    # the upload of 00002 is held in the proxy until the executor has acknowledged the interrupt, so the
+    # interrupt lands while that upload is in flight, however slow the machine; the others may have landed
     arrived, hold = threading.Event(), threading.Event()
     proxy.rules.append(Rule("PUT", path_has="/00002.png", status=0, times=-1, arrived=arrived, hold=hold))
+    at_interrupt: dict = {}
 
     def interrupt_once_uploading():
         try:
             if arrived.wait(SAFETY_S):
-                runner.ex.interrupt()
+                at_interrupt["acknowledged"] = runner.ex.interrupt()
+                at_interrupt["log"] = list(proxy.log)
         finally:
             hold.set()
 
+    runner.ex.CANCEL_GRACE_S = SAFETY_S  # the run returns once the roll-back is done, however loaded the machine
     t = threading.Thread(target=interrupt_once_uploading, daemon=True)
     t.start()
     r = runner(save_graph(s3.bucket, proxy.url, batch=4))
     t.join(SAFETY_S)
-    assert r.status == "interrupted"
-    # the held upload could not be stopped mid-request; once it lands, the node takes it back too
-    wait_for(
-        lambda: any(m == "DELETE" and "00002" in q for m, q, _ in proxy.log),
-        f"the DELETE of 00002 (proxy log so far: {proxy.log})",
-        bound=60,  # the roll-back is awaited by the node: this only matters in the known race (xfail above)
-    )
-    assert any(m == "PUT" and "00002" in q and st == 200 for m, q, st in proxy.log)
+    assert at_interrupt["acknowledged"] is True
+    assert not [q for m, q, _ in at_interrupt["log"] if m == "PUT" and "00002" in q]  # still held then
+    assert r.status == "interrupted" and "s" not in r.ran
+    assert type(runner.events[-1]).__name__ == "ExecutionInterrupted" and runner.events[-1].node_id == "s"
+    assert not [e for e in runner.events if type(e).__name__ == "NodeOutput"]
+    # the held upload could not be stopped mid-request; once it landed, the node took it back with the rest
+    written = sorted(q for m, q, st in proxy.log if m == "PUT" and st == 200)
+    deleted = sorted(q for m, q, _ in proxy.log if m == "DELETE")
+    assert len(written) == 4 and any("00002" in q for q in written)
+    assert deleted == written
     assert objects(s3) == []
+
+
+def test_interrupt_after_the_batch_keeps_it(reg, runner, s3, moto_url):
+    # the interrupt comes from a node that runs on the sink's output, so the sink has finished: it is not
+    # undone, and the run still ends interrupted
+    acknowledged: list[bool] = []
+
+    class InterruptHere(Node):
+        output_node = True
+        outputs = ()
+
+        def run(self, after: str = ""):
+            acknowledged.append(runner.ex.interrupt())
+            engine.check_interrupted()
+
+    reg.register(InterruptHere, "TestInterruptHere")
+    g = save_graph(s3.bucket, moto_url, batch=3)
+    g["x"] = {"class_type": "TestInterruptHere", "inputs": {"after": ["s", 0]}}
+    r = runner(g)
+    assert acknowledged[:1] == [True]
+    assert r.status == "interrupted" and "s" in r.ran and "x" not in r.ran
+    keys = [f"kiln/{r.prompt_id}/{i:05d}.png" for i in range(3)]
+    assert objects(s3) == keys
+    assert [e["key"] for e in r.outputs["s"]["s3"]] == keys
 
 
 @pytest.mark.parametrize(
