@@ -243,9 +243,29 @@ def to_image(raw: torch.Tensor) -> torch.Tensor:
     return ((raw + 1) / 2).clamp(0, 1).permute(0, 2, 3, 1).contiguous()
 
 
+DECODE_CHUNK_PIXELS = 4 * 1024 * 1024  # decoded pixels per pass: a big batch is decoded a slice at a time
+
+
 def decode(vae: Any, latent: torch.Tensor) -> torch.Tensor:
+    """Latents to an IMAGE. A batch bigger than ``DECODE_CHUNK_PIXELS`` of output is decoded a slice at a
+    time into one preallocated image: the decoder's activations stay those of one slice, progress is reported
+    per slice and an interrupt stops the node between slices (each sample decodes on its own, so slicing does
+    not change the result)."""
     check_vae_channels(vae, latent)
-    return to_image(decode_raw(vae, latent))
+    b, _, h, w = latent.shape
+    per = max(1, DECODE_CHUNK_PIXELS // max(1, h * 8 * w * 8))
+    if b <= per:
+        return to_image(decode_raw(vae, latent))
+    out: torch.Tensor | None = None
+    for start in range(0, b, per):
+        engine.check_interrupted()
+        image = to_image(decode_raw(vae, latent[start : start + per]))
+        if out is None:
+            out = torch.empty((b, *image.shape[1:]), dtype=image.dtype)
+        out[start : start + image.shape[0]] = image
+        engine.progress(min(b, start + per), b)
+    assert out is not None
+    return out
 
 
 def crop_to_multiple(pixels: torch.Tensor, m: int = 8) -> torch.Tensor:
