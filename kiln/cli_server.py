@@ -138,6 +138,20 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--ray-num-cpus", type=float, default=1.0, help="CPUs Ray reserves for each actor (default 1)")
     p.add_argument("--ray-num-gpus", type=float, default=0.0, help="GPUs Ray reserves for each actor (default 0)")
     p.add_argument(
+        "--output-store",
+        default=None,
+        metavar="s3://BUCKET/PREFIX",
+        help="workers also store their outputs here, by prompt id; /view serves them (for workers that do not "
+        "share this machine's disk, e.g. on Ray; needs the s3 extra and AWS credentials)",
+    )
+    p.add_argument("--output-store-endpoint", default=None, metavar="URL", help="an S3-compatible endpoint")
+    p.add_argument(
+        "--output-serve",
+        choices=("stream", "redirect"),
+        default="stream",
+        help="how /view serves a stored output: stream it through the server (default) or redirect to a presigned URL",
+    )
+    p.add_argument(
         "--worker-threads",
         type=int,
         default=0,
@@ -248,6 +262,9 @@ def run_serve(args: argparse.Namespace) -> int:
             ray=args.ray,
             ray_workers=args.ray_workers,
             ray_options={"num_cpus": args.ray_num_cpus, "num_gpus": args.ray_num_gpus},
+            output_store=args.output_store,
+            output_store_endpoint=args.output_store_endpoint,
+            output_serve=args.output_serve,
         )
         config.check_bind()
         from kiln.engine import make_cache

@@ -22,6 +22,7 @@ from typing import Any
 from kiln.engine.context import current
 
 JOURNAL = "output_files"  # the executor service a server installs (kiln.server.journal.SERVICE_NAME)
+STORE = "output_store"  # object storage for a worker's outputs (kiln.workers.output_store.SERVICE)
 
 
 def _journal() -> tuple[Any, Any]:
@@ -64,7 +65,26 @@ def _link_into_place(tmp: Path, target: Path) -> bool:
 
 def write_output(folder: Path, data: bytes, names: Iterable[str]) -> str:
     """Write ``data`` as the first name of ``names`` that is free in ``folder`` (atomically, never over
-    another file) and return that name. ``folder`` must exist. See the module docstring for re-runs."""
+    another file) and return that name. ``folder`` must exist. See the module docstring for re-runs. When the
+    run has an output store (a worker of ``kiln serve --output-store``), the file is also stored there."""
+    name = _write_output(folder, data, names)
+    _store(folder, name, data)
+    return name
+
+
+def _store(folder: Path, name: str, data: bytes) -> None:
+    ctx = current()
+    if ctx is None or not isinstance(ctx.run.services, dict):
+        return
+    store = ctx.run.services.get(STORE)
+    if store is None:
+        return
+    f = ctx.run.folders
+    roots = {"output": f.output_dir, "temp": f.temp_dir} if f is not None else {}
+    store.put_output(ctx.prompt_id, folder, name, data, roots)
+
+
+def _write_output(folder: Path, data: bytes, names: Iterable[str]) -> str:
     journal, ctx = _journal()
     key = None
     if journal is not None:

@@ -110,6 +110,11 @@ class ServerConfig:
     ray: str | None = None
     ray_workers: int = 2
     ray_options: dict = field(default_factory=dict)
+    # workers' outputs in object storage (workers that do not share the server's disk): s3://bucket/prefix,
+    # an S3-compatible endpoint (None: AWS), and how /view serves them: "stream" or "redirect" (presigned URL)
+    output_store: str | None = None
+    output_store_endpoint: str | None = None
+    output_serve: str = "stream"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "data_dir", Path(self.data_dir))
@@ -117,6 +122,8 @@ class ServerConfig:
             object.__setattr__(self, "front_end_root", Path(self.front_end_root))
         if self.on_crash not in ("rerun", "fail"):
             raise ValueError(f"on_crash must be 'rerun' or 'fail', not {self.on_crash!r}")
+        if self.output_serve not in ("stream", "redirect"):
+            raise ValueError(f"output_serve must be 'stream' or 'redirect', not {self.output_serve!r}")
         if self.workers < 0:
             raise ValueError(f"workers must be 0 (in-process) or more, not {self.workers}")
         if not 0 <= self.interrupt_grace < float("inf") or not 0 <= self.max_prompt_seconds < float("inf"):

@@ -28,7 +28,7 @@ from aiohttp import BodyPartReader, web
 from kiln.engine import KilnError, UnsafePath
 
 from . import params
-from .keys import CONFIG, FOLDERS
+from .keys import CONFIG, FOLDERS, SERVICE
 from .params import json_response
 from .security import error_response
 
@@ -68,13 +68,19 @@ async def view(request: web.Request) -> web.StreamResponse:
         path = folders.safe_path(type_, name, q.get("subfolder", ""))
     except UnsafePath as exc:
         return error_response(403, "unsafe_path", "Path not allowed", str(exc))
+    source: Path | io.BytesIO = path
     if not path.is_file():
-        return error_response(404, "not_found", "File not found", name)
+        stored = await _from_store(request, type_, q.get("subfolder", ""), name)
+        if isinstance(stored, web.StreamResponse):
+            return stored
+        if stored is None:
+            return error_response(404, "not_found", "File not found", name)
+        source = stored
     headers = {"Content-Disposition": f'filename="{name}"'}
     preview, channel = q.get("preview") or None, q.get("channel") or "rgba"
     if preview or channel in ("rgb", "a"):
         try:
-            body, ctype = await asyncio.to_thread(_reencode, path, preview, channel)
+            body, ctype = await asyncio.to_thread(_reencode, source, preview, channel)
         except Exception as exc:
             return error_response(415, "not_an_image", "Cannot convert this file", str(exc))
         return web.Response(body=body, content_type=ctype, headers=headers)
@@ -83,10 +89,26 @@ async def view(request: web.Request) -> web.StreamResponse:
         ctype = "application/octet-stream"
     headers["Content-Type"] = ctype
     headers["X-Content-Type-Options"] = "nosniff"
+    if isinstance(source, io.BytesIO):
+        return web.Response(body=source.getvalue(), headers=headers)
     return web.FileResponse(path, headers=headers)
 
 
-def _reencode(path: Path, preview: str | None, channel: str) -> tuple[bytes, str]:
+async def _from_store(request: web.Request, type_: str, subfolder: str, name: str):
+    """A worker's output kept in the output store (``--output-store``): its bytes, a redirect to a presigned
+    URL (``--output-serve redirect``), or None when the store has no such object (or there is no store)."""
+    store = request.app[SERVICE].output_store
+    if store is None or type_ not in ("output", "temp") or not subfolder:
+        return None
+    if request.app[CONFIG].output_serve == "redirect" and not request.query.get("preview"):
+        if not await asyncio.to_thread(store.exists, type_, subfolder, name):
+            return None
+        raise web.HTTPTemporaryRedirect(await asyncio.to_thread(store.presigned, type_, subfolder, name))
+    data = await asyncio.to_thread(store.get, type_, subfolder, name)
+    return None if data is None else io.BytesIO(data)
+
+
+def _reencode(path: Path | io.BytesIO, preview: str | None, channel: str) -> tuple[bytes, str]:
     from PIL import Image
 
     img: Image.Image = Image.open(path)

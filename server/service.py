@@ -23,6 +23,7 @@ import os
 import threading
 import time
 import uuid
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from kiln.engine import (
@@ -37,6 +38,7 @@ from kiln.engine import (
 )
 from kiln.engine.context import RunOptions
 from kiln.workers import ProcessWorker, WorkerLost, WorkerSpec
+from kiln.workers.output_store import scope_outputs
 
 from . import metrics, params, protocol
 from .event_router import EventPipe, EventRouter
@@ -78,6 +80,7 @@ class PromptService:
         self.runs: dict[str, Job] = {}  # running prompts, in the order they started
         self.workers: list[Any] = []  # ProcessWorker or RayWorker (none: the server's own thread)
         self._ray_started = False
+        self.output_store: Any = None  # kiln.workers.output_store.OutputStore with --output-store
         self._inline = _InlineSlot()
         self.counter = 0
         self._wake: asyncio.Event | None = None
@@ -125,10 +128,10 @@ class PromptService:
         self.counter = int(top) + 1 if top >= 0 else 0
         await self.recover()
         self._log_quarantined()
+        spec = self._worker_spec()
         if self.config.ray:
             from kiln.workers import ray_actor
 
-            spec = self.config.worker_spec or WorkerSpec()
             self._ray_started = ray_actor.connect(self.config.ray)  # blocks: the server is not serving yet
             for i in range(self.config.ray_workers):
                 rw = ray_actor.RayWorker(
@@ -137,12 +140,25 @@ class PromptService:
                 self.workers.append(rw)
                 self._start_worker(rw)
         elif self.config.workers:
-            spec = self.config.worker_spec or WorkerSpec()
             for i in range(self.config.workers):
                 w = ProcessWorker(str(i + 1), spec, on_journal=self.journal.record, on_send_sync=self._send_sync)
                 self.workers.append(w)
                 self._start_worker(w)
         self._task = self.loop.create_task(self._dispatch(), name="kiln-prompt-dispatcher")
+
+    def _worker_spec(self) -> WorkerSpec:
+        """The workers' spec, with the output store's settings when there is one (each worker makes its own
+        client from them)."""
+        spec = self.config.worker_spec or WorkerSpec()
+        if not self.config.output_store or not (self.config.workers or self.config.ray):
+            return spec
+        from dataclasses import replace
+
+        from kiln.workers.output_store import SERVICE as STORE, OutputStore, StoreConfig
+
+        store = StoreConfig(self.config.output_store, self.config.output_store_endpoint)
+        self.output_store = OutputStore(store)
+        return replace(spec, services={**spec.services, STORE: store})
 
     async def stop(self) -> None:
         # The running prompt is cancelled so its thread ends, but it stays 'running' in the store: after a
@@ -603,6 +619,18 @@ class PromptService:
             "journal": self.store.output_files(job.prompt_id),
         }
         w.held |= model_files(job.prompt_json)
+        store = self.output_store
+        if store is not None:
+            if job.losses:  # a re-run: what the attempt that died stored goes, so nothing is left twice
+                gone = await asyncio.to_thread(store.delete_prompt, job.prompt_id)
+                log.info("prompt %s: %d stored outputs of the earlier attempt deleted", job.prompt_id, gone)
+            plain_sink = sink
+
+            def sink(event: ev.Event) -> None:  # outputs are where the store keeps them: under the prompt id
+                if isinstance(event, ev.NodeOutput) and event.output:
+                    event = replace(event, output=scope_outputs({"": event.output}, job.prompt_id)[""])
+                plain_sink(event)
+
         timer = None
         limit = self.config.max_prompt_seconds
         if limit:
@@ -613,6 +641,8 @@ class PromptService:
         finally:
             if timer is not None:
                 timer.cancel()
+        if store is not None:
+            outputs = scope_outputs(outputs, job.prompt_id)
         return status, outputs, meta
 
     @staticmethod

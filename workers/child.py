@@ -34,6 +34,7 @@ import threading
 import traceback
 from typing import Any
 
+from .output_store import OutputStore, StoreConfig
 from .spec import WorkerSpec
 
 log = logging.getLogger("kiln.worker")
@@ -187,6 +188,9 @@ class _Worker:
         services = getattr(self.executor, "services", None)
         if isinstance(services, dict):
             services["output_files"] = self.journal
+            store = services.get("output_store")
+            if isinstance(store, StoreConfig):  # the spec carries its settings; the client is made here
+                services["output_store"] = OutputStore(store)
         self._attach_pack_sender()
         if self.spec.threads and "torch" in sys.modules:
             sys.modules["torch"].set_num_threads(self.spec.threads)
