@@ -172,7 +172,10 @@ class FakeManager:
         return self.resident
 
 
-def test_model_counters_and_reported_workers_are_read_at_scrape(live):
+def test_model_counters_and_reported_workers_are_read_at_scrape(live, monkeypatch):
+    from kiln.nodes.sd import manager
+
+    monkeypatch.setattr(manager, "_default", None)  # other tests of this process may have loaded models
     s = live()
     m = scrape(s)
     assert val(m, "kiln_model_loads_total") == 0
