@@ -28,7 +28,7 @@ def _forget_packs() -> None:
 def world(tmp_path, monkeypatch):
     """(registry, executor, base folder) with tests/packs copied in as custom_nodes/."""
     cn = tmp_path / "custom_nodes"
-    shutil.copytree(PACKS, cn, ignore=shutil.ignore_patterns("__pycache__", "*.md"))
+    shutil.copytree(PACKS, cn, ignore=shutil.ignore_patterns("__pycache__", "*.md", "test_*.py"))
     (tmp_path / "models" / "checkpoints").mkdir(parents=True)
     (tmp_path / "models" / "checkpoints" / "tiny.safetensors").write_bytes(b"x")
     monkeypatch.delenv("KILN_TEST_PRESTARTUP", raising=False)

@@ -10,6 +10,7 @@ import concurrent.futures
 import inspect
 from typing import Any
 
+from .._api import ComfyAPI, ComfyAPISync
 from . import _io as io, _ui as ui
 
 
@@ -61,4 +62,4 @@ def mappings_from_entrypoint(module: Any) -> tuple[dict[str, type], dict[str, st
     return mappings, names
 
 
-__all__ = ["ComfyExtension", "io", "ui", "mappings_from_entrypoint"]
+__all__ = ["ComfyAPI", "ComfyAPISync", "ComfyExtension", "io", "ui", "mappings_from_entrypoint"]
