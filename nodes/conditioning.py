@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any
@@ -9,12 +10,14 @@ from typing import Annotated, Any
 import torch
 
 from kiln import engine
-from kiln.engine import MAX_RESOLUTION, Float, Int, NodeError, Output, Socket, String
+from kiln.engine import MAX_RESOLUTION, Float, Int, NodeError, NodeResult, Output, Socket, String
 from kiln.nodes.common import check_image
 from kiln.nodes.sd.conds import batch_to, check_conditioning
 from kiln.nodes.sd.guidance import Control
 from kiln.nodes.sd.manager import folders
-from kiln.nodes.sd.prompt import PromptError, encode_weighted, load_embedding
+from kiln.nodes.sd.prompt import PromptError, encode_weighted, load_embedding, unknown_words_warning
+
+log = logging.getLogger(__name__)
 
 _EMB_EXTS = ("", ".safetensors", ".pt", ".bin", ".pth")
 
@@ -88,7 +91,8 @@ def _check_clip(clip: Any) -> Any:
 
 class CLIPTextEncode(engine.Node):
     """Encodes a prompt with ComfyUI's syntax: (word:1.2), (word), [word], escaped brackets, prompts of any
-    length (in 75-token chunks), embedding:name for textual inversion."""
+    length (in 75-token chunks), embedding:name for textual inversion. Words a closed-vocabulary model (the
+    shipped kiln-shapes) does not know are named in a warning (ui ``warnings`` and the log), never an error."""
 
     display_name = "CLIP Text Encode (Prompt)"
     category = "conditioning"
@@ -106,7 +110,13 @@ class CLIPTextEncode(engine.Node):
         ],
         clip: Annotated[Any, Socket("CLIP", tooltip="Text encoder to embed the prompt with.")],
     ):
-        return encode_prompt(_check_clip(clip), text)  # a PromptError names the text input itself
+        clip = _check_clip(clip)
+        cond = encode_prompt(clip, text)  # a PromptError names the text input itself
+        warning = unknown_words_warning(getattr(clip, "tokenizers", ()), text)
+        if warning is None:
+            return cond
+        log.warning("CLIPTextEncode: %s", warning)
+        return NodeResult(cond, ui={"warnings": [warning]})
 
 
 def _apply(conditioning: list, make) -> list:

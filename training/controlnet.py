@@ -86,8 +86,10 @@ def build(unet):
     return ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=COND_CHANNELS)
 
 
-def train_controlnet(run: Path, out: Path, steps: int, batch: int, lr: float, seed: int, pool_size: int) -> None:
-    pipe = sample.Pipeline.from_run(run)
+def train_controlnet(
+    run: Path, out: Path, steps: int, batch: int, lr: float, seed: int, pool_size: int, phase: str | None = None
+) -> None:
+    pipe = sample.Pipeline.from_run(run, phase=phase)  # phase None: the v1 weights (unet-v)
     unet, te, vae = pipe.unet, pipe.text_encoder, pipe.vae
     for p in list(unet.parameters()) + list(te.parameters()):
         p.requires_grad_(False)
@@ -196,9 +198,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--pool", type=int, default=4000)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--phase", default=None, help="base UNet checkpoint folder: unet-v (default) or unet-v2")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    train_controlnet(args.run, args.out, args.steps, args.batch, args.lr, args.seed, args.pool)
+    train_controlnet(args.run, args.out, args.steps, args.batch, args.lr, args.seed, args.pool, phase=args.phase)
 
 
 if __name__ == "__main__":

@@ -52,3 +52,12 @@ def pool_indices(seed: int, step: int, batch: int, n: int) -> np.ndarray:
         take = min(batch - len(out), n - offset)
         out.extend(order[offset : offset + take].tolist())
     return np.array(out)
+
+
+def mixed_captions(seed: int, step: int, scenes: list[sc.Scene]) -> list[str]:
+    """The v2 fine-tune's captions for one batch: full or partial wordings (:func:`training.captions.
+    partial_caption`), a function of (seed, step) like everything else here."""
+    from kiln.training import captions
+
+    rng = np.random.default_rng([seed, step, 16])
+    return [captions.partial_caption(s, rng) for s in scenes]

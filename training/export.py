@@ -122,10 +122,14 @@ def _plain(config) -> dict:
     return {k: v for k, v in d.items() if not k.startswith("_") and k not in ("transformers_version",)}
 
 
-def export_run(run: Path, out: Path, dtype: torch.dtype = torch.float16, ema: bool = True) -> dict:
+def export_run(
+    run: Path, out: Path, dtype: torch.dtype = torch.float16, ema: bool = True, phase: str | None = None
+) -> dict:
+    """``phase``: the UNet checkpoint folder (default: ``unet-v`` once it exists, as ``Pipeline.from_run``;
+    ``unet-v2`` for the partial-caption fine-tune)."""
     from kiln.training import sample
 
-    pipe = sample.Pipeline.from_run(run, ema=ema)
+    pipe = sample.Pipeline.from_run(run, ema=ema, phase=phase)
     unet_cfg, vae_cfg = _plain(pipe.unet.config), _plain(pipe.vae.config)
     text_cfg = _plain(pipe.text_encoder.config)
     unet_sd = {k: v.detach().to(dtype).contiguous() for k, v in pipe.unet.state_dict().items()}
@@ -180,8 +184,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", type=Path, default=Path("models/checkpoints/kiln-shapes.safetensors"))
     p.add_argument("--fp32", action="store_true")
     p.add_argument("--no-ema", action="store_true")
+    p.add_argument("--phase", default=None, help="UNet checkpoint folder: unet-v (default) or unet-v2")
     args = p.parse_args(argv)
-    export_run(args.run, args.out, torch.float32 if args.fp32 else torch.float16, ema=not args.no_ema)
+    export_run(args.run, args.out, torch.float32 if args.fp32 else torch.float16, ema=not args.no_ema, phase=args.phase)
     print(
         f"wrote {args.out} ({args.out.stat().st_size / 1e6:.1f} MB); round trip through diffusers' converters is exact"
     )

@@ -105,10 +105,20 @@ def unapply(unet, saved: dict[str, torch.Tensor]) -> None:
             modules[base].weight.copy_(w)
 
 
-def train_lora(run: Path, out: Path, steps: int, batch: int, lr: float, rank: int, seed: int, pool_size: int) -> None:
+def train_lora(
+    run: Path,
+    out: Path,
+    steps: int,
+    batch: int,
+    lr: float,
+    rank: int,
+    seed: int,
+    pool_size: int,
+    phase: str | None = None,
+) -> None:
     from peft import LoraConfig, inject_adapter_in_model
 
-    pipe = sample.Pipeline.from_run(run)
+    pipe = sample.Pipeline.from_run(run, phase=phase)  # phase None: the v1 weights (unet-v)
     unet, te, vae = pipe.unet, pipe.text_encoder, pipe.vae
     scale = vae.config.scaling_factor
     pool = outline_pool(run, pool_size, vae)
@@ -173,9 +183,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--pool", type=int, default=4000)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--phase", default=None, help="base UNet checkpoint folder: unet-v (default) or unet-v2")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    train_lora(args.run, args.out, args.steps, args.batch, args.lr, args.rank, args.seed, args.pool)
+    train_lora(args.run, args.out, args.steps, args.batch, args.lr, args.rank, args.seed, args.pool, phase=args.phase)
 
 
 if __name__ == "__main__":

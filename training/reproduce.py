@@ -9,6 +9,10 @@ Runs, in order, skipping what is already finished in ``--run``:
 3. ``lora``: ``models/loras/kiln-outline.safetensors``;
 4. ``controlnet``: ``models/controlnet/kiln-shapes-edges.safetensors``.
 
+``--v2`` (issue 16) adds the partial-caption fine-tune (``train unet-v2``, from the v weights) and exports
+that instead, with the LoRA and ControlNet trained on it; without it the shipped v1 files are reproduced
+unchanged. Replace the shipped files with ``--v2`` only once ``benchmarks/fidelity.py`` shows its bars met.
+
 ``--from-snapshot`` starts from the committed ``training/checkpoints/`` instead of from scratch (the
 tokenizer, VAE and the latest UNet checkpoint; the latent pool is re-encoded). Interrupt it whenever; run
 the same command again to carry on (the UNet stages resume from their last checkpoint, bit-exact).
@@ -32,14 +36,19 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--run", type=Path, default=Path("runs/shapes"))
     p.add_argument("--from-snapshot", action="store_true")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--v2", action="store_true", help="the partial-caption fine-tune (unet-v2) on top")
     args = p.parse_args(argv)
     run = args.run
     threads = ["--threads", str(args.threads)]
     if args.from_snapshot and not (run / "vae" / "final.pt").exists():
         snapshot.copy(run, to_snapshot=False)
     train.main(["all", "--out", str(run), "--resume", *threads])
+    phase = None
+    if args.v2:
+        train.main(["unet-v2", "--out", str(run), "--resume", *threads])
+        phase = "unet-v2"
     ckpt = MODELS / "checkpoints" / "kiln-shapes.safetensors"
-    export.export_run(run, ckpt)
+    export.export_run(run, ckpt, phase=phase)
     print(f"wrote {ckpt}")
     lora.main(
         [
@@ -50,6 +59,7 @@ def main(argv: list[str] | None = None) -> None:
             "--out",
             str(MODELS / "loras" / "kiln-outline.safetensors"),
             *threads,
+            *(["--phase", phase] if phase else []),
         ]
     )
     controlnet.main(
@@ -61,6 +71,7 @@ def main(argv: list[str] | None = None) -> None:
             "--out",
             str(MODELS / "controlnet" / "kiln-shapes-edges.safetensors"),
             *threads,
+            *(["--phase", phase] if phase else []),
         ]
     )
 

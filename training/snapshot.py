@@ -24,14 +24,15 @@ FILES = {  # run-relative path -> snapshot name
     "vae/final.pt": "vae-final.pt",
     "unet/latest.pt": "unet-latest.pt",  # the finished epsilon phase (what the v phase starts from)
     "unet-v/latest.pt": "unet-v-latest.pt",  # the v phase: the shipped weights
+    "unet-v2/latest.pt": "unet-v2-latest.pt",  # the partial-caption fine-tune (issue 16), once started
 }
 
 
 def copy(run: Path, to_snapshot: bool) -> None:
     for rel, name in FILES.items():
         src, dst = (run / rel, SNAP / name) if to_snapshot else (SNAP / name, run / rel)
-        if not src.exists() and rel.startswith("unet-v/"):
-            continue  # a run still in its epsilon phase
+        if not src.exists() and rel.startswith(("unet-v/", "unet-v2/")):
+            continue  # a run still in its epsilon phase, or not yet fine-tuned on partial captions
         dst.parent.mkdir(parents=True, exist_ok=True)
         tmp = dst.with_name(dst.name + ".tmp")
         shutil.copyfile(src, tmp)

@@ -2,15 +2,21 @@
 
     python -m kiln.training.train all --out runs/shapes              # everything, from scratch
     python -m kiln.training.train unet-v --out runs/shapes --resume  # continue the v-prediction stage
+    python -m kiln.training.train unet-v2 --out runs/shapes --resume # the partial-caption fine-tune (v2)
 
 The UNet is trained in two phases: 6,000 steps predicting epsilon (folder ``unet/``), then a fine-tune of
-those EMA weights predicting v (folder ``unet-v/``); see :mod:`training.models` for why.
+those EMA weights predicting v (folder ``unet-v/``); see :mod:`training.models` for why. ``unet-v2`` (not
+part of ``all``, so the shipped v1 files reproduce unchanged) fine-tunes the v weights on a mix of full and
+partial captions (:mod:`training.captions`) into ``unet-v2/``.
 
 Every stage is deterministic from ``--seed``: batches, noise and timesteps are functions of
 (seed, step) (see :mod:`training.data`), so ``--resume`` from a checkpoint (model, EMA, optimizer, step;
 the LR schedule is a function of the step) continues exactly as an uninterrupted run would.
 Checkpoints are written atomically to ``<out>/<stage>/latest.pt`` every ``--ckpt-every`` seconds.
 Use one thread (the default): the machine is shared.
+
+One file (~600 lines): every stage shares the checkpoint/resume loop, the schedules and the CLI, and the
+stages are read as one pipeline.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import json
 import math
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -289,14 +296,19 @@ def stage_unet(
     max_steps: int | None = None,
     prediction: str = "epsilon",
     init: Path | None = None,
+    phase: str | None = None,
+    caption_ids: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
 ) -> list[float]:
     """Train (or resume) to ``steps``; ``max_minutes`` / ``max_steps`` stop early without changing the
     schedule, so a later ``--resume`` carries on as if never stopped. Returns this call's losses.
 
     ``prediction`` is the target ("epsilon" or "v_prediction"); each has its own checkpoint folder
     (:data:`PHASES`). ``init`` starts a fresh run (new optimizer and schedule) from another checkpoint's
-    EMA weights: the shipped model is an epsilon run fine-tuned to v this way."""
-    ckpt = out / PHASES[prediction] / "latest.pt"
+    EMA weights: the shipped model is an epsilon run fine-tuned to v this way. ``phase`` overrides the
+    checkpoint folder; ``caption_ids(step, pool_indices)`` replaces the pool's cached full captions (token
+    ids ``[B, MAX_LENGTH]``), as the v2 fine-tune does with its partial captions."""
+    phase = phase or PHASES[prediction]
+    ckpt = out / phase / "latest.pt"
     torch.manual_seed(seed)
     te, unet = build_unet_stack(out, unet_config)
     if init is not None and not (resume and ckpt.exists()):
@@ -358,7 +370,7 @@ def stage_unet(
         g = _gen(seed, step, 2)
         mean, std = pool["mean"][idx].float(), pool["std"][idx].float()
         z0 = (mean + std * torch.randn(mean.shape, generator=g)) * scale
-        ids = pool["ids"][idx].long()
+        ids = pool["ids"][idx].long() if caption_ids is None else caption_ids(step, idx)
         drop = torch.rand(batch, generator=g) < CAPTION_DROPOUT
         ids[drop] = empty
         t = torch.randint(0, sched.config.num_train_timesteps, (batch,), generator=g)
@@ -393,7 +405,7 @@ def stage_unet(
             tqdm.write(f"checkpoint step {step} loss {ema_loss:.4f} -> {ckpt}")
         if eval_every and (step % eval_every == 0 or done):
             save_atomic(state(), ckpt)
-            quick_eval(out, step, PHASES[prediction])
+            quick_eval(out, step, phase, partial=caption_ids is not None)
         if done:
             break
     bar.close()
@@ -404,7 +416,8 @@ def g_lr(opt) -> float:
     return opt.param_groups[0]["lr"]
 
 
-def quick_eval(out: Path, step: int, phase: str = "unet", n: int = 50) -> dict:
+def quick_eval(out: Path, step: int, phase: str = "unet", n: int = 50, partial: bool = False) -> dict:
+    """Euler on ``n`` held-out full prompts; with ``partial`` also 20 held-out partial prompts x 8 seeds."""
     from kiln.training import evaluate, sample
 
     pipe = sample.Pipeline.from_run(out, phase=phase)
@@ -417,9 +430,82 @@ def quick_eval(out: Path, step: int, phase: str = "unet", n: int = 50) -> dict:
         + " ".join(f"{k} {v * 100:.0f}%" for k, v in acc.items())
     )
     sample.save_grid(imgs, out / phase / f"samples-{step:06d}.png")
+    row = {"phase": phase, "step": step, **acc}
+    if partial:
+        row.update(partial_eval(pipe, out / phase / f"partial-{step:06d}.png"))
     with open(out / "eval.jsonl", "a") as f:
-        f.write(json.dumps({"phase": phase, "step": step, **acc}) + "\n")
+        f.write(json.dumps(row) + "\n")
     return acc
+
+
+def partial_eval(pipe, grid: Path | None = None, n: int = 20) -> dict:
+    """Partial-prompt accuracy and diversity (Euler, 8 seeds) on the first ``n`` held-out partial prompts;
+    keys prefixed ``partial_`` / ``diversity_``."""
+    from kiln.training import captions, evaluate
+
+    prompts = captions.eval_prompts(n)
+    words = captions.eval_wordings(prompts)
+    seeds = evaluate.DIVERSITY_SEEDS
+    t0 = time.time()
+    imgs = pipe.generate([w for w in words for _ in range(seeds)], seed=0, steps=20, cfg=5.0, sampler="euler")
+    groups = [imgs[i * seeds : (i + 1) * seeds] for i in range(n)]
+    acc, div, lines = evaluate.partial_report(groups, prompts, "partial euler")
+    tqdm.write(f"partial eval ({time.time() - t0:.0f}s, {n} prompts x {seeds} seeds):\n" + "\n".join(lines))
+    if grid is not None:
+        from kiln.training import sample
+
+        sample.save_grid(imgs, grid, cols=seeds)
+    row = {**{f"partial_{k}": v for k, v in acc.items()}, **{f"diversity_{k}": v for k, v in div.items()}}
+    return {k.replace(" ", "_"): None if math.isnan(v) else v for k, v in row.items()}  # nan: not in JSON
+
+
+V2_STEPS = 6000
+V2_LR = 2e-4
+
+
+def stage_unet_v2(
+    out: Path,
+    seed: int,
+    steps: int,
+    batch: int,
+    lr: float,
+    resume: bool,
+    ckpt_every: float,
+    eval_every: int,
+    max_minutes: float | None = None,
+    max_steps: int | None = None,
+    unet_config: dict | None = None,
+) -> list[float]:
+    """Fine-tune the v-phase EMA weights (the shipped v1 model) on mixed full and partial captions of the
+    same latent pool (:func:`training.data.mixed_captions`), into ``unet-v2/``; resumable like the rest."""
+    init = out / PHASES["v_prediction"] / "latest.pt"
+    n = torch.load(out / "latents.pt", map_location="cpu", weights_only=True)["mean"].shape[0]
+    scenes = data.pool_scenes(n)
+    tok = tk.load(out / "tokenizer")
+
+    def caption_ids(step: int, idx: torch.Tensor) -> torch.Tensor:
+        texts = data.mixed_captions(seed, step, [scenes[int(i)] for i in idx])
+        kw = {"padding": "max_length", "max_length": tk.MAX_LENGTH, "truncation": True, "return_tensors": "pt"}
+        return tok(texts, **kw).input_ids
+
+    return stage_unet(
+        out,
+        seed,
+        steps,
+        batch,
+        lr,
+        resume,
+        ckpt_every,
+        eval_every,
+        unet_config,
+        warmup=100,
+        max_minutes=max_minutes,
+        max_steps=max_steps,
+        prediction="v_prediction",
+        init=init,
+        phase="unet-v2",
+        caption_ids=caption_ids,
+    )
 
 
 # ---------------------------------------------------------------- CLI
@@ -427,7 +513,7 @@ def quick_eval(out: Path, step: int, phase: str = "unet", n: int = 50) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("stage", choices=["tokenizer", "vae", "latents", "unet", "unet-v", "all"])
+    p.add_argument("stage", choices=["tokenizer", "vae", "latents", "unet", "unet-v", "unet-v2", "all"])
     p.add_argument("--out", type=Path, default=Path("runs/shapes"))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true")
@@ -439,6 +525,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--steps", type=int, default=6000, help="UNet steps of the epsilon phase")
     p.add_argument("--v-steps", type=int, default=V_STEPS, help="steps of the v-prediction phase")
     p.add_argument("--v-lr", type=float, default=5e-4)
+    p.add_argument("--v2-steps", type=int, default=V2_STEPS, help="steps of the partial-caption fine-tune")
+    p.add_argument("--v2-lr", type=float, default=V2_LR)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--eval-every", type=int, default=250)
@@ -496,6 +584,18 @@ def main(argv: list[str] | None = None) -> None:
             max_minutes=args.max_minutes,
             prediction="v_prediction",
             init=out / PHASES["epsilon"] / "latest.pt",
+        )
+    if args.stage == "unet-v2":
+        stage_unet_v2(
+            out,
+            args.seed + 2,
+            args.v2_steps,
+            args.batch,
+            args.v2_lr,
+            args.resume,
+            args.ckpt_every,
+            args.eval_every,
+            max_minutes=args.max_minutes,
         )
 
 

@@ -13,7 +13,9 @@ in one batch and concatenated along the sequence, so long prompts keep every tok
 
 from __future__ import annotations
 
+import json
 import re
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -248,3 +250,70 @@ def encode_weighted(
         w = torch.tensor([[t.weight for t in row] for row in rows], dtype=hidden.dtype, device=hidden.device)
         hidden = empty + (hidden - empty) * w[..., None]
     return hidden.reshape(1, -1, hidden.shape[-1]).cpu(), pooled[:1].cpu()
+
+
+# -- words the tokenizer does not know -------------------------------------------------------------------
+# CLIP's real BPE reads any text: its alphabet is all 256 bytes and a rare word is spelled from sub-word
+# pieces the encoder was trained on, so nothing is "unknown". A tokenizer trained on a closed vocabulary
+# (the shipped kiln-shapes model's caption grammar: a-z and digits only, every grammar word one token) also
+# spells any word from letters, but its encoder has never seen those spellings: they are noise to it.
+# For such a tokenizer a word is known when it is a whole-word token ("red</w>") that no merge uses as the
+# tail of a longer word ("le</w>" is a piece of "circle</w>", not a word of the grammar). Single letters
+# are not judged (a closed vocabulary keeps every letter as a token, whether or not it is a word).
+
+_WORD_RE = re.compile(r"[^\W_]+")
+_known_cache: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def known_words(tokenizer) -> frozenset[str] | None:
+    """The whole words a closed-vocabulary tokenizer knows, or ``None`` for an open (byte-level) BPE, whose
+    every word is readable. Cached per tokenizer object."""
+    try:
+        return _known_cache[tokenizer]
+    except (KeyError, TypeError):
+        pass
+    from kiln.nodes.sd.tokenizer import byte_symbols
+
+    vocab = tokenizer.get_vocab()
+    known: frozenset[str] | None = None
+    if not all(s in vocab for s in byte_symbols()):
+        tails = set()
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        if backend is not None:
+            for m in json.loads(backend.to_str())["model"].get("merges", []):
+                tails.add((m.split() if isinstance(m, str) else m)[-1])
+        known = frozenset(t[:-4] for t in vocab if t.endswith("</w>") and len(t) > 5 and t not in tails)
+    try:
+        _known_cache[tokenizer] = known
+    except TypeError:  # not weakly referenceable: computed again next time
+        pass
+    return known
+
+
+def unknown_words(text: str, tokenizer) -> list[str]:
+    """Words of a prompt (weights and ``embedding:`` names aside) a closed-vocabulary tokenizer does not know,
+    in order, each once; always empty for an open BPE such as CLIP's."""
+    known = known_words(tokenizer)
+    if known is None:
+        return []
+    out: list[str] = []
+    for segment, _ in parse_weights(text):
+        for word in _WORD_RE.findall(EMBEDDING_RE.sub(" ", segment).lower()):
+            if len(word) > 1 and word not in known and word not in out:
+                out.append(word)
+    return out
+
+
+def unknown_words_warning(tokenizers, text: str) -> str | None:
+    """CLIPTextEncode's warning naming the prompt's words that its tokenizers (one per text encoder) do not
+    know, with the words they do know when there are few, or ``None``. Only closed-vocabulary tokenizers
+    (the shipped kiln-shapes model's) can say so; CLIP's BPE never does. The prompt is still encoded."""
+    words: list[str] = []
+    vocabulary: set[str] = set()
+    for tok in tokenizers:
+        words += [w for w in unknown_words(text, tok) if w not in words]
+        vocabulary |= known_words(tok) or set()
+    if not words:
+        return None
+    hint = f" It knows: {', '.join(sorted(vocabulary))}." if 0 < len(vocabulary) <= 100 else ""
+    return f"words this model's tokenizer does not know, read as noise: {', '.join(words)}.{hint}"

@@ -1,0 +1,55 @@
+"""The v2 fine-tune (``train unet-v2``, issue 16) on a tiny run: it starts from the v weights, trains on
+partial captions, leaves the v1 checkpoint alone and resumes exactly. Its quality is measured by
+``benchmarks/fidelity.py``, not here."""
+
+from __future__ import annotations
+
+import torch
+
+from kiln.training import captions as cp, data, models, tokenizer as tk, train
+
+TINY_UNET = {**models.UNET_CONFIG, "block_out_channels": [16, 16, 32], "norm_num_groups": 4}
+TINY_VAE = {**models.VAE_CONFIG, "block_out_channels": [8, 8, 8], "norm_num_groups": 4}
+
+
+def test_mixed_captions_are_partial_and_a_function_of_the_step():
+    scenes = data.pool_scenes(64)
+    a, b = data.mixed_captions(0, 5, scenes), data.mixed_captions(0, 5, scenes)
+    assert a == b and a != data.mixed_captions(0, 6, scenes)
+    parsed = [cp.parse(t) for t in a]
+    assert all(p is not None and p.count == len(s.objects) for p, s in zip(parsed, scenes))
+    full = sum(p.is_full() for p in parsed)
+    assert 4 <= full <= 40  # about a quarter full v1 captions, the rest leave something open
+
+
+def test_v2_starts_from_the_v_weights_and_resumes_exactly(tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    monkeypatch.setattr(models, "VAE_CONFIG", TINY_VAE)
+    train.stage_tokenizer(out)
+    train.stage_vae(out, seed=0, steps=1, batch=2, lr=1e-3, resume=False, ckpt_every=1e9)
+    train.stage_latents(out, 16, batch=16)
+    kw = dict(batch=4, lr=1e-3, ckpt_every=1e9, eval_every=0, unet_config=TINY_UNET, warmup=1, resume=False)
+    train.stage_unet(out, seed=0, steps=1, **kw)
+    train.stage_unet(out, seed=1, steps=1, prediction="v_prediction", init=out / "unet" / "latest.pt", **kw)
+    v1 = torch.load(out / "unet-v" / "latest.pt", weights_only=False)
+    seen = []
+    monkeypatch.setattr(data, "mixed_captions", lambda *a, f=data.mixed_captions: seen.extend(f(*a)) or f(*a))
+    v2 = dict(seed=2, steps=4, batch=4, lr=1e-3, ckpt_every=1e9, eval_every=0, unet_config=TINY_UNET)
+    full = train.stage_unet_v2(out, resume=False, **v2)
+    a = torch.load(out / "unet-v2" / "latest.pt", weights_only=False)
+    assert a["step"] == 4 and a["scheduler_config"]["prediction_type"] == "v_prediction"
+    assert torch.equal(
+        torch.load(out / "unet-v" / "latest.pt", weights_only=False)["ema"]["unet"]["conv_in.weight"],
+        v1["ema"]["unet"]["conv_in.weight"],
+    )
+    k = "conv_in.weight"  # a few steps from the v EMA weights, not a fresh initialisation
+    assert (a["model"]["unet"][k] - v1["ema"]["unet"][k]).abs().max() < 0.05
+    assert len(seen) == 16 and any(not cp.parse(t).is_full() for t in seen)
+    assert tk.MAX_LENGTH >= max(len(t.split()) for t in seen) + 2
+    # stop after 2 steps (the schedule still says 4), then resume to 4: the same weights
+    train.stage_unet_v2(out, resume=False, max_steps=2, **v2)
+    rest = train.stage_unet_v2(out, resume=True, **v2)
+    b = torch.load(out / "unet-v2" / "latest.pt", weights_only=False)
+    assert rest == full[2:]
+    for name, v in a["model"]["unet"].items():
+        assert torch.equal(v, b["model"]["unet"][name]), name
