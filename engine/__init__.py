@@ -5,7 +5,16 @@ embeddable anywhere.
 """
 
 from .cache import Cache, make_cache
-from .context import ProgressBar, RunOptions, active_folders, check_interrupted, current, progress, use_folders
+from .context import (
+    ProgressBar,
+    RunOptions,
+    active_folders,
+    check_interrupted,
+    current,
+    progress,
+    progress_text,
+    use_folders,
+)
 from .errors import (
     ExecutionFailed,
     GraphFormatError,

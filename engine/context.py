@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import Interrupted
-from .events import Event, Preview, Progress
+from .events import Event, Preview, Progress, ProgressText
 
 
 @dataclass(frozen=True)
@@ -101,6 +101,19 @@ class NodeContext:
             )
         )
 
+    def progress_text(self, text: str) -> None:
+        """Show a line of status text for this node while it runs."""
+        self.run.emit(
+            ProgressText(
+                self.run.prompt_id,
+                node=self.node_id,
+                display_node=self.display_id,
+                parent_node=self.parent_id,
+                real_node=self.real_id,
+                text=str(text),
+            )
+        )
+
     @property
     def wants_previews(self) -> bool:
         """True when some client asked for preview images, so nodes can skip the work otherwise."""
@@ -151,6 +164,13 @@ def progress(value: float, total: float, preview: Preview | None = None) -> None
     ctx = _current.get()
     if ctx is not None:
         ctx.progress(value, total, preview)
+
+
+def progress_text(text: str) -> None:
+    """Show a line of status text for the running node; a no-op outside a run."""
+    ctx = _current.get()
+    if ctx is not None:
+        ctx.progress_text(text)
 
 
 def check_interrupted() -> None:

@@ -84,6 +84,14 @@ class Progress(NodeEvent):
 
 
 @dataclass
+class ProgressText(NodeEvent):
+    """A line of status text from a running node ("waiting for the provider", "downloading 3 of 5"). Transient:
+    shown while the node runs, not kept with the prompt's events."""
+
+    text: str = ""
+
+
+@dataclass
 class NodeOutput(NodeEvent):
     """A node finished with a result to show (its UI dict), or was served with one from the cache."""
 

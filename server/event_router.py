@@ -92,6 +92,9 @@ class EventRouter:
                 self.metrics.observe(job, event)
             except Exception:  # metrics never break dispatch
                 log.debug("metrics hook failed", exc_info=True)
+        if isinstance(event, ev.ProgressText):  # binary type 3, shown while the node runs, never logged
+            self._progress_text(job, event)
+            return
         t, data = protocol.event_message(event)
         if isinstance(event, ev.ExecutionError) and event.traceback:  # clients get it without local paths
             log.warning(
@@ -141,6 +144,18 @@ class EventRouter:
             self._progress_state(job, event, 1, 1, "finished", targets)
             if job.open_node is not None and job.open_node.node == event.node:
                 job.open_node = None
+
+    def _progress_text(self, job: Job, event: ev.ProgressText) -> None:
+        """ComfyUI's progress-text frame (binary type 3) to the prompt's client, or to every socket when it has
+        none; a slow client keeps only the newest text of each node."""
+        out = Out(
+            protocol.progress_text_frame(event.display_node or event.node, event.text),
+            PROGRESS,
+            ("progress_text", job.prompt_id, event.node),
+        )
+        targets = self.hub.to_sid(job.client_id) if job.client_id is not None else list(self.hub.clients())
+        for c in targets:
+            c.send(out)
 
     def wake(self, prompt_id: str) -> None:
         for fut in self.watchers.pop(prompt_id, ()):

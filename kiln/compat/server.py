@@ -90,6 +90,14 @@ class PromptServer:
         self.send_sync(event, data, sid)
 
     def send_progress_text(self, text: str, node_id: str, sid: str | None = None) -> None:
+        """Inside a running node: Kiln's progress text for that node (binary type 3 on the websocket).
+        Elsewhere, a plain ``progress_text`` message."""
+        from kiln.engine import context
+
+        ctx = context.current()
+        if ctx is not None:
+            ctx.progress_text(text)
+            return
         self.send_sync("progress_text", {"text": text, "node": node_id}, sid)
 
     def add_on_prompt_handler(self, handler: Callable[[dict], dict]) -> None:

@@ -360,3 +360,22 @@ def test_login_sessions_survive_a_restart(live, tmp_path):
     (data / "sessions.sqlite").write_bytes(b"not a database" * 100)  # an unreadable file: memory only
     s5 = live(data_dir=data, auth_token=TOKEN)
     assert _with_cookie(s5, _log_in(s5)) == 200
+
+
+def test_partial_execution_targets_with_subgraph_path_ids(server):
+    """The editor runs one output of a graph whose nodes came out of subgraphs ("12:34:56" ids): only that
+    output and what it needs run."""
+    g = {
+        "12:34:1": {"class_type": "TConst", "inputs": {"value": 5}},
+        "12:34:2": {"class_type": "TShow", "inputs": {"value": ["12:34:1", 0]}},
+        "12:7": {"class_type": "TConst", "inputs": {"value": 9}},
+        "12:8": {"class_type": "TShow", "inputs": {"value": ["12:7", 0]}},
+    }
+    body = {"prompt": g, "partial_execution_targets": ["12:34:2"]}
+    r = server.post("/prompt?wait=true", body)
+    assert r.status_code == 200, r.text
+    out = r.json()
+    assert out["status"] == "success" and set(out["outputs"]) == {"12:34:2"}
+    assert out["outputs"]["12:34:2"]["text"] == ["5"]
+    bad = server.post("/prompt", {"prompt": g, "partial_execution_targets": ["12:34:9"]})
+    assert bad.status_code == 400 and bad.json()["error"]["type"] == "prompt_no_outputs"  # as ComfyUI

@@ -175,4 +175,17 @@ class TSecret(Node):
         return NodeResult(ui={"text": ["has key" if key else "no key"]})
 
 
-NODES = [TConst, TAdd, TBigShow, TExit, TBlock, TSleep, TShow, TFail, TPreview, TWsOut, TWriteFile, TSecret]
+class TSay(Node):
+    """Shows a line of status text per step (binary type 3 on the websocket)."""
+
+    outputs = ("INT",)
+    cacheable = False
+
+    def run(self, value: Annotated[int, Socket("INT")], lines: Annotated[int, Int(min=1, max=100)] = 2):
+        ctx = current()
+        for i in range(lines):
+            ctx.progress_text(f"step {i + 1} of {lines}")
+        return value
+
+
+NODES = [TSay, TConst, TAdd, TBigShow, TExit, TBlock, TSleep, TShow, TFail, TPreview, TWsOut, TWriteFile, TSecret]
