@@ -104,10 +104,10 @@ def test_bypass_and_mute(registry):
 
 def test_subgraph_instances_get_path_ids(registry):
     got = convert(json.loads((FIXTURES / "subgraph.json").read_text()), registry)
-    assert [k for k in got if ":" in k] == ["10:1", "10:2", "12:1", "12:2"]  # the muted inner node is gone
-    assert got["10:1"]["inputs"]["blur_radius"] == 5  # the instance's promoted widget value
-    assert got["12:1"]["inputs"]["blur_radius"] == ["13", 0]  # the instance's input is linked
-    assert got["11"]["inputs"]["images"] == ["10:2", 0]  # subgraph output wired through
+    assert [k for k in got if ":" in k] == ["10:21", "10:22", "12:21", "12:22"]  # the muted inner node is gone
+    assert got["10:21"]["inputs"]["blur_radius"] == 5  # the instance's promoted widget value
+    assert got["12:21"]["inputs"]["blur_radius"] == ["13", 0]  # the instance's input is linked
+    assert got["11"]["inputs"]["images"] == ["10:22", 0]  # subgraph output wired through
 
 
 def test_converted_graph_validates_and_runs_headless(registry):
@@ -342,14 +342,14 @@ def test_nested_subgraphs_and_a_primitive_on_a_subgraph_input(registry):
     )
     wf["links"].append([30, 20, 0, 10, 1, "INT"])
     got = convert(wf, registry)
-    assert [k for k in got if k.startswith("10:")] == ["10:5:1", "10:5:2"]
-    assert got["10:5:1"]["inputs"] == {"blur_radius": 11, "sigma": 0.5, "image": ["1", 0]}
-    assert got["11"]["inputs"]["images"] == ["10:5:2", 0]
+    assert [k for k in got if k.startswith("10:")] == ["10:5:21", "10:5:22"]
+    assert got["10:5:21"]["inputs"] == {"blur_radius": 11, "sigma": 0.5, "image": ["1", 0]}
+    assert got["11"]["inputs"]["images"] == ["10:5:22", 0]
     # without the primitive, the wrapper's own promoted value (widgets_values [5]) reaches the inner node
     wf["nodes"].pop()
     wf["nodes"][1]["inputs"].pop()
     wf["links"].pop()
-    assert convert(wf, registry)["10:5:1"]["inputs"]["blur_radius"] == 5
+    assert convert(wf, registry)["10:5:21"]["inputs"]["blur_radius"] == 5
 
 
 def test_primitive_on_a_widget_the_node_lacks_is_ignored(registry):

@@ -361,8 +361,8 @@ UI_WORKFLOWS = ("reroute_primitive", "bypass_mute", "subgraph", "empty_image_sav
 # Files whose subgraph nodes reuse ids of root nodes, which the editor never saves: on loading one, the
 # editor gives each such node a new id (past last_node_id), so its export names them differently from Kiln's
 # conversion of the file (the same nodes and links otherwise). The file as the editor then saves it converts
-# exactly (checked below).
-IDS_RENUMBERED_BY_THE_EDITOR = {"subgraph"}
+# exactly (checked below). None of the fixtures does this now.
+IDS_RENUMBERED_BY_THE_EDITOR: set[str] = set()
 
 
 def test_editor_export_api_equals_kilns_conversion(browser, base):
