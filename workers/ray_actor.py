@@ -22,6 +22,7 @@ import asyncio
 import logging
 import os
 import queue
+import shutil
 import tempfile
 import threading
 import time
@@ -87,6 +88,7 @@ class KilnActor:
 
 
 _ACTOR: Any = None
+_private_tmp: str | None = None  # the temp folder of a local Ray instance this process started
 
 
 def _actor_class() -> Any:
@@ -113,17 +115,24 @@ def connect(address: str) -> bool:
         ray.init(address="auto", **quiet)
     except ConnectionError:  # no cluster on this machine: start a private one
         # in /tmp whatever TMPDIR says: Ray's socket paths under it must stay under 107 bytes
+        global _private_tmp
         tmp = tempfile.mkdtemp(prefix="kray-", dir="/tmp" if os.path.isdir("/tmp") else None)
+        _private_tmp = tmp
         log.info("started a local Ray instance in %s", tmp)
         ray.init(include_dashboard=False, _temp_dir=tmp, **quiet)
     return True
 
 
 def shutdown() -> None:
+    """Leave the cluster; a local instance this process started stops, and its temp folder goes."""
+    global _private_tmp
     import ray
 
     if ray.is_initialized():
         ray.shutdown()
+    if _private_tmp is not None:
+        shutil.rmtree(_private_tmp, ignore_errors=True)
+        _private_tmp = None
 
 
 class RayWorker:
