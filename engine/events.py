@@ -85,7 +85,7 @@ class Progress(NodeEvent):
 
 @dataclass
 class ProgressText(NodeEvent):
-    """A line of status text from a running node ("waiting for the provider", "downloading 3 of 5"). Transient:
+    """A line of status text from a running node ("downloading 3 of 5", "waiting for the reply"). Transient:
     shown while the node runs, not kept with the prompt's events."""
 
     text: str = ""
