@@ -19,8 +19,9 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures as cf
 import logging
-import threading
 from typing import TYPE_CHECKING
+
+from kiln.workers.journal import JournalBook
 
 if TYPE_CHECKING:
     from kiln.engine import Executor
@@ -32,13 +33,11 @@ RECORD_TIMEOUT = 30.0
 log = logging.getLogger("kiln.server")
 
 
-class OutputJournal:
+class OutputJournal(JournalBook):
     def __init__(self, store: Store):
+        super().__init__()
         self.store = store
         self.loop: asyncio.AbstractEventLoop | None = None
-        self._lock = threading.Lock()
-        self._previous: dict[str, dict[tuple[str, int], tuple[str, str]]] = {}
-        self._counters: dict[tuple[str, str], int] = {}
 
     def install(self, executor: Executor) -> None:
         services = getattr(executor, "services", None)
@@ -48,33 +47,9 @@ class OutputJournal:
     # -- the server's side (loop thread) ------------------------------------------------------------
     def begin(self, prompt_id: str) -> None:
         """A new attempt of ``prompt_id`` starts: load what earlier attempts recorded."""
-        previous = self.store.output_files(prompt_id)
-        with self._lock:
-            self._previous[prompt_id] = previous
-            for key in [k for k in self._counters if k[0] == prompt_id]:
-                del self._counters[key]
-
-    def end(self, prompt_id: str) -> None:
-        with self._lock:
-            self._previous.pop(prompt_id, None)
-            for key in [k for k in self._counters if k[0] == prompt_id]:
-                del self._counters[key]
+        self.start(prompt_id, self.store.output_files(prompt_id))
 
     # -- the saver's side (executor thread) ---------------------------------------------------------
-    def active(self, prompt_id: str) -> bool:
-        with self._lock:
-            return prompt_id in self._previous
-
-    def next_index(self, prompt_id: str, node_id: str) -> int:
-        with self._lock:
-            n = self._counters.get((prompt_id, node_id), 0)
-            self._counters[(prompt_id, node_id)] = n + 1
-            return n
-
-    def previous(self, prompt_id: str, node_id: str, index: int) -> tuple[str, str] | None:
-        with self._lock:
-            return self._previous.get(prompt_id, {}).get((node_id, index))
-
     def record(self, prompt_id: str, node_id: str, index: int, path: str, tmp: str) -> None:
         """Commit the record before returning (on the loop thread, where the store is used)."""
 

@@ -34,6 +34,7 @@ import threading
 import traceback
 from typing import Any
 
+from .journal import JournalBook
 from .output_store import OutputStore, StoreConfig
 from .spec import WorkerSpec
 
@@ -71,39 +72,13 @@ def _die_with_parent() -> None:
         os._exit(0)
 
 
-class _Journal:
-    """The server's output journal, as seen from a worker (the contract of ``kiln.server.journal``): earlier
-    attempts' records arrive with the job; new records are stored by the server before the file is moved."""
+class _Journal(JournalBook):
+    """The server's output journal, as seen from a worker: earlier attempts' records arrive with the job; new
+    records are stored by the server before the file is moved."""
 
     def __init__(self, worker: _Worker):
+        super().__init__()
         self.worker = worker
-        self._lock = threading.Lock()
-        self._previous: dict[str, dict[tuple[str, int], tuple[str, str]]] = {}
-        self._counters: dict[tuple[str, str], int] = {}
-
-    def begin(self, prompt_id: str, previous: dict) -> None:
-        with self._lock:
-            self._previous[prompt_id] = dict(previous)
-
-    def end(self, prompt_id: str) -> None:
-        with self._lock:
-            self._previous.pop(prompt_id, None)
-            for key in [k for k in self._counters if k[0] == prompt_id]:
-                del self._counters[key]
-
-    def active(self, prompt_id: str) -> bool:
-        with self._lock:
-            return prompt_id in self._previous
-
-    def next_index(self, prompt_id: str, node_id: str) -> int:
-        with self._lock:
-            n = self._counters.get((prompt_id, node_id), 0)
-            self._counters[(prompt_id, node_id)] = n + 1
-            return n
-
-    def previous(self, prompt_id: str, node_id: str, index: int) -> tuple[str, str] | None:
-        with self._lock:
-            return self._previous.get(prompt_id, {}).get((node_id, index))
 
     def record(self, prompt_id: str, node_id: str, index: int, path: str, tmp: str) -> None:
         self.worker.request(("journal", prompt_id, node_id, index, path, tmp))
@@ -245,7 +220,7 @@ class _Worker:
             self.current = (pid, cancel)
             if pid in self.interrupted:
                 cancel.set()
-        self.journal.begin(pid, job.get("journal") or {})
+        self.journal.start(pid, job.get("journal") or {})
         try:
             result = self.executor.run(
                 Graph.from_json(json.loads(job["prompt_text"])),

@@ -63,8 +63,56 @@ def _rss(pid: int) -> int:
         return 0
 
 
-class ProcessWorker:
-    """One worker process. ``state``: starting, idle, busy, dead, stopped.
+class WorkerHandle:
+    """What the server keeps about any worker, whatever runs it (``ProcessWorker``, ``RayWorker``): its state
+    (starting, idle, busy, dead, stopped), process, current prompt, the model files its runs loaded (which
+    dispatch prefers it for) and its model counters, kept across replacements."""
+
+    def __init__(self, name: str, spec: WorkerSpec):
+        self.name = name
+        self.spec = spec
+        self.state = "stopped"
+        self.pid: int | None = None
+        self.prompt_id: str | None = None  # the prompt it runs now
+        self.held: set[str] = set()  # model files its runs loaded (it keeps them until freed)
+        self.last_used = 0.0
+        self.runs = 0
+        self.stats: dict = {}  # model_loads, model_evictions (this process's, reported after each run)
+        self.loads_before = 0  # model loads of its earlier processes (a replaced worker keeps its count)
+        self.evictions_before = 0
+        self.kill_cause: str | None = None
+
+    def _fresh(self) -> None:
+        """A new process or actor takes over: its counters start from zero, the old ones are kept."""
+        self.kill_cause = None
+        self.loads_before += int(self.stats.get("model_loads", 0))
+        self.evictions_before += int(self.stats.get("model_evictions", 0))
+        self.stats = {}
+        self.held = set()
+
+    def _ran(self) -> None:
+        """A run on it ended, however."""
+        self.prompt_id = None
+        self.runs += 1
+        self.last_used = time.monotonic()
+        if self.state == "busy":
+            self.state = "idle"
+
+    def info(self) -> dict:
+        return {
+            "name": self.name,
+            "state": self.state,
+            "pid": self.pid,
+            "prompt_id": self.prompt_id,
+            "runs": self.runs,
+            "models": sorted(self.held),
+            "model_loads": self.loads_before + int(self.stats.get("model_loads", 0)),
+            "model_evictions": self.evictions_before + int(self.stats.get("model_evictions", 0)),
+        }
+
+
+class ProcessWorker(WorkerHandle):
+    """One worker process.
 
     ``on_journal(prompt_id, node_id, index, path, tmp)`` stores an output record (from the reader thread,
     blocking until committed); ``on_send_sync(event, data, sid)`` forwards a pack's websocket message.
@@ -77,20 +125,9 @@ class ProcessWorker:
         on_journal: Callable[..., None] | None = None,
         on_send_sync: Callable[..., None] | None = None,
     ):
-        self.name = name
-        self.spec = spec
+        super().__init__(name, spec)
         self.on_journal = on_journal
         self.on_send_sync = on_send_sync
-        self.state = "stopped"
-        self.pid: int | None = None
-        self.prompt_id: str | None = None  # the prompt it runs now
-        self.held: set[str] = set()  # model files its runs loaded (it keeps them until freed)
-        self.last_used = 0.0
-        self.runs = 0
-        self.stats: dict = {}  # model_loads, model_evictions (this process's, reported after each run)
-        self.loads_before = 0  # model loads of its earlier processes (a replaced worker keeps its count)
-        self.evictions_before = 0
-        self.kill_cause: str | None = None
         self.kill_limit = False
         self._proc: Any = None
         self._conn: Any = None
@@ -105,13 +142,9 @@ class ProcessWorker:
 
         ctx = mp.get_context("spawn")
         parent, child = ctx.Pipe()
-        self.kill_cause = None
+        self._fresh()
         self.kill_limit = False
-        self.loads_before += int(self.stats.get("model_loads", 0))
-        self.evictions_before += int(self.stats.get("model_evictions", 0))
-        self.stats = {}
         self._ready = cf.Future()
-        self.held = set()
         self._proc = ctx.Process(target=main, args=(child, self.spec, self.name), name=f"kiln-worker-{self.name}")
         self._proc.daemon = True
         self._proc.start()
@@ -182,11 +215,7 @@ class ProcessWorker:
                 raise WorkerLost(f"could not be reached ({exc})") from exc
             return await asyncio.wrap_future(done)
         finally:
-            self.prompt_id = None
-            self.runs += 1
-            self.last_used = time.monotonic()
-            if self.state == "busy":
-                self.state = "idle"
+            self._ran()
 
     def interrupt(self, prompt_id: str) -> None:
         try:
@@ -273,15 +302,3 @@ class ProcessWorker:
             if rss > limit:
                 self.kill(f"out of memory: it used {human(rss)}, over its limit of {human(limit)}", proc, True)
                 return
-
-    def info(self) -> dict:
-        return {
-            "name": self.name,
-            "state": self.state,
-            "pid": self.pid,
-            "prompt_id": self.prompt_id,
-            "runs": self.runs,
-            "models": sorted(self.held),
-            "model_loads": self.loads_before + int(self.stats.get("model_loads", 0)),
-            "model_evictions": self.evictions_before + int(self.stats.get("model_evictions", 0)),
-        }

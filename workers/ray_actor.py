@@ -25,12 +25,11 @@ import queue
 import shutil
 import tempfile
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
-from .local import WorkerLost
+from .local import WorkerHandle, WorkerLost
 from .spec import WorkerSpec
 
 log = logging.getLogger("kiln.server")
@@ -135,7 +134,7 @@ def shutdown() -> None:
         _private_tmp = None
 
 
-class RayWorker:
+class RayWorker(WorkerHandle):
     """The server's handle on one actor (the ``ProcessWorker`` interface)."""
 
     def __init__(
@@ -146,30 +145,15 @@ class RayWorker:
         on_journal: Callable[..., None] | None = None,
         on_send_sync: Callable[..., None] | None = None,
     ):
-        self.name = name
-        self.spec = replace(spec, memory_limit=0)  # Ray polices memory on its nodes
+        super().__init__(name, replace(spec, memory_limit=0))  # Ray polices memory on its nodes
         self.options = dict(options or {})
         self.on_journal = on_journal
         self.on_send_sync = on_send_sync
-        self.state = "stopped"
-        self.pid: int | None = None
-        self.prompt_id: str | None = None
-        self.held: set[str] = set()
-        self.last_used = 0.0
-        self.runs = 0
-        self.stats: dict = {}
-        self.loads_before = 0
-        self.evictions_before = 0
-        self.kill_cause: str | None = None
         self._actor: Any = None
         self._ready_ref: Any = None
 
     def start(self) -> None:
-        self.kill_cause = None
-        self.loads_before += int(self.stats.get("model_loads", 0))
-        self.evictions_before += int(self.stats.get("model_evictions", 0))
-        self.stats = {}
-        self.held = set()
+        self._fresh()
         self._actor = _actor_class().options(**self.options).remote(self.spec, self.name)
         self._ready_ref = self._actor.ready.remote()
         self.state = "starting"
@@ -213,11 +197,7 @@ class RayWorker:
             self.state = "dead"
             raise WorkerLost(self.kill_cause or _lost_cause(exc, self.pid)) from exc
         finally:
-            self.prompt_id = None
-            self.runs += 1
-            self.last_used = time.monotonic()
-            if self.state == "busy":
-                self.state = "idle"
+            self._ran()
 
     def interrupt(self, prompt_id: str) -> None:
         if self._actor is not None:
@@ -249,17 +229,7 @@ class RayWorker:
         self.state = "stopped"
 
     def info(self) -> dict:
-        return {
-            "name": self.name,
-            "state": self.state,
-            "pid": self.pid,
-            "prompt_id": self.prompt_id,
-            "runs": self.runs,
-            "models": sorted(self.held),
-            "model_loads": self.loads_before + int(self.stats.get("model_loads", 0)),
-            "model_evictions": self.evictions_before + int(self.stats.get("model_evictions", 0)),
-            "ray": True,
-        }
+        return {**super().info(), "ray": True}
 
 
 def _lost_cause(exc: BaseException, pid: int | None) -> str:
