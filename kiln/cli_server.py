@@ -267,6 +267,10 @@ def run_serve(args: argparse.Namespace) -> int:
             output_serve=args.output_serve,
         )
         config.check_bind()
+        if config.output_store:
+            from kiln.workers.output_store import StoreConfig
+
+            StoreConfig(config.output_store, config.output_store_endpoint)  # a bad URL fails here, exit 2
         from kiln.engine import make_cache
 
         make_cache(args.cache)  # a bad --cache policy fails here, before any node pack is imported

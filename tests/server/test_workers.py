@@ -292,3 +292,19 @@ def test_prompts_that_would_exhaust_memory_are_refused_before_running(two, graph
     e = next(iter(errs.values()))["errors"][0]
     assert e["type"] == "prompt_memory_over_budget" and "GiB" in e["message"] + e["details"], e
     assert _run(two, _add(5))["status"] == "success"
+
+
+def test_a_bad_output_store_url_is_a_usage_error(tmp_path):
+    import subprocess
+
+    from srv_helpers import kiln_cmd
+
+    r = subprocess.run(
+        kiln_cmd("serve", "--port", "0", "--base-dir", str(tmp_path), "--output-store", "my-bucket/out"),
+        capture_output=True,
+        text=True,
+        timeout=SAFETY_S,
+    )
+    assert r.returncode == 2, r.stderr
+    assert "--output-store 'my-bucket/out': write s3://BUCKET/PREFIX" in r.stderr
+    assert "Traceback" not in r.stderr
