@@ -344,6 +344,8 @@ def save_images(
     texts = comfy_png_metadata(prompt, extra_pnginfo) if metadata else None
     counter_key = (str(folder), base)
     counter = _next_counter.get(counter_key)
+    if counter is None and type_ == "temp":  # previews: a random prefix, numbered from 1 (taken names skipped)
+        counter = 1
     if counter is None:  # first save with this prefix here: one scan, then counted in memory
         pattern = re.compile(re.escape(base.replace("%batch_num%", "")) + r"_(\d+)_")
         counter = 1 + max(
@@ -366,7 +368,7 @@ def save_images(
 
         # atomic (temporary name, then moved into place), never over an existing output, and journaled
         # so a re-run after a crash rewrites this same file
-        fname = write_output(folder, data, candidates())
+        fname = write_output(folder, data, candidates(), journaled=type_ != "temp")
         results.append({"filename": fname, "subfolder": sub, "type": type_})
         if tried:
             counter = tried[-1] + 1

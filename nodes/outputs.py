@@ -63,11 +63,14 @@ def _link_into_place(tmp: Path, target: Path) -> bool:
     return True
 
 
-def write_output(folder: Path, data: bytes, names: Iterable[str]) -> str:
+def write_output(folder: Path, data: bytes, names: Iterable[str], journaled: bool = True) -> str:
     """Write ``data`` as the first name of ``names`` that is free in ``folder`` (atomically, never over
     another file) and return that name. ``folder`` must exist. See the module docstring for re-runs. When the
-    run has an output store (a worker of ``kiln serve --output-store``), the file is also stored there."""
-    name = _write_output(folder, data, names)
+    run has an output store (a worker of ``kiln serve --output-store``), the file is also stored there.
+
+    ``journaled=False`` skips the journal (and, in a worker, its round trip to the server before each file):
+    for temporary previews, which a re-run may simply write again under a new name."""
+    name = _write_output(folder, data, names, journaled)
     _store(folder, name, data)
     return name
 
@@ -84,8 +87,8 @@ def _store(folder: Path, name: str, data: bytes) -> None:
     store.put_output(ctx.prompt_id, folder, name, data, roots)
 
 
-def _write_output(folder: Path, data: bytes, names: Iterable[str]) -> str:
-    journal, ctx = _journal()
+def _write_output(folder: Path, data: bytes, names: Iterable[str], journaled: bool = True) -> str:
+    journal, ctx = _journal() if journaled else (None, None)
     key = None
     if journal is not None:
         key = (ctx.prompt_id, ctx.node_id, journal.next_index(ctx.prompt_id, ctx.node_id))

@@ -214,10 +214,9 @@ class EventRouter:
         if not clients:
             return
         entry = {"value": value, "max": max_, "state": state, "prompt_id": job.prompt_id, **protocol.node_ids(event)}
+        body = {"prompt_id": job.prompt_id, "nodes": {event.node: entry}}
         out = Out(
-            protocol.message("progress_state", {"prompt_id": job.prompt_id, "nodes": {event.node: entry}}),
-            PROGRESS,
-            ("progress_state", job.prompt_id, event.node),
+            protocol.message("progress_state", body), PROGRESS, ("progress_state", job.prompt_id, event.node), body
         )
         for c in clients:
             c.send(out)

@@ -26,7 +26,7 @@ import time
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import WSCloseCode, web
 
@@ -44,6 +44,7 @@ class Out:
     payload: str | bytes
     klass: int = NORMAL
     key: tuple | None = None  # messages with one key supersede each other when the client is behind
+    data: Any = None  # the message's body as a dict, where a client may use it instead of parsing payload
 
     @property
     def size(self) -> int:

@@ -345,7 +345,10 @@ class PromptService:
         hook = sub.extra_data.get("webhook")
         if hook is not None and not (isinstance(hook, str) and hook.startswith(("http://", "https://"))):
             raise ApiError(400, "invalid_webhook", "extra_data.webhook must be an http(s) URL", repr(hook)[:200])
-        return graph, sub, prompt_id, body_hash(data), number
+        # the hash tells a retried submission from a different one under the same client-chosen prompt_id; a
+        # server-made id cannot be retried, so its row keeps no hash (a later claim of that id is a conflict)
+        digest = body_hash(data) if sub.prompt_id is not None else ""
+        return graph, sub, prompt_id, digest, number
 
     async def submit(
         self,

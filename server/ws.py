@@ -96,7 +96,7 @@ class Socket(Client):
     def send(self, out: Out) -> None:
         payload = out.payload
         if isinstance(payload, str) and payload.startswith(_PROGRESS_STATE):
-            snapshot = self._snapshot(payload)
+            snapshot = self._snapshot(payload, out.data)
             if snapshot is not None:
                 super().send(snapshot)
             return
@@ -117,9 +117,10 @@ class Socket(Client):
         # a snapshot holds everything an older one did: a newer one supersedes it when the client is behind
         return Out(protocol.message("progress_state", body), PROGRESS, ("progress_state", body["prompt_id"]))
 
-    def _snapshot(self, payload: str) -> Out | None:
+    def _snapshot(self, payload: str, data: dict | None = None) -> Out | None:
         try:
-            data = json.loads(payload)["data"]
+            if data is None:  # a message built elsewhere: parse it
+                data = json.loads(payload)["data"]
             pid = str(data["prompt_id"])
             changes = [e for e in data["nodes"].values() if isinstance(e, dict)]
         except (ValueError, KeyError, TypeError, AttributeError):
