@@ -128,6 +128,14 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
         help="stop and fail a prompt that runs longer than S seconds (default 0: no limit)",
     )
     p.add_argument(
+        "--worker-lease",
+        type=float,
+        default=30.0,
+        metavar="S",
+        help="a worker running a prompt sends heartbeats that renew the prompt's lease in the store; one "
+        "silent for S seconds (frozen, wedged, unreachable) is ended and the prompt re-run once (default 30)",
+    )
+    p.add_argument(
         "--ray",
         default=None,
         metavar="ADDRESS",
@@ -145,6 +153,13 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
         "share this machine's disk, e.g. on Ray; needs the s3 extra and AWS credentials)",
     )
     p.add_argument("--output-store-endpoint", default=None, metavar="URL", help="an S3-compatible endpoint")
+    p.add_argument(
+        "--worker-base-dir",
+        default=None,
+        metavar="DIR",
+        help="the base folder workers use for models, input, output and temp, where it differs from the "
+        "server's (Ray actors on other machines); default: --base-dir",
+    )
     p.add_argument(
         "--output-serve",
         choices=("stream", "redirect"),
@@ -257,6 +272,7 @@ def run_serve(args: argparse.Namespace) -> int:
             workers=args.workers,
             interrupt_grace=args.interrupt_grace,
             max_prompt_seconds=args.max_prompt_seconds,
+            worker_lease=args.worker_lease,
             fair_share=args.queue_order == "fair",
             affinity=args.dispatch == "affinity",
             ray=args.ray,
@@ -328,8 +344,8 @@ def worker_config(config, args: argparse.Namespace, base: Path, services: dict):
         factory="kiln.runtime:make_executor",
         kwargs={
             "cache": args.cache,
-            "base_dir": str(base),
-            "output_dir": args.output_dir,
+            "base_dir": str(args.worker_base_dir or base),
+            "output_dir": None if args.worker_base_dir else args.output_dir,
             "custom_nodes": args.custom_nodes,
         },
         threads=args.worker_threads or max(1, (os.cpu_count() or 1) // n),

@@ -103,6 +103,10 @@ class ServerConfig:
     worker_spec: Any = None
     interrupt_grace: float = 10.0  # seconds an interrupted worker gets to stop cooperatively before it is ended
     max_prompt_seconds: float = 0.0  # a prompt running longer is stopped and failed (0: no limit; workers only)
+    # a prompt handed to a worker holds a lease in the store, renewed by the worker's heartbeats; a worker
+    # silent this many seconds (frozen, wedged in native code, its machine unreachable) is ended and its
+    # prompt re-run once elsewhere
+    worker_lease: float = 30.0
     fair_share: bool = True  # clients take turns in the queue (False: strictly by number, like ComfyUI)
     affinity: bool = True  # prefer an idle worker that holds the prompt's model files (False: least recently used)
     # workers as Ray actors: the cluster's address ("auto": the one on this machine, else a new local instance),
@@ -128,6 +132,8 @@ class ServerConfig:
             raise ValueError(f"workers must be 0 (in-process) or more, not {self.workers}")
         if not 0 <= self.interrupt_grace < float("inf") or not 0 <= self.max_prompt_seconds < float("inf"):
             raise ValueError("interrupt_grace and max_prompt_seconds must be finite seconds >= 0")
+        if not 0.5 <= self.worker_lease < float("inf"):
+            raise ValueError("worker_lease must be finite seconds >= 0.5")
         if self.max_string_bytes < 1:
             raise ValueError(f"max_string_bytes must be at least 1, not {self.max_string_bytes}")
         if (self.max_prompt_memory or 0) < 0 or self.max_image_pixels < 0:

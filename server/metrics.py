@@ -350,6 +350,11 @@ class _Collector(Collector):
         for st, n in sorted(states.items()):
             workers.add_metric([st], n)
         yield workers
+        yield CounterMetricFamily(
+            "kiln_worker_leases_expired",
+            "Workers ended because their heartbeats stopped while they held a prompt's lease",
+            value=getattr(svc, "leases_expired", 0),
+        )
 
         hub = getattr(svc, "hub", None)
         if hub is not None:

@@ -20,6 +20,7 @@ import heapq
 import json
 import logging
 import os
+import stat
 import threading
 import time
 import uuid
@@ -30,6 +31,7 @@ from kiln.engine import (
     Graph,
     GraphFormatError,
     Issue,
+    UnsafePath,
     ValidationResult,
     events as ev,
     parse_submission,
@@ -90,6 +92,8 @@ class PromptService:
         self._free = {"unload_models": False, "free_memory": False}
         self._session: aiohttp.ClientSession | None = None
         self._bg: set[asyncio.Task] = set()
+        self.leases_expired = 0  # workers ended because their heartbeats stopped (for /metrics)
+        self._stored_inputs: dict[str, tuple[int, int]] = {}  # input files put in the output store: (size, mtime)
         self._status_timer: asyncio.TimerHandle | None = None
         self.router = EventRouter(hub, store)
         self._finished = 0
@@ -126,6 +130,13 @@ class PromptService:
             log.error("prompt %r cannot be read (%s): moved to the quarantine table", pid, why)
         top = self.store.max_number()
         self.counter = int(top) + 1 if top >= 0 else 0
+        for lease in self.store.clear_leases():  # a stopped server's: its prompts are recovered by status below
+            log.info(
+                "prompt %s held a lease on worker %s (attempt %s) when the server stopped",
+                lease["prompt_id"],
+                lease["worker"],
+                lease["attempt"],
+            )
         await self.recover()
         self._log_quarantined()
         spec = self._worker_spec()
@@ -145,11 +156,43 @@ class PromptService:
                 self.workers.append(w)
                 self._start_worker(w)
         self._task = self.loop.create_task(self._dispatch(), name="kiln-prompt-dispatcher")
+        if self.workers:
+            self._background(self._keep_leases())
+
+    @property
+    def heartbeat_s(self) -> float:
+        """How often workers beat: several times per lease, so one late beat never ends a worker."""
+        return max(0.1, min(2.0, self.config.worker_lease / 5))
+
+    async def _keep_leases(self) -> None:
+        """Renew the leases of prompts whose workers beat recently; end a worker silent past its lease (its
+        run then fails with ``WorkerLost`` and the prompt is re-run once, as for any lost worker)."""
+        ttl = self.config.worker_lease
+        while True:
+            await asyncio.sleep(self.heartbeat_s)
+            now = time.monotonic()
+            alive = []
+            for job in list(self.runs.values()):
+                w = job.worker
+                if w is None or getattr(w, "state", None) != "busy" or w.prompt_id != job.prompt_id:
+                    continue
+                silent = now - w.last_beat
+                if silent <= ttl:
+                    alive.append(job.prompt_id)
+                    continue
+                why = f"it stopped answering: no heartbeat for {silent:.0f} s (lease {ttl:g} s, --worker-lease)"
+                log.error("worker %s running prompt %s: %s; ending it", w.name, job.prompt_id, why)
+                self.leases_expired += 1
+                w.kill(why)
+            if alive:
+                self.store.renew_leases(alive, ttl)
 
     def _worker_spec(self) -> WorkerSpec:
         """The workers' spec, with the output store's settings when there is one (each worker makes its own
         client from them)."""
-        spec = self.config.worker_spec or WorkerSpec()
+        from dataclasses import replace
+
+        spec = replace(self.config.worker_spec or WorkerSpec(), heartbeat_s=self.heartbeat_s)
         if not self.config.output_store or not (self.config.workers or self.config.ray):
             return spec
         from dataclasses import replace
@@ -624,6 +667,7 @@ class PromptService:
         w.held |= model_files(job.prompt_json)
         store = self.output_store
         if store is not None:
+            payload["inputs"] = await asyncio.to_thread(self._store_inputs, store, job.prompt_json)
             if job.losses:  # a re-run: what the attempt that died stored goes, so nothing is left twice
                 gone = await asyncio.to_thread(store.delete_prompt, job.prompt_id)
                 log.info("prompt %s: %d stored outputs of the earlier attempt deleted", job.prompt_id, gone)
@@ -639,14 +683,46 @@ class PromptService:
         if limit:
             why = f"it ran longer than the limit of {limit:g} s (--max-prompt-seconds)"
             timer = self._loop.call_later(limit, self._stop_job, job, why)
+        self.store.grant_lease(job.prompt_id, w.name, job.losses + 1, self.config.worker_lease)
         try:
             status, outputs, meta = await w.run(payload, sink)
         finally:
+            self.store.release_lease(job.prompt_id)
             if timer is not None:
                 timer.cancel()
         if store is not None:
             outputs = scope_outputs(outputs, job.prompt_id)
         return status, outputs, meta
+
+    def _store_inputs(self, store: Any, prompt: Any) -> dict[str, int]:
+        """Put the files of this server's input folder that ``prompt`` names into the output store (once per
+        version of each file), for workers that share no disk with the server; returns name -> size, which
+        the worker fetches what it lacks by (a worker thread runs this)."""
+        folders = self.executor.folders
+        names: dict[str, int] = {}
+        if folders is None:
+            return names
+        root = folders.input_dir
+        for entry in prompt.values() if isinstance(prompt, dict) else ():
+            inputs = entry.get("inputs") if isinstance(entry, dict) else None
+            for value in inputs.values() if isinstance(inputs, dict) else ():
+                if not isinstance(value, str) or not value or len(value) > 1024 or "\n" in value:
+                    continue
+                value = value.removesuffix(" [input]")
+                try:
+                    path = folders.safe_path("input", value)
+                    st = path.stat()
+                except (UnsafePath, OSError, ValueError):
+                    continue
+                if not stat.S_ISREG(st.st_mode):
+                    continue
+                rel = path.relative_to(root).as_posix()
+                version = (st.st_size, st.st_mtime_ns)
+                if self._stored_inputs.get(rel) != version:
+                    store.put_input(rel, path)
+                    self._stored_inputs[rel] = version
+                names[rel] = st.st_size
+        return names
 
     @staticmethod
     def _running_node(job: Job) -> tuple[str | None, str | None]:

@@ -6,13 +6,14 @@ crash. Finishing a prompt writes its history entry, status and last events in on
 prompt is either finished (and never run again) or not. Events are buffered and written in batches;
 :meth:`Store.flush` runs before anything reads them.
 
-Also here: the quarantine of rows that cannot be read, the output-file journal of running prompts and the
-late-delivery marks. Every SQL query of the server lives in this module (docs/ARCHITECTURE.md), which is why
-it is one file.
+Also here: the quarantine of rows that cannot be read, the output-file journal of running prompts, the
+leases of prompts handed to workers (renewed while the worker's heartbeats arrive) and the late-delivery
+marks. Every SQL query of the server lives in this module (docs/ARCHITECTURE.md), which is why it is one
+file.
 
 All methods are called from the event loop thread, except ``add``/``mark_running`` with ``side=True``
-(one huge row, written from a worker thread on a second connection). With ``synchronous=NORMAL`` in WAL mode a commit
-survives the process being killed (SIGKILL); only a power loss can lose the last commits.
+(one huge row, written from a worker thread on a second connection). With ``synchronous=NORMAL`` in WAL mode
+a commit survives the process being killed (SIGKILL); only a power loss can lose the last commits.
 """
 
 from __future__ import annotations
@@ -74,6 +75,14 @@ CREATE TABLE IF NOT EXISTS output_files (
     tmp TEXT NOT NULL,
     PRIMARY KEY (prompt_id, node_id, idx)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS leases (
+    prompt_id TEXT PRIMARY KEY,
+    worker TEXT NOT NULL,
+    attempt INTEGER NOT NULL,
+    granted REAL NOT NULL,
+    heartbeat REAL NOT NULL,
+    expires REAL NOT NULL
+);
 CREATE TABLE IF NOT EXISTS frames (
     prompt_id TEXT NOT NULL,
     seq INTEGER NOT NULL,
@@ -410,6 +419,36 @@ class Store:
         self.db.execute(
             "INSERT OR REPLACE INTO output_files VALUES (?, ?, ?, ?, ?)", (prompt_id, node_id, idx, path, tmp)
         )
+
+    # -- leases of prompts handed to workers ----------------------------------------------------------
+    def grant_lease(self, prompt_id: str, worker: str, attempt: int, ttl: float) -> None:
+        """A worker took ``prompt_id``: its lease runs ``ttl`` seconds unless renewed."""
+        now = time.time()
+        self.db.execute(
+            "INSERT OR REPLACE INTO leases VALUES (?, ?, ?, ?, ?, ?)", (prompt_id, worker, attempt, now, now, now + ttl)
+        )
+
+    def renew_leases(self, prompt_ids: Iterable[str], ttl: float) -> None:
+        """Heartbeats arrived for these prompts' workers: push their leases ``ttl`` seconds on (one commit)."""
+        now = time.time()
+        self.db.executemany(
+            "UPDATE leases SET heartbeat=?, expires=? WHERE prompt_id=?", [(now, now + ttl, p) for p in prompt_ids]
+        )
+
+    def release_lease(self, prompt_id: str) -> None:
+        self.db.execute("DELETE FROM leases WHERE prompt_id=?", (prompt_id,))
+
+    def leases(self) -> list[dict]:
+        """Every lease held now: prompt_id, worker, attempt, granted, heartbeat, expires (Unix times)."""
+        rows = self.db.execute("SELECT prompt_id, worker, attempt, granted, heartbeat, expires FROM leases")
+        keys = ("prompt_id", "worker", "attempt", "granted", "heartbeat", "expires")
+        return [dict(zip(keys, r, strict=True)) for r in rows]
+
+    def clear_leases(self) -> list[dict]:
+        """Drop the leases a stopped server left (their prompts are recovered by status); returns them."""
+        old = self.leases()
+        self.db.execute("DELETE FROM leases")
+        return old
 
     # -- late delivery ------------------------------------------------------------------------------
     def undelivered(self, client_id: str, since: float) -> list[str]:

@@ -221,6 +221,10 @@ class _Worker:
             if pid in self.interrupted:
                 cancel.set()
         self.journal.start(pid, job.get("journal") or {})
+        if job.get("inputs"):
+            self._fetch_inputs(job["inputs"])
+        finished = threading.Event()
+        threading.Thread(target=self._beat, args=(pid, finished), name="kiln-worker-heartbeat", daemon=True).start()
         try:
             result = self.executor.run(
                 Graph.from_json(json.loads(job["prompt_text"])),
@@ -242,10 +246,36 @@ class _Worker:
             self.event(ev.ExecutionError(pid, message=str(exc), exception_type=type(exc).__name__, traceback=tb))
             self.send(("done", pid, "error", {}, {}))
         finally:
+            finished.set()
             self.journal.end(pid)
             with self.state_lock:
                 self.current = None
                 self.interrupted.discard(pid)
+
+    def _fetch_inputs(self, names: dict[str, int]) -> None:
+        """The input files the prompt reads, from the output store when this worker's input folder lacks them
+        (a worker on another machine); before validation, which lists the input folder."""
+        store = getattr(self.executor, "services", {}).get("output_store")
+        folders = getattr(self.executor, "folders", None)
+        if not isinstance(store, OutputStore) or folders is None:
+            return
+        try:
+            got = store.fetch_inputs(names, folders.input_dir)
+        except Exception as exc:  # the store is unreachable: the nodes that read these files will say which
+            log.error("could not fetch the prompt's input files from the output store: %s", exc)
+            return
+        if got:
+            log.info("fetched %d input file(s) from the output store: %s", len(got), ", ".join(got[:5]))
+
+    def _beat(self, pid: str, finished: threading.Event) -> None:
+        """Heartbeats while ``pid`` runs: a thread of their own, so a node busy in Python or in native code that
+        releases the GIL still beats; a frozen or wedged process does not, and the server ends it."""
+        every = max(0.05, float(self.spec.heartbeat_s))
+        while not finished.wait(every):
+            try:
+                self.send(("beat", pid))
+            except Exception:  # the connection is gone: the process is about to end anyway
+                return
 
     def stats(self) -> dict:
         """Counters the server's metrics add up over workers: model files read, models evicted."""

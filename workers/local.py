@@ -81,6 +81,7 @@ class WorkerHandle:
         self.loads_before = 0  # model loads of its earlier processes (a replaced worker keeps its count)
         self.evictions_before = 0
         self.kill_cause: str | None = None
+        self.last_beat = time.monotonic()  # when it last showed it is alive (a heartbeat or any message)
 
     def _fresh(self) -> None:
         """A new process or actor takes over: its counters start from zero, the old ones are kept."""
@@ -108,6 +109,8 @@ class WorkerHandle:
             "models": sorted(self.held),
             "model_loads": self.loads_before + int(self.stats.get("model_loads", 0)),
             "model_evictions": self.evictions_before + int(self.stats.get("model_evictions", 0)),
+            # while busy: seconds since its last heartbeat (or other message); past --worker-lease it is ended
+            "silent_s": round(time.monotonic() - self.last_beat, 2) if self.state == "busy" else None,
         }
 
 
@@ -206,6 +209,7 @@ class ProcessWorker(WorkerHandle):
         ``(status, outputs, meta)``; raises ``WorkerLost`` if the worker dies meanwhile."""
         self._sink = sink
         self._done = done = cf.Future()
+        self.last_beat = time.monotonic()
         self.state = "busy"
         self.prompt_id = job["prompt_id"]
         try:
@@ -242,6 +246,7 @@ class ProcessWorker(WorkerHandle):
                 log.exception("worker %s sent a message the server cannot read", self.name)
                 continue
             kind = msg[0]
+            self.last_beat = time.monotonic()  # any message shows the worker alive; "beat" says nothing more
             try:
                 if kind == "event":
                     if self._sink is not None:

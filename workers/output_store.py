@@ -11,6 +11,11 @@ server deletes what the earlier attempt stored, and a re-run never leaves a dupl
 ``subfolder = "<prompt_id>/<subfolder>"``, which is what a client passes back to ``/view``: the server then
 streams the object (or redirects to a presigned URL, ``--output-serve redirect``).
 
+Inputs go the other way: before the server hands a prompt to a worker it puts the files of its input folder
+that the prompt names (uploads, or files copied there) at ``<prefix>/input/<subfolder>/<name>``, and the
+worker fetches those it lacks into its own input folder before it validates and runs the prompt. So
+``LoadImage`` and uploads work on workers that share no disk with the server.
+
 boto3 is imported when a store is made (the ``s3`` extra), never at import time.
 """
 
@@ -77,7 +82,40 @@ class OutputStore:
                 break
         self.client.put_object(Bucket=self.bucket, Key=self.key(type_, f"{prompt_id}/{sub}", name), Body=data)
 
+    def fetch_inputs(self, names: dict[str, int], input_dir: Path) -> list[str]:
+        """Bring the input files a prompt reads (relative name -> size) into this worker's ``input_dir`` from
+        ``<prefix>/input/``, unless a file of that size is already there; atomically (temporary name, then
+        rename). Returns the names fetched."""
+        fetched = []
+        root = os.path.realpath(input_dir)
+        for rel, size in names.items():
+            target = Path(root, rel)
+            if not os.path.realpath(target).startswith(root + os.sep):
+                continue  # the server only sends names inside its input folder; never write elsewhere
+            try:
+                if target.stat().st_size == size:
+                    continue
+            except OSError:
+                pass
+            sub, _, name = rel.rpartition("/")
+            data = self.get("input", sub, name)
+            if data is None:
+                log.warning("input file %r is not in the store: the node reading it will say so", rel)
+                continue
+            target.parent.mkdir(parents=True, exist_ok=True)
+            tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+            tmp.write_bytes(data)
+            os.replace(tmp, target)
+            fetched.append(rel)
+        return fetched
+
     # -- the server's side ------------------------------------------------------------------------
+    def put_input(self, rel: str, path: Path) -> None:
+        """Store a file of the server's input folder at ``<prefix>/input/<rel>`` (for workers elsewhere)."""
+        sub, _, name = rel.rpartition("/")
+        with open(path, "rb") as f:
+            self.client.put_object(Bucket=self.bucket, Key=self.key("input", sub, name), Body=f.read())
+
     def delete_prompt(self, prompt_id: str) -> int:
         """Delete every object a prompt's earlier attempts stored; how many."""
         n = 0

@@ -9,9 +9,10 @@ records, packs' messages, stats, then ``done``). ``RayWorker`` is the server's h
 Differences from local processes, by design of a cluster: a lost actor (its node died, its process was
 killed, Ray's own memory monitor ended it) shows up as ``ActorDiedError`` and is a ``WorkerLost``; memory is
 Ray's to police (no watchdog or address-space cap here); journal records are stored without the worker
-waiting for the server's commit. The actors write outputs to the folders their spec names, which must be
-shared with the server (one machine, or a shared file system); object storage for remote outputs is not
-built yet.
+waiting for the server's commit. The actors write outputs to the folders their spec names
+(``--worker-base-dir`` where their machines' paths differ from the server's); actors that share no disk
+with the server need ``--output-store``, through which their outputs come back and the prompts' input files
+reach them (``kiln.workers.output_store``). Heartbeats travel in the run's stream like any other message.
 
 Ray is optional (``pip install -e ".[ray]"``); nothing imports this module unless ``--ray`` is given.
 """
@@ -25,6 +26,7 @@ import queue
 import shutil
 import tempfile
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
@@ -177,11 +179,13 @@ class RayWorker(WorkerHandle):
 
         self.state = "busy"
         self.prompt_id = job["prompt_id"]
+        self.last_beat = time.monotonic()
         try:
             gen = self._actor.run.options(num_returns="streaming").remote(job)
             async for ref in gen:
                 msg = await ref
                 kind = msg[0]
+                self.last_beat = time.monotonic()  # heartbeats ("beat") and every other message
                 if kind == "event":
                     sink(msg[1])
                 elif kind == "done":

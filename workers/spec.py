@@ -18,6 +18,8 @@ class WorkerSpec:
     ``env``: extra environment for the worker process.
     ``services``: entries set in the executor's ``services`` once built (settings nodes read, e.g. the image
     pixel cap).
+    ``heartbeat_s``: how often the worker tells the server it is alive while it runs a prompt (the server
+    renews the prompt's lease on each, and ends a worker that stays silent past the lease).
     """
 
     factory: str = "kiln.runtime:make_executor"
@@ -26,6 +28,7 @@ class WorkerSpec:
     memory_limit: int = 0
     env: dict = field(default_factory=dict)
     services: dict = field(default_factory=dict)
+    heartbeat_s: float = 2.0
 
     def build(self) -> Any:
         module, _, name = self.factory.partition(":")

@@ -100,3 +100,60 @@ def test_delete_prompt_removes_every_object_of_that_prompt_only(s3, moto_url):
     assert store.delete_prompt("p1") == 3
     assert _objects(s3, "pre/") == ["pre/output/p2/a.png"]
     assert store.get("output", "p2", "a.png") == b"x" and store.get("output", "p1", "a.png") is None
+
+
+def _png(color: tuple[int, int, int]) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (6, 4), color).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_uploads_and_input_files_reach_a_worker_that_shares_no_disk(s3, moto_url, tmp_path):
+    """The worker's base folder is not the server's (as on another machine): an uploaded image and a file
+    copied into the server's input folder reach it through the store, and LoadImage reads them there."""
+    elsewhere = tmp_path / "worker-machine"
+    srv = ServeProcess(
+        tmp_path / "server",
+        "--workers", "1",
+        "--worker-base-dir", str(elsewhere),
+        "--output-store", f"s3://{s3.bucket}/kiln",
+        "--output-store-endpoint", moto_url,
+    )  # fmt: skip
+    try:
+        srv.start()
+        _all_ready(srv, 1)
+        red = _png((255, 0, 0))
+        up = requests.post(
+            f"{srv.url}/upload/image",
+            files={"image": ("red.png", red, "image/png")},
+            data={"subfolder": "shots"},
+            timeout=SAFETY_S,
+        )
+        assert up.status_code == 200, up.text
+        (tmp_path / "server" / "input").mkdir(exist_ok=True)
+        (tmp_path / "server" / "input" / "blue.png").write_bytes(_png((0, 0, 255)))
+        for name, rgb in (("shots/red.png", (255, 0, 0)), ("blue.png", (0, 0, 255))):
+            assert not (elsewhere / "input" / name).exists()
+            graph = {
+                "1": {"class_type": "LoadImage", "inputs": {"image": name}},
+                "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "copy"}},
+            }
+            st = _result(srv, _submit(srv, graph))
+            assert st["status"] == "success", st
+            assert (elsewhere / "input" / name).read_bytes() == (tmp_path / "server" / "input" / name).read_bytes()
+            assert _objects(s3, f"kiln/input/{name}") == [f"kiln/input/{name}"]
+            img = st["outputs"]["2"]["images"][0]
+            view = requests.get(f"{srv.url}/view", params=img, timeout=SAFETY_S)
+            assert view.status_code == 200  # served from the store: the server's own output folder has no copy
+            assert not list((tmp_path / "server").glob("output/**/*.png"))
+            import io
+
+            from PIL import Image
+
+            assert Image.open(io.BytesIO(view.content)).convert("RGB").getpixel((0, 0)) == rgb
+    finally:
+        stop_all([srv], ServeProcess.kill)

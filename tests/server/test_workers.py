@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sqlite3
 
 import pytest
 import requests
@@ -218,6 +219,73 @@ def test_max_prompt_seconds_stops_and_fails_a_long_prompt(tmp_path):
         assert _run(srv, _add(1))["status"] == "success"
     finally:
         stop_all([srv], ServeProcess.kill)
+
+
+@pytest.fixture(scope="module")
+def short_lease(tmp_path_factory):
+    """Two workers whose leases last 1 s (heartbeats every 0.2 s)."""
+    srv = ServeProcess(tmp_path_factory.mktemp("lease"), "--workers", "2", "--worker-lease", "1")
+    try:
+        srv.start()
+        _all_ready(srv, 2)
+        yield srv
+    finally:
+        stop_all([srv], ServeProcess.kill)
+
+
+def _leases(srv: ServeProcess) -> list[tuple]:
+    db = sqlite3.connect(srv.base / "data" / "kiln.sqlite3")
+    try:
+        return db.execute("SELECT prompt_id, worker, attempt, granted, heartbeat, expires FROM leases").fetchall()
+    finally:
+        db.close()
+
+
+def test_a_running_prompt_holds_a_lease_that_heartbeats_renew(short_lease, tmp_path):
+    """The lease is a row in the store while the prompt runs, its heartbeat and expiry moving on; it goes
+    when the prompt ends."""
+    folder = tmp_path / "meet"
+    pid = _submit(short_lease, _meet(folder, "a"))  # waits for a second file, which the test adds below
+
+    def renewed():
+        rows = [r for r in _leases(short_lease) if r[0] == pid]
+        return rows[0] if rows and rows[0][4] > rows[0][3] else None
+
+    lease = wait_for(renewed, "a renewed lease")
+    _id, worker, attempt, granted, heartbeat, expires = lease
+    assert worker in {w["name"] for w in _workers(short_lease)} and attempt == 1
+    assert expires == pytest.approx(heartbeat + 1.0)
+    assert [w["prompt_id"] for w in _workers(short_lease) if w["name"] == worker] == [pid]
+    (folder / "b").write_text("go")
+    assert _result(short_lease, pid)["status"] == "success"
+    assert not [r for r in _leases(short_lease) if r[0] == pid]
+
+
+def test_a_frozen_worker_loses_its_lease_and_the_prompt_reruns(short_lease, tmp_path):
+    """SIGSTOP leaves the process alive, with its pipe open, but silent: only the lease sees it."""
+    marker = tmp_path / "first-attempt"
+    st = _run(short_lease, _graph("WFreeze", marker=str(marker)))
+    assert st["status"] == "success", st
+    assert st["outputs"]["3"]["text"] == ["7"]
+    frozen = int(marker.read_text())
+    assert "stopped answering: no heartbeat" in short_lease.log() and "re-running it once" in short_lease.log()
+    ws = _all_ready(short_lease, 2)  # the frozen process was ended and replaced
+    assert frozen not in {w["pid"] for w in ws}
+    metrics = requests.get(f"{short_lease.url}/metrics", timeout=SAFETY_S).text
+    assert any(
+        line.startswith("kiln_worker_leases_expired_total ") and float(line.split()[1]) >= 1
+        for line in metrics.splitlines()
+    )
+
+
+def test_a_prompt_that_freezes_two_workers_fails_naming_the_cause(short_lease):
+    st = _run(short_lease, _graph("WFreeze"))
+    assert st["status"] == "error", st
+    msg = st["error"]["exception_message"]
+    assert msg.startswith("worker killed: it stopped answering: no heartbeat") and "at node 2 (WFreeze)" in msg
+    assert st["error"]["exception_type"] == "WorkerLost" and "two workers" in msg
+    _all_ready(short_lease, 2)
+    assert _run(short_lease, _add(2))["status"] == "success"
 
 
 def test_workers_die_with_the_server(tmp_path):

@@ -97,6 +97,22 @@ class WMeet(Node):
         return os.getpid()
 
 
+class WFreeze(Node):
+    """Stops its own process (SIGSTOP: every thread, the heartbeat's too), as a process wedged in native code
+    or a machine cut off would look to the server; only on the first attempt when ``marker`` names a file
+    the first attempt creates."""
+
+    outputs = ("INT",)
+    cacheable = False
+
+    def run(self, value: Annotated[int, Socket("INT")], marker: Annotated[str, String()] = ""):
+        if not marker or not os.path.exists(marker):
+            if marker:
+                Path(marker).write_text(str(os.getpid()))
+            os.kill(os.getpid(), signal.SIGSTOP)
+        return value
+
+
 class WFakeLoader(Node):
     """Stands in for a checkpoint loader: names a model file (``ckpt_name``), returns its process id."""
 
@@ -107,4 +123,4 @@ class WFakeLoader(Node):
         return os.getpid()
 
 
-NODES = [WKill, WSegfault, WHog, WStubborn, WMeet, WFakeLoader]
+NODES = [WKill, WSegfault, WHog, WStubborn, WMeet, WFreeze, WFakeLoader]
