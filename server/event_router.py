@@ -36,7 +36,8 @@ HISTORY_MESSAGES = frozenset(
 
 
 class EventPipe:
-    """Carries events from the executor's threads to the loop thread.
+    """Carries events from the executor's threads to the loop thread (events put on the loop thread itself,
+    which a worker's messages are, go to the handler at once).
 
     The first event after a quiet spell is handed over at once (low latency); events that follow within
     ``window`` seconds of the last hand-over are gathered and handed over together when the window ends.
@@ -51,14 +52,24 @@ class EventPipe:
         self.buf: list = []
         self.scheduled = False
         self.last = 0.0  # when the last batch was handed over (monotonic)
+        self.loop_thread = threading.get_ident()  # made on the loop thread (PromptService.start)
 
     def put(self, job: Job, event: ev.Event) -> None:
+        if threading.get_ident() == self.loop_thread:  # a worker's message, read on the loop: nothing to hand over
+            with self.lock:
+                if self.buf:  # events of another thread wait for their batch: keep the order
+                    self.buf.append((job, event))
+                    return
+            self.handler(job, event)
+            return
+        final = isinstance(event, ev.TERMINAL)
         with self.lock:
             self.buf.append((job, event))
-            if self.scheduled:
+            if self.scheduled and not final:
                 return
             self.scheduled = True
-            wait = self.last + self.window - time.monotonic()
+            # a prompt's last event never waits for the window: the client is waiting on it
+            wait = 0.0 if final else self.last + self.window - time.monotonic()
         try:
             if wait <= 0:
                 self.loop.call_soon_threadsafe(self.drain)

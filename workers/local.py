@@ -1,8 +1,9 @@
 """``ProcessWorker``: the server's handle on one local worker process.
 
-A reader thread takes the worker's messages in order: engine events go to the caller's sink, journal records
-are stored (then acknowledged), packs' messages are forwarded, and the end of a run resolves its future. When
-the connection closes without a ``done`` the worker has died; the run's future fails with ``WorkerLost``,
+The server's event loop reads the worker's messages in order, as they arrive (a reader thread does when
+the worker was started outside a loop): engine events go to the caller's sink, journal records are stored
+(then acknowledged), packs' messages are forwarded, and the end of a run resolves its future. When the
+connection closes without a ``done`` the worker has died; the run's future fails with ``WorkerLost``,
 saying why (out of memory, a signal, an exit status, or the reason the server itself stopped it).
 
 A watchdog thread reads the worker's resident memory from ``/proc`` and stops a worker over its limit.
@@ -15,7 +16,9 @@ import concurrent.futures as cf
 import logging
 import multiprocessing as mp
 import os
+import pickle
 import signal
+import struct
 import threading
 import time
 from collections.abc import Callable
@@ -53,6 +56,39 @@ def _describe_exit(code: int | None) -> str:
             return f"crashed with {name} in native code"
         return f"killed by {name}"
     return f"exited with status {code}"
+
+
+class _FrameReader:
+    """Splits what a worker writes on its ``multiprocessing`` connection into messages without ever blocking:
+    each call reads once (the fd is readable, so that returns at once) and returns the complete frames so far.
+    The frames are those of ``Connection.send``: a 4-byte big-endian length (or -1, then an 8-byte one) and a
+    pickle."""
+
+    def __init__(self, fd: int):
+        self.fd = fd
+        self.buf = bytearray()
+
+    def read(self) -> list[bytes]:
+        data = os.read(self.fd, 1 << 20)
+        if not data:
+            raise EOFError
+        self.buf += data
+        frames = []
+        while True:
+            if len(self.buf) < 4:
+                break
+            (n,) = struct.unpack_from("!i", self.buf)
+            start = 4
+            if n == -1:
+                if len(self.buf) < 12:
+                    break
+                (n,) = struct.unpack_from("!Q", self.buf, 4)
+                start = 12
+            if len(self.buf) < start + n:
+                break
+            frames.append(bytes(self.buf[start : start + n]))
+            del self.buf[: start + n]
+        return frames
 
 
 def _rss(pid: int) -> int:
@@ -155,9 +191,17 @@ class ProcessWorker(WorkerHandle):
         self._conn = parent
         self.pid = self._proc.pid
         self.state = "starting"
-        threading.Thread(
-            target=self._read, args=(parent, self._proc), name=f"kiln-worker-{self.name}-reader", daemon=True
-        ).start()
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            loop = None
+        if loop is not None:  # the loop reads the connection itself: no reader thread to hand each message over
+            reader = _FrameReader(parent.fileno())
+            loop.add_reader(reader.fd, self._on_readable, reader, parent, self._proc, loop)
+        else:
+            threading.Thread(
+                target=self._read, args=(parent, self._proc), name=f"kiln-worker-{self.name}-reader", daemon=True
+            ).start()
         if self.spec.memory_limit:
             threading.Thread(
                 target=self._watch, args=(self._proc,), name=f"kiln-worker-{self.name}-watch", daemon=True
@@ -237,6 +281,7 @@ class ProcessWorker(WorkerHandle):
 
     # -- threads ----------------------------------------------------------------------------------
     def _read(self, conn, proc) -> None:
+        """A reader thread (when the worker was started outside an event loop)."""
         while True:
             try:
                 msg = conn.recv()
@@ -245,30 +290,53 @@ class ProcessWorker(WorkerHandle):
             except Exception:  # a message that does not unpickle here: skip it, keep the stream
                 log.exception("worker %s sent a message the server cannot read", self.name)
                 continue
-            kind = msg[0]
-            self.last_beat = time.monotonic()  # any message shows the worker alive; "beat" says nothing more
+            self._handle(msg)
+        self._closed(conn, proc)
+
+    def _on_readable(self, reader: _FrameReader, conn, proc, loop: asyncio.AbstractEventLoop) -> None:
+        """The event loop's reader: whatever the worker has written so far, handled in order, on the loop."""
+        try:
+            frames = reader.read()
+        except (EOFError, OSError):
+            loop.remove_reader(reader.fd)
+            threading.Thread(target=self._closed, args=(conn, proc), daemon=True).start()  # joins: off the loop
+            return
+        for frame in frames:
             try:
-                if kind == "event":
-                    if self._sink is not None:
-                        self._sink(msg[1])
-                elif kind == "done":
-                    if self._done is not None and not self._done.done():
-                        self._done.set_result(msg[2:])
-                elif kind == "stats":
-                    self.stats = dict(msg[1])
-                elif kind == "journal":
-                    self._journal(msg)
-                elif kind == "send_sync":
-                    if self.on_send_sync is not None:
-                        self.on_send_sync(*msg[1:])
-                elif kind == "ready":
-                    if not self._ready.done():
-                        self._ready.set_result(msg[1])
-                elif kind == "failed":
-                    if not self._ready.done():
-                        self._ready.set_exception(WorkerLost("could not start:\n" + str(msg[1])))
-            except Exception:
-                log.exception("worker %s: handling %r failed", self.name, kind)
+                msg = pickle.loads(frame)
+            except Exception:  # a message that does not unpickle here: skip it, keep the stream
+                log.exception("worker %s sent a message the server cannot read", self.name)
+                continue
+            self._handle(msg)
+
+    def _handle(self, msg: tuple) -> None:
+        kind = msg[0]
+        self.last_beat = time.monotonic()  # any message shows the worker alive; "beat" says nothing more
+        try:
+            if kind == "event":
+                if self._sink is not None:
+                    self._sink(msg[1])
+            elif kind == "done":
+                if self._done is not None and not self._done.done():
+                    self._done.set_result(msg[2:])
+            elif kind == "stats":
+                self.stats = dict(msg[1])
+            elif kind == "journal":
+                self._journal(msg)
+            elif kind == "send_sync":
+                if self.on_send_sync is not None:
+                    self.on_send_sync(*msg[1:])
+            elif kind == "ready":
+                if not self._ready.done():
+                    self._ready.set_result(msg[1])
+            elif kind == "failed":
+                if not self._ready.done():
+                    self._ready.set_exception(WorkerLost("could not start:\n" + str(msg[1])))
+        except Exception:
+            log.exception("worker %s: handling %r failed", self.name, kind)
+
+    def _closed(self, conn, proc) -> None:
+        """The connection closed: the process is ending. Say why to whoever waits on it."""
         proc.join(STOP_GRACE_S)
         cause = self.kill_cause or _describe_exit(proc.exitcode)
         with self._send_lock:
