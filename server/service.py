@@ -167,36 +167,39 @@ class PromptService:
     async def _keep_leases(self) -> None:
         """Renew the leases of prompts whose workers beat recently; end a worker silent past its lease (its
         run then fails with ``WorkerLost`` and the prompt is re-run once, as for any lost worker)."""
-        ttl = self.config.worker_lease
         while True:
             await asyncio.sleep(self.heartbeat_s)
-            now = time.monotonic()
-            alive = []
-            for job in list(self.runs.values()):
-                w = job.worker
-                if w is None or getattr(w, "state", None) != "busy" or w.prompt_id != job.prompt_id:
-                    continue
-                silent = now - w.last_beat
-                if silent <= ttl:
-                    alive.append(job.prompt_id)
-                    continue
-                why = f"it stopped answering: no heartbeat for {silent:.0f} s (lease {ttl:g} s, --worker-lease)"
-                log.error("worker %s running prompt %s: %s; ending it", w.name, job.prompt_id, why)
-                self.leases_expired += 1
-                w.kill(why)
-            if alive:
-                self.store.renew_leases(alive, ttl)
+            try:
+                self._check_leases()
+            except Exception:  # a store error this round: log it, keep watching
+                log.exception("renewing the workers' leases failed")
+
+    def _check_leases(self) -> None:
+        """One round of ``_keep_leases``."""
+        ttl = self.config.worker_lease
+        now = time.monotonic()
+        alive = []
+        for job in list(self.runs.values()):
+            w = job.worker
+            if w is None or getattr(w, "state", None) != "busy" or w.prompt_id != job.prompt_id:
+                continue
+            silent = now - w.last_beat
+            if silent <= ttl:
+                alive.append(job.prompt_id)
+                continue
+            why = f"it stopped answering: no heartbeat for {silent:.0f} s (lease {ttl:g} s, --worker-lease)"
+            log.error("worker %s running prompt %s: %s; ending it", w.name, job.prompt_id, why)
+            self.leases_expired += 1
+            w.kill(why)
+        if alive:
+            self.store.renew_leases(alive, ttl)
 
     def _worker_spec(self) -> WorkerSpec:
         """The workers' spec, with the output store's settings when there is one (each worker makes its own
         client from them)."""
-        from dataclasses import replace
-
         spec = replace(self.config.worker_spec or WorkerSpec(), heartbeat_s=self.heartbeat_s)
         if not self.config.output_store or not (self.config.workers or self.config.ray):
             return spec
-        from dataclasses import replace
-
         from kiln.workers.output_store import SERVICE as STORE, OutputStore, StoreConfig
 
         store = StoreConfig(self.config.output_store, self.config.output_store_endpoint)
