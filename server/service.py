@@ -620,6 +620,8 @@ class PromptService:
             raise
         except WorkerLost as lost:
             self._pipe.drain()
+            if lost.node:  # the worker's own word on the node it ran (its last events may not have left it)
+                job.last_node = lost.node
             if not self.router.stopping:
                 self._start_worker(slot)  # a fresh process; it loads models again when a prompt needs them
             if self._retry(job, slot, lost):

@@ -10,6 +10,8 @@ server -> worker                                  worker -> server
 ``("ack", req, error)`` a journal record stored   ``("done", pid, status, outputs, meta)``
 ``("stop",)``          finish and exit            ``("journal", req, pid, node, index, path, tmp)``
                                                   ``("send_sync", event, data, sid)`` a pack's message
+                                                  ``("beat", pid)``             alive, running pid
+                                                  ``("batch", [message, ...])`` several, in order
 
 ``job``: ``prompt_id``, ``prompt_text`` (API-format JSON text, already validated by the server), ``extra_data``,
 ``targets`` (the output nodes to run), ``previews``, ``journal`` (what earlier attempts wrote, for
@@ -26,6 +28,7 @@ import itertools
 import json
 import logging
 import os
+import pickle
 import queue
 import resource
 import signal
@@ -42,7 +45,7 @@ log = logging.getLogger("kiln.worker")
 ACK_TIMEOUT = 60.0
 
 
-def main(conn, spec: WorkerSpec, name: str) -> None:
+def main(conn, spec: WorkerSpec, name: str, running: Any = None) -> None:
     """Entry point of a worker process (``multiprocessing`` spawn target)."""
     _die_with_parent()
     os.environ.update(spec.env)
@@ -54,7 +57,7 @@ def main(conn, spec: WorkerSpec, name: str) -> None:
         level=os.environ.get("KILN_LOG_LEVEL", "INFO"),
         format=f"%(asctime)s %(levelname)s worker-{name} %(name)s: %(message)s",
     )
-    w = _Worker(spec, conn.send)
+    w = _Worker(spec, conn.send, batch=True, running=running)
     w.conn = conn
     w.serve()
 
@@ -89,12 +92,23 @@ class _Worker:
     actor (``kiln.workers.ray_actor``, whose runs stream these same messages). ``send`` puts one message on
     the wire; with ``acks`` False, journal records are sent without waiting for the server's commit."""
 
-    def __init__(self, spec: WorkerSpec, send, acks: bool = True):
+    def __init__(self, spec: WorkerSpec, send, acks: bool = True, batch: bool = False, running: Any = None):
         self.conn: Any = None
         self._send = send
         self.acks = acks
         self.spec = spec
         self.send_lock = threading.Lock()
+        # batch: messages are queued and a sender thread sends whatever has queued up as one ("batch", [...])
+        # message, so a 500-node prompt's events cost a few pickles and writes, not one each. What must not
+        # wait (a run's end, a journal record, ready/failed) goes at once, after everything queued before it.
+        # ``running``: shared memory the server reads when this process dies, holding the node that was
+        # running (its NodeStarted may still have been queued)
+        self.batch = batch
+        self.running = running
+        self._cv = threading.Condition(self.send_lock)
+        self._pending: list = []
+        self._sender: threading.Thread | None = None
+        self._started: Any = None  # the NodeStarted class, once the engine is imported (build)
         self.inbox: queue.Queue = queue.Queue()
         self.current: tuple[str, threading.Event] | None = None
         self.interrupted: set[str] = set()
@@ -104,9 +118,57 @@ class _Worker:
         self.journal = _Journal(self)
 
     # -- the wire ---------------------------------------------------------------------------------
-    def send(self, msg: tuple) -> None:
-        with self.send_lock:
-            self._send(msg)
+    def send(self, msg: tuple, now: bool = False) -> None:
+        if not self.batch:
+            with self.send_lock:
+                self._send(msg)
+            return
+        with self._cv:
+            self._pending.append(msg)
+            if now:
+                self._write_pending()
+                return
+            if self._sender is None:
+                self._sender = threading.Thread(target=self._send_batches, name="kiln-worker-sender", daemon=True)
+                self._sender.start()
+            self._cv.notify()
+
+    def flush(self) -> None:
+        """Everything queued, on the wire now (before the process exits)."""
+        if self.batch:
+            with self._cv:
+                self._write_pending()
+
+    def _send_batches(self) -> None:
+        while True:
+            with self._cv:
+                while not self._pending:
+                    self._cv.wait()
+                self._write_pending()
+
+    def _write_pending(self) -> None:
+        """Send what is queued as one message; the lock is held, so nothing overtakes it."""
+        msgs, self._pending = self._pending, []
+        if not msgs:
+            return
+        try:
+            self._send(msgs[0] if len(msgs) == 1 else ("batch", msgs))
+            return
+        except (TypeError, AttributeError, ValueError, pickle.PicklingError):
+            pass  # something in it does not pickle: one at a time below
+        except OSError:  # the server is gone: the inbox thread ends the process
+            return
+        for m in msgs:
+            try:
+                self._send(m)
+            except (TypeError, AttributeError, ValueError, pickle.PicklingError) as exc:
+                if m[0] != "event":
+                    log.error("a %r message could not be sent: %s", m[0], exc)
+                    continue
+                log.debug("event %s sent as plain data: %s", type(m[1]).__name__, exc)
+                self._send(("event", _plain(m[1])))
+            except OSError:
+                return
 
     def request(self, msg: tuple) -> None:
         """Send ``msg`` with a request id and wait for the server's acknowledgement."""
@@ -117,7 +179,7 @@ class _Worker:
         slot: list = [threading.Event(), None]
         self._acks[req] = slot
         try:
-            self.send((msg[0], req, *msg[1:]))
+            self.send((msg[0], req, *msg[1:]), now=True)
             if not slot[0].wait(ACK_TIMEOUT):
                 log.warning("the server did not acknowledge %s in %s s", msg[0], ACK_TIMEOUT)
             elif slot[1]:
@@ -150,6 +212,8 @@ class _Worker:
                 self.current[1].set()
 
     def event(self, event: Any) -> None:
+        if self.running is not None and self._started is not None and isinstance(event, self._started):
+            self.running.value = str(event.display_node or event.node).encode("utf-8", "replace")[:255]
         try:
             self.send(("event", event))
         except (TypeError, AttributeError, ValueError) as exc:  # something in it does not pickle
@@ -159,6 +223,9 @@ class _Worker:
     # -- running ----------------------------------------------------------------------------------
     def build(self) -> None:
         """Make the executor and install what the server provides through it (journal, packs' messages)."""
+        from kiln.engine import events as ev
+
+        self._started = ev.NodeStarted
         self.executor = self.spec.build()
         services = getattr(self.executor, "services", None)
         if isinstance(services, dict):
@@ -176,10 +243,10 @@ class _Worker:
         try:
             self.build()
         except BaseException:
-            self.send(("failed", traceback.format_exc()))
+            self.send(("failed", traceback.format_exc()), now=True)
             sys.exit(1)
         self._limit_address_space()
-        self.send(("ready", os.getpid()))
+        self.send(("ready", os.getpid()), now=True)
         while True:
             msg = self.inbox.get()
             if msg[0] == "run":
@@ -187,6 +254,7 @@ class _Worker:
             elif msg[0] == "free":
                 self.free(msg[1], msg[2])
             elif msg[0] == "stop":
+                self.flush()
                 return
 
     def _attach_pack_sender(self) -> None:
@@ -236,17 +304,19 @@ class _Worker:
                 options=RunOptions(previews=bool(job.get("previews"))),
             )
             self.send(("stats", self.stats()))
-            self.send(("done", pid, result.status, result.outputs, result.meta))
+            self.send(("done", pid, result.status, result.outputs, result.meta), now=True)
         except ValidationFailed as exc:
             why = "the prompt no longer validates in the worker: " + str(exc)
             self.event(ev.ExecutionError(pid, message=why, exception_type="ValidationFailed"))
-            self.send(("done", pid, "error", {}, {}))
+            self.send(("done", pid, "error", {}, {}), now=True)
         except BaseException as exc:  # a bug outside any node: report it, keep the worker
             tb = traceback.format_exception(type(exc), exc, exc.__traceback__)
             self.event(ev.ExecutionError(pid, message=str(exc), exception_type=type(exc).__name__, traceback=tb))
-            self.send(("done", pid, "error", {}, {}))
+            self.send(("done", pid, "error", {}, {}), now=True)
         finally:
             finished.set()
+            if self.running is not None:
+                self.running.value = b""
             self.journal.end(pid)
             with self.state_lock:
                 self.current = None

@@ -39,10 +39,11 @@ READ_WINDOW_S = 0.0015
 class WorkerLost(KilnError):
     """The worker process ended while it ran a prompt (or before it was ready)."""
 
-    def __init__(self, cause: str, limit: bool = False):
+    def __init__(self, cause: str, limit: bool = False, node: str | None = None):
         super().__init__(cause)
         self.cause = cause
         self.limit = limit  # the server ended it for a limit it breached (memory): not worth a re-run
+        self.node = node  # the node the worker said it was running when it died (display id), if known
 
 
 def _describe_exit(code: int | None) -> str:
@@ -182,6 +183,7 @@ class ProcessWorker(WorkerHandle):
         self._ready: cf.Future = cf.Future()
         self._done: cf.Future | None = None
         self._sink: Callable[[Any], None] | None = None
+        self._running: Any = None  # shared memory: the node the worker process is running now
 
     # -- lifecycle --------------------------------------------------------------------------------
     def start(self) -> None:
@@ -192,7 +194,10 @@ class ProcessWorker(WorkerHandle):
         self._fresh()
         self.kill_limit = False
         self._ready = cf.Future()
-        self._proc = ctx.Process(target=main, args=(child, self.spec, self.name), name=f"kiln-worker-{self.name}")
+        self._running = ctx.RawArray("c", 256)  # the node the worker runs, written by it (child.main)
+        self._proc = ctx.Process(
+            target=main, args=(child, self.spec, self.name, self._running), name=f"kiln-worker-{self.name}"
+        )
         self._proc.daemon = True
         self._proc.start()
         child.close()
@@ -324,6 +329,10 @@ class ProcessWorker(WorkerHandle):
 
     def _handle(self, msg: tuple) -> None:
         kind = msg[0]
+        if kind == "batch":  # what the worker queued while its last message went out, in order
+            for m in msg[1]:
+                self._handle(m)
+            return
         self.last_beat = time.monotonic()  # any message shows the worker alive; "beat" says nothing more
         try:
             if kind == "event":
@@ -361,7 +370,8 @@ class ProcessWorker(WorkerHandle):
             pass
         if self.state != "stopped":
             self.state = "dead"
-        lost = WorkerLost(cause, limit=self.kill_limit and self.kill_cause is not None)
+        running = self._running.value.decode("utf-8", "replace") if self._running is not None else ""
+        lost = WorkerLost(cause, limit=self.kill_limit and self.kill_cause is not None, node=running or None)
         if not self._ready.done():
             self._ready.set_exception(lost)
         if self._done is not None and not self._done.done():
