@@ -34,6 +34,7 @@ import resource
 import signal
 import sys
 import threading
+import time
 import traceback
 from typing import Any
 
@@ -214,11 +215,7 @@ class _Worker:
     def event(self, event: Any) -> None:
         if self.running is not None and self._started is not None and isinstance(event, self._started):
             self.running.value = str(event.display_node or event.node).encode("utf-8", "replace")[:255]
-        try:
-            self.send(("event", event))
-        except (TypeError, AttributeError, ValueError) as exc:  # something in it does not pickle
-            log.debug("event %s sent as plain data: %s", type(event).__name__, exc)
-            self.send(("event", _plain(event)))
+        self.send(("event", event))  # one that does not pickle goes as plain data (_write_pending)
 
     # -- running ----------------------------------------------------------------------------------
     def build(self) -> None:
@@ -234,6 +231,7 @@ class _Worker:
             if isinstance(store, StoreConfig):  # the spec carries its settings; the client is made here
                 services["output_store"] = OutputStore(store)
         self._attach_pack_sender()
+        threading.Thread(target=self._beat, name="kiln-worker-heartbeat", daemon=True).start()
         if self.spec.threads and "torch" in sys.modules:
             sys.modules["torch"].set_num_threads(self.spec.threads)
 
@@ -291,8 +289,6 @@ class _Worker:
         self.journal.start(pid, job.get("journal") or {})
         if job.get("inputs"):
             self._fetch_inputs(job["inputs"])
-        finished = threading.Event()
-        threading.Thread(target=self._beat, args=(pid, finished), name="kiln-worker-heartbeat", daemon=True).start()
         try:
             result = self.executor.run(
                 Graph.from_json(json.loads(job["prompt_text"])),
@@ -314,7 +310,6 @@ class _Worker:
             self.event(ev.ExecutionError(pid, message=str(exc), exception_type=type(exc).__name__, traceback=tb))
             self.send(("done", pid, "error", {}, {}), now=True)
         finally:
-            finished.set()
             if self.running is not None:
                 self.running.value = b""
             self.journal.end(pid)
@@ -337,13 +332,18 @@ class _Worker:
         if got:
             log.info("fetched %d input file(s) from the output store: %s", len(got), ", ".join(got[:5]))
 
-    def _beat(self, pid: str, finished: threading.Event) -> None:
-        """Heartbeats while ``pid`` runs: a thread of their own, so a node busy in Python or in native code that
-        releases the GIL still beats; a frozen or wedged process does not, and the server ends it."""
+    def _beat(self) -> None:
+        """Heartbeats while a prompt runs, from a thread of their own (started once, in ``build``), so a node
+        busy in Python or in native code that releases the GIL still beats; a frozen or wedged process does
+        not, and the server ends it."""
         every = max(0.05, float(self.spec.heartbeat_s))
-        while not finished.wait(every):
+        while True:
+            time.sleep(every)
+            current = self.current
+            if current is None:
+                continue
             try:
-                self.send(("beat", pid))
+                self.send(("beat", current[0]))
             except Exception:  # the connection is gone: the process is about to end anyway
                 return
 

@@ -1,10 +1,10 @@
 """``ProcessWorker``: the server's handle on one local worker process.
 
-The server's event loop reads the worker's messages in order, as they arrive (a reader thread does when
-the worker was started outside a loop): engine events go to the caller's sink, journal records are stored
-(then acknowledged), packs' messages are forwarded, and the end of a run resolves its future. When the
-connection closes without a ``done`` the worker has died; the run's future fails with ``WorkerLost``,
-saying why (out of memory, a signal, an exit status, or the reason the server itself stopped it).
+The server's event loop reads the worker's messages in order, as they arrive (``start`` runs on it):
+engine events go to the caller's sink, journal records are stored (then acknowledged), packs' messages are
+forwarded, and the end of a run resolves its future. When the connection closes without a ``done`` the
+worker has died; the run's future fails with ``WorkerLost``, saying why (out of memory, a signal, an exit
+status, or the reason the server itself stopped it).
 
 A watchdog thread reads the worker's resident memory from ``/proc`` and stops a worker over its limit.
 """
@@ -204,17 +204,9 @@ class ProcessWorker(WorkerHandle):
         self._conn = parent
         self.pid = self._proc.pid
         self.state = "starting"
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:
-            loop = None
-        if loop is not None:  # the loop reads the connection itself: no reader thread to hand each message over
-            reader = _FrameReader(parent.fileno())
-            loop.add_reader(reader.fd, self._on_readable, reader, parent, self._proc, loop)
-        else:
-            threading.Thread(
-                target=self._read, args=(parent, self._proc), name=f"kiln-worker-{self.name}-reader", daemon=True
-            ).start()
+        loop = asyncio.get_running_loop()  # the loop reads the connection itself, as messages arrive
+        reader = _FrameReader(parent.fileno())
+        loop.add_reader(reader.fd, self._on_readable, reader, parent, self._proc, loop)
         if self.spec.memory_limit:
             threading.Thread(
                 target=self._watch, args=(self._proc,), name=f"kiln-worker-{self.name}-watch", daemon=True
@@ -293,19 +285,6 @@ class ProcessWorker(WorkerHandle):
             self.held.clear()
 
     # -- threads ----------------------------------------------------------------------------------
-    def _read(self, conn, proc) -> None:
-        """A reader thread (when the worker was started outside an event loop)."""
-        while True:
-            try:
-                msg = conn.recv()
-            except (EOFError, OSError):
-                break
-            except Exception:  # a message that does not unpickle here: skip it, keep the stream
-                log.exception("worker %s sent a message the server cannot read", self.name)
-                continue
-            self._handle(msg)
-        self._closed(conn, proc)
-
     def _on_readable(self, reader: _FrameReader, conn, proc, loop: asyncio.AbstractEventLoop) -> None:
         """The event loop's reader: whatever the worker has written so far, handled in order, on the loop."""
         try:

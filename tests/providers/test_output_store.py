@@ -14,8 +14,8 @@ import pytest
 import requests
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "server"))  # the server tests' helpers
-from srv_helpers import SAFETY_S, ServeProcess, stop_all  # noqa: E402
-from test_workers import _all_ready, _result, _submit  # noqa: E402
+from srv_helpers import SAFETY_S  # noqa: E402
+from test_workers import _result, _submit, serving  # noqa: E402
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -38,16 +38,14 @@ def _objects(s3, prefix: str) -> list[str]:
 
 @pytest.mark.parametrize("serve", ["stream", "redirect"])
 def test_outputs_are_stored_by_prompt_and_served(s3, moto_url, tmp_path, serve):
-    srv = ServeProcess(
+    with serving(
+        1,
         tmp_path,
         "--workers", "1",
         "--output-store", f"s3://{s3.bucket}/kiln",
         "--output-store-endpoint", moto_url,
         "--output-serve", serve,
-    )  # fmt: skip
-    try:
-        srv.start()
-        _all_ready(srv, 1)
+    ) as srv:  # fmt: skip
         pid = _submit(srv, _save_graph())
         st = _result(srv, pid)
         assert st["status"] == "success", st
@@ -66,17 +64,12 @@ def test_outputs_are_stored_by_prompt_and_served(s3, moto_url, tmp_path, serve):
             assert requests.get(view.headers["Location"], timeout=SAFETY_S).content == stored
         hist = requests.get(f"{srv.url}/history/{pid}", timeout=SAFETY_S).json()
         assert hist[pid]["outputs"]["2"]["images"][0] == img
-    finally:
-        stop_all([srv], ServeProcess.kill)
 
 
 def test_a_rerun_leaves_one_object_per_output(s3, moto_url, tmp_path):
-    srv = ServeProcess(
-        tmp_path, "--workers", "1", "--output-store", f"s3://{s3.bucket}/kiln", "--output-store-endpoint", moto_url
-    )
-    try:
-        srv.start()
-        _all_ready(srv, 1)
+    with serving(
+        1, tmp_path, "--workers", "1", "--output-store", f"s3://{s3.bucket}/kiln", "--output-store-endpoint", moto_url
+    ) as srv:
         marker = tmp_path / "first-attempt"
         pid = _submit(srv, _save_graph(str(marker)))
         st = _result(srv, pid)
@@ -87,8 +80,6 @@ def test_a_rerun_leaves_one_object_per_output(s3, moto_url, tmp_path):
         keys = _objects(s3, f"kiln/output/{pid}/")
         assert len(keys) == 1 and keys[0].endswith(st["outputs"]["2"]["images"][0]["filename"]), keys
         assert json.dumps(st["outputs"]).count(".png") == 1
-    finally:
-        stop_all([srv], ServeProcess.kill)
 
 
 def test_delete_prompt_removes_every_object_of_that_prompt_only(s3, moto_url):
@@ -116,16 +107,14 @@ def test_uploads_and_input_files_reach_a_worker_that_shares_no_disk(s3, moto_url
     """The worker's base folder is not the server's (as on another machine): an uploaded image and a file
     copied into the server's input folder reach it through the store, and LoadImage reads them there."""
     elsewhere = tmp_path / "worker-machine"
-    srv = ServeProcess(
+    with serving(
+        1,
         tmp_path / "server",
         "--workers", "1",
         "--worker-base-dir", str(elsewhere),
         "--output-store", f"s3://{s3.bucket}/kiln",
         "--output-store-endpoint", moto_url,
-    )  # fmt: skip
-    try:
-        srv.start()
-        _all_ready(srv, 1)
+    ) as srv:  # fmt: skip
         red = _png((255, 0, 0))
         up = requests.post(
             f"{srv.url}/upload/image",
@@ -155,5 +144,3 @@ def test_uploads_and_input_files_reach_a_worker_that_shares_no_disk(s3, moto_url
             from PIL import Image
 
             assert Image.open(io.BytesIO(view.content)).convert("RGB").getpixel((0, 0)) == rgb
-    finally:
-        stop_all([srv], ServeProcess.kill)

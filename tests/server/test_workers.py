@@ -13,6 +13,7 @@ import json
 import os
 import signal
 import sqlite3
+from contextlib import contextmanager
 
 import pytest
 import requests
@@ -69,6 +70,18 @@ def _workers(srv: ServeProcess) -> list[dict]:
     return requests.get(f"{srv.url}/api/workers", timeout=SAFETY_S).json()["workers"]
 
 
+@contextmanager
+def serving(n: int, base, *args: str):
+    """A ``kiln serve`` with these arguments, once its ``n`` workers are idle; always stopped afterwards."""
+    srv = ServeProcess(base, *args)
+    try:
+        srv.start()
+        _all_ready(srv, n)
+        yield srv
+    finally:
+        stop_all([srv], ServeProcess.kill)
+
+
 def _all_ready(srv: ServeProcess, n: int) -> list[dict]:
     def ready():
         if srv.proc.poll() is not None:
@@ -88,15 +101,9 @@ def two(tmp_path_factory):
     base = tmp_path_factory.mktemp("workers")
     (base / "models" / "checkpoints").mkdir(parents=True)
     (base / "models" / "checkpoints" / "kiln-shapes.safetensors").symlink_to(SHIPPED)
-    srv = ServeProcess(
-        base, "--workers", "2", "--interrupt-grace", "1", "--worker-memory", "600MiB", "--max-prompt-memory", "1GiB"
-    )
-    try:
-        srv.start()
-        _all_ready(srv, 2)
+    args = ("--workers", "2", "--interrupt-grace", "1", "--worker-memory", "600MiB", "--max-prompt-memory", "1GiB")
+    with serving(2, base, *args) as srv:
         yield srv
-    finally:
-        stop_all([srv], ServeProcess.kill)
 
 
 def test_two_workers_run_prompts_side_by_side(two, tmp_path):
@@ -207,30 +214,20 @@ def test_free_unloads_the_workers(two):
 
 
 def test_max_prompt_seconds_stops_and_fails_a_long_prompt(tmp_path):
-    srv = ServeProcess(tmp_path, "--workers", "1", "--max-prompt-seconds", "1", "--interrupt-grace", "1")
-    try:
-        srv.start()
-        _all_ready(srv, 1)
+    with serving(1, tmp_path, "--workers", "1", "--max-prompt-seconds", "1", "--interrupt-grace", "1") as srv:
         st = _run(srv, _graph("WStubborn"))
         assert st["status"] == "error", st
         msg = st["error"]["exception_message"]
         assert "longer than the limit of 1 s (--max-prompt-seconds)" in msg and "at node 2 (WStubborn)" in msg
         _all_ready(srv, 1)
         assert _run(srv, _add(1))["status"] == "success"
-    finally:
-        stop_all([srv], ServeProcess.kill)
 
 
 @pytest.fixture(scope="module")
 def short_lease(tmp_path_factory):
     """Two workers whose leases last 1 s (heartbeats every 0.2 s)."""
-    srv = ServeProcess(tmp_path_factory.mktemp("lease"), "--workers", "2", "--worker-lease", "1")
-    try:
-        srv.start()
-        _all_ready(srv, 2)
+    with serving(2, tmp_path_factory.mktemp("lease"), "--workers", "2", "--worker-lease", "1") as srv:
         yield srv
-    finally:
-        stop_all([srv], ServeProcess.kill)
 
 
 def _leases(srv: ServeProcess) -> list[tuple]:

@@ -18,6 +18,15 @@ from kiln.engine import Int, Node, Socket, String
 BOUND_S = 300.0  # a node that the test forgets to stop still ends
 
 
+def _signal_self(sig: int, marker: str) -> None:
+    """Send ``sig`` to this process: always, or only on the first attempt when ``marker`` names a file that
+    the first attempt creates (holding its pid), so a re-run succeeds."""
+    if not marker or not os.path.exists(marker):
+        if marker:
+            Path(marker).write_text(str(os.getpid()))
+        os.kill(os.getpid(), sig)
+
+
 class WKill(Node):
     """SIGKILLs its own process: always, or only on the first attempt when ``marker`` names a file that
     the first attempt creates (so a re-run succeeds)."""
@@ -26,10 +35,7 @@ class WKill(Node):
     cacheable = False
 
     def run(self, value: Annotated[int, Socket("INT")], marker: Annotated[str, String()] = ""):
-        if not marker or not os.path.exists(marker):
-            if marker:
-                Path(marker).write_text(str(os.getpid()))
-            os.kill(os.getpid(), signal.SIGKILL)
+        _signal_self(signal.SIGKILL, marker)
         return value
 
 
@@ -106,10 +112,7 @@ class WFreeze(Node):
     cacheable = False
 
     def run(self, value: Annotated[int, Socket("INT")], marker: Annotated[str, String()] = ""):
-        if not marker or not os.path.exists(marker):
-            if marker:
-                Path(marker).write_text(str(os.getpid()))
-            os.kill(os.getpid(), signal.SIGSTOP)
+        _signal_self(signal.SIGSTOP, marker)
         return value
 
 
