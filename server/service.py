@@ -93,6 +93,7 @@ class PromptService:
         self._session: aiohttp.ClientSession | None = None
         self._bg: set[asyncio.Task] = set()
         self.leases_expired = 0  # workers ended because their heartbeats stopped (for /metrics)
+        self._lease_round = time.monotonic()  # when the last lease round ran
         self._stored_inputs: dict[str, tuple[int, int]] = {}  # input files put in the output store: (size, mtime)
         self._status_timer: asyncio.TimerHandle | None = None
         self.router = EventRouter(hub, store)
@@ -175,16 +176,19 @@ class PromptService:
                 log.exception("renewing the workers' leases failed")
 
     def _check_leases(self) -> None:
-        """One round of ``_keep_leases``."""
+        """One round of ``_keep_leases``. After a round that came late (the loop itself was held up, so the
+        workers' messages may be waiting unread), leases are renewed but no worker is ended."""
         ttl = self.config.worker_lease
         now = time.monotonic()
+        late = now - self._lease_round > 2 * self.heartbeat_s
+        self._lease_round = now
         alive = []
         for job in list(self.runs.values()):
             w = job.worker
             if w is None or getattr(w, "state", None) != "busy" or w.prompt_id != job.prompt_id:
                 continue
             silent = now - w.last_beat
-            if silent <= ttl:
+            if silent <= ttl or late:
                 alive.append(job.prompt_id)
                 continue
             why = f"it stopped answering: no heartbeat for {silent:.0f} s (lease {ttl:g} s, --worker-lease)"
