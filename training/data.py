@@ -22,15 +22,20 @@ def to_images(x: torch.Tensor) -> list[np.ndarray]:
     return list(x)
 
 
-def vae_batch(seed: int, step: int, batch: int) -> torch.Tensor:
+def vae_batch(seed: int, step: int, batch: int, outline_fraction: float = OUTLINE_FRACTION) -> torch.Tensor:
+    return vae_batch_and_footprints(seed, step, batch, outline_fraction)[0]
+
+
+def vae_batch_and_footprints(
+    seed: int, step: int, batch: int, outline_fraction: float = OUTLINE_FRACTION
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the batch, the same scenes drawn filled): what each object covers, outlines included."""
     rng = np.random.default_rng([seed, step])
     idx = rng.integers(0, 2**40, size=batch)
-    styles = rng.random(batch) < OUTLINE_FRACTION
-    imgs = [
-        sc.render(sc.make_scene(sc.stream_seed(sc.TRAIN_STREAM, int(i))), "outline" if o else "filled")
-        for i, o in zip(idx, styles)
-    ]
-    return to_tensor(imgs)
+    styles = rng.random(batch) < outline_fraction
+    scenes = [sc.make_scene(sc.stream_seed(sc.TRAIN_STREAM, int(i))) for i in idx]
+    imgs = [sc.render(s, "outline" if o else "filled") for s, o in zip(scenes, styles)]
+    return to_tensor(imgs), to_tensor([sc.render(s) for s in scenes])
 
 
 def pool_scenes(n: int) -> list[sc.Scene]:

@@ -155,15 +155,31 @@ def _read_component(f: np.ndarray, background: str, labels: np.ndarray, stats: n
     area = int(stats[i, cv2.CC_STAT_AREA])
     x, y, w, h = (int(stats[i, k]) for k in (cv2.CC_STAT_LEFT, cv2.CC_STAT_TOP, cv2.CC_STAT_WIDTH, cv2.CC_STAT_HEIGHT))
     obj = labels == i
-    # colour from the object's core, away from anti-aliased edges
+    # colour from the object's core, away from anti-aliased edges; an outline (the LoRA's style) has little
+    # core, so its colour is read from its quarter of pixels farthest from the background
     core = cv2.erode(obj.astype(np.uint8), np.ones((3, 3), np.uint8)).astype(bool)
-    pix = f[core] if core.sum() >= 5 else f[obj]
+    if core.sum() >= max(5, 0.25 * obj.sum()):
+        pix = f[core]
+    else:
+        pix = f[obj]
+        far = ((pix - np.asarray(sc.BACKGROUNDS[background], np.float32)) ** 2).sum(axis=1)
+        pix = pix[far >= np.quantile(far, 0.75)]
     color = _nearest(np.median(pix, axis=0), _PAL, list(sc.COLORS))
-    fill = area / float(w * h)
-    shape = _shape(obj, fill)
+    # the shape is what the object covers: an outline is read with its inside filled
+    solid = _filled(obj)
+    fill = float(solid.sum()) / float(w * h)
+    shape = _shape(solid, fill)
     size = "large" if max(w, h) >= 18 else "small"
     position = grid_position(x + w / 2, y + h / 2)
     return Reading(background, color, shape, size, position, fill, area, shape_by_extent(obj, fill))
+
+
+def _filled(obj: np.ndarray) -> np.ndarray:
+    """``obj`` with its holes filled (a filled shape is unchanged)."""
+    contours, _ = cv2.findContours(obj.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
+    out = np.zeros(obj.shape, np.uint8)
+    cv2.drawContours(out, contours, -1, 1, thickness=-1)
+    return out.astype(bool) | obj
 
 
 def read_objects(img: np.ndarray) -> tuple[str, list[Reading]]:

@@ -48,7 +48,7 @@ def outline_pool(run: Path, n: int, vae) -> dict:
     if path.exists():
         return torch.load(path, weights_only=True)
     tok = tk.load(run / "tokenizer")
-    scenes = [sc.make_scene(sc.stream_seed(sc.TRAIN_STREAM, 10_000_000 + i)) for i in range(n)]
+    scenes = [sc.make_scene(sc.stream_seed(sc.TRAIN_STREAM, OUTLINE_OFFSET + i)) for i in range(n)]
     means = []
     with torch.no_grad():
         for i in range(0, n, 128):
@@ -105,6 +105,30 @@ def unapply(unet, saved: dict[str, torch.Tensor]) -> None:
             modules[base].weight.copy_(w)
 
 
+# The pixel term: the latent loss alone learns latents that decode to half-filled shapes (the outline's thin
+# strokes are a small part of the latent error), so part of each batch is also judged after decoding, against
+# the drawn outline, with the stroke and the background inside it weighted up. Only where the UNet's clean-
+# picture estimate means something (t below PIXEL_T_MAX), weighted by how much signal is left.
+PIXEL_BATCH = 8
+PIXEL_T_MAX = 600
+OUTLINE_OFFSET = 10_000_000  # the outline pool's scenes: TRAIN_STREAM seeds from here
+
+
+def pixel_loss(vae, scale: float, xt, pred, abar_t, prediction: str, idx, prediction_t) -> torch.Tensor:
+    keep = torch.nonzero(prediction_t[:PIXEL_BATCH] < PIXEL_T_MAX).flatten()
+    if keep.numel() == 0:
+        return pred.sum() * 0.0
+    x0 = train.predicted_x0(xt[keep], pred[keep], abar_t[keep], prediction)
+    img = vae.decode(x0 / scale).sample
+    scenes = [sc.make_scene(sc.stream_seed(sc.TRAIN_STREAM, OUTLINE_OFFSET + int(i))) for i in idx[keep]]
+    target = data.to_tensor([sc.render(s, "outline") for s in scenes])
+    # the whole footprint (stroke and the hollow inside it) counts, as in hollowness
+    foot = data.to_tensor([sc.render(s, "filled") for s in scenes])
+    w = train.fg_weight(foot)
+    err = ((img - target).abs() * w).mean(dim=(1, 2, 3))
+    return (err * abar_t[keep].sqrt()).mean()
+
+
 def train_lora(
     run: Path,
     out: Path,
@@ -115,6 +139,7 @@ def train_lora(
     seed: int,
     pool_size: int,
     phase: str | None = None,
+    pixel_weight: float = 0.0,
 ) -> None:
     from peft import LoraConfig, inject_adapter_in_model
 
@@ -122,7 +147,7 @@ def train_lora(
     unet, te, vae = pipe.unet, pipe.text_encoder, pipe.vae
     scale = vae.config.scaling_factor
     pool = outline_pool(run, pool_size, vae)
-    for p in list(unet.parameters()) + list(te.parameters()):
+    for p in list(unet.parameters()) + list(te.parameters()) + list(vae.parameters()):
         p.requires_grad_(False)
     torch.manual_seed(seed)
     unet = inject_adapter_in_model(
@@ -150,8 +175,11 @@ def train_lora(
         t = torch.randint(0, 1000, (batch,), generator=g)
         noise = torch.randn(z0.shape, generator=g)
         a = abar[t].view(-1, 1, 1, 1)
-        pred = unet(a.sqrt() * z0 + (1 - a).sqrt() * noise, t, cond_all[idx]).sample
+        xt = a.sqrt() * z0 + (1 - a).sqrt() * noise
+        pred = unet(xt, t, cond_all[idx]).sample
         loss = F.mse_loss(pred, train.diffusion_target(z0, noise, abar[t], prediction))
+        if pixel_weight > 0:
+            loss = loss + pixel_weight * pixel_loss(vae, scale, xt, pred, abar[t], prediction, idx, prediction_t=t)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -183,10 +211,22 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--pool", type=int, default=4000)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--pixel-weight", type=float, default=0.0, help="weight of the decoded-outline term")
     p.add_argument("--phase", default=None, help="base UNet checkpoint folder: unet-v (default) or unet-v2")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    train_lora(args.run, args.out, args.steps, args.batch, args.lr, args.rank, args.seed, args.pool, phase=args.phase)
+    train_lora(
+        args.run,
+        args.out,
+        args.steps,
+        args.batch,
+        args.lr,
+        args.rank,
+        args.seed,
+        args.pool,
+        phase=args.phase,
+        pixel_weight=args.pixel_weight,
+    )
 
 
 if __name__ == "__main__":

@@ -74,9 +74,12 @@ def stage_tokenizer(out: Path) -> None:
 # ---------------------------------------------------------------- VAE
 
 
-def load_vae(out: Path):
+def load_vae(out: Path, decoder: str = "vae"):
+    """The trained VAE; ``decoder="vae-v2"`` swaps in the v2 decoder (same encoder, so the same latents)."""
     vae = models.build_vae(json.loads((out / "vae" / "config.json").read_text()))
     vae.load_state_dict(torch.load(out / "vae" / "final.pt", map_location="cpu", weights_only=True))
+    if decoder != "vae":
+        vae.load_state_dict(torch.load(out / decoder / "final.pt", map_location="cpu", weights_only=True))
     return vae
 
 
@@ -167,6 +170,68 @@ def stage_vae(out: Path, seed: int, steps: int, batch: int, lr: float, resume: b
         y = vae.decode(vae.encode(x).latent_dist.mode()).sample
         err = (y - x).abs().mean().item() * 127.5
     print(f"vae: scaling_factor {cfg['scaling_factor']}, mean abs reconstruction error {err:.2f}/255")
+
+
+VAE2_STEPS = 2000
+VAE2_OUTLINE_FRACTION = 0.5
+VAE2_LR = 5e-4
+
+
+def stage_vae_v2(
+    out: Path,
+    seed: int,
+    steps: int,
+    batch: int,
+    lr: float,
+    resume: bool,
+    ckpt_every: float,
+    max_steps: int | None = None,
+) -> None:
+    """Fine-tune the VAE's decoder only (encoder frozen: latents, and so every UNet, stay valid) on half
+    outline scenes, the loss weighted over each object's whole footprint, into ``vae-v2/``. The v1 decoder
+    saw 10% outlines and turns their latents back into half-filled shapes (hollowness 0.23 against 0.44
+    drawn), a ceiling no LoRA on the UNet can pass."""
+    ckpt = out / "vae-v2" / "latest.pt"
+    vae = load_vae(out)
+    frozen = [vae.encoder, vae.quant_conv]
+    for m in frozen:
+        m.requires_grad_(False)
+    params = [p for p in vae.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    step = 0
+    if resume and ckpt.exists():
+        st = torch.load(ckpt, map_location="cpu", weights_only=False)
+        vae.load_state_dict(st["model"])
+        opt.load_state_dict(st["opt"])
+        step = st["step"]
+        print(f"vae-v2: resumed at step {step}")
+    print(f"vae-v2: decoder {sum(p.numel() for p in params) / 1e6:.2f}M params, {steps} steps of {batch}")
+    last = time.time()
+    bar = tqdm(total=steps, initial=step, desc="vae-v2", unit="step", mininterval=10)
+    while step < steps:
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, lr, 50, steps)
+        x, foot = data.vae_batch_and_footprints(seed, step, batch, outline_fraction=VAE2_OUTLINE_FRACTION)
+        with torch.no_grad():
+            z = vae.encode(x).latent_dist.sample(generator=_gen(seed, step, 1))
+        y = vae.decode(z).sample
+        # weighted over the whole footprint: an outline's hollow inside counts as much as its stroke
+        loss = (((y - x).abs() + (y - x) ** 2) * fg_weight(foot)).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        step += 1
+        bar.update(1)
+        bar.set_postfix(rec=f"{loss.item():.4f}", refresh=False)
+        stop = max_steps is not None and step >= max_steps
+        if time.time() - last > ckpt_every or step == steps or stop:
+            save_atomic({"model": vae.state_dict(), "opt": opt.state_dict(), "step": step}, ckpt)
+            last = time.time()
+        if stop:
+            bar.close()
+            return
+    bar.close()
+    torch.save(vae.state_dict(), out / "vae-v2" / "final.pt")
 
 
 # ---------------------------------------------------------------- latent pool
@@ -323,9 +388,14 @@ def stage_unet(
     step = 0
     if resume and ckpt.exists():
         st = torch.load(ckpt, map_location="cpu", weights_only=False)
-        te.load_state_dict(st["model"]["text_encoder"])
-        unet.load_state_dict(st["model"]["unet"])
-        opt.load_state_dict(st["opt"])
+        # a finished phase's slim snapshot (snapshot.py) keeps only the EMA weights: nothing left to train
+        model = st.get("model", st["ema"])
+        te.load_state_dict(model["text_encoder"])
+        unet.load_state_dict(model["unet"])
+        if "opt" in st:
+            opt.load_state_dict(st["opt"])
+        elif st["step"] < steps:
+            raise SystemExit(f"{ckpt} holds finished weights only (step {st['step']}); it cannot train on to {steps}")
         for part in ("text_encoder", "unet"):
             for k, v in st["ema"][part].items():
                 if f"{part}.{k}" in ema:
@@ -513,7 +583,7 @@ def stage_unet_v2(
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("stage", choices=["tokenizer", "vae", "latents", "unet", "unet-v", "unet-v2", "all"])
+    p.add_argument("stage", choices=["tokenizer", "vae", "latents", "unet", "unet-v", "unet-v2", "vae-v2", "all"])
     p.add_argument("--out", type=Path, default=Path("runs/shapes"))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true")
@@ -521,6 +591,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--ckpt-every", type=float, default=300.0, help="seconds between checkpoints")
     p.add_argument("--vae-steps", type=int, default=1700)
     p.add_argument("--vae-batch", type=int, default=16)
+    p.add_argument("--vae2-steps", type=int, default=VAE2_STEPS, help="steps of the v2 decoder fine-tune")
     p.add_argument("--pool", type=int, default=20000, help="training scenes whose latents are cached")
     p.add_argument("--steps", type=int, default=6000, help="UNet steps of the epsilon phase")
     p.add_argument("--v-steps", type=int, default=V_STEPS, help="steps of the v-prediction phase")
@@ -585,6 +656,8 @@ def main(argv: list[str] | None = None) -> None:
             prediction="v_prediction",
             init=out / PHASES["epsilon"] / "latest.pt",
         )
+    if args.stage == "vae-v2" and not (args.resume and (out / "vae-v2" / "final.pt").exists()):
+        stage_vae_v2(out, args.seed + 3, args.vae2_steps, args.vae_batch, VAE2_LR, args.resume, args.ckpt_every)
     if args.stage == "unet-v2":
         stage_unet_v2(
             out,

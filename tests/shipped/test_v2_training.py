@@ -53,3 +53,27 @@ def test_v2_starts_from_the_v_weights_and_resumes_exactly(tmp_path, monkeypatch)
     assert rest == full[2:]
     for name, v in a["model"]["unet"].items():
         assert torch.equal(v, b["model"]["unet"][name]), name
+
+
+def test_v2_decoder_keeps_the_encoder_and_resumes_exactly(tmp_path, monkeypatch):
+    """``train vae-v2`` tunes the decoder only, so every UNet's latents stay valid; stopped and resumed, it
+    ends on the same weights as one uninterrupted run."""
+    out = tmp_path / "run"
+    monkeypatch.setattr(models, "VAE_CONFIG", TINY_VAE)
+    train.stage_vae(out, seed=0, steps=1, batch=2, lr=1e-3, resume=False, ckpt_every=1e9)
+    v1 = train.load_vae(out).state_dict()
+    kw = dict(seed=3, batch=2, lr=1e-3, ckpt_every=1e9)
+    train.stage_vae_v2(out, steps=4, resume=False, **kw)
+    a = train.load_vae(out, "vae-v2").state_dict()
+    for name, v in v1.items():
+        same = torch.equal(v, a[name])
+        assert same == (not name.startswith("decoder.") and not name.startswith("post_quant_conv.")), name
+    # stop after 2 steps (the schedule still says 4), then resume to 4
+    (out / "vae-v2" / "final.pt").unlink()
+    train.stage_vae_v2(out, steps=4, resume=False, max_steps=2, **kw)
+    assert not (out / "vae-v2" / "final.pt").exists()
+    st = torch.load(out / "vae-v2" / "latest.pt", weights_only=False)
+    assert st["step"] == 2
+    train.stage_vae_v2(out, steps=4, resume=True, **kw)
+    b = train.load_vae(out, "vae-v2").state_dict()
+    assert all(torch.equal(v, b[k]) for k, v in a.items())
