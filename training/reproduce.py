@@ -1,22 +1,23 @@
 """One command for every shipped kiln-shapes file, resumable at any point.
 
-    python -m kiln.training.reproduce [--run runs/shapes] [--from-snapshot]
+    python -m kiln.training.reproduce [--run runs/shapes] [--from-snapshot] [--v1]
 
 Runs, in order, skipping what is already finished in ``--run``:
 
-1. ``train all``: tokenizer, VAE, latent pool, the epsilon phase (6,000 steps) and the v phase;
-2. ``export``: ``models/checkpoints/kiln-shapes.safetensors``;
-3. ``lora``: ``models/loras/kiln-outline.safetensors``;
-4. ``controlnet``: ``models/controlnet/kiln-shapes-edges.safetensors``.
+1. ``train all``: tokenizer, VAE, latent pool, the epsilon phase (6,000 steps) and the v phase (the v1 model);
+2. ``train unet-v2``: the partial-caption fine-tune of the v weights (6,000 steps);
+3. ``train vae-v2``: the decoder fine-tuned on half outline scenes (2,000 steps; encoder unchanged);
+4. ``export``: ``models/checkpoints/kiln-shapes.safetensors`` (the v2 UNet and text encoder, the v2 decoder);
+5. ``lora``: ``models/loras/kiln-outline.safetensors``, trained on the v2 model with the decoded-outline term;
+6. ``controlnet``: ``models/controlnet/kiln-shapes-edges.safetensors``, trained on the v weights: it places
+   shapes on the v2 model as well as on v1 (``benchmarks/fidelity.py``), so v2 ships the same file.
 
-``--v2`` (issue 16) adds the partial-caption fine-tune (``train unet-v2``, from the v weights) and exports
-that instead, with the LoRA and ControlNet trained on it; without it the shipped v1 files are reproduced
-unchanged. Replace the shipped files with ``--v2`` only once ``benchmarks/fidelity.py`` shows its bars met.
+``--v1`` reproduces the first release instead (steps 1, then 4 to 6 on the v weights and the v1 decoder).
 
 ``--from-snapshot`` starts from the committed ``training/checkpoints/`` instead of from scratch (the
-tokenizer, VAE and the latest UNet checkpoint; the latent pool is re-encoded). Interrupt it whenever; run
-the same command again to carry on (the UNet stages resume from their last checkpoint, bit-exact).
-Times on a 2-core machine are in training/README.md.
+tokenizer, VAE, both v1 UNet phases, the finished v2 weights and decoder; the latent pool is re-encoded).
+Interrupt it whenever; run the same command again to carry on (the UNet stages resume from their last
+checkpoint, bit-exact). Times on a 2-core machine are in training/README.md.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from pathlib import Path
 from kiln.training import controlnet, export, lora, snapshot, train
 
 LORA_STEPS = 1200
+LORA_PIXEL_WEIGHT = 1.0
 CONTROLNET_STEPS = 3000
 MODELS = Path(__file__).resolve().parents[1] / "models"
 
@@ -36,17 +38,18 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--run", type=Path, default=Path("runs/shapes"))
     p.add_argument("--from-snapshot", action="store_true")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--v2", action="store_true", help="the partial-caption fine-tune (unet-v2) on top")
+    p.add_argument("--v1", action="store_true", help="the first release: no partial-caption fine-tune")
     args = p.parse_args(argv)
     run = args.run
     threads = ["--threads", str(args.threads)]
     if args.from_snapshot and not (run / "vae" / "final.pt").exists():
         snapshot.copy(run, to_snapshot=False)
     train.main(["all", "--out", str(run), "--resume", *threads])
-    phase = None
-    if args.v2:
+    phase, lora_extra = None, []
+    if not args.v1:
         train.main(["unet-v2", "--out", str(run), "--resume", *threads])
-        phase = "unet-v2"
+        train.main(["vae-v2", "--out", str(run), "--resume", *threads])
+        phase, lora_extra = "unet-v2", ["--phase", "unet-v2", "--pixel-weight", str(LORA_PIXEL_WEIGHT)]
     ckpt = MODELS / "checkpoints" / "kiln-shapes.safetensors"
     export.export_run(run, ckpt, phase=phase)
     print(f"wrote {ckpt}")
@@ -59,7 +62,7 @@ def main(argv: list[str] | None = None) -> None:
             "--out",
             str(MODELS / "loras" / "kiln-outline.safetensors"),
             *threads,
-            *(["--phase", phase] if phase else []),
+            *lora_extra,
         ]
     )
     controlnet.main(
@@ -71,7 +74,6 @@ def main(argv: list[str] | None = None) -> None:
             "--out",
             str(MODELS / "controlnet" / "kiln-shapes-edges.safetensors"),
             *threads,
-            *(["--phase", phase] if phase else []),
         ]
     )
 

@@ -55,6 +55,7 @@ class World:
         img[..., 3] = 255
         img[24:40, 24:40, 3] = 0  # transparent square: LoadImage's mask marks it for inpainting
         Image.fromarray(img, "RGBA").save(inp / "example.png")
+        Image.fromarray(img[:, :48, :3]).save(inp / "outpaint_source.png")  # graphs/outpaint.json widens it to 64
         self.manager = ModelManager(budget_bytes=2**31, device="cpu", dtype=torch.float32)
 
     def executor(self, cache: str | None = None) -> engine.Executor:

@@ -9,7 +9,6 @@ SUBST = {
     "ckpt_name": "tiny.safetensors",
     "lora_name": "a_kohya.safetensors",
     "control_net_name": "tiny_cn.safetensors",
-    "image": "example.png",
 }
 
 

@@ -38,7 +38,7 @@ class Job:
     batch: int = 1
     sampler: str = "euler"
     scheduler: str = "normal"
-    cfg: float = 5.0
+    cfg: float = 3.0  # the shipped graphs' guidance
     steps: int = 20
     denoise: float = 1.0
     lora: float | None = None  # LoRA strength; None: no LoRA node at all

@@ -1,9 +1,10 @@
 """Area conditioning on the shipped model: each prompt is drawn in the area it is given.
 
-``graphs/area_composition.json`` puts "a large red circle at the left" in the left 80 of 128 pixels (in
-EmptyLatentImage's units) and "a large blue square at the right" in the right 80, over a weak whole-picture
-prompt. Each half of every picture is read by the training side's pixel checker with the other half painted
-over in the background colour.
+``graphs/area_composition.json`` draws a picture 192 wide and 128 high (in EmptyLatentImage's units; 96x64
+pixels on this model) and puts "a large red circle at the left" in its left 128 and "a large blue square at
+the right" in its right 128, over a weak whole-picture prompt: each area is the square picture the model
+was trained on. Each half of every picture is read by the training side's pixel checker with the other half
+painted over in the background colour.
 """
 
 from __future__ import annotations
@@ -31,9 +32,10 @@ def _images(shapes, graph: dict) -> list[np.ndarray]:
 
 def _halves(img: np.ndarray) -> tuple[ev.Reading, ev.Reading]:
     bg = np.median(img[:2].reshape(-1, 3), axis=0).astype(np.uint8)
+    half = img.shape[1] // 2
     left, right = img.copy(), img.copy()
-    left[:, 32:] = bg
-    right[:, :32] = bg
+    left[:, half:] = bg
+    right[:, :half] = bg
     return ev.analyse(left), ev.analyse(right)
 
 

@@ -84,6 +84,9 @@ def test_cfg_trades_diversity_for_fidelity(shapes):
 # -- LoRA -------------------------------------------------------------------------------------------------
 
 
+FULL_STRENGTH_HOLLOWNESS = 0.3  # measured here: 0.43 (large objects); 0.36 over 50 prompts
+
+
 def _hollowness(images: list[np.ndarray]) -> float:
     return float(np.mean([ev.hollowness(im) for im in images]))
 
@@ -98,9 +101,12 @@ def test_lora_draws_outlines_in_proportion_to_strength(shapes):
     off, half, full = (_hollowness([im for ims in out[k * n : (k + 1) * n] for im in ims]) for k in range(3))
     real = _hollowness([sc.render(s, "outline") for s in scenes])
     # hollowness: share of the object's outline-enclosed area that is background (filled 0, real
-    # outlines ~0.5); the LoRA's outlines keep some colour inside, so it reaches ~0.19 here
-    assert off < 0.05 and full > 0.12 and full > off + 0.1, (off, half, full, real)
+    # outlines ~0.5); benchmarks/fidelity.py measures the shipped LoRA at strength 1 on 100 prompts
+    assert off < 0.05 and full > FULL_STRENGTH_HOLLOWNESS and full > off + 0.2, (off, half, full, real)
     assert off <= half <= full, (off, half, full)
+    # the outlines still draw the prompt: colour and shape read from the stroke and what it encloses
+    acc = _accuracy([im for ims in out[2 * n :] for im in ims], [s for s in scenes for _ in range(2)])
+    assert acc["color"] >= 0.75 and acc["shape"] >= 0.75, acc
 
 
 def test_lora_unloads_exactly(shapes):
