@@ -17,9 +17,10 @@ def test_area_composition_graph(world):
     res = world.run(g, ["9", "12", "13", "14"])
     _check_image(world, res, "14")
     positive = res.values["9"][0]
-    assert [o.get("area") for _, o in positive] == [(16, 10, 0, 0), (16, 10, 0, 6), None]
+    # (height, width, y, x) in latent cells of 8 pixels: two 128x128 areas, the second 64 pixels in
+    assert [o.get("area") for _, o in positive] == [(16, 16, 0, 0), (16, 16, 0, 8), None]
     assert [o.get("strength") for _, o in positive] == [1.0, 1.0, 0.01]
-    assert res.values["13"][0].shape == (1, 128, 128, 3)
+    assert res.values["13"][0].shape == (1, 128, 192, 3)
     # KSampler honours the areas: the same prompts without them give another latent
     g["8"]["inputs"] = {"conditioning_1": ["2", 0], "conditioning_2": ["4", 0]}
     plain = world.run(g, ["12"])
