@@ -4,6 +4,7 @@ partial captions, leaves the v1 checkpoint alone and resumes exactly. Its qualit
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from kiln.training import captions as cp, data, models, tokenizer as tk, train
@@ -77,3 +78,32 @@ def test_v2_decoder_keeps_the_encoder_and_resumes_exactly(tmp_path, monkeypatch)
     train.stage_vae_v2(out, steps=4, resume=True, **kw)
     b = train.load_vae(out, "vae-v2").state_dict()
     assert all(torch.equal(v, b[k]) for k, v in a.items())
+
+
+def test_a_slim_snapshot_of_the_finished_v2_resumes_as_done(tmp_path, monkeypatch):
+    """The committed v2 snapshot keeps the EMA weights only (snapshot.SLIM): resuming the finished stage from
+    it trains nothing and keeps it slim; asking it to train further is refused, not silently restarted."""
+    from kiln.training import snapshot
+
+    out = tmp_path / "run"
+    monkeypatch.setattr(models, "VAE_CONFIG", TINY_VAE)
+    train.stage_tokenizer(out)
+    train.stage_vae(out, seed=0, steps=1, batch=2, lr=1e-3, resume=False, ckpt_every=1e9)
+    train.stage_latents(out, 16, batch=16)
+    kw = dict(batch=4, lr=1e-3, ckpt_every=1e9, eval_every=0, unet_config=TINY_UNET, warmup=1, resume=False)
+    train.stage_unet(out, seed=0, steps=1, **kw)
+    train.stage_unet(out, seed=1, steps=1, prediction="v_prediction", init=out / "unet" / "latest.pt", **kw)
+    v2 = dict(seed=2, batch=4, lr=1e-3, ckpt_every=1e9, eval_every=0, unet_config=TINY_UNET)
+    train.stage_unet_v2(out, steps=2, resume=False, **v2)
+    snap = tmp_path / "snap"
+    monkeypatch.setattr(snapshot, "SNAP", snap)
+    snapshot.copy(out, to_snapshot=True)
+    slim = torch.load(snap / "unet-v2-final.pt", weights_only=False)
+    assert "opt" not in slim and "model" not in slim and slim["step"] == 2
+    restored = tmp_path / "restored"
+    snapshot.copy(restored, to_snapshot=False)
+    (restored / "latents.pt").symlink_to(out / "latents.pt")
+    assert train.stage_unet_v2(restored, steps=2, resume=True, **v2) == []  # finished: nothing to train
+    assert "opt" not in torch.load(restored / "unet-v2" / "latest.pt", weights_only=False)
+    with pytest.raises(SystemExit, match="finished weights only"):
+        train.stage_unet_v2(restored, steps=3, resume=True, **v2)
