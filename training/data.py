@@ -22,20 +22,27 @@ def to_images(x: torch.Tensor) -> list[np.ndarray]:
     return list(x)
 
 
+def _vae_scenes(seed: int, step: int, batch: int, outline_fraction: float) -> list[tuple[sc.Scene, str]]:
+    """The VAE batch for (seed, step): each scene with its style."""
+    rng = np.random.default_rng([seed, step])
+    idx = rng.integers(0, 2**40, size=batch)
+    styles = rng.random(batch) < outline_fraction
+    return [
+        (sc.make_scene(sc.stream_seed(sc.TRAIN_STREAM, int(i))), "outline" if o else "filled")
+        for i, o in zip(idx, styles)
+    ]
+
+
 def vae_batch(seed: int, step: int, batch: int, outline_fraction: float = OUTLINE_FRACTION) -> torch.Tensor:
-    return vae_batch_and_footprints(seed, step, batch, outline_fraction)[0]
+    return to_tensor([sc.render(s, style) for s, style in _vae_scenes(seed, step, batch, outline_fraction)])
 
 
 def vae_batch_and_footprints(
     seed: int, step: int, batch: int, outline_fraction: float = OUTLINE_FRACTION
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(the batch, the same scenes drawn filled): what each object covers, outlines included."""
-    rng = np.random.default_rng([seed, step])
-    idx = rng.integers(0, 2**40, size=batch)
-    styles = rng.random(batch) < outline_fraction
-    scenes = [sc.make_scene(sc.stream_seed(sc.TRAIN_STREAM, int(i))) for i in idx]
-    imgs = [sc.render(s, "outline" if o else "filled") for s, o in zip(scenes, styles)]
-    return to_tensor(imgs), to_tensor([sc.render(s) for s in scenes])
+    pairs = _vae_scenes(seed, step, batch, outline_fraction)
+    return to_tensor([sc.render(s, style) for s, style in pairs]), to_tensor([sc.render(s) for s, _ in pairs])
 
 
 def pool_scenes(n: int) -> list[sc.Scene]:

@@ -114,8 +114,8 @@ PIXEL_T_MAX = 600
 OUTLINE_OFFSET = 10_000_000  # the outline pool's scenes: TRAIN_STREAM seeds from here
 
 
-def pixel_loss(vae, scale: float, xt, pred, abar_t, prediction: str, idx, prediction_t) -> torch.Tensor:
-    keep = torch.nonzero(prediction_t[:PIXEL_BATCH] < PIXEL_T_MAX).flatten()
+def pixel_loss(vae, scale: float, xt, pred, t, abar_t, prediction: str, idx) -> torch.Tensor:
+    keep = torch.nonzero(t[:PIXEL_BATCH] < PIXEL_T_MAX).flatten()
     if keep.numel() == 0:
         return pred.sum() * 0.0
     x0 = train.predicted_x0(xt[keep], pred[keep], abar_t[keep], prediction)
@@ -179,7 +179,7 @@ def train_lora(
         pred = unet(xt, t, cond_all[idx]).sample
         loss = F.mse_loss(pred, train.diffusion_target(z0, noise, abar[t], prediction))
         if pixel_weight > 0:
-            loss = loss + pixel_weight * pixel_loss(vae, scale, xt, pred, abar[t], prediction, idx, prediction_t=t)
+            loss = loss + pixel_weight * pixel_loss(vae, scale, xt, pred, t, abar[t], prediction, idx)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -114,18 +114,23 @@ def fg_weight(x: torch.Tensor) -> torch.Tensor:
     return 1.0 + (FG_WEIGHT - 1.0) * fg
 
 
+def _resume_vae(ckpt: Path, vae, opt, name: str) -> int:
+    """Load a VAE stage's checkpoint (model, optimizer) if there is one; the step to carry on from."""
+    if not ckpt.exists():
+        return 0
+    st = torch.load(ckpt, map_location="cpu", weights_only=False)
+    vae.load_state_dict(st["model"])
+    opt.load_state_dict(st["opt"])
+    print(f"{name}: resumed at step {st['step']}")
+    return st["step"]
+
+
 def stage_vae(out: Path, seed: int, steps: int, batch: int, lr: float, resume: bool, ckpt_every: float) -> None:
     ckpt = out / "vae" / "latest.pt"
     torch.manual_seed(seed)
     vae = models.build_vae()
     opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
-    step = 0
-    if resume and ckpt.exists():
-        st = torch.load(ckpt, map_location="cpu", weights_only=False)
-        vae.load_state_dict(st["model"])
-        opt.load_state_dict(st["opt"])
-        step = st["step"]
-        print(f"vae: resumed at step {step}")
+    step = _resume_vae(ckpt, vae, opt, "vae") if resume else 0
     print(f"vae: {models.n_params(vae) / 1e6:.2f}M params, {steps} steps of {batch}")
     last = time.time()
     bar = tqdm(total=steps, initial=step, desc="vae", unit="step", mininterval=10)
@@ -193,18 +198,11 @@ def stage_vae_v2(
     drawn), a ceiling no LoRA on the UNet can pass."""
     ckpt = out / "vae-v2" / "latest.pt"
     vae = load_vae(out)
-    frozen = [vae.encoder, vae.quant_conv]
-    for m in frozen:
-        m.requires_grad_(False)
+    vae.encoder.requires_grad_(False)
+    vae.quant_conv.requires_grad_(False)
     params = [p for p in vae.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    step = 0
-    if resume and ckpt.exists():
-        st = torch.load(ckpt, map_location="cpu", weights_only=False)
-        vae.load_state_dict(st["model"])
-        opt.load_state_dict(st["opt"])
-        step = st["step"]
-        print(f"vae-v2: resumed at step {step}")
+    step = _resume_vae(ckpt, vae, opt, "vae-v2") if resume else 0
     print(f"vae-v2: decoder {sum(p.numel() for p in params) / 1e6:.2f}M params, {steps} steps of {batch}")
     last = time.time()
     bar = tqdm(total=steps, initial=step, desc="vae-v2", unit="step", mininterval=10)

@@ -13,6 +13,18 @@ TINY_UNET = {**models.UNET_CONFIG, "block_out_channels": [16, 16, 32], "norm_num
 TINY_VAE = {**models.VAE_CONFIG, "block_out_channels": [8, 8, 8], "norm_num_groups": 4}
 
 
+def _tiny_v1_run(out, monkeypatch):
+    """A tiny run through the v1 stages (tokenizer, VAE, latent pool, epsilon and v phases), one step each."""
+    monkeypatch.setattr(models, "VAE_CONFIG", TINY_VAE)
+    train.stage_tokenizer(out)
+    train.stage_vae(out, seed=0, steps=1, batch=2, lr=1e-3, resume=False, ckpt_every=1e9)
+    train.stage_latents(out, 16, batch=16)
+    kw = dict(batch=4, lr=1e-3, ckpt_every=1e9, eval_every=0, unet_config=TINY_UNET, warmup=1, resume=False)
+    train.stage_unet(out, seed=0, steps=1, **kw)
+    train.stage_unet(out, seed=1, steps=1, prediction="v_prediction", init=out / "unet" / "latest.pt", **kw)
+    return out
+
+
 def test_mixed_captions_are_partial_and_a_function_of_the_step():
     scenes = data.pool_scenes(64)
     a, b = data.mixed_captions(0, 5, scenes), data.mixed_captions(0, 5, scenes)
@@ -24,14 +36,7 @@ def test_mixed_captions_are_partial_and_a_function_of_the_step():
 
 
 def test_v2_starts_from_the_v_weights_and_resumes_exactly(tmp_path, monkeypatch):
-    out = tmp_path / "run"
-    monkeypatch.setattr(models, "VAE_CONFIG", TINY_VAE)
-    train.stage_tokenizer(out)
-    train.stage_vae(out, seed=0, steps=1, batch=2, lr=1e-3, resume=False, ckpt_every=1e9)
-    train.stage_latents(out, 16, batch=16)
-    kw = dict(batch=4, lr=1e-3, ckpt_every=1e9, eval_every=0, unet_config=TINY_UNET, warmup=1, resume=False)
-    train.stage_unet(out, seed=0, steps=1, **kw)
-    train.stage_unet(out, seed=1, steps=1, prediction="v_prediction", init=out / "unet" / "latest.pt", **kw)
+    out = _tiny_v1_run(tmp_path / "run", monkeypatch)
     v1 = torch.load(out / "unet-v" / "latest.pt", weights_only=False)
     seen = []
     monkeypatch.setattr(data, "mixed_captions", lambda *a, f=data.mixed_captions: seen.extend(f(*a)) or f(*a))
@@ -85,14 +90,7 @@ def test_a_slim_snapshot_of_the_finished_v2_resumes_as_done(tmp_path, monkeypatc
     it trains nothing and keeps it slim; asking it to train further is refused, not silently restarted."""
     from kiln.training import snapshot
 
-    out = tmp_path / "run"
-    monkeypatch.setattr(models, "VAE_CONFIG", TINY_VAE)
-    train.stage_tokenizer(out)
-    train.stage_vae(out, seed=0, steps=1, batch=2, lr=1e-3, resume=False, ckpt_every=1e9)
-    train.stage_latents(out, 16, batch=16)
-    kw = dict(batch=4, lr=1e-3, ckpt_every=1e9, eval_every=0, unet_config=TINY_UNET, warmup=1, resume=False)
-    train.stage_unet(out, seed=0, steps=1, **kw)
-    train.stage_unet(out, seed=1, steps=1, prediction="v_prediction", init=out / "unet" / "latest.pt", **kw)
+    out = _tiny_v1_run(tmp_path / "run", monkeypatch)
     v2 = dict(seed=2, batch=4, lr=1e-3, ckpt_every=1e9, eval_every=0, unet_config=TINY_UNET)
     train.stage_unet_v2(out, steps=2, resume=False, **v2)
     snap = tmp_path / "snap"
