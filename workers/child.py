@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import ctypes
 import dataclasses
+import gc
 import itertools
 import json
 import logging
@@ -44,6 +45,7 @@ from .spec import WorkerSpec
 
 log = logging.getLogger("kiln.worker")
 ACK_TIMEOUT = 60.0
+SEND_WINDOW_S = 0.002  # how long queued events may wait for company before they are sent
 
 
 def main(conn, spec: WorkerSpec, name: str, running: Any = None) -> None:
@@ -132,7 +134,8 @@ class _Worker:
             if self._sender is None:
                 self._sender = threading.Thread(target=self._send_batches, name="kiln-worker-sender", daemon=True)
                 self._sender.start()
-            self._cv.notify()
+            if len(self._pending) == 1:  # the sender sleeps only on an empty queue
+                self._cv.notify()
 
     def flush(self) -> None:
         """Everything queued, on the wire now (before the process exits)."""
@@ -145,6 +148,8 @@ class _Worker:
             with self._cv:
                 while not self._pending:
                     self._cv.wait()
+            time.sleep(SEND_WINDOW_S)  # let a burst gather: one pickle and one write for all of it
+            with self._cv:
                 self._write_pending()
 
     def _write_pending(self) -> None:
@@ -244,6 +249,7 @@ class _Worker:
             self.send(("failed", traceback.format_exc()), now=True)
             sys.exit(1)
         self._limit_address_space()
+        _freeze_heap()
         self.send(("ready", os.getpid()), now=True)
         while True:
             msg = self.inbox.get()
@@ -369,6 +375,13 @@ class _Worker:
                         fn()
                     except Exception:
                         log.exception("unloading models failed")
+
+
+def _freeze_heap() -> None:
+    """Move everything alive after start-up (torch, the nodes, packs) out of the collector's sight, as the
+    server does once it is built: a full collection then scans what prompts made, not that whole heap."""
+    gc.collect()
+    gc.freeze()
 
 
 def _plain(event: Any) -> Any:

@@ -14,6 +14,11 @@ waiting for the server's commit. The actors write outputs to the folders their s
 with the server need ``--output-store``, through which their outputs come back and the prompts' input files
 reach them (``kiln.workers.output_store``). Heartbeats travel in the run's stream like any other message.
 
+A process that dies mid-node cannot be trusted to have streamed its last events (the stream is
+asynchronous). So, like a local worker's shared memory, an actor keeps the node it is running in a small
+file mapping on its own machine (:class:`NodeSlot`); the page survives the process, and after a death the
+server reads it with a one-off task pinned to that machine, to name the node in the failure.
+
 Ray is optional (``pip install -e ".[ray]"``); nothing imports this module unless ``--ray`` is given.
 """
 
@@ -21,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import mmap
 import os
 import queue
 import shutil
@@ -37,6 +43,58 @@ from .spec import WorkerSpec
 log = logging.getLogger("kiln.server")
 
 
+SLOT_BYTES = 256
+SLOT_READ_TIMEOUT_S = 30.0  # how long the server waits to learn a dead actor's node (it starts a Ray task)
+
+
+class NodeSlot:
+    """A few bytes in a file mapping: what a process writes there stays in the page cache when it dies, for
+    another process on the same machine to read. ``value`` is what ``_Worker`` writes the running node to
+    (the interface of a ``multiprocessing`` shared array)."""
+
+    def __init__(self, path: str):
+        self.path = path
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            os.ftruncate(fd, SLOT_BYTES)
+            self._map = mmap.mmap(fd, SLOT_BYTES)
+        finally:
+            os.close(fd)
+
+    @property
+    def value(self) -> bytes:
+        return self._map[:].split(b"\0", 1)[0]
+
+    @value.setter
+    def value(self, data: bytes) -> None:
+        data = data[: SLOT_BYTES - 1]
+        self._map[: len(data) + 1] = data + b"\0"
+
+
+def read_slot(path: str) -> str:
+    """What a dead actor's slot holds (and the file goes); a Ray task on the actor's machine runs this."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read(SLOT_BYTES).split(b"\0", 1)[0]
+        os.unlink(path)
+    except OSError:
+        return ""
+    return data.decode("utf-8", "replace")
+
+
+def _slot_path(name: str) -> str:
+    """A file for this actor's slot in the Ray session's folder on this machine (gone with the session)."""
+    import ray
+
+    ctx = ray.get_runtime_context()
+    folder = os.path.join(ctx.get_temp_dir(), ctx.get_session_name(), "kiln-running")
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError:
+        folder = tempfile.gettempdir()
+    return os.path.join(folder, f"{name}-{os.getpid()}")
+
+
 class KilnActor:
     """The actor's body (made a Ray actor class by ``_actor_class``)."""
 
@@ -49,7 +107,8 @@ class KilnActor:
                 os.environ.setdefault(var, str(spec.threads))
         logging.basicConfig(level=os.environ.get("KILN_LOG_LEVEL", "INFO"))
         self.name = name
-        self.worker = _Worker(spec, self._put, acks=False)
+        self.slot = NodeSlot(_slot_path(name))
+        self.worker = _Worker(spec, self._put, acks=False, running=self.slot)
         self._lock = threading.Lock()
         self._queue: queue.Queue | None = None
         self.worker.build()
@@ -59,8 +118,11 @@ class KilnActor:
         if q is not None:
             q.put(msg)
 
-    def ready(self) -> int:
-        return os.getpid()
+    def ready(self) -> tuple[int, str, str]:
+        """(pid, the Ray node it runs on, its slot's path there)."""
+        import ray
+
+        return os.getpid(), ray.get_runtime_context().get_node_id(), self.slot.path
 
     def run(self, job: dict):
         """Run one prompt; yields the worker's messages, ``("done", ...)`` last."""
@@ -89,6 +151,7 @@ class KilnActor:
 
 
 _ACTOR: Any = None
+_READ_SLOT: Any = None
 _private_tmp: str | None = None  # the temp folder of a local Ray instance this process started
 
 
@@ -99,6 +162,15 @@ def _actor_class() -> Any:
 
         _ACTOR = ray.remote(max_concurrency=4)(KilnActor)  # a run, and interrupts/frees beside it
     return _ACTOR
+
+
+def _read_slot_task() -> Any:
+    global _READ_SLOT
+    if _READ_SLOT is None:
+        import ray
+
+        _READ_SLOT = ray.remote(num_cpus=0, max_retries=0)(read_slot)
+    return _READ_SLOT
 
 
 def connect(address: str) -> bool:
@@ -153,6 +225,8 @@ class RayWorker(WorkerHandle):
         self.on_send_sync = on_send_sync
         self._actor: Any = None
         self._ready_ref: Any = None
+        self.node_id: str | None = None  # the Ray node the actor runs on, and its slot's path there
+        self.slot_path: str | None = None
 
     def start(self) -> None:
         self._fresh()
@@ -164,7 +238,7 @@ class RayWorker(WorkerHandle):
         import ray
 
         try:
-            self.pid = await self._ready_ref
+            self.pid, self.node_id, self.slot_path = await self._ready_ref
         except ray.exceptions.RayError as exc:
             self.state = "dead"
             raise WorkerLost(f"the Ray actor could not start: {exc}") from exc
@@ -199,9 +273,26 @@ class RayWorker(WorkerHandle):
             raise WorkerLost("the actor's run ended without a result")
         except ray.exceptions.RayError as exc:
             self.state = "dead"
-            raise WorkerLost(self.kill_cause or _lost_cause(exc, self.pid)) from exc
+            node = await self._last_node()
+            raise WorkerLost(self.kill_cause or _lost_cause(exc, self.pid), node=node) from exc
         finally:
             self._ran()
+
+    async def _last_node(self) -> str | None:
+        """The node a dead actor was running, from its slot, read by a task on its machine; None when that
+        machine is gone too (then the last event that arrived names it)."""
+        import ray
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        if not self.node_id or not self.slot_path:
+            return None
+        where = NodeAffinitySchedulingStrategy(self.node_id, soft=False)
+        try:
+            ref = _read_slot_task().options(scheduling_strategy=where).remote(self.slot_path)
+            return await asyncio.wait_for(asyncio.wrap_future(ref.future()), SLOT_READ_TIMEOUT_S) or None
+        except (ray.exceptions.RayError, asyncio.TimeoutError, OSError) as exc:
+            log.info("worker %s: the node its dead actor ran is unknown (%s)", self.name, exc)
+            return None
 
     def interrupt(self, prompt_id: str) -> None:
         if self._actor is not None:

@@ -77,11 +77,16 @@ def test_a_lost_actor_is_replaced_and_its_prompt_rerun(rsrv, tmp_path):
     assert _run(rsrv, _add(4))["outputs"]["3"]["text"] == ["11"]
 
 
-def test_a_prompt_that_ends_two_actors_fails(rsrv):
+def test_a_prompt_that_ends_two_actors_fails_naming_the_node(rsrv):
+    # the node kills its actor the moment it starts, before its events can have left: the node is read
+    # back from the dead actor's slot on its machine
     st = _run(rsrv, _graph("WKill"))
     assert st["status"] == "error", st
-    msg = st["error"]["exception_message"]
+    err = st["error"]
+    assert err["node_id"] == "2" and err["node_type"] == "WKill", err
+    msg = err["exception_message"]
     assert msg.startswith("worker killed: its Ray actor's process") and "two workers" in msg
+    assert "at node 2 (WKill)" in msg, msg
     _all_ready(rsrv, 2)
 
 
