@@ -31,9 +31,6 @@ from .spec import WorkerSpec, human
 log = logging.getLogger("kiln.server")
 WATCH_EVERY_S = 0.05
 STOP_GRACE_S = 10.0
-# a worker's stream read again within this long of the last read waits for it to pass: a 500-node prompt's
-# events then cost the loop tens of wake-ups, not a thousand (the first message after a pause goes at once)
-READ_WINDOW_S = 0.0015
 
 
 class WorkerLost(KilnError):
@@ -71,7 +68,6 @@ class _FrameReader:
     def __init__(self, fd: int):
         self.fd = fd
         self.buf = bytearray()
-        self.last = 0.0  # when the loop last read (monotonic)
 
     def read(self) -> list[bytes]:
         data = os.read(self.fd, 1 << 20)
@@ -300,11 +296,6 @@ class ProcessWorker(WorkerHandle):
                 log.exception("worker %s sent a message the server cannot read", self.name)
                 continue
             self._handle(msg)
-        now = time.monotonic()
-        if now - reader.last < READ_WINDOW_S:  # a busy stream: read again once the window has passed, all at once
-            loop.remove_reader(reader.fd)
-            loop.call_later(READ_WINDOW_S, loop.add_reader, reader.fd, self._on_readable, reader, conn, proc, loop)
-        reader.last = now
 
     def _handle(self, msg: tuple) -> None:
         kind = msg[0]
