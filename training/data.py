@@ -66,6 +66,13 @@ def pool_indices(seed: int, step: int, batch: int, n: int) -> np.ndarray:
     return np.array(out)
 
 
+def weighted_pool_indices(seed: int, step: int, batch: int, weights: np.ndarray) -> np.ndarray:
+    """Indices into the pool for ``step``, drawn with replacement in proportion to ``weights`` (one per pool
+    scene); a function of (seed, step) like :func:`pool_indices`."""
+    rng = np.random.default_rng([seed, step, 21])
+    return rng.choice(len(weights), size=batch, p=weights / weights.sum())
+
+
 def mixed_captions(seed: int, step: int, scenes: list[sc.Scene]) -> list[str]:
     """The v2 fine-tune's captions for one batch: full or partial wordings (:func:`training.captions.
     partial_caption`), a function of (seed, step) like everything else here."""

@@ -6,16 +6,19 @@ Runs, in order, skipping what is already finished in ``--run``:
 
 1. ``train all``: tokenizer, VAE, latent pool, the epsilon phase (6,000 steps) and the v phase (the v1 model);
 2. ``train unet-v2``: the partial-caption fine-tune of the v weights (6,000 steps);
-3. ``train vae-v2``: the decoder fine-tuned on half outline scenes (2,000 steps; encoder unchanged);
-4. ``export``: ``models/checkpoints/kiln-shapes.safetensors`` (the v2 UNet and text encoder, the v2 decoder);
-5. ``lora``: ``models/loras/kiln-outline.safetensors``, trained on the v2 model with the decoded-outline term;
-6. ``controlnet``: ``models/controlnet/kiln-shapes-edges.safetensors``, trained on the v weights: it places
-   shapes on the v2 model as well as on v1 (``benchmarks/fidelity.py``), so v2 ships the same file.
+3. ``train unet-v3``: v2 fine-tuned further with scenes of two and three objects drawn more often (4,000
+   steps): the UNet and text encoder the second release ships;
+4. ``train vae-v2``: the decoder fine-tuned on half outline scenes (6,000 steps; encoder unchanged);
+5. ``export``: ``models/checkpoints/kiln-shapes.safetensors`` (the v3 UNet and text encoder, the v2 decoder);
+6. ``lora``: ``models/loras/kiln-outline.safetensors``, trained on that model with the decoded-outline term;
+7. ``controlnet``: ``models/controlnet/kiln-shapes-edges.safetensors``, trained on the v weights: it places
+   shapes on the second release as well as on v1 (``benchmarks/fidelity.py``), so it ships the same file.
 
-``--v1`` reproduces the first release instead (steps 1, then 4 to 6 on the v weights and the v1 decoder).
+``--v1`` reproduces the first release instead (steps 1, then 5 to 7 on the v weights and the v1 decoder).
 
 ``--from-snapshot`` starts from the committed ``training/checkpoints/`` instead of from scratch (the
-tokenizer, VAE, both v1 UNet phases, the finished v2 weights and decoder; the latent pool is re-encoded).
+tokenizer, VAE, both v1 UNet phases, the finished v2 and v3 weights and the decoder; the latent pool is
+re-encoded).
 Interrupt it whenever; run the same command again to carry on (the UNet stages resume from their last
 checkpoint, bit-exact). Times on a 2-core machine are in training/README.md.
 """
@@ -48,8 +51,9 @@ def main(argv: list[str] | None = None) -> None:
     phase, lora_extra = None, []
     if not args.v1:
         train.main(["unet-v2", "--out", str(run), "--resume", *threads])
+        train.main(["unet-v3", "--out", str(run), "--resume", *threads])
         train.main(["vae-v2", "--out", str(run), "--resume", *threads])
-        phase, lora_extra = "unet-v2", ["--phase", "unet-v2", "--pixel-weight", str(LORA_PIXEL_WEIGHT)]
+        phase, lora_extra = "unet-v3", ["--phase", "unet-v3", "--pixel-weight", str(LORA_PIXEL_WEIGHT)]
     ckpt = MODELS / "checkpoints" / "kiln-shapes.safetensors"
     export.export_run(run, ckpt, phase=phase)
     print(f"wrote {ckpt}")

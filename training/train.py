@@ -3,11 +3,13 @@
     python -m kiln.training.train all --out runs/shapes              # everything, from scratch
     python -m kiln.training.train unet-v --out runs/shapes --resume  # continue the v-prediction stage
     python -m kiln.training.train unet-v2 --out runs/shapes --resume # the partial-caption fine-tune (v2)
+    python -m kiln.training.train unet-v3 --out runs/shapes --resume # v2, more scenes of several objects
 
 The UNet is trained in two phases: 6,000 steps predicting epsilon (folder ``unet/``), then a fine-tune of
 those EMA weights predicting v (folder ``unet-v/``); see :mod:`training.models` for why. ``unet-v2`` (not
 part of ``all``, so the shipped v1 files reproduce unchanged) fine-tunes the v weights on a mix of full and
-partial captions (:mod:`training.captions`) into ``unet-v2/``.
+partial captions (:mod:`training.captions`) into ``unet-v2/``; ``unet-v3`` carries on from those weights
+with scenes of two and three objects drawn more often, into ``unet-v3/`` (what the second release ships).
 
 Every stage is deterministic from ``--seed``: batches, noise and timesteps are functions of
 (seed, step) (see :mod:`training.data`), so ``--resume`` from a checkpoint (model, EMA, optimizer, step;
@@ -15,7 +17,7 @@ the LR schedule is a function of the step) continues exactly as an uninterrupted
 Checkpoints are written atomically to ``<out>/<stage>/latest.pt`` every ``--ckpt-every`` seconds.
 Use one thread (the default): the machine is shared.
 
-One file (~600 lines): every stage shares the checkpoint/resume loop, the schedules and the CLI, and the
+One file (~750 lines): every stage shares the checkpoint/resume loop, the schedules and the CLI, and the
 stages are read as one pipeline.
 """
 
@@ -177,9 +179,19 @@ def stage_vae(out: Path, seed: int, steps: int, batch: int, lr: float, resume: b
     print(f"vae: scaling_factor {cfg['scaling_factor']}, mean abs reconstruction error {err:.2f}/255")
 
 
-VAE2_STEPS = 2000
+VAE2_STEPS = 6000
+# the decoder ran 2,000 steps, was shipped with v2, then continued to 6,000: its learning rate follows a cosine
+# to the end of each segment in turn (over the first 2,000 steps, then from there to 6,000)
+VAE2_SEGMENTS = (2000,)
 VAE2_OUTLINE_FRACTION = 0.5
 VAE2_LR = 5e-4
+
+
+def vae2_lr(step: int, lr: float, steps: int) -> float:
+    """The decoder fine-tune's learning rate: a cosine to the end of the segment ``step`` is in
+    (:data:`VAE2_SEGMENTS` below ``steps``, then ``steps``)."""
+    end = next((e for e in (*VAE2_SEGMENTS, steps) if step < e and e <= steps), steps)
+    return lr_at(step, lr, 50, end)
 
 
 def stage_vae_v2(
@@ -208,7 +220,7 @@ def stage_vae_v2(
     bar = tqdm(total=steps, initial=step, desc="vae-v2", unit="step", mininterval=10)
     while step < steps:
         for g in opt.param_groups:
-            g["lr"] = lr_at(step, lr, 50, steps)
+            g["lr"] = vae2_lr(step, lr, steps)
         x, foot = data.vae_batch_and_footprints(seed, step, batch, outline_fraction=VAE2_OUTLINE_FRACTION)
         with torch.no_grad():
             z = vae.encode(x).latent_dist.sample(generator=_gen(seed, step, 1))
@@ -361,6 +373,7 @@ def stage_unet(
     init: Path | None = None,
     phase: str | None = None,
     caption_ids: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
+    indices: Callable[[int], np.ndarray] | None = None,
 ) -> list[float]:
     """Train (or resume) to ``steps``; ``max_minutes`` / ``max_steps`` stop early without changing the
     schedule, so a later ``--resume`` carries on as if never stopped. Returns this call's losses.
@@ -369,7 +382,8 @@ def stage_unet(
     (:data:`PHASES`). ``init`` starts a fresh run (new optimizer and schedule) from another checkpoint's
     EMA weights: the shipped model is an epsilon run fine-tuned to v this way. ``phase`` overrides the
     checkpoint folder; ``caption_ids(step, pool_indices)`` replaces the pool's cached full captions (token
-    ids ``[B, MAX_LENGTH]``), as the v2 fine-tune does with its partial captions."""
+    ids ``[B, MAX_LENGTH]``), as the v2 fine-tune does with its partial captions; ``indices(step)`` replaces
+    the epoch order over the pool (the v3 fine-tune draws many-object scenes more often)."""
     phase = phase or PHASES[prediction]
     ckpt = out / phase / "latest.pt"
     torch.manual_seed(seed)
@@ -434,7 +448,7 @@ def stage_unet(
     while step < steps:
         for g in opt.param_groups:
             g["lr"] = lr_at(step, lr, warmup, steps)
-        idx = torch.from_numpy(data.pool_indices(seed, step, batch, n))
+        idx = torch.from_numpy(data.pool_indices(seed, step, batch, n) if indices is None else indices(step))
         g = _gen(seed, step, 2)
         mean, std = pool["mean"][idx].float(), pool["std"][idx].float()
         z0 = (mean + std * torch.randn(mean.shape, generator=g)) * scale
@@ -576,12 +590,67 @@ def stage_unet_v2(
     )
 
 
+V3_STEPS = 4000
+V3_LR = 1e-4
+# how often a pool scene is drawn, by its number of objects (the pool holds 70% one-object scenes, 20% two,
+# 10% three): v2 read two-object prompts right 3% of the time (one-object prompts 75%)
+V3_OBJECT_WEIGHTS = (1.0, 2.5, 1.5)
+
+
+def stage_unet_v3(
+    out: Path,
+    seed: int,
+    steps: int,
+    batch: int,
+    lr: float,
+    resume: bool,
+    ckpt_every: float,
+    eval_every: int,
+    max_minutes: float | None = None,
+    max_steps: int | None = None,
+    unet_config: dict | None = None,
+) -> list[float]:
+    """Fine-tune the v2 EMA weights on the same mixed captions, with scenes of two and three objects drawn
+    more often (:data:`V3_OBJECT_WEIGHTS`), into ``unet-v3/``; resumable like the rest."""
+    init = out / "unet-v2" / "latest.pt"
+    n = torch.load(out / "latents.pt", map_location="cpu", weights_only=True)["mean"].shape[0]
+    scenes = data.pool_scenes(n)
+    tok = tk.load(out / "tokenizer")
+    weights = np.array([V3_OBJECT_WEIGHTS[len(s.objects) - 1] for s in scenes])
+
+    def caption_ids(step: int, idx: torch.Tensor) -> torch.Tensor:
+        texts = data.mixed_captions(seed, step, [scenes[int(i)] for i in idx])
+        kw = {"padding": "max_length", "max_length": tk.MAX_LENGTH, "truncation": True, "return_tensors": "pt"}
+        return tok(texts, **kw).input_ids
+
+    return stage_unet(
+        out,
+        seed,
+        steps,
+        batch,
+        lr,
+        resume,
+        ckpt_every,
+        eval_every,
+        unet_config,
+        warmup=100,
+        max_minutes=max_minutes,
+        max_steps=max_steps,
+        prediction="v_prediction",
+        init=init,
+        phase="unet-v3",
+        caption_ids=caption_ids,
+        indices=lambda step: data.weighted_pool_indices(seed, step, batch, weights),
+    )
+
+
 # ---------------------------------------------------------------- CLI
 
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("stage", choices=["tokenizer", "vae", "latents", "unet", "unet-v", "unet-v2", "vae-v2", "all"])
+    stages = ["tokenizer", "vae", "latents", "unet", "unet-v", "unet-v2", "unet-v3", "vae-v2", "all"]
+    p.add_argument("stage", choices=stages)
     p.add_argument("--out", type=Path, default=Path("runs/shapes"))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true")
@@ -596,6 +665,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--v-lr", type=float, default=5e-4)
     p.add_argument("--v2-steps", type=int, default=V2_STEPS, help="steps of the partial-caption fine-tune")
     p.add_argument("--v2-lr", type=float, default=V2_LR)
+    p.add_argument("--v3-steps", type=int, default=V3_STEPS, help="steps of the many-object fine-tune")
+    p.add_argument("--v3-lr", type=float, default=V3_LR)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--eval-every", type=int, default=250)
@@ -663,6 +734,18 @@ def main(argv: list[str] | None = None) -> None:
             args.v2_steps,
             args.batch,
             args.v2_lr,
+            args.resume,
+            args.ckpt_every,
+            args.eval_every,
+            max_minutes=args.max_minutes,
+        )
+    if args.stage == "unet-v3":
+        stage_unet_v3(
+            out,
+            args.seed + 4,
+            args.v3_steps,
+            args.batch,
+            args.v3_lr,
             args.resume,
             args.ckpt_every,
             args.eval_every,

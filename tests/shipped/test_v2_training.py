@@ -105,3 +105,35 @@ def test_a_slim_snapshot_of_the_finished_v2_resumes_as_done(tmp_path, monkeypatc
     assert "opt" not in torch.load(restored / "unet-v2" / "latest.pt", weights_only=False)
     with pytest.raises(SystemExit, match="finished weights only"):
         train.stage_unet_v2(restored, steps=3, resume=True, **v2)
+
+
+def test_many_object_scenes_are_drawn_more_often_and_by_the_step():
+    scenes = data.pool_scenes(2000)
+    weights = torch.tensor([train.V3_OBJECT_WEIGHTS[len(s.objects) - 1] for s in scenes]).numpy()
+    a = data.weighted_pool_indices(4, 7, 256, weights)
+    assert (a == data.weighted_pool_indices(4, 7, 256, weights)).all()
+    assert not (a == data.weighted_pool_indices(4, 8, 256, weights)).all()
+    drawn = [len(scenes[i].objects) for i in data.weighted_pool_indices(4, 0, 4000, weights)]
+    pool = [len(s.objects) for s in scenes]
+    share = lambda xs: sum(n > 1 for n in xs) / len(xs)  # noqa: E731
+    assert share(pool) < 0.35 and share(drawn) > 0.4  # the pool is 30% many-object scenes; v3 draws ~48%
+
+
+def test_v3_starts_from_the_v2_weights_and_resumes_exactly(tmp_path, monkeypatch):
+    out = _tiny_v1_run(tmp_path / "run", monkeypatch)
+    kw = dict(batch=4, lr=1e-3, ckpt_every=1e9, eval_every=0, unet_config=TINY_UNET)
+    train.stage_unet_v2(out, seed=2, steps=2, resume=False, **kw)
+    v2 = torch.load(out / "unet-v2" / "latest.pt", weights_only=False)
+    full = train.stage_unet_v3(out, seed=4, steps=4, resume=False, **kw)
+    a = torch.load(out / "unet-v3" / "latest.pt", weights_only=False)
+    assert a["step"] == 4 and a["scheduler_config"]["prediction_type"] == "v_prediction"
+    k = "conv_in.weight"  # a few steps from the v2 EMA weights
+    assert (a["model"]["unet"][k] - v2["ema"]["unet"][k]).abs().max() < 0.05
+    assert torch.equal(
+        torch.load(out / "unet-v2" / "latest.pt", weights_only=False)["ema"]["unet"][k], v2["ema"]["unet"][k]
+    )
+    train.stage_unet_v3(out, seed=4, steps=4, resume=False, max_steps=2, **kw)
+    rest = train.stage_unet_v3(out, seed=4, steps=4, resume=True, **kw)
+    b = torch.load(out / "unet-v3" / "latest.pt", weights_only=False)
+    assert rest == full[2:]
+    assert all(torch.equal(v, b["model"]["unet"][name]) for name, v in a["model"]["unet"].items())
