@@ -140,10 +140,11 @@ def train_lora(
     pool_size: int,
     phase: str | None = None,
     pixel_weight: float = 0.0,
+    decoder: str | None = None,
 ) -> None:
     from peft import LoraConfig, inject_adapter_in_model
 
-    pipe = sample.Pipeline.from_run(run, phase=phase)  # phase None: the v1 weights (unet-v)
+    pipe = sample.Pipeline.from_run(run, phase=phase, decoder=decoder)  # phase None: the v1 weights (unet-v)
     unet, te, vae = pipe.unet, pipe.text_encoder, pipe.vae
     scale = vae.config.scaling_factor
     pool = outline_pool(run, pool_size, vae)
@@ -212,7 +213,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--pixel-weight", type=float, default=0.0, help="weight of the decoded-outline term")
-    p.add_argument("--phase", default=None, help="base UNet checkpoint folder: unet-v (default) or unet-v2")
+    p.add_argument("--phase", default=None, help="base UNet checkpoint folder: unet-v (default), unet-v2, unet-v3")
+    p.add_argument("--decoder", default=None, help="the decoder the pixel term decodes with (train.load_vae)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     train_lora(
@@ -226,6 +228,7 @@ def main(argv: list[str] | None = None) -> None:
         args.pool,
         phase=args.phase,
         pixel_weight=args.pixel_weight,
+        decoder=args.decoder,
     )
 
 

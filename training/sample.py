@@ -40,7 +40,9 @@ class Pipeline:
     scheduler_config: dict
 
     @classmethod
-    def from_run(cls, run: str | Path, ema: bool = True, phase: str | None = None) -> Pipeline:
+    def from_run(
+        cls, run: str | Path, ema: bool = True, phase: str | None = None, decoder: str | None = None
+    ) -> Pipeline:
         """The latest UNet checkpoint of a training run folder (EMA weights by default); ``phase`` is the
         checkpoint folder (``unet``, ``unet-v``, ``unet-v2`` or ``unet-v3``), by default the v phase when it has
         started."""
@@ -53,7 +55,7 @@ class Pipeline:
             phase = "unet-v" if (run / "unet-v" / "latest.pt").exists() else "unet"
         # v2 ships with the decoder fine-tuned on outlines (train.stage_vae_v2), once it exists
         v2_decoder = phase not in ("unet", "unet-v") and (run / "vae-v2" / "final.pt").exists()
-        vae = train.load_vae(run, "vae-v2" if v2_decoder else "vae")
+        vae = train.load_vae(run, decoder or ("vae-v2" if v2_decoder else "vae"))
         state = torch.load(run / phase / "latest.pt", map_location="cpu", weights_only=False)
         # checkpoints from before the v phase carry no scheduler config: they predict epsilon
         sched_cfg = state.get("scheduler_config", train.scheduler_config("epsilon"))

@@ -30,6 +30,7 @@ FILES = {  # run-relative path -> snapshot name
     "unet-v2/latest.pt": "unet-v2-final.pt",  # the partial-caption fine-tune: its EMA weights (SLIM)
     "unet-v3/latest.pt": "unet-v3-final.pt",  # the many-object fine-tune of v2: the shipped UNet (SLIM)
     "vae-v2/final.pt": "vae-v2-final.pt",  # the v2 decoder (train.stage_vae_v2)
+    "vae-v2/step-2000.pt": "vae-v2-step-2000.pt",  # that decoder at 2,000 steps (what the LoRA is trained with)
 }
 # Finished phases whose snapshot keeps the EMA weights and step only (29 MB, not 113 MB with the training
 # model and AdamW state): what export, the LoRA and the ControlNet start from; they are not trained further.

@@ -77,11 +77,13 @@ def stage_tokenizer(out: Path) -> None:
 
 
 def load_vae(out: Path, decoder: str = "vae"):
-    """The trained VAE; ``decoder="vae-v2"`` swaps in the v2 decoder (same encoder, so the same latents)."""
+    """The trained VAE; ``decoder="vae-v2"`` swaps in the v2 decoder (same encoder, so the same latents), and
+    a run-relative ``.pt`` file one saved on the way (``vae-v2/step-2000.pt``)."""
     vae = models.build_vae(json.loads((out / "vae" / "config.json").read_text()))
     vae.load_state_dict(torch.load(out / "vae" / "final.pt", map_location="cpu", weights_only=True))
     if decoder != "vae":
-        vae.load_state_dict(torch.load(out / decoder / "final.pt", map_location="cpu", weights_only=True))
+        path = out / decoder if decoder.endswith(".pt") else out / decoder / "final.pt"
+        vae.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
     return vae
 
 
@@ -234,6 +236,8 @@ def stage_vae_v2(
         bar.update(1)
         bar.set_postfix(rec=f"{loss.item():.4f}", refresh=False)
         stop = max_steps is not None and step >= max_steps
+        if step in VAE2_SEGMENTS and step < steps:  # the decoder as it was at a segment's end (the LoRA's)
+            torch.save(vae.state_dict(), out / "vae-v2" / f"step-{step}.pt")
         if time.time() - last > ckpt_every or step == steps or stop:
             save_atomic({"model": vae.state_dict(), "opt": opt.state_dict(), "step": step}, ckpt)
             last = time.time()

@@ -137,3 +137,23 @@ def test_v3_starts_from_the_v2_weights_and_resumes_exactly(tmp_path, monkeypatch
     b = torch.load(out / "unet-v3" / "latest.pt", weights_only=False)
     assert rest == full[2:]
     assert all(torch.equal(v, b["model"]["unet"][name]) for name, v in a["model"]["unet"].items())
+
+
+def test_the_decoder_at_a_segment_end_is_kept_and_loads(tmp_path, monkeypatch):
+    """The decoder's schedule restarts at each segment's end (train.VAE2_SEGMENTS); the decoder as it was
+    there is saved (the LoRA trains with it) and loads by its run-relative file name."""
+    out = tmp_path / "run"
+    monkeypatch.setattr(models, "VAE_CONFIG", TINY_VAE)
+    monkeypatch.setattr(train, "VAE2_SEGMENTS", (2,))
+    train.stage_vae(out, seed=0, steps=1, batch=2, lr=1e-3, resume=False, ckpt_every=1e9)
+    kw = dict(seed=3, batch=2, lr=1e-3, ckpt_every=1e9)
+    train.stage_vae_v2(out, steps=2, resume=False, **kw)  # a run that ends at the segment's end
+    at2 = train.load_vae(out, "vae-v2").state_dict()
+    (out / "vae-v2" / "final.pt").unlink()
+    train.stage_vae_v2(out, steps=4, resume=False, **kw)  # the same first two steps, then a second segment
+    assert train.vae2_lr(1, 1e-3, 4) == train.lr_at(1, 1e-3, 50, 2)
+    assert train.vae2_lr(2, 1e-3, 4) == train.lr_at(2, 1e-3, 50, 4)
+    kept = train.load_vae(out, "vae-v2/step-2.pt").state_dict()
+    assert all(torch.equal(v, kept[k]) for k, v in at2.items())
+    final = train.load_vae(out, "vae-v2").state_dict()
+    assert any(not torch.equal(v, final[k]) for k, v in at2.items())
