@@ -549,7 +549,7 @@ V2_STEPS = 6000
 V2_LR = 2e-4
 
 
-def stage_unet_v2(
+def _mixed_caption_stage(
     out: Path,
     seed: int,
     steps: int,
@@ -558,13 +558,16 @@ def stage_unet_v2(
     resume: bool,
     ckpt_every: float,
     eval_every: int,
-    max_minutes: float | None = None,
-    max_steps: int | None = None,
-    unet_config: dict | None = None,
+    max_minutes: float | None,
+    max_steps: int | None,
+    unet_config: dict | None,
+    init: Path,
+    phase: str,
+    object_weights: tuple[float, ...] | None = None,
 ) -> list[float]:
-    """Fine-tune the v-phase EMA weights (the shipped v1 model) on mixed full and partial captions of the
-    same latent pool (:func:`training.data.mixed_captions`), into ``unet-v2/``; resumable like the rest."""
-    init = out / PHASES["v_prediction"] / "latest.pt"
+    """A v-prediction fine-tune from ``init``'s EMA weights on :func:`training.data.mixed_captions` of the
+    latent pool, into ``phase/``; ``object_weights`` (by a scene's number of objects) draws the pool's scenes
+    in proportion instead of in epoch order."""
     n = torch.load(out / "latents.pt", map_location="cpu", weights_only=True)["mean"].shape[0]
     scenes = data.pool_scenes(n)
     tok = tk.load(out / "tokenizer")
@@ -573,6 +576,13 @@ def stage_unet_v2(
         texts = data.mixed_captions(seed, step, [scenes[int(i)] for i in idx])
         kw = {"padding": "max_length", "max_length": tk.MAX_LENGTH, "truncation": True, "return_tensors": "pt"}
         return tok(texts, **kw).input_ids
+
+    indices = None
+    if object_weights is not None:
+        weights = np.array([object_weights[len(s.objects) - 1] for s in scenes])
+
+        def indices(step: int) -> np.ndarray:
+            return data.weighted_pool_indices(seed, step, batch, weights)
 
     return stage_unet(
         out,
@@ -589,9 +599,30 @@ def stage_unet_v2(
         max_steps=max_steps,
         prediction="v_prediction",
         init=init,
-        phase="unet-v2",
+        phase=phase,
         caption_ids=caption_ids,
+        indices=indices,
     )
+
+
+def stage_unet_v2(
+    out: Path,
+    seed: int,
+    steps: int,
+    batch: int,
+    lr: float,
+    resume: bool,
+    ckpt_every: float,
+    eval_every: int,
+    max_minutes: float | None = None,
+    max_steps: int | None = None,
+    unet_config: dict | None = None,
+) -> list[float]:
+    """Fine-tune the v-phase EMA weights (the shipped v1 model) on mixed full and partial captions of the
+    same latent pool (:func:`training.data.mixed_captions`), into ``unet-v2/``; resumable like the rest."""
+    init = out / PHASES["v_prediction"] / "latest.pt"
+    args = (out, seed, steps, batch, lr, resume, ckpt_every, eval_every, max_minutes, max_steps, unet_config)
+    return _mixed_caption_stage(*args, init=init, phase="unet-v2")
 
 
 V3_STEPS = 4000
@@ -616,35 +647,9 @@ def stage_unet_v3(
 ) -> list[float]:
     """Fine-tune the v2 EMA weights on the same mixed captions, with scenes of two and three objects drawn
     more often (:data:`V3_OBJECT_WEIGHTS`), into ``unet-v3/``; resumable like the rest."""
-    init = out / "unet-v2" / "latest.pt"
-    n = torch.load(out / "latents.pt", map_location="cpu", weights_only=True)["mean"].shape[0]
-    scenes = data.pool_scenes(n)
-    tok = tk.load(out / "tokenizer")
-    weights = np.array([V3_OBJECT_WEIGHTS[len(s.objects) - 1] for s in scenes])
-
-    def caption_ids(step: int, idx: torch.Tensor) -> torch.Tensor:
-        texts = data.mixed_captions(seed, step, [scenes[int(i)] for i in idx])
-        kw = {"padding": "max_length", "max_length": tk.MAX_LENGTH, "truncation": True, "return_tensors": "pt"}
-        return tok(texts, **kw).input_ids
-
-    return stage_unet(
-        out,
-        seed,
-        steps,
-        batch,
-        lr,
-        resume,
-        ckpt_every,
-        eval_every,
-        unet_config,
-        warmup=100,
-        max_minutes=max_minutes,
-        max_steps=max_steps,
-        prediction="v_prediction",
-        init=init,
-        phase="unet-v3",
-        caption_ids=caption_ids,
-        indices=lambda step: data.weighted_pool_indices(seed, step, batch, weights),
+    args = (out, seed, steps, batch, lr, resume, ckpt_every, eval_every, max_minutes, max_steps, unet_config)
+    return _mixed_caption_stage(
+        *args, init=out / "unet-v2" / "latest.pt", phase="unet-v3", object_weights=V3_OBJECT_WEIGHTS
     )
 
 
