@@ -673,6 +673,9 @@ class PromptService:
             "previews": job.previews,
             "journal": self.store.output_files(job.prompt_id),
         }
+        if getattr(w, "shares_folders", False) and job.validation.ok:
+            # checked here against the same registry and folders: the worker runs it without checking again
+            payload["validated"] = (list(job.validation.outputs), list(job.validation.order))
         w.held |= model_files(job.prompt_json)
         store = self.output_store
         if store is not None:

@@ -15,7 +15,9 @@ server -> worker                                  worker -> server
 
 ``job``: ``prompt_id``, ``prompt_text`` (API-format JSON text, already validated by the server), ``extra_data``,
 ``targets`` (the output nodes to run), ``previews``, ``journal`` (what earlier attempts wrote, for
-crash-safe output names). The worker validates again against its own registry and folders before running.
+crash-safe output names), and ``validated`` (the outputs to produce, the nodes to run sources first) when the
+server's validation holds here: a worker on the server's machine runs the prompt as validated; one elsewhere
+(no ``validated``) checks it again against its own registry and folders before running.
 
 A worker whose server goes away (the connection closes, or the parent dies) exits at once.
 """
@@ -283,7 +285,7 @@ class _Worker:
             pass
 
     def run(self, job: dict) -> None:
-        from kiln.engine import Graph, ValidationFailed, events as ev
+        from kiln.engine import Graph, ValidationFailed, ValidationResult, events as ev
         from kiln.engine.context import RunOptions
 
         pid = job["prompt_id"]
@@ -296,8 +298,14 @@ class _Worker:
         if job.get("inputs"):
             self._fetch_inputs(job["inputs"])
         try:
+            graph = Graph.from_json(json.loads(job["prompt_text"]))
+            validation = None
+            if job.get("validated") is not None:  # by the server, with this worker's registry and folders
+                outputs, order = job["validated"]
+                validation = ValidationResult(True, outputs=list(outputs), order=list(order))
             result = self.executor.run(
-                Graph.from_json(json.loads(job["prompt_text"])),
+                graph,
+                validation=validation,
                 prompt_id=pid,
                 extra_data=job.get("extra_data") or {},
                 partial_execution_targets=job.get("targets"),

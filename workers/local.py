@@ -107,7 +107,12 @@ def _rss(pid: int) -> int:
 class WorkerHandle:
     """What the server keeps about any worker, whatever runs it (``ProcessWorker``, ``RayWorker``): its state
     (starting, idle, busy, dead, stopped), process, current prompt, the model files its runs loaded (which
-    dispatch prefers it for) and its model counters, kept across replacements."""
+    dispatch prefers it for) and its model counters, kept across replacements.
+
+    ``shares_folders``: the worker runs this server's code on this server's machine and folders, so the
+    server's validation holds for it and it need not validate again (a Ray actor, possibly elsewhere, does)."""
+
+    shares_folders = False
 
     def __init__(self, name: str, spec: WorkerSpec):
         self.name = name
@@ -156,7 +161,7 @@ class WorkerHandle:
 
 
 class ProcessWorker(WorkerHandle):
-    """One worker process.
+    """One worker process (a child of the server, on its machine: ``shares_folders``).
 
     ``on_journal(prompt_id, node_id, index, path, tmp)`` stores an output record (from the reader thread,
     blocking until committed); ``on_send_sync(event, data, sid)`` forwards a pack's websocket message.
@@ -170,6 +175,7 @@ class ProcessWorker(WorkerHandle):
         on_send_sync: Callable[..., None] | None = None,
     ):
         super().__init__(name, spec)
+        self.shares_folders = True
         self.on_journal = on_journal
         self.on_send_sync = on_send_sync
         self.kill_limit = False

@@ -126,4 +126,21 @@ class WFakeLoader(Node):
         return os.getpid()
 
 
-NODES = [WKill, WSegfault, WHog, WStubborn, WMeet, WFreeze, WFakeLoader]
+class WChecked(Node):
+    """Its own validation appends the validating process's id to the file ``log`` names; it returns the id of
+    the process that runs it."""
+
+    outputs = ("INT",)
+    cacheable = False
+
+    @classmethod
+    def validate(cls, log):
+        with open(log, "a") as f:
+            f.write(f"{os.getpid()}\n")
+        return True
+
+    def run(self, log: Annotated[str, String()]):
+        return os.getpid()
+
+
+NODES = [WKill, WSegfault, WHog, WStubborn, WMeet, WFreeze, WFakeLoader, WChecked]
