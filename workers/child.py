@@ -1,6 +1,7 @@
 """The worker process: builds its executor once, then runs the prompts the server sends, one at a time.
 
-Messages (pickled tuples over one ``multiprocessing`` connection):
+Messages (pickled tuples over a ``multiprocessing`` connection; a local worker gets ``interrupt`` and ``ack``
+on a second, control connection, read by a thread of its own, so its main thread reads prompts directly):
 
 server -> worker                                  worker -> server
 ``("run", job)``       a prompt (dict, below)     ``("ready", pid)``            executor built
@@ -50,8 +51,10 @@ ACK_TIMEOUT = 60.0
 SEND_WINDOW_S = 0.002  # how long queued events may wait for company before they are sent
 
 
-def main(conn, spec: WorkerSpec, name: str, running: Any = None) -> None:
-    """Entry point of a worker process (``multiprocessing`` spawn target)."""
+def main(conn, spec: WorkerSpec, name: str, running: Any = None, control: Any = None) -> None:
+    """Entry point of a worker process (``multiprocessing`` spawn target). ``control``: a second,
+    receive-only connection for interrupts and acknowledgements, which a thread reads while the main thread
+    takes prompts straight off ``conn``; without it, one thread reads ``conn`` and hands the rest over."""
     _die_with_parent()
     os.environ.update(spec.env)
     if spec.threads:
@@ -64,6 +67,7 @@ def main(conn, spec: WorkerSpec, name: str, running: Any = None) -> None:
     )
     w = _Worker(spec, conn.send, batch=True, running=running)
     w.conn = conn
+    w.control = control
     w.serve()
 
 
@@ -99,6 +103,7 @@ class _Worker:
 
     def __init__(self, spec: WorkerSpec, send, acks: bool = True, batch: bool = False, running: Any = None):
         self.conn: Any = None
+        self.control: Any = None  # where interrupts and acknowledgements arrive (None: on conn)
         self._send = send
         self.acks = acks
         self.spec = spec
@@ -197,9 +202,10 @@ class _Worker:
 
     def _read(self) -> None:
         """The inbox thread: interrupts and acknowledgements act at once; everything else is queued."""
+        conn = self.control if self.control is not None else self.conn
         while True:
             try:
-                msg = self.conn.recv()
+                msg = conn.recv()
             except (EOFError, OSError):
                 os._exit(0)  # the server is gone: nothing left to report to
             kind = msg[0]
@@ -254,7 +260,7 @@ class _Worker:
         _freeze_heap()
         self.send(("ready", os.getpid()), now=True)
         while True:
-            msg = self.inbox.get()
+            msg = self.inbox.get() if self.control is None else self._next()
             if msg[0] == "run":
                 self.run(msg[1])
             elif msg[0] == "free":
@@ -262,6 +268,13 @@ class _Worker:
             elif msg[0] == "stop":
                 self.flush()
                 return
+
+    def _next(self) -> tuple:
+        """The next prompt (or free, stop), read by the main thread itself: the control thread has the rest."""
+        try:
+            return self.conn.recv()
+        except (EOFError, OSError):
+            os._exit(0)  # the server is gone
 
     def _attach_pack_sender(self) -> None:
         compat = sys.modules.get("kiln.compat.server")

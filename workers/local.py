@@ -31,6 +31,7 @@ from .spec import WorkerSpec, human
 log = logging.getLogger("kiln.server")
 WATCH_EVERY_S = 0.05
 STOP_GRACE_S = 10.0
+CONTROL = frozenset({"interrupt", "ack"})  # messages that go on a worker's control pipe (child.main)
 
 
 class WorkerLost(KilnError):
@@ -181,6 +182,7 @@ class ProcessWorker(WorkerHandle):
         self.kill_limit = False
         self._proc: Any = None
         self._conn: Any = None
+        self._control: Any = None  # the worker's control pipe: interrupts, acknowledgements
         self._send_lock = threading.Lock()
         self._ready: cf.Future = cf.Future()
         self._done: cf.Future | None = None
@@ -193,17 +195,25 @@ class ProcessWorker(WorkerHandle):
 
         ctx = mp.get_context("spawn")
         parent, child = ctx.Pipe()
+        # interrupts and journal acknowledgements go on a pipe of their own, which a thread of the worker
+        # reads while it runs; its main thread reads prompts straight off the first (no hand-off between
+        # threads before a run starts)
+        control_in, control_out = ctx.Pipe(duplex=False)
         self._fresh()
         self.kill_limit = False
         self._ready = cf.Future()
         self._running = ctx.RawArray("c", 256)  # the node the worker runs, written by it (child.main)
         self._proc = ctx.Process(
-            target=main, args=(child, self.spec, self.name, self._running), name=f"kiln-worker-{self.name}"
+            target=main,
+            args=(child, self.spec, self.name, self._running, control_in),
+            name=f"kiln-worker-{self.name}",
         )
         self._proc.daemon = True
         self._proc.start()
         child.close()
+        control_in.close()
         self._conn = parent
+        self._control = control_out
         self.pid = self._proc.pid
         self.state = "starting"
         loop = asyncio.get_running_loop()  # the loop reads the connection itself, as messages arrive
@@ -253,7 +263,7 @@ class ProcessWorker(WorkerHandle):
         with self._send_lock:
             if self._conn is None:
                 raise OSError("the worker is not running")
-            self._conn.send(msg)
+            (self._control if msg[0] in CONTROL else self._conn).send(msg)
 
     async def run(self, job: dict, sink: Callable[[Any], None]) -> tuple[str, dict, dict]:
         """Run ``job`` (see ``kiln.workers.child``); events go to ``sink`` from the reader thread. Returns
@@ -338,12 +348,15 @@ class ProcessWorker(WorkerHandle):
         proc.join(STOP_GRACE_S)
         cause = self.kill_cause or _describe_exit(proc.exitcode)
         with self._send_lock:
+            control = None
             if self._conn is conn:
-                self._conn = None
-        try:
-            conn.close()
-        except OSError:
-            pass
+                self._conn, control, self._control = None, self._control, None
+        for c in (conn, control):
+            try:
+                if c is not None:
+                    c.close()
+            except OSError:
+                pass
         if self.state != "stopped":
             self.state = "dead"
         running = self._running.value.decode("utf-8", "replace") if self._running is not None else ""
