@@ -16,6 +16,10 @@ nothing is served from cache):
 - loaded: both again beside a CPU hog (one busy process per core), since that is where small-prompt
   latency used to suffer.
 
+Every server is up for the whole run and they take turns: latency prompts go to each server in turn (the
+order rotating), throughput in blocks of a third, each server's block in turn, so a disturbance of the
+machine (another process, a page reclaim) falls on all of them rather than on whichever ran then.
+
 Kiln is started as ``kiln serve`` (its default: one worker process) and as ``kiln serve --workers 0``
 (in-process executor), each in a private temp folder; ComfyUI with ``--cpu`` from ``--comfy-dir``. ComfyUI
 is not part of Kiln and nothing from it is imported here: it runs as a separate server.
@@ -25,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import multiprocessing
 import os
@@ -108,8 +113,9 @@ class Client:
         fut = self.waiters.setdefault(pid, asyncio.get_running_loop().create_future())
         await asyncio.wait_for(fut, 600)
 
-    async def latency(self, n: int, color0: int) -> list[float]:
-        await self.wait(await self.submit(chain(10, color0)))  # warm: imports, first PNG encoder call
+    async def latency(self, n: int, color0: int, warm: bool = True) -> list[float]:
+        if warm:  # imports, the first PNG encoder call
+            await self.wait(await self.submit(chain(10, color0)))
         out = []
         for i in range(n):
             t0 = time.perf_counter()
@@ -219,13 +225,38 @@ def row(name: str, value: str, note: str = "") -> None:
     print(f"  {name:<44} {value:>14}  {note}", flush=True)
 
 
-async def measure(url: str, n_lat: int, n_tp: int, color0: int) -> dict:
-    async with Client(url) as c:
-        lat = await c.latency(n_lat, color0)
-        rate, accepted, dt = await c.throughput(n_tp, color0 + 10_000)
-        if c.errors:
-            raise SystemExit(f"{url}: execution errors: {c.errors[:3]}")
-    return {"median": statistics.median(lat), "min": min(lat), "rate": rate, "accepted": accepted, "dt": dt}
+async def measure(urls: dict[str, str], n_lat: int, n_tp: int, color0: int, blocks: int = 3) -> dict:
+    """Latency and throughput of every server, taking turns (module docstring)."""
+    out: dict[str, dict] = {}
+    async with contextlib.AsyncExitStack() as stack:
+        clients = {label: await stack.enter_async_context(Client(url)) for label, url in urls.items()}
+        labels = list(clients)
+        lat: dict[str, list[float]] = {label: [] for label in labels}
+        for c in clients.values():
+            await c.latency(0, color0)  # the warm-up prompt
+        for i in range(n_lat):
+            for label in labels[i % len(labels) :] + labels[: i % len(labels)]:
+                lat[label] += await clients[label].latency(1, color0 + 1 + i, warm=False)
+        done = {label: 0.0 for label in labels}
+        sent = {label: 0.0 for label in labels}
+        per = max(1, n_tp // blocks)
+        for b in range(blocks):
+            for label in labels[b % len(labels) :] + labels[: b % len(labels)]:
+                rate, accepted, dt = await clients[label].throughput(per, color0 + 10_000 + b * per)
+                done[label] += dt
+                sent[label] += per / accepted
+        for label, c in clients.items():
+            if c.errors:
+                raise SystemExit(f"{urls[label]}: execution errors: {c.errors[:3]}")
+            n = per * blocks
+            out[label] = {
+                "median": statistics.median(lat[label]),
+                "min": min(lat[label]),
+                "rate": n / done[label],
+                "accepted": n / sent[label],
+                "dt": done[label],
+            }
+    return out
 
 
 def main() -> None:
@@ -242,27 +273,25 @@ def main() -> None:
     print(f"chain(10): latency median of {n_lat} one at a time; throughput {n_tp} prompts, completed per second")
     base = Path(tempfile.mkdtemp(prefix="kiln-side-"))
     results: dict[str, dict] = {}
+    servers: list[tuple[str, object]] = [
+        ("kiln serve (1 worker)", lambda: kiln_server(base, "--workers", "1")),
+        ("kiln serve --workers 0", lambda: kiln_server(base, "--workers", "0")),
+    ]
+    if args.comfy_dir:
+        servers.append(("ComfyUI --cpu", lambda: comfy_server(base, args.comfy_dir, args.comfy_python)))
     try:
-        for loaded in (False, True) if not args.no_load else (False,):
-            print("\nbeside a CPU hog (one busy process per core):" if loaded else "\nquiet machine:")
-            servers: list[tuple[str, object]] = [
-                ("kiln serve (1 worker)", lambda: kiln_server(base, "--workers", "1")),
-                ("kiln serve --workers 0", lambda: kiln_server(base, "--workers", "0")),
-            ]
-            if args.comfy_dir:
-                servers.append(("ComfyUI --cpu", lambda: comfy_server(base, args.comfy_dir, args.comfy_python)))
-            for label, make in servers:
-                with make() as srv:
-                    with Hog() if loaded else _Null():
-                        r = asyncio.run(measure(srv.url, n_lat, n_tp, 1 + 100_000 * len(results)))
-                shutil.rmtree(Path(srv.cwd) if "kiln" in label else base / "comfy", ignore_errors=True)
-                results[("loaded " if loaded else "quiet ") + label] = r
-                _print(label, r)
+        with contextlib.ExitStack() as stack:
+            urls = {label: stack.enter_context(make()).url for label, make in servers}
             if args.comfy_url:
-                r = asyncio.run(measure(args.comfy_url, n_lat, n_tp, 1 + 100_000 * len(results)))
-                results[("loaded " if loaded else "quiet ") + "ComfyUI (url)"] = r
-                _print("ComfyUI at " + args.comfy_url, r)
-            _ratios(results, "loaded " if loaded else "quiet ")
+                urls["ComfyUI at " + args.comfy_url] = args.comfy_url
+            for k, loaded in enumerate((False, True) if not args.no_load else (False,)):
+                print("\nbeside a CPU hog (one busy process per core):" if loaded else "\nquiet machine:")
+                with Hog() if loaded else _Null():
+                    rs = asyncio.run(measure(urls, n_lat, n_tp, 1 + 1_000_000 * k))
+                for label, r in rs.items():
+                    results[("loaded " if loaded else "quiet ") + label] = r
+                    _print(label, r)
+                _ratios(results, "loaded " if loaded else "quiet ")
     finally:
         shutil.rmtree(base, ignore_errors=True)
     if args.json:
