@@ -19,6 +19,7 @@ import re
 import threading
 from typing import Any
 
+import orjson
 from aiohttp import web
 
 from kiln.engine import KilnError
@@ -154,8 +155,22 @@ def finite(obj: Any) -> Any:
     return obj
 
 
+# orjson refuses (and the standard library then writes) what it would write its own way: dataclasses, dates,
+# subclasses of str/int/dict/list (enums among them); and what it cannot: ints past 64 bits, lone surrogates
+_ORJSON = orjson.OPT_NON_STR_KEYS | orjson.OPT_PASSTHROUGH_DATACLASS | orjson.OPT_PASSTHROUGH_DATETIME
+_ORJSON |= orjson.OPT_PASSTHROUGH_SUBCLASS
+
+
 def dumps(obj: Any, compact: bool = True) -> str:
-    """Strict JSON text: NaN and infinities are written as null, never as bare ``NaN``/``Infinity``."""
+    """Strict JSON text: NaN and infinities are written as null, never as bare ``NaN``/``Infinity``.
+
+    Compact text comes from orjson (every websocket message goes through here: the standard library took a
+    sixth of a busy server's time), and from the standard library for what orjson refuses."""
+    if compact:
+        try:
+            return orjson.dumps(obj, option=_ORJSON).decode()
+        except (TypeError, orjson.JSONEncodeError):
+            pass
     seps = (",", ":") if compact else None
     try:
         text = json.dumps(obj, separators=seps, ensure_ascii=False, allow_nan=False)
