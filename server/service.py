@@ -673,7 +673,7 @@ class PromptService:
             "previews": job.previews,
             "journal": self.store.output_files(job.prompt_id),
         }
-        if getattr(w, "shares_folders", False) and job.validation.ok:
+        if w.shares_folders and job.validation.ok:
             # checked here against the same registry and folders: the worker runs it without checking again
             payload["validated"] = (list(job.validation.outputs), list(job.validation.order))
         w.held |= model_files(job.prompt_json)

@@ -1,7 +1,7 @@
 """The worker process: builds its executor once, then runs the prompts the server sends, one at a time.
 
-Messages (pickled tuples over a ``multiprocessing`` connection; a local worker gets ``interrupt`` and ``ack``
-on a second, control connection, read by a thread of its own, so its main thread reads prompts directly):
+Messages (pickled tuples over a ``multiprocessing`` connection; ``interrupt`` and ``ack`` come on a second,
+control connection, read by a thread of their own, so the main thread reads prompts directly):
 
 server -> worker                                  worker -> server
 ``("run", job)``       a prompt (dict, below)     ``("ready", pid)``            executor built
@@ -33,7 +33,6 @@ import json
 import logging
 import os
 import pickle
-import queue
 import resource
 import signal
 import sys
@@ -51,10 +50,10 @@ ACK_TIMEOUT = 60.0
 SEND_WINDOW_S = 0.002  # how long queued events may wait for company before they are sent
 
 
-def main(conn, spec: WorkerSpec, name: str, running: Any = None, control: Any = None) -> None:
+def main(conn, spec: WorkerSpec, name: str, running: Any, control: Any) -> None:
     """Entry point of a worker process (``multiprocessing`` spawn target). ``control``: a second,
     receive-only connection for interrupts and acknowledgements, which a thread reads while the main thread
-    takes prompts straight off ``conn``; without it, one thread reads ``conn`` and hands the rest over."""
+    takes prompts straight off ``conn``."""
     _die_with_parent()
     os.environ.update(spec.env)
     if spec.threads:
@@ -103,7 +102,7 @@ class _Worker:
 
     def __init__(self, spec: WorkerSpec, send, acks: bool = True, batch: bool = False, running: Any = None):
         self.conn: Any = None
-        self.control: Any = None  # where interrupts and acknowledgements arrive (None: on conn)
+        self.control: Any = None  # where interrupts and acknowledgements arrive (serve)
         self._send = send
         self.acks = acks
         self.spec = spec
@@ -119,7 +118,6 @@ class _Worker:
         self._pending: list = []
         self._sender: threading.Thread | None = None
         self._started: Any = None  # the NodeStarted class, once the engine is imported (build)
-        self.inbox: queue.Queue = queue.Queue()
         self.current: tuple[str, threading.Event] | None = None
         self.interrupted: set[str] = set()
         self.state_lock = threading.Lock()
@@ -169,7 +167,7 @@ class _Worker:
             return
         except (TypeError, AttributeError, ValueError, pickle.PicklingError):
             pass  # something in it does not pickle: one at a time below
-        except OSError:  # the server is gone: the inbox thread ends the process
+        except OSError:  # the server is gone: the control thread ends the process
             return
         for m in msgs:
             try:
@@ -200,12 +198,11 @@ class _Worker:
         finally:
             self._acks.pop(req, None)
 
-    def _read(self) -> None:
-        """The inbox thread: interrupts and acknowledgements act at once; everything else is queued."""
-        conn = self.control if self.control is not None else self.conn
+    def _read_control(self) -> None:
+        """The control thread: interrupts and acknowledgements, acted on at once, during a run too."""
         while True:
             try:
-                msg = conn.recv()
+                msg = self.control.recv()
             except (EOFError, OSError):
                 os._exit(0)  # the server is gone: nothing left to report to
             kind = msg[0]
@@ -216,8 +213,6 @@ class _Worker:
                 if slot is not None:
                     slot[1] = msg[2]
                     slot[0].set()
-            else:
-                self.inbox.put(msg)
 
     def interrupt(self, prompt_id: str) -> None:
         with self.state_lock:
@@ -250,7 +245,7 @@ class _Worker:
 
     def serve(self) -> None:
         """A worker process's life: build, say ready, then run what arrives until told to stop."""
-        threading.Thread(target=self._read, name="kiln-worker-inbox", daemon=True).start()
+        threading.Thread(target=self._read_control, name="kiln-worker-control", daemon=True).start()
         try:
             self.build()
         except BaseException:
@@ -260,7 +255,7 @@ class _Worker:
         _freeze_heap()
         self.send(("ready", os.getpid()), now=True)
         while True:
-            msg = self.inbox.get() if self.control is None else self._next()
+            msg = self._next()
             if msg[0] == "run":
                 self.run(msg[1])
             elif msg[0] == "free":

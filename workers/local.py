@@ -168,6 +168,8 @@ class ProcessWorker(WorkerHandle):
     blocking until committed); ``on_send_sync(event, data, sid)`` forwards a pack's websocket message.
     """
 
+    shares_folders = True
+
     def __init__(
         self,
         name: str,
@@ -176,7 +178,6 @@ class ProcessWorker(WorkerHandle):
         on_send_sync: Callable[..., None] | None = None,
     ):
         super().__init__(name, spec)
-        self.shares_folders = True
         self.on_journal = on_journal
         self.on_send_sync = on_send_sync
         self.kill_limit = False
