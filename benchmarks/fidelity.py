@@ -98,6 +98,11 @@ def partial(pipe: sample.Pipeline, args: argparse.Namespace) -> None:
         groups = [imgs[i * seeds : (i + 1) * seeds] for i in range(len(prompts))]
         for line in ev.partial_report(groups, prompts, name)[2]:
             print(line, flush=True)
+        for label, keep in (("one object", lambda n: n == 1), ("two or more", lambda n: n > 1)):
+            idx = [i for i, pr in enumerate(prompts) if keep(pr.count)]
+            if idx:  # the same images, split by how many objects the prompt names
+                rows = ev.partial_report([groups[i] for i in idx], [prompts[i] for i in idx], f"  {label} ({len(idx)})")
+                print(rows[2][0], flush=True)
 
 
 def main() -> None:

@@ -50,6 +50,15 @@ def pool_scenes(n: int) -> list[sc.Scene]:
     return [sc.make_scene(sc.stream_seed(sc.TRAIN_STREAM, i)) for i in range(n)]
 
 
+MULTI_OFFSET = 30_000_000  # the many-object pool's scenes: TRAIN_STREAM seeds from here (LoRA 10M, ControlNet 20M)
+
+
+def multi_pool_scenes(n: int) -> list[sc.Scene]:
+    """A second pool of fresh two- and three-object scenes (3 : 2), for the v4 fine-tune: the first pool holds
+    only 4,000 two-object and 2,000 three-object scenes, which the v2 and v3 fine-tunes saw ~25 times each."""
+    return [sc.make_scene(sc.stream_seed(sc.TRAIN_STREAM, MULTI_OFFSET + i), 2 if i % 5 < 3 else 3) for i in range(n)]
+
+
 def epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
     return np.random.default_rng([seed, 7, epoch]).permutation(n)
 

@@ -213,7 +213,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--pixel-weight", type=float, default=0.0, help="weight of the decoded-outline term")
-    p.add_argument("--phase", default=None, help="base UNet checkpoint folder: unet-v (default), unet-v2, unet-v3")
+    p.add_argument("--phase", default=None, help="base UNet checkpoint folder: unet-v (default) or unet-v2 to v4")
     p.add_argument("--decoder", default=None, help="the decoder the pixel term decodes with (train.load_vae)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)

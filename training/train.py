@@ -251,12 +251,13 @@ def stage_vae_v2(
 # ---------------------------------------------------------------- latent pool
 
 
-def stage_latents(out: Path, pool: int, batch: int = 256) -> None:
-    """Encode the fixed training pool once: latent mean and std (fp16) plus tokenized captions."""
-    path = out / "latents.pt"
+def stage_latents(out: Path, pool: int, batch: int = 256, name: str = "latents.pt", multi: bool = False) -> None:
+    """Encode the fixed training pool once: latent mean and std (fp16) plus tokenized captions. ``multi``
+    encodes the many-object pool (:func:`training.data.multi_pool_scenes`) instead, into ``name``."""
+    path = out / name
     vae = load_vae(out).eval()
     tok = tk.load(out / "tokenizer")
-    scenes = data.pool_scenes(pool)
+    scenes = data.multi_pool_scenes(pool) if multi else data.pool_scenes(pool)
     means, stds = [], []
     with torch.no_grad():
         for i in tqdm(range(0, pool, batch), desc="encode pool", unit="batch", mininterval=10):
@@ -378,6 +379,7 @@ def stage_unet(
     phase: str | None = None,
     caption_ids: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
     indices: Callable[[int], np.ndarray] | None = None,
+    pools: tuple[str, ...] = ("latents.pt",),
 ) -> list[float]:
     """Train (or resume) to ``steps``; ``max_minutes`` / ``max_steps`` stop early without changing the
     schedule, so a later ``--resume`` carries on as if never stopped. Returns this call's losses.
@@ -387,7 +389,8 @@ def stage_unet(
     EMA weights: the shipped model is an epsilon run fine-tuned to v this way. ``phase`` overrides the
     checkpoint folder; ``caption_ids(step, pool_indices)`` replaces the pool's cached full captions (token
     ids ``[B, MAX_LENGTH]``), as the v2 fine-tune does with its partial captions; ``indices(step)`` replaces
-    the epoch order over the pool (the v3 fine-tune draws many-object scenes more often)."""
+    the epoch order over the pool (the v3 fine-tune draws many-object scenes more often); ``pools`` are the
+    latent files (in ``out``) concatenated into the pool, in order."""
     phase = phase or PHASES[prediction]
     ckpt = out / phase / "latest.pt"
     torch.manual_seed(seed)
@@ -418,7 +421,8 @@ def stage_unet(
                     ema[f"{part}.{k}"].copy_(v)
         step = st["step"]
         print(f"unet: resumed at step {step}")
-    pool = torch.load(out / "latents.pt", map_location="cpu", weights_only=True)
+    parts = [torch.load(out / name, map_location="cpu", weights_only=True) for name in pools]
+    pool = {k: torch.cat([p[k] for p in parts]) for k in ("mean", "std", "ids")}
     n = pool["mean"].shape[0]
     scale = json.loads((out / "vae" / "config.json").read_text())["scaling_factor"]
     sched = models.build_scheduler()
@@ -564,12 +568,22 @@ def _mixed_caption_stage(
     init: Path,
     phase: str,
     object_weights: tuple[float, ...] | None = None,
+    multi: int = 0,
+    object_shares: tuple[float, ...] | None = None,
 ) -> list[float]:
     """A v-prediction fine-tune from ``init``'s EMA weights on :func:`training.data.mixed_captions` of the
     latent pool, into ``phase/``; ``object_weights`` (by a scene's number of objects) draws the pool's scenes
-    in proportion instead of in epoch order."""
+    in proportion instead of in epoch order. ``multi`` scenes of the many-object pool (``latents-multi.pt``)
+    join the pool; ``object_shares`` draws scenes so that each number of objects gets that share of a batch."""
     n = torch.load(out / "latents.pt", map_location="cpu", weights_only=True)["mean"].shape[0]
     scenes = data.pool_scenes(n)
+    pools: tuple[str, ...] = ("latents.pt",)
+    if multi:
+        extra = torch.load(out / MULTI_LATENTS, map_location="cpu", weights_only=True)["mean"].shape[0]
+        if extra != multi:
+            raise SystemExit(f"{out / MULTI_LATENTS} holds {extra} scenes, not {multi}: run `train latents-multi`")
+        scenes += data.multi_pool_scenes(multi)
+        pools += (MULTI_LATENTS,)
     tok = tk.load(out / "tokenizer")
 
     def caption_ids(step: int, idx: torch.Tensor) -> torch.Tensor:
@@ -578,6 +592,9 @@ def _mixed_caption_stage(
         return tok(texts, **kw).input_ids
 
     indices = None
+    if object_shares is not None:
+        counts = np.bincount([len(s.objects) - 1 for s in scenes], minlength=len(object_shares))
+        object_weights = tuple(share / max(c, 1) for share, c in zip(object_shares, counts))
     if object_weights is not None:
         weights = np.array([object_weights[len(s.objects) - 1] for s in scenes])
 
@@ -602,6 +619,7 @@ def _mixed_caption_stage(
         phase=phase,
         caption_ids=caption_ids,
         indices=indices,
+        pools=pools,
     )
 
 
@@ -653,12 +671,43 @@ def stage_unet_v3(
     )
 
 
+V4_STEPS = 5000
+V4_LR = 1e-4
+MULTI_LATENTS = "latents-multi.pt"
+MULTI_POOL = 30000
+# a v4 batch by number of objects: v3 still read two-object prompts' count right 49% of the time
+V4_OBJECT_SHARES = (0.45, 0.35, 0.2)
+
+
+def stage_unet_v4(
+    out: Path,
+    seed: int,
+    steps: int,
+    batch: int,
+    lr: float,
+    resume: bool,
+    ckpt_every: float,
+    eval_every: int,
+    max_minutes: float | None = None,
+    max_steps: int | None = None,
+    unet_config: dict | None = None,
+    multi: int = MULTI_POOL,
+) -> list[float]:
+    """Fine-tune the v3 EMA weights on the same mixed captions of the pool joined by ``multi`` fresh two- and
+    three-object scenes (``train latents-multi``), drawn by :data:`V4_OBJECT_SHARES`, into ``unet-v4/``."""
+    args = (out, seed, steps, batch, lr, resume, ckpt_every, eval_every, max_minutes, max_steps, unet_config)
+    return _mixed_caption_stage(
+        *args, init=out / "unet-v3" / "latest.pt", phase="unet-v4", multi=multi, object_shares=V4_OBJECT_SHARES
+    )
+
+
 # ---------------------------------------------------------------- CLI
 
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     stages = ["tokenizer", "vae", "latents", "unet", "unet-v", "unet-v2", "unet-v3", "vae-v2", "all"]
+    stages[-1:-1] = ["latents-multi", "unet-v4"]
     p.add_argument("stage", choices=stages)
     p.add_argument("--out", type=Path, default=Path("runs/shapes"))
     p.add_argument("--seed", type=int, default=0)
@@ -676,6 +725,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--v2-lr", type=float, default=V2_LR)
     p.add_argument("--v3-steps", type=int, default=V3_STEPS, help="steps of the many-object fine-tune")
     p.add_argument("--v3-lr", type=float, default=V3_LR)
+    p.add_argument("--v4-steps", type=int, default=V4_STEPS, help="steps of the many-object-pool fine-tune")
+    p.add_argument("--v4-lr", type=float, default=V4_LR)
+    p.add_argument("--multi-pool", type=int, default=MULTI_POOL, help="fresh many-object scenes for v4")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--eval-every", type=int, default=250)
@@ -759,6 +811,21 @@ def main(argv: list[str] | None = None) -> None:
             args.ckpt_every,
             args.eval_every,
             max_minutes=args.max_minutes,
+        )
+    if args.stage == "latents-multi" and not (args.resume and (out / MULTI_LATENTS).exists()):
+        stage_latents(out, args.multi_pool, name=MULTI_LATENTS, multi=True)
+    if args.stage == "unet-v4":
+        stage_unet_v4(
+            out,
+            args.seed + 5,
+            args.v4_steps,
+            args.batch,
+            args.v4_lr,
+            args.resume,
+            args.ckpt_every,
+            args.eval_every,
+            max_minutes=args.max_minutes,
+            multi=args.multi_pool,
         )
 
 

@@ -157,3 +157,34 @@ def test_the_decoder_at_a_segment_end_is_kept_and_loads(tmp_path, monkeypatch):
     assert all(torch.equal(v, kept[k]) for k, v in at2.items())
     final = train.load_vae(out, "vae-v2").state_dict()
     assert any(not torch.equal(v, final[k]) for k, v in at2.items())
+
+
+def test_the_many_object_pool_holds_only_fresh_two_and_three_object_scenes():
+    multi = data.multi_pool_scenes(200)
+    counts = [len(s.objects) for s in multi]
+    assert set(counts) == {2, 3} and counts.count(2) == 120
+    assert not set(multi) & set(data.pool_scenes(200))  # its own seeds, not the first pool's
+
+
+def test_v4_draws_from_both_pools_by_object_share_and_resumes_exactly(tmp_path, monkeypatch):
+    out = _tiny_v1_run(tmp_path / "run", monkeypatch)
+    train.stage_latents(out, 16, batch=16, name=train.MULTI_LATENTS, multi=True)
+    kw = dict(batch=8, lr=1e-3, ckpt_every=1e9, eval_every=0, unet_config=TINY_UNET)
+    train.stage_unet_v2(out, seed=2, steps=1, resume=False, **kw)
+    train.stage_unet_v3(out, seed=4, steps=1, resume=False, **kw)
+    v3 = torch.load(out / "unet-v3" / "latest.pt", weights_only=False)
+    seen = []
+    monkeypatch.setattr(data, "mixed_captions", lambda *a, f=data.mixed_captions: seen.extend(a[2]) or f(*a))
+    full = train.stage_unet_v4(out, seed=5, steps=4, resume=False, multi=16, **kw)
+    a = torch.load(out / "unet-v4" / "latest.pt", weights_only=False)
+    k = "conv_in.weight"  # a few steps from the v3 EMA weights
+    assert a["step"] == 4 and (a["model"]["unet"][k] - v3["ema"]["unet"][k]).abs().max() < 0.05
+    multi = set(data.multi_pool_scenes(16))
+    assert any(s in multi for s in seen) and any(len(s.objects) == 1 for s in seen)
+    train.stage_unet_v4(out, seed=5, steps=4, resume=False, max_steps=2, multi=16, **kw)
+    rest = train.stage_unet_v4(out, seed=5, steps=4, resume=True, multi=16, **kw)
+    b = torch.load(out / "unet-v4" / "latest.pt", weights_only=False)
+    assert rest == full[2:]
+    assert all(torch.equal(v, b["model"]["unet"][name]) for name, v in a["model"]["unet"].items())
+    with pytest.raises(SystemExit, match="latents-multi"):  # a pool of another size is not silently mixed in
+        train.stage_unet_v4(out, seed=5, steps=4, resume=True, multi=32, **kw)
