@@ -276,6 +276,14 @@ def stage_latents(out: Path, pool: int, batch: int = 256, name: str = "latents.p
     print(f"latents: {pool} scenes -> {path}")
 
 
+def load_pool(out: Path, names: tuple[str, ...] = ("latents.pt",)) -> dict:
+    """The latent files ``names`` (in ``out``, written by :func:`stage_latents`) joined into one pool, in
+    order; ``sizes`` holds each file's number of scenes."""
+    parts = [torch.load(out / name, map_location="cpu", weights_only=True) for name in names]
+    pool = {k: torch.cat([p[k] for p in parts]) for k in ("mean", "std", "ids")}
+    return {**pool, "sizes": [p["mean"].shape[0] for p in parts]}
+
+
 # ---------------------------------------------------------------- UNet + text encoder
 
 
@@ -379,7 +387,7 @@ def stage_unet(
     phase: str | None = None,
     caption_ids: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
     indices: Callable[[int], np.ndarray] | None = None,
-    pools: tuple[str, ...] = ("latents.pt",),
+    pool: dict[str, torch.Tensor] | None = None,
 ) -> list[float]:
     """Train (or resume) to ``steps``; ``max_minutes`` / ``max_steps`` stop early without changing the
     schedule, so a later ``--resume`` carries on as if never stopped. Returns this call's losses.
@@ -389,8 +397,8 @@ def stage_unet(
     EMA weights: the shipped model is an epsilon run fine-tuned to v this way. ``phase`` overrides the
     checkpoint folder; ``caption_ids(step, pool_indices)`` replaces the pool's cached full captions (token
     ids ``[B, MAX_LENGTH]``), as the v2 fine-tune does with its partial captions; ``indices(step)`` replaces
-    the epoch order over the pool (the v3 fine-tune draws many-object scenes more often); ``pools`` are the
-    latent files (in ``out``) concatenated into the pool, in order."""
+    the epoch order over the pool (the v3 fine-tune draws many-object scenes more often); ``pool`` is the latent
+    pool already loaded (:func:`load_pool`; by default ``latents.pt``)."""
     phase = phase or PHASES[prediction]
     ckpt = out / phase / "latest.pt"
     torch.manual_seed(seed)
@@ -421,8 +429,7 @@ def stage_unet(
                     ema[f"{part}.{k}"].copy_(v)
         step = st["step"]
         print(f"unet: resumed at step {step}")
-    parts = [torch.load(out / name, map_location="cpu", weights_only=True) for name in pools]
-    pool = {k: torch.cat([p[k] for p in parts]) for k in ("mean", "std", "ids")}
+    pool = pool if pool is not None else load_pool(out)
     n = pool["mean"].shape[0]
     scale = json.loads((out / "vae" / "config.json").read_text())["scaling_factor"]
     sched = models.build_scheduler()
@@ -575,15 +582,15 @@ def _mixed_caption_stage(
     latent pool, into ``phase/``; ``object_weights`` (by a scene's number of objects) draws the pool's scenes
     in proportion instead of in epoch order. ``multi`` scenes of the many-object pool (``latents-multi.pt``)
     join the pool; ``object_shares`` draws scenes so that each number of objects gets that share of a batch."""
-    n = torch.load(out / "latents.pt", map_location="cpu", weights_only=True)["mean"].shape[0]
+    pool = load_pool(out, ("latents.pt", MULTI_LATENTS) if multi else ("latents.pt",))
+    n = pool["sizes"][0]
     scenes = data.pool_scenes(n)
-    pools: tuple[str, ...] = ("latents.pt",)
     if multi:
-        extra = torch.load(out / MULTI_LATENTS, map_location="cpu", weights_only=True)["mean"].shape[0]
-        if extra != multi:
-            raise SystemExit(f"{out / MULTI_LATENTS} holds {extra} scenes, not {multi}: run `train latents-multi`")
+        if pool["sizes"][1] != multi:
+            raise SystemExit(
+                f"{out / MULTI_LATENTS} holds {pool['sizes'][1]} scenes, not {multi}: run `train latents-multi`"
+            )
         scenes += data.multi_pool_scenes(multi)
-        pools += (MULTI_LATENTS,)
     tok = tk.load(out / "tokenizer")
 
     def caption_ids(step: int, idx: torch.Tensor) -> torch.Tensor:
@@ -619,7 +626,7 @@ def _mixed_caption_stage(
         phase=phase,
         caption_ids=caption_ids,
         indices=indices,
-        pools=pools,
+        pool=pool,
     )
 
 
@@ -706,8 +713,8 @@ def stage_unet_v4(
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    stages = ["tokenizer", "vae", "latents", "unet", "unet-v", "unet-v2", "unet-v3", "vae-v2", "all"]
-    stages[-1:-1] = ["latents-multi", "unet-v4"]
+    stages = ["tokenizer", "vae", "latents", "unet", "unet-v", "unet-v2", "unet-v3", "latents-multi", "unet-v4"]
+    stages += ["vae-v2", "all"]
     p.add_argument("stage", choices=stages)
     p.add_argument("--out", type=Path, default=Path("runs/shapes"))
     p.add_argument("--seed", type=int, default=0)
@@ -788,44 +795,26 @@ def main(argv: list[str] | None = None) -> None:
         )
     if args.stage == "vae-v2" and not (args.resume and (out / "vae-v2" / "final.pt").exists()):
         stage_vae_v2(out, args.seed + 3, args.vae2_steps, args.vae_batch, VAE2_LR, args.resume, args.ckpt_every)
-    if args.stage == "unet-v2":
-        stage_unet_v2(
-            out,
-            args.seed + 2,
-            args.v2_steps,
-            args.batch,
-            args.v2_lr,
-            args.resume,
-            args.ckpt_every,
-            args.eval_every,
-            max_minutes=args.max_minutes,
-        )
-    if args.stage == "unet-v3":
-        stage_unet_v3(
-            out,
-            args.seed + 4,
-            args.v3_steps,
-            args.batch,
-            args.v3_lr,
-            args.resume,
-            args.ckpt_every,
-            args.eval_every,
-            max_minutes=args.max_minutes,
-        )
     if args.stage == "latents-multi" and not (args.resume and (out / MULTI_LATENTS).exists()):
         stage_latents(out, args.multi_pool, name=MULTI_LATENTS, multi=True)
-    if args.stage == "unet-v4":
-        stage_unet_v4(
+    fine_tunes = {  # stage -> (function, seed offset, steps, lr, extra keywords)
+        "unet-v2": (stage_unet_v2, 2, args.v2_steps, args.v2_lr, {}),
+        "unet-v3": (stage_unet_v3, 4, args.v3_steps, args.v3_lr, {}),
+        "unet-v4": (stage_unet_v4, 5, args.v4_steps, args.v4_lr, {"multi": args.multi_pool}),
+    }
+    if args.stage in fine_tunes:
+        fn, offset, steps, lr, extra = fine_tunes[args.stage]
+        fn(
             out,
-            args.seed + 5,
-            args.v4_steps,
+            args.seed + offset,
+            steps,
             args.batch,
-            args.v4_lr,
+            lr,
             args.resume,
             args.ckpt_every,
             args.eval_every,
             max_minutes=args.max_minutes,
-            multi=args.multi_pool,
+            **extra,
         )
 
 

@@ -102,7 +102,7 @@ class _Worker:
 
     def __init__(self, spec: WorkerSpec, send, acks: bool = True, batch: bool = False, running: Any = None):
         self.conn: Any = None
-        self.control: Any = None  # where interrupts and acknowledgements arrive (serve)
+        self.control: Any = None  # where interrupts and acknowledgements arrive (set by main; read by serve)
         self._send = send
         self.acks = acks
         self.spec = spec
