@@ -11,6 +11,9 @@ table (issue 16): 100 held-out prompts that leave at least one attribute open
 only, plus the object count (exactly as many objects as the prompt names) and the diversity across the 8
 seeds of what they leave open (share of prompts with >= 3 distinct values, 2 for size). Then the LoRA and
 ControlNet figures, the time to sample one 64x64 image on one thread and the weights' size.
+The "varied" rows sample as ``graphs/txt2img_varied.json`` does (read from the graph): its first steps at
+guidance 1, the conditional model alone, then the rest at its CFG; guidance from the first step on is what
+makes every seed draw the same colours and backgrounds for what a prompt leaves open.
 Targets (issue 16): full prompts colour, shape, size, position >= 95% per sampler; partial prompts every
 stated attribute >= 90%, count >= 90%, each open attribute diverse in >= 80% of prompts.
 Samplers are diffusers' schedulers here; the Kiln graph path has its own tests.
@@ -19,6 +22,7 @@ Samplers are diffusers' schedulers here; the Kiln graph path has its own tests.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -26,7 +30,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
 from kiln.training import (
     captions as cp,  # noqa: E402
@@ -34,6 +39,18 @@ from kiln.training import (
     sample,  # noqa: E402
     scenes as sc,  # noqa: E402
 )
+
+
+def varied_recipe(path: Path) -> tuple[int, float]:
+    """(steps sampled unguided, guidance after them) of a graph that splits sampling over two
+    KSamplerAdvanced nodes the way ``graphs/txt2img_varied.json`` does."""
+    g = json.loads(path.read_text())
+    first, second = sorted(
+        (n["inputs"] for n in g.values() if n["class_type"] == "KSamplerAdvanced"), key=lambda i: i["start_at_step"]
+    )
+    if first["cfg"] != 1.0 or first["start_at_step"] != 0 or second["start_at_step"] != first["end_at_step"]:
+        raise SystemExit(f"{path}: expected an unguided first KSamplerAdvanced that the second one continues")
+    return int(first["end_at_step"]), float(second["cfg"])
 
 
 def adapters(pipe: sample.Pipeline, targets: list[sc.Scene], args: argparse.Namespace) -> None:
@@ -92,17 +109,25 @@ def partial(pipe: sample.Pipeline, args: argparse.Namespace) -> None:
     for line in ev.partial_report(ev.real_partial_images(prompts, seeds), prompts, "(real scenes)")[2]:
         print(line)
     for name in (args.partial_samplers or args.samplers).split(","):
-        imgs = pipe.generate(
-            [w for w in words for _ in range(seeds)], seed=0, steps=args.steps, cfg=args.cfg, sampler=name
-        )
-        groups = [imgs[i * seeds : (i + 1) * seeds] for i in range(len(prompts))]
-        for line in ev.partial_report(groups, prompts, name)[2]:
-            print(line, flush=True)
-        for label, keep in (("one object", lambda n: n == 1), ("two or more", lambda n: n > 1)):
-            idx = [i for i, pr in enumerate(prompts) if keep(pr.count)]
-            if idx:  # the same images, split by how many objects the prompt names
-                rows = ev.partial_report([groups[i] for i in idx], [prompts[i] for i in idx], f"  {label} ({len(idx)})")
-                print(rows[2][0], flush=True)
+        for label, cfg, unguided in ((name, args.cfg, 0), (f"{name}, varied", args.varied_cfg, args.unguided)):
+            imgs = pipe.generate(
+                [w for w in words for _ in range(seeds)],
+                seed=0,
+                steps=args.steps,
+                cfg=cfg,
+                sampler=name,
+                unguided_steps=unguided,
+            )
+            groups = [imgs[i * seeds : (i + 1) * seeds] for i in range(len(prompts))]
+            for line in ev.partial_report(groups, prompts, label)[2]:
+                print(line, flush=True)
+            for part, keep in (("one object", lambda n: n == 1), ("two or more", lambda n: n > 1)):
+                idx = [i for i, pr in enumerate(prompts) if keep(pr.count)]
+                if idx:  # the same images, split by how many objects the prompt names
+                    rows = ev.partial_report(
+                        [groups[i] for i in idx], [prompts[i] for i in idx], f"  {part} ({len(idx)})"
+                    )
+                    print(rows[2][0], flush=True)
 
 
 def main() -> None:
@@ -116,16 +141,27 @@ def main() -> None:
     p.add_argument("--controlnet", type=Path, default=Path("models/controlnet/kiln-shapes-edges.safetensors"))
     p.add_argument("--partial-n", type=int, default=100, help="held-out partial prompts (8 seeds each)")
     p.add_argument("--partial-samplers", default=None, help="samplers for the partial table (default: --samplers)")
+    p.add_argument(
+        "--varied-graph",
+        type=Path,
+        default=ROOT / "graphs" / "txt2img_varied.json",
+        help="the graph whose split sampling the 'varied' rows use (steps at guidance 1, then its CFG)",
+    )
     p.add_argument("--quick", action="store_true", help="20 full and 10 partial prompts, Euler, no adapters")
     args = p.parse_args()
     if args.quick:
         args.n, args.partial_n, args.samplers = min(args.n, 20), min(args.partial_n, 10), "euler"
         args.lora = args.controlnet = Path("/nonexistent")
+    args.unguided, args.varied_cfg = varied_recipe(args.varied_graph)
     torch.set_num_threads(1)
     pipe = sample.Pipeline.from_single_file(args.checkpoint)
     targets = sc.eval_scenes(args.n)
     prompts = [sc.caption(s) for s in targets]
     print(f"{args.checkpoint}: {args.n} held-out prompts, {args.steps} steps, CFG {args.cfg:g}")
+    print(
+        f"'varied' rows: {args.varied_graph.name}'s split, the first {args.unguided} steps at guidance 1 "
+        f"and the rest at CFG {args.varied_cfg:g}"
+    )
     print(ev.header())
     print(ev.format_row("(real scenes)", ev.accuracy([sc.render(s) for s in targets], targets)))
     rng = np.random.default_rng(0)
@@ -138,6 +174,10 @@ def main() -> None:
     for name in args.samplers.split(","):
         imgs = pipe.generate(prompts, seed=0, steps=args.steps, cfg=args.cfg, sampler=name)
         print(ev.format_row(name, ev.accuracy(imgs, targets)), flush=True)
+        varied = pipe.generate(
+            prompts, seed=0, steps=args.steps, cfg=args.varied_cfg, sampler=name, unguided_steps=args.unguided
+        )
+        print(ev.format_row(f"{name}, varied", ev.accuracy(varied, targets)), flush=True)
         extent.append(f"{name} {ev.extent_only_shape_accuracy(imgs, targets) * 100:.0f}%")
     print("shape read by extent alone (the evaluator's earlier rule, no corner check): " + ", ".join(extent))
     partial(pipe, args)

@@ -101,13 +101,16 @@ class Pipeline:
         cfg: float = 5.0,
         sampler: str = "euler",
         batch: int = 50,
+        unguided_steps: int = 0,
     ) -> list[np.ndarray]:
+        """``unguided_steps``: the first steps sample the conditional model alone (guidance 1), as
+        ``graphs/txt2img_varied.json``'s first KSamplerAdvanced does; guidance ``cfg`` from there on."""
         out: list[np.ndarray] = []
         for i in range(0, len(prompts), batch):
-            out.extend(self._generate(prompts[i : i + batch], seed + i, steps, cfg, sampler))
+            out.extend(self._generate(prompts[i : i + batch], seed + i, steps, cfg, sampler, unguided_steps))
         return out
 
-    def _generate(self, prompts, seed, steps, cfg, sampler):
+    def _generate(self, prompts, seed, steps, cfg, sampler, unguided_steps=0):
         sched = make_scheduler(sampler, self.scheduler_config)
         sched.set_timesteps(steps)
         cond = self.encode_prompts(prompts)
@@ -116,11 +119,12 @@ class Pipeline:
         size = self.unet.config.sample_size
         x = torch.randn(len(prompts), self.unet.config.in_channels, size, size, generator=g)
         x = x * sched.init_noise_sigma
-        for t in sched.timesteps:
+        for i, t in enumerate(sched.timesteps):
             xin = sched.scale_model_input(torch.cat([x, x]), t)
             out = self.unet(xin, t, torch.cat([uncond, cond])).sample  # epsilon or v, per the config
             eu, ec = out.chunk(2)
-            x = sched.step(eu + cfg * (ec - eu), t, x).prev_sample
+            w = 1.0 if i < unguided_steps else cfg
+            x = sched.step(eu + w * (ec - eu), t, x).prev_sample
         img = self.vae.decode(x / self.vae.config.scaling_factor).sample
         return data.to_images(img)
 

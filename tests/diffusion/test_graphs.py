@@ -17,7 +17,16 @@ def _decoder(graph: dict) -> str:
 
 
 @pytest.mark.parametrize(
-    "name", ["txt2img.json", "img2img.json", "inpaint.json", "outpaint.json", "lora.json", "controlnet_canny.json"]
+    "name",
+    [
+        "txt2img.json",
+        "txt2img_varied.json",
+        "img2img.json",
+        "inpaint.json",
+        "outpaint.json",
+        "lora.json",
+        "controlnet_canny.json",
+    ],
 )
 def test_graph_runs(world, name):
     g = world.graph(name, **SUBST)
