@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
-from shipped_harness import REPO, Job
+from shipped_harness import CKPT, REPO, Job
 
 from kiln import engine
 from kiln.training import captions as cp, evaluate as ev, scenes as sc
@@ -118,3 +118,18 @@ def test_varied_graph_varies_what_a_prompt_leaves_open_more(shapes):
     # measured here: every open attribute varied in 5 of 5 prompts (plain 3 of 5), all stated 75% (plain 62%)
     assert div_v["all"] >= 0.8 and div_v["all"] > div_p["all"], (div_v, div_p)
     assert acc_v["all"] >= acc_p["all"] - 0.1 and acc_v["count"] >= 0.75, (acc_v, acc_p)
+
+
+def test_benchmark_pipeline_splits_guidance_like_the_graph():
+    """benchmarks/fidelity.py's 'varied' rows come from ``Pipeline.generate(unguided_steps=)``: all steps
+    unguided is guidance 1; some unguided steps is neither guidance 1 nor guidance from the first step."""
+    from kiln.training import sample
+
+    pipe = sample.Pipeline.from_single_file(REPO / "models" / "checkpoints" / CKPT)
+
+    def run(cfg: float, k: int) -> np.ndarray:
+        return pipe.generate(["a red circle"], seed=3, steps=4, cfg=cfg, unguided_steps=k)[0]
+
+    all_unguided, plain_one, split, plain = run(3.0, 4), run(1.0, 0), run(3.0, 2), run(3.0, 0)
+    assert np.array_equal(all_unguided, plain_one)
+    assert not np.array_equal(split, plain) and not np.array_equal(split, plain_one)
