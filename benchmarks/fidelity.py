@@ -41,18 +41,6 @@ from kiln.training import (
 )
 
 
-def varied_recipe(path: Path) -> tuple[int, float]:
-    """(steps sampled unguided, guidance after them) of a graph that splits sampling over two
-    KSamplerAdvanced nodes the way ``graphs/txt2img_varied.json`` does."""
-    g = json.loads(path.read_text())
-    first, second = sorted(
-        (n["inputs"] for n in g.values() if n["class_type"] == "KSamplerAdvanced"), key=lambda i: i["start_at_step"]
-    )
-    if first["cfg"] != 1.0 or first["start_at_step"] != 0 or second["start_at_step"] != first["end_at_step"]:
-        raise SystemExit(f"{path}: expected an unguided first KSamplerAdvanced that the second one continues")
-    return int(first["end_at_step"]), float(second["cfg"])
-
-
 def adapters(pipe: sample.Pipeline, targets: list[sc.Scene], args: argparse.Namespace) -> None:
     """LoRA style separation and ControlNet placement, when their files exist."""
     from safetensors.torch import load_file
@@ -152,7 +140,10 @@ def main() -> None:
     if args.quick:
         args.n, args.partial_n, args.samplers = min(args.n, 20), min(args.partial_n, 10), "euler"
         args.lora = args.controlnet = Path("/nonexistent")
-    args.unguided, args.varied_cfg = varied_recipe(args.varied_graph)
+    try:
+        args.unguided, args.varied_cfg = sample.guidance_split(json.loads(args.varied_graph.read_text()))
+    except ValueError as e:
+        raise SystemExit(f"{args.varied_graph}: {e}") from None
     torch.set_num_threads(1)
     pipe = sample.Pipeline.from_single_file(args.checkpoint)
     targets = sc.eval_scenes(args.n)

@@ -110,7 +110,7 @@ class Pipeline:
             out.extend(self._generate(prompts[i : i + batch], seed + i, steps, cfg, sampler, unguided_steps))
         return out
 
-    def _generate(self, prompts, seed, steps, cfg, sampler, unguided_steps=0):
+    def _generate(self, prompts, seed, steps, cfg, sampler, unguided_steps):
         sched = make_scheduler(sampler, self.scheduler_config)
         sched.set_timesteps(steps)
         cond = self.encode_prompts(prompts)
@@ -127,6 +127,18 @@ class Pipeline:
             x = sched.step(eu + w * (ec - eu), t, x).prev_sample
         img = self.vae.decode(x / self.vae.config.scaling_factor).sample
         return data.to_images(img)
+
+
+def guidance_split(graph: dict) -> tuple[int, float]:
+    """(steps sampled unguided, guidance after them) of an API-format graph that splits sampling over two
+    KSamplerAdvanced nodes as ``graphs/txt2img_varied.json`` does; the ``unguided_steps`` and ``cfg`` of
+    :meth:`Pipeline.generate` that sample the same way. ValueError for any other arrangement."""
+    first, second = sorted(
+        (n["inputs"] for n in graph.values() if n["class_type"] == "KSamplerAdvanced"), key=lambda i: i["start_at_step"]
+    )
+    if first["cfg"] != 1.0 or first["start_at_step"] != 0 or second["start_at_step"] != first["end_at_step"]:
+        raise ValueError("expected an unguided first KSamplerAdvanced that the second one continues")
+    return int(first["end_at_step"]), float(second["cfg"])
 
 
 def save_grid(images: list[np.ndarray], path: str | Path, cols: int = 10, scale: int = 2) -> None:

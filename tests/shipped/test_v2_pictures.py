@@ -14,7 +14,7 @@ import numpy as np
 from shipped_harness import CKPT, REPO, Job
 
 from kiln import engine
-from kiln.training import captions as cp, evaluate as ev, scenes as sc
+from kiln.training import captions as cp, evaluate as ev, sample, scenes as sc
 
 # What a newcomer types: one to three attributes stated, the rest left open.
 SHORT = [
@@ -98,10 +98,7 @@ def test_varied_graph_varies_what_a_prompt_leaves_open_more(shapes):
     the attributes a short prompt leaves open take more values than with txt2img.json's single KSampler
     at CFG 3, and what the prompt states is drawn at least about as often."""
     g = json.loads((REPO / "graphs" / "txt2img_varied.json").read_text())
-    split = sorted(
-        (n["inputs"] for n in g.values() if n["class_type"] == "KSamplerAdvanced"), key=lambda i: i["start_at_step"]
-    )
-    assert split[0]["cfg"] == 1.0 and split[0]["end_at_step"] == split[1]["start_at_step"] > 0
+    assert sample.guidance_split(g)[0] > 0  # an unguided first sampler that the second one continues
     prompts = [cp.parse(t) for t in COLOUR_OPEN]
     varied = []
     for text in COLOUR_OPEN:
@@ -123,8 +120,6 @@ def test_varied_graph_varies_what_a_prompt_leaves_open_more(shapes):
 def test_benchmark_pipeline_splits_guidance_like_the_graph():
     """benchmarks/fidelity.py's 'varied' rows come from ``Pipeline.generate(unguided_steps=)``: all steps
     unguided is guidance 1; some unguided steps is neither guidance 1 nor guidance from the first step."""
-    from kiln.training import sample
-
     pipe = sample.Pipeline.from_single_file(REPO / "models" / "checkpoints" / CKPT)
 
     def run(cfg: float, k: int) -> np.ndarray:
