@@ -188,3 +188,40 @@ def test_v4_draws_from_both_pools_by_object_share_and_resumes_exactly(tmp_path, 
     assert all(torch.equal(v, b["model"]["unet"][name]) for name, v in a["model"]["unet"].items())
     with pytest.raises(SystemExit, match="latents-multi"):  # a pool of another size is not silently mixed in
         train.stage_unet_v4(out, seed=5, steps=4, resume=True, multi=32, **kw)
+
+
+def test_the_object_weight_is_heavier_on_and_next_to_objects_and_averages_one():
+    scenes = data.pool_scenes(8)
+    w = data.latent_object_weight(scenes, 5.0)
+    assert w.shape == (8, 1, 16, 16) and torch.allclose(w.mean(dim=(1, 2, 3)), torch.ones(8))
+    for s, wi in zip(scenes, w[:, 0]):
+        o = s.objects[0]
+        cx, cy = int(o.cx) // 4, int(o.cy) // 4
+        assert wi[cy, cx] == wi.max() and wi.max() / wi.min() == pytest.approx(5.0)
+        corner = min(wi[0, 0], wi[0, -1], wi[-1, 0], wi[-1, -1])
+        assert corner == pytest.approx(float(wi.min()))  # no scene has an object at every corner
+    assert torch.equal(data.latent_object_weight(scenes, 1.0), torch.ones(8, 1, 16, 16))
+
+
+def test_v5_weighs_objects_starts_from_the_v4_weights_and_resumes_exactly(tmp_path, monkeypatch):
+    out = _tiny_v1_run(tmp_path / "run", monkeypatch)
+    train.stage_latents(out, 16, batch=16, name=train.MULTI_LATENTS, multi=True)
+    kw = dict(batch=8, lr=1e-3, ckpt_every=1e9, eval_every=0, unet_config=TINY_UNET)
+    for stage, seed in ((train.stage_unet_v2, 2), (train.stage_unet_v3, 4)):
+        stage(out, seed=seed, steps=1, resume=False, **kw)
+    train.stage_unet_v4(out, seed=5, steps=1, resume=False, multi=16, **kw)
+    v4 = torch.load(out / "unet-v4" / "latest.pt", weights_only=False)
+    weighed = []
+    monkeypatch.setattr(
+        data, "latent_object_weight", lambda *a, f=data.latent_object_weight: weighed.append(a[0]) or f(*a)
+    )
+    full = train.stage_unet_v5(out, seed=6, steps=4, resume=False, multi=16, **kw)
+    a = torch.load(out / "unet-v5" / "latest.pt", weights_only=False)
+    k = "conv_in.weight"
+    assert a["step"] == 4 and (a["model"]["unet"][k] - v4["ema"]["unet"][k]).abs().max() < 0.05
+    assert len(weighed) == 4 and all(len(batch) == 8 for batch in weighed)
+    train.stage_unet_v5(out, seed=6, steps=4, resume=False, max_steps=2, multi=16, **kw)
+    rest = train.stage_unet_v5(out, seed=6, steps=4, resume=True, multi=16, **kw)
+    b = torch.load(out / "unet-v5" / "latest.pt", weights_only=False)
+    assert rest == full[2:]
+    assert all(torch.equal(v, b["model"]["unet"][name]) for name, v in a["model"]["unet"].items())
