@@ -83,10 +83,14 @@ def weighted_pool_indices(seed: int, step: int, batch: int, weights: np.ndarray)
     return rng.choice(len(weights), size=batch, p=weights / weights.sum())
 
 
-def latent_object_weight(scenes: list[sc.Scene], fg_weight: float, latent: int = 16) -> torch.Tensor:
+def latent_object_weight(
+    scenes: list[sc.Scene], fg_weight: float, latent: int = 16, stray: torch.Tensor | None = None
+) -> torch.Tensor:
     """Per-latent-pixel loss weight ``[B, 1, latent, latent]``: ``fg_weight`` on every latent pixel an object
     touches and its neighbours (where a circle and a square differ: at 16x16 a small object spans three latent
-    pixels), 1 elsewhere, scaled so each scene's weights average 1 (the loss keeps its size)."""
+    pixels), 1 elsewhere, scaled so each scene's weights average 1 (the loss keeps its size). ``stray`` (bool
+    ``[B, 1, latent, latent]``) adds latent pixels where the model drew something the scene does not have, so
+    that a stray object costs what a missing one does."""
     cell = sc.SIZE // latent
     masks = []
     for s in scenes:
@@ -95,6 +99,8 @@ def latent_object_weight(scenes: list[sc.Scene], fg_weight: float, latent: int =
             m |= sc.object_mask(o)
         masks.append(m.reshape(latent, cell, latent, cell).any(axis=(1, 3)))
     m = torch.from_numpy(np.stack(masks)).float().unsqueeze(1)
+    if stray is not None:
+        m = torch.maximum(m, stray.float())
     m = F.max_pool2d(m, 3, stride=1, padding=1)
     w = 1.0 + (fg_weight - 1.0) * m
     return w / w.mean(dim=(1, 2, 3), keepdim=True)

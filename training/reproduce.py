@@ -9,19 +9,21 @@ Runs, in order, skipping what is already finished in ``--run``:
 3. ``train unet-v3``: v2 fine-tuned further with scenes of two and three objects drawn more often (4,000
    steps);
 4. ``train latents-multi`` and ``train unet-v4``: a second pool of 30,000 fresh two- and three-object scenes,
-   and v3 fine-tuned on both pools (5,000 steps): the UNet and text encoder the second release ships;
-5. ``train vae-v2``: the decoder fine-tuned on half outline scenes (6,000 steps; encoder unchanged);
-6. ``export``: ``models/checkpoints/kiln-shapes.safetensors`` (the v4 UNet and text encoder, the v2 decoder);
-7. ``lora``: ``models/loras/kiln-outline.safetensors``, trained with the decoded-outline term on the v2 UNet
+   and v3 fine-tuned on both pools (5,000 steps);
+5. ``train unet-v5``: v4 fine-tuned as v4 was, the loss weighed five times on and around objects in the
+   low-noise steps (2,400 steps): the UNet and text encoder the second release ships;
+6. ``train vae-v2``: the decoder fine-tuned on half outline scenes (6,000 steps; encoder unchanged);
+7. ``export``: ``models/checkpoints/kiln-shapes.safetensors`` (the v5 UNet and text encoder, the v2 decoder);
+8. ``lora``: ``models/loras/kiln-outline.safetensors``, trained with the decoded-outline term on the v2 UNet
    and the decoder at 2,000 steps (:data:`LORA_DECODER`), which suits the shipped model better than training
    on it;
-8. ``controlnet``: ``models/controlnet/kiln-shapes-edges.safetensors``, trained on the v weights: it places
+9. ``controlnet``: ``models/controlnet/kiln-shapes-edges.safetensors``, trained on the v weights: it places
    shapes on the second release as well as on v1 (``benchmarks/fidelity.py``), so it ships the same file.
 
-``--v1`` reproduces the first release instead (steps 1, then 6 to 8 on the v weights and the v1 decoder).
+``--v1`` reproduces the first release instead (steps 1, then 7 to 9 on the v weights and the v1 decoder).
 
 ``--from-snapshot`` starts from the committed ``training/checkpoints/`` instead of from scratch (the
-tokenizer, VAE, both v1 UNet phases, the finished v2, v3 and v4 weights and the decoder; both latent pools
+tokenizer, VAE, both v1 UNet phases, the finished v2 to v5 weights and the decoder; both latent pools
 are re-encoded).
 Interrupt it whenever; run the same command again to carry on (the UNet stages resume from their last
 checkpoint, bit-exact). Times on a 2-core machine are in training/README.md.
@@ -62,8 +64,9 @@ def main(argv: list[str] | None = None) -> None:
         train.main(["unet-v3", "--out", str(run), "--resume", *threads])
         train.main(["latents-multi", "--out", str(run), "--resume", *threads])
         train.main(["unet-v4", "--out", str(run), "--resume", *threads])
+        train.main(["unet-v5", "--out", str(run), "--resume", *threads])
         train.main(["vae-v2", "--out", str(run), "--resume", *threads])
-        phase = "unet-v4"
+        phase = "unet-v5"
         lora_extra = ["--phase", "unet-v2", "--decoder", LORA_DECODER, "--pixel-weight", str(LORA_PIXEL_WEIGHT)]
     ckpt = MODELS / "checkpoints" / "kiln-shapes.safetensors"
     export.export_run(run, ckpt, phase=phase)

@@ -44,7 +44,7 @@ class Pipeline:
         cls, run: str | Path, ema: bool = True, phase: str | None = None, decoder: str | None = None
     ) -> Pipeline:
         """The latest UNet checkpoint of a training run folder (EMA weights by default); ``phase`` is the
-        checkpoint folder (``unet``, ``unet-v``, ``unet-v2``, ``unet-v3`` or ``unet-v4``), by default the v phase
+        checkpoint folder (``unet``, ``unet-v``, ``unet-v2`` to ``unet-v5``), by default the v phase
         when it has started."""
         from kiln.training import tokenizer as tk, train
 

@@ -201,6 +201,11 @@ def test_the_object_weight_is_heavier_on_and_next_to_objects_and_averages_one():
         corner = min(wi[0, 0], wi[0, -1], wi[-1, 0], wi[-1, -1])
         assert corner == pytest.approx(float(wi.min()))  # no scene has an object at every corner
     assert torch.equal(data.latent_object_weight(scenes, 1.0), torch.ones(8, 1, 16, 16))
+    stray = torch.zeros(8, 1, 16, 16, dtype=torch.bool)
+    stray[:, 0, 0, 0] = True  # drawn where no scene has anything: weighed as an object, and its neighbours
+    ws = data.latent_object_weight(scenes, 5.0, stray=stray)
+    assert all(wi[0, 0, 0] == wi.max() and wi[0, 1, 1] == wi.max() for wi in ws)
+    assert torch.allclose(ws.mean(dim=(1, 2, 3)), torch.ones(8))
 
 
 def test_v5_weighs_objects_starts_from_the_v4_weights_and_resumes_exactly(tmp_path, monkeypatch):
