@@ -10,8 +10,8 @@ Runs, in order, skipping what is already finished in ``--run``:
    steps);
 4. ``train latents-multi`` and ``train unet-v4``: a second pool of 30,000 fresh two- and three-object scenes,
    and v3 fine-tuned on both pools (5,000 steps);
-5. ``train unet-v5``: v4 fine-tuned as v4 was, the loss weighed five times on and around objects in the
-   low-noise steps (2,400 steps): the UNet and text encoder the second release ships;
+5. ``train unet-v5``: v4 fine-tuned as v4 was, the loss weighed five times on and around objects and
+   wherever the UNet draws one the scene lacks (2,400 steps): the UNet and text encoder the second release ships;
 6. ``train vae-v2``: the decoder fine-tuned on half outline scenes (6,000 steps; encoder unchanged);
 7. ``export``: ``models/checkpoints/kiln-shapes.safetensors`` (the v5 UNet and text encoder, the v2 decoder);
 8. ``lora``: ``models/loras/kiln-outline.safetensors``, trained with the decoded-outline term on the v2 UNet

@@ -369,10 +369,6 @@ def scheduler_config(prediction: str) -> dict:
     return {**models.SCHEDULER_CONFIG, "prediction_type": prediction}
 
 
-# The per-pixel weight applies below this timestep only. Above it the picture's layout is still open: weighed
-# on objects there, a missing object costs five times what a stray one does, and a fine-tune weighed at every
-# timestep drew a second object for "a square" in over half the seeds (v4: 6%).
-PIXEL_WEIGHT_MAX_T = 1000
 # latent pixels where the UNet's clean estimate is this far from the target (mean over channels; the
 # background's errors sit under 0.1 for nine pixels in ten, an object's around 0.25-0.35 at high noise) are
 # weighed as objects too: what it draws where the scene has nothing
@@ -410,8 +406,8 @@ def stage_unet(
     ids ``[B, MAX_LENGTH]``), as the v2 fine-tune does with its partial captions; ``indices(step)`` replaces
     the epoch order over the pool (the v3 fine-tune draws many-object scenes more often); ``pool`` is the latent
     pool already loaded (:func:`load_pool`; by default ``latents.pt``); ``pixel_weight(pool_indices)`` weighs
-    the loss per latent pixel (``[B, 1, H, W]``, the v5 fine-tune's object weighting) at timesteps below
-    :data:`PIXEL_WEIGHT_MAX_T`."""
+    the loss per latent pixel (``[B, 1, H, W]``, the v5 fine-tune's object weighting); it is also given where
+    the UNet's clean estimate misses by more than :data:`STRAY_ERROR`."""
     phase = phase or PHASES[prediction]
     ckpt = out / phase / "latest.pt"
     torch.manual_seed(seed)
@@ -496,8 +492,7 @@ def stage_unet(
         if pixel_weight is not None:
             with torch.no_grad():
                 x0_err = (predicted_x0(xt, pred, abar[t], prediction) - z0).abs().mean(dim=1, keepdim=True)
-            low_noise = (t < PIXEL_WEIGHT_MAX_T).float().view(-1, 1, 1, 1)
-            err = err * (1.0 + low_noise * (pixel_weight(idx, x0_err > STRAY_ERROR) - 1.0))
+            err = err * pixel_weight(idx, x0_err > STRAY_ERROR)
         loss = (err.mean(dim=(1, 2, 3)) * w).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -736,10 +731,12 @@ def stage_unet_v4(
 
 V5_STEPS = 2400
 V5_LR = 1e-4
-# the loss on latent pixels at and next to an object, against the background's, in the low-noise steps where
-# outlines are settled (PIXEL_WEIGHT_MAX_T): v4 drew small circles and squares right about half the time (the
-# VAE round trip keeps 86% and 97% of them), while the background, which it draws right every time, held most
-# of the loss
+# the loss on latent pixels at and next to an object (and wherever the UNet drew one the scene lacks,
+# STRAY_ERROR), against the background's: v4 drew small circles and squares right about half the time (the VAE
+# round trip keeps 86% and 97% of them), while the background, which it draws right every time, held most of
+# the loss. Weighed on the scene's objects alone, a missing object cost five times a stray one, and the
+# fine-tune drew a second object for "a square" in over half the seeds (v4: 6%); weighed only below t = 400
+# or 700 it drew fewer but lost most of the shape gain (training/README.md)
 V5_FG_WEIGHT = 5.0
 
 
@@ -758,7 +755,7 @@ def stage_unet_v5(
     multi: int = MULTI_POOL,
 ) -> list[float]:
     """Fine-tune the v4 EMA weights as v4 was trained, with the loss weighed :data:`V5_FG_WEIGHT` times more on
-    and around objects in the low-noise steps, into ``unet-v5/``."""
+    and around objects and wherever the UNet draws something the scene lacks, into ``unet-v5/``."""
     args = (out, seed, steps, batch, lr, resume, ckpt_every, eval_every, max_minutes, max_steps, unet_config)
     return _mixed_caption_stage(
         *args,

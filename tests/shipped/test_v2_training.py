@@ -232,7 +232,7 @@ def test_v5_weighs_objects_starts_from_the_v4_weights_and_resumes_exactly(tmp_pa
     assert all(torch.equal(v, b["model"]["unet"][name]) for name, v in a["model"]["unet"].items())
 
 
-def test_v5_weighs_objects_in_the_low_noise_steps_only(tmp_path, monkeypatch):
+def test_v5_weighs_what_the_unet_draws_where_the_scene_has_nothing_as_an_object(tmp_path, monkeypatch):
     out = _tiny_v1_run(tmp_path / "run", monkeypatch)
     train.stage_latents(out, 16, batch=16, name=train.MULTI_LATENTS, multi=True)
     kw = dict(batch=8, lr=1e-3, ckpt_every=1e9, eval_every=0, unet_config=TINY_UNET, multi=16)
@@ -240,11 +240,11 @@ def test_v5_weighs_objects_in_the_low_noise_steps_only(tmp_path, monkeypatch):
         stage(out, seed=seed, steps=1, resume=False, **{k: v for k, v in kw.items() if k != "multi"})
     train.stage_unet_v4(out, seed=5, steps=1, resume=False, **kw)
 
-    def losses(max_t: int, fg: float) -> list[float]:
-        monkeypatch.setattr(train, "PIXEL_WEIGHT_MAX_T", max_t)
+    def losses(stray_error: float, fg: float) -> list[float]:
+        monkeypatch.setattr(train, "STRAY_ERROR", stray_error)
         monkeypatch.setattr(train, "V5_FG_WEIGHT", fg)
         return train.stage_unet_v5(out, seed=6, steps=3, resume=False, **kw)
 
-    plain = losses(1000, 1.0)
-    assert losses(0, 5.0) == plain  # no timestep is low enough: the weight never applies
-    assert losses(1000, 5.0) != plain
+    plain = losses(0.25, 1.0)
+    assert losses(-1.0, 5.0) == plain  # every pixel missed: all weighed alike, as with no weighting
+    assert losses(float("inf"), 5.0) != plain
