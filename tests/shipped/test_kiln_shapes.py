@@ -84,7 +84,7 @@ def test_cfg_trades_diversity_for_fidelity(shapes):
 # -- LoRA -------------------------------------------------------------------------------------------------
 
 
-FULL_STRENGTH_HOLLOWNESS = 0.3  # measured here: 0.43 (large objects); 0.36 over 50 prompts
+FULL_STRENGTH_HOLLOWNESS = 0.3  # measured here: 0.42 (large objects); benchmarks/fidelity.py: 0.39 over 50 prompts
 
 
 def _hollowness(images: list[np.ndarray]) -> float:

@@ -34,7 +34,8 @@ def test_short_prompts_draw_what_they_state(shapes):
     images = [im for ims in outs for im in ims]
     acc = ev.partial_accuracy(images, [p for p in prompts for _ in range(SEEDS)])
     # exactly one object where one is named (v1 drew a second object for "a red circle" in 3 of 6 seeds)
-    # measured here: count 88%, colour 95%, shape 75%, size 88%, position 83%, background 100%, all 75%
+    # measured here: count 96%, colour 95%, shape 83%, size 100%, position 100%, background 100%, all 83%
+    # (the file before the v5 fine-tune: count 88%, shape 75%, all 75%)
     assert acc["count"] >= 0.75, acc
     bars = {"color": 0.8, "shape": 0.6, "size": 0.7, "position": 0.7, "background": 0.8}
     assert all(acc[c] >= bar for c, bar in bars.items()), acc
@@ -112,7 +113,7 @@ def test_varied_graph_varies_what_a_prompt_leaves_open_more(shapes):
     div_v, div_p = ev.diversity(varied, prompts), ev.diversity(plain, prompts)
     acc_v = ev.partial_accuracy([im for ims in varied for im in ims], [p for p in prompts for _ in range(8)])
     acc_p = ev.partial_accuracy([im for ims in plain for im in ims], [p for p in prompts for _ in range(8)])
-    # measured here: every open attribute varied in 5 of 5 prompts (plain 3 of 5), all stated 75% (plain 62%)
+    # measured here: every open attribute varied in 5 of 5 prompts (plain 3 of 5), all stated 82% (plain 72%)
     assert div_v["all"] >= 0.8 and div_v["all"] > div_p["all"], (div_v, div_p)
     assert acc_v["all"] >= acc_p["all"] - 0.1 and acc_v["count"] >= 0.75, (acc_v, acc_p)
 
