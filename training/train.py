@@ -405,9 +405,9 @@ def stage_unet(
     checkpoint folder; ``caption_ids(step, pool_indices)`` replaces the pool's cached full captions (token
     ids ``[B, MAX_LENGTH]``), as the v2 fine-tune does with its partial captions; ``indices(step)`` replaces
     the epoch order over the pool (the v3 fine-tune draws many-object scenes more often); ``pool`` is the latent
-    pool already loaded (:func:`load_pool`; by default ``latents.pt``); ``pixel_weight(pool_indices)`` weighs
-    the loss per latent pixel (``[B, 1, H, W]``, the v5 fine-tune's object weighting); it is also given where
-    the UNet's clean estimate misses by more than :data:`STRAY_ERROR`."""
+    pool already loaded (:func:`load_pool`; by default ``latents.pt``); ``pixel_weight(pool_indices, stray)`` weighs
+    the loss per latent pixel (``[B, 1, H, W]``, the v5 fine-tune's object weighting); ``stray`` (bool, the
+    same shape) marks where the UNet's clean estimate misses the target by more than :data:`STRAY_ERROR`."""
     phase = phase or PHASES[prediction]
     ckpt = out / phase / "latest.pt"
     torch.manual_seed(seed)
