@@ -248,3 +248,31 @@ def test_v5_weighs_what_the_unet_draws_where_the_scene_has_nothing_as_an_object(
     plain = losses(0.25, 1.0)
     assert losses(-1.0, 5.0) == plain  # every pixel missed: all weighed alike, as with no weighting
     assert losses(float("inf"), 5.0) != plain
+
+
+def test_v6_and_v7_train_the_v5_weights_on_with_a_faster_text_encoder_and_resume_exactly(tmp_path, monkeypatch):
+    out = _tiny_v1_run(tmp_path / "run", monkeypatch)
+    train.stage_latents(out, 16, batch=16, name=train.MULTI_LATENTS, multi=True)
+    kw = dict(batch=8, lr=1e-3, ckpt_every=1e9, eval_every=0, unet_config=TINY_UNET)
+    for stage, seed in ((train.stage_unet_v2, 2), (train.stage_unet_v3, 4)):
+        stage(out, seed=seed, steps=1, resume=False, **kw)
+    train.stage_unet_v4(out, seed=5, steps=1, resume=False, multi=16, **kw)
+    train.stage_unet_v5(out, seed=6, steps=1, resume=False, multi=16, **kw)
+    v5 = torch.load(out / "unet-v5" / "latest.pt", weights_only=False)
+    full = train.stage_unet_v6(out, seed=7, steps=4, resume=False, multi=16, **kw)
+    a = torch.load(out / "unet-v6" / "latest.pt", weights_only=False)
+    k = "conv_in.weight"
+    assert a["step"] == 4 and (a["model"]["unet"][k] - v5["ema"]["unet"][k]).abs().max() < 0.05
+    te_group, unet_group = a["opt"]["param_groups"]
+    assert te_group["lr"] == pytest.approx(train.V6_TEXT_LR_SCALE * unet_group["lr"]) and unet_group["lr"] > 0
+    assert len(te_group["params"]) == len(a["model"]["text_encoder"])
+    train.stage_unet_v6(out, seed=7, steps=4, resume=False, max_steps=2, multi=16, **kw)
+    rest = train.stage_unet_v6(out, seed=7, steps=4, resume=True, multi=16, **kw)
+    b = torch.load(out / "unet-v6" / "latest.pt", weights_only=False)
+    assert rest == full[2:]
+    for part in ("text_encoder", "unet"):
+        assert all(torch.equal(v, b["model"][part][name]) for name, v in a["model"][part].items())
+    train.stage_unet_v7(out, seed=8, steps=1, resume=False, multi=16, **kw)  # a second round, from v6
+    c = torch.load(out / "unet-v7" / "latest.pt", weights_only=False)
+    assert c["step"] == 1 and (c["model"]["unet"][k] - b["ema"]["unet"][k]).abs().max() < 0.05
+    assert len(c["opt"]["param_groups"]) == 2
