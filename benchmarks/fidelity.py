@@ -56,9 +56,11 @@ def adapters(pipe: sample.Pipeline, targets: list[sc.Scene], args: argparse.Name
         hb = np.mean([ev.hollowness(i) for i in base])
         hs = np.mean([ev.hollowness(i) for i in styled])
         hr = np.mean([ev.hollowness(sc.render(s, "outline")) for s in targets])
+        acc = ev.accuracy(styled, targets)
         print(
-            f"LoRA {args.lora.name}: hollowness base {hb:.2f}, with LoRA {hs:.2f} (real outlines {hr:.2f}); "
-            f"prompt accuracy with LoRA: all {ev.accuracy(styled, targets)['all'] * 100:.0f}%"
+            f"LoRA {args.lora.name}: hollowness base {hb:.3f}, with LoRA {hs:.3f} (real outlines {hr:.3f}); "
+            f"prompt accuracy with LoRA: colour {acc['color'] * 100:.0f}%, shape {acc['shape'] * 100:.0f}%, "
+            f"all {acc['all'] * 100:.0f}%"
         )
     if args.controlnet.exists():
         cn = controlnet.load(args.controlnet)

@@ -11,19 +11,21 @@ Runs, in order, skipping what is already finished in ``--run``:
 4. ``train latents-multi`` and ``train unet-v4``: a second pool of 30,000 fresh two- and three-object scenes,
    and v3 fine-tuned on both pools (5,000 steps);
 5. ``train unet-v5``: v4 fine-tuned as v4 was, the loss weighed five times on and around objects and
-   wherever the UNet draws one the scene lacks (2,400 steps): the UNet and text encoder the second release ships;
-6. ``train vae-v2``: the decoder fine-tuned on half outline scenes (6,000 steps; encoder unchanged);
-7. ``export``: ``models/checkpoints/kiln-shapes.safetensors`` (the v5 UNet and text encoder, the v2 decoder);
-8. ``lora``: ``models/loras/kiln-outline.safetensors``, trained with the decoded-outline term on the v2 UNet
+   wherever the UNet draws one the scene lacks (2,400 steps);
+6. ``train unet-v6`` and ``train unet-v7``: two more rounds of v5's recipe, each a fresh 2,400-step schedule, with
+   the text encoder at three times the learning rate: v7 is the UNet and text encoder the second release ships;
+7. ``train vae-v2``: the decoder fine-tuned on half outline scenes (6,000 steps; encoder unchanged);
+8. ``export``: ``models/checkpoints/kiln-shapes.safetensors`` (the v7 UNet and text encoder, the v2 decoder);
+9. ``lora``: ``models/loras/kiln-outline.safetensors``, trained with the decoded-outline term on the v2 UNet
    and the decoder at 2,000 steps (:data:`LORA_DECODER`), which suits the shipped model better than training
    on it;
-9. ``controlnet``: ``models/controlnet/kiln-shapes-edges.safetensors``, trained on the v weights: it places
+10. ``controlnet``: ``models/controlnet/kiln-shapes-edges.safetensors``, trained on the v weights: it places
    shapes on the second release as well as on v1 (``benchmarks/fidelity.py``), so it ships the same file.
 
-``--v1`` reproduces the first release instead (steps 1, then 7 to 9 on the v weights and the v1 decoder).
+``--v1`` reproduces the first release instead (steps 1, then 8 to 10 on the v weights and the v1 decoder).
 
 ``--from-snapshot`` starts from the committed ``training/checkpoints/`` instead of from scratch (the
-tokenizer, VAE, both v1 UNet phases, the finished v2 to v5 weights and the decoder; both latent pools
+tokenizer, VAE, both v1 UNet phases, the finished v2 to v7 weights and the decoder; both latent pools
 are re-encoded).
 Interrupt it whenever; run the same command again to carry on (the UNet stages resume from their last
 checkpoint, bit-exact). Times on a 2-core machine are in training/README.md.
@@ -65,8 +67,10 @@ def main(argv: list[str] | None = None) -> None:
         train.main(["latents-multi", "--out", str(run), "--resume", *threads])
         train.main(["unet-v4", "--out", str(run), "--resume", *threads])
         train.main(["unet-v5", "--out", str(run), "--resume", *threads])
+        train.main(["unet-v6", "--out", str(run), "--resume", *threads])
+        train.main(["unet-v7", "--out", str(run), "--resume", *threads])
         train.main(["vae-v2", "--out", str(run), "--resume", *threads])
-        phase = "unet-v5"
+        phase = "unet-v7"
         lora_extra = ["--phase", "unet-v2", "--decoder", LORA_DECODER, "--pixel-weight", str(LORA_PIXEL_WEIGHT)]
     ckpt = MODELS / "checkpoints" / "kiln-shapes.safetensors"
     export.export_run(run, ckpt, phase=phase)

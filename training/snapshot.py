@@ -7,7 +7,7 @@
 
 The snapshot is the tokenizer, the finished VAE and each UNet phase's ``latest.pt`` (model, EMA, AdamW
 state, step): everything ``--resume`` needs except the latent pool, which is recomputed from the VAE. The
-finished v2 to v5 fine-tunes are kept as their EMA weights only (:data:`SLIM`), with the v2 decoder.
+finished v2 to v7 fine-tunes are kept as their EMA weights only (:data:`SLIM`), with the v2 decoder.
 One file per component, overwritten each time, so the repository holds few binary versions.
 """
 
@@ -30,19 +30,21 @@ FILES = {  # run-relative path -> snapshot name
     "unet-v2/latest.pt": "unet-v2-final.pt",  # the partial-caption fine-tune: its EMA weights (SLIM)
     "unet-v3/latest.pt": "unet-v3-final.pt",  # the many-object fine-tune of v2 (SLIM)
     "unet-v4/latest.pt": "unet-v4-final.pt",  # v3 on both pools (SLIM)
-    "unet-v5/latest.pt": "unet-v5-final.pt",  # v4 weighed on objects: the shipped UNet (SLIM)
+    "unet-v5/latest.pt": "unet-v5-final.pt",  # v4 weighed on objects (SLIM)
+    "unet-v6/latest.pt": "unet-v6-final.pt",  # v5 trained on, the text encoder faster (SLIM)
+    "unet-v7/latest.pt": "unet-v7-final.pt",  # a second round of v6: the shipped UNet (SLIM)
     "vae-v2/final.pt": "vae-v2-final.pt",  # the v2 decoder (train.stage_vae_v2)
     "vae-v2/step-2000.pt": "vae-v2-step-2000.pt",  # that decoder at 2,000 steps (what the LoRA is trained with)
 }
 # Finished phases whose snapshot keeps the EMA weights and step only (29 MB, not 113 MB with the training
 # model and AdamW state): what export, the LoRA and the ControlNet start from; they are not trained further.
-SLIM = {"unet-v2/latest.pt", "unet-v3/latest.pt", "unet-v4/latest.pt", "unet-v5/latest.pt"}
+SLIM = {f"unet-v{i}/latest.pt" for i in range(2, 8)}
 
 
 def copy(run: Path, to_snapshot: bool) -> None:
     for rel, name in FILES.items():
         src, dst = (run / rel, SNAP / name) if to_snapshot else (SNAP / name, run / rel)
-        if not src.exists() and rel.startswith(("unet-v/", "unet-v2/", "unet-v3/", "unet-v4/", "unet-v5/", "vae-v2/")):
+        if not src.exists() and rel.startswith(("unet-v", "vae-v2/")):
             continue  # a run still in its epsilon phase, or not yet fine-tuned on partial captions
         dst.parent.mkdir(parents=True, exist_ok=True)
         tmp = dst.with_name(dst.name + ".tmp")

@@ -84,7 +84,7 @@ def test_cfg_trades_diversity_for_fidelity(shapes):
 # -- LoRA -------------------------------------------------------------------------------------------------
 
 
-FULL_STRENGTH_HOLLOWNESS = 0.3  # measured here: 0.42 (large objects); benchmarks/fidelity.py: 0.39 over 50 prompts
+FULL_STRENGTH_HOLLOWNESS = 0.3  # measured here: 0.42 (large objects); benchmarks/fidelity.py: 0.40 over 50 prompts
 
 
 def _hollowness(images: list[np.ndarray]) -> float:
@@ -92,9 +92,11 @@ def _hollowness(images: list[np.ndarray]) -> float:
 
 
 def test_lora_draws_outlines_in_proportion_to_strength(shapes):
-    scenes = [s for s in test_scenes(12, offset=200) if s.objects[0].size == "large"][:4]
+    # eight prompts, one seed each: a prompt the LoRA draws badly fails both its seeds, so more prompts make a
+    # steadier sample than more seeds (the fourth, a yellow outline on white, is the faintest: read 0 of 2)
+    scenes = [s for s in test_scenes(24, offset=200) if s.objects[0].size == "large"][:8]
     jobs = [
-        Job(sc.caption(s), seed=i, batch=2, lora=strength) for strength in (0.0, 0.5, 1.0) for i, s in enumerate(scenes)
+        Job(sc.caption(s), seed=i, batch=1, lora=strength) for strength in (0.0, 0.5, 1.0) for i, s in enumerate(scenes)
     ]
     out = shapes.images(jobs)
     n = len(scenes)
@@ -105,7 +107,7 @@ def test_lora_draws_outlines_in_proportion_to_strength(shapes):
     assert off < 0.05 and full > FULL_STRENGTH_HOLLOWNESS and full > off + 0.2, (off, half, full, real)
     assert off <= half <= full, (off, half, full)
     # the outlines still draw the prompt: colour and shape read from the stroke and what it encloses
-    acc = _accuracy([im for ims in out[2 * n :] for im in ims], [s for s in scenes for _ in range(2)])
+    acc = _accuracy([im for ims in out[2 * n :] for im in ims], scenes)
     assert acc["color"] >= 0.75 and acc["shape"] >= 0.75, acc
 
 
