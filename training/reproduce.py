@@ -40,9 +40,9 @@ from kiln.training import controlnet, export, lora, snapshot, train
 
 LORA_STEPS = 1200
 LORA_PIXEL_WEIGHT = 1.0
-# the LoRA is trained on the v2 UNet with the decoder as it was after 2,000 steps: applied to the shipped model
-# it draws hollower outlines and keeps colours better (0.39 and 100%) than one trained on that model itself
-# (0.33 and 86%, benchmarks/fidelity.py's 50 prompts)
+# the LoRA is trained on the v2 UNet with the decoder as it was after 2,000 steps: applied to the model shipped
+# when it was chosen it drew hollower outlines and kept colours better (0.39 and 100%) than one trained on that
+# model itself (0.33 and 86%, benchmarks/fidelity.py's 50 prompts); on the v7 UNet it reads 0.402 and 98%
 LORA_DECODER = "vae-v2/step-2000.pt"
 CONTROLNET_STEPS = 3000
 MODELS = Path(__file__).resolve().parents[1] / "models"
