@@ -25,6 +25,18 @@ def _tiny_v1_run(out, monkeypatch):
     return out
 
 
+def _tiny_v4_run(out, monkeypatch):
+    """The tiny v1 run, a 16-scene many-object pool and one step each of v2, v3 and v4; returns the run and the
+    fine-tune keywords the later stages share."""
+    out = _tiny_v1_run(out, monkeypatch)
+    train.stage_latents(out, 16, batch=16, name=train.MULTI_LATENTS, multi=True)
+    kw = dict(batch=8, lr=1e-3, ckpt_every=1e9, eval_every=0, unet_config=TINY_UNET)
+    for stage, seed in ((train.stage_unet_v2, 2), (train.stage_unet_v3, 4)):
+        stage(out, seed=seed, steps=1, resume=False, **kw)
+    train.stage_unet_v4(out, seed=5, steps=1, resume=False, multi=16, **kw)
+    return out, kw
+
+
 def test_mixed_captions_are_partial_and_a_function_of_the_step():
     scenes = data.pool_scenes(64)
     a, b = data.mixed_captions(0, 5, scenes), data.mixed_captions(0, 5, scenes)
@@ -209,12 +221,7 @@ def test_the_object_weight_is_heavier_on_and_next_to_objects_and_averages_one():
 
 
 def test_v5_weighs_objects_starts_from_the_v4_weights_and_resumes_exactly(tmp_path, monkeypatch):
-    out = _tiny_v1_run(tmp_path / "run", monkeypatch)
-    train.stage_latents(out, 16, batch=16, name=train.MULTI_LATENTS, multi=True)
-    kw = dict(batch=8, lr=1e-3, ckpt_every=1e9, eval_every=0, unet_config=TINY_UNET)
-    for stage, seed in ((train.stage_unet_v2, 2), (train.stage_unet_v3, 4)):
-        stage(out, seed=seed, steps=1, resume=False, **kw)
-    train.stage_unet_v4(out, seed=5, steps=1, resume=False, multi=16, **kw)
+    out, kw = _tiny_v4_run(tmp_path / "run", monkeypatch)
     v4 = torch.load(out / "unet-v4" / "latest.pt", weights_only=False)
     weighed = []
     monkeypatch.setattr(
@@ -251,12 +258,7 @@ def test_v5_weighs_what_the_unet_draws_where_the_scene_has_nothing_as_an_object(
 
 
 def test_v6_and_v7_train_the_v5_weights_on_with_a_faster_text_encoder_and_resume_exactly(tmp_path, monkeypatch):
-    out = _tiny_v1_run(tmp_path / "run", monkeypatch)
-    train.stage_latents(out, 16, batch=16, name=train.MULTI_LATENTS, multi=True)
-    kw = dict(batch=8, lr=1e-3, ckpt_every=1e9, eval_every=0, unet_config=TINY_UNET)
-    for stage, seed in ((train.stage_unet_v2, 2), (train.stage_unet_v3, 4)):
-        stage(out, seed=seed, steps=1, resume=False, **kw)
-    train.stage_unet_v4(out, seed=5, steps=1, resume=False, multi=16, **kw)
+    out, kw = _tiny_v4_run(tmp_path / "run", monkeypatch)
     train.stage_unet_v5(out, seed=6, steps=1, resume=False, multi=16, **kw)
     v5 = torch.load(out / "unet-v5" / "latest.pt", weights_only=False)
     full = train.stage_unet_v6(out, seed=7, steps=4, resume=False, multi=16, **kw)
