@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from kiln.training import data, models, sample, scenes as sc, tokenizer as tk, train
@@ -77,6 +77,25 @@ def kohya_state_dict(unet, rank: int, alpha: float) -> dict[str, torch.Tensor]:
         out[f"{base}.lora_up.weight"] = module.lora_B["default"].weight.detach().clone().contiguous()
         out[f"{base}.alpha"] = torch.tensor(float(alpha))
     return out
+
+
+def load_kohya_into_peft(unet, lora: dict[str, torch.Tensor]) -> None:
+    """Set a peft-injected ``unet``'s LoRA layers from a kohya state dict of the same targets and rank (the
+    inverse of :func:`kohya_state_dict`; alpha must equal the rank, as :func:`train_lora` writes it)."""
+    done = 0
+    for name, module in unet.named_modules():
+        if not hasattr(module, "lora_A") or "default" not in module.lora_A:
+            continue
+        base = "lora_unet_" + name.replace("base_model.model.", "").replace(".", "_")
+        down, up = lora[f"{base}.lora_down.weight"], lora[f"{base}.lora_up.weight"]
+        if float(lora[f"{base}.alpha"]) != down.shape[0] or down.shape != module.lora_A["default"].weight.shape:
+            raise ValueError(f"{base}: the LoRA to start from must have this rank with alpha = rank")
+        with torch.no_grad():
+            module.lora_A["default"].weight.copy_(down)
+            module.lora_B["default"].weight.copy_(up)
+        done += 1
+    if done * 3 != len(lora):
+        raise ValueError(f"the LoRA to start from has {len(lora) // 3} modules, this UNet's targets {done}")
 
 
 def apply_kohya(unet, lora: dict[str, torch.Tensor], strength: float = 1.0) -> dict[str, torch.Tensor]:
@@ -141,6 +160,7 @@ def train_lora(
     phase: str | None = None,
     pixel_weight: float = 0.0,
     decoder: str | None = None,
+    init: Path | None = None,
 ) -> None:
     from peft import LoraConfig, inject_adapter_in_model
 
@@ -154,6 +174,8 @@ def train_lora(
     unet = inject_adapter_in_model(
         LoraConfig(r=rank, lora_alpha=rank, target_modules=TARGETS, init_lora_weights=True), unet
     )
+    if init is not None:  # carry on from a trained LoRA (kohya names), e.g. to suit it to a newer base UNet
+        load_kohya_into_peft(unet, load_file(str(init)))
     params = [p for n, p in unet.named_parameters() if "lora_" in n]
     for p in params:
         p.requires_grad_(True)
@@ -215,6 +237,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--pixel-weight", type=float, default=0.0, help="weight of the decoded-outline term")
     p.add_argument("--phase", default=None, help="base UNet checkpoint folder: unet-v (default) or unet-v2 to v4")
     p.add_argument("--decoder", default=None, help="the decoder the pixel term decodes with (train.load_vae)")
+    p.add_argument("--init", type=Path, default=None, help="a LoRA file (same rank) to carry on training from")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     train_lora(
@@ -229,6 +252,7 @@ def main(argv: list[str] | None = None) -> None:
         phase=args.phase,
         pixel_weight=args.pixel_weight,
         decoder=args.decoder,
+        init=args.init,
     )
 
 

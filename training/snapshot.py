@@ -7,7 +7,7 @@
 
 The snapshot is the tokenizer, the finished VAE and each UNet phase's ``latest.pt`` (model, EMA, AdamW
 state, step): everything ``--resume`` needs except the latent pool, which is recomputed from the VAE. The
-finished v2 to v7 fine-tunes are kept as their EMA weights only (:data:`SLIM`), with the v2 decoder.
+finished v2 to v9 fine-tunes are kept as their EMA weights only (:data:`SLIM`), with the v2 decoder.
 One file per component, overwritten each time, so the repository holds few binary versions.
 """
 
@@ -32,13 +32,15 @@ FILES = {  # run-relative path -> snapshot name
     "unet-v4/latest.pt": "unet-v4-final.pt",  # v3 on both pools (SLIM)
     "unet-v5/latest.pt": "unet-v5-final.pt",  # v4 weighed on objects (SLIM)
     "unet-v6/latest.pt": "unet-v6-final.pt",  # v5 trained on, the text encoder faster (SLIM)
-    "unet-v7/latest.pt": "unet-v7-final.pt",  # a second round of v6: the shipped UNet (SLIM)
+    "unet-v7/latest.pt": "unet-v7-final.pt",  # a second round of v6 (SLIM)
+    "unet-v8/latest.pt": "unet-v8-final.pt",  # a third round of v6 (SLIM)
+    "unet-v9/latest.pt": "unet-v9-final.pt",  # a fourth round of v6: the shipped UNet (SLIM)
     "vae-v2/final.pt": "vae-v2-final.pt",  # the v2 decoder (train.stage_vae_v2)
     "vae-v2/step-2000.pt": "vae-v2-step-2000.pt",  # that decoder at 2,000 steps (what the LoRA is trained with)
 }
 # Finished phases whose snapshot keeps the EMA weights and step only (29 MB, not 113 MB with the training
 # model and AdamW state): what export, the LoRA and the ControlNet start from; they are not trained further.
-SLIM = {f"unet-v{i}/latest.pt" for i in range(2, 8)}
+SLIM = {f"unet-v{i}/latest.pt" for i in range(2, 10)}
 
 
 def copy(run: Path, to_snapshot: bool) -> None:

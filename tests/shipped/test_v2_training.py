@@ -257,7 +257,7 @@ def test_v5_weighs_what_the_unet_draws_where_the_scene_has_nothing_as_an_object(
     assert losses(float("inf"), 5.0) != plain
 
 
-def test_v6_and_v7_train_the_v5_weights_on_with_a_faster_text_encoder_and_resume_exactly(tmp_path, monkeypatch):
+def test_v6_to_v9_train_the_v5_weights_on_with_a_faster_text_encoder_and_resume_exactly(tmp_path, monkeypatch):
     out, kw = _tiny_v4_run(tmp_path / "run", monkeypatch)
     train.stage_unet_v5(out, seed=6, steps=1, resume=False, multi=16, **kw)
     v5 = torch.load(out / "unet-v5" / "latest.pt", weights_only=False)
@@ -278,3 +278,10 @@ def test_v6_and_v7_train_the_v5_weights_on_with_a_faster_text_encoder_and_resume
     c = torch.load(out / "unet-v7" / "latest.pt", weights_only=False)
     assert c["step"] == 1 and (c["model"]["unet"][k] - b["ema"]["unet"][k]).abs().max() < 0.05
     assert len(c["opt"]["param_groups"]) == 2
+    train.stage_unet_v8(out, seed=9, steps=1, resume=False, multi=16, **kw)  # a third round, from v7
+    d = torch.load(out / "unet-v8" / "latest.pt", weights_only=False)
+    assert d["step"] == 1 and (d["model"]["unet"][k] - c["ema"]["unet"][k]).abs().max() < 0.05
+    assert len(d["opt"]["param_groups"]) == 2
+    train.stage_unet_v9(out, seed=10, steps=1, resume=False, multi=16, **kw)  # a fourth round, from v8
+    e = torch.load(out / "unet-v9" / "latest.pt", weights_only=False)
+    assert e["step"] == 1 and (e["model"]["unet"][k] - d["ema"]["unet"][k]).abs().max() < 0.05

@@ -1,5 +1,6 @@
 """LoRA export (kohya names) reproduces peft's output when merged; ControlNet file round-trips."""
 
+import pytest
 import torch
 
 from kiln.training import controlnet, lora, models
@@ -39,6 +40,35 @@ def test_kohya_lora_merge_matches_peft_and_unloads_exactly():
     assert (want - before).abs().max() > 1e-3
     assert torch.allclose(got, want, atol=1e-4)
     assert torch.equal(after, before)
+
+
+def test_a_kohya_lora_loads_back_into_peft_layers_to_train_on():
+    from peft import LoraConfig, inject_adapter_in_model
+
+    def injected():
+        torch.manual_seed(0)
+        return inject_adapter_in_model(
+            LoraConfig(r=4, lora_alpha=4, target_modules=lora.TARGETS), models.build_unet(TINY_UNET)
+        ).eval()
+
+    trained = injected()
+    with torch.no_grad():
+        for n, p in trained.named_parameters():
+            if "lora_" in n:
+                p.normal_(0, 0.05)
+    sd = lora.kohya_state_dict(trained, rank=4, alpha=4)
+    fresh = injected()
+    lora.load_kohya_into_peft(fresh, sd)
+    back = lora.kohya_state_dict(fresh, rank=4, alpha=4)
+    assert back.keys() == sd.keys() and all(torch.equal(back[k], sd[k]) for k in sd)
+    x, t, c = _inputs()
+    with torch.no_grad():
+        assert torch.equal(fresh(x, t, c).sample, trained(x, t, c).sample)
+    other_rank = {k: (v[:2] if k.endswith("lora_down.weight") else v) for k, v in sd.items()}
+    with pytest.raises(ValueError, match="rank"):
+        lora.load_kohya_into_peft(injected(), other_rank)
+    with pytest.raises(ValueError, match="modules"):
+        lora.load_kohya_into_peft(injected(), {**sd, "lora_unet_extra.alpha": torch.tensor(4.0)})
 
 
 def test_controlnet_file_round_trip(tmp_path):
