@@ -84,7 +84,7 @@ def test_cfg_trades_diversity_for_fidelity(shapes):
 # -- LoRA -------------------------------------------------------------------------------------------------
 
 
-FULL_STRENGTH_HOLLOWNESS = 0.3  # measured here: 0.42 (large objects); benchmarks/fidelity.py: 0.40 over 50 prompts
+FULL_STRENGTH_HOLLOWNESS = 0.3  # measured here: 0.37 (large objects); benchmarks/fidelity.py: 0.41 over 50 prompts
 
 
 def _hollowness(images: list[np.ndarray]) -> float:
@@ -108,6 +108,7 @@ def test_lora_draws_outlines_in_proportion_to_strength(shapes):
     assert off <= half <= full, (off, half, full)
     # the outlines still draw the prompt: colour and shape read from the stroke and what it encloses
     acc = _accuracy([im for ims in out[2 * n :] for im in ims], scenes)
+    # measured here: colour 7 of 8, shape 6 of 8 (on the bar, with 1 and 2 threads alike; the v7 file 7 and 7)
     assert acc["color"] >= 0.75 and acc["shape"] >= 0.75, acc
 
 
