@@ -66,13 +66,17 @@ def outline_pool(run: Path, n: int, vae) -> dict:
     return pool
 
 
+def _peft_layers(unet):
+    """(kohya name, module) for each peft LoRA layer of ``unet``: the base UNet's diffusers module path."""
+    for name, module in unet.named_modules():
+        if hasattr(module, "lora_A") and "default" in module.lora_A:
+            yield "lora_unet_" + name.replace("base_model.model.", "").replace(".", "_"), module
+
+
 def kohya_state_dict(unet, rank: int, alpha: float) -> dict[str, torch.Tensor]:
     """peft LoRA layers of ``unet`` -> kohya names (the base UNet's diffusers module paths)."""
     out = {}
-    for name, module in unet.named_modules():
-        if not hasattr(module, "lora_A") or "default" not in module.lora_A:
-            continue
-        base = "lora_unet_" + name.replace("base_model.model.", "").replace(".", "_")
+    for base, module in _peft_layers(unet):
         out[f"{base}.lora_down.weight"] = module.lora_A["default"].weight.detach().clone().contiguous()
         out[f"{base}.lora_up.weight"] = module.lora_B["default"].weight.detach().clone().contiguous()
         out[f"{base}.alpha"] = torch.tensor(float(alpha))
@@ -83,10 +87,9 @@ def load_kohya_into_peft(unet, lora: dict[str, torch.Tensor]) -> None:
     """Set a peft-injected ``unet``'s LoRA layers from a kohya state dict of the same targets and rank (the
     inverse of :func:`kohya_state_dict`; alpha must equal the rank, as :func:`train_lora` writes it)."""
     done = 0
-    for name, module in unet.named_modules():
-        if not hasattr(module, "lora_A") or "default" not in module.lora_A:
-            continue
-        base = "lora_unet_" + name.replace("base_model.model.", "").replace(".", "_")
+    for base, module in _peft_layers(unet):
+        if f"{base}.lora_down.weight" not in lora:
+            raise ValueError(f"{base}: not in the LoRA to start from (trained with other targets?)")
         down, up = lora[f"{base}.lora_down.weight"], lora[f"{base}.lora_up.weight"]
         if float(lora[f"{base}.alpha"]) != down.shape[0] or down.shape != module.lora_A["default"].weight.shape:
             raise ValueError(f"{base}: the LoRA to start from must have this rank with alpha = rank")

@@ -67,6 +67,10 @@ def test_a_kohya_lora_loads_back_into_peft_layers_to_train_on():
     other_rank = {k: (v[:2] if k.endswith("lora_down.weight") else v) for k, v in sd.items()}
     with pytest.raises(ValueError, match="rank"):
         lora.load_kohya_into_peft(injected(), other_rank)
+    with pytest.raises(ValueError, match="not in the LoRA"):
+        lora.load_kohya_into_peft(
+            injected(), {k: v for k, v in sd.items() if "conv_in" not in k and "down_blocks_0" not in k}
+        )
     with pytest.raises(ValueError, match="modules"):
         lora.load_kohya_into_peft(injected(), {**sd, "lora_unet_extra.alpha": torch.tensor(4.0)})
 
