@@ -44,7 +44,7 @@ LORA_PIXEL_WEIGHT = 1.0
 # the LoRA is trained on the v2 UNet with the decoder as it was after 2,000 steps: applied to the model shipped
 # when it was chosen it drew hollower outlines and kept colours better (0.39 and 100%) than one trained on that
 # model itself (0.33 and 86%, benchmarks/fidelity.py's 50 prompts); on the v9 UNet it reads 0.407 and 98%
-# (but another run of the same recipe, seed 1, draws almost nothing on v8 and v9: training/README.md)
+# (runs of this recipe vary: rerun here 0.409 with shape 86%; with seed 1, almost filled shapes: training/README.md)
 LORA_DECODER = "vae-v2/step-2000.pt"
 CONTROLNET_STEPS = 3000
 MODELS = Path(__file__).resolve().parents[1] / "models"
