@@ -216,18 +216,24 @@ def scene_for(p: Prompt, rng: np.random.Generator, max_tries: int = 500) -> sc.S
 # ---------------------------------------------------------------- held-out partial prompts
 
 
-def eval_prompts(n: int, two_object_share: float = 0.2) -> list[Prompt]:
+def eval_prompts(n: int, two_object_share: float = 0.2, stream: int = sc.EVAL_STREAM, start: int = 0) -> list[Prompt]:
     """The held-out partial prompts: from the evaluation seed stream, one object (``two_object_share`` of
-    them two), each leaving at least one attribute open."""
+    them two), each leaving at least one attribute open. ``stream`` and ``start`` draw another set the same
+    way (the validation set: :data:`VALIDATION_START` on the training stream)."""
     out = []
-    for i in range(n):
-        rng = np.random.default_rng([sc.EVAL_STREAM, 16, i])
+    for i in range(start, start + n):
+        rng = np.random.default_rng([stream, 16, i])
         n_obj = 2 if rng.random() < two_object_share else 1
-        scene = sc.make_scene(sc.stream_seed(sc.EVAL_STREAM, 500_000 + i), n_objects=n_obj)
+        scene = sc.make_scene(sc.stream_seed(stream, 500_000 + i), n_objects=n_obj)
         out.append(random_prompt(scene, rng, min_open=1))
     return out
 
 
-def eval_wordings(prompts: list[Prompt]) -> list[str]:
+def eval_wordings(prompts: list[Prompt], stream: int = sc.EVAL_STREAM, start: int = 0) -> list[str]:
     """A fixed random wording per held-out prompt (so the benchmark reads the phrasing variants too)."""
-    return [random_wording(p, np.random.default_rng([sc.EVAL_STREAM, 17, i])) for i, p in enumerate(prompts)]
+    return [random_wording(p, np.random.default_rng([stream, 17, start + i])) for i, p in enumerate(prompts)]
+
+
+# The validation set the training stages were chosen on (training/README.md): training-stream seeds from here,
+# which no latent pool uses, so the benchmark's held-out prompts stay unseen by every choice made.
+VALIDATION_START = 40_000_000

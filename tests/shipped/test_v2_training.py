@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kiln.training import captions as cp, data, models, tokenizer as tk, train
+from kiln.training import captions as cp, data, models, scenes as sc, tokenizer as tk, train
 
 TINY_UNET = {**models.UNET_CONFIG, "block_out_channels": [16, 16, 32], "norm_num_groups": 4}
 TINY_VAE = {**models.VAE_CONFIG, "block_out_channels": [8, 8, 8], "norm_num_groups": 4}
@@ -285,3 +285,26 @@ def test_v6_to_v9_train_the_v5_weights_on_with_a_faster_text_encoder_and_resume_
     train.stage_unet_v9(out, seed=10, steps=1, resume=False, multi=16, **kw)  # a fourth round, from v8
     e = torch.load(out / "unet-v9" / "latest.pt", weights_only=False)
     assert e["step"] == 1 and (e["model"]["unet"][k] - d["ema"]["unet"][k]).abs().max() < 0.05
+
+
+def test_validate_prints_the_validation_tables_for_a_run_phase(tmp_path, monkeypatch, capsys):
+    from kiln.training import validate
+
+    out, _ = _tiny_v4_run(tmp_path / "run", monkeypatch)
+    small = ["--probe-seeds", "1", "--partial-n", "2", "--seeds", "2", "--full-n", "2", "--steps", "2"]
+    validate.main(["--run", str(out), "--phase", "unet-v4", *small])
+    lines = capsys.readouterr().out.splitlines()
+    assert sum(line.startswith("'a ") and "shape" in line and "/1, count" in line for line in lines) == 8
+    assert any(line.startswith("short prompts") for line in lines)
+    assert sum(line.startswith(("txt2img.json (CFG 3)", "varied (7 unguided, CFG 4)")) for line in lines) == 2
+    assert sum("every open attribute" in line for line in lines) == 2
+    assert any(line.startswith("full prompts, CFG 3") for line in lines)
+    with pytest.raises(SystemExit):
+        validate.main(["--run", str(out), "--phase", "unet-v9", *small])
+    assert "unet-v9/latest.pt not found" in capsys.readouterr().err
+    # the validation prompts are drawn the benchmark's way from other seeds; the defaults stay the benchmark's
+    val = cp.eval_wordings(
+        cp.eval_prompts(50, stream=sc.TRAIN_STREAM, start=cp.VALIDATION_START), sc.TRAIN_STREAM, cp.VALIDATION_START
+    )
+    held_out = cp.eval_prompts(50)
+    assert val != cp.eval_wordings(held_out) and cp.eval_prompts(50, stream=sc.EVAL_STREAM, start=0) == held_out
