@@ -764,17 +764,23 @@ def stage_unet_v5(
     max_steps: int | None = None,
     unet_config: dict | None = None,
     multi: int = MULTI_POOL,
+    init_phase: str = "unet-v4",
+    phase: str = "unet-v5",
+    text_lr_scale: float = 1.0,
 ) -> list[float]:
     """Fine-tune the v4 EMA weights as v4 was trained, with the loss weighed :data:`V5_FG_WEIGHT` times more on
-    and around objects and wherever the UNet draws something the scene lacks, into ``unet-v5/``."""
+    and around objects and wherever the UNet draws something the scene lacks, into ``unet-v5/``; the later
+    rounds (:func:`stage_unet_v6` on) are this recipe from another folder (``init_phase``) into another
+    (``phase``), the text encoder at ``text_lr_scale`` times the learning rate."""
     args = (out, seed, steps, batch, lr, resume, ckpt_every, eval_every, max_minutes, max_steps, unet_config)
     return _mixed_caption_stage(
         *args,
-        init=out / "unet-v4" / "latest.pt",
-        phase="unet-v5",
+        init=out / init_phase / "latest.pt",
+        phase=phase,
         multi=multi,
         object_shares=V4_OBJECT_SHARES,
         fg_weight=V5_FG_WEIGHT,
+        text_lr_scale=text_lr_scale,
     )
 
 
@@ -785,35 +791,11 @@ V6_LR = 1e-4
 V6_TEXT_LR_SCALE = 3.0
 
 
-def stage_unet_v6(
-    out: Path,
-    seed: int,
-    steps: int,
-    batch: int,
-    lr: float,
-    resume: bool,
-    ckpt_every: float,
-    eval_every: int,
-    max_minutes: float | None = None,
-    max_steps: int | None = None,
-    unet_config: dict | None = None,
-    multi: int = MULTI_POOL,
-    init_phase: str = "unet-v5",
-    phase: str = "unet-v6",
-) -> list[float]:
+def stage_unet_v6(*args, init_phase: str = "unet-v5", phase: str = "unet-v6", **kw) -> list[float]:
     """Train the v5 EMA weights on with v5's recipe (a fresh schedule) and the text encoder at
-    :data:`V6_TEXT_LR_SCALE` times the learning rate, into ``unet-v6/``; :func:`stage_unet_v7` is the same
-    again from v6 (``init_phase``, ``phase``)."""
-    args = (out, seed, steps, batch, lr, resume, ckpt_every, eval_every, max_minutes, max_steps, unet_config)
-    return _mixed_caption_stage(
-        *args,
-        init=out / init_phase / "latest.pt",
-        phase=phase,
-        multi=multi,
-        object_shares=V4_OBJECT_SHARES,
-        fg_weight=V5_FG_WEIGHT,
-        text_lr_scale=V6_TEXT_LR_SCALE,
-    )
+    :data:`V6_TEXT_LR_SCALE` times the learning rate, into ``unet-v6/``; :func:`stage_unet_v7` to
+    :func:`stage_unet_v9` are the same again, each from the round before (``init_phase``, ``phase``)."""
+    return stage_unet_v5(*args, init_phase=init_phase, phase=phase, text_lr_scale=V6_TEXT_LR_SCALE, **kw)
 
 
 def stage_unet_v7(*args, **kw) -> list[float]:
