@@ -92,13 +92,16 @@ def test_a_prompt_that_ends_two_actors_fails_naming_the_node(rsrv):
 
 def test_interrupt_of_a_stubborn_node_ends_its_actor(rsrv, tmp_path):
     started = tmp_path / "started"
-    pid = _submit(rsrv, _graph("WStubborn", started=str(started)))
-    wait_for(started.exists, "the stubborn node to start")
-    actor_pid = int(started.read_text())
     import requests
 
-    assert requests.post(f"{rsrv.url}/interrupt", json={"prompt_id": pid}, timeout=60).status_code == 200
-    st = _result(rsrv, pid)
+    pid = _submit(rsrv, _graph("WStubborn", started=str(started)))
+    try:
+        wait_for(started.exists, "the stubborn node to start")
+        actor_pid = int(started.read_text())
+        assert requests.post(f"{rsrv.url}/interrupt", json={"prompt_id": pid}, timeout=60).status_code == 200
+        st = _result(rsrv, pid)
+    finally:  # never leave it holding an actor the module's later tests expect idle
+        requests.post(f"{rsrv.url}/interrupt", json={"prompt_id": pid}, timeout=60)
     assert st["status"] == "interrupted", st
     wait_for(lambda: _pid_gone(actor_pid), "the stubborn actor to be ended")
     _all_ready(rsrv, 2)

@@ -180,11 +180,14 @@ def test_memory_hog_fails_alone_while_another_clients_prompt_completes(two, tmp_
 def test_interrupt_of_a_node_that_ignores_it_ends_its_worker(two, tmp_path):
     started = tmp_path / "started"
     pid = _submit(two, _graph("WStubborn", started=str(started)))
-    wait_for(started.exists, "the stubborn node to start")
-    worker_pid = int(started.read_text())
-    r = requests.post(f"{two.url}/interrupt", json={"prompt_id": pid}, timeout=SAFETY_S)
-    assert r.status_code == 200
-    st = _result(two, pid)
+    try:
+        wait_for(started.exists, "the stubborn node to start")
+        worker_pid = int(started.read_text())
+        r = requests.post(f"{two.url}/interrupt", json={"prompt_id": pid}, timeout=SAFETY_S)
+        assert r.status_code == 200
+        st = _result(two, pid)
+    finally:  # never leave it holding a worker the module's later tests expect idle
+        requests.post(f"{two.url}/interrupt", json={"prompt_id": pid}, timeout=SAFETY_S)
     assert st["status"] == "interrupted", st
     assert st["error"]["node_id"] == "2" and st["error"]["node_type"] == "WStubborn"
     wait_for(lambda: _pid_gone(worker_pid), "the stubborn worker to be ended")

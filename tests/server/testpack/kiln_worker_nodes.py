@@ -18,12 +18,21 @@ from kiln.engine import Int, Node, Socket, String
 BOUND_S = 300.0  # a node that the test forgets to stop still ends
 
 
+def _announce(path: str | Path, text: str) -> None:
+    """Write ``text`` to ``path`` so that a reader who sees the file also sees its text: written beside it
+    under a dot-name, then renamed (a test that waits for the file reads it the moment it appears)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 def _signal_self(sig: int, marker: str) -> None:
     """Send ``sig`` to this process: always, or only on the first attempt when ``marker`` names a file that
     the first attempt creates (holding its pid), so a re-run succeeds."""
     if not marker or not os.path.exists(marker):
         if marker:
-            Path(marker).write_text(str(os.getpid()))
+            _announce(marker, str(os.getpid()))
         os.kill(os.getpid(), sig)
 
 
@@ -73,7 +82,7 @@ class WStubborn(Node):
 
     def run(self, value: Annotated[int, Socket("INT")], started: Annotated[str, String()] = ""):
         if started:
-            Path(started).write_text(str(os.getpid()))
+            _announce(started, str(os.getpid()))
         end = time.monotonic() + BOUND_S
         while time.monotonic() < end:
             time.sleep(0.05)
@@ -94,9 +103,9 @@ class WMeet(Node):
         n: Annotated[int, Int(min=1)] = 2,
     ):
         Path(folder).mkdir(parents=True, exist_ok=True)
-        (Path(folder) / name).write_text(str(os.getpid()))
+        _announce(Path(folder) / name, str(os.getpid()))
         end = time.monotonic() + BOUND_S
-        while len(list(Path(folder).iterdir())) < n:
+        while len([f for f in Path(folder).iterdir() if not f.name.startswith(".")]) < n:
             if time.monotonic() > end:
                 raise RuntimeError("the other prompts never ran at the same time")
             time.sleep(0.01)
