@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from kiln.training import data, models, scenes as sc, tokenizer as tk
+from kiln.training import data, grounding as gr, models, scenes as sc, tokenizer as tk
 
 CAPTION_DROPOUT = 0.1
 V_STEPS = 6000  # the v-prediction fine-tune of the shipped weights
@@ -396,6 +396,8 @@ def stage_unet(
     pool: dict[str, torch.Tensor] | None = None,
     pixel_weight: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     text_lr_scale: float = 1.0,
+    grounding: Callable[[int, torch.Tensor, torch.Tensor], tuple] | None = None,
+    grounding_weight: float = 0.0,
 ) -> list[float]:
     """Train (or resume) to ``steps``; ``max_minutes`` / ``max_steps`` stop early without changing the
     schedule, so a later ``--resume`` carries on as if never stopped. Returns this call's losses.
@@ -409,7 +411,10 @@ def stage_unet(
     pool already loaded (:func:`load_pool`; by default ``latents.pt``); ``pixel_weight(pool_indices, stray)`` weighs
     the loss per latent pixel (``[B, 1, H, W]``, the v5 fine-tune's object weighting); ``stray`` (bool, the
     same shape) marks where the UNet's clean estimate misses the target by more than :data:`STRAY_ERROR`;
-    ``text_lr_scale`` trains the text encoder at that multiple of the UNet's learning rate."""
+    ``text_lr_scale`` trains the text encoder at that multiple of the UNet's learning rate;
+    ``grounding(step, pool_indices, kept)`` gives the tokens' objects and masks of this step's captions
+    (:func:`training.grounding.targets`), whose cross-attention grounding loss is added ``grounding_weight``
+    times."""
     phase = phase or PHASES[prediction]
     ckpt = out / phase / "latest.pt"
     torch.manual_seed(seed)
@@ -474,10 +479,11 @@ def stage_unet(
             "scheduler_config": scheduler_config(prediction),
         }
 
+    recorder = gr.AttentionRecorder(unet) if grounding is not None else None
     losses = []
     t_start = last = time.time()
     bar = tqdm(total=steps, initial=step, desc="unet", unit="step", mininterval=15)
-    ema_loss = None
+    ema_loss = ema_ground = None
     while step < steps:
         for g in opt.param_groups:
             g["lr"] = lr_at(step, lr, warmup, steps) * g.get("lr_scale", 1.0)
@@ -494,6 +500,8 @@ def stage_unet(
             t = emphasise_noisy_end(t, g)
         a = abar[t].view(-1, 1, 1, 1)
         xt = a.sqrt() * z0 + (1 - a).sqrt() * noise
+        if recorder is not None:
+            recorder.clear()
         pred = unet(xt, t, te(ids)[0]).sample
         target = diffusion_target(z0, noise, abar[t], prediction)
         w = loss_weight_v(abar[t]) if prediction == "v_prediction" else loss_weight(abar[t], step)
@@ -503,6 +511,10 @@ def stage_unet(
                 x0_err = (predicted_x0(xt, pred, abar[t], prediction) - z0).abs().mean(dim=1, keepdim=True)
             err = err * pixel_weight(idx, x0_err > STRAY_ERROR)
         loss = (err.mean(dim=(1, 2, 3)) * w).mean()
+        if recorder is not None and grounding is not None:
+            g_loss = gr.loss(recorder.maps, *grounding(step, idx, ~drop))
+            loss = loss + grounding_weight * g_loss
+            ema_ground = g_loss.item() if ema_ground is None else 0.98 * ema_ground + 0.02 * g_loss.item()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(list(named.values()), 1.0)
@@ -513,7 +525,10 @@ def stage_unet(
         ema_loss = loss.item() if ema_loss is None else 0.98 * ema_loss + 0.02 * loss.item()
         bar.update(1)
         rate = bar.format_dict["rate"] or 0.0
-        bar.set_postfix(loss=f"{ema_loss:.4f}", samples_s=f"{rate * batch:.1f}", lr=f"{g_lr(opt):.2e}", refresh=False)
+        shown = {"loss": f"{ema_loss:.4f}", "samples_s": f"{rate * batch:.1f}", "lr": f"{g_lr(opt):.2e}"}
+        if ema_ground is not None:
+            shown["grounding"] = f"{ema_ground:.3f}"
+        bar.set_postfix(shown, refresh=False)
         done = (
             step == steps
             or (max_minutes is not None and time.time() - t_start > max_minutes * 60)
@@ -522,7 +537,8 @@ def stage_unet(
         if time.time() - last > ckpt_every or done:
             save_atomic(state(), ckpt)
             last = time.time()
-            tqdm.write(f"checkpoint step {step} loss {ema_loss:.4f} -> {ckpt}")
+            extra = "" if ema_ground is None else f" grounding {ema_ground:.3f}"
+            tqdm.write(f"checkpoint step {step} loss {ema_loss:.4f}{extra} -> {ckpt}")
         if eval_every and (step % eval_every == 0 or done):
             save_atomic(state(), ckpt)
             quick_eval(out, step, phase, partial=caption_ids is not None)
@@ -602,12 +618,14 @@ def _mixed_caption_stage(
     object_shares: tuple[float, ...] | None = None,
     fg_weight: float = 1.0,
     text_lr_scale: float = 1.0,
+    grounding_weight: float = 0.0,
 ) -> list[float]:
     """A v-prediction fine-tune from ``init``'s EMA weights on :func:`training.data.mixed_captions` of the
     latent pool, into ``phase/``; ``object_weights`` (by a scene's number of objects) draws the pool's scenes
     in proportion instead of in epoch order. ``multi`` scenes of the many-object pool (``latents-multi.pt``)
     join the pool; ``object_shares`` draws scenes so that each number of objects gets that share of a batch;
-    ``fg_weight`` above 1 weighs the loss on and around objects that much more (:func:`data.latent_object_weight`)."""
+    ``fg_weight`` above 1 weighs the loss on and around objects that much more (:func:`data.latent_object_weight`);
+    ``grounding_weight`` above 0 adds the cross-attention grounding loss (:mod:`training.grounding`) that much."""
     pool = load_pool(out, ("latents.pt", MULTI_LATENTS) if multi else ("latents.pt",))
     n = pool["sizes"][0]
     scenes = data.pool_scenes(n)
@@ -619,10 +637,17 @@ def _mixed_caption_stage(
         scenes += data.multi_pool_scenes(multi)
     tok = tk.load(out / "tokenizer")
 
+    last: dict = {}
+
     def caption_ids(step: int, idx: torch.Tensor) -> torch.Tensor:
         texts = data.mixed_captions(seed, step, [scenes[int(i)] for i in idx])
+        last.update(step=step, texts=texts)
         kw = {"padding": "max_length", "max_length": tk.MAX_LENGTH, "truncation": True, "return_tensors": "pt"}
         return tok(texts, **kw).input_ids
+
+    def grounding(step: int, idx: torch.Tensor, kept: torch.Tensor) -> tuple:
+        assert last.get("step") == step, "grounding targets asked for before this step's captions"
+        return gr.targets(last["texts"], [scenes[int(i)] for i in idx], kept, tk.MAX_LENGTH)
 
     indices = None
     if object_shares is not None:
@@ -659,6 +684,8 @@ def _mixed_caption_stage(
             [scenes[int(i)] for i in idx], fg_weight, pool["mean"].shape[-1], stray
         ),
         text_lr_scale=text_lr_scale,
+        grounding=grounding if grounding_weight > 0 else None,
+        grounding_weight=grounding_weight,
     )
 
 
@@ -767,11 +794,13 @@ def stage_unet_v5(
     init_phase: str = "unet-v4",
     phase: str = "unet-v5",
     text_lr_scale: float = 1.0,
+    grounding_weight: float = 0.0,
 ) -> list[float]:
     """Fine-tune the v4 EMA weights as v4 was trained, with the loss weighed :data:`V5_FG_WEIGHT` times more on
     and around objects and wherever the UNet draws something the scene lacks, into ``unet-v5/``; the later
     rounds (:func:`stage_unet_v6` on) are this recipe from another folder (``init_phase``) into another
-    (``phase``), the text encoder at ``text_lr_scale`` times the learning rate."""
+    (``phase``), the text encoder at ``text_lr_scale`` times the learning rate, with the cross-attention
+    grounding loss ``grounding_weight`` times."""
     args = (out, seed, steps, batch, lr, resume, ckpt_every, eval_every, max_minutes, max_steps, unet_config)
     return _mixed_caption_stage(
         *args,
@@ -781,6 +810,7 @@ def stage_unet_v5(
         object_shares=V4_OBJECT_SHARES,
         fg_weight=V5_FG_WEIGHT,
         text_lr_scale=text_lr_scale,
+        grounding_weight=grounding_weight,
     )
 
 

@@ -285,6 +285,16 @@ def test_v6_to_v9_train_the_v5_weights_on_with_a_faster_text_encoder_and_resume_
     train.stage_unet_v9(out, seed=10, steps=1, resume=False, multi=16, **kw)  # a fourth round, from v8
     e = torch.load(out / "unet-v9" / "latest.pt", weights_only=False)
     assert e["step"] == 1 and (e["model"]["unet"][k] - d["ema"]["unet"][k]).abs().max() < 0.05
+    # the grounding loss on the cross-attention (training.grounding): added to the loss, resumed exactly
+    g = dict(seed=11, steps=3, multi=16, init_phase="unet-v9", phase="unet-g", **kw)
+    plain = train.stage_unet_v6(out, resume=False, **{**g, "phase": "unet-plain"})
+    grounded = train.stage_unet_v6(out, resume=False, grounding_weight=0.3, **g)
+    assert grounded[0] > plain[0]  # the first step: the same weights and batch, the grounding term on top
+    f = torch.load(out / "unet-g" / "latest.pt", weights_only=False)
+    train.stage_unet_v6(out, resume=False, grounding_weight=0.3, max_steps=1, **g)
+    assert train.stage_unet_v6(out, resume=True, grounding_weight=0.3, **g) == grounded[1:]
+    h = torch.load(out / "unet-g" / "latest.pt", weights_only=False)
+    assert all(torch.equal(v, h["model"]["unet"][name]) for name, v in f["model"]["unet"].items())
 
 
 def test_validate_prints_the_validation_tables_for_a_run_phase(tmp_path, monkeypatch, capsys):
