@@ -6,6 +6,9 @@ squares): the UNet mixed up which attributes belong to which object. Training da
 object is and which caption words name it, so during training the cross-attention of those words can be
 pulled onto the object's region, as TokenCompose (Wang et al., CVPR 2024) does with segmentation masks.
 
+Tried for a v10 round at weight 0.3 and not shipped: the attention moved onto the objects, but the binding
+did not improve and the shipped LoRA stopped working on that UNet (training/README.md has the figures).
+
 Training-time only: :class:`AttentionRecorder` swaps in an attention processor that computes the same
 output and keeps each cross-attention layer's probabilities. Nothing here changes the exported weights'
 format or how they are sampled.
