@@ -85,11 +85,10 @@ def word_objects(text: str, scene: sc.Scene) -> list[int] | None:
     for i, w in enumerate(words):
         if w == "and":
             phrase += 1
-        elif w == "on" and i > 0:
-            if i + 1 < len(words) and words[i + 1] in ("a", "an"):
-                i += 1
-            if i + 1 < len(words) and words[i + 1] in sc.BACKGROUNDS:
-                out[i + 1] = -1
+        elif w == "on" and i > 0:  # the background phrase: "on white", "on a white (background)"
+            j = i + 2 if words[i + 1 : i + 2] in (["a"], ["an"]) else i + 1
+            if j < len(words) and words[j] in sc.BACKGROUNDS:
+                out[j] = -1
             break
         elif w in _OBJECT_WORDS:
             out[i] = fits[0][phrase]
