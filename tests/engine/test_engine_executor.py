@@ -665,19 +665,16 @@ def test_error_event_size_is_linear(reg):
     assert size(1000) / size(100) < 12.5
 
 
-def test_chain_10000_under_a_second(reg):
+def test_chain_10000_runs_and_reruns_from_the_cache(reg):
+    """A 10,000-node chain runs, and runs again without running a node. How fast is benchmarks/executor.py's
+    business (chain(10000) cold <= 1 s): CPU-time bars in unit tests fail on a busy machine."""
     ex = Executor(reg, cache="keep-current")
     g = chain_graph(10_000)
-    graph = G(g)
-    t0 = time.process_time()
-    r = ex.run(graph)
-    cold = time.process_time() - t0
+    r = ex.run(G(g))
     assert r.ok and r.outputs[str(10_002)]["value"] == ["10000"]
-    t0 = time.process_time()
+    assert len(r.ran) == len(g)
     r2 = ex.run(G(g))
-    warm = time.process_time() - t0
-    assert r2.ran == []
-    assert cold < 2.0 and warm < 1.0, (cold, warm)  # generous: 2 shared cores; the target is 1 s cold
+    assert r2.ok and r2.ran == [] and r2.outputs == r.outputs
 
 
 def test_many_cached_outputs_rerun_from_the_cache(reg):

@@ -549,20 +549,22 @@ def test_exception_while_checking_a_node_is_reported_not_raised(reg):
     check_shape(res)
 
 
-def test_one_bad_source_under_many_outputs_is_fast(reg):
-    import time
-
+def test_one_bad_source_under_many_outputs_walks_the_graph_once(reg, monkeypatch):
+    """One bad source under 3,000 outputs: its dependent outputs are found walking down from it once, not up
+    from each output (that was O(outputs x nodes), 5.6 s here). Counted in upstream walks, not timed."""
     from engine_testnodes import chain_graph
 
+    from kiln.engine import topology
+
+    walks = []
+    monkeypatch.setattr(topology, "reach", lambda graph, root, f=topology.reach: walks.append(root) or f(graph, root))
     n = 3000
     g = chain_graph(n)
     g["1"]["inputs"]["value"] = 99999
     for i in range(2, n + 2):
         g[f"o{i}"] = {"class_type": "Show", "inputs": {"value": [str(i), 0]}}
-    t0 = time.process_time()
     res = validate(G(g), reg)
-    elapsed = time.process_time() - t0
     assert not res.ok
     deps = res.problems["1"].dependent_outputs
     assert len(deps) == n + 1 and deps[:2] == [str(n + 2), "o2"]  # every output, in prompt order
-    assert elapsed < 2.0, elapsed  # was O(outputs x nodes): 5.6 s here
+    assert walks == []  # no walk up from each output
