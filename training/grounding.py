@@ -131,9 +131,10 @@ def loss(maps: list[torch.Tensor], owner: np.ndarray, masks: dict) -> torch.Tens
     regions: dict[int, torch.Tensor] = {}  # per resolution: [n grounded tokens in all rows, HW]
 
     def region(res: int) -> torch.Tensor:
-        if res not in regions:
-            cells = [_cells(masks[b][owner[b, t]], res).reshape(-1) for b in rows for t in tokens[b]]
-            regions[res] = torch.from_numpy(np.stack(cells)).float()
+        if res not in regions:  # each region once per row, then one row per token
+            per_row = {b: np.stack([_cells(m, res).reshape(-1) for m in masks[b]]) for b in rows}
+            cells = [per_row[b][owner[b, tokens[b]]] for b in rows]
+            regions[res] = torch.from_numpy(np.concatenate(cells)).float()
         return regions[res]
 
     b_idx = torch.tensor([b for b in rows for _ in tokens[b]])

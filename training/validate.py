@@ -38,6 +38,7 @@ PROBES = [
     "a blue square",
     "a small yellow square",
 ]
+PARTS = ("probes", "partial", "full")
 VARIED_GRAPH = Path(__file__).resolve().parents[1] / "graphs" / "txt2img_varied.json"
 
 
@@ -79,7 +80,7 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run", type=Path, default=Path("runs/shapes"))
     p.add_argument("--phase", required=True, help="the UNet checkpoint folder: unet-v2 to unet-v9, ...")
-    p.add_argument("--parts", default="probes,partial,full", help="any of probes, partial, full")
+    p.add_argument("--parts", default=",".join(PARTS), help=f"any of {', '.join(PARTS)}")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--probe-seeds", type=int, default=32)
     p.add_argument("--partial-n", type=int, default=50)
@@ -90,8 +91,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
     parts = set(args.parts.split(","))
-    if parts - {"probes", "partial", "full"}:
-        p.error(f"--parts: unknown {sorted(parts - {'probes', 'partial', 'full'})}; use probes, partial, full")
+    if parts - set(PARTS):
+        p.error(f"--parts: unknown {sorted(parts - set(PARTS))}; use {', '.join(PARTS)}")
     if not (args.run / args.phase / "latest.pt").exists():
         p.error(f"{args.run / args.phase / 'latest.pt'} not found: --phase names a UNet checkpoint folder of --run")
     unguided, varied_cfg = sample.guidance_split(json.loads(VARIED_GRAPH.read_text()))
