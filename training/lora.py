@@ -85,17 +85,18 @@ def kohya_state_dict(unet, rank: int, alpha: float) -> dict[str, torch.Tensor]:
 
 def load_kohya_into_peft(unet, lora: dict[str, torch.Tensor]) -> None:
     """Set a peft-injected ``unet``'s LoRA layers from a kohya state dict of the same targets and rank (the
-    inverse of :func:`kohya_state_dict`; alpha must equal the rank, as :func:`train_lora` writes it)."""
+    inverse of :func:`kohya_state_dict`). peft's layers scale by 1 (alpha = rank), so a file written with
+    another alpha has ``alpha / rank`` folded into its up weights: the loaded layers make the same update."""
     done = 0
     for base, module in _peft_layers(unet):
         if f"{base}.lora_down.weight" not in lora:
             raise ValueError(f"{base}: not in the LoRA to start from (trained with other targets?)")
         down, up = lora[f"{base}.lora_down.weight"], lora[f"{base}.lora_up.weight"]
-        if float(lora[f"{base}.alpha"]) != down.shape[0] or down.shape != module.lora_A["default"].weight.shape:
-            raise ValueError(f"{base}: the LoRA to start from must have this rank with alpha = rank")
+        if down.shape != module.lora_A["default"].weight.shape:
+            raise ValueError(f"{base}: the LoRA to start from must have this rank ({module.r['default']})")
         with torch.no_grad():
             module.lora_A["default"].weight.copy_(down)
-            module.lora_B["default"].weight.copy_(up)
+            module.lora_B["default"].weight.copy_(up * (float(lora[f"{base}.alpha"]) / down.shape[0]))
         done += 1
     if done * 3 != len(lora):
         raise ValueError(f"the LoRA to start from has {len(lora) // 3} modules, this UNet's targets {done}")
@@ -136,7 +137,20 @@ PIXEL_T_MAX = 600
 OUTLINE_OFFSET = 10_000_000  # the outline pool's scenes: TRAIN_STREAM seeds from here
 
 
-def pixel_loss(vae, scale: float, xt, pred, t, abar_t, prediction: str, idx) -> torch.Tensor:
+def outline_weight(foot: torch.Tensor, target: torch.Tensor, interior_weight: float = 1.0) -> torch.Tensor:
+    """The pixel term's weight ``[B, 1, H, W]``: ``train.fg_weight`` over each object's whole footprint (``foot``,
+    the scene drawn filled), times ``interior_weight`` again on the hollow inside the stroke (footprint pixels
+    that the drawn outline ``target`` leaves background), where a filled shape is wrong."""
+    w = train.fg_weight(foot)
+    if interior_weight != 1.0:
+        hollow = (w > 1.0) & (train.fg_weight(target) <= 1.0)
+        w = w * (1.0 + (interior_weight - 1.0) * hollow.float())
+    return w
+
+
+def pixel_loss(
+    vae, scale: float, xt, pred, t, abar_t, prediction: str, idx, interior_weight: float = 1.0
+) -> torch.Tensor:
     keep = torch.nonzero(t[:PIXEL_BATCH] < PIXEL_T_MAX).flatten()
     if keep.numel() == 0:
         return pred.sum() * 0.0
@@ -146,7 +160,7 @@ def pixel_loss(vae, scale: float, xt, pred, t, abar_t, prediction: str, idx) -> 
     target = data.to_tensor([sc.render(s, "outline") for s in scenes])
     # the whole footprint (stroke and the hollow inside it) counts, as in hollowness
     foot = data.to_tensor([sc.render(s, "filled") for s in scenes])
-    w = train.fg_weight(foot)
+    w = outline_weight(foot, target, interior_weight)
     err = ((img - target).abs() * w).mean(dim=(1, 2, 3))
     return (err * abar_t[keep].sqrt()).mean()
 
@@ -164,6 +178,8 @@ def train_lora(
     pixel_weight: float = 0.0,
     decoder: str | None = None,
     init: Path | None = None,
+    interior_weight: float = 1.0,
+    alpha_scale: float = 1.0,
 ) -> None:
     from peft import LoraConfig, inject_adapter_in_model
 
@@ -205,12 +221,13 @@ def train_lora(
         pred = unet(xt, t, cond_all[idx]).sample
         loss = F.mse_loss(pred, train.diffusion_target(z0, noise, abar[t], prediction))
         if pixel_weight > 0:
-            loss = loss + pixel_weight * pixel_loss(vae, scale, xt, pred, t, abar[t], prediction, idx)
+            loss = loss + pixel_weight * pixel_loss(vae, scale, xt, pred, t, abar[t], prediction, idx, interior_weight)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
     print(f"lora: {steps * batch / (time.time() - t0):.1f} samples/s, final loss {loss.item():.4f}")
-    sd = kohya_state_dict(unet, rank, rank)
+    alpha = rank * alpha_scale  # strength 1 applies alpha_scale times the trained update
+    sd = kohya_state_dict(unet, rank, alpha)
     out.parent.mkdir(parents=True, exist_ok=True)
     save_file(
         sd,
@@ -219,7 +236,7 @@ def train_lora(
             "kiln.model_family": "kiln-shapes",
             "kiln.lora_style": "outline",
             "ss_network_dim": str(rank),
-            "ss_network_alpha": str(rank),
+            "ss_network_alpha": f"{alpha:g}",
             "kiln.lora_targets": json.dumps(TARGETS),
         },
     )
@@ -240,6 +257,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--pixel-weight", type=float, default=0.0, help="weight of the decoded-outline term")
     p.add_argument("--phase", default=None, help="base UNet checkpoint folder: unet-v (default) or unet-v2 to v4")
     p.add_argument("--decoder", default=None, help="the decoder the pixel term decodes with (train.load_vae)")
+    p.add_argument(
+        "--interior-weight", type=float, default=1.0, help="pixel term: weight of the hollow inside the stroke"
+    )
+    p.add_argument(
+        "--alpha-scale",
+        type=float,
+        default=1.0,
+        help="write alpha = rank x this: strength 1 then applies this many times the trained update",
+    )
     p.add_argument("--init", type=Path, default=None, help="a LoRA file (same rank) to carry on training from")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -256,6 +282,8 @@ def main(argv: list[str] | None = None) -> None:
         pixel_weight=args.pixel_weight,
         decoder=args.decoder,
         init=args.init,
+        interior_weight=args.interior_weight,
+        alpha_scale=args.alpha_scale,
     )
 
 

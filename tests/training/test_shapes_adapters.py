@@ -64,6 +64,17 @@ def test_a_kohya_lora_loads_back_into_peft_layers_to_train_on():
     x, t, c = _inputs()
     with torch.no_grad():
         assert torch.equal(fresh(x, t, c).sample, trained(x, t, c).sample)
+    # a file written with alpha != rank (strength 1 applies alpha / rank times the update) loads as the same
+    # update: the scale is folded into the up weights, as merging the file into the UNet applies it
+    stronger = {k: (torch.tensor(6.0) if k.endswith(".alpha") else v) for k, v in sd.items()}
+    scaled = injected()
+    lora.load_kohya_into_peft(scaled, stronger)
+    torch.manual_seed(0)
+    merged = models.build_unet(TINY_UNET).eval()
+    lora.apply_kohya(merged, stronger, strength=1.0)
+    with torch.no_grad():
+        want, got = merged(x, t, c).sample, scaled(x, t, c).sample
+        assert torch.allclose(got, want, atol=1e-5) and not torch.allclose(got, trained(x, t, c).sample, atol=1e-3)
     other_rank = {k: (v[:2] if k.endswith("lora_down.weight") else v) for k, v in sd.items()}
     with pytest.raises(ValueError, match="rank"):
         lora.load_kohya_into_peft(injected(), other_rank)
@@ -73,6 +84,20 @@ def test_a_kohya_lora_loads_back_into_peft_layers_to_train_on():
         )
     with pytest.raises(ValueError, match="modules"):
         lora.load_kohya_into_peft(injected(), {**sd, "lora_unet_extra.alpha": torch.tensor(4.0)})
+
+
+def test_the_pixel_term_can_weigh_the_hollow_inside_an_outline_up():
+    from kiln.training import data, scenes as sc, train
+
+    scene = next(s for s in (sc.make_scene(i) for i in range(50)) if s.objects[0].size == "large")
+    foot, target = (data.to_tensor([sc.render(scene, style)]) for style in ("filled", "outline"))
+    plain, heavy = lora.outline_weight(foot, target), lora.outline_weight(foot, target, 4.0)
+    assert torch.equal(plain, train.fg_weight(foot))  # the default: the footprint, stroke and inside alike
+    inside = heavy > plain
+    assert inside.any() and torch.all(heavy[inside] == 4.0 * train.FG_WEIGHT)
+    stroke = train.fg_weight(target) > 1.0
+    assert not (inside & stroke).any() and torch.equal(heavy[~inside], plain[~inside])
+    assert not (inside & (plain == 1.0)).any()  # only inside the footprint
 
 
 def test_controlnet_file_round_trip(tmp_path):
