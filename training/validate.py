@@ -1,8 +1,8 @@
 """The validation figures the training stages were chosen on, for one UNet checkpoint folder of a run.
 
-    python -m kiln.training.validate --phase unet-v9                  # runs/shapes, all three parts (~4 min)
+    python -m kiln.training.validate --phase unet-v12                 # runs/shapes, all three parts (~4 min)
     python -m kiln.training.validate --phase unet-v8 --parts probes   # only the short prompts
-    python -m kiln.training.validate --phase unet-v9 --unguided 8     # another split for the varied graph
+    python -m kiln.training.validate --phase unet-v12 --unguided 8    # another split for the varied graph
 
 Three parts, all at the shipped graphs' 20 Euler steps:
 
@@ -79,7 +79,7 @@ def full(pipe: sample.Pipeline, n: int, steps: int) -> list[str]:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run", type=Path, default=Path("runs/shapes"))
-    p.add_argument("--phase", required=True, help="the UNet checkpoint folder: unet-v2 to unet-v9, ...")
+    p.add_argument("--phase", required=True, help="the UNet checkpoint folder: unet-v2 to unet-v12, ...")
     p.add_argument("--parts", default=",".join(PARTS), help=f"any of {', '.join(PARTS)}")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--probe-seeds", type=int, default=32)

@@ -257,7 +257,7 @@ def test_v5_weighs_what_the_unet_draws_where_the_scene_has_nothing_as_an_object(
     assert losses(float("inf"), 5.0) != plain
 
 
-def test_v6_to_v9_train_the_v5_weights_on_with_a_faster_text_encoder_and_resume_exactly(tmp_path, monkeypatch):
+def test_v6_to_v12_train_the_v5_weights_on_with_a_faster_text_encoder_and_resume_exactly(tmp_path, monkeypatch):
     out, kw = _tiny_v4_run(tmp_path / "run", monkeypatch)
     train.stage_unet_v5(out, seed=6, steps=1, resume=False, multi=16, **kw)
     v5 = torch.load(out / "unet-v5" / "latest.pt", weights_only=False)
@@ -285,6 +285,16 @@ def test_v6_to_v9_train_the_v5_weights_on_with_a_faster_text_encoder_and_resume_
     train.stage_unet_v9(out, seed=10, steps=1, resume=False, multi=16, **kw)  # a fourth round, from v8
     e = torch.load(out / "unet-v9" / "latest.pt", weights_only=False)
     assert e["step"] == 1 and (e["model"]["unet"][k] - d["ema"]["unet"][k]).abs().max() < 0.05
+    train.stage_unet_v10(out, seed=21, steps=1, resume=False, multi=16, **kw)  # a fifth round, from v9
+    v10 = torch.load(out / "unet-v10" / "latest.pt", weights_only=False)
+    assert v10["step"] == 1 and (v10["model"]["unet"][k] - e["ema"]["unet"][k]).abs().max() < 0.05
+    train.stage_unet_v11(out, seed=22, steps=1, resume=False, multi=16, **kw)  # a sixth, from v10
+    v11 = torch.load(out / "unet-v11" / "latest.pt", weights_only=False)
+    assert v11["step"] == 1 and (v11["model"]["unet"][k] - v10["ema"]["unet"][k]).abs().max() < 0.05
+    train.stage_unet_v12(out, seed=23, steps=1, resume=False, multi=16, **kw)  # a seventh, from v11: shipped
+    v12 = torch.load(out / "unet-v12" / "latest.pt", weights_only=False)
+    assert v12["step"] == 1 and (v12["model"]["unet"][k] - v11["ema"]["unet"][k]).abs().max() < 0.05
+    assert len(v12["opt"]["param_groups"]) == 2
     # the grounding loss on the cross-attention (training.grounding): added to the loss, resumed exactly
     g = dict(seed=11, steps=3, multi=16, init_phase="unet-v9", phase="unet-g", **kw)
     plain = train.stage_unet_v6(out, resume=False, **{**g, "phase": "unet-plain"})
