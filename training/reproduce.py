@@ -56,6 +56,15 @@ FINETUNE_STEPS = 900
 FINETUNE_ARGS = ["--lr", "1e-3", "--pixel-weight", "2", "--interior-weight", "10", "--decoder", "vae-v2"]
 LORA_ALPHA_SCALE = 1.2
 FIRST_LORA = "lora-v2.safetensors"  # run-relative; kept in the snapshot
+SHIPPED_UNET = "unet-v12"
+# the second release's stages after ``train all``, in order: the UNet rounds up to SHIPPED_UNET, the v2 decoder
+SECOND_RELEASE_STAGES = [
+    "unet-v2",
+    "unet-v3",
+    "latents-multi",
+    *(f"unet-v{i}" for i in range(4, 13)),
+    "vae-v2",
+]
 CONTROLNET_STEPS = 3000
 MODELS = Path(__file__).resolve().parents[1] / "models"
 
@@ -71,52 +80,24 @@ def main(argv: list[str] | None = None) -> None:
     threads = ["--threads", str(args.threads)]
     if args.from_snapshot and not (run / "vae" / "final.pt").exists():
         snapshot.copy(run, to_snapshot=False)
-    train.main(["all", "--out", str(run), "--resume", *threads])
-    phase, lora_extra = None, []
-    if not args.v1:
-        train.main(["unet-v2", "--out", str(run), "--resume", *threads])
-        train.main(["unet-v3", "--out", str(run), "--resume", *threads])
-        train.main(["latents-multi", "--out", str(run), "--resume", *threads])
-        train.main(["unet-v4", "--out", str(run), "--resume", *threads])
-        train.main(["unet-v5", "--out", str(run), "--resume", *threads])
-        train.main(["unet-v6", "--out", str(run), "--resume", *threads])
-        train.main(["unet-v7", "--out", str(run), "--resume", *threads])
-        train.main(["unet-v8", "--out", str(run), "--resume", *threads])
-        train.main(["unet-v9", "--out", str(run), "--resume", *threads])
-        train.main(["unet-v10", "--out", str(run), "--resume", *threads])
-        train.main(["unet-v11", "--out", str(run), "--resume", *threads])
-        train.main(["unet-v12", "--out", str(run), "--resume", *threads])
-        train.main(["vae-v2", "--out", str(run), "--resume", *threads])
-        phase = "unet-v12"
-        lora_extra = ["--phase", "unet-v2", "--decoder", LORA_DECODER, "--pixel-weight", str(LORA_PIXEL_WEIGHT)]
+    stages = ["all"] if args.v1 else ["all", *SECOND_RELEASE_STAGES]
+    for stage in stages:
+        train.main([stage, "--out", str(run), "--resume", *threads])
+    phase = None if args.v1 else SHIPPED_UNET
     ckpt = MODELS / "checkpoints" / "kiln-shapes.safetensors"
     export.export_run(run, ckpt, phase=phase)
     print(f"wrote {ckpt}")
     shipped = MODELS / "loras" / "kiln-outline.safetensors"
+    lora_run = ["--run", str(run), *threads]
     if args.v1:
-        lora.main(["--run", str(run), "--steps", str(LORA_STEPS), "--out", str(shipped), *threads])
+        lora.main([*lora_run, "--steps", str(LORA_STEPS), "--out", str(shipped)])
     else:
         first = run / FIRST_LORA  # the first LoRA (from the snapshot, or trained here once)
         if not first.exists():
-            lora.main(["--run", str(run), "--steps", str(LORA_STEPS), "--out", str(first), *threads, *lora_extra])
-        lora.main(
-            [
-                "--run",
-                str(run),
-                "--init",
-                str(first),
-                "--phase",
-                phase,
-                "--steps",
-                str(FINETUNE_STEPS),
-                *FINETUNE_ARGS,
-                "--alpha-scale",
-                str(LORA_ALPHA_SCALE),
-                "--out",
-                str(shipped),
-                *threads,
-            ]
-        )
+            first_args = ["--phase", "unet-v2", "--decoder", LORA_DECODER, "--pixel-weight", str(LORA_PIXEL_WEIGHT)]
+            lora.main([*lora_run, "--steps", str(LORA_STEPS), *first_args, "--out", str(first)])
+        finetune = ["--init", str(first), "--phase", SHIPPED_UNET, "--steps", str(FINETUNE_STEPS), *FINETUNE_ARGS]
+        lora.main([*lora_run, *finetune, "--alpha-scale", str(LORA_ALPHA_SCALE), "--out", str(shipped)])
     controlnet.main(
         [
             "--run",

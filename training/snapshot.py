@@ -52,7 +52,7 @@ def copy(run: Path, to_snapshot: bool) -> None:
     for rel, name in FILES.items():
         src, dst = (run / rel, SNAP / name) if to_snapshot else (SNAP / name, run / rel)
         if not src.exists() and rel.startswith(("unet-v", "vae-v2/", "lora-")):
-            continue  # a run still in its epsilon phase, or not yet fine-tuned on partial captions
+            continue  # a run still in its epsilon phase, not yet fine-tuned on partial captions, or without a LoRA
         dst.parent.mkdir(parents=True, exist_ok=True)
         tmp = dst.with_name(dst.name + ".tmp")
         if to_snapshot and rel in SLIM:
