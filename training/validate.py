@@ -1,10 +1,10 @@
 """The validation figures the training stages were chosen on, for one UNet checkpoint folder of a run.
 
-    python -m kiln.training.validate --phase unet-v12                 # runs/shapes, all three parts (~4 min)
+    python -m kiln.training.validate --phase unet-v12                 # runs/shapes, all four parts (~6 min)
     python -m kiln.training.validate --phase unet-v8 --parts probes   # only the short prompts
     python -m kiln.training.validate --phase unet-v12 --unguided 8    # another split for the varied graph
 
-Three parts, all at the shipped graphs' 20 Euler steps:
+Four parts, all at the shipped graphs' 20 Euler steps:
 
 - ``probes``: eight short prompts a newcomer types ("a red circle", "a blue square", ...), 32 seeds each at
   CFG 3: how often the shape and the object count are right;
@@ -12,7 +12,10 @@ Three parts, all at the shipped graphs' 20 Euler steps:
   seeds from ``captions.VALIDATION_START``), with ``txt2img.json``'s CFG 3 and with ``txt2img_varied.json``'s
   split (its unguided steps, then its CFG; ``--unguided`` and ``--varied-cfg`` try others): the partial table
   and the diversity line, as ``benchmarks/fidelity.py`` prints them;
-- ``full``: 100 full prompts from the same seeds, CFG 3: the full-prompt row.
+- ``full``: 100 full prompts from the same seeds, CFG 3: the full-prompt row;
+- ``two``: the two-object prompts among the first 600 of that set (112 of them), 8 seeds each at CFG 3: how
+  often both objects' shapes, the count and everything stated are right (the binding of words to objects,
+  the weakest point of the shipped model).
 
 ``benchmarks/fidelity.py`` measures the shipped file on held-out prompts that no choice was made on; this
 is the set the choices were made on (training/README.md's validation tables).
@@ -38,7 +41,8 @@ PROBES = [
     "a blue square",
     "a small yellow square",
 ]
-PARTS = ("probes", "partial", "full")
+PARTS = ("probes", "partial", "full", "two")
+TWO_FROM = 600
 VARIED_GRAPH = Path(__file__).resolve().parents[1] / "graphs" / "txt2img_varied.json"
 
 
@@ -76,6 +80,16 @@ def full(pipe: sample.Pipeline, n: int, steps: int) -> list[str]:
     return [ev.header(), ev.format_row("full prompts, CFG 3", ev.accuracy(imgs, scenes))]
 
 
+def two_objects(pipe: sample.Pipeline, seeds: int, steps: int, among: int = TWO_FROM) -> list[str]:
+    """The partial row for the two-object prompts among the first ``among`` validation prompts."""
+    prompts = cp.eval_prompts(among, stream=sc.TRAIN_STREAM, start=cp.VALIDATION_START)
+    words = cp.eval_wordings(prompts, stream=sc.TRAIN_STREAM, start=cp.VALIDATION_START)
+    pairs = [(p, w) for p, w in zip(prompts, words) if p.count == 2]
+    imgs = pipe.generate([w for _, w in pairs for _ in range(seeds)], seed=0, steps=steps, cfg=3.0)
+    acc = ev.partial_accuracy(imgs, [p for p, _ in pairs for _ in range(seeds)])
+    return [ev.partial_header(), ev.format_partial_row(f"{len(pairs)} two-object x {seeds}", acc)]
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run", type=Path, default=Path("runs/shapes"))
@@ -86,6 +100,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--partial-n", type=int, default=50)
     p.add_argument("--seeds", type=int, default=ev.DIVERSITY_SEEDS, help="seeds per partial prompt")
     p.add_argument("--full-n", type=int, default=100)
+    p.add_argument("--two-among", type=int, default=TWO_FROM, help="two-object prompts among this many")
     p.add_argument("--unguided", type=int, default=None, help="default: txt2img_varied.json's")
     p.add_argument("--varied-cfg", type=float, default=None, help="default: txt2img_varied.json's")
     p.add_argument("--threads", type=int, default=1)
@@ -111,6 +126,8 @@ def main(argv: list[str] | None = None) -> None:
         print("\n".join(partial(pipe, args.partial_n, args.seeds, args.steps, splits)), flush=True)
     if "full" in parts:
         print("\n".join(full(pipe, args.full_n, args.steps)), flush=True)
+    if "two" in parts:
+        print("\n".join(two_objects(pipe, args.seeds, args.steps, args.two_among)), flush=True)
 
 
 if __name__ == "__main__":

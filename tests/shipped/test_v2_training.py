@@ -311,7 +311,7 @@ def test_validate_prints_the_validation_tables_for_a_run_phase(tmp_path, monkeyp
     from kiln.training import validate
 
     out, _ = _tiny_v4_run(tmp_path / "run", monkeypatch)
-    small = ["--probe-seeds", "1", "--partial-n", "2", "--seeds", "2", "--full-n", "2", "--steps", "2"]
+    small = ["--probe-seeds", "1", "--partial-n", "2", "--seeds", "2", "--full-n", "2", "--steps", "2", "--two-among", "12"]
     validate.main(["--run", str(out), "--phase", "unet-v4", *small])
     lines = capsys.readouterr().out.splitlines()
     assert sum(line.startswith("'a ") and "shape" in line and "/1, count" in line for line in lines) == 8
@@ -319,6 +319,9 @@ def test_validate_prints_the_validation_tables_for_a_run_phase(tmp_path, monkeyp
     assert sum(line.startswith(("txt2img.json (CFG 3)", "varied (7 unguided, CFG 4)")) for line in lines) == 2
     assert sum("every open attribute" in line for line in lines) == 2
     assert any(line.startswith("full prompts, CFG 3") for line in lines)
+    # the two-object part: the two-object prompts among the first 12 validation prompts, 2 seeds each
+    n_two = sum(p.count == 2 for p in cp.eval_prompts(12, stream=sc.TRAIN_STREAM, start=cp.VALIDATION_START))
+    assert n_two > 0 and any(line.startswith(f"{n_two} two-object x 2") for line in lines)
     with pytest.raises(SystemExit):
         validate.main(["--run", str(out), "--phase", "unet-v9", *small])
     assert "unet-v9/latest.pt not found" in capsys.readouterr().err
