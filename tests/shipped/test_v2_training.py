@@ -311,7 +311,20 @@ def test_validate_prints_the_validation_tables_for_a_run_phase(tmp_path, monkeyp
     from kiln.training import validate
 
     out, _ = _tiny_v4_run(tmp_path / "run", monkeypatch)
-    small = ["--probe-seeds", "1", "--partial-n", "2", "--seeds", "2", "--full-n", "2", "--steps", "2", "--two-among", "12"]
+    small = [
+        "--probe-seeds",
+        "1",
+        "--partial-n",
+        "2",
+        "--seeds",
+        "2",
+        "--full-n",
+        "2",
+        "--steps",
+        "2",
+        "--two-among",
+        "12",
+    ]
     validate.main(["--run", str(out), "--phase", "unet-v4", *small])
     lines = capsys.readouterr().out.splitlines()
     assert sum(line.startswith("'a ") and "shape" in line and "/1, count" in line for line in lines) == 8
