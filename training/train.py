@@ -796,19 +796,20 @@ def stage_unet_v5(
     phase: str = "unet-v5",
     text_lr_scale: float = 1.0,
     grounding_weight: float = 0.0,
+    object_shares: tuple[float, ...] = V4_OBJECT_SHARES,
 ) -> list[float]:
     """Fine-tune the v4 EMA weights as v4 was trained, with the loss weighed :data:`V5_FG_WEIGHT` times more on
     and around objects and wherever the UNet draws something the scene lacks, into ``unet-v5/``; the later
     rounds (:func:`stage_unet_v6` on) are this recipe from another folder (``init_phase``) into another
     (``phase``), the text encoder at ``text_lr_scale`` times the learning rate, with the cross-attention
-    grounding loss ``grounding_weight`` times."""
+    grounding loss ``grounding_weight`` times, a batch drawn by ``object_shares``."""
     args = (out, seed, steps, batch, lr, resume, ckpt_every, eval_every, max_minutes, max_steps, unet_config)
     return _mixed_caption_stage(
         *args,
         init=out / init_phase / "latest.pt",
         phase=phase,
         multi=multi,
-        object_shares=V4_OBJECT_SHARES,
+        object_shares=object_shares,
         fg_weight=V5_FG_WEIGHT,
         text_lr_scale=text_lr_scale,
         grounding_weight=grounding_weight,

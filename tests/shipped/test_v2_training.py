@@ -305,6 +305,15 @@ def test_v6_to_v12_train_the_v5_weights_on_with_a_faster_text_encoder_and_resume
     assert train.stage_unet_v6(out, resume=True, grounding_weight=0.3, **g) == grounded[1:]
     h = torch.load(out / "unet-g" / "latest.pt", weights_only=False)
     assert all(torch.equal(v, h["model"]["unet"][name]) for name, v in f["model"]["unet"].items())
+    # object_shares: a round can draw its batches by another share of one-, two- and three-object scenes
+    counts = []
+    monkeypatch.setattr(
+        data,
+        "mixed_captions",
+        lambda s, st, scenes, f=data.mixed_captions: counts.extend(len(x.objects) for x in scenes) or f(s, st, scenes),
+    )
+    train.stage_unet_v6(out, resume=False, object_shares=(0.0, 1.0, 0.0), **{**g, "phase": "unet-two"})
+    assert len(counts) == 3 * kw["batch"] and set(counts) == {2}
 
 
 def test_validate_prints_the_validation_tables_for_a_run_phase(tmp_path, monkeypatch, capsys):
