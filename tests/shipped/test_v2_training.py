@@ -257,7 +257,7 @@ def test_v5_weighs_what_the_unet_draws_where_the_scene_has_nothing_as_an_object(
     assert losses(float("inf"), 5.0) != plain
 
 
-def test_v6_to_v12_train_the_v5_weights_on_with_a_faster_text_encoder_and_resume_exactly(tmp_path, monkeypatch):
+def test_v6_to_v14_train_the_v5_weights_on_with_a_faster_text_encoder_and_resume_exactly(tmp_path, monkeypatch):
     out, kw = _tiny_v4_run(tmp_path / "run", monkeypatch)
     train.stage_unet_v5(out, seed=6, steps=1, resume=False, multi=16, **kw)
     v5 = torch.load(out / "unet-v5" / "latest.pt", weights_only=False)
@@ -295,6 +295,25 @@ def test_v6_to_v12_train_the_v5_weights_on_with_a_faster_text_encoder_and_resume
     v12 = torch.load(out / "unet-v12" / "latest.pt", weights_only=False)
     assert v12["step"] == 1 and (v12["model"]["unet"][k] - v11["ema"]["unet"][k]).abs().max() < 0.05
     assert len(v12["opt"]["param_groups"]) == 2
+    # v13: more two- and three-object scenes, the text encoder at 6x; v14: a low-rate round of v12's recipe from v13
+    seen: list[int] = []
+    real_captions = data.mixed_captions
+    monkeypatch.setattr(
+        data,
+        "mixed_captions",
+        lambda s, st, sc_, f=real_captions: seen.extend(len(x.objects) for x in sc_) or f(s, st, sc_),
+    )
+    train.stage_unet_v13(out, seed=25, steps=1, resume=False, multi=16, **kw)
+    monkeypatch.setattr(data, "mixed_captions", real_captions)
+    v13 = torch.load(out / "unet-v13" / "latest.pt", weights_only=False)
+    assert v13["step"] == 1 and (v13["model"]["unet"][k] - v12["ema"]["unet"][k]).abs().max() < 0.05
+    te_group, unet_group = v13["opt"]["param_groups"]
+    assert te_group["lr_scale"] == train.V13_TEXT_LR_SCALE == 6.0 and unet_group["lr_scale"] == 1.0
+    assert len(seen) == kw["batch"] and 1 in seen and 2 in seen  # both pools, by V13_OBJECT_SHARES
+    train.stage_unet_v14(out, seed=26, steps=1, resume=False, multi=16, **kw)
+    v14 = torch.load(out / "unet-v14" / "latest.pt", weights_only=False)
+    assert v14["step"] == 1 and (v14["model"]["unet"][k] - v13["ema"]["unet"][k]).abs().max() < 0.05
+    assert v14["opt"]["param_groups"][0]["lr_scale"] == train.V6_TEXT_LR_SCALE
     # the grounding loss on the cross-attention (training.grounding): added to the loss, resumed exactly
     g = dict(seed=11, steps=3, multi=16, init_phase="unet-v9", phase="unet-g", **kw)
     plain = train.stage_unet_v6(out, resume=False, **{**g, "phase": "unet-plain"})

@@ -34,10 +34,9 @@ def test_the_second_release_trains_its_lora_on_from_the_first_one(tmp_path, monk
     run.mkdir()
     reproduce.main(["--run", str(run)])
     stages = [c[1] for c in calls if c[0] == "train"]
-    assert stages[-4:] == ["unet-v10", "unet-v11", "unet-v12", "vae-v2"] and stages.index("unet-v9") < stages.index(
-        "unet-v10"
-    )
-    assert ("export", "unet-v12") in calls and calls.index(("export", "unet-v12")) > len(stages) - 1
+    assert stages[-6:] == ["unet-v10", "unet-v11", "unet-v12", "unet-v13", "unet-v14", "vae-v2"]
+    assert stages.index("unet-v9") < stages.index("unet-v10")
+    assert ("export", "unet-v14") in calls and calls.index(("export", "unet-v14")) > len(stages) - 1
     first, shipped = (c[1] for c in calls if c[0] == "lora")
     assert _arg(first, "--phase") == "unet-v2" and _arg(first, "--out") == str(run / reproduce.FIRST_LORA)
     assert "--init" not in first
