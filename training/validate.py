@@ -60,10 +60,15 @@ def probes(pipe: sample.Pipeline, seeds: int, steps: int) -> list[str]:
     return lines
 
 
+def validation_prompts(n: int) -> tuple[list[cp.Prompt], list[str]]:
+    """The first ``n`` validation prompts and their wordings (drawn as the benchmark's, from other seeds)."""
+    prompts = cp.eval_prompts(n, stream=sc.TRAIN_STREAM, start=cp.VALIDATION_START)
+    return prompts, cp.eval_wordings(prompts, stream=sc.TRAIN_STREAM, start=cp.VALIDATION_START)
+
+
 def partial(pipe: sample.Pipeline, n: int, seeds: int, steps: int, splits: list[tuple[str, int, float]]) -> list[str]:
     """The partial table and diversity lines for each (label, unguided steps, CFG)."""
-    prompts = cp.eval_prompts(n, stream=sc.TRAIN_STREAM, start=cp.VALIDATION_START)
-    words = cp.eval_wordings(prompts, stream=sc.TRAIN_STREAM, start=cp.VALIDATION_START)
+    prompts, words = validation_prompts(n)
     lines = [ev.partial_header()]
     for label, unguided, cfg in splits:
         imgs = pipe.generate(
@@ -82,9 +87,7 @@ def full(pipe: sample.Pipeline, n: int, steps: int) -> list[str]:
 
 def two_objects(pipe: sample.Pipeline, seeds: int, steps: int, among: int = TWO_FROM) -> list[str]:
     """The partial row for the two-object prompts among the first ``among`` validation prompts."""
-    prompts = cp.eval_prompts(among, stream=sc.TRAIN_STREAM, start=cp.VALIDATION_START)
-    words = cp.eval_wordings(prompts, stream=sc.TRAIN_STREAM, start=cp.VALIDATION_START)
-    pairs = [(p, w) for p, w in zip(prompts, words) if p.count == 2]
+    pairs = [(p, w) for p, w in zip(*validation_prompts(among)) if p.count == 2]
     imgs = pipe.generate([w for _, w in pairs for _ in range(seeds)], seed=0, steps=steps, cfg=3.0)
     acc = ev.partial_accuracy(imgs, [p for p, _ in pairs for _ in range(seeds)])
     return [ev.partial_header(), ev.format_partial_row(f"{len(pairs)} two-object x {seeds}", acc)]

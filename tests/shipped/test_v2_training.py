@@ -257,6 +257,22 @@ def test_v5_weighs_what_the_unet_draws_where_the_scene_has_nothing_as_an_object(
     assert losses(float("inf"), 5.0) != plain
 
 
+real_mixed_captions = data.mixed_captions
+
+
+def _record_object_counts(monkeypatch) -> list[int]:
+    """Patch the fine-tunes' caption function to record each captioned scene's number of objects."""
+    seen: list[int] = []
+    monkeypatch.setattr(
+        data,
+        "mixed_captions",
+        lambda seed, step, scenes: (
+            seen.extend(len(s.objects) for s in scenes) or real_mixed_captions(seed, step, scenes)
+        ),
+    )
+    return seen
+
+
 def test_v6_to_v14_train_the_v5_weights_on_with_a_faster_text_encoder_and_resume_exactly(tmp_path, monkeypatch):
     out, kw = _tiny_v4_run(tmp_path / "run", monkeypatch)
     train.stage_unet_v5(out, seed=6, steps=1, resume=False, multi=16, **kw)
@@ -296,20 +312,14 @@ def test_v6_to_v14_train_the_v5_weights_on_with_a_faster_text_encoder_and_resume
     assert v12["step"] == 1 and (v12["model"]["unet"][k] - v11["ema"]["unet"][k]).abs().max() < 0.05
     assert len(v12["opt"]["param_groups"]) == 2
     # v13: more two- and three-object scenes, the text encoder at 6x; v14: a low-rate round of v12's recipe from v13
-    seen: list[int] = []
-    real_captions = data.mixed_captions
-    monkeypatch.setattr(
-        data,
-        "mixed_captions",
-        lambda s, st, sc_, f=real_captions: seen.extend(len(x.objects) for x in sc_) or f(s, st, sc_),
-    )
+    seen = _record_object_counts(monkeypatch)
     train.stage_unet_v13(out, seed=25, steps=1, resume=False, multi=16, **kw)
-    monkeypatch.setattr(data, "mixed_captions", real_captions)
     v13 = torch.load(out / "unet-v13" / "latest.pt", weights_only=False)
     assert v13["step"] == 1 and (v13["model"]["unet"][k] - v12["ema"]["unet"][k]).abs().max() < 0.05
     te_group, unet_group = v13["opt"]["param_groups"]
     assert te_group["lr_scale"] == train.V13_TEXT_LR_SCALE == 6.0 and unet_group["lr_scale"] == 1.0
     assert len(seen) == kw["batch"] and 1 in seen and 2 in seen  # both pools, by V13_OBJECT_SHARES
+    monkeypatch.setattr(data, "mixed_captions", real_mixed_captions)
     train.stage_unet_v14(out, seed=26, steps=1, resume=False, multi=16, **kw)
     v14 = torch.load(out / "unet-v14" / "latest.pt", weights_only=False)
     assert v14["step"] == 1 and (v14["model"]["unet"][k] - v13["ema"]["unet"][k]).abs().max() < 0.05
@@ -325,12 +335,7 @@ def test_v6_to_v14_train_the_v5_weights_on_with_a_faster_text_encoder_and_resume
     h = torch.load(out / "unet-g" / "latest.pt", weights_only=False)
     assert all(torch.equal(v, h["model"]["unet"][name]) for name, v in f["model"]["unet"].items())
     # object_shares: a round can draw its batches by another share of one-, two- and three-object scenes
-    counts = []
-    monkeypatch.setattr(
-        data,
-        "mixed_captions",
-        lambda s, st, scenes, f=data.mixed_captions: counts.extend(len(x.objects) for x in scenes) or f(s, st, scenes),
-    )
+    counts = _record_object_counts(monkeypatch)
     train.stage_unet_v6(out, resume=False, object_shares=(0.0, 1.0, 0.0), **{**g, "phase": "unet-two"})
     assert len(counts) == 3 * kw["batch"] and set(counts) == {2}
 
