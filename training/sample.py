@@ -49,7 +49,6 @@ class Pipeline:
         from kiln.training import tokenizer as tk, train
 
         run = Path(run)
-        from diffusers import UNet2DConditionModel
 
         if phase is None:
             phase = "unet-v" if (run / "unet-v" / "latest.pt").exists() else "unet"
@@ -59,8 +58,7 @@ class Pipeline:
         state = torch.load(run / phase / "latest.pt", map_location="cpu", weights_only=False)
         # checkpoints from before the v phase carry no scheduler config: they predict epsilon
         sched_cfg = state.get("scheduler_config", train.scheduler_config("epsilon"))
-        te, _ = train.build_unet_stack(run)
-        unet = UNet2DConditionModel.from_config(state["unet_config"])
+        te, unet = train.build_unet_stack(run, state["unet_config"], train.text_config_of(state))
         key = "ema" if ema and "ema" in state else "model"
         te.load_state_dict(state[key]["text_encoder"])
         unet.load_state_dict(state[key]["unet"])

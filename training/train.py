@@ -325,10 +325,31 @@ def loss_weight(abar_t: torch.Tensor, step: int) -> torch.Tensor:
     return w
 
 
-def build_unet_stack(out: Path, unet_config: dict | None = None):
+def build_unet_stack(out: Path, unet_config: dict | None = None, text_config: dict | None = None):
+    """The text encoder (``text_config``, by default :data:`models.TEXT_CONFIG` with the run's vocabulary)
+    and the UNet (``unet_config``) of a training run, untrained."""
+    cfg = dict(text_config or models.TEXT_CONFIG)
+    if text_config is None:
+        cfg["vocab_size"] = len(tk.load(out / "tokenizer"))
+    unet = models.build_unet(unet_config and {k: v for k, v in unet_config.items() if not k.startswith("_")})
+    return models.build_text_encoder(cfg), unet
+
+
+def text_config_of(state: dict) -> dict:
+    """The text encoder config of a training checkpoint: its ``text_config``, or for checkpoints from before
+    grown text encoders (training/graft.py) the default :data:`models.TEXT_CONFIG` with their vocabulary."""
+    if "text_config" in state:
+        return dict(state["text_config"])
     cfg = dict(models.TEXT_CONFIG)
-    cfg["vocab_size"] = len(tk.load(out / "tokenizer"))
-    return models.build_text_encoder(cfg), models.build_unet(unet_config)
+    weights = state.get("ema", state.get("model"))["text_encoder"]
+    cfg["vocab_size"] = weights["embeddings.token_embedding.weight"].shape[0]
+    return cfg
+
+
+def text_config(text_encoder) -> dict:
+    """The :data:`models.TEXT_CONFIG` keys of a live text encoder's config."""
+    conf = text_encoder.config.to_dict()
+    return {k: conf[k] for k in models.TEXT_CONFIG}
 
 
 def _ema_update(ema: dict, params: dict, decay: float) -> None:
@@ -419,9 +440,13 @@ def stage_unet(
     phase = phase or PHASES[prediction]
     ckpt = out / phase / "latest.pt"
     torch.manual_seed(seed)
-    te, unet = build_unet_stack(out, unet_config)
+    # the checkpoint this call starts from (``init``, or its own when resuming) decides the architecture;
+    # ``unet_config`` is for a fresh start. A round from a grown checkpoint (graft.py) trains the grown networks
+    source = ckpt if resume and ckpt.exists() else init
+    start = torch.load(source, map_location="cpu", weights_only=False) if source is not None else {}
+    te, unet = build_unet_stack(out, start.get("unet_config") or unet_config, text_config_of(start) if start else None)
     if init is not None and not (resume and ckpt.exists()):
-        st = torch.load(init, map_location="cpu", weights_only=False)
+        st = start
         te.load_state_dict(st["ema"]["text_encoder"])
         unet.load_state_dict(st["ema"]["unet"])
         print(f"unet: initialised from the EMA weights of {init} (step {st['step']})")
@@ -438,7 +463,7 @@ def stage_unet(
     ema = {k: p.detach().clone() for k, p in named.items()}
     step = 0
     if resume and ckpt.exists():
-        st = torch.load(ckpt, map_location="cpu", weights_only=False)
+        st = start
         # a finished phase's slim snapshot (snapshot.py) keeps only the EMA weights: nothing left to train
         model = st.get("model", st["ema"])
         te.load_state_dict(model["text_encoder"])
@@ -477,6 +502,7 @@ def stage_unet(
             "step": step,
             "seed": seed,
             "unet_config": dict(unet.config),
+            "text_config": text_config(te),
             "scheduler_config": scheduler_config(prediction),
         }
 
@@ -895,6 +921,26 @@ def stage_unet_v14(*args, **kw) -> list[float]:
     return stage_unet_v6(*args, init_phase="unet-v13", phase="unet-v14", **kw)
 
 
+# the grown networks of v15 (training/graft.py): a second transformer block in every cross-attention layer at 8x8
+# (the down and up levels between 16x16 and 4x4; the 4x4 levels' blocks would cost 2M parameters, past the 20 MB
+# the weights must stay under), and the text encoder's layers
+V15_TRANSFORMER_LAYERS = (1, 2, 1)
+V15_TEXT_LAYERS: int | None = None
+V15_GROWN = "unet-v15-grown"  # the grown v14 weights the round starts from
+
+
+def stage_unet_v15(out: Path, *args, **kw) -> list[float]:
+    """v14's EMA weights grown by :data:`V15_TRANSFORMER_LAYERS` and :data:`V15_TEXT_LAYERS` (layers that start as
+    the identity, :func:`training.graft.grow_checkpoint`; written once to ``unet-v15-grown/``), then trained on
+    with v12's recipe into ``unet-v15/``."""
+    from kiln.training import graft
+
+    grown = out / V15_GROWN / "latest.pt"
+    if not grown.exists():
+        graft.grow_checkpoint(out / "unet-v14" / "latest.pt", grown, V15_TEXT_LAYERS, V15_TRANSFORMER_LAYERS)
+    return stage_unet_v6(out, *args, init_phase=V15_GROWN, phase="unet-v15", **kw)
+
+
 # ---------------------------------------------------------------- CLI
 
 
@@ -920,6 +966,7 @@ def main(argv: list[str] | None = None) -> None:
         "unet-v12",
         "unet-v13",
         "unet-v14",
+        "unet-v15",
     ]
     stages += ["vae-v2", "all"]
     p.add_argument("stage", choices=stages)
@@ -1025,6 +1072,7 @@ def main(argv: list[str] | None = None) -> None:
         "unet-v12": (stage_unet_v12, 23, args.v6_steps, args.v6_lr, {"multi": args.multi_pool}),
         "unet-v13": (stage_unet_v13, 25, args.v6_steps, args.v6_lr, {"multi": args.multi_pool}),
         "unet-v14": (stage_unet_v14, 26, args.v14_steps, args.v14_lr, {"multi": args.multi_pool}),
+        "unet-v15": (stage_unet_v15, 27, args.v6_steps, args.v6_lr, {"multi": args.multi_pool}),
     }
     if args.stage in fine_tunes:
         fn, offset, steps, lr, extra = fine_tunes[args.stage]

@@ -273,7 +273,7 @@ def _record_object_counts(monkeypatch) -> list[int]:
     return seen
 
 
-def test_v6_to_v14_train_the_v5_weights_on_with_a_faster_text_encoder_and_resume_exactly(tmp_path, monkeypatch):
+def test_v6_to_v15_train_the_v5_weights_on_with_a_faster_text_encoder_and_resume_exactly(tmp_path, monkeypatch):
     out, kw = _tiny_v4_run(tmp_path / "run", monkeypatch)
     train.stage_unet_v5(out, seed=6, steps=1, resume=False, multi=16, **kw)
     v5 = torch.load(out / "unet-v5" / "latest.pt", weights_only=False)
@@ -324,6 +324,21 @@ def test_v6_to_v14_train_the_v5_weights_on_with_a_faster_text_encoder_and_resume
     v14 = torch.load(out / "unet-v14" / "latest.pt", weights_only=False)
     assert v14["step"] == 1 and (v14["model"]["unet"][k] - v13["ema"]["unet"][k]).abs().max() < 0.05
     assert v14["opt"]["param_groups"][0]["lr_scale"] == train.V6_TEXT_LR_SCALE
+    # v15: v14 grown by layers that start as the identity (training/graft.py), then a round of v12's recipe
+    train.stage_unet_v15(out, seed=27, steps=2, resume=False, max_steps=1, multi=16, **kw)
+    grown = torch.load(out / train.V15_GROWN / "latest.pt", weights_only=False)
+    assert grown["grown_from"] == str(out / "unet-v14" / "latest.pt")
+    for part in ("text_encoder", "unet"):
+        assert all(torch.equal(v, grown["ema"][part][name]) for name, v in v14["ema"][part].items())
+    v15 = torch.load(out / "unet-v15" / "latest.pt", weights_only=False)
+    assert list(v15["unet_config"]["transformer_layers_per_block"]) == list(train.V15_TRANSFORMER_LAYERS)
+    layers = train.V15_TEXT_LAYERS or models.TEXT_CONFIG["num_hidden_layers"]
+    assert v15["text_config"]["num_hidden_layers"] == layers
+    assert set(v15["model"]["unet"]) == set(grown["ema"]["unet"]) > set(v14["ema"]["unet"])
+    assert v15["step"] == 1 and (v15["model"]["unet"][k] - v14["ema"]["unet"][k]).abs().max() < 0.05
+    assert v15["opt"]["param_groups"][0]["lr_scale"] == train.V6_TEXT_LR_SCALE
+    resumed = train.stage_unet_v15(out, seed=27, steps=2, resume=True, multi=16, **kw)  # the grown networks resume
+    assert len(resumed) == 1 and torch.load(out / "unet-v15" / "latest.pt", weights_only=False)["step"] == 2
     # the grounding loss on the cross-attention (training.grounding): added to the loss, resumed exactly
     g = dict(seed=11, steps=3, multi=16, init_phase="unet-v9", phase="unet-g", **kw)
     plain = train.stage_unet_v6(out, resume=False, **{**g, "phase": "unet-plain"})

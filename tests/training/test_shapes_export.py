@@ -29,6 +29,7 @@ def test_round_trip_is_exact_for_several_layouts():
         TINY_UNET,
         {**TINY_UNET, "layers_per_block": 2},
         {**TINY_UNET, "down_block_types": ["CrossAttnDownBlock2D"] * 3, "up_block_types": ["CrossAttnUpBlock2D"] * 3},
+        {**TINY_UNET, "transformer_layers_per_block": [1, 2, 1]},  # a grown UNet (training/graft.py)
     ]
     for cfg in variants:
         u, v, t = _stack(cfg)
