@@ -83,14 +83,17 @@ def kohya_state_dict(unet, rank: int, alpha: float) -> dict[str, torch.Tensor]:
     return out
 
 
-def load_kohya_into_peft(unet, lora: dict[str, torch.Tensor]) -> None:
+def load_kohya_into_peft(unet, lora: dict[str, torch.Tensor]) -> list[str]:
     """Set a peft-injected ``unet``'s LoRA layers from a kohya state dict of the same targets and rank (the
     inverse of :func:`kohya_state_dict`). peft's layers scale by 1 (alpha = rank), so a file written with
-    another alpha has ``alpha / rank`` folded into its up weights: the loaded layers make the same update."""
-    done = 0
+    another alpha has ``alpha / rank`` folded into its up weights: the loaded layers make the same update.
+    Layers the file lacks keep peft's fresh start (a zero up weight: no update), as a grown UNet's new blocks
+    (training/graft.py) do; returns their names. Every module of the file must be one of the UNet's layers."""
+    done, fresh = 0, []
     for base, module in _peft_layers(unet):
         if f"{base}.lora_down.weight" not in lora:
-            raise ValueError(f"{base}: not in the LoRA to start from (trained with other targets?)")
+            fresh.append(base)
+            continue
         down, up = lora[f"{base}.lora_down.weight"], lora[f"{base}.lora_up.weight"]
         if down.shape != module.lora_A["default"].weight.shape:
             raise ValueError(f"{base}: the LoRA to start from must have this rank ({module.r['default']})")
@@ -99,7 +102,8 @@ def load_kohya_into_peft(unet, lora: dict[str, torch.Tensor]) -> None:
             module.lora_B["default"].weight.copy_(up * (float(lora[f"{base}.alpha"]) / down.shape[0]))
         done += 1
     if done * 3 != len(lora):
-        raise ValueError(f"the LoRA to start from has {len(lora) // 3} modules, this UNet's targets {done}")
+        raise ValueError(f"the LoRA to start from has {len(lora) // 3} modules, {done} of them this UNet's targets")
+    return fresh
 
 
 def apply_kohya(unet, lora: dict[str, torch.Tensor], strength: float = 1.0) -> dict[str, torch.Tensor]:
@@ -194,7 +198,9 @@ def train_lora(
         LoraConfig(r=rank, lora_alpha=rank, target_modules=TARGETS, init_lora_weights=True), unet
     )
     if init is not None:  # carry on from a trained LoRA (kohya names), e.g. to suit it to a newer base UNet
-        load_kohya_into_peft(unet, load_file(str(init)))
+        fresh = load_kohya_into_peft(unet, load_file(str(init)))
+        if fresh:
+            print(f"lora: {len(fresh)} layers not in {init} (new in this UNet) start fresh")
     params = [p for n, p in unet.named_parameters() if "lora_" in n]
     for p in params:
         p.requires_grad_(True)

@@ -7,7 +7,7 @@
 
 The snapshot is the tokenizer, the finished VAE and each UNet phase's ``latest.pt`` (model, EMA, AdamW
 state, step): everything ``--resume`` needs except the latent pool, which is recomputed from the VAE. The
-finished v2 to v14 fine-tunes are kept as their EMA weights only (:data:`SLIM`), with the v2 decoder and the
+finished v2 to v15 fine-tunes are kept as their EMA weights only (:data:`SLIM`), with the v2 decoder and the
 first LoRA (which the shipped one is trained on from).
 One file per component, overwritten each time, so the repository holds few binary versions.
 """
@@ -40,14 +40,15 @@ FILES = {  # run-relative path -> snapshot name
     "unet-v11/latest.pt": "unet-v11-final.pt",  # a sixth round of v6 (SLIM)
     "unet-v12/latest.pt": "unet-v12-final.pt",  # a seventh round of v6 (SLIM)
     "unet-v13/latest.pt": "unet-v13-final.pt",  # v12 on more two-object scenes, the text encoder at 6x (SLIM)
-    "unet-v14/latest.pt": "unet-v14-final.pt",  # v13 at a low rate: the shipped UNet (SLIM)
+    "unet-v14/latest.pt": "unet-v14-final.pt",  # v13 at a low rate (SLIM)
+    "unet-v15/latest.pt": "unet-v15-final.pt",  # v14 grown (graft.py) and trained on: the shipped UNet (SLIM)
     "vae-v2/final.pt": "vae-v2-final.pt",  # the v2 decoder (train.stage_vae_v2)
     "vae-v2/step-2000.pt": "vae-v2-step-2000.pt",  # that decoder at 2,000 steps (what the first LoRA is trained with)
     "lora-v2.safetensors": "lora-v2.safetensors",  # the first LoRA, which the shipped one is trained on from
 }
 # Finished phases whose snapshot keeps the EMA weights and step only (29 MB, not 113 MB with the training
 # model and AdamW state): what export, the LoRA and the ControlNet start from; they are not trained further.
-SLIM = {f"unet-v{i}/latest.pt" for i in range(2, 15)}
+SLIM = {f"unet-v{i}/latest.pt" for i in range(2, 16)}
 
 
 def copy(run: Path, to_snapshot: bool) -> None:

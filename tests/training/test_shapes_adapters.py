@@ -78,10 +78,13 @@ def test_a_kohya_lora_loads_back_into_peft_layers_to_train_on():
     other_rank = {k: (v[:2] if k.endswith("lora_down.weight") else v) for k, v in sd.items()}
     with pytest.raises(ValueError, match="rank"):
         lora.load_kohya_into_peft(injected(), other_rank)
-    with pytest.raises(ValueError, match="not in the LoRA"):
-        lora.load_kohya_into_peft(
-            injected(), {k: v for k, v in sd.items() if "conv_in" not in k and "down_blocks_0" not in k}
-        )
+    # layers the file lacks (a grown UNet's new blocks) start fresh: no update until trained
+    partial = injected()
+    missing = lora.load_kohya_into_peft(partial, {k: v for k, v in sd.items() if "down_blocks_0" not in k})
+    assert missing and all(m.startswith("lora_unet_down_blocks_0") for m in missing)
+    got = lora.kohya_state_dict(partial, rank=4, alpha=4)
+    assert all(torch.equal(got[k], sd[k]) for k in sd if "down_blocks_0" not in k)
+    assert all(not got[f"{m}.lora_up.weight"].any() for m in missing)
     with pytest.raises(ValueError, match="modules"):
         lora.load_kohya_into_peft(injected(), {**sd, "lora_unet_extra.alpha": torch.tensor(4.0)})
 
