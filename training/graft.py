@@ -13,6 +13,10 @@ from pathlib import Path
 
 import torch
 
+# the seed of the new layers' random weights. The shipped v15 was grown before this seed was fixed, from an
+# unseeded draw: `train unet-v15` from scratch runs its recipe, not its exact weights (training/README.md)
+GROW_SEED = 0
+
 
 def _zero(*modules: torch.nn.Module) -> None:
     with torch.no_grad():
@@ -69,19 +73,21 @@ def grow_checkpoint(src: Path, dst: Path, text_layers: int | None = None, transf
     """Write ``dst``: the EMA weights of the training checkpoint ``src`` grown by :func:`grow_text_encoder`
     (``text_layers``) and :func:`grow_unet` (``transformer_layers``), as a checkpoint a round starts from
     (``train.stage_unet(init=dst)``; it carries both configs, which the round then trains with)."""
-    from diffusers import UNet2DConditionModel
-
     from kiln.training import models, train
 
     st = torch.load(src, map_location="cpu", weights_only=False)
-    te = models.build_text_encoder(train.text_config_of(st))
-    te.load_state_dict(st["ema"]["text_encoder"])
-    unet = UNet2DConditionModel.from_config(st["unet_config"])
-    unet.load_state_dict(st["ema"]["unet"])
-    if text_layers is not None:
-        te = grow_text_encoder(te, text_layers)
-    if transformer_layers is not None:
-        unet = grow_unet(unet, tuple(transformer_layers))
+    # the new layers' weights other than the zeroed projections are drawn at random: from GROW_SEED, whatever the
+    # caller's random state, so that a round from the grown checkpoint reproduces
+    with torch.random.fork_rng():
+        torch.manual_seed(GROW_SEED)
+        te = models.build_text_encoder(train.text_config_of(st))
+        te.load_state_dict(st["ema"]["text_encoder"])
+        unet = models.build_unet({k: v for k, v in st["unet_config"].items() if not k.startswith("_")})
+        unet.load_state_dict(st["ema"]["unet"])
+        if text_layers is not None:
+            te = grow_text_encoder(te, text_layers)
+        if transformer_layers is not None:
+            unet = grow_unet(unet, tuple(transformer_layers))
     grown = {
         "ema": {"text_encoder": te.state_dict(), "unet": unet.state_dict()},
         "step": 0,

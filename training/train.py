@@ -923,7 +923,8 @@ def stage_unet_v14(*args, **kw) -> list[float]:
 
 # the grown networks of v15 (training/graft.py): a second transformer block in every cross-attention layer at 8x8
 # (the down and up levels between 16x16 and 4x4; the 4x4 levels' blocks would cost 2M parameters, past the 20 MB
-# the weights must stay under), and the text encoder's layers
+# the weights must stay under); the text encoder keeps its 3 layers (None): grown to 6 it added nothing on
+# validation (training/README.md)
 V15_TRANSFORMER_LAYERS = (1, 2, 1)
 V15_TEXT_LAYERS: int | None = None
 V15_GROWN = "unet-v15-grown"  # the grown v14 weights the round starts from

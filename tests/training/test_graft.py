@@ -52,6 +52,10 @@ def test_a_round_from_a_grown_checkpoint_trains_resumes_samples_and_exports_the_
     grown = graft.grow_checkpoint(out / "small" / "latest.pt", out / "grown" / "latest.pt", 4, (1, 2, 1))
     assert grown["text_config"]["num_hidden_layers"] == 4
     assert grown["grown_from"].endswith("latest.pt") and grown["step"] == 0
+    torch.manual_seed(5)  # the new layers' random weights do not depend on the caller's random state
+    again = graft.grow_checkpoint(out / "small" / "latest.pt", out / "again" / "latest.pt", 4, (1, 2, 1))
+    for part in ("text_encoder", "unet"):
+        assert all(torch.equal(v, again["ema"][part][k]) for k, v in grown["ema"][part].items())
 
     # the grown checkpoint samples as the one it grew from
     a = sample.Pipeline.from_run(out, phase="small").generate(["a red circle"], seed=0, steps=3, cfg=3.0)
