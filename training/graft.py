@@ -28,13 +28,12 @@ def _zero(*modules: torch.nn.Module) -> None:
 def grow_text_encoder(text_encoder, n_layers: int):
     """A copy of ``text_encoder`` (transformers ``CLIPTextModel``) with ``n_layers`` encoder layers, the old
     ones first; the added ones start as the identity."""
-    from kiln.training import models
+    from kiln.training import models, train
 
     old = text_encoder.config.num_hidden_layers
     if n_layers < old:
         raise ValueError(f"the text encoder has {old} layers; growing it to {n_layers} would drop some")
-    cfg = {k: v for k, v in text_encoder.config.to_dict().items() if k in models.TEXT_CONFIG}
-    cfg["num_hidden_layers"] = n_layers
+    cfg = {**train.text_config(text_encoder), "num_hidden_layers": n_layers}
     grown = models.build_text_encoder(cfg)
     missing, unexpected = grown.load_state_dict(text_encoder.state_dict(), strict=False)
     assert not unexpected, unexpected
@@ -47,16 +46,15 @@ def grow_unet(unet, transformer_layers: tuple[int, ...]):
     """A copy of ``unet`` (diffusers ``UNet2DConditionModel``) whose cross-attention layers hold
     ``transformer_layers[i]`` transformer blocks at down level ``i`` (the up levels mirror it, the mid block
     takes the last); the added blocks start as the identity."""
-    from diffusers import UNet2DConditionModel
+    from kiln.training import models
 
-    # without the bookkeeping keys: ``_use_default_values`` would reset the new depth to the default on load
-    cfg = {k: v for k, v in unet.config.items() if not k.startswith("_")}
+    cfg = dict(unet.config)
     old = cfg.get("transformer_layers_per_block", 1)
     old = (old,) * len(transformer_layers) if isinstance(old, int) else tuple(old)
     if any(n < o for n, o in zip(transformer_layers, old)):
         raise ValueError(f"the UNet has {old} transformer blocks per level; {transformer_layers} would drop some")
     cfg["transformer_layers_per_block"] = list(transformer_layers)
-    grown = UNet2DConditionModel.from_config(cfg)
+    grown = models.build_unet(cfg)
     missing, unexpected = grown.load_state_dict(unet.state_dict(), strict=False)
     assert not unexpected, unexpected
     new_blocks = set()
@@ -82,7 +80,7 @@ def grow_checkpoint(src: Path, dst: Path, text_layers: int | None = None, transf
         torch.manual_seed(GROW_SEED)
         te = models.build_text_encoder(train.text_config_of(st))
         te.load_state_dict(st["ema"]["text_encoder"])
-        unet = models.build_unet({k: v for k, v in st["unet_config"].items() if not k.startswith("_")})
+        unet = models.build_unet(st["unet_config"])
         unet.load_state_dict(st["ema"]["unet"])
         if text_layers is not None:
             te = grow_text_encoder(te, text_layers)

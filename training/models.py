@@ -93,9 +93,11 @@ def build_text_encoder(config: dict | None = None):
 
 
 def build_unet(config: dict | None = None):
+    """A UNet from a config, also one saved from a built UNet (``dict(unet.config)``): diffusers' private
+    bookkeeping keys (``_class_name``, ``_use_default_values``, ...) are dropped."""
     from diffusers import UNet2DConditionModel
 
-    return UNet2DConditionModel(**(config or UNET_CONFIG))
+    return UNet2DConditionModel(**{k: v for k, v in (config or UNET_CONFIG).items() if not k.startswith("_")})
 
 
 def build_scheduler(config: dict | None = None):

@@ -64,7 +64,7 @@ SHIPPED_UNET = f"unet-v{SHIPPED_ROUND}"
 # the shipped LoRA is fine-tuned on the shipped UNet, v15: on validation it reads 0.369 with colour 86%, shape 88%;
 # the file fine-tuned on v12 (shipped with v12 and v14) read 0.389 there on v15, but colour 82%, under the 85% bar
 # (benchmark: 0.412, colour 98%, shape 96% against 0.419, 94%, 96%; training/README.md)
-LORA_UNET = "unet-v15"
+LORA_UNET = SHIPPED_UNET
 # the second release's stages after ``train all``, in order: the UNet rounds up to SHIPPED_UNET, the v2 decoder
 SECOND_RELEASE_STAGES = [
     "unet-v2",

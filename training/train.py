@@ -331,8 +331,7 @@ def build_unet_stack(out: Path, unet_config: dict | None = None, text_config: di
     cfg = dict(text_config or models.TEXT_CONFIG)
     if text_config is None:
         cfg["vocab_size"] = len(tk.load(out / "tokenizer"))
-    unet = models.build_unet(unet_config and {k: v for k, v in unet_config.items() if not k.startswith("_")})
-    return models.build_text_encoder(cfg), unet
+    return models.build_text_encoder(cfg), models.build_unet(unet_config)
 
 
 def text_config_of(state: dict) -> dict:
@@ -442,14 +441,14 @@ def stage_unet(
     torch.manual_seed(seed)
     # the checkpoint this call starts from (``init``, or its own when resuming) decides the architecture;
     # ``unet_config`` is for a fresh start. A round from a grown checkpoint (graft.py) trains the grown networks
-    source = ckpt if resume and ckpt.exists() else init
+    resuming = resume and ckpt.exists()
+    source = ckpt if resuming else init
     start = torch.load(source, map_location="cpu", weights_only=False) if source is not None else {}
     te, unet = build_unet_stack(out, start.get("unet_config") or unet_config, text_config_of(start) if start else None)
-    if init is not None and not (resume and ckpt.exists()):
-        st = start
-        te.load_state_dict(st["ema"]["text_encoder"])
-        unet.load_state_dict(st["ema"]["unet"])
-        print(f"unet: initialised from the EMA weights of {init} (step {st['step']})")
+    if start and not resuming:
+        te.load_state_dict(start["ema"]["text_encoder"])
+        unet.load_state_dict(start["ema"]["unet"])
+        print(f"unet: initialised from the EMA weights of {init} (step {start['step']})")
     named = {f"text_encoder.{k}": p for k, p in te.named_parameters()}
     named.update({f"unet.{k}": p for k, p in unet.named_parameters()})
     if text_lr_scale == 1.0:
@@ -462,7 +461,7 @@ def stage_unet(
     opt = torch.optim.AdamW(groups, lr=lr, weight_decay=0.01)
     ema = {k: p.detach().clone() for k, p in named.items()}
     step = 0
-    if resume and ckpt.exists():
+    if resuming:
         st = start
         # a finished phase's slim snapshot (snapshot.py) keeps only the EMA weights: nothing left to train
         model = st.get("model", st["ema"])
